@@ -1,0 +1,87 @@
+"""``penwright <command> [key=value ...]``: every stage from the command line.
+
+Stage commands compose ``conf/`` with Hydra overrides (``penwright prepare data.val_fraction=0.1``),
+or, with ``--params params.yaml``, run on the file ``dvc exp run`` composed (what dvc.yaml does).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from penwright.errors import PenwrightError
+
+# Quiet and deterministic by default; a user's own setting wins.
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
+os.environ.setdefault("DVC_NO_ANALYTICS", "1")
+
+
+def _stage_parser(sub, name: str, help: str) -> argparse.ArgumentParser:
+    p = sub.add_parser(name, help=help, description=help)
+    p.add_argument("--params", metavar="FILE", help="run on this composed params file (dvc.yaml uses params.yaml)")
+    p.add_argument("--config-dir", metavar="DIR", help="Hydra config directory (default: ./conf)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="Hydra overrides, e.g. data.val_fraction=0.1 model=gpt2")
+    return p
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="penwright", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="command")
+    _stage_parser(sub, "prepare", "corpus -> tokenizer + train/val token memmaps (artifacts/prepared)")
+    _stage_parser(sub, "show", "print the composed config (every key)")
+    p = sub.add_parser("params", help="compose conf/ into params.yaml, exactly as `dvc exp run` does")
+    p.add_argument("--output", default="params.yaml")
+    p.add_argument("--config-dir", metavar="DIR")
+    p.add_argument("overrides", nargs="*", metavar="key=value")
+    p = sub.add_parser("corpus", help="write the sample corpus (King James Bible) into data/ and the DVC cache")
+    p.add_argument("--data-dir", default="data")
+    p.add_argument("--no-commit", action="store_true", help="do not record it in the DVC cache")
+    p = sub.add_parser("bench", help="measure a stage; writes reports/bench_<stage>.json")
+    p.add_argument("stage", choices=["prepare"])
+    p.add_argument("--size-mb", type=int, default=200, help="size of the generated large corpus")
+    p.add_argument("--output", default=None, help="default: reports/bench_<stage>.json")
+    return parser
+
+
+def run(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from penwright import config
+
+    if args.command == "prepare":
+        from penwright.prepare import prepare
+
+        prepare(config.compose(args.overrides, params=args.params, config_dir=args.config_dir))
+    elif args.command == "show":
+        from omegaconf import OmegaConf
+
+        cfg = config.compose(args.overrides, params=args.params, config_dir=args.config_dir)
+        print(OmegaConf.to_yaml(cfg), end="")
+    elif args.command == "params":
+        out = config.write_params(args.overrides, args.output, config_dir=args.config_dir)
+        print(f"wrote {out}", file=sys.stderr)
+    elif args.command == "corpus":
+        from penwright.sample_corpus import materialize
+
+        materialize(args.data_dir, commit=not args.no_commit)
+    elif args.command == "bench":
+        from penwright.bench import bench_prepare
+
+        bench_prepare(size_mb=args.size_mb, output=args.output)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        code = run(argv)
+    except PenwrightError as err:
+        print(f"error: {err}", file=sys.stderr)
+        code = 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        code = 130
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()

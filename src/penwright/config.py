@@ -1,0 +1,147 @@
+"""Compose the config every stage runs on, and check it early.
+
+Two sources, one result (a resolved ``DictConfig``):
+
+* ``compose(overrides)`` composes ``conf/`` with Hydra, as ``penwright <stage> key=value`` does;
+* ``compose(overrides, params="params.yaml")`` reads the file ``dvc exp run`` wrote from ``conf/``,
+  as the stages in dvc.yaml do.
+
+Neither changes the working directory or writes ``outputs/``: paths in the config are relative
+to where the command runs (the repository root).
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Iterable, Sequence
+
+from omegaconf import DictConfig, OmegaConf
+
+from penwright.errors import ConfigError
+
+CONFIG_DIR = "conf"
+CONFIG_NAME = "config"
+PARAMS_FILE = "params.yaml"
+HYDRA_VERSION_BASE = "1.3"
+
+
+def find_config_dir(config_dir: str | Path | None = None) -> Path:
+    """The ``conf/`` directory: the given one, else ``./conf``, else the one beside the installed source."""
+    candidates = [Path(config_dir)] if config_dir else [Path.cwd() / CONFIG_DIR]
+    if config_dir is None:
+        candidates.append(Path(__file__).resolve().parents[2] / CONFIG_DIR)
+    for cand in candidates:
+        if (cand / f"{CONFIG_NAME}.yaml").is_file():
+            return cand.resolve()
+    raise ConfigError(
+        f"no {CONFIG_NAME}.yaml in {candidates[0]}: run penwright from the repository root "
+        f"(where conf/ is), or pass --config-dir"
+    )
+
+
+def compose(
+    overrides: Sequence[str] = (),
+    params: str | Path | None = None,
+    config_dir: str | Path | None = None,
+) -> DictConfig:
+    """Compose ``conf/`` (or load ``params``) with Hydra overrides applied, resolved and read-only."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    if params is not None:
+        path = Path(params)
+        if not path.is_file():
+            raise ConfigError(
+                f"{path}: no such params file. Write it with `penwright params` "
+                f"(or `dvc exp run`, which composes conf/ into it)"
+            )
+        directory, name = path.resolve().parent, path.stem
+    else:
+        directory, name = find_config_dir(config_dir), CONFIG_NAME
+    try:
+        with initialize_config_dir(str(directory), version_base=HYDRA_VERSION_BASE):
+            cfg = hydra_compose(config_name=name, overrides=list(overrides))
+        OmegaConf.resolve(cfg)
+    except (HydraException, OmegaConfBaseException) as err:
+        source = path if params is not None else directory
+        raise ConfigError(_explain(err, overrides, source)) from None
+    OmegaConf.set_readonly(cfg, True)
+    OmegaConf.set_struct(cfg, True)
+    return cfg
+
+
+def write_params(
+    overrides: Sequence[str] = (), output: str | Path = PARAMS_FILE, config_dir: str | Path | None = None
+) -> Path:
+    """Compose ``conf/`` into ``params.yaml`` exactly as ``dvc exp run`` does (same function)."""
+    from dvc.utils.hydra import compose_and_dump
+
+    directory = find_config_dir(config_dir)
+    output = Path(output)
+    tmp = output.with_name(f".{output.name}.tmp")
+    compose_and_dump(tmp, str(directory), None, CONFIG_NAME, str(directory), list(overrides))
+    tmp.replace(output)
+    return output
+
+
+def _all_keys(cfg: object, prefix: str = "") -> Iterable[str]:
+    if isinstance(cfg, dict):
+        for key, value in cfg.items():
+            full = f"{prefix}{key}"
+            yield full
+            yield from _all_keys(value, f"{full}.")
+
+
+def _explain(err: Exception, overrides: Sequence[str], source: Path) -> str:
+    """Hydra's message, plus the known keys closest to an unknown one (and the group that holds them)."""
+    message = f"{source}: {err}".strip()
+    unknown = [o.split("=", 1)[0].lstrip("+~") for o in overrides if "=" in o]
+    unknown = [k for k in unknown if k and k in str(err)]
+    if not unknown:
+        return message
+    try:
+        from hydra import compose as hydra_compose
+        from hydra import initialize_config_dir
+
+        directory = source if source.is_dir() else source.parent
+        name = CONFIG_NAME if source.is_dir() else source.stem
+        with initialize_config_dir(str(directory), version_base=HYDRA_VERSION_BASE):
+            base = OmegaConf.to_container(hydra_compose(config_name=name), resolve=False)
+    except Exception:  # the hint is a courtesy: never hide the real error behind a second one
+        return message
+    keys = list(_all_keys(base))
+    for key in unknown:
+        leaf = key.rsplit(".", 1)[-1]
+        near = difflib.get_close_matches(key, keys, n=3, cutoff=0.6)
+        near += [k for k in keys if k.rsplit(".", 1)[-1] == leaf and k not in near]
+        near += [k for k in difflib.get_close_matches(leaf, keys, n=6, cutoff=0.0)
+                 if difflib.SequenceMatcher(None, leaf, k.rsplit(".", 1)[-1]).ratio() > 0.7 and k not in near]
+        if near:
+            groups = sorted({k.split(".", 1)[0] for k in near})
+            message += (
+                f"\n  '{key}' is not a known key. Did you mean: {', '.join(near[:4])}"
+                f" (group{'s' if len(groups) > 1 else ''} {', '.join(groups)})?"
+            )
+        else:
+            message += f"\n  '{key}' is not a known key; `penwright show` prints every key."
+    return message
+
+
+def require(cfg: DictConfig, key: str, allowed: Iterable[object] | None = None) -> object:
+    """``cfg[key]`` (dotted), raising a ConfigError that names the key when it is missing or not allowed."""
+    value = OmegaConf.select(cfg, key, throw_on_missing=False, default=_MISSING)
+    if value is _MISSING:
+        raise ConfigError(f"config key '{key}' is missing: add it to conf/ (or params.yaml)")
+    if allowed is not None:
+        allowed = list(allowed)
+        if value not in allowed:
+            raise ConfigError(
+                f"{key}={value!r} is not allowed: use one of {', '.join(repr(a) for a in allowed)}"
+            )
+    return value
+
+
+_MISSING = object()

@@ -1,0 +1,317 @@
+"""Read a corpus as a stream of documents, never holding a whole file in memory.
+
+A corpus is a file or a directory (recursive, sorted, filtered by a glob) of:
+
+* ``.txt`` / ``.md``: one document per file, read in chunks;
+* ``.csv``: one document per row of a single-column CSV (or a chosen column), header skipped;
+  each row is prefixed with ``csv_prefix`` (``<|startoftext|>``) as gpt-2-simple did;
+* ``.jsonl``: one document per record, its text in ``jsonl_field``.
+
+Text is UTF-8; a leading BOM is dropped and CRLF (or a lone CR) becomes LF. Every problem is a
+``CorpusError`` naming the file, and the line or byte where it applies.
+"""
+
+from __future__ import annotations
+
+import codecs
+import csv
+import hashlib
+import json
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+from penwright.errors import CorpusError
+
+TEXT_SUFFIXES = {".txt", ".md", ".markdown", ".text"}
+FORMATS = {"text", "csv", "jsonl"}
+SNIFF_BYTES = 8192
+
+csv.field_size_limit(sys.maxsize)
+
+
+@dataclass(frozen=True)
+class CorpusSpec:
+    """What to read: the ``data`` config group, as plain values."""
+
+    path: str
+    glob: str = "**/*.txt"
+    format: str = "auto"
+    csv_column: str | None = None
+    csv_prefix: str = "<|startoftext|>"
+    jsonl_field: str = "text"
+    encoding_errors: str = "strict"
+    chunk_bytes: int = 1 << 20
+
+    @classmethod
+    def from_config(cls, data) -> "CorpusSpec":
+        from penwright.errors import ConfigError
+
+        spec = cls(
+            path=str(data.path),
+            glob=str(data.glob),
+            format=str(data.format),
+            csv_column=None if data.csv_column is None else str(data.csv_column),
+            csv_prefix=str(data.csv_prefix or ""),
+            jsonl_field=str(data.jsonl_field),
+            encoding_errors=str(data.encoding_errors),
+            chunk_bytes=int(data.chunk_bytes),
+        )
+        if spec.format not in FORMATS | {"auto"}:
+            raise ConfigError(f"data.format={spec.format!r}: use auto, text, csv or jsonl")
+        if spec.encoding_errors not in ("strict", "replace"):
+            raise ConfigError(f"data.encoding_errors={spec.encoding_errors!r}: use strict or replace")
+        if spec.chunk_bytes < 4096:
+            raise ConfigError(f"data.chunk_bytes={spec.chunk_bytes}: use at least 4096")
+        return spec
+
+
+@dataclass(frozen=True)
+class Source:
+    """One corpus file, its format and the number of documents in it."""
+
+    path: Path
+    format: str
+    documents: int
+    size: int
+    md5: str
+
+
+def find_files(spec: CorpusSpec) -> list[tuple[Path, str]]:
+    """The corpus files, sorted, with their format. Errors when there is nothing to read."""
+    root = Path(spec.path)
+    if not root.exists():
+        raise CorpusError(
+            f"{root}: no such file or directory (data.path). Put your corpus there, or set "
+            f"data.path=...; for the sample corpus run `penwright corpus`"
+        )
+    if root.is_dir():
+        files = sorted(p for p in root.glob(spec.glob) if p.is_file() and not _hidden(p.relative_to(root)))
+        if not files:
+            anything = any(p.is_file() for p in root.rglob("*"))
+            what = "is empty" if not anything else f"has no files matching data.glob={spec.glob!r}"
+            raise CorpusError(f"{root}: the data directory {what}. Add .txt/.md/.csv/.jsonl files, or change data.glob")
+    else:
+        files = [root]
+    return [(f, _format_of(f, spec)) for f in files]
+
+
+def _hidden(rel: Path) -> bool:
+    return any(part.startswith(".") for part in rel.parts)
+
+
+def _format_of(path: Path, spec: CorpusSpec) -> str:
+    if spec.format != "auto":
+        return spec.format
+    suffix = path.suffix.lower()
+    if suffix in TEXT_SUFFIXES:
+        return "text"
+    if suffix == ".csv":
+        return "csv"
+    if suffix in (".jsonl", ".ndjson"):
+        return "jsonl"
+    raise CorpusError(
+        f"{path}: cannot tell the format from the suffix {suffix or '(none)'!r}. Name it .txt/.md/.csv/.jsonl, "
+        f"set data.format=text|csv|jsonl, or narrow data.glob"
+    )
+
+
+def scan(spec: CorpusSpec) -> list[Source]:
+    """Find, hash and check every corpus file and count its documents, before anything is written.
+
+    Catches empty and binary files, CSV/JSONL problems, and (for text files) bytes that are not UTF-8.
+    """
+    sources = []
+    for path, fmt in find_files(spec):
+        size = path.stat().st_size
+        md5 = hashlib.md5()
+        with open(path, "rb") as f:
+            head = f.read(SNIFF_BYTES)
+            nul = head.find(b"\x00")
+            if nul >= 0:
+                raise CorpusError(
+                    f"{path}: looks like a binary file (NUL byte at byte {nul}), not text. "
+                    f"Remove it from the data directory or narrow data.glob"
+                )
+            md5.update(head)
+            for block in iter(lambda: f.read(1 << 22), b""):
+                md5.update(block)
+        if fmt == "text":
+            count = 1
+            nonblank = any(piece.strip() for piece in read_text(path, spec))
+            if not nonblank:
+                raise CorpusError(f"{path}: the file is empty (or only whitespace). Remove it or add text")
+        elif fmt == "csv":
+            count = sum(1 for _ in read_csv(path, spec))
+        else:
+            count = sum(1 for _ in read_jsonl(path, spec))
+        if count == 0 and fmt != "text":
+            raise CorpusError(f"{path}: the file has no {'rows' if fmt == 'csv' else 'records'} with text. Remove it or add some")
+        sources.append(Source(path=path, format=fmt, documents=count, size=size, md5=md5.hexdigest()))
+    return sources
+
+
+def iter_documents(source: Source, spec: CorpusSpec) -> Iterator[Iterator[str]]:
+    """Each document of ``source`` as an iterator of text chunks (one chunk for a row or record)."""
+    if source.format == "text":
+        yield read_text(source.path, spec)
+    elif source.format == "csv":
+        for text in read_csv(source.path, spec):
+            yield iter((spec.csv_prefix + text,))
+    else:
+        for text in read_jsonl(source.path, spec):
+            yield iter((text,))
+
+
+# -- text files -----------------------------------------------------------------------------------
+
+# Zero-width: after a newline that precedes a non-space, or before a single space between non-spaces.
+_SAFE_CUT = re.compile(r"(?<=\n)(?=\S)|(?<=\S)(?= \S)")
+
+
+def read_text(path: Path, spec: CorpusSpec) -> Iterator[str]:
+    """Decode ``path`` chunk by chunk: BOM dropped, CRLF/CR to LF, cut only where BPE pieces end.
+
+    A cut falls before a non-space character that follows a newline or a space, where GPT-2's
+    pre-tokenizer always ends a piece, so tokenizing the chunks gives the same ids as the whole text.
+    """
+    decoder = codecs.getincrementaldecoder("utf-8")(errors=spec.encoding_errors)
+    pending = ""
+    first = True
+    consumed = 0
+    with open(path, "rb") as f:
+        while True:
+            raw = f.read(spec.chunk_bytes)
+            final = not raw
+            try:
+                text = decoder.decode(raw, final=final)
+            except UnicodeDecodeError:
+                raise _utf8_error(path) from None
+            consumed += len(raw)
+            if first and text:
+                text = text.removeprefix("\ufeff")
+                first = False
+            text = pending + text
+            pending = ""
+            if not final and text.endswith("\r"):
+                text, pending = text[:-1], "\r"
+            text = text.replace("\r\n", "\n").replace("\r", "\n")
+            if final:
+                if text:
+                    yield text
+                return
+            cut = _last_cut(text)
+            if cut:
+                yield text[:cut]
+                pending = text[cut:] + pending
+            else:
+                pending = text + pending
+                if len(pending) > 4 * spec.chunk_bytes:  # no whitespace at all in a long stretch
+                    yield pending
+                    pending = ""
+
+
+def _last_cut(text: str) -> int:
+    """Index of the last safe cut in ``text`` (0 when there is none)."""
+    window = text[-65536:]
+    last = 0
+    for m in _SAFE_CUT.finditer(window):
+        last = m.start()
+    return len(text) - len(window) + last if last else 0
+
+
+def _utf8_error(path: Path) -> CorpusError:
+    """Locate the first byte of ``path`` that is not UTF-8 and say what to do."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset = line = 0
+    with open(path, "rb") as f:
+        for raw in iter(lambda: f.read(1 << 20), b""):
+            held = len(decoder.getstate()[0])
+            try:
+                decoder.decode(raw)
+            except UnicodeDecodeError as err:
+                bad = offset - held + err.start
+                if bad >= offset:
+                    line += raw[: bad - offset].count(b"\n")
+                return CorpusError(
+                    f"{path}: line {line + 1}, byte {bad}: not valid UTF-8 (0x{err.object[err.start]:02x}). "
+                    f"Convert the file to UTF-8 (e.g. `iconv -f latin1 -t utf-8`), or set data.encoding_errors=replace"
+                )
+            offset += len(raw)
+            line += raw.count(b"\n")
+    return CorpusError(f"{path}: ends in the middle of a UTF-8 character. Convert it to UTF-8 or set data.encoding_errors=replace")
+
+
+# -- CSV and JSONL ----------------------------------------------------------------------------------
+
+
+def _open_text(path: Path, spec: CorpusSpec):
+    return open(path, encoding="utf-8-sig", errors=spec.encoding_errors, newline="")
+
+
+def read_csv(path: Path, spec: CorpusSpec) -> Iterator[str]:
+    """The text of each row (header skipped, blank rows skipped)."""
+    try:
+        with _open_text(path, spec) as f:
+            reader = csv.reader(f)
+            header = next(reader, None)
+            if header is None:
+                return
+            if spec.csv_column is None:
+                if len(header) != 1:
+                    raise CorpusError(
+                        f"{path}: the CSV has {len(header)} columns ({', '.join(map(repr, header))}); "
+                        f"choose the text column with data.csv_column=NAME"
+                    )
+                column = 0
+            else:
+                if spec.csv_column not in header:
+                    raise CorpusError(
+                        f"{path}: no column data.csv_column={spec.csv_column!r} in the header "
+                        f"({', '.join(map(repr, header))})"
+                    )
+                column = header.index(spec.csv_column)
+            for row in reader:
+                if not row or not any(cell.strip() for cell in row):
+                    continue
+                if len(row) <= column:
+                    raise CorpusError(
+                        f"{path}: line {reader.line_num}: the row has {len(row)} fields, the header {len(header)}"
+                    )
+                text = row[column].replace("\r\n", "\n").replace("\r", "\n").strip()
+                if text:
+                    yield text
+    except UnicodeDecodeError:
+        raise _utf8_error(path) from None
+    except csv.Error as err:
+        raise CorpusError(f"{path}: not a valid CSV: {err}") from None
+
+
+def read_jsonl(path: Path, spec: CorpusSpec) -> Iterator[str]:
+    """The ``jsonl_field`` of each record (blank lines skipped)."""
+    field = spec.jsonl_field
+    try:
+        with _open_text(path, spec) as f:
+            for number, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise CorpusError(f"{path}: line {number}: not valid JSON ({err.msg} at column {err.colno})") from None
+                if not isinstance(record, dict) or field not in record:
+                    have = ", ".join(map(repr, record)) if isinstance(record, dict) else type(record).__name__
+                    raise CorpusError(
+                        f"{path}: line {number}: the record has no field {field!r} (it has: {have}); "
+                        f"set data.jsonl_field=NAME"
+                    )
+                text = record[field]
+                if not isinstance(text, str):
+                    raise CorpusError(f"{path}: line {number}: field {field!r} is {type(text).__name__}, not a string")
+                text = text.replace("\r\n", "\n").replace("\r", "\n")
+                if text.strip():
+                    yield text
+    except UnicodeDecodeError:
+        raise _utf8_error(path) from None

@@ -1,0 +1,296 @@
+"""Stage ``prepare``: raw corpus -> ``train.bin`` / ``val.bin`` token memmaps, ``tokenizer/``, ``meta.json``.
+
+1. scan the corpus (every file checked and its documents counted before anything is written);
+2. split documents into train/val with a seeded draw (a single document splits by token range);
+3. train a byte-level BPE on the training split, or load the pretrained GPT-2 tokenizer;
+4. tokenize chunk by chunk with the fast tokenizer's batch API, each document followed by ONE
+   EOS id, appending to flat uint16 (or uint32) files that ``np.memmap`` reads;
+5. write everything into a temporary directory and rename it into place, so a failure leaves
+   the previous output (or nothing), never half of one.
+
+Memory stays flat in corpus size: text is read in ``data.chunk_bytes`` chunks and only one batch
+of chunks and its ids are held at a time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+from omegaconf import DictConfig
+from tqdm import tqdm
+
+from penwright.corpus import CorpusSpec, Source, iter_documents, scan
+from penwright.errors import ConfigError
+from penwright.tokenizer import check_config, fast_encoder, limit_bytes, load_pretrained_tokenizer, train_bpe
+
+META_VERSION = 1
+TOKENIZER_DIR = "tokenizer"
+SPLITS = ("train", "val")
+BATCH_CHUNKS = 8  # chunks encoded per batch call: enough to keep every core busy
+
+
+@dataclass
+class SplitStats:
+    documents: int = 0
+    bytes: int = 0
+    tokens: int = 0
+
+
+@dataclass
+class _Writer:
+    """Appends ids to ``<split>.bin`` and keeps the counts for meta.json."""
+
+    path: Path
+    dtype: np.dtype
+    stats: SplitStats = field(default_factory=SplitStats)
+
+    def __post_init__(self):
+        self.file = open(self.path, "wb")
+
+    def write(self, ids) -> None:
+        arr = np.asarray(ids, dtype=self.dtype)
+        self.file.write(arr.tobytes())
+        self.stats.tokens += arr.size
+
+    def close(self) -> None:
+        self.file.close()
+
+
+def log(message: str) -> None:
+    print(f"[prepare] {message}", file=sys.stderr, flush=True)
+
+
+def dtype_for(vocab_size: int) -> np.dtype:
+    """uint16 when every id fits, else uint32."""
+    return np.dtype(np.uint16) if vocab_size <= 1 << 16 else np.dtype(np.uint32)
+
+
+def split_documents(n_docs: int, val_fraction: float, seed: int) -> np.ndarray:
+    """A boolean mask over documents: True for validation. Seeded; at least one doc on each side."""
+    is_val = np.zeros(n_docs, dtype=bool)
+    if val_fraction <= 0 or n_docs < 2:
+        return is_val
+    n_val = min(max(1, round(n_docs * val_fraction)), n_docs - 1)
+    rng = np.random.default_rng(seed)
+    is_val[rng.choice(n_docs, size=n_val, replace=False)] = True
+    return is_val
+
+
+def _documents(sources: list[Source], spec: CorpusSpec) -> Iterator[tuple[int, Iterator[str]]]:
+    index = 0
+    for source in sources:
+        for doc in iter_documents(source, spec):
+            yield index, doc
+            index += 1
+
+
+def _training_text(sources, spec, is_val, single_doc_limit: int | None) -> Iterator[str]:
+    for index, chunks in _documents(sources, spec):
+        if is_val[index]:
+            continue
+        yield from (limit_bytes(chunks, single_doc_limit) if single_doc_limit else chunks)
+
+
+def prepare(cfg: DictConfig) -> dict:
+    """Run the stage on a composed config; returns what it wrote to meta.json."""
+    start = time.perf_counter()
+    data = cfg.data
+    spec = CorpusSpec.from_config(data)
+    tok_cfg = cfg.model.tokenizer
+    check_config(tok_cfg)
+    val_fraction = float(data.val_fraction)
+    if not 0 <= val_fraction < 1:
+        raise ConfigError(f"data.val_fraction={val_fraction}: use a fraction in [0, 1)")
+    out_dir = Path(data.out_dir)
+
+    sources = scan(spec)
+    n_docs = sum(s.documents for s in sources)
+    total_bytes = sum(s.size for s in sources)
+    log(f"{spec.path}: {len(sources)} file(s), {n_docs:,} document(s), {total_bytes / 1e6:.2f} MB")
+    single = n_docs == 1
+    is_val = split_documents(n_docs, val_fraction, int(data.split_seed))
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        if tok_cfg.type == "bpe":
+            log(f"training a byte-level BPE of {int(tok_cfg.vocab_size):,} tokens on the training split")
+            limit = int(tok_cfg.train_max_bytes)
+            single_limit = int(total_bytes * (1 - val_fraction)) if single else None
+            texts = limit_bytes(_training_text(sources, spec, is_val, single_limit), limit)
+            tokenizer = train_bpe(texts, int(tok_cfg.vocab_size), int(tok_cfg.min_frequency))
+        else:
+            tokenizer = load_pretrained_tokenizer(str(tok_cfg.name_or_path))
+        tokenizer.save_pretrained(tmp / TOKENIZER_DIR)
+
+        vocab_size = len(tokenizer)
+        eos = int(tokenizer.eos_token_id)
+        dtype = dtype_for(vocab_size)
+        encoder_name, encode = choose_encoder(tokenizer, _probe_text(sources, spec), bool(data.fast_encode))
+        log(f"tokenizing with {encoder_name} ({len(tokenizer):,} tokens, EOS id {eos})")
+        writers = {s: _Writer(tmp / f"{s}.bin", dtype) for s in SPLITS}
+        try:
+            _tokenize(sources, spec, encode, eos, is_val, writers, total_bytes)
+        finally:
+            for w in writers.values():
+                w.close()
+        stats = {s: writers[s].stats for s in SPLITS}
+        if single and val_fraction > 0:
+            _split_tokens(tmp, dtype, val_fraction, stats, tokenizer)
+
+        meta = {
+            "format_version": META_VERSION,
+            "dtype": dtype.name,
+            "vocab_size": vocab_size,
+            "eos_token_id": eos,
+            "tokenizer": {
+                "type": str(tok_cfg.type),
+                "name_or_path": None if tok_cfg.type == "bpe" else str(tok_cfg.name_or_path),
+                "md5": _md5_file(tmp / TOKENIZER_DIR / "tokenizer.json"),
+                "encoder": encoder_name,
+            },
+            "data": {
+                "path": spec.path,
+                "glob": spec.glob,
+                "files": len(sources),
+                "documents": n_docs,
+                "bytes": total_bytes,
+                "md5": _md5_lines(f"{s.path.as_posix()} {s.md5}" for s in sources),
+            },
+            "split": {"by": "tokens" if single else "documents", "val_fraction": val_fraction,
+                      "seed": int(data.split_seed)},
+            **{s: vars(stats[s]) for s in SPLITS},
+        }
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+        _swap_into_place(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+    seconds = time.perf_counter() - start
+    log(
+        f"wrote {out_dir}/: train {stats['train'].tokens:,} tokens ({stats['train'].documents:,} docs), "
+        f"val {stats['val'].tokens:,} tokens ({stats['val'].documents:,} docs), {dtype.name}, "
+        f"vocab {vocab_size:,}, in {seconds:.1f} s ({total_bytes / 1e6 / seconds:.1f} MB/s)"
+    )
+    return meta
+
+
+def choose_encoder(tokenizer, sample: list[str], fast: bool) -> tuple[str, Callable[[list[str]], list[list[int]]]]:
+    """The batch encoder to use: tiktoken when it gives exactly the fast tokenizer's ids on ``sample``."""
+    backend = tokenizer.backend_tokenizer
+    hf_batch = getattr(backend, "encode_batch_fast", backend.encode_batch)
+
+    def hf(texts: list[str]) -> list[list[int]]:
+        return [e.ids for e in hf_batch(texts, add_special_tokens=False)]
+
+    if fast:
+        tk = fast_encoder(tokenizer)
+        if tk is not None and tk(sample) == hf(sample):
+            return "tiktoken", tk
+    return "tokenizers", hf
+
+
+def _probe_text(sources, spec, max_bytes: int = 1 << 18) -> list[str]:
+    """The first ~256 KB of the corpus plus a mixed-script line: what both encoders must agree on."""
+    probe = ["Ünïcödé — naïve café 12,345 tokens?!\n\n  indented\tand\r\nCRLF <|endoftext|> 日本語 🙂 it's we'll"]
+    return probe + list(limit_bytes((c for _, doc in _documents(sources, spec) for c in doc), max_bytes))
+
+
+def _tokenize(sources, spec, encode, eos, is_val, writers, total_bytes) -> None:
+    """Encode every document in batches of chunks; each document ends with one EOS id."""
+    budget = BATCH_CHUNKS * spec.chunk_bytes
+    entries: list[tuple[str, str | None]] = []  # (split, text) for text, (split, None) at a document's end
+    texts: list[str] = []
+    pending = 0
+    bar = tqdm(total=total_bytes, unit="B", unit_scale=True, unit_divisor=1024, desc="tokenize",
+               mininterval=0.5, file=sys.stderr, dynamic_ncols=True)
+
+    last = {s: None for s in SPLITS}  # the last id written to each split
+
+    def flush():
+        encodings = iter(encode(texts))
+        for split, text in entries:
+            writer = writers[split]
+            if text is None:
+                writer.stats.documents += 1
+                if last[split] != eos:  # a document that already ends in <|endoftext|> gets no second one
+                    writer.write((eos,))
+                last[split] = eos
+                continue
+            ids = next(encodings)
+            if ids:
+                writer.write(ids)
+                last[split] = ids[-1]
+        entries.clear()
+        texts.clear()
+
+    for index, chunks in _documents(sources, spec):
+        split = "val" if is_val[index] else "train"
+        for text in chunks:
+            size = len(text.encode("utf-8"))
+            writers[split].stats.bytes += size
+            entries.append((split, text))
+            texts.append(text)
+            pending += size
+            if pending >= budget:
+                flush()
+                bar.update(pending)
+                pending = 0
+        entries.append((split, None))
+    flush()
+    bar.update(pending)
+    bar.close()
+
+
+def _split_tokens(tmp: Path, dtype: np.dtype, val_fraction: float, stats, tokenizer) -> None:
+    """One document: move the last ``val_fraction`` of its tokens from train.bin to val.bin."""
+    train_path, val_path = tmp / "train.bin", tmp / "val.bin"
+    n = stats["train"].tokens
+    n_val = min(max(1, round(n * val_fraction)), n - 1) if n >= 2 else 0
+    if n_val == 0:
+        return
+    tokens = np.memmap(train_path, dtype=dtype, mode="r")
+    tail = np.array(tokens[n - n_val:])
+    del tokens
+    tail.tofile(val_path)
+    with open(train_path, "r+b") as f:
+        f.truncate((n - n_val) * dtype.itemsize)
+    val_bytes = len(tokenizer.decode(tail.tolist()).encode("utf-8"))
+    stats["val"] = SplitStats(documents=1, bytes=val_bytes, tokens=int(n_val))
+    stats["train"].tokens = int(n - n_val)
+    stats["train"].bytes = max(0, stats["train"].bytes - val_bytes)
+
+
+def _swap_into_place(tmp: Path, out_dir: Path) -> None:
+    old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
+    if out_dir.exists():
+        out_dir.rename(old)
+    tmp.rename(out_dir)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _md5_file(path: Path) -> str:
+    md5 = hashlib.md5()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            md5.update(block)
+    return md5.hexdigest()
+
+
+def _md5_lines(lines) -> str:
+    md5 = hashlib.md5()
+    for line in lines:
+        md5.update(line.encode() + b"\n")
+    return md5.hexdigest()
