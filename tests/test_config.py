@@ -1,0 +1,67 @@
+"""conf/ is the single source of config: params.yaml matches it, every knob is documented, errors help."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import yaml
+from omegaconf import OmegaConf
+
+from penwright.config import compose
+from penwright.errors import ConfigError
+
+GROUPS = ["data", "model", "trainer", "logger", "sample", "export", "generate", "experiment"]
+
+
+def test_params_yaml_is_a_fresh_composition_of_conf(repo):
+    committed = yaml.safe_load((repo / "params.yaml").read_text())
+    fresh = OmegaConf.to_container(compose(config_dir=repo / "conf"), resolve=True)
+    assert committed == fresh, "params.yaml is stale: run `penwright params` and commit it"
+
+
+def test_every_group_exists_and_composes(repo):
+    for group in GROUPS:
+        files = sorted((repo / "conf" / group).glob("*.yaml"))
+        assert files, f"conf/{group}/ has no config"
+        if group == "experiment":
+            for f in files:
+                compose([f"experiment={f.stem}"], config_dir=repo / "conf")
+        else:
+            for f in files:
+                cfg = compose([f"{group}={f.stem}"], config_dir=repo / "conf")
+                assert group in cfg
+
+
+def test_every_config_file_opens_with_its_command_and_comments_every_knob(repo):
+    for path in sorted((repo / "conf").rglob("*.yaml")):
+        lines = path.read_text().splitlines()
+        head = [l for l in lines[:3] if l.startswith("#")]
+        assert any("penwright" in l for l in head), f"{path}: first lines must show the command that uses it"
+        for number, line in enumerate(lines, start=1):
+            if re.match(r"^\s*[A-Za-z_][\w.-]*:\s*\S", line) and not line.lstrip().startswith(("- ", "#")):
+                assert "#" in line, f"{path}:{number}: knob without a one-line comment: {line.strip()}"
+
+
+def test_unknown_key_names_the_key_and_suggests_the_close_one(repo):
+    with pytest.raises(ConfigError) as err:
+        compose(["data.val_fractoin=0.1"], config_dir=repo / "conf")
+    message = str(err.value)
+    assert "data.val_fractoin" in message and "data.val_fraction" in message and "group data" in message
+
+
+def test_unknown_key_in_the_wrong_group_points_at_the_group_that_has_it(repo):
+    with pytest.raises(ConfigError) as err:
+        compose(["model.val_fraction=0.1"], config_dir=repo / "conf")
+    assert "data.val_fraction" in str(err.value)
+
+
+def test_params_file_mode_reads_the_composed_file(repo, tmp_path):
+    from penwright.config import write_params
+
+    out = write_params(["data.val_fraction=0.25"], tmp_path / "params.yaml", config_dir=repo / "conf")
+    cfg = compose(params=out)
+    assert cfg.data.val_fraction == 0.25
+    assert compose(["data.val_fraction=0.5"], params=out).data.val_fraction == 0.5
+    with pytest.raises(ConfigError, match="no such params file"):
+        compose(params=tmp_path / "missing.yaml")
