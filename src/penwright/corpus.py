@@ -27,7 +27,6 @@ from penwright.errors import CorpusError
 
 TEXT_SUFFIXES = {".txt", ".md", ".markdown", ".text"}
 FORMATS = {"text", "csv", "jsonl"}
-SNIFF_BYTES = 8192
 
 csv.field_size_limit(sys.maxsize)
 
@@ -128,19 +127,21 @@ def scan(spec: CorpusSpec) -> list[Source]:
         size = path.stat().st_size
         md5 = hashlib.md5()
         with open(path, "rb") as f:
-            head = f.read(SNIFF_BYTES)
-            nul = head.find(b"\x00")
-            if nul >= 0:
-                raise CorpusError(
-                    f"{path}: looks like a binary file (NUL byte at byte {nul}), not text. "
-                    f"Remove it from the data directory or narrow data.glob"
-                )
-            md5.update(head)
+            offset = 0
             for block in iter(lambda: f.read(1 << 22), b""):
+                nul = block.find(b"\x00")
+                if nul >= 0:
+                    raise CorpusError(
+                        f"{path}: looks like a binary file (NUL byte at byte {offset + nul}), not text. "
+                        f"Remove it from the data directory or narrow data.glob"
+                    )
                 md5.update(block)
+                offset += len(block)
         if fmt == "text":
             count = 1
-            nonblank = any(piece.strip() for piece in read_text(path, spec))
+            nonblank = False
+            for piece in read_text(path, spec):  # decodes it all: bad UTF-8 is caught before any work
+                nonblank = nonblank or bool(piece.strip())
             if not nonblank:
                 raise CorpusError(f"{path}: the file is empty (or only whitespace). Remove it or add text")
         elif fmt == "csv":
@@ -256,7 +257,7 @@ def read_csv(path: Path, spec: CorpusSpec) -> Iterator[str]:
     try:
         with _open_text(path, spec) as f:
             reader = csv.reader(f)
-            header = next(reader, None)
+            header = next((row for row in reader if any(cell.strip() for cell in row)), None)
             if header is None:
                 return
             if spec.csv_column is None:
@@ -300,7 +301,9 @@ def read_jsonl(path: Path, spec: CorpusSpec) -> Iterator[str]:
                 try:
                     record = json.loads(line)
                 except json.JSONDecodeError as err:
-                    raise CorpusError(f"{path}: line {number}: not valid JSON ({err.msg} at column {err.colno})") from None
+                    raise CorpusError(
+                        f"{path}: line {number}, column {err.colno}: not valid JSON ({err.msg.removesuffix(' at')})"
+                    ) from None
                 if not isinstance(record, dict) or field not in record:
                     have = ", ".join(map(repr, record)) if isinstance(record, dict) else type(record).__name__
                     raise CorpusError(

@@ -62,7 +62,7 @@ def train_bpe(texts: Iterable[str], vocab_size: int, min_frequency: int = 2) -> 
     tok.train_from_iterator(texts, trainer=trainer)
     got = tok.get_vocab_size()
     if got < vocab_size:
-        raise PenwrightError(
+        raise ConfigError(
             f"model.tokenizer.vocab_size={vocab_size}: the training split only yields {got} BPE tokens "
             f"(merges seen at least {min_frequency} times). Set model.tokenizer.vocab_size={got} or less, "
             f"or add text"
