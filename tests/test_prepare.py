@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from tokenizers.pre_tokenizers import ByteLevel
 from transformers import AutoTokenizer
 
 from penwright.corpus import CorpusSpec, read_text
@@ -173,12 +174,15 @@ def test_tiny_corpus_shorter_than_a_block_is_accepted_and_repeated(tmp_path, com
 
 def test_chunked_reading_equals_whole_text_tokenization(tmp_path, compose_prepare, repo):
     """Cutting text into chunks must not change a single id (cuts fall where BPE pieces end)."""
-    text = (ENGLISH + "  two  spaces\n\n\nthree newlines\tand tabs — ünïcödé 日本語\n") * 400
+    paragraph = "The people went out. And they said, Let us go.\n\nAnd it came to pass;\n \nthat day.\n"
+    text = (ENGLISH + paragraph + "  two  spaces\n\n\nthree newlines\tand tabs — ünïcödé 日本語\n") * 400
     path = tmp_path / "long.txt"
     path.write_text(text)
     spec = CorpusSpec(path=str(path), chunk_bytes=4096)
     chunks = list(read_text(path, spec))
     assert len(chunks) > 10 and "".join(chunks) == text
+    pieces = ByteLevel(add_prefix_space=False, use_regex=True).pre_tokenize_str
+    assert [p for c in chunks for p, _ in pieces(c)] == [p for p, _ in pieces(text)]
     prepare(compose_prepare(path, "data.val_fraction=0", "data.chunk_bytes=4096", out_dir=tmp_path / "small"))
     prepare(compose_prepare(path, "data.val_fraction=0", "data.chunk_bytes=1048576", out_dir=tmp_path / "big"))
     _, tok, train, _ = _outputs(tmp_path / "small")
@@ -208,6 +212,10 @@ def test_scratch_bpe_is_trained_saved_and_loadable(tmp_path, compose_prepare):
     assert meta["tokenizer"]["type"] == "bpe" and meta["dtype"] == "uint16"
     text = "It's a short text, we'll see."
     assert tok.decode(tok(text)["input_ids"]) == text
+    again = prepare(compose_prepare(corpus, "model=scratch_small", "model.tokenizer.vocab_size=300",
+                                    out_dir=tmp_path / "again"))
+    assert again["tokenizer"]["md5"] == meta["tokenizer"]["md5"]  # the same BPE, run after run
+    assert (tmp_path / "again" / "train.bin").read_bytes() == (tmp_path / "prepared" / "train.bin").read_bytes()
 
 
 def test_dtype_follows_vocab_size():

@@ -17,7 +17,6 @@ import codecs
 import csv
 import hashlib
 import json
-import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -168,15 +167,11 @@ def iter_documents(source: Source, spec: CorpusSpec) -> Iterator[Iterator[str]]:
 
 # -- text files -----------------------------------------------------------------------------------
 
-# Zero-width: after a newline that precedes a non-space, or before a single space between non-spaces.
-_SAFE_CUT = re.compile(r"(?<=\n)(?=\S)|(?<=\S)(?= \S)")
-
-
 def read_text(path: Path, spec: CorpusSpec) -> Iterator[str]:
     """Decode ``path`` chunk by chunk: BOM dropped, CRLF/CR to LF, cut only where BPE pieces end.
 
-    A cut falls before a non-space character that follows a newline or a space, where GPT-2's
-    pre-tokenizer always ends a piece, so tokenizing the chunks gives the same ids as the whole text.
+    A cut falls only where GPT-2's pre-tokenizer always ends a piece (see ``_last_cut``), so
+    tokenizing the chunks gives the same ids as tokenizing the whole text.
     """
     decoder = codecs.getincrementaldecoder("utf-8")(errors=spec.encoding_errors)
     pending = ""
@@ -214,13 +209,25 @@ def read_text(path: Path, spec: CorpusSpec) -> Iterator[str]:
                     pending = ""
 
 
-def _last_cut(text: str) -> int:
-    """Index of the last safe cut in ``text`` (0 when there is none)."""
-    window = text[-65536:]
-    last = 0
-    for m in _SAFE_CUT.finditer(window):
-        last = m.start()
-    return len(text) - len(window) + last if last else 0
+def _last_cut(text: str, window: int = 1 << 16) -> int:
+    """Index of the last safe cut in the last ``window`` characters of ``text`` (0 when there is none).
+
+    Safe: after a single newline between non-spaces, or before a single space between non-spaces.
+    GPT-2's pattern ends a piece there whatever follows; inside a longer run of whitespace it does
+    not ("a.\n\nAnd" is "a", ".", "\n", "\n", "And", but "a.\n\n" alone ends in "\n\n").
+    """
+    floor = max(0, len(text) - window)
+    i = text.rfind("\n", floor + 1, len(text) - 1)
+    while i > floor:
+        if not text[i - 1].isspace() and not text[i + 1].isspace():
+            return i + 1
+        i = text.rfind("\n", floor + 1, i)
+    i = text.rfind(" ", floor + 1, len(text) - 1)
+    while i > floor:
+        if not text[i - 1].isspace() and not text[i + 1].isspace():
+            return i
+        i = text.rfind(" ", floor + 1, i)
+    return 0
 
 
 def _utf8_error(path: Path) -> CorpusError:

@@ -202,10 +202,16 @@ def choose_encoder(tokenizer, sample: list[str], fast: bool) -> tuple[str, Calla
     return "tokenizers", hf
 
 
-def _probe_text(sources, spec, max_bytes: int = 1 << 18) -> list[str]:
-    """The first ~256 KB of the corpus plus a mixed-script line: what both encoders must agree on."""
+def _probe_text(sources, spec, max_bytes: int = 1 << 17) -> list[str]:
+    """The first ~128 K characters of the corpus plus a mixed-script line: what both encoders must agree on."""
     probe = ["Ünïcödé — naïve café 12,345 tokens?!\n\n  indented\tand\r\nCRLF <|endoftext|> 日本語 🙂 it's we'll"]
-    return probe + list(limit_bytes((c for _, doc in _documents(sources, spec) for c in doc), max_bytes))
+    for _, doc in _documents(sources, spec):
+        for chunk in doc:
+            probe.append(chunk[:max_bytes])
+            max_bytes -= len(probe[-1])
+            if max_bytes <= 0:
+                return probe
+    return probe
 
 
 def _tokenize(sources, spec, encode, eos, is_val, writers, total_bytes) -> None:
