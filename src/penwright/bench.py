@@ -69,7 +69,7 @@ def _child_encoders(tokenizer_dir: str, corpus: str) -> dict:
             ids[name] = encode(texts)
             best = min(best, time.perf_counter() - start)
         out[name] = {"seconds": round(best, 3), "mb_per_s": round(size / 1e6 / best, 2)}
-    out["identical_ids"] = ids["tiktoken"] == ids["tokenizers_encode_batch_fast"]
+    out["identical_ids"] = [a.tolist() for a in ids["tiktoken"]] == ids["tokenizers_encode_batch_fast"]
     out["speedup"] = round(out["tokenizers_encode_batch_fast"]["seconds"] / out["tiktoken"]["seconds"], 2)
     out["mb"] = round(size / 1e6, 2)
     return out

@@ -187,7 +187,7 @@ def prepare(cfg: DictConfig) -> dict:
     return meta
 
 
-def choose_encoder(tokenizer, sample: list[str], fast: bool) -> tuple[str, Callable[[list[str]], list[list[int]]]]:
+def choose_encoder(tokenizer, sample: list[str], fast: bool) -> tuple[str, Callable[[list[str]], list]]:
     """The batch encoder to use: tiktoken when it gives exactly the fast tokenizer's ids on ``sample``."""
     backend = tokenizer.backend_tokenizer
     hf_batch = getattr(backend, "encode_batch_fast", backend.encode_batch)
@@ -197,7 +197,7 @@ def choose_encoder(tokenizer, sample: list[str], fast: bool) -> tuple[str, Calla
 
     if fast:
         tk = fast_encoder(tokenizer)
-        if tk is not None and tk(sample) == hf(sample):
+        if tk is not None and [np.asarray(a).tolist() for a in tk(sample)] == hf(sample):
             return "tiktoken", tk
     return "tokenizers", hf
 
@@ -236,9 +236,9 @@ def _tokenize(sources, spec, encode, eos, is_val, writers, total_bytes) -> None:
                 last[split] = eos
                 continue
             ids = next(encodings)
-            if ids:
+            if len(ids):
                 writer.write(ids)
-                last[split] = ids[-1]
+                last[split] = int(ids[-1])
         entries.clear()
         texts.clear()
 

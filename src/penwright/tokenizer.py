@@ -6,7 +6,10 @@ saved with ``save_pretrained`` so that ``AutoTokenizer.from_pretrained(dir)`` lo
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Iterable, Iterator
+
+import numpy as np
 
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
@@ -87,7 +90,7 @@ def _byte_decoder() -> dict[str, int]:
     return decoder
 
 
-def fast_encoder(tokenizer: PreTrainedTokenizerFast) -> Callable[[list[str]], list[list[int]]] | None:
+def fast_encoder(tokenizer: PreTrainedTokenizerFast) -> Callable[[list[str]], list[np.ndarray]] | None:
     """A tiktoken encoder with the same vocab and merges as ``tokenizer`` (4x faster here), or None.
 
     Only for GPT-2-style byte-level BPEs (no normalizer, GPT-2's split pattern, merges ranked by id,
@@ -100,6 +103,8 @@ def fast_encoder(tokenizer: PreTrainedTokenizerFast) -> Callable[[list[str]], li
     try:
         import tiktoken
     except ImportError:
+        return None
+    if not hasattr(tiktoken.Encoding, "encode_to_numpy"):  # tiktoken < 0.8
         return None
     spec = json.loads(tokenizer.backend_tokenizer.to_str())
     model, pre = spec.get("model") or {}, spec.get("pre_tokenizer") or {}
@@ -127,10 +132,13 @@ def fast_encoder(tokenizer: PreTrainedTokenizerFast) -> Callable[[list[str]], li
         enc = tiktoken.Encoding("penwright", pat_str=GPT2_PATTERN, mergeable_ranks=ranks, special_tokens=special)
     except ValueError:
         return None
-    threads = os.cpu_count() or 1
+    pool = ThreadPoolExecutor(os.cpu_count() or 1, thread_name_prefix="penwright-encode")
 
-    def encode(texts: list[str]) -> list[list[int]]:
-        return enc.encode_batch(texts, num_threads=threads, allowed_special="all", disallowed_special=())
+    def encode_one(text: str) -> np.ndarray:  # tiktoken releases the GIL while it encodes
+        return enc.encode_to_numpy(text, allowed_special="all", disallowed_special=())
+
+    def encode(texts: list[str]) -> list[np.ndarray]:
+        return list(pool.map(encode_one, texts))
 
     return encode
 
