@@ -370,3 +370,15 @@ def test_bom_and_crlf_give_the_same_tokens_as_lf(compose_prepare, tmp_path):
     assert (out_crlf / "train.bin").read_bytes() == train_lf
     decoded = _decode_train(out_crlf)
     assert decoded.startswith("First line") and "\r" not in decoded and "\ufeff" not in decoded
+
+
+def test_pretrained_tokenizer_offline_fails_fast_and_says_how_to_point_at_a_dir(tmp_path, repo):
+    """No local dir, no cache, hub unreachable (HF_HUB_OFFLINE=1): one clear error, nothing written."""
+    from penwright.config import compose
+
+    corpus = tmp_path / "c.txt"
+    corpus.write_text(GOOD_TEXT)
+    cfg = compose([f"data.path={corpus}", f"data.out_dir={tmp_path / 'prepared'}", "model=gpt2",
+                   "model.name_or_path=no-such-model-penwright-test"], config_dir=repo / "conf")
+    _expect_failure(tmp_path, cfg, PenwrightError, "no-such-model-penwright-test", "not reachable",
+                    "model.name_or_path=DIR")

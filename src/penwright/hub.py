@@ -31,10 +31,11 @@ def hub_reachable(timeout: float = 3.0) -> bool:
         return False
 
 
-def load_pretrained(name_or_path: str, loader: Callable[..., T], what: str, key: str) -> T:
+def load_pretrained(name_or_path: str, loader: Callable[..., T], what: str, key: str, extra: str = "") -> T:
     """``loader(name_or_path)`` from a local dir, the HF cache, or the hub; a clear error otherwise.
 
-    ``what`` says what is loaded ("tokenizer", "model"); ``key`` is the config key that set the name.
+    ``what`` says what is loaded ("tokenizer", "model"); ``key`` is the config key that set the name;
+    ``extra`` ends the offline message (e.g. another key that sets it too).
     """
     local = Path(os.path.expanduser(str(name_or_path)))
     if local.exists():
@@ -60,5 +61,5 @@ def load_pretrained(name_or_path: str, loader: Callable[..., T], what: str, key:
         f"{key}={name_or_path}: no local directory of that name, no cached copy, and the Hugging Face hub "
         f"is not reachable (offline?). Download it on a machine with network "
         f"(`AutoModelForCausalLM.from_pretrained('{name_or_path}').save_pretrained(DIR)` and the same for "
-        f"AutoTokenizer), then set {key}=DIR"
+        f"AutoTokenizer), then set {key}=DIR{extra}"
     )

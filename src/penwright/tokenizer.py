@@ -39,7 +39,8 @@ def check_config(tok_cfg) -> None:
 
 def load_pretrained_tokenizer(name_or_path: str) -> PreTrainedTokenizerFast:
     """GPT-2's tokenizer (or any fast tokenizer) from a hub name or a local directory."""
-    tok = load_pretrained(name_or_path, AutoTokenizer.from_pretrained, "tokenizer", "model.tokenizer.name_or_path")
+    tok = load_pretrained(name_or_path, AutoTokenizer.from_pretrained, "tokenizer", "model.tokenizer.name_or_path",
+                          extra=" (or model.name_or_path=DIR, which sets the model and its tokenizer)")
     if not getattr(tok, "is_fast", False):
         raise PenwrightError(f"model.tokenizer.name_or_path={name_or_path}: a fast (Rust) tokenizer is needed")
     if tok.eos_token_id is None:
