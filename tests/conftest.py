@@ -64,3 +64,47 @@ def compose_prepare(tmp_path, tiny_gpt2):
         return compose(base + list(overrides), config_dir=REPO / "conf")
 
     return _compose
+
+
+@pytest.fixture(scope="session")
+def prepared_tiny(tmp_path_factory, tiny_gpt2) -> Path:
+    """A prepared corpus (8 short documents, the tiny tokenizer): what the train stage reads."""
+    from penwright.config import compose
+    from penwright.prepare import prepare
+
+    root = tmp_path_factory.mktemp("prepared-tiny")
+    corpus = root / "corpus"
+    corpus.mkdir()
+    for i in range(8):
+        (corpus / f"{i}.txt").write_text(f"Chapter {i}.\n" + ENGLISH * (2 + i % 3))
+    out = root / "prepared"
+    prepare(compose([f"data.path={corpus}", f"data.out_dir={out}", "data.val_fraction=0.25", "model=gpt2",
+                     f"model.name_or_path={tiny_gpt2}"], config_dir=REPO / "conf"))
+    return out
+
+
+TINY_MODEL = ["model=scratch_small", "model.n_layer=1", "model.n_head=2", "model.n_embd=32", "model.n_positions=64",
+              "model.dropout=0.1"]
+TINY_TRAIN = [
+    "train.block_size=32", "train.batch_size=4", "train.warmup_steps=2",
+    "train.val_every_n_steps=4", "train.val_batches=2", "train.ckpt_every_n_steps=4",
+    "trainer.log_every_n_steps=1", "trainer.progress_bar=false", "logger=none",
+    "sample.every_n_steps=4", "sample.max_new_tokens=6", "sample.temperatures=[0.5,1.0]",
+]
+
+
+@pytest.fixture
+def compose_train(tmp_path, prepared_tiny):
+    """``compose_train(*overrides, run="run")``: the real config for a seconds-long training run in tmp_path/run.
+
+    A 1-layer scratch model unless the overrides pick a model group (e.g. ``model=gpt2``).
+    """
+    from penwright.config import compose
+
+    def _compose(*overrides: str, run: str = "run"):
+        base = tmp_path / run
+        model = [] if any(o.startswith("model=") for o in overrides) else TINY_MODEL
+        return compose([f"data.out_dir={prepared_tiny}", f"train.ckpt_dir={base}/ckpt", f"train.out_dir={base}/model",
+                        f"paths.reports={base}/reports", *model, *TINY_TRAIN, *overrides], config_dir=REPO / "conf")
+
+    return _compose

@@ -29,6 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="penwright", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="command")
     _stage_parser(sub, "prepare", "corpus -> tokenizer + train/val token memmaps (artifacts/prepared)")
+    _stage_parser(sub, "train", "prepared tokens -> a trained GPT-2 (artifacts/model), W&B logs, samples")
     _stage_parser(sub, "show", "print the composed config (every key)")
     p = sub.add_parser("params", help="compose conf/ into params.yaml, exactly as `dvc exp run` does")
     p.add_argument("--output", default="params.yaml")
@@ -52,6 +53,10 @@ def run(argv: list[str] | None = None) -> int:
         from penwright.prepare import prepare
 
         prepare(config.compose(args.overrides, params=args.params, config_dir=args.config_dir))
+    elif args.command == "train":
+        from penwright.train import train
+
+        train(config.compose(args.overrides, params=args.params, config_dir=args.config_dir))
     elif args.command == "show":
         from omegaconf import OmegaConf
 

@@ -98,8 +98,9 @@ def _all_keys(cfg: object, prefix: str = "") -> Iterable[str]:
 def _explain(err: Exception, overrides: Sequence[str], source: Path) -> str:
     """Hydra's message, plus the known keys closest to an unknown one (and the group that holds them)."""
     message = f"{source}: {err}".strip()
-    unknown = [o.split("=", 1)[0].lstrip("+~") for o in overrides if "=" in o]
-    unknown = [k for k in unknown if k and k in str(err)]
+    import re
+
+    unknown = re.findall(r"Could not override '([^']+)'", str(err))
     if not unknown:
         return message
     try:

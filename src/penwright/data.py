@@ -12,7 +12,10 @@ import json
 import sys
 from pathlib import Path
 
+import lightning as L
 import numpy as np
+import torch
+from torch.utils import data as torch_data
 
 from penwright.errors import PenwrightError
 
@@ -64,11 +67,84 @@ class TokenWindows:
         self.tokens = tokens
         self.block_size = block_size
         self.stride = stride or block_size
-        self.starts = np.arange(0, tokens.size - need + 1, self.stride)
+        self.count = (tokens.size - need) // self.stride + 1
 
     def __len__(self) -> int:
-        return len(self.starts)
+        return self.count
 
     def __getitem__(self, i: int) -> np.ndarray:
-        start = int(self.starts[i])
+        if not 0 <= i < self.count:
+            raise IndexError(i)
+        start = i * self.stride
         return np.asarray(self.tokens[start:start + self.block_size + 1], dtype=np.int64)
+
+
+class RandomWindows(torch_data.IterableDataset):
+    """An endless stream of training windows at random offsets, a pure function of (seed, sample index).
+
+    Sample ``i`` is the same window in every run with the same seed, so a run resumed at step ``s``
+    reads exactly the windows an uninterrupted run would (``start`` = samples already consumed).
+    Ranks of a distributed run take interleaved sample indices.
+    """
+
+    def __init__(self, tokens: np.ndarray, block_size: int, seed: int, start: int = 0, rank: int = 0, world: int = 1):
+        self.windows = TokenWindows(tokens, block_size, stride=1, name="train")
+        self.seed, self.start, self.rank, self.world = seed, start, rank, world
+
+    def window(self, index: int) -> np.ndarray:
+        offset = int(np.random.default_rng([self.seed, index]).integers(len(self.windows)))
+        return self.windows[offset]
+
+    def __iter__(self):
+        index = self.start + self.rank
+        while True:
+            yield torch.from_numpy(self.window(index))
+            index += self.world
+
+
+class PreparedData(L.LightningDataModule):
+    """Train and validation batches from the prepare stage's memmaps.
+
+    Validation uses a fixed, deterministic set of windows: ``val_batches`` batches spread evenly over
+    the validation split (the training split when there is none, with a notice).
+    """
+
+    def __init__(self, prepared_dir: str | Path, block_size: int, batch_size: int, seed: int,
+                 val_batches: int, accumulate: int = 1):
+        super().__init__()
+        self.prepared_dir = Path(prepared_dir)
+        self.block_size, self.batch_size, self.seed = block_size, batch_size, seed
+        self.val_batches, self.accumulate = val_batches, accumulate
+        self.meta = load_meta(self.prepared_dir)
+        self.train_tokens = load_tokens(self.prepared_dir, "train")
+        self.val_tokens = load_tokens(self.prepared_dir, "val")
+        if self.train_tokens.size == 0:
+            raise PenwrightError(f"{self.prepared_dir}/train.bin is empty: add text or lower data.val_fraction")
+        if self.val_tokens.size == 0:
+            print("[data] no validation split (data.val_fraction=0): validating on training windows", file=sys.stderr)
+            self.val_tokens = self.train_tokens
+
+    @property
+    def bytes_per_token(self) -> float | None:
+        split = self.meta["val"] if self.meta["val"]["tokens"] else self.meta["train"]
+        return split["bytes"] / split["tokens"] if split["tokens"] else None
+
+    def train_dataloader(self):
+        trainer = self.trainer
+        step = trainer.global_step if trainer is not None else 0
+        world = trainer.world_size if trainer is not None else 1
+        rank = trainer.global_rank if trainer is not None else 0
+        start = step * self.batch_size * self.accumulate * world
+        dataset = RandomWindows(self.train_tokens, self.block_size, self.seed, start, rank, world)
+        return torch_data.DataLoader(dataset, batch_size=self.batch_size, num_workers=0)
+
+    def val_dataloader(self):
+        windows = TokenWindows(self.val_tokens, self.block_size, stride=self.block_size, name="val")
+        count = min(len(windows), self.val_batches * self.batch_size)
+        picks = np.linspace(0, len(windows) - 1, num=count).round().astype(int)
+        batch = np.stack([windows[i] for i in picks])
+        trainer = self.trainer
+        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        mine = torch.from_numpy(batch[rank::world])
+        return torch_data.DataLoader(torch_data.TensorDataset(mine), batch_size=self.batch_size,
+                                     collate_fn=lambda rows: torch.stack([r[0] for r in rows]))

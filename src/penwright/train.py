@@ -1,0 +1,350 @@
+"""Stage ``train``: Lightning training of GPT-2 on the prepared tokens, from one composed config.
+
+``train(cfg)`` builds data, model, callbacks, loggers and trainer, fits, and (rank 0) writes
+``artifacts/model/`` in Hugging Face format, ``reports/train.json`` (DVC metrics) and
+``reports/curves/{train,val}.tsv`` (DVC plots). Running again with a higher ``trainer.max_steps``
+continues from ``<train.ckpt_dir>/last.ckpt`` (same windows, same W&B run); ``train.resume=false``
+starts fresh.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import math
+import netrc
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from urllib.parse import urlparse
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+from omegaconf import DictConfig, OmegaConf
+from transformers import AutoTokenizer
+
+from penwright.data import PreparedData, load_meta
+from penwright.errors import ConfigError, PenwrightError
+from penwright.model import LitGPT2, build_model, lr_lambda
+from penwright.samples import SampleCallback
+
+
+def log(message: str) -> None:
+    print(f"[train] {message}", file=sys.stderr, flush=True)
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Checkpoints are written to a temp file and renamed: a crash never leaves half a checkpoint."""
+
+    def save_checkpoint(self, checkpoint, path, storage_options=None):
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        torch.save(checkpoint, tmp)
+        os.replace(tmp, path)
+
+
+class Throughput(L.Callback):
+    """``tokens_per_sec`` of the training steps alone (first in the callback list: sampling is not timed)."""
+
+    def __init__(self):
+        self.tokens, self.seconds, self._tick = 0, 0.0, None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self._tick = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        seconds = time.perf_counter() - self._tick
+        tokens = batch.shape[0] * (batch.shape[1] - 1) * trainer.world_size
+        self.tokens += tokens
+        self.seconds += seconds
+        pl_module.log("tokens_per_sec", tokens / seconds, on_step=True, on_epoch=False, rank_zero_only=True)
+
+    @property
+    def rate(self) -> float:
+        return self.tokens / self.seconds if self.seconds else 0.0
+
+
+class CurveWriter(L.Callback):
+    """``reports/curves/train.tsv`` (step, loss, lr) and ``val.tsv`` (step, loss, ppl, bpb) for ``dvc plots``."""
+
+    def __init__(self, out_dir: str | Path, every: int):
+        self.out_dir, self.every = Path(out_dir), max(1, every)
+        self.rows: dict[str, list[dict]] = {"train": [], "val": []}
+
+    def on_train_start(self, trainer, pl_module):
+        start = trainer.global_step  # after the checkpoint is restored: resumed runs keep earlier rows
+        for split in self.rows:
+            path = self.out_dir / f"{split}.tsv"
+            if start and path.is_file():
+                with open(path, newline="") as f:
+                    self.rows[split] = [r for r in csv.DictReader(f, delimiter="\t") if int(r["step"]) <= start]
+            else:
+                self.rows[split] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        step = trainer.global_step
+        if step % self.every == 0 or step == trainer.max_steps:
+            m = trainer.callback_metrics
+            if "train/loss" in m:
+                self.rows["train"].append({"step": step, "loss": f"{float(m['train/loss']):.5f}",
+                                           "lr": f"{float(m.get('lr', 0.0)):.3e}"})
+
+    def on_validation_end(self, trainer, pl_module):
+        m = trainer.callback_metrics
+        if "val/loss" in m and not trainer.sanity_checking:
+            row = {"step": trainer.global_step, "loss": f"{float(m['val/loss']):.5f}",
+                   "ppl": f"{float(m['val/ppl']):.3f}", "bpb": f"{float(m.get('val/bpb', float('nan'))):.5f}"}
+            self.rows["val"] = [r for r in self.rows["val"] if int(r["step"]) != row["step"]] + [row]
+        self.flush(trainer)
+
+    def on_train_end(self, trainer, pl_module):
+        self.flush(trainer)
+
+    def flush(self, trainer) -> None:
+        if not trainer.is_global_zero:
+            return
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        for split, rows in self.rows.items():
+            if not rows:
+                continue
+            path = self.out_dir / f"{split}.tsv"
+            tmp = path.with_name(f".{path.name}.tmp")
+            with open(tmp, "w", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=list(rows[0]), delimiter="\t")
+                writer.writeheader()
+                writer.writerows(rows)
+            tmp.replace(path)
+
+
+def rank_zero() -> bool:
+    """Whether this process is global rank 0 (Lightning reads RANK / LOCAL_RANK / SLURM_PROCID)."""
+    from lightning.pytorch.utilities.rank_zero import rank_zero_only
+
+    return getattr(rank_zero_only, "rank", 0) == 0
+
+
+# -- W&B -------------------------------------------------------------------------------------------
+
+
+def wandb_mode() -> str:
+    """``WANDB_MODE`` if set; online when an API key or login exists; else offline (with a notice)."""
+    mode = os.environ.get("WANDB_MODE", "").lower()
+    if mode in ("online", "offline", "disabled", "dryrun"):
+        return "offline" if mode == "dryrun" else mode
+    if os.environ.get("WANDB_API_KEY"):
+        return "online"
+    host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname
+    try:
+        if netrc.netrc().authenticators(host):
+            return "online"
+    except (FileNotFoundError, netrc.NetrcParseError):
+        pass
+    log("no W&B login found (WANDB_API_KEY or `wandb login`): logging offline; `wandb sync wandb/offline-run-*` uploads later")
+    return "offline"
+
+
+def run_metadata(cfg: DictConfig) -> dict:
+    """What the W&B run config holds beside the resolved config: git commit, data version."""
+    meta = {"config": OmegaConf.to_container(cfg, resolve=True)}
+    try:
+        meta["git_commit"] = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                                            check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        meta["git_commit"] = None
+    dvc_file = Path("data.dvc")
+    meta["data_dvc_md5"] = hashlib.md5(dvc_file.read_bytes()).hexdigest() if dvc_file.is_file() else None
+    return meta
+
+
+def build_loggers(cfg: DictConfig, ckpt_dir: Path, resuming: bool) -> list:
+    kind = str(cfg.logger.get("kind", "none"))
+    if kind == "none":
+        return []
+    if kind != "wandb":
+        raise ConfigError(f"logger.kind={kind!r}: use wandb or none")
+    mode = wandb_mode()
+    if mode == "disabled":
+        return []
+    from lightning.pytorch.loggers import WandbLogger
+
+    id_file = ckpt_dir / "wandb_run_id"
+    run_id = id_file.read_text().strip() if resuming and id_file.is_file() else None
+    if run_id is None and rank_zero():  # only rank 0 has a real W&B run; the others log nothing
+        import secrets
+
+        run_id = secrets.token_hex(4)
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        id_file.write_text(run_id + "\n")
+    save_dir = Path(cfg.logger.save_dir)
+    save_dir.mkdir(parents=True, exist_ok=True)
+    logger = WandbLogger(
+        project=str(cfg.logger.project),
+        group=cfg.logger.get("group"),
+        tags=list(cfg.logger.get("tags") or []),
+        job_type=cfg.logger.get("job_type"),
+        name=os.environ.get("DVC_EXP_NAME") or cfg.logger.get("name"),
+        save_dir=str(save_dir),
+        offline=mode == "offline",
+        id=run_id,
+        resume="allow",
+        log_model=False,
+    )
+    logger.log_hyperparams(run_metadata(cfg))  # rank 0 only
+    return [logger]
+
+
+# -- the stage --------------------------------------------------------------------------------------
+
+
+def _fingerprint(cfg: DictConfig, meta: dict) -> dict:
+    """What a checkpoint must share with this run to be resumed."""
+    return {"model": OmegaConf.to_container(cfg.model, resolve=True), "block_size": int(cfg.train.block_size),
+            "tokenizer_md5": meta["tokenizer"]["md5"], "vocab_size": meta["vocab_size"]}
+
+
+def train(cfg: DictConfig) -> dict:
+    start = time.perf_counter()
+    tcfg = cfg.train
+    prepared = Path(cfg.data.out_dir)
+    meta = load_meta(prepared)
+    tokenizer = AutoTokenizer.from_pretrained(prepared / "tokenizer")
+    block = int(tcfg.block_size)
+    if block < 1 or int(tcfg.batch_size) < 1:
+        raise ConfigError(f"train.block_size={block}, train.batch_size={tcfg.batch_size}: both must be >= 1")
+    L.seed_everything(int(cfg.seed), workers=True, verbose=False)
+
+    data = PreparedData(prepared, block, int(tcfg.batch_size), int(cfg.seed), int(tcfg.val_batches),
+                        int(cfg.trainer.accumulate_grad_batches))
+    windows = max(1, data.train_tokens.size - block)
+    if int(tcfg.batch_size) > windows and data.train_tokens.size > block:
+        raise ConfigError(
+            f"train.batch_size={tcfg.batch_size} is larger than the {windows} distinct windows of "
+            f"{block + 1} tokens in {prepared}/train.bin; lower train.batch_size or train.block_size"
+        )
+    model = build_model(cfg.model, len(tokenizer), int(tokenizer.eos_token_id), block)
+    module = LitGPT2(model, tcfg, data.bytes_per_token)
+    log(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
+        f"{'from ' + str(cfg.model.name_or_path) if cfg.model.get('name_or_path') else 'from scratch'}; "
+        f"train split {data.train_tokens.size:,} tokens")
+
+    # every config check runs before any file is touched
+    lr_lambda(int(tcfg.warmup_steps), int(tcfg.get("decay_steps") or cfg.trainer.max_steps), str(tcfg.schedule),
+              float(tcfg.min_lr_ratio))
+    reports = Path(cfg.paths.reports)
+    sampler = SampleCallback(cfg.sample, tokenizer, data.val_tokens, reports / "samples")
+    ckpt_dir = Path(tcfg.ckpt_dir)
+    last = ckpt_dir / "last.ckpt"
+    fingerprint = _fingerprint(cfg, meta)
+    fp_file = ckpt_dir / "fingerprint.json"
+    resuming = bool(tcfg.resume) and last.is_file()
+    if resuming and fp_file.is_file() and json.loads(fp_file.read_text()) != fingerprint:
+        raise PenwrightError(
+            f"{last}: this checkpoint was trained with another model, block size or tokenizer. "
+            f"Start fresh with train.resume=false (the old checkpoints in {ckpt_dir} are replaced)"
+        )
+    if rank_zero():  # other ranks start while rank 0 trains: they must not touch its files
+        if not resuming:  # a fresh run: no checkpoints, samples or curve rows of an earlier run remain
+            for stale in (ckpt_dir, reports / "samples", reports / "curves"):
+                shutil.rmtree(stale, ignore_errors=True)
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        fp_file.write_text(json.dumps(fingerprint, indent=2) + "\n")
+
+    callbacks = [
+        Throughput(),
+        ModelCheckpoint(dirpath=ckpt_dir, filename="step-{step:06d}", every_n_train_steps=int(tcfg.ckpt_every_n_steps),
+                        save_top_k=-1 if tcfg.keep_all_checkpoints else 1, save_last=True,
+                        auto_insert_metric_name=False),
+        ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor="val/loss", mode="min", save_top_k=1,
+                        auto_insert_metric_name=False),
+        sampler,
+        CurveWriter(reports / "curves", int(cfg.trainer.log_every_n_steps)),
+    ]
+    loggers = build_loggers(cfg, ckpt_dir, resuming)
+    tr = cfg.trainer
+    accumulate = int(tr.accumulate_grad_batches)
+    trainer = L.Trainer(
+        accelerator=str(tr.accelerator),
+        devices=tr.devices,
+        num_nodes=int(tr.num_nodes),
+        strategy=str(tr.strategy),
+        precision=str(tr.precision),
+        max_steps=int(tr.max_steps),
+        val_check_interval=int(tcfg.val_every_n_steps) * accumulate,
+        check_val_every_n_epoch=None,
+        num_sanity_val_steps=0,
+        gradient_clip_val=float(tcfg.grad_clip) or None,
+        accumulate_grad_batches=accumulate,
+        log_every_n_steps=int(tr.log_every_n_steps),
+        logger=loggers or False,
+        callbacks=callbacks,
+        plugins=[AtomicCheckpointIO()],
+        use_distributed_sampler=False,
+        enable_progress_bar=bool(tr.progress_bar),
+        enable_model_summary=False,
+        default_root_dir=str(ckpt_dir),
+    )
+    if tcfg.get("compile"):
+        module.model = torch.compile(module.model)
+    trainer.fit(module, datamodule=data, ckpt_path=str(last) if resuming else None)
+    trainer.save_checkpoint(last)  # the end state, whatever step it fell on
+    final = trainer.validate(module, datamodule=data, verbose=False)[0]
+
+    result = {}
+    if trainer.is_global_zero:
+        result = _finish(cfg, trainer, module, tokenizer, data, final, callbacks, start, resuming)
+        for logger in loggers:  # close the W&B run: its files are complete, the next train() starts anew
+            logger.experiment.finish()
+    return result
+
+
+def _finish(cfg, trainer, module, tokenizer, data, final, callbacks, start, resumed) -> dict:
+    throughput, best_ckpt = callbacks[0], callbacks[2]
+    out = Path(cfg.train.out_dir)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model = module.model
+    model = getattr(model, "_orig_mod", model)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    old = out.parent / f".{out.name}.old-{os.getpid()}"
+    if out.exists():
+        out.rename(old)
+    tmp.rename(out)
+    shutil.rmtree(old, ignore_errors=True)
+
+    seconds = time.perf_counter() - start
+    steps = trainer.global_step
+    tokens = steps * int(cfg.train.batch_size) * int(cfg.train.block_size) * \
+        int(cfg.trainer.accumulate_grad_batches) * trainer.world_size
+    best = best_ckpt.best_model_score
+    metrics = {
+        "val_loss": round(float(final["val/loss"]), 5),
+        "val_ppl": round(float(final["val/ppl"]), 3),
+        "val_bpb": round(float(final.get("val/bpb", math.nan)), 5),
+        "best_val_loss": round(float(best), 5) if best is not None else round(float(final["val/loss"]), 5),
+        "steps": steps,
+        "tokens": tokens,
+        "tokens_per_sec": round(throughput.rate, 1),
+        "wall_seconds": round(seconds, 1),
+        "resumed": resumed,
+        "device": str(module.device),
+    }
+    best_val = metrics["best_val_loss"]
+    metrics["best_val_ppl"] = round(math.exp(best_val), 3)
+    if data.bytes_per_token:
+        metrics["best_val_bpb"] = round(best_val / math.log(2) / data.bytes_per_token, 5)
+    report = Path(cfg.paths.reports) / "train.json"
+    report.parent.mkdir(parents=True, exist_ok=True)
+    tmp_report = report.with_name(".train.json.tmp")
+    tmp_report.write_text(json.dumps(metrics, indent=2) + "\n")
+    tmp_report.replace(report)
+    log(f"{steps} steps on {metrics['device']}, val loss {metrics['val_loss']} (bpb {metrics['val_bpb']}) "
+        f"in {seconds:.0f} s; model -> {out}/, metrics -> {report}")
+    return metrics

@@ -1,0 +1,135 @@
+"""The train stage for real on tiny models: outputs, exact resume, sampling independence, W&B offline files."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import GPT2LMHeadModel
+
+from penwright.train import train
+
+
+def curve(reports: Path, split: str = "train") -> list[dict]:
+    with open(reports / "curves" / f"{split}.tsv", newline="") as f:
+        return list(csv.DictReader(f, delimiter="\t"))
+
+
+def weights(model_dir: Path) -> dict[str, torch.Tensor]:
+    return GPT2LMHeadModel.from_pretrained(model_dir).state_dict()
+
+
+def test_train_writes_model_metrics_curves_samples_and_checkpoints(compose_train, tmp_path):
+    metrics = train(compose_train("trainer.max_steps=8"))
+    run = tmp_path / "run"
+    model = GPT2LMHeadModel.from_pretrained(run / "model")  # Hugging Face format, loadable as is
+    assert model.config.n_layer == 1
+    assert (run / "model" / "tokenizer.json").is_file() and (run / "model" / "generation_config.json").is_file()
+    report = json.loads((run / "reports" / "train.json").read_text())
+    assert report == metrics and report["steps"] == 8 and report["tokens"] == 8 * 4 * 32
+    for key in ("val_loss", "val_ppl", "val_bpb", "best_val_loss", "tokens_per_sec", "wall_seconds"):
+        assert report[key] > 0, key
+    assert abs(report["val_ppl"] - torch.exp(torch.tensor(report["val_loss"])).item()) < 0.01 * report["val_ppl"]
+    assert [int(r["step"]) for r in curve(run / "reports")] == list(range(1, 9))
+    assert [int(r["step"]) for r in curve(run / "reports", "val")] == [4, 8]
+    assert sorted(p.name for p in (run / "reports" / "samples").iterdir()) == ["step-000004.md", "step-000008.md"]
+    text = (run / "reports" / "samples" / "step-000008.md").read_text()
+    assert "## temperature 0.5" in text and "## temperature 1.0" in text and "**unconditional:**" in text
+    assert {"last.ckpt", "best.ckpt"} <= {p.name for p in (run / "ckpt").iterdir()}
+
+
+def test_resumed_training_equals_uninterrupted_training(compose_train, tmp_path):
+    """12 steps in one run == 6 steps, then a rerun with max_steps=12: same losses, same weights."""
+    common = ["train.decay_steps=12"]
+    train(compose_train("trainer.max_steps=12", *common, run="straight"))
+    train(compose_train("trainer.max_steps=6", *common, run="chunked"))
+    resumed = train(compose_train("trainer.max_steps=12", *common, run="chunked"))
+    assert resumed["resumed"] is True and resumed["steps"] == 12
+    straight_curve = curve(tmp_path / "straight" / "reports")
+    chunked_curve = curve(tmp_path / "chunked" / "reports")
+    assert [r["step"] for r in chunked_curve] == [str(s) for s in range(1, 13)]  # continued, no repeated step
+    assert [r["loss"] for r in chunked_curve] == [r["loss"] for r in straight_curve]
+    a, b = weights(tmp_path / "straight" / "model"), weights(tmp_path / "chunked" / "model")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_false_starts_fresh(compose_train, tmp_path):
+    train(compose_train("trainer.max_steps=4"))
+    fresh = train(compose_train("trainer.max_steps=4", "train.resume=false"))
+    assert fresh["resumed"] is False and fresh["steps"] == 4
+
+
+def test_sampling_does_not_change_the_losses(compose_train, tmp_path):
+    train(compose_train("trainer.max_steps=8", "sample.every_n_steps=2", run="sampling"))
+    train(compose_train("trainer.max_steps=8", "sample.every_n_steps=0", run="quiet"))
+    assert len(list((tmp_path / "sampling" / "reports" / "samples").iterdir())) == 4
+    assert len(list((tmp_path / "quiet" / "reports" / "samples").iterdir())) == 1  # only at the end
+    assert [r["loss"] for r in curve(tmp_path / "sampling" / "reports")] == \
+        [r["loss"] for r in curve(tmp_path / "quiet" / "reports")]
+    a, b = weights(tmp_path / "sampling" / "model"), weights(tmp_path / "quiet" / "model")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_finetunes_a_pretrained_checkpoint_with_frozen_embeddings(compose_train, tiny_gpt2, tmp_path):
+    before = GPT2LMHeadModel.from_pretrained(tiny_gpt2).state_dict()
+    train(compose_train("model=gpt2", f"model.name_or_path={tiny_gpt2}", "train.freeze_embeddings=true",
+                        "trainer.max_steps=3", "trainer.accumulate_grad_batches=2"))
+    after = weights(tmp_path / "run" / "model")
+    assert torch.equal(before["transformer.wte.weight"], after["transformer.wte.weight"])
+    assert torch.equal(before["transformer.wpe.weight"], after["transformer.wpe.weight"])
+    assert not torch.equal(before["transformer.h.0.mlp.c_fc.weight"], after["transformer.h.0.mlp.c_fc.weight"])
+
+
+def test_wandb_offline_run_has_tables_config_and_continues_on_resume(compose_train, tmp_path, monkeypatch, repo):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("DVC_EXP_NAME", "my-exp")
+    wandb_dir = tmp_path / "wb"
+    overrides = ["logger=wandb", f"logger.save_dir={wandb_dir}", "logger.group=tests"]
+    train(compose_train("trainer.max_steps=8", *overrides))
+    runs = sorted((wandb_dir / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1
+    run_id = (tmp_path / "run" / "ckpt" / "wandb_run_id").read_text().strip()
+    assert runs[0].name.endswith(run_id)
+    tables = list((runs[0] / "files" / "media" / "table").rglob("*.table.json"))
+    assert len(tables) == 2  # a new table at step 4 and at step 8
+    rows = json.loads(tables[0].read_text())
+    assert rows["columns"] == ["step", "kind", "prompt", "temperature", "text"] and rows["data"]
+    # offline, the run config lives in the run's protobuf log: its keys and values are stored as text
+    record = next(runs[0].glob("run-*.wandb")).read_bytes()
+    dvc_md5 = hashlib.md5((repo / "data.dvc").read_bytes()).hexdigest()
+    for needle in ("git_commit", "data_dvc_md5", dvc_md5, "block_size", "my-exp", "tests"):
+        assert needle.encode() in record, needle
+    train(compose_train("trainer.max_steps=12", *overrides))  # resumed: the same W&B run id
+    runs = sorted((wandb_dir / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2 and all(r.name.endswith(run_id) for r in runs)
+
+
+@pytest.mark.slow
+def test_ddp_two_cpu_processes_only_rank0_samples_logs_and_saves(tmp_path, prepared_tiny, repo):
+    """Lightning DDP on gloo with 2 CPU processes, through the CLI, as a user would launch it."""
+    import subprocess
+    import sys
+
+    from conftest import TINY_MODEL, TINY_TRAIN
+
+    run = tmp_path / "ddp"
+    overrides = [f"data.out_dir={prepared_tiny}", f"train.ckpt_dir={run}/ckpt", f"train.out_dir={run}/model",
+                 f"paths.reports={run}/reports", *TINY_MODEL, *TINY_TRAIN, "trainer=ddp", "trainer.accelerator=cpu",
+                 "trainer.devices=2", "trainer.precision=32-true", "trainer.max_steps=6", "logger=wandb",
+                 f"logger.save_dir={run}/wb"]
+    env = {**os.environ, "WANDB_MODE": "offline", "PL_DISABLE_FORK": "1"}
+    done = subprocess.run([sys.executable, "-m", "penwright.cli", "train", *overrides], cwd=repo, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert "world_size: 2" in done.stderr or "distributed_backend=gloo" in done.stderr
+    report = json.loads((run / "reports" / "train.json").read_text())
+    assert report["steps"] == 6 and report["tokens"] == 6 * 4 * 32 * 2  # both ranks' batches count
+    assert len(list((run / "wb" / "wandb").glob("offline-run-*"))) == 1  # only rank 0 logs
+    assert sorted(p.name for p in (run / "reports" / "samples").iterdir()) == ["step-000004.md", "step-000006.md"]
+    assert done.stderr.count("[samples] step 4:") == 1  # rank 0 only
+    GPT2LMHeadModel.from_pretrained(run / "model")
