@@ -84,10 +84,10 @@ def test_pipeline_reruns_prepare_only_for_its_params_and_exp_run_composes_conf(t
     run(["git", "add", "-A"], proj)
     run(["git", "commit", "-qm", "init"], proj)
 
-    run(["dvc", "repro"], proj)
+    run(["dvc", "repro", "prepare"], proj)  # (train has its own tests; here: what reruns prepare)
     meta = json.loads((proj / "artifacts/prepared/meta.json").read_text())
     assert meta["split"]["val_fraction"] == 0.05 and meta["data"]["files"] == 66
-    assert json.loads(run(["dvc", "status", "--json"], proj).stdout) == {}
+    assert json.loads(run(["dvc", "status", "--json", "prepare"], proj).stdout) == {}
     run(["git", "add", "-A"], proj)
     run(["git", "commit", "-qm", "baseline"], proj)
 
@@ -95,26 +95,37 @@ def test_pipeline_reruns_prepare_only_for_its_params_and_exp_run_composes_conf(t
     params["model"]["n_layer"] = 12  # not a prepare param: nothing to rerun
     params["data"]["chunk_bytes"] = 65536  # changes no output: not a dependency either
     (proj / "params.yaml").write_text(yaml.safe_dump(params))
-    assert json.loads(run(["dvc", "status", "--json"], proj).stdout) == {}
+    assert json.loads(run(["dvc", "status", "--json", "prepare"], proj).stdout) == {}
     params["data"]["val_fraction"] = 0.2  # a prepare param: prepare is stale
     (proj / "params.yaml").write_text(yaml.safe_dump(params))
-    assert "prepare" in json.loads(run(["dvc", "status", "--json"], proj).stdout)
+    assert "prepare" in json.loads(run(["dvc", "status", "--json", "prepare"], proj).stdout)
     run(["git", "checkout", "params.yaml"], proj)
 
     # dvc exp run composes conf/ into params.yaml (Hydra), then runs the stage on it
-    run(["dvc", "exp", "run", "-S", "data.val_fraction=0.1"], proj)
+    run(["dvc", "exp", "run", "prepare", "-S", "data.val_fraction=0.1"], proj)
     assert yaml.safe_load((proj / "params.yaml").read_text())["data"]["val_fraction"] == 0.1
     meta = json.loads((proj / "artifacts/prepared/meta.json").read_text())
     assert meta["split"]["val_fraction"] == 0.1 and meta["val"]["documents"] == 7
 
-    run(["dvc", "exp", "run", "-S", "data=kjv_verses"], proj)  # a group swap
+    run(["dvc", "exp", "run", "prepare", "-S", "data=kjv_verses"], proj)  # a group swap
     meta = json.loads((proj / "artifacts/prepared/meta.json").read_text())
     assert meta["data"]["path"] == "data/kjv/verses.csv" and meta["train"]["documents"] > 30_000
+
+    # the train stage through dvc exp run with model / trainer overrides (prepare comes from the cache)
+    tiny = ["model.n_layer=1", "model.n_embd=32", "model.n_head=2", "train.block_size=32", "train.batch_size=4",
+            "trainer.max_steps=4", "train.val_every_n_steps=2", "train.val_batches=1", "sample.every_n_steps=0",
+            "sample.max_new_tokens=4", "logger=none", "trainer.progress_bar=false"]
+    run(["dvc", "exp", "run", *[a for t in tiny for a in ("-S", t)]], proj)
+    report = json.loads((proj / "reports/train.json").read_text())
+    assert report["steps"] == 4 and report["val_loss"] > 0
+    assert (proj / "artifacts/model/model.safetensors").is_file()
 
     import csv
     import io
 
     rows = list(csv.DictReader(io.StringIO(run(["dvc", "exp", "show", "--csv"], proj).stdout)))
     experiments = [r for r in rows if r.get("Experiment")]
-    assert len(experiments) == 2  # both runs are listed, with their params
-    assert sorted(r["data.val_fraction"] for r in experiments) == ["0.02", "0.1"]
+    assert len(experiments) == 3  # every run is listed, with its params and metrics
+    assert sorted(r["data.val_fraction"] for r in experiments) == ["0.02", "0.05", "0.1"]
+    trained = [r for r in experiments if r.get("trainer.max_steps") == "4"]
+    assert len(trained) == 1 and float(trained[0]["val_loss"]) == report["val_loss"]

@@ -172,3 +172,104 @@ def bench_prepare(size_mb: int = 200, output: str | None = None, sample: str = "
     print(json.dumps(results["summary"], indent=2))
     print(f"[bench] wrote {out}", file=sys.stderr)
     return results
+
+
+def _steps_per_second_lightning(cfg, data, model_state, steps: int, warmup: int) -> dict:
+    import lightning as L
+
+    from penwright.model import LitGPT2, build_model
+    from penwright.train import Throughput
+
+    model = build_model(cfg.model, data.meta["vocab_size"], data.meta["eos_token_id"], int(cfg.train.block_size))
+    model.load_state_dict(model_state)
+    module = LitGPT2(model, cfg.train, data.bytes_per_token)
+    timer = Throughput(skip_steps=warmup)
+    trainer = L.Trainer(accelerator="cpu", devices=1, precision=str(cfg.trainer.precision), max_steps=steps + warmup,
+                        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        limit_val_batches=0, callbacks=[timer], gradient_clip_val=float(cfg.train.grad_clip) or None,
+                        use_distributed_sampler=False)
+    trainer.fit(module, train_dataloaders=data.train_dataloader())
+    return {"tokens_per_sec": round(timer.rate, 1), "steps": steps}
+
+
+def _steps_per_second_plain(cfg, data, model_state, steps: int, warmup: int) -> dict:
+    """The same model, optimizer, schedule, clipping and batches in a plain PyTorch loop."""
+    import torch
+    import torch.nn.functional as F
+
+    from penwright.model import build_model, lr_lambda
+
+    model = build_model(cfg.model, data.meta["vocab_size"], data.meta["eos_token_id"], int(cfg.train.block_size))
+    model.load_state_dict(model_state)
+    model.train()
+    t = cfg.train
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "wpe" not in n]
+    no_decay = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "wpe" not in n)]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": float(t.weight_decay)},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=float(t.lr), betas=tuple(t.betas))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(int(t.warmup_steps), steps + warmup, str(t.schedule),
+                                                             float(t.min_lr_ratio)))
+    batches = iter(data.train_dataloader())
+    tokens = seconds = 0.0
+    for step in range(steps + warmup):
+        batch = next(batches)
+        start = time.perf_counter()
+        logits = model(input_ids=batch[:, :-1], use_cache=False).logits
+        loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), batch[:, 1:].reshape(-1))
+        loss.backward()
+        if float(t.grad_clip):
+            torch.nn.utils.clip_grad_norm_(model.parameters(), float(t.grad_clip))
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        if step >= warmup:
+            seconds += time.perf_counter() - start
+            tokens += batch.shape[0] * (batch.shape[1] - 1)
+    return {"tokens_per_sec": round(tokens / seconds, 1), "steps": steps}
+
+
+def bench_train(steps: int = 30, rounds: int = 2, output: str | None = None, overrides: list[str] | None = None) -> dict:
+    """Lightning's training step vs a plain PyTorch loop: same model, batch and data, alternating in one run."""
+    import torch
+
+    from penwright.config import compose
+    from penwright.data import PreparedData
+    from penwright.model import build_model
+
+    cfg = compose(list(overrides or []))
+    data = PreparedData(cfg.data.out_dir, int(cfg.train.block_size), int(cfg.train.batch_size), int(cfg.seed),
+                        int(cfg.train.val_batches))
+    torch.manual_seed(int(cfg.seed))
+    state = build_model(cfg.model, data.meta["vocab_size"], data.meta["eos_token_id"],
+                        int(cfg.train.block_size)).state_dict()
+    warmup = 3
+    runs: dict[str, list[float]] = {"lightning": [], "plain": []}
+    for r in range(rounds):  # alternate, so drift in the machine's speed hits both alike
+        for name, fn in (("plain", _steps_per_second_plain), ("lightning", _steps_per_second_lightning)):
+            print(f"[bench] round {r + 1}/{rounds}: {name}, {steps} timed steps", file=sys.stderr)
+            runs[name].append(fn(cfg, data, state, steps, warmup)["tokens_per_sec"])
+    lightning, plain = max(runs["lightning"]), max(runs["plain"])
+    results = {
+        "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "device": "cpu",
+                    "python": platform.python_version()},
+        "model": {k: cfg.model.get(k) for k in ("name_or_path", "n_layer", "n_head", "n_embd")},
+        "batch": {"batch_size": int(cfg.train.batch_size), "block_size": int(cfg.train.block_size)},
+        "tokens_per_sec": runs,
+        "best_tokens_per_sec": {"lightning": lightning, "plain": plain},
+        "lightning_over_plain": round(lightning / plain, 4),
+        "lightning_overhead_pct": round(100 * (1 - lightning / plain), 2),
+        "goal": "Lightning overhead <= 3% of the plain loop's tokens/s",
+    }
+    quick = Path(cfg.paths.reports) / "train.json"
+    if quick.is_file():
+        q = json.loads(quick.read_text())
+        results["quickstart_from_reports_train_json"] = {k: q.get(k) for k in
+                                                         ("wall_seconds", "steps", "val_bpb", "val_loss", "tokens_per_sec")}
+    out = Path(output or "reports/bench_train.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    tmp.write_text(json.dumps(results, indent=2) + "\n")
+    tmp.replace(out)
+    print(json.dumps({k: results[k] for k in ("best_tokens_per_sec", "lightning_overhead_pct")}, indent=2))
+    print(f"[bench] wrote {out}", file=sys.stderr)
+    return results

@@ -53,8 +53,9 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 class Throughput(L.Callback):
     """``tokens_per_sec`` of the training steps alone (first in the callback list: sampling is not timed)."""
 
-    def __init__(self):
+    def __init__(self, skip_steps: int = 0):
         self.tokens, self.seconds, self._tick = 0, 0.0, None
+        self.skip_steps = skip_steps  # not timed: allocator and thread-pool warmup (benchmarks)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         self._tick = time.perf_counter()
@@ -62,8 +63,9 @@ class Throughput(L.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         seconds = time.perf_counter() - self._tick
         tokens = batch.shape[0] * (batch.shape[1] - 1) * trainer.world_size
-        self.tokens += tokens
-        self.seconds += seconds
+        if trainer.global_step > self.skip_steps:
+            self.tokens += tokens
+            self.seconds += seconds
         pl_module.log("tokens_per_sec", tokens / seconds, on_step=True, on_epoch=False, rank_zero_only=True)
 
     @property
