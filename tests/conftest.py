@@ -108,3 +108,16 @@ def compose_train(tmp_path, prepared_tiny):
                         f"paths.reports={base}/reports", *model, *TINY_TRAIN, *overrides], config_dir=REPO / "conf")
 
     return _compose
+
+
+@pytest.fixture(scope="session")
+def onnx_tiny(tmp_path_factory, tiny_gpt2) -> Path:
+    """The tiny GPT-2 exported by the export stage (parity-checked): a folder Generator.load reads."""
+    from penwright.config import compose
+    from penwright.export import export
+
+    root = tmp_path_factory.mktemp("onnx-tiny")
+    export(compose([f"train.out_dir={tiny_gpt2}", f"export.out_dir={root / 'onnx'}", f"paths.reports={root / 'reports'}",
+                    "export.parity_prompts=[It is,The quick brown fox jumps,A]", "export.parity_new_tokens=8"],
+                   config_dir=REPO / "conf"))
+    return root / "onnx"

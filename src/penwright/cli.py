@@ -30,6 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="command")
     _stage_parser(sub, "prepare", "corpus -> tokenizer + train/val token memmaps (artifacts/prepared)")
     _stage_parser(sub, "train", "prepared tokens -> a trained GPT-2 (artifacts/model), W&B logs, samples")
+    _stage_parser(sub, "export", "trained model -> ONNX graph with a KV cache (artifacts/onnx), parity-checked")
+    _stage_parser(sub, "generate", "text from the exported model (onnxruntime, KV cache): reports/samples.md")
     _stage_parser(sub, "show", "print the composed config (every key)")
     p = sub.add_parser("params", help="compose conf/ into params.yaml, exactly as `dvc exp run` does")
     p.add_argument("--output", default="params.yaml")
@@ -59,6 +61,14 @@ def run(argv: list[str] | None = None) -> int:
         from penwright.train import train
 
         train(config.compose(args.overrides, params=args.params, config_dir=args.config_dir))
+    elif args.command == "export":
+        from penwright.export import export
+
+        export(config.compose(args.overrides, params=args.params, config_dir=args.config_dir))
+    elif args.command == "generate":
+        from penwright.generate import generate
+
+        generate(config.compose(args.overrides, params=args.params, config_dir=args.config_dir))
     elif args.command == "show":
         from omegaconf import OmegaConf
 

@@ -1,0 +1,223 @@
+"""Stage ``export``: the trained model -> one ONNX decoder graph with a KV cache, checked against PyTorch.
+
+The graph (optimum's names, so tools that know them can read it):
+
+* inputs: ``input_ids`` [batch, seq], ``attention_mask`` [batch, past+seq], ``position_ids`` [batch, seq],
+  ``past_key_values.{i}.key`` / ``.value`` [batch, heads, past, head_dim] for every layer;
+* outputs: ``logits`` [batch, seq, vocab] (fp32), ``present.{i}.key`` / ``.value`` [batch, heads, past+seq, head_dim].
+
+Batch, sequence and past lengths are dynamic; the first step feeds a zero-length past, so one
+graph serves prefill and decoding. Transformers 5 keeps its cache in ``DynamicCache`` objects, so
+a small wrapper takes flat key/value tensors, builds the cache, and returns the flat presents.
+
+The stage fails unless parity holds: logits vs PyTorch on a left-padded batch (real positions
+only) with an empty and a non-empty past, and greedy tokens of the runtime equal to
+``transformers`` ``generate(do_sample=False)``. The figures go to ``reports/export.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import DictConfig
+from transformers import AutoTokenizer, DynamicCache, GPT2LMHeadModel
+
+from penwright.errors import ConfigError, PenwrightError
+from penwright.fsutil import atomic_write_text, replace_dir, temp_dir_for
+from penwright.runtime import position_ids_for
+
+GRAPH = "model.onnx"
+EXTERNAL_DATA_BYTES = 1_800_000_000  # protobuf's limit is 2 GB: bigger models keep weights beside the graph
+
+
+def log(message: str) -> None:
+    print(f"[export] {message}", file=sys.stderr, flush=True)
+
+
+def io_names(n_layer: int) -> tuple[list[str], list[str]]:
+    past = [f"past_key_values.{i}.{kind}" for i in range(n_layer) for kind in ("key", "value")]
+    present = [f"present.{i}.{kind}" for i in range(n_layer) for kind in ("key", "value")]
+    return ["input_ids", "attention_mask", "position_ids", *past], ["logits", *present]
+
+
+class DecoderWithPast(torch.nn.Module):
+    """GPT-2 as a function of flat tensors: (ids, mask, positions, *past) -> (logits, *present)."""
+
+    def __init__(self, model: GPT2LMHeadModel):
+        super().__init__()
+        self.model = model
+        self.n_layer = model.config.n_layer
+
+    def forward(self, input_ids, attention_mask, position_ids, *past):
+        cache = DynamicCache(ddp_cache_data=[(past[2 * i], past[2 * i + 1]) for i in range(self.n_layer)])
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                         past_key_values=cache, use_cache=True, return_dict=True)
+        present = []
+        for layer in out.past_key_values.layers:
+            present += [layer.keys, layer.values]
+        return (out.logits.float(), *present)
+
+
+def export_graph(model: GPT2LMHeadModel, path: Path, opset: int) -> None:
+    """Trace the wrapper with the TorchScript exporter (a past of length 2, a sequence of 3)."""
+    cfg = model.config
+    head_dim = cfg.n_embd // cfg.n_head
+    batch, seq, past_len = 2, 3, 2
+    dtype = next(model.parameters()).dtype
+    ids = torch.randint(0, cfg.vocab_size, (batch, seq))
+    mask = torch.ones(batch, past_len + seq, dtype=torch.int64)
+    pos = torch.arange(past_len, past_len + seq).expand(batch, seq)
+    past = [torch.zeros(batch, cfg.n_head, past_len, head_dim, dtype=dtype) for _ in range(2 * cfg.n_layer)]
+    inputs, outputs = io_names(cfg.n_layer)
+    axes = {"input_ids": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "total"},
+            "position_ids": {0: "batch", 1: "seq"}, "logits": {0: "batch", 1: "seq"}}
+    axes |= {n: {0: "batch", 2: "past"} for n in inputs[3:]}
+    axes |= {n: {0: "batch", 2: "total"} for n in outputs[1:]}
+    with torch.no_grad():
+        torch.onnx.export(DecoderWithPast(model).eval(), (ids, mask, pos, *past), str(path), input_names=inputs,
+                          output_names=outputs, dynamic_axes=axes, opset_version=opset, dynamo=False,
+                          do_constant_folding=True)
+
+
+def save_with_external_data_if_large(path: Path) -> bool:
+    """Re-save ``path`` with its weights in ``model.onnx.data`` when the graph passes protobuf's 2 GB."""
+    import onnx
+
+    if path.stat().st_size < EXTERNAL_DATA_BYTES:
+        return False
+    model = onnx.load(str(path))
+    onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=path.name + ".data", size_threshold=1024)
+    return True
+
+
+def quantize_int8(src: Path, dst: Path) -> None:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8)
+
+
+# -- parity -------------------------------------------------------------------------------------------
+
+
+def parity(model: GPT2LMHeadModel, tokenizer, onnx_dir: Path, prompts: list[str], new_tokens: int) -> dict:
+    """ONNX vs PyTorch: logits on real positions (past 0 and > 0), greedy tokens vs transformers generate."""
+    from penwright.runtime import Generator
+
+    gen = Generator.load(onnx_dir, provider="cpu")
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    enc = tokenizer(prompts, return_tensors="np", padding=True, add_special_tokens=False)
+    ids, mask = enc["input_ids"].astype(np.int64), enc["attention_mask"].astype(np.int64)
+    split = max(1, ids.shape[1] // 2)  # the first half is the prefill, the second half runs on its past
+
+    with torch.no_grad():
+        full = model(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask),
+                     position_ids=torch.from_numpy(position_ids_for(mask, ids.shape[1]))).logits.float().numpy()
+    first = gen.forward(ids[:, :split], mask[:, :split], gen.empty_past(len(prompts)))
+    second = gen.forward(ids[:, split:], mask, first.present)
+    real = mask.astype(bool)
+    diff_empty = float(np.abs(first.logits - full[:, :split])[real[:, :split]].max())
+    diff_past = float(np.abs(second.logits - full[:, split:])[real[:, split:]].max())
+
+    with torch.no_grad():
+        ref = model.generate(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask), do_sample=False,
+                             max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=tokenizer.pad_token_id,
+                             eos_token_id=None)[:, ids.shape[1]:].numpy()
+    ours = gen.generate_ids(ids, mask, max_new_tokens=new_tokens, do_sample=False, stop_at_eos=False)
+    return {
+        "max_abs_diff_logits_empty_past": diff_empty,
+        "max_abs_diff_logits_with_past": diff_past,
+        "greedy_tokens_equal": bool(np.array_equal(ours, ref)),
+        "greedy_tokens_compared": int(ref.size),
+        "batch": len(prompts),
+        "left_padded_rows": int((mask[:, 0] == 0).sum()),
+        "provider": gen.provider,
+    }
+
+
+# -- the stage ----------------------------------------------------------------------------------------
+
+
+def export(cfg: DictConfig) -> dict:
+    start = time.perf_counter()
+    ecfg = cfg.export
+    src = Path(cfg.train.out_dir)
+    if not (src / "config.json").is_file():
+        raise PenwrightError(f"{src}: no trained model here. Run the train stage first: `penwright train`")
+    dtype = str(ecfg.dtype)
+    if dtype not in ("fp32", "fp16"):
+        raise ConfigError(f"export.dtype={dtype!r}: use fp32 or fp16 (fp16 is for GPU)")
+    model = GPT2LMHeadModel.from_pretrained(src, torch_dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(src)
+    out = Path(ecfg.out_dir)
+    tmp = temp_dir_for(out)
+    try:
+        graph = tmp / GRAPH
+        log(f"exporting {src} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params, {dtype}) -> {out}/{GRAPH}")
+        export_model = model.half() if dtype == "fp16" else model
+        export_graph(export_model, graph, int(ecfg.opset))
+        model = model.float()
+        external = save_with_external_data_if_large(graph)
+        tokenizer.save_pretrained(tmp)
+        model.config.save_pretrained(tmp)
+        model.generation_config.save_pretrained(tmp)
+        report = {"dtype": dtype, "opset": int(ecfg.opset), "external_data": external,
+                  "graph_mb": round(sum(p.stat().st_size for p in tmp.glob("model.onnx*")) / 1e6, 2)}
+        prompts = [str(p) for p in ecfg.parity_prompts]
+        report["parity"] = parity(model, tokenizer, tmp, prompts, int(ecfg.parity_new_tokens))
+        tol = float(ecfg.parity_atol if dtype == "fp32" else ecfg.parity_atol_fp16)
+        p = report["parity"]
+        failed = [f"{k}={p[k]:.2e} > {tol:.0e}" for k in ("max_abs_diff_logits_empty_past", "max_abs_diff_logits_with_past")
+                  if not p[k] <= tol]
+        if dtype == "fp32" and not p["greedy_tokens_equal"]:
+            failed.append("greedy tokens differ from transformers generate")
+        report["parity"]["atol"] = tol
+        report["parity"]["passed"] = not failed
+        if failed:
+            raise PenwrightError(f"{out}: ONNX parity failed ({'; '.join(failed)}); the export is not kept")
+        if ecfg.get("int8"):
+            quantize_int8(graph, tmp / "model.int8.onnx")
+            report["int8"] = int8_quality(model, tmp, Path(cfg.data.out_dir), int(cfg.train.block_size))
+        replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    report["seconds"] = round(time.perf_counter() - start, 2)
+    path = atomic_write_text(Path(cfg.paths.reports) / "export.json", json.dumps(report, indent=2) + "\n")
+    log(f"parity passed (max |diff| {p['max_abs_diff_logits_empty_past']:.1e} / "
+        f"{p['max_abs_diff_logits_with_past']:.1e}, greedy equal: {p['greedy_tokens_equal']}) -> {out}/, {path}")
+    return report
+
+
+def int8_quality(model: GPT2LMHeadModel, onnx_dir: Path, prepared: Path, block: int, windows: int = 8) -> dict:
+    """fp32 vs int8 graphs on validation windows: loss of each and top-1 agreement."""
+    from penwright.data import TokenWindows, load_tokens
+    from penwright.runtime import Generator
+
+    tokens = load_tokens(prepared, "val")
+    if tokens.size == 0:
+        tokens = load_tokens(prepared, "train")
+    w = TokenWindows(tokens, min(block, model.config.n_positions - 1), name="val")
+    picks = np.linspace(0, len(w) - 1, num=min(windows, len(w))).round().astype(int)
+    batch = np.stack([w[i] for i in picks])
+    ids, targets = batch[:, :-1], batch[:, 1:]
+    mask = np.ones_like(ids)
+    result = {}
+    logits = {}
+    for name, graph in (("fp32", GRAPH), ("int8", "model.int8.onnx")):
+        gen = Generator.load(onnx_dir, provider="cpu", graph=graph)
+        lg = gen.forward(ids, mask, gen.empty_past(len(ids))).logits
+        logp = lg - np.logaddexp.reduce(lg, axis=-1, keepdims=True)
+        result[f"{name}_loss"] = round(float(-np.take_along_axis(logp, targets[..., None], -1).mean()), 5)
+        logits[name] = lg
+    result["top1_agreement"] = round(float((logits["fp32"].argmax(-1) == logits["int8"].argmax(-1)).mean()), 4)
+    result["size_mb"] = round((onnx_dir / "model.int8.onnx").stat().st_size / 1e6, 2)
+    return result

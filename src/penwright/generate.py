@@ -1,0 +1,130 @@
+"""Stage ``generate``: text from the exported model, with gpt-2-simple's controls.
+
+For each prompt (gpt-2-simple's ``prefix``; ``""`` is unconditional), ``nsamples`` samples are
+generated ``batch_size`` at a time (the last batch may be smaller: nsamples need not be a
+multiple of batch_size). Each text is cut at ``truncate`` (e.g. ``<|endoftext|>``) and keeps the
+prompt in front when ``include_prefix``. All samples go to ``destination`` (markdown for ``.md``,
+else plain text joined by ``delimiter``, as gpt-2-simple's generate_to_file), written atomically.
+A single sample streams to the terminal token by token; bulk generation shows a progress bar.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from omegaconf import DictConfig
+from tqdm import tqdm
+
+from penwright.errors import ConfigError
+from penwright.fsutil import atomic_write_text
+from penwright.runtime import Generator
+
+
+@dataclass
+class Sample:
+    prompt: str
+    text: str
+
+
+def finish_text(prompt: str, new: str, truncate: str | None, include_prefix: bool) -> str:
+    """gpt-2-simple's post-processing: cut at ``truncate``, keep or drop the prompt."""
+    if truncate and truncate in new:
+        new = new[: new.index(truncate)]
+    return prompt + new if include_prefix else new
+
+
+def generate_samples(gen: Generator, prompts: list[str], nsamples: int = 1, batch_size: int = 1,
+                     max_new_tokens: int = 64, truncate: str | None = None, include_prefix: bool = True,
+                     seed: int | None = None, stop: list[str] | None = None, stream: bool = False,
+                     progress: bool = True, **sampling) -> list[Sample]:
+    if not prompts:
+        raise ConfigError("generate.prompts is empty: give at least one prompt (\"\" for an unconditional sample)")
+    if nsamples < 1 or batch_size < 1:
+        raise ConfigError(f"generate.nsamples={nsamples}, generate.batch_size={batch_size}: both must be >= 1")
+    jobs = [(p, min(batch_size, nsamples - done)) for p in prompts for done in range(0, nsamples, batch_size)]
+    total = len(prompts) * nsamples
+    streaming = stream and total == 1
+    bar = tqdm(total=total, unit="sample", desc="generate", file=sys.stderr,
+               disable=streaming or not progress or total == 1)
+    samples: list[Sample] = []
+    for index, (prompt, size) in enumerate(jobs):
+        ids, mask = gen.encode([prompt] * size)
+        on_step = _streamer(gen, prompt if include_prefix else "") if streaming else None
+        stops = [s for s in (stop or []) if s]
+        new = gen.generate_ids(
+            ids, mask, max_new_tokens, seed=None if seed is None else seed + index, on_step=on_step,
+            stop=(lambda row, toks: any(s in gen.tokenizer.decode(toks[-32:]) for s in stops)) if stops else None,
+            **sampling,
+        )
+        for row in new:
+            row = row.tolist()
+            if gen.eos in row:
+                row = row[: row.index(gen.eos)]
+            text = gen.tokenizer.decode(row)
+            for s in stops:
+                if s in text:
+                    text = text[: text.index(s)]
+            samples.append(Sample(prompt, finish_text(prompt, text, truncate, include_prefix)))
+        bar.update(size)
+    bar.close()
+    if streaming:
+        print()
+    return samples
+
+
+def _streamer(gen: Generator, prompt: str):
+    """Print the prompt, then each new piece of text as soon as its token arrives (one sample)."""
+    ids: list[int] = []
+    shown = [""]
+    sys.stdout.write(prompt)
+
+    def on_step(tokens: np.ndarray) -> None:
+        token = int(tokens[0])
+        if token == gen.eos:
+            return
+        ids.append(token)
+        text = gen.tokenizer.decode(ids)
+        if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
+            sys.stdout.write(text[len(shown[0]):])
+            sys.stdout.flush()
+            shown[0] = text
+
+    return on_step
+
+
+def render(samples: list[Sample], markdown: bool, delimiter: str, header: str) -> str:
+    if not markdown:
+        return delimiter.join(s.text for s in samples) + "\n"
+    lines = [f"# {header}", ""]
+    for i, s in enumerate(samples, start=1):
+        shown = repr(s.prompt) if s.prompt else "(unconditional)"
+        lines += [f"## {i}. prompt: {shown}", "", "```text", s.text, "```", ""]
+    return "\n".join(lines)
+
+
+def generate(cfg: DictConfig) -> list[Sample]:
+    g = cfg.generate
+    start = time.perf_counter()
+    gen = Generator.load(g.model_dir, provider=str(g.provider), threads=int(g.threads))
+    samples = generate_samples(
+        gen, [str(p) for p in g.prompts], nsamples=int(g.nsamples), batch_size=int(g.batch_size),
+        max_new_tokens=int(g.max_new_tokens), truncate=g.truncate, include_prefix=bool(g.include_prefix),
+        seed=None if g.seed is None else int(g.seed), stop=list(g.stop or []), stream=bool(g.stream),
+        do_sample=bool(g.do_sample), temperature=float(g.temperature), top_k=int(g.top_k), top_p=float(g.top_p),
+        repetition_penalty=float(g.repetition_penalty), min_new_tokens=int(g.min_new_tokens),
+    )
+    seconds = time.perf_counter() - start
+    if g.destination:
+        dest = Path(g.destination)
+        header = (f"{len(samples)} samples from {g.model_dir} on {gen.provider} (temperature {g.temperature}, "
+                  f"top_k {g.top_k}, top_p {g.top_p}, seed {g.seed})")
+        atomic_write_text(dest, render(samples, dest.suffix == ".md", str(g.delimiter), header))
+        print(f"[generate] {len(samples)} samples in {seconds:.1f} s on {gen.provider} -> {dest}", file=sys.stderr)
+    elif not (bool(g.stream) and len(samples) == 1):  # a single streamed sample is on the screen already
+        for s in samples:
+            print(s.text, end=str(g.delimiter))
+    return samples

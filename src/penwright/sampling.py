@@ -1,0 +1,84 @@
+"""Choosing the next token from logits (numpy, batched): greedy, temperature, top-k, top-p, repetition penalty.
+
+Same semantics as transformers' logits processors, in the order they apply there: repetition
+penalty, then temperature, top-k, top-p.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from penwright.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    do_sample: bool = True
+    temperature: float = 1.0
+    top_k: int = 0  # 0: all tokens
+    top_p: float = 1.0  # 1.0: off
+    repetition_penalty: float = 1.0  # 1.0: off; > 1 discourages tokens already in the text
+
+    def __post_init__(self):
+        if self.do_sample and not self.temperature > 0:
+            raise ConfigError(f"generate.temperature={self.temperature}: must be > 0 when sampling (greedy: do_sample=false)")
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"generate.top_p={self.top_p}: must be in (0, 1]")
+        if self.top_k < 0:
+            raise ConfigError(f"generate.top_k={self.top_k}: must be >= 0 (0 = no limit)")
+        if not self.repetition_penalty > 0:
+            raise ConfigError(f"generate.repetition_penalty={self.repetition_penalty}: must be > 0 (1.0 = off)")
+
+
+def apply_repetition_penalty(logits: np.ndarray, seen: np.ndarray, penalty: float) -> np.ndarray:
+    """HF's rule: a logit of a token already seen is divided by ``penalty`` if > 0, else multiplied."""
+    if penalty == 1.0:
+        return logits
+    picked = np.where(logits > 0, logits / penalty, logits * penalty)
+    return np.where(seen, picked, logits)
+
+
+def filter_top_k(logits: np.ndarray, k: int) -> np.ndarray:
+    if k <= 0 or k >= logits.shape[-1]:
+        return logits
+    kth = np.partition(logits, -k, axis=-1)[:, -k][:, None]
+    return np.where(logits < kth, -np.inf, logits)
+
+
+def filter_top_p(logits: np.ndarray, p: float) -> np.ndarray:
+    """Keep the smallest set of most likely tokens whose probability reaches ``p`` (at least one)."""
+    if p >= 1.0:
+        return logits
+    order = np.argsort(-logits, axis=-1)
+    sorted_logits = np.take_along_axis(logits, order, axis=-1)
+    probs = _softmax(sorted_logits)
+    cumulative = np.cumsum(probs, axis=-1)
+    drop_sorted = cumulative - probs > p  # tokens after the set already reached p
+    drop_sorted[:, 0] = False
+    drop = np.zeros_like(drop_sorted)
+    np.put_along_axis(drop, order, drop_sorted, axis=-1)
+    return np.where(drop, -np.inf, logits)
+
+
+def _softmax(x: np.ndarray) -> np.ndarray:
+    z = x - x.max(axis=-1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def next_tokens(logits: np.ndarray, cfg: SamplingConfig, rng: np.random.Generator,
+                seen: np.ndarray | None = None) -> np.ndarray:
+    """One token per row of ``logits`` [batch, vocab] (fp32)."""
+    logits = logits.astype(np.float32, copy=False)
+    if seen is not None:
+        logits = apply_repetition_penalty(logits, seen, cfg.repetition_penalty)
+    if not cfg.do_sample:
+        return logits.argmax(axis=-1)
+    logits = logits / cfg.temperature
+    logits = filter_top_k(logits, cfg.top_k)
+    logits = filter_top_p(logits, cfg.top_p)
+    probs = _softmax(logits)
+    u = rng.random((probs.shape[0], 1))
+    return np.minimum((np.cumsum(probs, axis=-1) < u).sum(axis=-1), probs.shape[-1] - 1)

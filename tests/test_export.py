@@ -1,0 +1,137 @@
+"""Export and runtime against references: ONNX logits vs PyTorch, greedy tokens vs transformers generate."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoTokenizer, GPT2LMHeadModel
+
+from penwright.errors import PenwrightError
+from penwright.runtime import Generator, position_ids_for
+
+PROMPTS = ["It is", "The quick brown fox jumps over", "A"]
+
+
+def torch_logits(model, ids, mask):
+    with torch.no_grad():
+        return model(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask),
+                     position_ids=torch.from_numpy(position_ids_for(mask, ids.shape[1]))).logits.numpy()
+
+
+@pytest.fixture(scope="module")
+def ref(tiny_gpt2):
+    return GPT2LMHeadModel.from_pretrained(tiny_gpt2).eval()
+
+
+def test_folder_is_self_contained_with_optimum_names(onnx_tiny):
+    import onnx
+
+    graph = onnx.load(str(onnx_tiny / "model.onnx"))
+    inputs = [i.name for i in graph.graph.input]
+    outputs = [o.name for o in graph.graph.output]
+    assert inputs[:3] == ["input_ids", "attention_mask", "position_ids"]
+    assert inputs[3:] == [f"past_key_values.{i}.{k}" for i in range(2) for k in ("key", "value")]
+    assert outputs == ["logits"] + [f"present.{i}.{k}" for i in range(2) for k in ("key", "value")]
+    for name in ("config.json", "generation_config.json", "tokenizer.json"):
+        assert (onnx_tiny / name).is_file()
+    report = json.loads((onnx_tiny.parent / "reports" / "export.json").read_text())
+    assert report["parity"]["passed"] and report["parity"]["greedy_tokens_equal"]
+    assert report["parity"]["max_abs_diff_logits_with_past"] <= 1e-4
+
+
+@pytest.mark.parametrize("prompts", [PROMPTS[:1], PROMPTS], ids=["batch1", "batch3-left-padded"])
+def test_logits_match_pytorch_with_empty_and_nonempty_past(onnx_tiny, ref, prompts):
+    gen = Generator.load(onnx_tiny)
+    ids, mask = gen.encode(prompts)
+    full = torch_logits(ref, ids, mask)
+    real = mask.astype(bool)
+    first = gen.forward(ids, mask, gen.empty_past(len(prompts)))  # past length 0: the first step
+    assert np.abs(first.logits - full)[real].max() < 1e-4
+    # then a step on a non-empty past: one more token per row
+    nxt = full[:, -1].argmax(-1)[:, None]
+    mask2 = np.concatenate([mask, np.ones((len(prompts), 1), np.int64)], 1)
+    step = gen.forward(nxt, mask2, first.present)
+    full2 = torch_logits(ref, np.concatenate([ids, nxt], 1), mask2)
+    assert np.abs(step.logits[:, -1] - full2[:, -1]).max() < 1e-4
+
+
+@pytest.mark.parametrize("prompts", [PROMPTS[:1], PROMPTS], ids=["batch1", "batch3-left-padded"])
+def test_greedy_tokens_equal_transformers_generate(onnx_tiny, ref, prompts):
+    gen = Generator.load(onnx_tiny)
+    ids, mask = gen.encode(prompts)
+    with torch.no_grad():
+        expected = ref.generate(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask),
+                                do_sample=False, max_new_tokens=20, min_new_tokens=20, eos_token_id=None,
+                                pad_token_id=gen.eos)[:, ids.shape[1]:].numpy()
+    ours = gen.generate_ids(ids, mask, 20, do_sample=False, stop_at_eos=False)
+    assert np.array_equal(ours, expected)
+    nocache = gen.generate_ids(ids, mask, 20, do_sample=False, stop_at_eos=False, use_cache=False)
+    assert np.array_equal(nocache, expected)  # the re-feeding baseline computes the same thing
+
+
+def test_export_fails_when_there_is_no_model(tmp_path, repo):
+    from penwright.config import compose
+    from penwright.export import export
+
+    with pytest.raises(PenwrightError, match="penwright train"):
+        export(compose([f"train.out_dir={tmp_path / 'none'}", f"export.out_dir={tmp_path / 'onnx'}"],
+                       config_dir=repo / "conf"))
+    assert not (tmp_path / "onnx").exists()
+
+
+def test_int8_variant_is_written_and_its_quality_measured(tmp_path, tiny_gpt2, prepared_tiny, repo):
+    from penwright.config import compose
+    from penwright.export import export
+
+    report = export(compose([f"train.out_dir={tiny_gpt2}", f"export.out_dir={tmp_path / 'onnx'}",
+                             f"paths.reports={tmp_path / 'r'}", f"data.out_dir={prepared_tiny}", "train.block_size=32",
+                             "export.int8=true", "export.parity_prompts=[It is,A]", "export.parity_new_tokens=4"],
+                            config_dir=repo / "conf"))
+    q = report["int8"]
+    assert (tmp_path / "onnx" / "model.int8.onnx").is_file()
+    assert 0 <= q["top1_agreement"] <= 1 and q["int8_loss"] > 0 and q["fp32_loss"] > 0
+    gen = Generator.load(tmp_path / "onnx", graph="model.int8.onnx")
+    assert len(gen.generate(["It is"], max_new_tokens=4, seed=0)) == 1
+
+
+def test_corrupt_graph_is_a_clear_error(onnx_tiny, tmp_path):
+    import shutil
+
+    bad = tmp_path / "onnx"
+    shutil.copytree(onnx_tiny, bad)
+    data = (bad / "model.onnx").read_bytes()
+    (bad / "model.onnx").write_bytes(data[: len(data) // 3])
+    with pytest.raises(PenwrightError, match="model.onnx: cannot be loaded"):
+        Generator.load(bad)
+    (bad / "model.onnx").unlink()
+    with pytest.raises(PenwrightError, match="model.onnx: not found"):
+        Generator.load(bad)
+
+
+def test_tokenizer_that_does_not_match_the_graph(onnx_tiny, tmp_path):
+    import shutil
+
+    from penwright.tokenizer import train_bpe
+
+    bad = tmp_path / "onnx"
+    shutil.copytree(onnx_tiny, bad)
+    train_bpe([" ".join(f"token{i} item{i * 7}" for i in range(3000))], vocab_size=400,
+              min_frequency=1).save_pretrained(bad)
+    assert len(AutoTokenizer.from_pretrained(bad)) > 320
+    with pytest.raises(PenwrightError, match="different models"):
+        Generator.load(bad)
+
+
+def test_cuda_request_reports_what_actually_ran(onnx_tiny, capsys):
+    gen = Generator.load(onnx_tiny, provider="cuda")
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" in gen.session.get_providers():
+        assert gen.provider == "cuda"
+    else:  # this machine: no GPU, onnxruntime fell back to CPU without an exception
+        assert gen.provider == "cpu" and "fell back to CPU" in capsys.readouterr().err
+    assert "CUDAExecutionProvider" in ort.get_available_providers()  # listed even with no GPU
+    assert gen.generate(["It is"], max_new_tokens=3, seed=1)
