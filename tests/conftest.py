@@ -37,6 +37,9 @@ def tiny_gpt2(tmp_path_factory) -> Path:
 
     from penwright.tokenizer import train_bpe
 
+    import torch
+
+    torch.manual_seed(0)  # the same tiny model in every session
     path = tmp_path_factory.mktemp("tiny-gpt2")
     tokenizer = train_bpe([ENGLISH * 4], vocab_size=320, min_frequency=2)
     tokenizer.save_pretrained(path)

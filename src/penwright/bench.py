@@ -24,6 +24,8 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+
 from penwright.errors import PenwrightError
 from penwright.fsutil import atomic_write_text
 
@@ -283,5 +285,113 @@ def bench_train(steps: int = 30, rounds: int = 3, output: str | None = None, ove
     out = atomic_write_text(output or "reports/bench_train.json", json.dumps(results, indent=2) + "\n")
     print(json.dumps({k: results[k] for k in ("best_tokens_per_sec", "lightning_overhead_pct",
                                               "lightning_overhead_pct_median", "round_to_round_spread_pct")}, indent=2))
+    print(f"[bench] wrote {out}", file=sys.stderr)
+    return results
+
+
+def _time_runtime(gen, ids, mask, new_tokens: int, use_cache: bool) -> dict:
+    first = []
+    start = time.perf_counter()
+    out = gen.generate_ids(ids, mask, new_tokens, do_sample=False, stop_at_eos=False, use_cache=use_cache,
+                           on_step=lambda tokens: first.append(time.perf_counter()) if not first else None)
+    seconds = time.perf_counter() - start
+    return {"tokens_per_sec": round(out.size / seconds, 1), "first_token_ms": round((first[0] - start) * 1000, 1),
+            "seconds": round(seconds, 3)}, out
+
+
+def _time_torch(model, ids, mask, new_tokens: int, eos: int) -> dict:
+    import torch
+
+    kwargs = dict(do_sample=False, eos_token_id=None, pad_token_id=eos, use_cache=True)
+    with torch.no_grad():
+        start = time.perf_counter()
+        model.generate(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask), max_new_tokens=1, **kwargs)
+        first = time.perf_counter() - start
+        start = time.perf_counter()
+        out = model.generate(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask),
+                             max_new_tokens=new_tokens, min_new_tokens=new_tokens, **kwargs)[:, ids.shape[1]:].numpy()
+        seconds = time.perf_counter() - start
+    return {"tokens_per_sec": round(out.size / seconds, 1), "first_token_ms": round(first * 1000, 1),
+            "seconds": round(seconds, 3)}, out
+
+
+def _random_124m(workdir: Path, tokenizer_dir: Path) -> Path:
+    """A GPT-2-124M-shaped model (12 layers, 768 wide, vocab 50257) with random weights, exported."""
+    import torch
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+    from penwright.export import export_graph
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(n_layer=12, n_head=12, n_embd=768, vocab_size=50257, n_positions=1024)).eval()
+    hf_dir, onnx_dir = workdir / "gpt2-124m-random", workdir / "gpt2-124m-random-onnx"
+    model.save_pretrained(hf_dir)
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)  # ids stay below 50257: any GPT-2-style tokenizer serves
+    tok.save_pretrained(hf_dir)
+    onnx_dir.mkdir(parents=True, exist_ok=True)
+    export_graph(model, onnx_dir / "model.onnx", 17)
+    tok.save_pretrained(onnx_dir)
+    model.config.save_pretrained(onnx_dir)
+    return hf_dir
+
+
+def bench_generate(output: str | None = None, quick_dir: str = "artifacts/model", quick_onnx: str = "artifacts/onnx",
+                   new_tokens: int = 256, long_tokens: int = 512) -> dict:
+    """This runtime vs transformers generate (PyTorch, cached) vs this runtime re-feeding, side by side."""
+    import torch
+    from transformers import GPT2LMHeadModel
+
+    from penwright.runtime import Generator
+
+    if not (Path(quick_onnx) / "model.onnx").is_file():
+        raise PenwrightError(f"{quick_onnx}/model.onnx: missing; run `dvc repro` (or penwright train + export) first")
+    work = BENCH_DIR / "generate"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    results: dict = {
+        "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "python": platform.python_version()},
+        "measured": "greedy decoding, no early stop, same prompt and number of new tokens for every engine; "
+                    "tokens/s = new tokens (all rows) / wall seconds; first token = prefill + first choice",
+        "goals": "(a)/(b) >= 4x quickstart batch 1; >= 2x gpt2-124M-shape batch 1 and 8; (a)/(c) >= 8x at 512 tokens",
+        "cases": {},
+    }
+    try:
+        big_hf = _random_124m(work, Path(quick_onnx))
+        models = {"quickstart": (Path(quick_dir), Path(quick_onnx)), "gpt2-124m-shape": (big_hf, work / "gpt2-124m-random-onnx")}
+        for name, (hf_dir, onnx_dir) in models.items():
+            gen = Generator.load(onnx_dir)
+            ref = GPT2LMHeadModel.from_pretrained(hf_dir).eval()
+            n = min(new_tokens, gen.n_positions - 4)
+            for batch in (1, 8):
+                prompts = ["And it came to pass"] * batch
+                ids, mask = gen.encode(prompts)
+                n = min(new_tokens, gen.n_positions - ids.shape[1])
+                print(f"[bench] {name} batch {batch}: {n} new tokens x 3 engines", file=sys.stderr)
+                a, a_ids = _time_runtime(gen, ids, mask, n, use_cache=True)
+                b, b_ids = _time_torch(ref, ids, mask, n, gen.eos)
+                c, _ = _time_runtime(gen, ids, mask, n, use_cache=False)
+                results["cases"][f"{name}/batch{batch}"] = {
+                    "new_tokens": n, "runtime": a, "transformers_generate": b, "runtime_no_cache": c,
+                    "runtime_over_transformers": round(a["tokens_per_sec"] / b["tokens_per_sec"], 2),
+                    "runtime_over_no_cache": round(a["tokens_per_sec"] / c["tokens_per_sec"], 2),
+                    "same_tokens_as_transformers": bool(np.array_equal(a_ids, b_ids)),
+                    "provider": gen.provider,
+                }
+        gen = Generator.load(work / "gpt2-124m-random-onnx")
+        ids, mask = gen.encode(["And it came to pass"])
+        n = long_tokens - ids.shape[1]
+        print(f"[bench] gpt2-124m-shape batch 1: {n} new tokens, cache vs re-feeding", file=sys.stderr)
+        a, _ = _time_runtime(gen, ids, mask, n, use_cache=True)
+        c, _ = _time_runtime(gen, ids, mask, n, use_cache=False)
+        results["cases"][f"gpt2-124m-shape/batch1/{long_tokens}-tokens"] = {
+            "new_tokens": n, "runtime": a, "runtime_no_cache": c,
+            "runtime_over_no_cache": round(a["tokens_per_sec"] / c["tokens_per_sec"], 2),
+        }
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    out = atomic_write_text(output or "reports/bench_generate.json", json.dumps(results, indent=2) + "\n")
+    summary = {k: {m: v[m] for m in ("runtime_over_transformers", "runtime_over_no_cache") if m in v}
+               for k, v in results["cases"].items()}
+    print(json.dumps(summary, indent=2))
     print(f"[bench] wrote {out}", file=sys.stderr)
     return results

@@ -41,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", default="data")
     p.add_argument("--no-commit", action="store_true", help="do not record it in the DVC cache")
     p = sub.add_parser("bench", help="measure a stage; writes reports/bench_<stage>.json")
-    p.add_argument("stage", choices=["prepare", "train"])
+    p.add_argument("stage", choices=["prepare", "train", "generate"])
     p.add_argument("--size-mb", type=int, default=200, help="prepare: size of the generated large corpus")
     p.add_argument("--steps", type=int, default=30, help="train: timed steps per run")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="train: Hydra overrides of the benchmarked config")
@@ -86,8 +86,10 @@ def run(argv: list[str] | None = None) -> int:
 
         if args.stage == "prepare":
             bench.bench_prepare(size_mb=args.size_mb, output=args.output)
-        else:
+        elif args.stage == "train":
             bench.bench_train(steps=args.steps, output=args.output, overrides=args.overrides)
+        else:
+            bench.bench_generate(output=args.output)
     return 0
 
 

@@ -53,8 +53,9 @@ def generate_samples(gen: Generator, prompts: list[str], nsamples: int = 1, batc
     samples: list[Sample] = []
     for index, (prompt, size) in enumerate(jobs):
         ids, mask = gen.encode([prompt] * size)
-        on_step = _streamer(gen, prompt if include_prefix else "") if streaming else None
         stops = [s for s in (stop or []) if s]
+        streamer = _Streamer(gen, prompt if include_prefix else "", stops) if streaming else None
+        on_step = streamer.on_step if streamer else None
         new = gen.generate_ids(
             ids, mask, max_new_tokens, seed=None if seed is None else seed + index, on_step=on_step,
             stop=(lambda row, toks: any(s in gen.tokenizer.decode(toks[-32:]) for s in stops)) if stops else None,
@@ -69,6 +70,8 @@ def generate_samples(gen: Generator, prompts: list[str], nsamples: int = 1, batc
                 if s in text:
                     text = text[: text.index(s)]
             samples.append(Sample(prompt, finish_text(prompt, text, truncate, include_prefix)))
+        if streamer:
+            streamer.finish(finish_text("", text, truncate, include_prefix=False))
         bar.update(size)
     bar.close()
     if streaming:
@@ -76,24 +79,48 @@ def generate_samples(gen: Generator, prompts: list[str], nsamples: int = 1, batc
     return samples
 
 
-def _streamer(gen: Generator, prompt: str):
-    """Print the prompt, then each new piece of text as soon as its token arrives (one sample)."""
-    ids: list[int] = []
-    shown = [""]
-    sys.stdout.write(prompt)
+class _Streamer:
+    """Print the prompt, then the text as its tokens arrive (one sample).
 
-    def on_step(tokens: np.ndarray) -> None:
+    Text is cut before a stop string, and the last ``len(stop) - 1`` characters wait for the next
+    token (they may begin one), so a stop string is never shown; ``finish`` prints the rest of the
+    final text, including a trailing partial character.
+    """
+
+    def __init__(self, gen: Generator, prompt: str, stops: list[str] | None = None):
+        self.gen, self.stops = gen, stops or []
+        self.holdback = max(map(len, self.stops), default=1) - 1
+        self.ids: list[int] = []
+        self.shown = ""
+        self.ended = False
+        sys.stdout.write(prompt)
+        sys.stdout.flush()
+
+    def on_step(self, tokens: np.ndarray) -> None:
         token = int(tokens[0])
-        if token == gen.eos:
+        if token == self.gen.eos or self.ended:
+            self.ended = True
             return
-        ids.append(token)
-        text = gen.tokenizer.decode(ids)
-        if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
-            sys.stdout.write(text[len(shown[0]):])
-            sys.stdout.flush()
-            shown[0] = text
+        self.ids.append(token)
+        text = self.gen.tokenizer.decode(self.ids)
+        hits = [text.index(s) for s in self.stops if s in text]
+        if hits:
+            self.ended = True
+            self._show(text[: min(hits)])
+            return
+        if text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
+            return
+        self._show(text[: max(len(self.shown), len(text) - self.holdback)])
 
-    return on_step
+    def finish(self, final: str) -> None:
+        if final.startswith(self.shown):
+            self._show(final)
+
+    def _show(self, text: str) -> None:
+        if len(text) > len(self.shown):
+            sys.stdout.write(text[len(self.shown):])
+            sys.stdout.flush()
+            self.shown = text
 
 
 def render(samples: list[Sample], markdown: bool, delimiter: str, header: str) -> str:

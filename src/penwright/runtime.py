@@ -90,8 +90,8 @@ class Generator:
                                  f"{str(err).splitlines()[0][:300]}). Re-export it with `penwright export`") from None
         ran = "cuda" if session.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
         if provider == "cuda" and ran != "cuda":
-            print(f"[runtime] CUDA was asked for but onnxruntime fell back to CPU (no GPU, or CUDA/cuDNN "
-                  f"libraries missing): running on CPU", file=sys.stderr)
+            print("[runtime] CUDA was asked for but onnxruntime fell back to CPU (no GPU, or CUDA/cuDNN "
+                  "libraries missing): running on CPU", file=sys.stderr)
         try:
             config = json.loads((path / "config.json").read_text())
             tokenizer = AutoTokenizer.from_pretrained(path)
@@ -172,7 +172,8 @@ class Generator:
                 vocab = logits.shape[-1]
                 if repetition_penalty != 1.0:
                     seen = np.zeros((batch, vocab), dtype=bool)
-                    np.put_along_axis(seen, np.where(mask == 1, ids, self.eos), True, axis=1)
+                    for row in range(batch):  # the prompt's real tokens only: left padding is not text
+                        seen[row, ids[row][mask[row, : ids.shape[1]] == 1]] = True
             if t < min_new_tokens:
                 logits = logits.copy()
                 logits[:, self.eos] = -np.inf

@@ -55,7 +55,7 @@ def filter_top_p(logits: np.ndarray, p: float) -> np.ndarray:
     sorted_logits = np.take_along_axis(logits, order, axis=-1)
     probs = _softmax(sorted_logits)
     cumulative = np.cumsum(probs, axis=-1)
-    drop_sorted = cumulative - probs > p  # tokens after the set already reached p
+    drop_sorted = cumulative - probs >= p  # tokens after the set already reached p
     drop_sorted[:, 0] = False
     drop = np.zeros_like(drop_sorted)
     np.put_along_axis(drop, order, drop_sorted, axis=-1)
@@ -79,6 +79,6 @@ def next_tokens(logits: np.ndarray, cfg: SamplingConfig, rng: np.random.Generato
     logits = logits / cfg.temperature
     logits = filter_top_k(logits, cfg.top_k)
     logits = filter_top_p(logits, cfg.top_p)
-    probs = _softmax(logits)
-    u = rng.random((probs.shape[0], 1))
-    return np.minimum((np.cumsum(probs, axis=-1) < u).sum(axis=-1), probs.shape[-1] - 1)
+    cdf = np.cumsum(_softmax(logits).astype(np.float64), axis=-1)
+    u = rng.random((cdf.shape[0], 1)) * cdf[:, -1:]  # scaled by the true total: float sums need not reach 1
+    return (cdf <= u).sum(axis=-1)  # the first token whose cdf passes u: never one of zero probability

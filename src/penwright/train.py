@@ -317,7 +317,14 @@ def _finish(cfg, trainer, module, tokenizer, data, final, callbacks, start, resu
     tokenizer.save_pretrained(tmp)
     replace_dir(tmp, out)
 
-    seconds = time.perf_counter() - start
+    # totals over every chunk of this run (a resumed run adds to what the earlier chunks did)
+    progress_file = Path(cfg.train.ckpt_dir) / "progress.json"
+    before = json.loads(progress_file.read_text()) if resumed and progress_file.is_file() else {}
+    seconds = before.get("wall_seconds", 0.0) + time.perf_counter() - start
+    step_seconds = before.get("train_seconds", 0.0) + throughput.seconds
+    step_tokens = before.get("timed_tokens", 0) + throughput.tokens
+    atomic_write_text(progress_file, json.dumps({"wall_seconds": seconds, "train_seconds": step_seconds,
+                                                 "timed_tokens": step_tokens}) + "\n")
     steps = trainer.global_step
     tokens = steps * int(cfg.train.batch_size) * int(cfg.train.block_size) * \
         int(cfg.trainer.accumulate_grad_batches) * trainer.world_size
@@ -329,7 +336,7 @@ def _finish(cfg, trainer, module, tokenizer, data, final, callbacks, start, resu
         "best_val_loss": round(float(best), 5) if best is not None else round(float(final["val/loss"]), 5),
         "steps": steps,
         "tokens": tokens,
-        "tokens_per_sec": round(throughput.rate, 1),
+        "tokens_per_sec": round(step_tokens / step_seconds, 1) if step_seconds else 0.0,
         "wall_seconds": round(seconds, 1),
         "resumed": resumed,
         "device": str(module.device),
