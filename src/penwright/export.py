@@ -156,7 +156,7 @@ def export(cfg: DictConfig) -> dict:
     if dtype not in ("fp32", "fp16"):
         raise ConfigError(f"export.dtype={dtype!r}: use fp32 or fp16 (fp16 is for GPU)")
     model = GPT2LMHeadModel.from_pretrained(src, torch_dtype=torch.float32).eval()
-    tokenizer = AutoTokenizer.from_pretrained(src)
+    tokenizer = AutoTokenizer.from_pretrained(src, local_files_only=True)
     out = Path(ecfg.out_dir)
     tmp = temp_dir_for(out)
     try:

@@ -217,7 +217,7 @@ def train(cfg: DictConfig) -> dict:
     tcfg = cfg.train
     prepared = Path(cfg.data.out_dir)
     meta = load_meta(prepared)
-    tokenizer = AutoTokenizer.from_pretrained(prepared / "tokenizer")
+    tokenizer = AutoTokenizer.from_pretrained(prepared / "tokenizer", local_files_only=True)  # same files online or off
     block = int(tcfg.block_size)
     if block < 1 or int(tcfg.batch_size) < 1:
         raise ConfigError(f"train.block_size={block}, train.batch_size={tcfg.batch_size}: both must be >= 1")
