@@ -32,6 +32,13 @@ from penwright.fsutil import atomic_write_text
 BENCH_DIR = Path("artifacts") / "bench"
 
 
+def _fresh_dir(path: Path) -> Path:
+    """An empty scratch directory for one benchmark (removed again when it ends)."""
+    shutil.rmtree(path, ignore_errors=True)
+    path.mkdir(parents=True)
+    return path
+
+
 def _child_prepare(overrides: list[str]) -> dict:
     """Run in a subprocess: one prepare, timed, with the process's own peak RSS."""
     from penwright.config import compose
@@ -122,9 +129,7 @@ def bench_prepare(size_mb: int = 200, output: str | None = None, sample: str = "
     verses = sample_dir.parent / "verses.csv"
     if not sample_dir.is_dir() or not verses.is_file():
         raise PenwrightError(f"{sample_dir}: the sample corpus is missing; run `penwright corpus` first")
-    work = BENCH_DIR / "prepare"
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
+    work = _fresh_dir(BENCH_DIR / "prepare")
     results: dict = {
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
         "goal": ">= 20 MB/s on 2 cores with the quickstart tokenizer; peak RSS flat in corpus size",
@@ -345,9 +350,7 @@ def bench_generate(output: str | None = None, quick_dir: str = "artifacts/model"
 
     if not (Path(quick_onnx) / "model.onnx").is_file():
         raise PenwrightError(f"{quick_onnx}/model.onnx: missing; run `dvc repro` (or penwright train + export) first")
-    work = BENCH_DIR / "generate"
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
+    work = _fresh_dir(BENCH_DIR / "generate")
     results: dict = {
         "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "python": platform.python_version()},
         "measured": "greedy decoding, no early stop, same prompt and number of new tokens for every engine; "

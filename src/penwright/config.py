@@ -129,20 +129,3 @@ def _explain(err: Exception, overrides: Sequence[str], source: Path) -> str:
         else:
             message += f"\n  '{key}' is not a known key; `penwright show` prints every key."
     return message
-
-
-def require(cfg: DictConfig, key: str, allowed: Iterable[object] | None = None) -> object:
-    """``cfg[key]`` (dotted), raising a ConfigError that names the key when it is missing or not allowed."""
-    value = OmegaConf.select(cfg, key, throw_on_missing=False, default=_MISSING)
-    if value is _MISSING:
-        raise ConfigError(f"config key '{key}' is missing: add it to conf/ (or params.yaml)")
-    if allowed is not None:
-        allowed = list(allowed)
-        if value not in allowed:
-            raise ConfigError(
-                f"{key}={value!r} is not allowed: use one of {', '.join(repr(a) for a in allowed)}"
-            )
-    return value
-
-
-_MISSING = object()

@@ -52,26 +52,13 @@ def generate_samples(gen: Generator, prompts: list[str], nsamples: int = 1, batc
                disable=streaming or not progress or total == 1)
     samples: list[Sample] = []
     for index, (prompt, size) in enumerate(jobs):
-        ids, mask = gen.encode([prompt] * size)
         stops = [s for s in (stop or []) if s]
         streamer = _Streamer(gen, prompt if include_prefix else "", stops) if streaming else None
-        on_step = streamer.on_step if streamer else None
-        new = gen.generate_ids(
-            ids, mask, max_new_tokens, seed=None if seed is None else seed + index, on_step=on_step,
-            stop=(lambda row, toks: any(s in gen.tokenizer.decode(toks[-32:]) for s in stops)) if stops else None,
-            **sampling,
-        )
-        for row in new:
-            row = row.tolist()
-            if gen.eos in row:
-                row = row[: row.index(gen.eos)]
-            text = gen.tokenizer.decode(row)
-            for s in stops:
-                if s in text:
-                    text = text[: text.index(s)]
-            samples.append(Sample(prompt, finish_text(prompt, text, truncate, include_prefix)))
+        texts = gen.generate([prompt] * size, max_new_tokens, seed=None if seed is None else seed + index,
+                             stop_strings=stops, on_step=streamer.on_step if streamer else None, **sampling)
+        samples += [Sample(prompt, finish_text(prompt, text, truncate, include_prefix)) for text in texts]
         if streamer:
-            streamer.finish(finish_text("", text, truncate, include_prefix=False))
+            streamer.finish(finish_text("", texts[0], truncate, include_prefix=False))
         bar.update(size)
     bar.close()
     if streaming:

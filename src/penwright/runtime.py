@@ -13,7 +13,6 @@ CPU: ``Generator.provider`` says what actually ran.
 from __future__ import annotations
 
 import json
-import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -201,15 +200,17 @@ class Generator:
         return out
 
     def generate(self, prompts: list[str], max_new_tokens: int = 64, seed: int | None = None,
-                 stop_strings: list[str] | None = None, **sampling) -> list[str]:
-        """The new text for each prompt (cut before the first stop string)."""
+                 stop_strings: list[str] | None = None, on_step: Callable[[np.ndarray], None] | None = None,
+                 **sampling) -> list[str]:
+        """The new text for each prompt (cut at EOS and before the first stop string)."""
         ids, mask = self.encode(prompts)
         stops = [s for s in (stop_strings or []) if s]
 
         def stop(row: int, new: np.ndarray) -> bool:
             return any(s in self.tokenizer.decode(new[-32:]) for s in stops)
 
-        new = self.generate_ids(ids, mask, max_new_tokens, seed=seed, stop=stop if stops else None, **sampling)
+        new = self.generate_ids(ids, mask, max_new_tokens, seed=seed, stop=stop if stops else None,
+                                on_step=on_step, **sampling)
         texts = []
         for row in new:
             row = row.tolist()
@@ -221,7 +222,3 @@ class Generator:
                     text = text[: text.index(s)]
             texts.append(text)
         return texts
-
-
-def default_threads() -> int:
-    return os.cpu_count() or 1
