@@ -30,7 +30,8 @@ from tqdm import tqdm
 from penwright.corpus import CorpusSpec, Source, iter_documents, scan
 from penwright.errors import ConfigError
 from penwright.fsutil import replace_dir, temp_dir_for
-from penwright.tokenizer import check_config, fast_encoder, limit_bytes, load_pretrained_tokenizer, train_bpe
+from penwright.tokenizer import (BYTES_VOCAB, byte_tokenizer, check_config, fast_encoder, limit_bytes,
+                                 load_pretrained_tokenizer, train_bpe)
 
 META_VERSION = 1
 TOKENIZER_DIR = "tokenizer"
@@ -127,6 +128,9 @@ def prepare(cfg: DictConfig) -> dict:
             single_limit = int(total_bytes * (1 - val_fraction)) if single else None
             texts = limit_bytes(_training_text(sources, spec, is_val, single_limit), limit)
             tokenizer = train_bpe(texts, int(tok_cfg.vocab_size), int(tok_cfg.min_frequency))
+        elif tok_cfg.type == "bytes":
+            log(f"byte-level tokenizer: one token per byte, {BYTES_VOCAB} tokens")
+            tokenizer = byte_tokenizer()
         else:
             tokenizer = load_pretrained_tokenizer(str(tok_cfg.name_or_path))
         tokenizer.save_pretrained(tmp / TOKENIZER_DIR)
@@ -153,7 +157,7 @@ def prepare(cfg: DictConfig) -> dict:
             "eos_token_id": eos,
             "tokenizer": {
                 "type": str(tok_cfg.type),
-                "name_or_path": None if tok_cfg.type == "bpe" else str(tok_cfg.name_or_path),
+                "name_or_path": None if tok_cfg.type in ("bpe", "bytes") else str(tok_cfg.name_or_path),
                 "md5": _md5_file(tmp / TOKENIZER_DIR / "tokenizer.json"),
                 "encoder": encoder_name,
             },

@@ -1,4 +1,7 @@
-"""The tokenizer of a run: a pretrained GPT-2 BPE, or a byte-level BPE trained on the corpus.
+"""The tokenizer of a run: a pretrained GPT-2 BPE, a byte-level BPE trained on the corpus, or bytes.
+
+``bytes`` is the character-level option (char-RNN style): one token per UTF-8 byte (one per
+character for ASCII text) plus the two special tokens, i.e. a byte-level BPE with no merges.
 
 Either way the result is a ``PreTrainedTokenizerFast`` whose EOS is ``<|endoftext|>`` (one id),
 saved with ``save_pretrained`` so that ``AutoTokenizer.from_pretrained(dir)`` loads it.
@@ -18,7 +21,8 @@ from penwright.hub import load_pretrained
 
 EOS = "<|endoftext|>"
 BOS_TEXT = "<|startoftext|>"  # gpt-2-simple's row opener: one token in a trained BPE, plain text in GPT-2's
-TYPES = ("bpe", "pretrained")
+TYPES = ("bpe", "bytes", "pretrained")
+BYTES_VOCAB = 258  # 256 bytes + <|endoftext|> + <|startoftext|>
 
 
 def check_config(tok_cfg) -> None:
@@ -46,6 +50,11 @@ def load_pretrained_tokenizer(name_or_path: str) -> PreTrainedTokenizerFast:
     if tok.eos_token_id is None:
         raise PenwrightError(f"model.tokenizer.name_or_path={name_or_path}: the tokenizer has no EOS token")
     return tok
+
+
+def byte_tokenizer() -> PreTrainedTokenizerFast:
+    """One token per byte (plus the two special tokens): the same format as a trained BPE, no merges."""
+    return train_bpe([], BYTES_VOCAB)
 
 
 def train_bpe(texts: Iterable[str], vocab_size: int, min_frequency: int = 2) -> PreTrainedTokenizerFast:

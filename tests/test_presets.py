@@ -1,0 +1,84 @@
+"""Each experiment preset (conf/experiment/*.yaml) run end to end on a tiny model, asserting on its real output.
+
+The presets are composed from the real conf/; the tests only shrink the model and steps and point
+the paths at a temp dir.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+from conftest import ENGLISH, REPO
+
+from penwright.config import compose
+
+TINY = ["model.n_layer=1", "model.n_head=2", "model.n_embd=32", "model.n_positions=64", "train.block_size=32",
+        "train.batch_size=4", "train.warmup_steps=2", "train.val_every_n_steps=4", "train.val_batches=2",
+        "trainer.log_every_n_steps=1", "trainer.progress_bar=false", "sample.max_new_tokens=12",
+        "sample.prompts=[In the]"]
+
+
+def preset(name: str, root: Path, *overrides: str):
+    """The preset composed from conf/, shrunk, its outputs under ``root``."""
+    return compose([f"experiment={name}", f"paths.artifacts={root}/artifacts", f"paths.reports={root}/reports",
+                    *TINY, *overrides], config_dir=REPO / "conf")
+
+
+def corpus_dir(root: Path, n: int = 6) -> Path:
+    corpus = root / "corpus"
+    corpus.mkdir(parents=True)
+    for i in range(n):
+        (corpus / f"{i}.txt").write_text(f"Chapter {i}.\n" + ENGLISH * 3)
+    return corpus
+
+
+def rows(path: Path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f, delimiter="\t"))
+
+
+def test_char_level_tokenizes_bytes_and_samples_at_each_temperature(tmp_path):
+    from penwright.prepare import prepare
+    from penwright.train import train
+
+    cfg = preset("char_level", tmp_path, f"data.path={corpus_dir(tmp_path)}", "data.val_fraction=0.34",
+                 "trainer.max_steps=8", "sample.every_n_steps=4", "logger=none")
+    assert list(cfg.sample.temperatures) == [0.2, 0.5, 1.0, 1.2]
+    meta = prepare(cfg)
+    assert meta["vocab_size"] == 258
+    text_bytes = sum(len((f"Chapter {i}.\n" + ENGLISH * 3).encode()) for i in range(6))
+    assert meta["train"]["tokens"] + meta["val"]["tokens"] == text_bytes + 6  # one token a byte, + EOS each
+    train(cfg)
+    samples = tmp_path / "reports" / "samples"
+    assert sorted(p.name for p in samples.iterdir()) == ["step-000004.md", "step-000008.md"]
+    for step in samples.iterdir():
+        text = step.read_text()
+        for t in ("0.2", "0.5", "1.0", "1.2"):
+            assert f"## temperature {t}" in text, (step.name, t)
+
+
+def test_long_run_continues_the_same_run_in_chunks(tmp_path, monkeypatch):
+    from penwright.prepare import prepare
+    from penwright.train import train
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    common = [f"data.path={corpus_dir(tmp_path)}", f"data.out_dir={tmp_path}/prepared", "data.val_fraction=0.34",
+              f"logger.save_dir={tmp_path}", "model.tokenizer.vocab_size=300", "train.ckpt_every_n_steps=4", "sample.every_n_steps=4"]
+    prepare(preset("long_run", tmp_path, *common, "trainer.max_steps=4"))
+    reports = tmp_path / "reports"
+    for chunk in (4, 8, 12):
+        metrics = train(preset("long_run", tmp_path, *common, f"trainer.max_steps={chunk}"))
+        assert metrics["steps"] == chunk and metrics["resumed"] is (chunk > 4)
+    train_curve = rows(reports / "curves" / "train.tsv")
+    assert [int(r["step"]) for r in train_curve] == list(range(1, 13))  # continued, no step repeated
+    assert [int(r["step"]) for r in rows(reports / "curves" / "val.tsv")] == [4, 8, 12]
+    # the schedule spans train.decay_steps (5000), not each chunk: no decay to the floor at a chunk's end
+    lrs = [float(r["lr"]) for r in train_curve]
+    assert lrs[-1] > 0.99 * float(preset("long_run", tmp_path).train.lr)
+    runs = sorted((tmp_path / "wandb").glob("offline-run-*"))
+    run_id = (tmp_path / "artifacts" / "checkpoints" / "wandb_run_id").read_text().strip()
+    assert len(runs) == 3 and all(r.name.endswith(run_id) for r in runs)  # one W&B run, three chunks
+    assert sorted(p.name for p in (reports / "samples").iterdir()) == \
+        ["step-000004.md", "step-000008.md", "step-000012.md"]
