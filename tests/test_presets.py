@@ -82,3 +82,39 @@ def test_long_run_continues_the_same_run_in_chunks(tmp_path, monkeypatch):
     assert len(runs) == 3 and all(r.name.endswith(run_id) for r in runs)  # one W&B run, three chunks
     assert sorted(p.name for p in (reports / "samples").iterdir()) == \
         ["step-000004.md", "step-000008.md", "step-000012.md"]
+
+
+SHORT_ROWS = [f"The {a} {b} went to the {c}." for a in ("red", "old", "small", "tall") for b in ("fox", "man", "ship")
+              for c in ("sea", "hill", "town")]
+
+
+def test_short_texts_gives_separate_stripped_texts_and_counts_copies_of_training_rows(tmp_path):
+    from penwright.export import export
+    from penwright.generate import Sample, count_copies, generate
+    from penwright.prepare import documents_by_split, prepare
+    from penwright.train import train
+
+    data = tmp_path / "rows.csv"
+    data.write_text("text\n" + "\n".join(SHORT_ROWS) + "\n")
+    cfg = preset("short_texts", tmp_path, f"data.path={data}", "data.val_fraction=0.25", "model.tokenizer.vocab_size=300",
+                 "trainer.max_steps=30", "train.lr=1e-2", "sample.every_n_steps=0", "logger=none",
+                 "export.parity_prompts=['<|startoftext|>The red']", "generate.nsamples=6", "generate.batch_size=4",
+                 "generate.max_new_tokens=24", "generate.threads=1")
+    prepare(cfg)
+    train(cfg)
+    export(cfg)
+    samples = generate(cfg)
+    assert len(samples) == 6
+    for s in samples:
+        assert "<|startoftext|>" not in s.text and "<|endoftext|>" not in s.text
+        assert s.text == s.text.strip()
+    report = json.loads((tmp_path / "reports" / "generate.json").read_text())
+    train_rows = {text.removeprefix("<|startoftext|>") for is_val, text in documents_by_split(cfg.data) if not is_val}
+    assert report["samples"] == 6 and report["copies_of_train"] == sum(s.text in train_rows for s in samples)
+    assert "verbatim copies of training documents" in (tmp_path / "reports" / "samples.md").read_text()
+    # the count itself, on texts whose answer is known
+    val_rows = {text.removeprefix("<|startoftext|>") for is_val, text in documents_by_split(cfg.data) if is_val}
+    known = [Sample("", sorted(train_rows)[0]), Sample("", " " + sorted(train_rows)[1] + " "),
+             Sample("", sorted(val_rows)[0]), Sample("", "The blue fox went to the moon.")]
+    assert count_copies(known, cfg.data) == {"copies_of_train": 2, "copies_of_val": 1, "copy_fraction": 0.75,
+                                             "corpus_documents": len(SHORT_ROWS)}

@@ -10,6 +10,7 @@ A single sample streams to the terminal token by token; bulk generation shows a 
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from dataclasses import dataclass
@@ -30,16 +31,43 @@ class Sample:
     text: str
 
 
-def finish_text(prompt: str, new: str, truncate: str | None, include_prefix: bool) -> str:
-    """gpt-2-simple's post-processing: cut at ``truncate``, keep or drop the prompt."""
+def finish_text(prompt: str, new: str, truncate: str | None, include_prefix: bool, strip: bool = False) -> str:
+    """gpt-2-simple's post-processing: cut at ``truncate``, keep or drop the prompt; strip whitespace."""
     if truncate and truncate in new:
         new = new[: new.index(truncate)]
-    return prompt + new if include_prefix else new
+    text = prompt + new if include_prefix else new
+    return text.strip() if strip else text
+
+
+def _normal(text: str, prefix: str = "") -> str:
+    """A text compared for copies: without the row prefix, whitespace collapsed."""
+    if prefix and text.startswith(prefix):
+        text = text[len(prefix):]
+    return " ".join(text.split())
+
+
+def count_copies(samples: list[Sample], data: DictConfig) -> dict:
+    """How many samples are verbatim copies of corpus documents (short texts: rows), train and val apart.
+
+    gpt-2-simple's users checked by hand whether generated short texts were memorized training rows.
+    Whitespace is collapsed on both sides; the row prefix (``<|startoftext|>``) is ignored.
+    """
+    from penwright.prepare import documents_by_split
+
+    prefix = str(data.get("csv_prefix") or "")
+    train, val = set(), set()
+    for is_val, text in documents_by_split(data):
+        (val if is_val else train).add(_normal(text, prefix))
+    texts = [_normal(s.text, prefix) for s in samples]
+    copies = {"train": sum(t in train for t in texts if t), "val": sum(t in val and t not in train for t in texts if t)}
+    return {"copies_of_train": copies["train"], "copies_of_val": copies["val"],
+            "copy_fraction": round((copies["train"] + copies["val"]) / max(1, len(texts)), 4),
+            "corpus_documents": len(train) + len(val)}
 
 
 def generate_samples(gen: Generator, prompts: list[str], nsamples: int = 1, batch_size: int = 1,
                      max_new_tokens: int = 64, truncate: str | None = None, include_prefix: bool = True,
-                     seed: int | None = None, stop: list[str] | None = None, stream: bool = False,
+                     strip: bool = False, seed: int | None = None, stop: list[str] | None = None, stream: bool = False,
                      progress: bool = True, **sampling) -> list[Sample]:
     if not prompts:
         raise ConfigError("generate.prompts is empty: give at least one prompt (\"\" for an unconditional sample)")
@@ -56,7 +84,7 @@ def generate_samples(gen: Generator, prompts: list[str], nsamples: int = 1, batc
         streamer = _Streamer(gen, prompt if include_prefix else "", stops) if streaming else None
         texts = gen.generate([prompt] * size, max_new_tokens, seed=None if seed is None else seed + index,
                              stop_strings=stops, on_step=streamer.on_step if streamer else None, **sampling)
-        samples += [Sample(prompt, finish_text(prompt, text, truncate, include_prefix)) for text in texts]
+        samples += [Sample(prompt, finish_text(prompt, text, truncate, include_prefix, strip)) for text in texts]
         if streamer:
             streamer.finish(finish_text("", texts[0], truncate, include_prefix=False))
         bar.update(size)
@@ -127,15 +155,25 @@ def generate(cfg: DictConfig) -> list[Sample]:
     samples = generate_samples(
         gen, [str(p) for p in g.prompts], nsamples=int(g.nsamples), batch_size=int(g.batch_size),
         max_new_tokens=int(g.max_new_tokens), truncate=g.truncate, include_prefix=bool(g.include_prefix),
+        strip=bool(g.strip),
         seed=None if g.seed is None else int(g.seed), stop=list(g.stop or []), stream=bool(g.stream),
         do_sample=bool(g.do_sample), temperature=float(g.temperature), top_k=int(g.top_k), top_p=float(g.top_p),
         repetition_penalty=float(g.repetition_penalty), min_new_tokens=int(g.min_new_tokens),
     )
     seconds = time.perf_counter() - start
+    report = {"samples": len(samples), "provider": gen.provider, "seconds": round(seconds, 2)}
+    if g.check_copies:
+        report |= count_copies(samples, cfg.data)
+        print(f"[generate] {report['copies_of_train']} of {len(samples)} samples are verbatim training documents "
+              f"({report['copies_of_val']} more are validation documents)", file=sys.stderr)
+    if g.report:
+        atomic_write_text(Path(g.report), json.dumps(report, indent=2) + "\n")
     if g.destination:
         dest = Path(g.destination)
         header = (f"{len(samples)} samples from {g.model_dir} on {gen.provider} (temperature {g.temperature}, "
                   f"top_k {g.top_k}, top_p {g.top_p}, seed {g.seed})")
+        if g.check_copies:
+            header += f"; {report['copies_of_train']} are verbatim copies of training documents"
         atomic_write_text(dest, render(samples, dest.suffix == ".md", str(g.delimiter), header))
         print(f"[generate] {len(samples)} samples in {seconds:.1f} s on {gen.provider} -> {dest}", file=sys.stderr)
     elif not (bool(g.stream) and len(samples) == 1):  # a single streamed sample is on the screen already

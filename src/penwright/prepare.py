@@ -94,6 +94,15 @@ def _documents(sources: list[Source], spec: CorpusSpec) -> Iterator[tuple[int, I
             index += 1
 
 
+def documents_by_split(data: DictConfig) -> Iterator[tuple[bool, str]]:
+    """``(is_val, text)`` for each document of the corpus ``data`` describes, split as ``prepare`` splits it."""
+    spec = CorpusSpec.from_config(data)
+    sources = scan(spec)
+    is_val = split_documents(sum(s.documents for s in sources), float(data.val_fraction), int(data.split_seed))
+    for index, chunks in _documents(sources, spec):
+        yield bool(is_val[index]), "".join(chunks)
+
+
 def _training_text(sources, spec, is_val, single_doc_limit: int | None) -> Iterator[str]:
     for index, chunks in _documents(sources, spec):
         if is_val[index]:
