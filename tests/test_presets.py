@@ -118,3 +118,69 @@ def test_short_texts_gives_separate_stripped_texts_and_counts_copies_of_training
              Sample("", sorted(val_rows)[0]), Sample("", "The blue fox went to the moon.")]
     assert count_copies(known, cfg.data) == {"copies_of_train": 2, "copies_of_val": 1, "copy_fraction": 0.75,
                                              "corpus_documents": len(SHORT_ROWS)}
+
+
+DOCUMENT = ("A Title\n\n"
+            "The fox ran to the hill. The dog did not mind at all. It's a short text, we'll see. "
+            "Numbers like 12,345 appear too. The word was written down.\n\n"
+            "In the beginning was the word. The quick brown fox jumps over the lazy dog.\n")
+
+
+def test_verbosify_expands_each_passage_keeps_it_verbatim_and_writes_no_models(compose_train, tmp_path):
+    from penwright.train import train
+    from penwright.verbosify import Verbosifier, passages, verbosify
+
+    train(compose_train("trainer.max_steps=40", "train.lr=1e-2", "sample.every_n_steps=0"))  # a model that writes '.'
+    model_dir = tmp_path / "run" / "model"
+    doc = tmp_path / "doc.txt"
+    doc.write_text(DOCUMENT)
+    out = tmp_path / "out"
+    cfg = preset("verbosify", out, f"verbosify.model={model_dir}", f"verbosify.document={doc}", "verbosify.lr=1e-3",
+                 "verbosify.max_new_tokens=24")
+    assert (cfg.verbosify.sentences, cfg.verbosify.steps, cfg.verbosify.temperature, cfg.verbosify.top_k) == \
+        (3, 1, 0.8, 40)  # the seed's settings
+    chunks = passages(DOCUMENT, 3)
+    assert [p for _, p in chunks] == ["A Title", "The fox ran to the hill. The dog did not mind at all. It's a short "
+                                      "text, we'll see.", "Numbers like 12,345 appear too. The word was written down.",
+                                      "In the beginning was the word. The quick brown fox jumps over the lazy dog."]
+    before = {p for p in tmp_path.rglob("*")}
+    report = verbosify(cfg)
+    created = {p for p in tmp_path.rglob("*")} - before
+    assert {p.name for p in created if p.is_file()} == {"ruth.md", "ruth.json"}  # no per-passage model on disk
+    expanded = (out / "reports" / "verbosify" / "ruth.md").read_text()
+    position = 0
+    for _, passage in chunks:  # every passage verbatim, in order
+        position = expanded.index(passage, position) + len(passage)
+    assert report["passages"] == 4 and report["expanded_passages"] >= 1
+    assert report["words_out"] > report["words_in"] == len(DOCUMENT.split())
+    assert report["word_ratio"] == round(report["words_out"] / report["words_in"], 3)
+    assert json.loads((out / "reports" / "verbosify" / "ruth.json").read_text()) == report
+    assert verbosify(cfg) | {"seconds": 0} == report | {"seconds": 0}  # seeded: the same expansion again
+    # one working copy, reset to the base weights before each passage
+    import torch
+
+    v = Verbosifier(str(model_dir))
+    base = {k: t.clone() for k, t in v.model.state_dict().items()}
+    v.finetune(torch.tensor([v.tokenizer.encode("The fox ran.")]), steps=1, lr=1e-2)
+    assert any(not torch.equal(base[k], t) for k, t in v.model.state_dict().items())
+    v.reset()
+    assert all(torch.equal(base[k], t) for k, t in v.model.state_dict().items())
+
+
+def test_verbosify_bad_input_names_the_file_or_key(tmp_path, tiny_gpt2):
+    import pytest
+
+    from penwright.errors import PenwrightError
+    from penwright.verbosify import verbosify
+
+    with pytest.raises(PenwrightError, match="verbosify.document=.*missing.txt: no such file"):
+        verbosify(preset("verbosify", tmp_path, f"verbosify.document={tmp_path}/missing.txt"))
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n")
+    with pytest.raises(PenwrightError, match="empty.txt: the document is empty"):
+        verbosify(preset("verbosify", tmp_path, f"verbosify.document={empty}"))
+    doc = tmp_path / "doc.txt"
+    doc.write_text(DOCUMENT)
+    with pytest.raises(PenwrightError, match="verbosify.temperature=0"):
+        verbosify(preset("verbosify", tmp_path, f"verbosify.document={doc}", f"verbosify.model={tiny_gpt2}",
+                         "verbosify.temperature=0"))
