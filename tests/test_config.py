@@ -11,13 +11,27 @@ from omegaconf import OmegaConf
 from penwright.config import compose
 from penwright.errors import ConfigError
 
-GROUPS = ["data", "model", "trainer", "logger", "sample", "export", "generate", "experiment"]
+GROUPS = ["data", "model", "trainer", "logger", "sample", "export", "generate", "verbosify", "experiment"]
 
 
 def test_params_yaml_is_a_fresh_composition_of_conf(repo):
     committed = yaml.safe_load((repo / "params.yaml").read_text())
     fresh = OmegaConf.to_container(compose(config_dir=repo / "conf"), resolve=True)
     assert committed == fresh, "params.yaml is stale: run `penwright params` and commit it"
+
+
+@pytest.mark.parametrize("name", ["prompts", "responses"])
+def test_writing_prompts_params_files_are_fresh_compositions_at_the_paths_its_dvc_yaml_uses(repo, name):
+    path = repo / "pipelines" / "writing_prompts" / f"{name}.yaml"
+    committed = yaml.safe_load(path.read_text())
+    fresh = OmegaConf.to_container(compose([f"experiment=wp_{name}"], config_dir=repo / "conf"), resolve=True)
+    assert committed == fresh, f"{path} is stale: run `penwright params experiment=wp_{name} --output {path}`"
+    stages = (repo / "pipelines" / "writing_prompts" / "dvc.yaml").read_text()
+    assert "artifacts/writing_prompts/${item}/" in stages and "reports/writing_prompts/${item}/" in stages
+    assert fresh["paths"] == {"artifacts": f"artifacts/writing_prompts/{name}", "reports": f"reports/writing_prompts/{name}"}
+    assert fresh["data"]["out_dir"] == f"artifacts/writing_prompts/{name}/prepared"
+    assert fresh["train"]["out_dir"] == f"artifacts/writing_prompts/{name}/model"
+    assert fresh["export"]["out_dir"] == f"artifacts/writing_prompts/{name}/onnx"
 
 
 def test_every_group_exists_and_composes(repo):

@@ -135,3 +135,14 @@ def test_cuda_request_reports_what_actually_ran(onnx_tiny, capsys):
         assert gen.provider == "cpu" and "fell back to CPU" in capsys.readouterr().err
     assert "CUDAExecutionProvider" in ort.get_available_providers()  # listed even with no GPU
     assert gen.generate(["It is"], max_new_tokens=3, seed=1)
+
+
+def test_parity_prompts_too_short_for_a_past_are_a_clear_error(tiny_gpt2, tmp_path, repo):
+    from penwright.config import compose
+    from penwright.errors import ConfigError
+    from penwright.export import export
+
+    with pytest.raises(ConfigError, match="at least 2 tokens"):
+        export(compose([f"train.out_dir={tiny_gpt2}", f"export.out_dir={tmp_path / 'onnx'}", "export.parity_prompts=[A]"],
+                       config_dir=repo / "conf"))
+    assert not (tmp_path / "onnx").exists()

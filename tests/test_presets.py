@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 from pathlib import Path
+
+import pytest
 
 from conftest import ENGLISH, REPO
 
@@ -168,8 +171,6 @@ def test_verbosify_expands_each_passage_keeps_it_verbatim_and_writes_no_models(c
 
 
 def test_verbosify_bad_input_names_the_file_or_key(tmp_path, tiny_gpt2):
-    import pytest
-
     from penwright.errors import PenwrightError
     from penwright.verbosify import verbosify
 
@@ -184,3 +185,66 @@ def test_verbosify_bad_input_names_the_file_or_key(tmp_path, tiny_gpt2):
     with pytest.raises(PenwrightError, match="verbosify.temperature=0"):
         verbosify(preset("verbosify", tmp_path, f"verbosify.document={doc}", f"verbosify.model={tiny_gpt2}",
                          "verbosify.temperature=0"))
+
+
+WP_ROWS = [f"[WP] The {a} {b} came to the {c}. [RESPONSE] And the {b} saw the {c}, and it was {d}. The end."
+           for a in ("red", "old", "small") for b in ("fox", "king", "ship") for c in ("sea", "hill", "town")
+           for d in ("good", "far")]
+
+
+def test_data_take_keeps_one_part_of_each_row_and_names_a_row_that_lacks_it(tmp_path, compose_prepare):
+    from penwright.errors import ConfigError, CorpusError
+    from penwright.prepare import documents_by_split
+
+    rows = tmp_path / "wp.csv"
+    rows.write_text("text\n" + "\n".join(WP_ROWS[:3]) + "\n")
+    take = preset("wp_prompts", tmp_path).data.take
+    cfg = compose_prepare(rows, f"data.take='{take}'")
+    assert [t for _, t in documents_by_split(cfg.data)] == \
+        ["<|startoftext|>" + r.split("[RESPONSE]")[0].removeprefix("[WP] ").strip() for r in WP_ROWS[:3]]
+    rows.write_text("text\n" + WP_ROWS[0] + "\nno marks on this row\n")
+    with pytest.raises(CorpusError, match=r"wp.csv: line 3: data.take=.* finds no text in 'no marks on this row'"):
+        list(documents_by_split(compose_prepare(rows, f"data.take='{take}'").data))
+    with pytest.raises(ConfigError, match="needs exactly one"):
+        list(documents_by_split(compose_prepare(rows, "data.take=WP").data))
+
+
+@pytest.mark.slow
+def test_writing_prompts_pipeline_trains_both_models_in_one_wandb_group_and_writes_pairs(tmp_path, repo):
+    """The real sub-pipeline (dvc repro pipelines/writing_prompts/dvc.yaml) on tiny models and a tiny corpus."""
+    from test_dvc import new_project, run
+
+    proj = new_project(tmp_path, repo, with_pipeline=True)
+    shutil.copytree(repo / "pipelines", proj / "pipelines")
+    (proj / "data").mkdir()
+    (proj / "data" / "wp.csv").write_text("text\n" + "\n".join(WP_ROWS) + "\n")
+    tiny = ["data.path=data/wp.csv", "data.val_fraction=0.2", "model.tokenizer.vocab_size=300", *TINY,
+            "trainer.max_steps=20", "train.lr=1e-2", "sample.every_n_steps=10", "logger.save_dir=.",
+            "export.parity_prompts=[The red fox]", "chain.n=3", "chain.batch_size=2", "chain.prompt_tokens=16",
+            "chain.response_tokens=24", "chain.threads=1"]
+    for name in ("prompts", "responses"):
+        run(["penwright", "params", f"experiment=wp_{name}", *tiny, "--output",
+             f"pipelines/writing_prompts/{name}.yaml"], proj)
+    run(["git", "add", "-A"], proj)
+    run(["git", "commit", "-qm", "init"], proj)
+    done = run(["dvc", "repro", "pipelines/writing_prompts/dvc.yaml"], proj)
+    for stage in ("prepare@prompts", "train@responses", "export@prompts", "pairs"):
+        assert f"pipelines/writing_prompts/dvc.yaml:{stage}" in done.stdout, stage
+    meta = json.loads((proj / "artifacts/writing_prompts/prompts/prepared/meta.json").read_text())
+    assert meta["train"]["documents"] + meta["val"]["documents"] == len(WP_ROWS)
+    for name in ("prompts", "responses"):
+        assert json.loads((proj / f"reports/writing_prompts/{name}/train.json").read_text())["steps"] == 20
+    pairs = (proj / "reports/writing_prompts/pairs.md").read_text()
+    blocks = pairs.split("\n## ")[1:]
+    assert len(blocks) == 3
+    for block in blocks:
+        prompt, response = block.split("\n\n[RESPONSE] ")
+        assert prompt.split("[WP] ", 1)[1].strip() and response.strip()  # both halves
+        assert "<|" not in prompt + response
+    runs = sorted((proj / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2  # one W&B run per model ...
+    records = [next(r.glob("run-*.wandb")).read_bytes() for r in runs]
+    assert all(b"writing-prompts" in rec for rec in records)  # ... in one group
+    assert {name for name in (b"wp-prompts", b"wp-responses") if any(name in rec for rec in records)} == \
+        {b"wp-prompts", b"wp-responses"}
+    assert json.loads(run(["dvc", "status", "--json", "pipelines/writing_prompts/dvc.yaml"], proj).stdout) == {}

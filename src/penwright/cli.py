@@ -33,6 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     _stage_parser(sub, "export", "trained model -> ONNX graph with a KV cache (artifacts/onnx), parity-checked")
     _stage_parser(sub, "generate", "text from the exported model (onnxruntime, KV cache): reports/samples.md")
     _stage_parser(sub, "verbosify", "expand a document passage by passage (a model finetuned on each): reports/verbosify.md")
+    _stage_parser(sub, "chain", "writing prompts: prompts from one model, each answered by another (experiment=wp_responses)")
     _stage_parser(sub, "show", "print the composed config (every key)")
     p = sub.add_parser("params", help="compose conf/ into params.yaml, exactly as `dvc exp run` does")
     p.add_argument("--output", default="params.yaml")
@@ -74,6 +75,10 @@ def run(argv: list[str] | None = None) -> int:
         from penwright.verbosify import verbosify
 
         verbosify(config.compose(args.overrides, params=args.params, config_dir=args.config_dir))
+    elif args.command == "chain":
+        from penwright.chain import chain
+
+        chain(config.compose(args.overrides, params=args.params, config_dir=args.config_dir))
     elif args.command == "show":
         from omegaconf import OmegaConf
 

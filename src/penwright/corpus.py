@@ -17,6 +17,7 @@ import codecs
 import csv
 import hashlib
 import json
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +43,7 @@ class CorpusSpec:
     jsonl_field: str = "text"
     encoding_errors: str = "strict"
     chunk_bytes: int = 1 << 20
+    take: str | None = None
 
     @classmethod
     def from_config(cls, data) -> "CorpusSpec":
@@ -56,11 +58,19 @@ class CorpusSpec:
             jsonl_field=str(data.jsonl_field),
             encoding_errors=str(data.encoding_errors),
             chunk_bytes=int(data.chunk_bytes),
+            take=None if data.get("take") is None else str(data.take),
         )
         if spec.format not in FORMATS | {"auto"}:
             raise ConfigError(f"data.format={spec.format!r}: use auto, text, csv or jsonl")
         if spec.encoding_errors not in ("strict", "replace"):
             raise ConfigError(f"data.encoding_errors={spec.encoding_errors!r}: use strict or replace")
+        if spec.take is not None:
+            try:
+                groups = re.compile(spec.take).groups
+            except re.error as err:
+                raise ConfigError(f"data.take={spec.take!r}: not a valid regular expression ({err})") from None
+            if groups != 1:
+                raise ConfigError(f"data.take={spec.take!r}: needs exactly one (group), the part to keep; it has {groups}")
         if spec.chunk_bytes < 4096:
             raise ConfigError(f"data.chunk_bytes={spec.chunk_bytes}: use at least 4096")
         return spec
@@ -290,11 +300,24 @@ def read_csv(path: Path, spec: CorpusSpec) -> Iterator[str]:
                     )
                 text = row[column].replace("\r\n", "\n").replace("\r", "\n").strip()
                 if text:
-                    yield text
+                    yield _take(spec, path, reader.line_num, text)
     except UnicodeDecodeError:
         raise _utf8_error(path) from None
     except csv.Error as err:
         raise CorpusError(f"{path}: not a valid CSV: {err}") from None
+
+
+def _take(spec: CorpusSpec, path: Path, line: int, text: str) -> str:
+    """``data.take``'s group of a row or record (its whole text when take is unset)."""
+    if spec.take is None:
+        return text
+    match = re.search(spec.take, text, flags=re.DOTALL)
+    if match is None or not (match.group(1) or "").strip():
+        raise CorpusError(
+            f"{path}: line {line}: data.take={spec.take!r} finds no text in {text[:60]!r}; "
+            f"fix the row, or the pattern"
+        )
+    return match.group(1).strip()
 
 
 def read_jsonl(path: Path, spec: CorpusSpec) -> Iterator[str]:
@@ -322,6 +345,6 @@ def read_jsonl(path: Path, spec: CorpusSpec) -> Iterator[str]:
                     raise CorpusError(f"{path}: line {number}: field {field!r} is {type(text).__name__}, not a string")
                 text = text.replace("\r\n", "\n").replace("\r", "\n")
                 if text.strip():
-                    yield text
+                    yield _take(spec, path, number, text)
     except UnicodeDecodeError:
         raise _utf8_error(path) from None

@@ -157,6 +157,10 @@ def export(cfg: DictConfig) -> dict:
         raise ConfigError(f"export.dtype={dtype!r}: use fp32 or fp16 (fp16 is for GPU)")
     model = GPT2LMHeadModel.from_pretrained(src, torch_dtype=torch.float32).eval()
     tokenizer = AutoTokenizer.from_pretrained(src, local_files_only=True)
+    longest = max((len(tokenizer.encode(str(p))) for p in ecfg.parity_prompts), default=0)
+    if longest < 2:
+        raise ConfigError(f"export.parity_prompts={list(ecfg.parity_prompts)}: the longest prompt must have at least "
+                          f"2 tokens (a prefill, then a step on its past); it has {longest}")
     out = Path(ecfg.out_dir)
     tmp = temp_dir_for(out)
     try:

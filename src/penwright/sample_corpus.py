@@ -5,7 +5,9 @@ that the pinned package ships and writes, byte for byte the same on every machin
 shapes of corpus gpt-2-simple users bring:
 
 * ``data/kjv/books/NN-<book>.txt``: long documents, one file per book, one paragraph per chapter;
-* ``data/kjv/verses.csv``: short texts, a single-column CSV with one verse per row.
+* ``data/kjv/verses.csv``: short texts, a single-column CSV with one verse per row;
+* ``data/kjv/writing_prompts.csv``: records ``[WP] <prompt> [RESPONSE] <response>``, one per chapter
+  (its first verse is the prompt, the next verses the response), for the two-model writing-prompts preset.
 
 Their hash is the one committed in ``data.dvc``; the command then records them in the DVC cache
 (``dvc commit``) so that ``dvc status`` is clean and ``dvc push`` works.
@@ -97,6 +99,25 @@ def render_csv(books) -> str:
     return buf.getvalue()
 
 
+WP_RESPONSE_VERSES = 4
+
+
+def render_writing_prompts(books) -> str:
+    """One ``[WP] prompt [RESPONSE] response`` row per chapter: its first verse, then the next few."""
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["text"])
+    for _, verses in books:
+        chapters: dict[int, list[str]] = defaultdict(list)
+        for chapter, _, text in verses:
+            chapters[chapter].append(text)
+        for chapter in sorted(chapters):
+            first, *rest = chapters[chapter]
+            if rest:
+                writer.writerow([f"[WP] {first} [RESPONSE] {' '.join(rest[:WP_RESPONSE_VERSES])}"])
+    return buf.getvalue()
+
+
 def _slug(name: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
 
@@ -112,12 +133,13 @@ def materialize(data_dir: str | Path = "data", commit: bool = True) -> Path:
         for number, (name, verses) in enumerate(books, start=1):
             (tmp / "books" / f"{number:02d}-{_slug(name)}.txt").write_bytes(render_book(name, verses).encode("utf-8"))
         (tmp / "verses.csv").write_bytes(render_csv(books).encode("utf-8"))
+        (tmp / "writing_prompts.csv").write_bytes(render_writing_prompts(books).encode("utf-8"))
         replace_dir(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     size = sum(p.stat().st_size for p in target.rglob("*") if p.is_file())
-    print(f"[corpus] wrote {target}/: {len(books)} books + verses.csv, {size / 1e6:.1f} MB", file=sys.stderr)
+    print(f"[corpus] wrote {target}/: {len(books)} books + verses.csv + writing_prompts.csv, {size / 1e6:.1f} MB", file=sys.stderr)
     dvc_file = data_dir.parent / f"{data_dir.name}.dvc"
     if commit and dvc_file.is_file():
         _dvc_commit(dvc_file)

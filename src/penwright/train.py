@@ -333,7 +333,8 @@ def _finish(cfg, trainer, module, tokenizer, data, final, callbacks, start, resu
         "val_loss": round(float(final["val/loss"]), 5),
         "val_ppl": round(float(final["val/ppl"]), 3),
         "val_bpb": round(float(final.get("val/bpb", math.nan)), 5),
-        "best_val_loss": round(float(best), 5) if best is not None else round(float(final["val/loss"]), 5),
+        "best_val_loss": round(min(float(best), float(final["val/loss"])) if best is not None
+                               else float(final["val/loss"]), 5),  # the final validation counts too
         "steps": steps,
         "tokens": tokens,
         "tokens_per_sec": round(step_tokens / step_seconds, 1) if step_seconds else 0.0,

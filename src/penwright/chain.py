@@ -1,0 +1,103 @@
+"""Two chained models (writing prompts): one makes prompts, the other answers each of them.
+
+``penwright chain`` (dvc: the ``pairs`` stage of ``pipelines/writing_prompts/dvc.yaml``) generates
+``chain.n`` prompts with the prompts model (rows ``<|startoftext|>prompt<|endoftext|>``), then feeds
+each to the responses model as the prefix ``<|startoftext|>[WP] prompt [RESPONSE]`` (the record
+format it learned) and writes the prompt/response pairs to ``chain.output``. Both run on the
+exported ONNX models with penwright's KV-cached runtime.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+from omegaconf import DictConfig
+from tqdm import tqdm
+
+from penwright.errors import ConfigError
+from penwright.fsutil import atomic_write_text
+from penwright.generate import finish_text
+from penwright.runtime import Generator
+from penwright.tokenizer import BOS_TEXT, EOS
+
+WP, RESPONSE = "[WP]", "[RESPONSE]"
+
+
+def response_prefix(prompt: str) -> str:
+    return f"{BOS_TEXT}{WP} {prompt} {RESPONSE}"
+
+
+def _batches(items: list, size: int):
+    for start in range(0, len(items), size):
+        yield start, items[start:start + size]
+
+
+def _texts(gen: Generator, prefixes: list[str], max_new_tokens: int, batch_size: int, seed: int | None,
+           stops: list[str], bar, retries: int = 3, **sampling) -> list[str]:
+    """One finished text per prefix; a row that came out empty is sampled again (new seed), ``retries`` times."""
+    texts = [""] * len(prefixes)
+    for attempt in range(retries + 1):
+        todo = [i for i, t in enumerate(texts) if not t]
+        for index, (_, rows) in enumerate(_batches(todo, batch_size)):
+            step_seed = None if seed is None else seed + 1000 * attempt + index
+            out = gen.generate([prefixes[i] for i in rows], max_new_tokens, seed=step_seed, stop_strings=stops,
+                               **sampling)
+            for i, text in zip(rows, out):
+                texts[i] = finish_text("", text, EOS, include_prefix=False, strip=True)
+            bar.update(sum(bool(texts[i]) for i in rows))
+        if all(texts):
+            break
+    return texts
+
+
+def make_pairs(prompt_gen: Generator, response_gen: Generator, n: int, batch_size: int = 4, prompt_tokens: int = 40,
+               response_tokens: int = 160, seed: int | None = 4, progress: bool = True,
+               **sampling) -> list[dict]:
+    """``n`` prompts from ``prompt_gen``, each answered by ``response_gen``: ``[{"prompt", "response"}]``.
+
+    A prompt or response that comes out empty (the model ended it at once, or it began with a
+    marker) is sampled again; pairs still missing a half after that are left out, and said so.
+    """
+    if n < 1 or batch_size < 1:
+        raise ConfigError(f"chain.n={n}, chain.batch_size={batch_size}: both must be >= 1")
+    bar = tqdm(total=2 * n, unit="text", desc="chain", file=sys.stderr, disable=not progress)
+    prompts = _texts(prompt_gen, [BOS_TEXT] * n, prompt_tokens, batch_size, seed, [BOS_TEXT, RESPONSE, WP], bar,
+                     **sampling)
+    prompts = [p for p in prompts if p]
+    responses = _texts(response_gen, [response_prefix(p) for p in prompts], response_tokens, batch_size,
+                       None if seed is None else seed + 1, [BOS_TEXT, WP, RESPONSE], bar, **sampling)
+    bar.close()
+    pairs = [{"prompt": p, "response": r} for p, r in zip(prompts, responses) if r]
+    if len(pairs) < n:
+        print(f"[chain] {n - len(pairs)} of {n} pairs left out: a half stayed empty after retries", file=sys.stderr)
+    return pairs
+
+
+def render(pairs: list[dict], markdown: bool, header: str) -> str:
+    if not markdown:
+        return "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in pairs)
+    lines = [f"# {header}", ""]
+    for i, p in enumerate(pairs, start=1):
+        lines += [f"## {i}. {WP} {p['prompt']}", "", f"{RESPONSE} {p['response']}", ""]
+    return "\n".join(lines)
+
+
+def chain(cfg: DictConfig) -> list[dict]:
+    c = cfg.chain
+    start = time.perf_counter()
+    threads = int(c.threads)
+    prompt_gen = Generator.load(str(c.prompts_model), threads=threads)
+    response_gen = Generator.load(str(c.responses_model), threads=threads)
+    pairs = make_pairs(prompt_gen, response_gen, int(c.n), int(c.batch_size), int(c.prompt_tokens),
+                       int(c.response_tokens), None if c.seed is None else int(c.seed), do_sample=True,
+                       temperature=float(c.temperature), top_k=int(c.top_k), min_new_tokens=int(c.min_new_tokens))
+    out = Path(str(c.output))
+    header = (f"{len(pairs)} writing prompts from {c.prompts_model}, answered by {c.responses_model} "
+              f"(temperature {c.temperature}, top_k {c.top_k}, seed {c.seed})")
+    atomic_write_text(out, render(pairs, out.suffix != ".jsonl", header))
+    print(f"[chain] {len(pairs)} prompt/response pairs in {time.perf_counter() - start:.1f} s on "
+          f"{prompt_gen.provider} -> {out}", file=sys.stderr)
+    return pairs
