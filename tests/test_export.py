@@ -26,6 +26,25 @@ def ref(tiny_gpt2):
     return GPT2LMHeadModel.from_pretrained(tiny_gpt2).eval()
 
 
+@pytest.fixture(scope="module")
+def onnx_traced(tmp_path_factory, tiny_gpt2, repo):
+    """The tiny GPT-2 exported by tracing transformers' module (export.graph=transformers)."""
+    from penwright.config import compose
+    from penwright.export import export
+
+    root = tmp_path_factory.mktemp("onnx-traced")
+    report = export(compose([f"train.out_dir={tiny_gpt2}", f"export.out_dir={root / 'onnx'}",
+                             f"paths.reports={root / 'reports'}", "export.graph=transformers"], config_dir=repo / "conf"))
+    assert report["graph"] == "transformers"
+    return root / "onnx"
+
+
+@pytest.fixture(params=["lean", "transformers"])
+def graph_dir(request, onnx_tiny):
+    """Both graphs the export stage can write: penwright's own (the default) and the traced one."""
+    return onnx_tiny if request.param == "lean" else request.getfixturevalue("onnx_traced")
+
+
 def test_folder_is_self_contained_with_optimum_names(onnx_tiny):
     import onnx
 
@@ -43,7 +62,8 @@ def test_folder_is_self_contained_with_optimum_names(onnx_tiny):
 
 
 @pytest.mark.parametrize("prompts", [PROMPTS[:1], PROMPTS], ids=["batch1", "batch3-left-padded"])
-def test_logits_match_pytorch_with_empty_and_nonempty_past(onnx_tiny, ref, prompts):
+def test_logits_match_pytorch_with_empty_and_nonempty_past(graph_dir, ref, prompts):
+    onnx_tiny = graph_dir
     gen = Generator.load(onnx_tiny)
     ids, mask = gen.encode(prompts)
     full = torch_logits(ref, ids, mask)
@@ -59,7 +79,8 @@ def test_logits_match_pytorch_with_empty_and_nonempty_past(onnx_tiny, ref, promp
 
 
 @pytest.mark.parametrize("prompts", [PROMPTS[:1], PROMPTS], ids=["batch1", "batch3-left-padded"])
-def test_greedy_tokens_equal_transformers_generate(onnx_tiny, ref, prompts):
+def test_greedy_tokens_equal_transformers_generate(graph_dir, ref, prompts):
+    onnx_tiny = graph_dir
     gen = Generator.load(onnx_tiny)
     ids, mask = gen.encode(prompts)
     with torch.no_grad():
@@ -146,3 +167,23 @@ def test_parity_prompts_too_short_for_a_past_are_a_clear_error(tiny_gpt2, tmp_pa
         export(compose([f"train.out_dir={tiny_gpt2}", f"export.out_dir={tmp_path / 'onnx'}", "export.parity_prompts=[A]"],
                        config_dir=repo / "conf"))
     assert not (tmp_path / "onnx").exists()
+
+
+def test_lean_graph_is_the_default_and_falls_back_to_tracing_for_what_it_cannot_express(onnx_tiny, tmp_path, repo):
+    import onnx
+    from transformers import GPT2Config
+
+    from penwright.config import compose
+    from penwright.export import export
+
+    report = json.loads((onnx_tiny.parent / "reports" / "export.json").read_text())
+    assert report["graph"] == "lean" and report["nodes"] == len(onnx.load(str(onnx_tiny / "model.onnx")).graph.node)
+    assert report["nodes"] < 100  # 2 layers; the traced graph of the same model has several hundred
+    model_dir = tmp_path / "relu"
+    config = GPT2Config(vocab_size=320, n_positions=32, n_embd=16, n_layer=1, n_head=2, activation_function="relu")
+    GPT2LMHeadModel(config).save_pretrained(model_dir)
+    AutoTokenizer.from_pretrained(onnx_tiny).save_pretrained(model_dir)
+    report = export(compose([f"train.out_dir={model_dir}", f"export.out_dir={tmp_path / 'onnx'}",
+                             f"paths.reports={tmp_path / 'reports'}", "export.parity_prompts=[The quick brown]"],
+                            config_dir=repo / "conf"))
+    assert report["graph"] == "transformers" and report["parity"]["passed"]

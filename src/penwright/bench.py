@@ -321,11 +321,13 @@ def _time_torch(model, ids, mask, new_tokens: int, eos: int) -> dict:
 
 
 def _random_124m(workdir: Path, tokenizer_dir: Path) -> Path:
-    """A GPT-2-124M-shaped model (12 layers, 768 wide, vocab 50257) with random weights, exported."""
+    """A GPT-2-124M-shaped model (12 layers, 768 wide, vocab 50257) with random weights, exported as the
+    export stage does (penwright's graph), plus its traced graph and its int8 variant for comparison."""
     import torch
     from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
-    from penwright.export import export_graph
+    from penwright.export import export_graph, quantize_int8, save_graph
+    from penwright.graph import build_lean_graph
 
     torch.manual_seed(0)
     model = GPT2LMHeadModel(GPT2Config(n_layer=12, n_head=12, n_embd=768, vocab_size=50257, n_positions=1024)).eval()
@@ -334,10 +336,27 @@ def _random_124m(workdir: Path, tokenizer_dir: Path) -> Path:
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)  # ids stay below 50257: any GPT-2-style tokenizer serves
     tok.save_pretrained(hf_dir)
     onnx_dir.mkdir(parents=True, exist_ok=True)
-    export_graph(model, onnx_dir / "model.onnx", 17)
+    save_graph(build_lean_graph(model, 17), onnx_dir / "model.onnx")
+    export_graph(model, onnx_dir / TRACED, 17)
+    quantize_int8(onnx_dir / "model.onnx", onnx_dir / "model.int8.onnx")
     tok.save_pretrained(onnx_dir)
     model.config.save_pretrained(onnx_dir)
     return hf_dir
+
+
+def _quickstart_traced(onnx_dir: Path, hf_dir: Path, workdir: Path) -> Path:
+    """A copy of the quickstart's ONNX folder with the traced graph beside penwright's."""
+    from transformers import GPT2LMHeadModel
+
+    from penwright.export import export_graph
+
+    copy = workdir / "quickstart-onnx"
+    shutil.copytree(onnx_dir, copy)
+    export_graph(GPT2LMHeadModel.from_pretrained(hf_dir).eval(), copy / TRACED, 17)
+    return copy
+
+
+TRACED = "model.traced.onnx"
 
 
 def bench_generate(output: str | None = None, quick_dir: str = "artifacts/model", quick_onnx: str = "artifacts/onnx",
@@ -360,26 +379,38 @@ def bench_generate(output: str | None = None, quick_dir: str = "artifacts/model"
     }
     try:
         big_hf = _random_124m(work, Path(quick_onnx))
-        models = {"quickstart": (Path(quick_dir), Path(quick_onnx)), "gpt2-124m-shape": (big_hf, work / "gpt2-124m-random-onnx")}
+        quick = _quickstart_traced(Path(quick_onnx), Path(quick_dir), work)
+        models = {"quickstart": (Path(quick_dir), quick), "gpt2-124m-shape": (big_hf, work / "gpt2-124m-random-onnx")}
         for name, (hf_dir, onnx_dir) in models.items():
             gen = Generator.load(onnx_dir)
+            traced = Generator.load(onnx_dir, graph=TRACED)
+            int8 = Generator.load(onnx_dir, graph="model.int8.onnx") if (onnx_dir / "model.int8.onnx").is_file() else None
             ref = GPT2LMHeadModel.from_pretrained(hf_dir).eval()
-            n = min(new_tokens, gen.n_positions - 4)
             for batch in (1, 8):
                 prompts = ["And it came to pass"] * batch
                 ids, mask = gen.encode(prompts)
                 n = min(new_tokens, gen.n_positions - ids.shape[1])
-                print(f"[bench] {name} batch {batch}: {n} new tokens x 3 engines", file=sys.stderr)
+                print(f"[bench] {name} batch {batch}: {n} new tokens x {4 + bool(int8)} engines", file=sys.stderr)
                 a, a_ids = _time_runtime(gen, ids, mask, n, use_cache=True)
                 b, b_ids = _time_torch(ref, ids, mask, n, gen.eos)
                 c, _ = _time_runtime(gen, ids, mask, n, use_cache=False)
-                results["cases"][f"{name}/batch{batch}"] = {
+                t, t_ids = _time_runtime(traced, ids, mask, n, use_cache=True)
+                case = {
                     "new_tokens": n, "runtime": a, "transformers_generate": b, "runtime_no_cache": c,
+                    "runtime_traced_graph": t,
                     "runtime_over_transformers": round(a["tokens_per_sec"] / b["tokens_per_sec"], 2),
                     "runtime_over_no_cache": round(a["tokens_per_sec"] / c["tokens_per_sec"], 2),
+                    "graph_over_traced_graph": round(a["tokens_per_sec"] / t["tokens_per_sec"], 2),
                     "same_tokens_as_transformers": bool(np.array_equal(a_ids, b_ids)),
+                    "traced_graph_same_tokens": bool(np.array_equal(t_ids, b_ids)),
                     "provider": gen.provider,
                 }
+                if int8 is not None:  # another precision: faster, not the same tokens (see its agreement)
+                    q, q_ids = _time_runtime(int8, ids, mask, n, use_cache=True)
+                    case["runtime_int8"] = q
+                    case["runtime_int8_over_transformers"] = round(q["tokens_per_sec"] / b["tokens_per_sec"], 2)
+                    case["int8_tokens_agreeing_with_fp32"] = round(float((q_ids == a_ids).mean()), 3)
+                results["cases"][f"{name}/batch{batch}"] = case
         gen = Generator.load(work / "gpt2-124m-random-onnx")
         ids, mask = gen.encode(["And it came to pass"])
         n = long_tokens - ids.shape[1]
@@ -393,7 +424,8 @@ def bench_generate(output: str | None = None, quick_dir: str = "artifacts/model"
     finally:
         shutil.rmtree(work, ignore_errors=True)
     out = atomic_write_text(output or "reports/bench_generate.json", json.dumps(results, indent=2) + "\n")
-    summary = {k: {m: v[m] for m in ("runtime_over_transformers", "runtime_over_no_cache") if m in v}
+    summary = {k: {m: v[m] for m in ("runtime_over_transformers", "runtime_over_no_cache", "graph_over_traced_graph",
+                                     "runtime_int8_over_transformers") if m in v}
                for k, v in results["cases"].items()}
     print(json.dumps(summary, indent=2))
     print(f"[bench] wrote {out}", file=sys.stderr)

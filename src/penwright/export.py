@@ -85,6 +85,37 @@ def export_graph(model: GPT2LMHeadModel, path: Path, opset: int) -> None:
                           do_constant_folding=True)
 
 
+def choose_graph(wanted: str, config, dtype: str) -> str:
+    """``lean`` (penwright's own graph) when it can express the model in this dtype, else ``transformers``."""
+    from penwright.graph import lean_supported
+
+    if wanted not in ("lean", "transformers"):
+        raise ConfigError(f"export.graph={wanted!r}: use lean or transformers")
+    if wanted == "lean":
+        why = "it is fp32 only" if dtype != "fp32" else lean_supported(config)
+        if why is None:
+            return "lean"
+        log(f"export.graph=lean cannot express this model ({why}): tracing transformers' module instead")
+    return "transformers"
+
+
+def save_graph(model, path: Path) -> bool:
+    """Write a built graph; its weights go to ``model.onnx.data`` past protobuf's 2 GB limit."""
+    import onnx
+
+    weights = sum(t.ByteSize() for t in model.graph.initializer)
+    external = weights >= EXTERNAL_DATA_BYTES
+    onnx.save_model(model, str(path), save_as_external_data=external, all_tensors_to_one_file=True,
+                    location=path.name + ".data", size_threshold=1024)
+    return external
+
+
+def _node_count(path: Path) -> int:
+    import onnx
+
+    return len(onnx.load(str(path), load_external_data=False).graph.node)
+
+
 def save_with_external_data_if_large(path: Path) -> bool:
     """Re-save ``path`` with its weights in ``model.onnx.data`` when the graph passes protobuf's 2 GB."""
     import onnx
@@ -166,14 +197,20 @@ def export(cfg: DictConfig) -> dict:
     try:
         graph = tmp / GRAPH
         log(f"exporting {src} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params, {dtype}) -> {out}/{GRAPH}")
-        export_model = model.half() if dtype == "fp16" else model
-        export_graph(export_model, graph, int(ecfg.opset))
-        model = model.float()
-        external = save_with_external_data_if_large(graph)
+        kind = choose_graph(str(ecfg.get("graph", "lean")), model.config, dtype)
+        if kind == "lean":
+            from penwright.graph import build_lean_graph
+
+            external = save_graph(build_lean_graph(model, int(ecfg.opset)), graph)
+        else:
+            export_graph(model.half() if dtype == "fp16" else model, graph, int(ecfg.opset))
+            model = model.float()
+            external = save_with_external_data_if_large(graph)
         tokenizer.save_pretrained(tmp)
         model.config.save_pretrained(tmp)
         model.generation_config.save_pretrained(tmp)
-        report = {"dtype": dtype, "opset": int(ecfg.opset), "external_data": external,
+        report = {"graph": kind, "nodes": _node_count(graph), "dtype": dtype, "opset": int(ecfg.opset),
+                  "external_data": external,
                   "graph_mb": round(sum(p.stat().st_size for p in tmp.glob("model.onnx*")) / 1e6, 2)}
         prompts = [str(p) for p in ecfg.parity_prompts]
         report["parity"] = parity(model, tokenizer, tmp, prompts, int(ecfg.parity_new_tokens))
