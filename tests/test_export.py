@@ -116,6 +116,13 @@ def test_int8_variant_is_written_and_its_quality_measured(tmp_path, tiny_gpt2, p
     assert 0 <= q["top1_agreement"] <= 1 and q["int8_loss"] > 0 and q["fp32_loss"] > 0
     gen = Generator.load(tmp_path / "onnx", graph="model.int8.onnx")
     assert len(gen.generate(["It is"], max_new_tokens=4, seed=0)) == 1
+    from penwright.generate import generate  # the generate stage on the int8 graph
+
+    samples = generate(compose([f"generate.model_dir={tmp_path / 'onnx'}", "generate.graph=model.int8.onnx",
+                                f"generate.destination={tmp_path / 'int8.md'}", "generate.report=null",
+                                "generate.nsamples=1", "generate.max_new_tokens=4", "generate.prompts=[It is]"],
+                               config_dir=repo / "conf"))
+    assert len(samples) == 1 and (tmp_path / "int8.md").is_file()
 
 
 def test_corrupt_graph_is_a_clear_error(onnx_tiny, tmp_path):

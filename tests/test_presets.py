@@ -243,7 +243,9 @@ def test_writing_prompts_pipeline_trains_both_models_in_one_wandb_group_and_writ
         assert "<|" not in prompt + response
     runs = sorted((proj / "wandb").glob("offline-run-*"))
     assert len(runs) == 2  # one W&B run per model ...
-    records = [b"".join(p.read_bytes() for p in r.glob("*.wandb")) for r in runs]
+    from test_train import wandb_record
+
+    records = [wandb_record(r, b"writing-prompts") for r in runs]
     assert all(records), [sorted(p.name for p in r.iterdir()) for r in runs]
     assert all(b"writing-prompts" in rec for rec in records)  # ... in one group
     assert {name for name in (b"wp-prompts", b"wp-responses") if any(name in rec for rec in records)} == \

@@ -85,6 +85,18 @@ def test_finetunes_a_pretrained_checkpoint_with_frozen_embeddings(compose_train,
     assert not torch.equal(before["transformer.h.0.mlp.c_fc.weight"], after["transformer.h.0.mlp.c_fc.weight"])
 
 
+def wandb_record(run_dir: Path, needle: bytes, timeout: float = 30.0) -> bytes:
+    """The offline run's protobuf log, once W&B's writer process (a separate process) has written ``needle``."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        record = b"".join(p.read_bytes() for p in run_dir.glob("run-*.wandb"))
+        if needle in record or time.monotonic() > deadline:
+            return record
+        time.sleep(0.2)
+
+
 def test_wandb_offline_run_has_tables_config_and_continues_on_resume(compose_train, tmp_path, monkeypatch, repo):
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("DVC_EXP_NAME", "my-exp")
@@ -100,7 +112,7 @@ def test_wandb_offline_run_has_tables_config_and_continues_on_resume(compose_tra
     rows = json.loads(tables[0].read_text())
     assert rows["columns"] == ["step", "kind", "prompt", "temperature", "text"] and rows["data"]
     # offline, the run config lives in the run's protobuf log: its keys and values are stored as text
-    record = next(runs[0].glob("run-*.wandb")).read_bytes()
+    record = wandb_record(runs[0], b"git_commit")
     dvc_md5 = hashlib.md5((repo / "data.dvc").read_bytes()).hexdigest()
     for needle in ("git_commit", "data_dvc_md5", dvc_md5, "block_size", "my-exp", "tests"):
         assert needle.encode() in record, needle

@@ -151,7 +151,7 @@ def render(samples: list[Sample], markdown: bool, delimiter: str, header: str) -
 def generate(cfg: DictConfig) -> list[Sample]:
     g = cfg.generate
     start = time.perf_counter()
-    gen = Generator.load(g.model_dir, provider=str(g.provider), threads=int(g.threads))
+    gen = Generator.load(g.model_dir, provider=str(g.provider), threads=int(g.threads), graph=str(g.graph))
     samples = generate_samples(
         gen, [str(p) for p in g.prompts], nsamples=int(g.nsamples), batch_size=int(g.batch_size),
         max_new_tokens=int(g.max_new_tokens), truncate=g.truncate, include_prefix=bool(g.include_prefix),
