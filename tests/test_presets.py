@@ -80,9 +80,11 @@ def test_long_run_continues_the_same_run_in_chunks(tmp_path, monkeypatch):
     # the schedule spans train.decay_steps (5000), not each chunk: no decay to the floor at a chunk's end
     lrs = [float(r["lr"]) for r in train_curve]
     assert lrs[-1] > 0.99 * float(preset("long_run", tmp_path).train.lr)
+    from test_train import wandb_run_of
+
     runs = sorted((tmp_path / "wandb").glob("offline-run-*"))
     run_id = (tmp_path / "artifacts" / "checkpoints" / "wandb_run_id").read_text().strip()
-    assert len(runs) == 3 and all(r.name.endswith(run_id) for r in runs)  # one W&B run, three chunks
+    assert len(runs) == 3 and all(wandb_run_of(r) == run_id for r in runs)  # one W&B run, three chunks
     assert sorted(p.name for p in (reports / "samples").iterdir()) == \
         ["step-000004.md", "step-000008.md", "step-000012.md"]
 

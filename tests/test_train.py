@@ -85,6 +85,13 @@ def test_finetunes_a_pretrained_checkpoint_with_frozen_embeddings(compose_train,
     assert not torch.equal(before["transformer.h.0.mlp.c_fc.weight"], after["transformer.h.0.mlp.c_fc.weight"])
 
 
+def wandb_run_of(run_dir: Path) -> str:
+    """The run id in an offline run's directory name: offline-run-<date>_<time>-<id>[-<n> when two start in one second]."""
+    import re
+
+    return re.fullmatch(r"offline-run-\d{8}_\d{6}-([0-9a-z]+)(-\d+)?", run_dir.name).group(1)
+
+
 def wandb_record(run_dir: Path, needle: bytes, timeout: float = 30.0) -> bytes:
     """The offline run's protobuf log, once W&B's writer process (a separate process) has written ``needle``."""
     import time
@@ -106,7 +113,7 @@ def test_wandb_offline_run_has_tables_config_and_continues_on_resume(compose_tra
     runs = sorted((wandb_dir / "wandb").glob("offline-run-*"))
     assert len(runs) == 1
     run_id = (tmp_path / "run" / "ckpt" / "wandb_run_id").read_text().strip()
-    assert runs[0].name.endswith(run_id)
+    assert wandb_run_of(runs[0]) == run_id
     tables = list((runs[0] / "files" / "media" / "table").rglob("*.table.json"))
     assert len(tables) == 2  # a new table at step 4 and at step 8
     rows = json.loads(tables[0].read_text())
@@ -118,7 +125,7 @@ def test_wandb_offline_run_has_tables_config_and_continues_on_resume(compose_tra
         assert needle.encode() in record, needle
     train(compose_train("trainer.max_steps=12", *overrides))  # resumed: the same W&B run id
     runs = sorted((wandb_dir / "wandb").glob("offline-run-*"))
-    assert len(runs) == 2 and all(r.name.endswith(run_id) for r in runs)
+    assert len(runs) == 2 and all(wandb_run_of(r) == run_id for r in runs)
 
 
 @pytest.mark.slow
