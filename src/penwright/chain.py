@@ -32,7 +32,7 @@ def response_prefix(prompt: str) -> str:
 
 def _batches(items: list, size: int):
     for start in range(0, len(items), size):
-        yield start, items[start:start + size]
+        yield items[start:start + size]
 
 
 def _texts(gen: Generator, prefixes: list[str], max_new_tokens: int, batch_size: int, seed: int | None,
@@ -41,7 +41,7 @@ def _texts(gen: Generator, prefixes: list[str], max_new_tokens: int, batch_size:
     texts = [""] * len(prefixes)
     for attempt in range(retries + 1):
         todo = [i for i, t in enumerate(texts) if not t]
-        for index, (_, rows) in enumerate(_batches(todo, batch_size)):
+        for index, rows in enumerate(_batches(todo, batch_size)):
             step_seed = None if seed is None else seed + 1000 * attempt + index
             out = gen.generate([prefixes[i] for i in rows], max_new_tokens, seed=step_seed, stop_strings=stops,
                                **sampling)
