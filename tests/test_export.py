@@ -26,23 +26,34 @@ def ref(tiny_gpt2):
     return GPT2LMHeadModel.from_pretrained(tiny_gpt2).eval()
 
 
-@pytest.fixture(scope="module")
-def onnx_traced(tmp_path_factory, tiny_gpt2, repo):
-    """The tiny GPT-2 exported by tracing transformers' module (export.graph=transformers)."""
+def export_as(root, tiny_gpt2, repo, graph: str):
+    """The tiny GPT-2 exported with ``export.graph=<graph>`` into ``root/onnx``."""
     from penwright.config import compose
     from penwright.export import export
 
-    root = tmp_path_factory.mktemp("onnx-traced")
     report = export(compose([f"train.out_dir={tiny_gpt2}", f"export.out_dir={root / 'onnx'}",
-                             f"paths.reports={root / 'reports'}", "export.graph=transformers"], config_dir=repo / "conf"))
-    assert report["graph"] == "transformers"
+                             f"paths.reports={root / 'reports'}", f"export.graph={graph}"], config_dir=repo / "conf"))
+    assert report["graph"] == graph
     return root / "onnx"
 
 
-@pytest.fixture(params=["lean", "transformers"])
+@pytest.fixture(scope="module")
+def onnx_traced(tmp_path_factory, tiny_gpt2, repo):
+    """Traced from transformers' module (export.graph=transformers)."""
+    return export_as(tmp_path_factory.mktemp("onnx-traced"), tiny_gpt2, repo, "transformers")
+
+
+@pytest.fixture(scope="module")
+def onnx_lean(tmp_path_factory, tiny_gpt2, repo):
+    """penwright's graph in standard ONNX operators (export.graph=lean)."""
+    return export_as(tmp_path_factory.mktemp("onnx-lean"), tiny_gpt2, repo, "lean")
+
+
+@pytest.fixture(params=["fused", "lean", "transformers"])
 def graph_dir(request, onnx_tiny):
-    """Both graphs the export stage can write: penwright's own (the default) and the traced one."""
-    return onnx_tiny if request.param == "lean" else request.getfixturevalue("onnx_traced")
+    """Every graph the export stage can write: fused (the default), lean and traced."""
+    return {"fused": lambda: onnx_tiny, "lean": lambda: request.getfixturevalue("onnx_lean"),
+            "transformers": lambda: request.getfixturevalue("onnx_traced")}[request.param]()
 
 
 def test_folder_is_self_contained_with_optimum_names(onnx_tiny):
@@ -176,7 +187,14 @@ def test_parity_prompts_too_short_for_a_past_are_a_clear_error(tiny_gpt2, tmp_pa
     assert not (tmp_path / "onnx").exists()
 
 
-def test_lean_graph_is_the_default_and_falls_back_to_tracing_for_what_it_cannot_express(onnx_tiny, tmp_path, repo):
+def domains(path) -> set[str]:
+    import onnx
+
+    return {n.domain or "ai.onnx" for n in onnx.load(str(path)).graph.node}
+
+
+def test_fused_graph_is_the_default_and_falls_back_to_tracing_for_what_it_cannot_express(onnx_tiny, onnx_lean,
+                                                                                       onnx_traced, tmp_path, repo):
     import onnx
     from transformers import GPT2Config
 
@@ -184,8 +202,13 @@ def test_lean_graph_is_the_default_and_falls_back_to_tracing_for_what_it_cannot_
     from penwright.export import export
 
     report = json.loads((onnx_tiny.parent / "reports" / "export.json").read_text())
-    assert report["graph"] == "lean" and report["nodes"] == len(onnx.load(str(onnx_tiny / "model.onnx")).graph.node)
-    assert report["nodes"] < 100  # 2 layers; the traced graph of the same model has several hundred
+    lean = json.loads((onnx_lean.parent / "reports" / "export.json").read_text())
+    traced = json.loads((onnx_traced.parent / "reports" / "export.json").read_text())
+    assert report["graph"] == "fused" and report["nodes"] == len(onnx.load(str(onnx_tiny / "model.onnx")).graph.node)
+    assert report["nodes"] < lean["nodes"] < traced["nodes"] / 3  # 2 layers: ~30 < ~90 < several hundred
+    # fused: onnxruntime's contrib operators; lean: standard ONNX only, for any runtime
+    assert domains(onnx_tiny / "model.onnx") == {"ai.onnx", "com.microsoft"}
+    assert domains(onnx_lean / "model.onnx") == {"ai.onnx"}
     model_dir = tmp_path / "relu"
     config = GPT2Config(vocab_size=320, n_positions=32, n_embd=16, n_layer=1, n_head=2, activation_function="relu")
     GPT2LMHeadModel(config).save_pretrained(model_dir)

@@ -322,12 +322,12 @@ def _time_torch(model, ids, mask, new_tokens: int, eos: int) -> dict:
 
 def _random_124m(workdir: Path, tokenizer_dir: Path) -> Path:
     """A GPT-2-124M-shaped model (12 layers, 768 wide, vocab 50257) with random weights, exported as the
-    export stage does (penwright's graph), plus its traced graph and its int8 variant for comparison."""
+    export stage does (penwright's fused graph), plus its lean, traced and int8 variants for comparison."""
     import torch
     from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
     from penwright.export import export_graph, quantize_int8, save_graph
-    from penwright.graph import build_lean_graph
+    from penwright.graph import build_graph
 
     torch.manual_seed(0)
     model = GPT2LMHeadModel(GPT2Config(n_layer=12, n_head=12, n_embd=768, vocab_size=50257, n_positions=1024)).eval()
@@ -336,7 +336,8 @@ def _random_124m(workdir: Path, tokenizer_dir: Path) -> Path:
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)  # ids stay below 50257: any GPT-2-style tokenizer serves
     tok.save_pretrained(hf_dir)
     onnx_dir.mkdir(parents=True, exist_ok=True)
-    save_graph(build_lean_graph(model, 17), onnx_dir / "model.onnx")
+    save_graph(build_graph(model, "fused"), onnx_dir / "model.onnx")
+    save_graph(build_graph(model, "lean"), onnx_dir / LEAN)
     export_graph(model, onnx_dir / TRACED, 17)
     quantize_int8(onnx_dir / "model.onnx", onnx_dir / "model.int8.onnx")
     tok.save_pretrained(onnx_dir)
@@ -344,22 +345,26 @@ def _random_124m(workdir: Path, tokenizer_dir: Path) -> Path:
     return hf_dir
 
 
-def _quickstart_traced(onnx_dir: Path, hf_dir: Path, workdir: Path) -> Path:
-    """A copy of the quickstart's ONNX folder with the traced graph and the int8 variant beside penwright's."""
+def _quickstart_variants(onnx_dir: Path, hf_dir: Path, workdir: Path) -> Path:
+    """A copy of the quickstart's ONNX folder with the lean, traced and int8 graphs beside the exported one."""
     from transformers import GPT2LMHeadModel
 
-    from penwright.export import export_graph, quantize_int8
+    from penwright.export import export_graph, quantize_int8, save_graph
+    from penwright.graph import build_graph
 
     copy = workdir / "quickstart-onnx"
     shutil.copytree(onnx_dir, copy)
-    export_graph(GPT2LMHeadModel.from_pretrained(hf_dir).eval(), copy / TRACED, 17)
+    model = GPT2LMHeadModel.from_pretrained(hf_dir).eval()
+    save_graph(build_graph(model, "lean"), copy / LEAN)
+    export_graph(model, copy / TRACED, 17)
     if not (copy / "model.int8.onnx").is_file():
         quantize_int8(copy / "model.onnx", copy / "model.int8.onnx")
     return copy
 
 
 TRACED = "model.traced.onnx"
-ROUNDS = 3
+LEAN = "model.lean.onnx"
+ROUNDS = 5
 
 
 def _interleaved(engines: dict, rounds: int = ROUNDS) -> dict:
@@ -395,34 +400,38 @@ def bench_generate(output: str | None = None, quick_dir: str = "artifacts/model"
     }
     try:
         big_hf = _random_124m(work, Path(quick_onnx))
-        quick = _quickstart_traced(Path(quick_onnx), Path(quick_dir), work)
+        quick = _quickstart_variants(Path(quick_onnx), Path(quick_dir), work)
         models = {"quickstart": (Path(quick_dir), quick), "gpt2-124m-shape": (big_hf, work / "gpt2-124m-random-onnx")}
         for name, (hf_dir, onnx_dir) in models.items():
             gen = Generator.load(onnx_dir)
             traced = Generator.load(onnx_dir, graph=TRACED)
+            lean = Generator.load(onnx_dir, graph=LEAN)
             int8 = Generator.load(onnx_dir, graph="model.int8.onnx") if (onnx_dir / "model.int8.onnx").is_file() else None
             ref = GPT2LMHeadModel.from_pretrained(hf_dir).eval()
             for batch in (1, 8):
                 prompts = ["And it came to pass"] * batch
                 ids, mask = gen.encode(prompts)
                 n = min(new_tokens, gen.n_positions - ids.shape[1])
-                print(f"[bench] {name} batch {batch}: {n} new tokens x {4 + bool(int8)} engines, cached ones "
-                      f"{ROUNDS} rounds interleaved", file=sys.stderr)
                 engines = {"a": lambda: _time_runtime(gen, ids, mask, n, use_cache=True),
                            "b": lambda: _time_torch(ref, ids, mask, n, gen.eos),
+                           "l": lambda: _time_runtime(lean, ids, mask, n, use_cache=True),
                            "t": lambda: _time_runtime(traced, ids, mask, n, use_cache=True)}
                 if int8 is not None:
                     engines["q"] = lambda: _time_runtime(int8, ids, mask, n, use_cache=True)
+                print(f"[bench] {name} batch {batch}: {n} new tokens x {len(engines) + 1} engines, cached ones "
+                      f"{ROUNDS} rounds interleaved", file=sys.stderr)
                 timed = _interleaved(engines)
-                (a, a_ids), (b, b_ids), (t, t_ids) = timed["a"], timed["b"], timed["t"]
+                (a, a_ids), (b, b_ids), (t, t_ids), (lg, l_ids) = timed["a"], timed["b"], timed["t"], timed["l"]
                 c, _ = _time_runtime(gen, ids, mask, n, use_cache=False)  # slow: once
                 case = {
                     "new_tokens": n, "runtime": a, "transformers_generate": b, "runtime_no_cache": c,
-                    "runtime_traced_graph": t,
+                    "runtime_lean_graph": lg, "runtime_traced_graph": t,
                     "runtime_over_transformers": round(a["tokens_per_sec"] / b["tokens_per_sec"], 2),
                     "runtime_over_no_cache": round(a["tokens_per_sec"] / c["tokens_per_sec"], 2),
+                    "graph_over_lean_graph": round(a["tokens_per_sec"] / lg["tokens_per_sec"], 2),
                     "graph_over_traced_graph": round(a["tokens_per_sec"] / t["tokens_per_sec"], 2),
                     "same_tokens_as_transformers": bool(np.array_equal(a_ids, b_ids)),
+                    "lean_graph_same_tokens": bool(np.array_equal(l_ids, b_ids)),
                     "traced_graph_same_tokens": bool(np.array_equal(t_ids, b_ids)),
                     "provider": gen.provider,
                 }
@@ -445,7 +454,8 @@ def bench_generate(output: str | None = None, quick_dir: str = "artifacts/model"
     finally:
         shutil.rmtree(work, ignore_errors=True)
     out = atomic_write_text(output or "reports/bench_generate.json", json.dumps(results, indent=2) + "\n")
-    summary = {k: {m: v[m] for m in ("runtime_over_transformers", "runtime_over_no_cache", "graph_over_traced_graph",
+    summary = {k: {m: v[m] for m in ("runtime_over_transformers", "runtime_over_no_cache", "graph_over_lean_graph",
+                                     "graph_over_traced_graph",
                                      "runtime_int8_over_transformers") if m in v}
                for k, v in results["cases"].items()}
     print(json.dumps(summary, indent=2))

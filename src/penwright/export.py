@@ -86,16 +86,17 @@ def export_graph(model: GPT2LMHeadModel, path: Path, opset: int) -> None:
 
 
 def choose_graph(wanted: str, config, dtype: str) -> str:
-    """``lean`` (penwright's own graph) when it can express the model in this dtype, else ``transformers``."""
-    from penwright.graph import lean_supported
+    """``fused`` or ``lean`` (penwright's own graphs) when they can express the model in this dtype, else
+    ``transformers`` (traced)."""
+    from penwright.graph import KINDS, supported
 
-    if wanted not in ("lean", "transformers"):
-        raise ConfigError(f"export.graph={wanted!r}: use lean or transformers")
-    if wanted == "lean":
-        why = "it is fp32 only" if dtype != "fp32" else lean_supported(config)
+    if wanted not in (*KINDS, "transformers"):
+        raise ConfigError(f"export.graph={wanted!r}: use {', '.join(KINDS)} or transformers")
+    if wanted in KINDS:
+        why = "it is fp32 only" if dtype != "fp32" else supported(config)
         if why is None:
-            return "lean"
-        log(f"export.graph=lean cannot express this model ({why}): tracing transformers' module instead")
+            return wanted
+        log(f"export.graph={wanted} cannot express this model ({why}): tracing transformers' module instead")
     return "transformers"
 
 
@@ -129,9 +130,12 @@ def save_with_external_data_if_large(path: Path) -> bool:
 
 
 def quantize_int8(src: Path, dst: Path) -> None:
+    from onnx import TensorProto
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8)
+    # onnx's shape inference cannot type the outputs of onnxruntime's contrib ops (fused graph): they are fp32
+    quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8,
+                     extra_options={"DefaultTensorType": TensorProto.FLOAT})
 
 
 # -- parity -------------------------------------------------------------------------------------------
@@ -197,11 +201,11 @@ def export(cfg: DictConfig) -> dict:
     try:
         graph = tmp / GRAPH
         log(f"exporting {src} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params, {dtype}) -> {out}/{GRAPH}")
-        kind = choose_graph(str(ecfg.get("graph", "lean")), model.config, dtype)
-        if kind == "lean":
-            from penwright.graph import build_lean_graph
+        kind = choose_graph(str(ecfg.get("graph", "fused")), model.config, dtype)
+        if kind != "transformers":
+            from penwright.graph import build_graph
 
-            external = save_graph(build_lean_graph(model, int(ecfg.opset)), graph)
+            external = save_graph(build_graph(model, kind, int(ecfg.opset)), graph)
         else:
             export_graph(model.half() if dtype == "fp16" else model, graph, int(ecfg.opset))
             model = model.float()
