@@ -72,10 +72,11 @@ def test_folder_is_self_contained_with_optimum_names(onnx_tiny):
     assert report["parity"]["max_abs_diff_logits_with_past"] <= 1e-4
 
 
+@pytest.mark.parametrize("io_binding", [False, True], ids=["run", "iobinding"])
 @pytest.mark.parametrize("prompts", [PROMPTS[:1], PROMPTS], ids=["batch1", "batch3-left-padded"])
-def test_logits_match_pytorch_with_empty_and_nonempty_past(graph_dir, ref, prompts):
+def test_logits_match_pytorch_with_empty_and_nonempty_past(graph_dir, ref, prompts, io_binding):
     onnx_tiny = graph_dir
-    gen = Generator.load(onnx_tiny)
+    gen = Generator.load(onnx_tiny, io_binding=io_binding)  # IOBinding: what CUDA uses, run here on CPU
     ids, mask = gen.encode(prompts)
     full = torch_logits(ref, ids, mask)
     real = mask.astype(bool)
@@ -89,10 +90,11 @@ def test_logits_match_pytorch_with_empty_and_nonempty_past(graph_dir, ref, promp
     assert np.abs(step.logits[:, -1] - full2[:, -1]).max() < 1e-4
 
 
+@pytest.mark.parametrize("io_binding", [False, True], ids=["run", "iobinding"])
 @pytest.mark.parametrize("prompts", [PROMPTS[:1], PROMPTS], ids=["batch1", "batch3-left-padded"])
-def test_greedy_tokens_equal_transformers_generate(graph_dir, ref, prompts):
+def test_greedy_tokens_equal_transformers_generate(graph_dir, ref, prompts, io_binding):
     onnx_tiny = graph_dir
-    gen = Generator.load(onnx_tiny)
+    gen = Generator.load(onnx_tiny, io_binding=io_binding)
     ids, mask = gen.encode(prompts)
     with torch.no_grad():
         expected = ref.generate(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask),
