@@ -4,11 +4,12 @@ Each measured run happens in a fresh subprocess, so its peak RSS (``ru_maxrss``)
 
 prepare:
 * encoder throughput on the sample corpus: the fast tokenizer's batch API (baseline) vs the
-  tiktoken encoder prepare uses when it gives identical ids;
+  tiktoken encoder prepare uses when it gives identical ids (one thread per core), and tiktoken on
+  one thread (how far its threads scale on this machine);
 * the whole stage on the sample corpus (quickstart config: BPE training included), and on
   generated corpora of ~20 MB and ``--size-mb`` MB (verses of the sample drawn at random into 1 MB
-  files), tokenized with the quickstart tokenizer: MB/s and peak RSS for each, to show RSS stays
-  flat as the corpus grows.
+  files), tokenized with the quickstart tokenizer: MB/s, the share of the stage's time spent in the
+  encoder, and peak RSS for each, to show RSS stays flat as the corpus grows.
 """
 
 from __future__ import annotations
@@ -41,13 +42,28 @@ def _fresh_dir(path: Path) -> Path:
 
 def _child_prepare(overrides: list[str]) -> dict:
     """Run in a subprocess: one prepare, timed, with the process's own peak RSS."""
+    import penwright.prepare as stage
     from penwright.config import compose
-    from penwright.prepare import prepare
 
+    in_encoder = [0.0]
+    choose = stage.choose_encoder
+
+    def timed_encoder(*args):  # the stage's own encoder, with a stopwatch around each batch
+        name, encode = choose(*args)
+
+        def timed(texts):
+            t = time.perf_counter()
+            ids = encode(texts)
+            in_encoder[0] += time.perf_counter() - t
+            return ids
+        return name, timed
+
+    stage.choose_encoder = timed_encoder
     start = time.perf_counter()
-    meta = prepare(compose(overrides))
+    meta = stage.prepare(compose(overrides))
     seconds = time.perf_counter() - start
     return {
+        "share_in_encoder": round(in_encoder[0] / seconds, 3),
         "seconds": round(seconds, 3),
         "mb": round(meta["data"]["bytes"] / 1e6, 2),
         "mb_per_s": round(meta["data"]["bytes"] / 1e6 / seconds, 2),
@@ -70,6 +86,7 @@ def _child_encoders(tokenizer_dir: str, corpus: str) -> dict:
     encoders = {
         "tokenizers_encode_batch_fast": lambda ts: [e.ids for e in backend.encode_batch_fast(ts, add_special_tokens=False)],
         "tiktoken": fast_encoder(tok),
+        "tiktoken_1_thread": fast_encoder(tok, threads=1),  # one core's rate: how far threads scale here
     }
     out, ids = {}, {}
     for name, encode in encoders.items():
@@ -80,6 +97,7 @@ def _child_encoders(tokenizer_dir: str, corpus: str) -> dict:
             best = min(best, time.perf_counter() - start)
         out[name] = {"seconds": round(best, 3), "mb_per_s": round(size / 1e6 / best, 2)}
     out["identical_ids"] = [a.tolist() for a in ids["tiktoken"]] == ids["tokenizers_encode_batch_fast"]
+    out["tiktoken_threads_over_1_thread"] = round(out["tiktoken_1_thread"]["seconds"] / out["tiktoken"]["seconds"], 2)
     out["speedup"] = round(out["tokenizers_encode_batch_fast"]["seconds"] / out["tiktoken"]["seconds"], 2)
     out["mb"] = round(size / 1e6, 2)
     return out
@@ -167,6 +185,9 @@ def bench_prepare(size_mb: int = 200, output: str | None = None, sample: str = "
             f"mb_per_s_{size_mb}mb": big["mb_per_s"],
             f"speedup_vs_tokenizers_{size_mb}mb": round(
                 results[f"generated_{size_mb}mb_tokenizers"]["seconds"] / big["seconds"], 2),
+            f"share_of_stage_in_encoder_{size_mb}mb": big["share_in_encoder"],
+            "encoder_alone_mb_per_s_sample": results["encoders_on_sample"]["tiktoken"]["mb_per_s"],
+            "encoder_threads_over_1_thread": results["encoders_on_sample"]["tiktoken_threads_over_1_thread"],
             "peak_rss_mb_sample_vs_20mb_vs_big": [results["sample"]["peak_rss_mb"],
                                                   results["generated_20mb"]["peak_rss_mb"], big["peak_rss_mb"]],
         }
