@@ -4,12 +4,12 @@ Each measured run happens in a fresh subprocess, so its peak RSS (``ru_maxrss``)
 
 prepare:
 * encoder throughput on the sample corpus: the fast tokenizer's batch API (baseline) vs the
-  tiktoken encoder prepare uses when it gives identical ids (one thread per core), and tiktoken on
-  one thread (how far its threads scale on this machine);
+  tiktoken encoder prepare uses when it gives identical ids (one worker process per core), and
+  tiktoken in one process (how far the workers scale on this machine);
 * the whole stage on the sample corpus (quickstart config: BPE training included), and on
   generated corpora of ~20 MB and ``--size-mb`` MB (verses of the sample drawn at random into 1 MB
-  files), tokenized with the quickstart tokenizer: MB/s, the share of the stage's time spent in the
-  encoder, and peak RSS for each, to show RSS stays flat as the corpus grows.
+  files), tokenized with the quickstart tokenizer: MB/s and peak RSS (the stage's process and its
+  largest encoder worker) for each, to show RSS stays flat as the corpus grows.
 """
 
 from __future__ import annotations
@@ -45,30 +45,16 @@ def _child_prepare(overrides: list[str]) -> dict:
     import penwright.prepare as stage
     from penwright.config import compose
 
-    in_encoder = [0.0]
-    choose = stage.choose_encoder
-
-    def timed_encoder(*args):  # the stage's own encoder, with a stopwatch around each batch
-        name, encode = choose(*args)
-
-        def timed(texts):
-            t = time.perf_counter()
-            ids = encode(texts)
-            in_encoder[0] += time.perf_counter() - t
-            return ids
-        return name, timed
-
-    stage.choose_encoder = timed_encoder
     start = time.perf_counter()
     meta = stage.prepare(compose(overrides))
     seconds = time.perf_counter() - start
     return {
-        "share_in_encoder": round(in_encoder[0] / seconds, 3),
         "seconds": round(seconds, 3),
         "mb": round(meta["data"]["bytes"] / 1e6, 2),
         "mb_per_s": round(meta["data"]["bytes"] / 1e6 / seconds, 2),
         "tokens": meta["train"]["tokens"] + meta["val"]["tokens"],
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "peak_rss_encoder_worker_mb": round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, 1),
         "encoder": meta["tokenizer"]["encoder"],
     }
 
@@ -85,8 +71,8 @@ def _child_encoders(tokenizer_dir: str, corpus: str) -> dict:
     backend = tok.backend_tokenizer
     encoders = {
         "tokenizers_encode_batch_fast": lambda ts: [e.ids for e in backend.encode_batch_fast(ts, add_special_tokens=False)],
-        "tiktoken": fast_encoder(tok),
-        "tiktoken_1_thread": fast_encoder(tok, threads=1),  # one core's rate: how far threads scale here
+        "tiktoken": fast_encoder(tok),  # one worker process per core, as prepare runs it
+        "tiktoken_1_process": fast_encoder(tok, workers=1),  # one core's rate: how far the workers scale here
     }
     out, ids = {}, {}
     for name, encode in encoders.items():
@@ -97,7 +83,8 @@ def _child_encoders(tokenizer_dir: str, corpus: str) -> dict:
             best = min(best, time.perf_counter() - start)
         out[name] = {"seconds": round(best, 3), "mb_per_s": round(size / 1e6 / best, 2)}
     out["identical_ids"] = [a.tolist() for a in ids["tiktoken"]] == ids["tokenizers_encode_batch_fast"]
-    out["tiktoken_threads_over_1_thread"] = round(out["tiktoken_1_thread"]["seconds"] / out["tiktoken"]["seconds"], 2)
+    out["tiktoken_workers_over_1_process"] = round(out["tiktoken_1_process"]["seconds"] / out["tiktoken"]["seconds"], 2)
+    encoders["tiktoken"].close()
     out["speedup"] = round(out["tokenizers_encode_batch_fast"]["seconds"] / out["tiktoken"]["seconds"], 2)
     out["mb"] = round(size / 1e6, 2)
     return out
@@ -185,9 +172,8 @@ def bench_prepare(size_mb: int = 200, output: str | None = None, sample: str = "
             f"mb_per_s_{size_mb}mb": big["mb_per_s"],
             f"speedup_vs_tokenizers_{size_mb}mb": round(
                 results[f"generated_{size_mb}mb_tokenizers"]["seconds"] / big["seconds"], 2),
-            f"share_of_stage_in_encoder_{size_mb}mb": big["share_in_encoder"],
             "encoder_alone_mb_per_s_sample": results["encoders_on_sample"]["tiktoken"]["mb_per_s"],
-            "encoder_threads_over_1_thread": results["encoders_on_sample"]["tiktoken_threads_over_1_thread"],
+            "encoder_workers_over_1_process": results["encoders_on_sample"]["tiktoken_workers_over_1_process"],
             "peak_rss_mb_sample_vs_20mb_vs_big": [results["sample"]["peak_rss_mb"],
                                                   results["generated_20mb"]["peak_rss_mb"], big["peak_rss_mb"]],
         }
@@ -383,6 +369,28 @@ def _quickstart_variants(onnx_dir: Path, hf_dir: Path, workdir: Path) -> Path:
     return copy
 
 
+def _weights_floor(model, rounds: int = 5) -> dict:
+    """How fast this machine can stream a decoding step's fp32 weights once: the bytes of every weight
+    matrix a batch-1 step reads (the embeddings give one row each; the output projection is read
+    whole) over the best read bandwidth seen here, numpy's matrix-vector product on one matrix of
+    that size (one long streaming read; best of ``rounds``). No engine decodes a token at batch 1 in
+    fp32 faster than this."""
+    size = sum(p.numel() * 4 for n, p in model.named_parameters()
+               if p.dim() == 2 and not n.endswith(("wte.weight", "wpe.weight")))
+    size += model.lm_head.weight.numel() * 4
+    rows = 768
+    big = np.ones((rows, size // 4 // rows), np.float32)
+    x = np.ones((1, rows), np.float32)
+    best = float("inf")
+    for _ in range(rounds):
+        start = time.perf_counter()
+        x @ big
+        best = min(best, time.perf_counter() - start)
+    del big
+    return {"weights_mb": round(size / 1e6, 1), "read_gb_per_s": round(size / best / 1e9, 1),
+            "ms_per_token": round(best * 1000, 2)}
+
+
 TRACED = "model.traced.onnx"
 LEAN = "model.lean.onnx"
 ROUNDS = 5
@@ -462,6 +470,15 @@ def bench_generate(output: str | None = None, quick_dir: str = "artifacts/model"
                     case["runtime_int8_over_transformers"] = round(q["tokens_per_sec"] / b["tokens_per_sec"], 2)
                     case["int8_tokens_agreeing_with_fp32"] = round(float((q_ids == a_ids).mean()), 3)
                 results["cases"][f"{name}/batch{batch}"] = case
+            if name == "gpt2-124m-shape":  # batch 1 streams every weight once per token: memory bounds it
+                floor = _weights_floor(ref)
+                b1 = results["cases"][f"{name}/batch1"]
+                torch_ms = 1000 / b1["transformers_generate"]["tokens_per_sec"]
+                results["memory_floor"] = {
+                    "model": name, **floor, "transformers_ms_per_token_batch1": round(torch_ms, 2),
+                    "runtime_ms_per_token_batch1": round(1000 / b1["runtime"]["tokens_per_sec"], 2),
+                    "most_runtime_over_transformers_fp32_batch1": round(torch_ms / floor["ms_per_token"], 2),
+                }
         gen = Generator.load(work / "gpt2-124m-random-onnx")
         ids, mask = gen.encode(["And it came to pass"])
         n = long_tokens - ids.shape[1]
@@ -479,6 +496,6 @@ def bench_generate(output: str | None = None, quick_dir: str = "artifacts/model"
                                      "graph_over_traced_graph",
                                      "runtime_int8_over_transformers") if m in v}
                for k, v in results["cases"].items()}
-    print(json.dumps(summary, indent=2))
+    print(json.dumps({**summary, "memory_floor": results.get("memory_floor")}, indent=2))
     print(f"[bench] wrote {out}", file=sys.stderr)
     return results

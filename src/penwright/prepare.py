@@ -3,13 +3,14 @@
 1. scan the corpus (every file checked and its documents counted before anything is written);
 2. split documents into train/val with a seeded draw (a single document splits by token range);
 3. train a byte-level BPE on the training split, or load the pretrained GPT-2 tokenizer;
-4. tokenize chunk by chunk with the fast tokenizer's batch API, each document followed by ONE
-   EOS id, appending to flat uint16 (or uint32) files that ``np.memmap`` reads;
+4. tokenize chunk by chunk (tiktoken built from the same vocab, on one worker process per core,
+   when it gives the fast tokenizer's ids; else the tokenizers batch API), each document followed
+   by ONE EOS id, appending to flat uint16 (or uint32) files that ``np.memmap`` reads;
 5. write everything into a temporary directory and rename it into place, so a failure leaves
    the previous output (or nothing), never half of one.
 
-Memory stays flat in corpus size: text is read in ``data.chunk_bytes`` chunks and only one batch
-of chunks and its ids are held at a time.
+Memory stays flat in corpus size: text is read in ``data.chunk_bytes`` chunks and at most two
+batches of chunks and their ids are held at a time.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import json
 import shutil
 import sys
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
@@ -30,8 +32,8 @@ from tqdm import tqdm
 from penwright.corpus import CorpusSpec, Source, iter_documents, scan
 from penwright.errors import ConfigError
 from penwright.fsutil import replace_dir, temp_dir_for
-from penwright.tokenizer import (BYTES_VOCAB, byte_tokenizer, check_config, fast_encoder, limit_bytes,
-                                 load_pretrained_tokenizer, train_bpe)
+from penwright.tokenizer import (BYTES_VOCAB, FastEncoder, byte_tokenizer, check_config, fast_encoder,
+                                 limit_bytes, load_pretrained_tokenizer, train_bpe)
 
 META_VERSION = 1
 TOKENIZER_DIR = "tokenizer"
@@ -147,12 +149,17 @@ def prepare(cfg: DictConfig) -> dict:
         vocab_size = len(tokenizer)
         eos = int(tokenizer.eos_token_id)
         dtype = dtype_for(vocab_size)
-        encoder_name, encode = choose_encoder(tokenizer, _probe_text(sources, spec), bool(data.fast_encode))
-        log(f"tokenizing with {encoder_name} ({len(tokenizer):,} tokens, EOS id {eos})")
+        workers = int(data.get("encode_workers", 0))
+        if workers < 0:
+            raise ConfigError(f"data.encode_workers={workers}: use 0 (one per core) or a count >= 1")
+        encoder_name, encode = choose_encoder(tokenizer, _probe_text(sources, spec), bool(data.fast_encode), workers)
+        where = f" on {encode.workers} process(es)" if isinstance(encode, FastEncoder) else ""
+        log(f"tokenizing with {encoder_name}{where} ({len(tokenizer):,} tokens, EOS id {eos})")
         writers = {s: _Writer(tmp / f"{s}.bin", dtype) for s in SPLITS}
         try:
             _tokenize(sources, spec, encode, eos, is_val, writers, total_bytes)
         finally:
+            close_encoder(encode)
             for w in writers.values():
                 w.close()
         stats = {s: writers[s].stats for s in SPLITS}
@@ -197,8 +204,10 @@ def prepare(cfg: DictConfig) -> dict:
     return meta
 
 
-def choose_encoder(tokenizer, sample: list[str], fast: bool) -> tuple[str, Callable[[list[str]], list]]:
-    """The batch encoder to use: tiktoken when it gives exactly the fast tokenizer's ids on ``sample``."""
+def choose_encoder(tokenizer, sample: list[str], fast: bool, workers: int = 0
+                   ) -> tuple[str, Callable[[list[str]], list]]:
+    """The batch encoder to use: tiktoken (on ``workers`` processes) when it gives exactly the fast
+    tokenizer's ids on ``sample``, else the tokenizers batch API. Close it with ``close_encoder``."""
     backend = tokenizer.backend_tokenizer
     hf_batch = getattr(backend, "encode_batch_fast", backend.encode_batch)
 
@@ -206,10 +215,18 @@ def choose_encoder(tokenizer, sample: list[str], fast: bool) -> tuple[str, Calla
         return [e.ids for e in hf_batch(texts, add_special_tokens=False)]
 
     if fast:
-        tk = fast_encoder(tokenizer)
-        if tk is not None and [np.asarray(a).tolist() for a in tk(sample)] == hf(sample):
-            return "tiktoken", tk
+        tk = fast_encoder(tokenizer, workers or None)
+        if tk is not None:
+            if [np.asarray(a).tolist() for a in tk(sample)] == hf(sample):
+                return "tiktoken", tk
+            tk.close()
     return "tokenizers", hf
+
+
+def close_encoder(encode) -> None:
+    """End an encoder's worker processes, if it has any."""
+    if isinstance(encode, FastEncoder):
+        encode.close()
 
 
 def _probe_text(sources, spec, max_bytes: int = 1 << 17) -> list[str]:
@@ -224,20 +241,34 @@ def _probe_text(sources, spec, max_bytes: int = 1 << 17) -> list[str]:
     return probe
 
 
+def _submit(encode, texts: list[str]) -> Callable[[], list]:
+    """Start encoding a batch; returns a function that waits for its ids (worker processes encode
+    while the stage reads on; other encoders finish before this returns)."""
+    if isinstance(encode, FastEncoder):
+        return encode.submit(texts)
+    ids = encode(texts)
+    return lambda: ids
+
+
 def _tokenize(sources, spec, encode, eos, is_val, writers, total_bytes) -> None:
-    """Encode every document in batches of chunks; each document ends with one EOS id."""
+    """Encode every document in batches of chunks; each document ends with one EOS id.
+
+    A batch is written (in order) only once the next one has been sent to the encoder, so the
+    workers encode while this process reads and writes; at most two batches are held at a time.
+    """
     budget = BATCH_CHUNKS * spec.chunk_bytes
     entries: list[tuple[str, str | None]] = []  # (split, text) for text, (split, None) at a document's end
     texts: list[str] = []
+    in_flight: deque = deque()  # (entries, wait for their ids) of batches sent to the encoder, oldest first
     pending = 0
     bar = tqdm(total=total_bytes, unit="B", unit_scale=True, unit_divisor=1024, desc="tokenize",
                mininterval=0.5, file=sys.stderr, dynamic_ncols=True)
 
     last = {s: None for s in SPLITS}  # the last id written to each split
 
-    def flush():
-        encodings = iter(encode(texts))
-        for split, text in entries:
+    def write(batch, wait) -> None:
+        encodings = iter(wait())
+        for split, text in batch:
             writer = writers[split]
             if text is None:
                 writer.stats.documents += 1
@@ -249,8 +280,13 @@ def _tokenize(sources, spec, encode, eos, is_val, writers, total_bytes) -> None:
             if len(ids):
                 writer.write(ids)
                 last[split] = int(ids[-1])
+
+    def flush(keep: int) -> None:
+        in_flight.append((list(entries), _submit(encode, list(texts))))
         entries.clear()
         texts.clear()
+        while len(in_flight) > keep:
+            write(*in_flight.popleft())
 
     for index, chunks in _documents(sources, spec):
         split = "val" if is_val[index] else "train"
@@ -261,11 +297,11 @@ def _tokenize(sources, spec, encode, eos, is_val, writers, total_bytes) -> None:
             texts.append(text)
             pending += size
             if pending >= budget:
-                flush()
+                flush(keep=1)
                 bar.update(pending)
                 pending = 0
         entries.append((split, None))
-    flush()
+    flush(keep=0)
     bar.update(pending)
     bar.close()
 
