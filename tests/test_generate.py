@@ -433,10 +433,11 @@ def test_generate_to_markdown(repo, onnx_tiny, tmp_path):
     assert "## 1. prompt: (unconditional)" in unconditional
 
 
-def test_generate_without_destination_prints_the_samples(repo, onnx_tiny, capsys):
+def test_generate_without_destination_prints_the_samples(repo, onnx_tiny, capsys, tmp_path):
     from penwright.config import compose
 
     cfg = compose([f"generate.model_dir={onnx_tiny}", "generate.destination=null", "generate.delimiter=@@",
+                   f"paths.reports={tmp_path}",
                    "generate.nsamples=2", "generate.prompts=[It is]", "generate.max_new_tokens=5"],
                   config_dir=repo / "conf")
     samples = generate(cfg)
