@@ -30,6 +30,20 @@ def repo() -> Path:
     return REPO
 
 
+def _files_under(root: Path) -> dict[Path, bytes]:
+    return {p: p.read_bytes() for p in root.rglob("*") if p.is_file()} if root.is_dir() else {}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def repo_reports_untouched():
+    """No test may write the repository's own reports/ (DVC outputs and benchmark results): tests write to temp dirs."""
+    before = _files_under(REPO / "reports")
+    yield
+    after = _files_under(REPO / "reports")
+    changed = sorted(str(p.relative_to(REPO)) for p in set(before) | set(after) if before.get(p) != after.get(p))
+    assert not changed, f"tests wrote the repository's reports (give them paths.reports in a temp dir): {changed}"
+
+
 @pytest.fixture(scope="session")
 def tiny_gpt2(tmp_path_factory) -> Path:
     """A tiny GPT-2 (model + byte-level BPE tokenizer) saved with save_pretrained: our offline 'gpt2'."""

@@ -401,7 +401,8 @@ def file_cfg(repo, onnx_tiny, dest, *extra):
 
     return compose([f"generate.model_dir={onnx_tiny}", f"generate.destination={dest}", "generate.delimiter=|||",
                     "generate.nsamples=3", "generate.batch_size=2", "generate.prompts=[It is]",
-                    "generate.max_new_tokens=8", "generate.stream=false", *extra], config_dir=repo / "conf")
+                    "generate.max_new_tokens=8", "generate.stream=false", "generate.report=null", *extra],
+                   config_dir=repo / "conf")
 
 
 def test_generate_to_a_text_file(repo, onnx_tiny, tmp_path, capsys):
