@@ -42,11 +42,11 @@ def _fresh_dir(path: Path) -> Path:
 
 def _child_prepare(overrides: list[str]) -> dict:
     """Run in a subprocess: one prepare, timed, with the process's own peak RSS."""
-    import penwright.prepare as stage
     from penwright.config import compose
+    from penwright.prepare import prepare
 
     start = time.perf_counter()
-    meta = stage.prepare(compose(overrides))
+    meta = prepare(compose(overrides))
     seconds = time.perf_counter() - start
     return {
         "seconds": round(seconds, 3),

@@ -124,7 +124,7 @@ class Generator:
         positions = position_ids_for(mask, ids.shape[1])
         if not self.io_binding:
             feed = {"input_ids": ids, "attention_mask": mask, "position_ids": positions}
-            feed.update((name, v.numpy() if isinstance(v, ort.OrtValue) else v) for name, v in zip(self.past_names, past))
+            feed.update(zip(self.past_names, past))
             outputs = self.session.run(None, feed)
             return Step(logits=outputs[0], present=outputs[1:])
         binding = self.session.io_binding()
