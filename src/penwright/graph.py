@@ -6,9 +6,10 @@ add folded into the layer norm that follows it. Fewer nodes is less onnxruntime 
 decoding step, which is most of the step for small models.
 
 * ``fused`` (the default) uses onnxruntime's contrib operators (domain ``com.microsoft``):
-  ``MultiHeadAttention`` with the past and present caches, ``SkipLayerNormalization`` (residual add
-  + bias + layer norm) and ``FastGelu`` (GELU's tanh form + bias): ~55 nodes for 4 layers. It runs
-  on onnxruntime only, which is what penwright's runtime is.
+  ``MultiHeadAttention`` with the past and present caches (the padding mask as its key padding
+  mask, causality by its ``unidirectional`` flag), ``SkipLayerNormalization`` (residual add + bias
+  + layer norm) and ``FastGelu`` (GELU's tanh form + bias): 42 nodes for 4 layers. It runs on
+  onnxruntime only, which is what penwright's runtime is.
 * ``lean`` spells the same graph in standard ONNX operators (opset 17): ~170 nodes for 4 layers,
   readable by any ONNX runtime.
 
@@ -63,21 +64,24 @@ def build_graph(model, kind: str = "fused", opset: int = 17) -> onnx.ModelProto:
     def const(name, values, dtype=np.int64):
         return init(name, np.array(values, dtype=dtype))
 
-    const("split3", [e, e, e]); const("zero", 0); const("one", 1)
-    const("axes0", [0]); const("axes1", [1]); const("axes12", [1, 2])
-    const("f_zero", 0.0, np.float32); const("f_min", np.finfo(np.float32).min, np.float32)
+    const("split3", [e, e, e])
 
     x = node("Add", [node("Gather", [weight("transformer.wte.weight"), "input_ids"], "tok"),
                      node("Gather", [weight("transformer.wpe.weight"), "position_ids"], "pos")], "x0")
-    # additive mask [b, 1, s, T]: key j is visible to query i iff it is real and j <= past + i
-    seq = node("Gather", [node("Shape", ["input_ids"], "ids_shape"), "one"], "seq", axis=0)
-    total = node("Gather", [node("Shape", ["attention_mask"], "mask_shape"), "one"], "total", axis=0)
-    kpos = node("Unsqueeze", [node("Range", ["zero", total, "one"], "kpos"), "axes0"], "kpos_row")
-    qpos = node("Unsqueeze", [node("Range", [node("Sub", [total, seq], "past_len"), total, "one"], "qpos"), "axes1"],
-                "qpos_col")
-    real = node("Unsqueeze", [node("Greater", ["attention_mask", "zero"], "real"), "axes12"], "real4")
-    allowed = node("And", [node("LessOrEqual", [kpos, qpos], "causal"), real], "allowed")
-    bias = node("Where", [allowed, "f_zero", "f_min"], "bias")
+    # key j is visible to query i iff it is real and j <= past + i
+    if fused:  # MultiHeadAttention applies both: the padding mask as int32 [b, T], causality by unidirectional=1
+        padding = node("Cast", ["attention_mask"], "key_padding_mask", to=TensorProto.INT32)
+    else:  # one additive mask [b, 1, s, T] for every layer
+        const("zero", 0); const("one", 1); const("axes0", [0]); const("axes1", [1]); const("axes12", [1, 2])
+        const("f_zero", 0.0, np.float32); const("f_min", np.finfo(np.float32).min, np.float32)
+        seq = node("Gather", [node("Shape", ["input_ids"], "ids_shape"), "one"], "seq", axis=0)
+        total = node("Gather", [node("Shape", ["attention_mask"], "mask_shape"), "one"], "total", axis=0)
+        kpos = node("Unsqueeze", [node("Range", ["zero", total, "one"], "kpos"), "axes0"], "kpos_row")
+        qpos = node("Unsqueeze", [node("Range", [node("Sub", [total, seq], "past_len"), total, "one"], "qpos"),
+                                  "axes1"], "qpos_col")
+        real = node("Unsqueeze", [node("Greater", ["attention_mask", "zero"], "real"), "axes12"], "real4")
+        allowed = node("And", [node("LessOrEqual", [kpos, qpos], "causal"), real], "allowed")
+        bias = node("Where", [allowed, "f_zero", "f_min"], "bias")
 
     def layernorm(x, prefix, out):
         return node("LayerNormalization", [x, weight(f"{prefix}.weight"), weight(f"{prefix}.bias")], out,
@@ -100,10 +104,10 @@ def build_graph(model, kind: str = "fused", opset: int = 17) -> onnx.ModelProto:
             qkv = node("Add", [qkv, qkv_bias], f"l{i}_qkv_b")
         node("Split", [qkv, "split3"], f"l{i}_split", outputs=[f"l{i}_q0", f"l{i}_k0", f"l{i}_v0"], axis=2)
         if fused:
-            return node("MultiHeadAttention", [f"l{i}_q0", f"l{i}_k0", f"l{i}_v0", qkv_bias, "", bias,
+            return node("MultiHeadAttention", [f"l{i}_q0", f"l{i}_k0", f"l{i}_v0", qkv_bias, padding, "",
                                                past_key, past_value],
                         f"l{i}_y", outputs=[f"l{i}_y", f"present.{i}.key", f"present.{i}.value"], domain=CONTRIB,
-                        num_heads=nh)
+                        num_heads=nh, unidirectional=1)
         q, k, v = (node("Transpose", [node("Reshape", [f"l{i}_{t}0", "heads_shape"], f"l{i}_{t}_r")], f"l{i}_{t}",
                         perm=[0, 2, 1, 3]) for t in "qkv")
         k = node("Concat", [past_key, k], f"present.{i}.key", axis=2)

@@ -115,13 +115,15 @@ class Generator:
         shape = (batch, self.n_head, 0, self.head_dim)
         return [np.zeros(shape, dtype=self.past_dtype) for _ in self.past_names]
 
-    def forward(self, ids: np.ndarray, mask: np.ndarray, past: list) -> Step:
-        """Run the graph once: ``ids`` [batch, seq], ``mask`` [batch, past+seq], ``past`` from the last step."""
+    def forward(self, ids: np.ndarray, mask: np.ndarray, past: list, positions: np.ndarray | None = None) -> Step:
+        """Run the graph once: ``ids`` [batch, seq], ``mask`` [batch, past+seq], ``past`` from the last step;
+        ``positions`` [batch, seq] when the caller has them (else ``position_ids_for(mask)``)."""
         import onnxruntime as ort
 
         ids = np.ascontiguousarray(ids, dtype=np.int64)
         mask = np.ascontiguousarray(mask, dtype=np.int64)
-        positions = position_ids_for(mask, ids.shape[1])
+        if positions is None:
+            positions = position_ids_for(mask, ids.shape[1])
         if not self.io_binding:
             feed = {"input_ids": ids, "attention_mask": mask, "position_ids": positions}
             feed.update(zip(self.past_names, past))
@@ -178,6 +180,7 @@ class Generator:
         out = np.full((batch, max_new_tokens), self.eos, dtype=np.int64)
         done = np.zeros(batch, dtype=bool)
         step = self.forward(ids, mask, self.empty_past(batch))
+        position = position_ids_for(mask, 1)  # of the last token; each new token is one further
         all_ids = ids
         for t in range(max_new_tokens):
             logits = step.logits[:, -1, :]
@@ -207,7 +210,8 @@ class Generator:
                 return out[:, : t + 1]
             mask = np.concatenate([mask, np.ones((batch, 1), dtype=np.int64)], axis=1)
             if use_cache:
-                step = self.forward(token[:, None], mask, step.present)
+                position = position + 1
+                step = self.forward(token[:, None], mask, step.present, position)
             else:
                 all_ids = np.concatenate([all_ids, token[:, None]], axis=1)
                 step = self.forward(all_ids, mask, self.empty_past(batch))
