@@ -40,8 +40,8 @@ def biased(monkeypatch, gen: Generator, bias: dict[int, float]) -> None:
     """Add ``bias[token]`` to the graph's logits for the rest of the test (the model is untrained)."""
     forward = gen.forward
 
-    def patched(ids, mask, past):
-        step = forward(ids, mask, past)
+    def patched(*args):
+        step = forward(*args)
         logits = step.logits.copy()
         for token, value in bias.items():
             logits[..., token] += value
@@ -453,9 +453,9 @@ def stream_one(gen, monkeypatch, capsys, **kw):
     chunks = []
     forward = gen.forward
 
-    def watching(ids, mask, past):
+    def watching(*args):
         chunks.append(capsys.readouterr().out)
-        return forward(ids, mask, past)
+        return forward(*args)
 
     monkeypatch.setattr(gen, "forward", watching)
     capsys.readouterr()

@@ -197,42 +197,29 @@ def test_fast_encoder_gives_the_tokenizers_ids(tmp_path, compose_prepare):
     (corpus / "part-a" / "odd.txt").write_text("Ünïcödé — naïve café 🙂 it's we'll <|endoftext|> 12,345\r\n tabs\t!")
     fast = prepare(compose_prepare(corpus, "data.fast_encode=true", out_dir=tmp_path / "fast"))
     slow = prepare(compose_prepare(corpus, "data.fast_encode=false", out_dir=tmp_path / "slow"))
-    assert fast["tokenizer"]["encoder"] == "tiktoken" and slow["tokenizer"]["encoder"] == "tokenizers"
+    assert fast["tokenizer"]["encoder"] == "splintr" and slow["tokenizer"]["encoder"] == "tokenizers"
     for split in ("train", "val"):
         assert (tmp_path / "fast" / f"{split}.bin").read_bytes() == (tmp_path / "slow" / f"{split}.bin").read_bytes()
 
 
-def test_encoder_workers_give_the_same_bytes_in_order_and_end(tmp_path, compose_prepare):
-    """Worker processes encode batches while the stage reads on: the output must not change by a byte."""
-    import multiprocessing
+def test_background_encoder_gives_the_same_bytes_in_order_and_ends(tmp_path, compose_prepare):
+    """The fast encoder works on a batch while the stage reads the next: the output must not change by a byte."""
+    import threading
 
     corpus = tmp_path / "corpus"
     for i in range(30):  # 30 documents on both sides of the split, several batches of 4 KB chunks
         (corpus / f"{i:02d}.txt").parent.mkdir(parents=True, exist_ok=True)
         (corpus / f"{i:02d}.txt").write_text(f"Document {i}: " + ENGLISH * (12 + i % 7) + " café 🙂\n\n  end.\n")
-    runs = {"two": ["data.encode_workers=2"], "one": ["data.encode_workers=1"], "hf": ["data.fast_encode=false"]}
+    runs = {"fast": ["data.fast_encode=true"], "hf": ["data.fast_encode=false"]}
     metas = {k: prepare(compose_prepare(corpus, "data.chunk_bytes=4096", "data.val_fraction=0.2", *o,
                                         out_dir=tmp_path / k)) for k, o in runs.items()}
-    assert metas["two"]["tokenizer"]["encoder"] == "tiktoken" and metas["hf"]["tokenizer"]["encoder"] == "tokenizers"
+    assert metas["fast"]["tokenizer"]["encoder"] == "splintr" and metas["hf"]["tokenizer"]["encoder"] == "tokenizers"
     from penwright.prepare import BATCH_CHUNKS
 
-    assert metas["two"]["val"]["documents"] == 6 and metas["two"]["data"]["bytes"] > 3 * BATCH_CHUNKS * 4096
+    assert metas["fast"]["val"]["documents"] == 6 and metas["fast"]["data"]["bytes"] > 3 * BATCH_CHUNKS * 4096
     for split in ("train", "val"):
-        expected = (tmp_path / "hf" / f"{split}.bin").read_bytes()
-        assert (tmp_path / "two" / f"{split}.bin").read_bytes() == expected
-        assert (tmp_path / "one" / f"{split}.bin").read_bytes() == expected
-    assert metas["two"] == metas["one"]
-    assert not multiprocessing.active_children()  # the workers ended with the stage
-
-
-def test_encoder_workers_must_not_be_negative(tmp_path, compose_prepare):
-    from penwright.errors import ConfigError
-
-    corpus = tmp_path / "corpus"
-    _write_books(corpus, 2)
-    with pytest.raises(ConfigError, match="data.encode_workers=-1"):
-        prepare(compose_prepare(corpus, "data.encode_workers=-1", out_dir=tmp_path / "out"))
-    assert not (tmp_path / "out").exists()
+        assert (tmp_path / "fast" / f"{split}.bin").read_bytes() == (tmp_path / "hf" / f"{split}.bin").read_bytes()
+    assert not [t for t in threading.enumerate() if t.name.startswith("penwright-encode")]  # ended with the stage
 
 
 def test_scratch_bpe_is_trained_saved_and_loadable(tmp_path, compose_prepare):

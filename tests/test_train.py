@@ -30,6 +30,9 @@ def test_train_writes_model_metrics_curves_samples_and_checkpoints(compose_train
     model = GPT2LMHeadModel.from_pretrained(run / "model")  # Hugging Face format, loadable as is
     assert model.config.n_layer == 1
     assert (run / "model" / "tokenizer.json").is_file() and (run / "model" / "generation_config.json").is_file()
+    # sampling pads on the left; the saved tokenizer stays as prepare made it (else a run resumed at its
+    # end, which samples nothing before saving, would save another file)
+    assert json.loads((run / "model" / "tokenizer.json").read_text())["padding"] is None
     report = json.loads((run / "reports" / "train.json").read_text())
     assert report == metrics and report["steps"] == 8 and report["tokens"] == 8 * 4 * 32
     for key in ("val_loss", "val_ppl", "val_bpb", "best_val_loss", "tokens_per_sec", "wall_seconds"):
@@ -56,6 +59,10 @@ def test_resumed_training_equals_uninterrupted_training(compose_train, tmp_path)
     assert [r["loss"] for r in chunked_curve] == [r["loss"] for r in straight_curve]
     a, b = weights(tmp_path / "straight" / "model"), weights(tmp_path / "chunked" / "model")
     assert all(torch.equal(a[k], b[k]) for k in a)
+    val_curve = curve(tmp_path / "chunked" / "reports", "val")
+    again = train(compose_train("trainer.max_steps=12", *common, run="chunked"))  # done already: nothing to train
+    assert again["steps"] == 12 and curve(tmp_path / "chunked" / "reports") == chunked_curve
+    assert [r["step"] for r in curve(tmp_path / "chunked" / "reports", "val")] == [r["step"] for r in val_curve]
 
 
 def test_resume_false_starts_fresh(compose_train, tmp_path):

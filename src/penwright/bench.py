@@ -4,12 +4,12 @@ Each measured run happens in a fresh subprocess, so its peak RSS (``ru_maxrss``)
 
 prepare:
 * encoder throughput on the sample corpus: the fast tokenizer's batch API (baseline) vs the
-  tiktoken encoder prepare uses when it gives identical ids (one worker process per core), and
-  tiktoken in one process (how far the workers scale on this machine);
+  splintr encoder prepare uses when it gives identical ids (on every core), and splintr on one
+  thread (how far it scales on this machine);
 * the whole stage on the sample corpus (quickstart config: BPE training included), and on
   generated corpora of ~20 MB and ``--size-mb`` MB (verses of the sample drawn at random into 1 MB
-  files), tokenized with the quickstart tokenizer: MB/s and peak RSS (the stage's process and its
-  largest encoder worker) for each, to show RSS stays flat as the corpus grows.
+  files), tokenized with the quickstart tokenizer: MB/s and peak RSS for each, to show RSS stays
+  flat as the corpus grows.
 """
 
 from __future__ import annotations
@@ -54,7 +54,6 @@ def _child_prepare(overrides: list[str]) -> dict:
         "mb_per_s": round(meta["data"]["bytes"] / 1e6 / seconds, 2),
         "tokens": meta["train"]["tokens"] + meta["val"]["tokens"],
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-        "peak_rss_encoder_worker_mb": round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, 1),
         "encoder": meta["tokenizer"]["encoder"],
     }
 
@@ -71,8 +70,7 @@ def _child_encoders(tokenizer_dir: str, corpus: str) -> dict:
     backend = tok.backend_tokenizer
     encoders = {
         "tokenizers_encode_batch_fast": lambda ts: [e.ids for e in backend.encode_batch_fast(ts, add_special_tokens=False)],
-        "tiktoken": fast_encoder(tok),  # one worker process per core, as prepare runs it
-        "tiktoken_1_process": fast_encoder(tok, workers=1),  # one core's rate: how far the workers scale here
+        "splintr": fast_encoder(tok),  # as prepare runs it (threads: RAYON_NUM_THREADS, default one per core)
     }
     out, ids = {}, {}
     for name, encode in encoders.items():
@@ -82,17 +80,17 @@ def _child_encoders(tokenizer_dir: str, corpus: str) -> dict:
             ids[name] = encode(texts)
             best = min(best, time.perf_counter() - start)
         out[name] = {"seconds": round(best, 3), "mb_per_s": round(size / 1e6 / best, 2)}
-    out["identical_ids"] = [a.tolist() for a in ids["tiktoken"]] == ids["tokenizers_encode_batch_fast"]
-    out["tiktoken_workers_over_1_process"] = round(out["tiktoken_1_process"]["seconds"] / out["tiktoken"]["seconds"], 2)
-    encoders["tiktoken"].close()
-    out["speedup"] = round(out["tokenizers_encode_batch_fast"]["seconds"] / out["tiktoken"]["seconds"], 2)
+    out["identical_ids"] = [a.tolist() for a in ids["splintr"]] == ids["tokenizers_encode_batch_fast"]
+    encoders["splintr"].close()
+    out["speedup"] = round(out["tokenizers_encode_batch_fast"]["seconds"] / out["splintr"]["seconds"], 2)
     out["mb"] = round(size / 1e6, 2)
     return out
 
 
-def _run_child(function: str, *args) -> dict:
+def _run_child(function: str, *args, env: dict | None = None) -> dict:
     code = f"import json, sys; from penwright.bench import {function} as f; print(json.dumps(f(*json.loads(sys.argv[1]))))"
-    done = subprocess.run([sys.executable, "-c", code, json.dumps(list(args))], capture_output=True, text=True)
+    done = subprocess.run([sys.executable, "-c", code, json.dumps(list(args))], capture_output=True, text=True,
+                          env={**os.environ, **(env or {})})
     if done.returncode != 0:
         raise PenwrightError(f"bench child {function} failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -100,7 +98,7 @@ def _run_child(function: str, *args) -> dict:
 
 def _baseline_rss() -> float:
     """Peak RSS of a process that only imports what prepare imports (the floor under every figure)."""
-    code = ("import resource, penwright.prepare, penwright.config, transformers, tiktoken; "
+    code = ("import resource, penwright.prepare, penwright.config, transformers, splintr; "
             "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return round(float(done.stdout.strip()), 1)
@@ -150,12 +148,16 @@ def bench_prepare(size_mb: int = 200, output: str | None = None, sample: str = "
 
         print("[bench] encoders side by side on the sample corpus", file=sys.stderr)
         results["encoders_on_sample"] = _run_child("_child_encoders", str(tokenizer), str(sample_dir))
+        one = _run_child("_child_encoders", str(tokenizer), str(sample_dir), env={"RAYON_NUM_THREADS": "1"})
+        results["encoders_on_sample"]["splintr_1_thread"] = one["splintr"]
+        results["encoders_on_sample"]["splintr_threads_over_1_thread"] = round(
+            one["splintr"]["seconds"] / results["encoders_on_sample"]["splintr"]["seconds"], 2)
 
         common = ["model.tokenizer.type=pretrained", f"model.tokenizer.name_or_path={tokenizer}"]
         for mb in sorted({20, size_mb}):
             print(f"[bench] generating a {mb} MB corpus", file=sys.stderr)
             corpus = generate_corpus(verses, work / f"corpus-{mb}mb", mb)
-            print(f"[bench] prepare on {mb} MB (quickstart tokenizer, tiktoken encoder)", file=sys.stderr)
+            print(f"[bench] prepare on {mb} MB (quickstart tokenizer, splintr encoder)", file=sys.stderr)
             results[f"generated_{mb}mb"] = _run_child(
                 "_child_prepare", [f"data.path={corpus}", f"data.out_dir={work / f'out-{mb}'}"] + common
             )
@@ -172,8 +174,8 @@ def bench_prepare(size_mb: int = 200, output: str | None = None, sample: str = "
             f"mb_per_s_{size_mb}mb": big["mb_per_s"],
             f"speedup_vs_tokenizers_{size_mb}mb": round(
                 results[f"generated_{size_mb}mb_tokenizers"]["seconds"] / big["seconds"], 2),
-            "encoder_alone_mb_per_s_sample": results["encoders_on_sample"]["tiktoken"]["mb_per_s"],
-            "encoder_workers_over_1_process": results["encoders_on_sample"]["tiktoken_workers_over_1_process"],
+            "encoder_alone_mb_per_s_sample": results["encoders_on_sample"]["splintr"]["mb_per_s"],
+            "encoder_threads_over_1_thread": results["encoders_on_sample"]["splintr_threads_over_1_thread"],
             "peak_rss_mb_sample_vs_20mb_vs_big": [results["sample"]["peak_rss_mb"],
                                                   results["generated_20mb"]["peak_rss_mb"], big["peak_rss_mb"]],
         }

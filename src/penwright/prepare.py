@@ -3,8 +3,8 @@
 1. scan the corpus (every file checked and its documents counted before anything is written);
 2. split documents into train/val with a seeded draw (a single document splits by token range);
 3. train a byte-level BPE on the training split, or load the pretrained GPT-2 tokenizer;
-4. tokenize chunk by chunk (tiktoken built from the same vocab, on one worker process per core,
-   when it gives the fast tokenizer's ids; else the tokenizers batch API), each document followed
+4. tokenize chunk by chunk (splintr, a Rust BPE, built from the same vocab and run on every core
+   while the stage reads on, when it gives the fast tokenizer's ids; else the tokenizers batch API), each document followed
    by ONE EOS id, appending to flat uint16 (or uint32) files that ``np.memmap`` reads;
 5. write everything into a temporary directory and rename it into place, so a failure leaves
    the previous output (or nothing), never half of one.
@@ -149,12 +149,8 @@ def prepare(cfg: DictConfig) -> dict:
         vocab_size = len(tokenizer)
         eos = int(tokenizer.eos_token_id)
         dtype = dtype_for(vocab_size)
-        workers = int(data.get("encode_workers", 0))
-        if workers < 0:
-            raise ConfigError(f"data.encode_workers={workers}: use 0 (one per core) or a count >= 1")
-        encoder_name, encode = choose_encoder(tokenizer, _probe_text(sources, spec), bool(data.fast_encode), workers)
-        where = f" on {encode.workers} process(es)" if isinstance(encode, FastEncoder) else ""
-        log(f"tokenizing with {encoder_name}{where} ({len(tokenizer):,} tokens, EOS id {eos})")
+        encoder_name, encode = choose_encoder(tokenizer, _probe_text(sources, spec), bool(data.fast_encode))
+        log(f"tokenizing with {encoder_name} ({len(tokenizer):,} tokens, EOS id {eos})")
         writers = {s: _Writer(tmp / f"{s}.bin", dtype) for s in SPLITS}
         try:
             _tokenize(sources, spec, encode, eos, is_val, writers, total_bytes)
@@ -204,10 +200,9 @@ def prepare(cfg: DictConfig) -> dict:
     return meta
 
 
-def choose_encoder(tokenizer, sample: list[str], fast: bool, workers: int = 0
-                   ) -> tuple[str, Callable[[list[str]], list]]:
-    """The batch encoder to use: tiktoken (on ``workers`` processes) when it gives exactly the fast
-    tokenizer's ids on ``sample``, else the tokenizers batch API. Close it with ``close_encoder``."""
+def choose_encoder(tokenizer, sample: list[str], fast: bool) -> tuple[str, Callable[[list[str]], list]]:
+    """The batch encoder to use: splintr when it gives exactly the fast tokenizer's ids on
+    ``sample``, else the tokenizers batch API. Close it with ``close_encoder``."""
     backend = tokenizer.backend_tokenizer
     hf_batch = getattr(backend, "encode_batch_fast", backend.encode_batch)
 
@@ -215,16 +210,16 @@ def choose_encoder(tokenizer, sample: list[str], fast: bool, workers: int = 0
         return [e.ids for e in hf_batch(texts, add_special_tokens=False)]
 
     if fast:
-        tk = fast_encoder(tokenizer, workers or None)
-        if tk is not None:
-            if [np.asarray(a).tolist() for a in tk(sample)] == hf(sample):
-                return "tiktoken", tk
-            tk.close()
+        fast_encode = fast_encoder(tokenizer)
+        if fast_encode is not None:
+            if [a.tolist() for a in fast_encode(sample)] == hf(sample):
+                return "splintr", fast_encode
+            fast_encode.close()
     return "tokenizers", hf
 
 
 def close_encoder(encode) -> None:
-    """End an encoder's worker processes, if it has any."""
+    """End an encoder's background thread, if it has one."""
     if isinstance(encode, FastEncoder):
         encode.close()
 
@@ -242,8 +237,8 @@ def _probe_text(sources, spec, max_bytes: int = 1 << 17) -> list[str]:
 
 
 def _submit(encode, texts: list[str]) -> Callable[[], list]:
-    """Start encoding a batch; returns a function that waits for its ids (worker processes encode
-    while the stage reads on; other encoders finish before this returns)."""
+    """Start encoding a batch; returns a function that waits for its ids (the fast encoder works
+    in the background while the stage reads on; the tokenizers API finishes before this returns)."""
     if isinstance(encode, FastEncoder):
         return encode.submit(texts)
     ids = encode(texts)
@@ -254,7 +249,7 @@ def _tokenize(sources, spec, encode, eos, is_val, writers, total_bytes) -> None:
     """Encode every document in batches of chunks; each document ends with one EOS id.
 
     A batch is written (in order) only once the next one has been sent to the encoder, so the
-    workers encode while this process reads and writes; at most two batches are held at a time.
+    encoder works while this thread reads and writes; at most two batches are held at a time.
     """
     budget = BATCH_CHUNKS * spec.chunk_bytes
     entries: list[tuple[str, str | None]] = []  # (split, text) for text, (split, None) at a document's end

@@ -9,6 +9,7 @@ so the training RNG (dropout) is untouched: losses are the same with sampling on
 
 from __future__ import annotations
 
+import copy
 import sys
 from pathlib import Path
 
@@ -30,7 +31,10 @@ class SampleCallback(L.Callback):
         if not temps or any(t <= 0 for t in temps):
             raise ConfigError(f"sample.temperatures={temps}: give one or more temperatures > 0")
         self.cfg, self.every, self.temperatures = cfg, every, temps
-        self.tokenizer = tokenizer
+        self.tokenizer = copy.deepcopy(tokenizer)  # padded on the left here; the tokenizer train saves stays as it was
+        self.tokenizer.padding_side = "left"
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
         self.out_dir = Path(out_dir)
         self.prompts = self._prompts(prompt_source)
         self.last_step = -1
@@ -60,9 +64,6 @@ class SampleCallback(L.Callback):
     @torch.no_grad()
     def generate(self, model, temperature: float, step: int) -> list[str]:
         tok = self.tokenizer
-        tok.padding_side = "left"
-        if tok.pad_token is None:
-            tok.pad_token = tok.eos_token
         texts = [p for _, p in self.prompts]
         enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
         out = model.generate(

@@ -84,116 +84,71 @@ def train_bpe(texts: Iterable[str], vocab_size: int, min_frequency: int = 2) -> 
     )
 
 
-GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
-
-
-def _byte_decoder() -> dict[str, int]:
-    """GPT-2's printable stand-in character for each byte, inverted (char -> byte)."""
-    from tokenizers.pre_tokenizers import ByteLevel
-
-    printable = [b for b in range(256) if (33 <= b <= 126) or (161 <= b <= 172) or (174 <= b <= 255)]
-    others = [b for b in range(256) if b not in printable]
-    chars = {b: chr(b) for b in printable} | {b: chr(256 + i) for i, b in enumerate(others)}
-    decoder = {c: b for b, c in chars.items()}
-    assert set(decoder) == set(ByteLevel.alphabet())
-    return decoder
-
-
-def _tiktoken_encoding(spec_json: str):
-    """A tiktoken ``Encoding`` with the vocab and merges of a tokenizers JSON spec, or None when the
-    spec is not a GPT-2-style byte-level BPE (no normalizer, GPT-2's split pattern, merges ranked by
-    id, plain added tokens), which is what GPT-2 and penwright's trained BPE are."""
+def _fast_encoding(spec_json: str):
+    """splintr's BPE (Rust) for a tokenizers JSON spec, or None when the spec is not a GPT-2-style
+    byte-level BPE (no normalizer, GPT-2's split, no template, plain added tokens), which is what
+    GPT-2 and penwright's trained BPE are. Added tokens written in the text are matched, as the
+    tokenizers API does."""
     import json
 
     try:
-        import tiktoken
+        import splintr
     except ImportError:
-        return None
-    if not hasattr(tiktoken.Encoding, "encode_to_numpy"):  # tiktoken < 0.8
         return None
     spec = json.loads(spec_json)
     model, pre = spec.get("model") or {}, spec.get("pre_tokenizer") or {}
+    post = spec.get("post_processor") or {}
     if (
         model.get("type") != "BPE"
         or spec.get("normalizer")
         or pre.get("type") != "ByteLevel"
         or not pre.get("use_regex", True)
         or pre.get("add_prefix_space")
+        or post.get("type", "ByteLevel") != "ByteLevel"
         or model.get("continuing_subword_prefix")
         or model.get("end_of_word_suffix")
         or model.get("dropout")
     ):
         return None
-    added = spec.get("added_tokens") or []
-    if any(t.get("lstrip") or t.get("rstrip") or t.get("single_word") for t in added):
-        return None
-    special = {t["content"]: t["id"] for t in added}
-    byte_of = _byte_decoder()
-    try:
-        ranks = {bytes(byte_of[c] for c in piece): i for piece, i in model["vocab"].items() if piece not in special}
-    except KeyError:
+    if any(t.get("lstrip") or t.get("rstrip") or t.get("single_word") for t in spec.get("added_tokens") or []):
         return None
     try:
-        return tiktoken.Encoding("penwright", pat_str=GPT2_PATTERN, mergeable_ranks=ranks, special_tokens=special)
+        encoding = splintr.from_json_bytes(spec_json.encode("utf-8"))
     except ValueError:
         return None
-
-
-def _encode(enc, text: str) -> np.ndarray:
-    return enc.encode_to_numpy(text, allowed_special="all", disallowed_special=())
-
-
-_WORKER_ENCODING = None  # the Encoding of a worker process
-
-
-def _start_worker(spec_json: str) -> None:
-    global _WORKER_ENCODING
-    _WORKER_ENCODING = _tiktoken_encoding(spec_json)
-
-
-def _encode_in_worker(text: str) -> np.ndarray:
-    return _encode(_WORKER_ENCODING, text)
+    return encoding if encoding.family == "BPE" else None
 
 
 class FastEncoder:
-    """``encoder(texts) -> [ids, ...]``: tiktoken with a tokenizer's vocab and merges (4x faster here
-    than the tokenizers batch API), on ``workers`` processes (default: one per core; 1: in this process).
+    """``encoder(texts) -> [ids, ...]``: splintr (a Rust BPE) with a tokenizer's vocab and merges.
 
-    Processes, not threads: tiktoken's threads scaled 0.85-1.6x on 2 cores in five runs here,
-    processes 1.8x. Workers are forked on Linux, each builds its own Encoding once; ``close()`` (or
-    ``with``) ends them. ``prepare`` still checks that it gives the tokenizers ids on the corpus.
+    Each batch is encoded across the cores by splintr's own thread pool (``RAYON_NUM_THREADS``
+    limits it), called from one background thread: it releases the GIL, so ``submit`` returns at
+    once and the stage reads and writes while the batch encodes (``penwright bench prepare`` has
+    its rate beside the tokenizers batch API). ``prepare`` still checks that it gives the
+    tokenizers ids on the corpus before using it. ``close()`` (or ``with``) ends the thread.
     """
 
-    def __init__(self, spec_json: str, encoding, workers: int | None = None):
-        import multiprocessing
-        import os
-        import sys
-        from concurrent.futures import ProcessPoolExecutor
+    def __init__(self, encoding):
+        from concurrent.futures import ThreadPoolExecutor
 
         self.encoding = encoding
-        self.workers = max(1, int(workers or os.cpu_count() or 1))
-        self.pool = None
-        if self.workers > 1:  # fork on Linux (instant); elsewhere the platform's default (spawn: safe, slower start)
-            context = multiprocessing.get_context("fork" if sys.platform.startswith("linux") else None)
-            self.pool = ProcessPoolExecutor(self.workers, mp_context=context, initializer=_start_worker,
-                                            initargs=(spec_json,))
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="penwright-encode")
 
     def __call__(self, texts: list[str]) -> list[np.ndarray]:
         return self.submit(texts)()
 
     def submit(self, texts: list[str]) -> Callable[[], list[np.ndarray]]:
-        """Start encoding ``texts``; returns a function that waits for their ids (workers encode while
-        the caller reads on)."""
-        if self.pool is None:
-            ids = [_encode(self.encoding, t) for t in texts]
-            return lambda: ids
-        futures = [self.pool.submit(_encode_in_worker, t) for t in texts]
-        return lambda: [f.result() for f in futures]
+        """Start encoding ``texts``; returns a function that waits for their ids (uint32 arrays)."""
+        return self.pool.submit(self._encode, texts).result
+
+    def _encode(self, texts: list[str]) -> list[np.ndarray]:
+        flat, offsets = self.encoding.encode_batch_flat(texts)
+        ids, ends = np.frombuffer(flat, dtype="<u4"), np.frombuffer(offsets, dtype="<u8")
+        return [ids[a:b] for a, b in zip(ends[:-1].tolist(), ends[1:].tolist())]
 
     def close(self) -> None:
-        if self.pool is not None:
-            self.pool.shutdown(wait=True, cancel_futures=True)
-            self.pool = None
+        self.pool.shutdown(wait=True, cancel_futures=True)
 
     def __enter__(self) -> "FastEncoder":
         return self
@@ -202,11 +157,10 @@ class FastEncoder:
         self.close()
 
 
-def fast_encoder(tokenizer: PreTrainedTokenizerFast, workers: int | None = None) -> FastEncoder | None:
-    """A ``FastEncoder`` for ``tokenizer``, or None when tiktoken cannot express it (see ``_tiktoken_encoding``)."""
-    spec_json = tokenizer.backend_tokenizer.to_str()
-    encoding = _tiktoken_encoding(spec_json)
-    return None if encoding is None else FastEncoder(spec_json, encoding, workers)
+def fast_encoder(tokenizer: PreTrainedTokenizerFast) -> FastEncoder | None:
+    """A ``FastEncoder`` for ``tokenizer``, or None when splintr cannot express it (see ``_fast_encoding``)."""
+    encoding = _fast_encoding(tokenizer.backend_tokenizer.to_str())
+    return None if encoding is None else FastEncoder(encoding)
 
 
 def limit_bytes(texts: Iterable[str], max_bytes: int) -> Iterator[str]:

@@ -80,9 +80,18 @@ class CurveWriter(L.Callback):
     def __init__(self, out_dir: str | Path, every: int):
         self.out_dir, self.every = Path(out_dir), max(1, every)
         self.rows: dict[str, list[dict]] = {"train": [], "val": []}
+        self.loaded = False
 
     def on_train_start(self, trainer, pl_module):
-        start = trainer.global_step  # after the checkpoint is restored: resumed runs keep earlier rows
+        self._load(trainer)
+
+    def _load(self, trainer) -> None:
+        """Once the checkpoint is restored: a resumed run keeps the rows up to its step. (A run resumed
+        at its last step trains nothing and only validates: it must keep them too.)"""
+        if self.loaded:
+            return
+        self.loaded = True
+        start = trainer.global_step
         for split in self.rows:
             path = self.out_dir / f"{split}.tsv"
             if start and path.is_file():
@@ -102,6 +111,7 @@ class CurveWriter(L.Callback):
     def on_validation_end(self, trainer, pl_module):
         m = trainer.callback_metrics
         if "val/loss" in m and not trainer.sanity_checking:
+            self._load(trainer)
             row = {"step": trainer.global_step, "loss": f"{float(m['val/loss']):.5f}",
                    "ppl": f"{float(m['val/ppl']):.3f}", "bpb": f"{float(m.get('val/bpb', float('nan'))):.5f}"}
             self.rows["val"] = [r for r in self.rows["val"] if int(r["step"]) != row["step"]] + [row]
