@@ -222,6 +222,41 @@ def test_background_encoder_gives_the_same_bytes_in_order_and_ends(tmp_path, com
     assert not [t for t in threading.enumerate() if t.name.startswith("penwright-encode")]  # ended with the stage
 
 
+def test_fast_encoder_only_for_tokenizers_it_encodes_alike():
+    """The gate: a normalizer or a template would make splintr's ids differ, so those get no fast encoder."""
+    from tokenizers import normalizers, processors
+
+    from penwright.tokenizer import fast_encoder, train_bpe
+
+    tok = train_bpe([ENGLISH * 4], 300)
+    with fast_encoder(tok) as fast:
+        assert fast([ENGLISH])[0].tolist() == tok(ENGLISH, add_special_tokens=False)["input_ids"]
+    tok.backend_tokenizer.normalizer = normalizers.NFKC()
+    assert fast_encoder(tok) is None
+    tok = train_bpe([ENGLISH * 4], 300)
+    tok.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single="<|endoftext|> $A", special_tokens=[("<|endoftext|>", tok.eos_token_id)])
+    assert fast_encoder(tok) is None
+
+
+def test_an_encoder_failure_falls_back_to_tokenizers_and_ends_its_thread(monkeypatch):
+    from penwright.prepare import choose_encoder
+    from penwright.tokenizer import FastEncoder, train_bpe
+
+    made = []
+
+    def failing(self, texts):
+        made.append(self)
+        raise ValueError("simulated encoder failure")
+
+    monkeypatch.setattr(FastEncoder, "_encode", failing)
+    tok = train_bpe([ENGLISH * 4], 300)
+    name, encode = choose_encoder(tok, [ENGLISH], fast=True)
+    assert name == "tokenizers" and encode([ENGLISH])[0] == tok(ENGLISH, add_special_tokens=False)["input_ids"]
+    with pytest.raises(RuntimeError, match="shutdown"):  # closed: it takes no more work
+        made[0].submit([ENGLISH])
+
+
 def test_scratch_bpe_is_trained_saved_and_loadable(tmp_path, compose_prepare):
     corpus = tmp_path / "corpus"
     _write_books(corpus, 8)

@@ -1,8 +1,8 @@
 """GPT-2's decoder with a KV cache, written directly as an ONNX graph (``export.graph=fused|lean``).
 
 The same inputs, outputs and math as tracing transformers' module (``export.graph=transformers``),
-with far fewer nodes: no shape arithmetic per layer, one additive mask for all layers, each residual
-add folded into the layer norm that follows it. Fewer nodes is less onnxruntime overhead per
+with far fewer nodes: no shape arithmetic per layer, the mask built once for all layers, each
+residual add folded into the layer norm that follows it. Fewer nodes is less onnxruntime overhead per
 decoding step, which is most of the step for small models.
 
 * ``fused`` (the default) uses onnxruntime's contrib operators (domain ``com.microsoft``):

@@ -212,7 +212,12 @@ def choose_encoder(tokenizer, sample: list[str], fast: bool) -> tuple[str, Calla
     if fast:
         fast_encode = fast_encoder(tokenizer)
         if fast_encode is not None:
-            if [a.tolist() for a in fast_encode(sample)] == hf(sample):
+            try:
+                agrees = [a.tolist() for a in fast_encode(sample)] == hf(sample)
+            except Exception as err:  # a tokenizer splintr reads but cannot encode: not a reason to stop
+                log(f"splintr cannot encode with this tokenizer ({type(err).__name__}: {err}); using tokenizers")
+                agrees = False
+            if agrees:
                 return "splintr", fast_encode
             fast_encode.close()
     return "tokenizers", hf

@@ -180,7 +180,7 @@ class Generator:
         out = np.full((batch, max_new_tokens), self.eos, dtype=np.int64)
         done = np.zeros(batch, dtype=bool)
         step = self.forward(ids, mask, self.empty_past(batch))
-        position = position_ids_for(mask, 1)  # of the last token; each new token is one further
+        position = mask.sum(axis=1, keepdims=True) - 1  # of the last real token; each new token is one further
         all_ids = ids
         for t in range(max_new_tokens):
             logits = step.logits[:, -1, :]
