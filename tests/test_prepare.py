@@ -240,16 +240,20 @@ def test_fast_encoder_only_for_tokenizers_it_encodes_alike():
 
 
 def test_an_encoder_failure_falls_back_to_tokenizers_and_ends_its_thread(monkeypatch):
+    import penwright.prepare
     from penwright.prepare import choose_encoder
-    from penwright.tokenizer import FastEncoder, train_bpe
+    from penwright.tokenizer import BatchEncoder, train_bpe
 
     made = []
 
-    def failing(self, texts):
-        made.append(self)
+    def failing(texts):
         raise ValueError("simulated encoder failure")
 
-    monkeypatch.setattr(FastEncoder, "_encode", failing)
+    def failing_encoder(tokenizer):
+        made.append(BatchEncoder(failing))
+        return made[-1]
+
+    monkeypatch.setattr(penwright.prepare, "fast_encoder", failing_encoder)
     tok = train_bpe([ENGLISH * 4], 300)
     name, encode = choose_encoder(tok, [ENGLISH], fast=True)
     assert name == "tokenizers" and encode([ENGLISH])[0] == tok(ENGLISH, add_special_tokens=False)["input_ids"]

@@ -63,19 +63,17 @@ def _child_encoders(tokenizer_dir: str, corpus: str, baseline: bool = True) -> d
     best of 3 each, ids compared."""
     from transformers import AutoTokenizer
 
-    from penwright.tokenizer import fast_encoder
+    from penwright.tokenizer import fast_encoder, tokenizers_batch
 
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
     texts = [p.read_text(encoding="utf-8") for p in sorted(Path(corpus).glob("*.txt"))]
     size = sum(len(t.encode("utf-8")) for t in texts)
-    backend = tok.backend_tokenizer
     fast = fast_encoder(tok)  # as prepare runs it (threads: RAYON_NUM_THREADS, default one per core)
     if fast is None:
         raise PenwrightError(f"{tokenizer_dir}: splintr cannot express this tokenizer; nothing to compare")
     encoders = {"splintr": fast}
     if baseline:
-        encoders["tokenizers_encode_batch_fast"] = \
-            lambda ts: [e.ids for e in backend.encode_batch_fast(ts, add_special_tokens=False)]
+        encoders["tokenizers_encode_batch_fast"] = tokenizers_batch(tok)
     out, ids = {}, {}
     for name, encode in encoders.items():
         best = float("inf")

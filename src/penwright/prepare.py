@@ -3,9 +3,10 @@
 1. scan the corpus (every file checked and its documents counted before anything is written);
 2. split documents into train/val with a seeded draw (a single document splits by token range);
 3. train a byte-level BPE on the training split, or load the pretrained GPT-2 tokenizer;
-4. tokenize chunk by chunk (splintr, a Rust BPE, built from the same vocab and run on every core
-   while the stage reads on, when it gives the fast tokenizer's ids; else the tokenizers batch API), each document followed
-   by ONE EOS id, appending to flat uint16 (or uint32) files that ``np.memmap`` reads;
+4. tokenize chunk by chunk (splintr, a Rust BPE built from the same vocab, on every core, when it
+   gives the fast tokenizer's ids; else the tokenizers batch API) on a background thread while the
+   stage reads on, each document followed by ONE EOS id, appending to flat uint16 (or uint32)
+   files that ``np.memmap`` reads;
 5. write everything into a temporary directory and rename it into place, so a failure leaves
    the previous output (or nothing), never half of one.
 
@@ -23,7 +24,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Iterator
 
 import numpy as np
 from omegaconf import DictConfig
@@ -32,8 +33,8 @@ from tqdm import tqdm
 from penwright.corpus import CorpusSpec, Source, iter_documents, scan
 from penwright.errors import ConfigError
 from penwright.fsutil import replace_dir, temp_dir_for
-from penwright.tokenizer import (BYTES_VOCAB, FastEncoder, byte_tokenizer, check_config, fast_encoder,
-                                 limit_bytes, load_pretrained_tokenizer, train_bpe)
+from penwright.tokenizer import (BYTES_VOCAB, BatchEncoder, byte_tokenizer, check_config, fast_encoder,
+                                 limit_bytes, load_pretrained_tokenizer, tokenizers_batch, train_bpe)
 
 META_VERSION = 1
 TOKENIZER_DIR = "tokenizer"
@@ -155,7 +156,7 @@ def prepare(cfg: DictConfig) -> dict:
         try:
             _tokenize(sources, spec, encode, eos, is_val, writers, total_bytes)
         finally:
-            close_encoder(encode)
+            encode.close()
             for w in writers.values():
                 w.close()
         stats = {s: writers[s].stats for s in SPLITS}
@@ -200,15 +201,10 @@ def prepare(cfg: DictConfig) -> dict:
     return meta
 
 
-def choose_encoder(tokenizer, sample: list[str], fast: bool) -> tuple[str, Callable[[list[str]], list]]:
+def choose_encoder(tokenizer, sample: list[str], fast: bool) -> tuple[str, BatchEncoder]:
     """The batch encoder to use: splintr when it gives exactly the fast tokenizer's ids on
-    ``sample``, else the tokenizers batch API. Close it with ``close_encoder``."""
-    backend = tokenizer.backend_tokenizer
-    hf_batch = getattr(backend, "encode_batch_fast", backend.encode_batch)
-
-    def hf(texts: list[str]) -> list[list[int]]:
-        return [e.ids for e in hf_batch(texts, add_special_tokens=False)]
-
+    ``sample``, else the tokenizers batch API. Close it when done."""
+    hf = tokenizers_batch(tokenizer)
     if fast:
         fast_encode = fast_encoder(tokenizer)
         if fast_encode is not None:
@@ -220,13 +216,7 @@ def choose_encoder(tokenizer, sample: list[str], fast: bool) -> tuple[str, Calla
             if agrees:
                 return "splintr", fast_encode
             fast_encode.close()
-    return "tokenizers", hf
-
-
-def close_encoder(encode) -> None:
-    """End an encoder's background thread, if it has one."""
-    if isinstance(encode, FastEncoder):
-        encode.close()
+    return "tokenizers", BatchEncoder(hf)
 
 
 def _probe_text(sources, spec, max_bytes: int = 1 << 17) -> list[str]:
@@ -239,15 +229,6 @@ def _probe_text(sources, spec, max_bytes: int = 1 << 17) -> list[str]:
             if max_bytes <= 0:
                 return probe
     return probe
-
-
-def _submit(encode, texts: list[str]) -> Callable[[], list]:
-    """Start encoding a batch; returns a function that waits for its ids (the fast encoder works
-    in the background while the stage reads on; the tokenizers API finishes before this returns)."""
-    if isinstance(encode, FastEncoder):
-        return encode.submit(texts)
-    ids = encode(texts)
-    return lambda: ids
 
 
 def _tokenize(sources, spec, encode, eos, is_val, writers, total_bytes) -> None:
@@ -282,7 +263,7 @@ def _tokenize(sources, spec, encode, eos, is_val, writers, total_bytes) -> None:
                 last[split] = int(ids[-1])
 
     def flush(keep: int) -> None:
-        in_flight.append((list(entries), _submit(encode, list(texts))))
+        in_flight.append((list(entries), encode.submit(list(texts))))
         entries.clear()
         texts.clear()
         while len(in_flight) > keep:

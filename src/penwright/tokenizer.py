@@ -119,48 +119,62 @@ def _fast_encoding(spec_json: str):
     return encoding if encoding.family == "BPE" else None
 
 
-class FastEncoder:
-    """``encoder(texts) -> [ids, ...]``: splintr (a Rust BPE) with a tokenizer's vocab and merges.
+class BatchEncoder:
+    """``encoder(texts) -> [ids, ...]`` for a batch function, run on one background thread.
 
-    Each batch is encoded across the cores by splintr's own thread pool (``RAYON_NUM_THREADS``
-    limits it), called from one background thread: it releases the GIL, so ``submit`` returns at
-    once and the stage reads and writes while the batch encodes (``penwright bench prepare`` has
-    its rate beside the tokenizers batch API). ``prepare`` still checks that it gives the
-    tokenizers ids on the corpus before using it. ``close()`` (or ``with``) ends the thread.
+    ``submit(texts)`` returns at once with a function that waits for the ids, so ``prepare`` reads and
+    writes while a batch encodes (both encoders below release the GIL while they work). ``close()``
+    (or ``with``) ends the thread.
     """
 
-    def __init__(self, encoding):
+    def __init__(self, encode_batch: Callable[[list[str]], list]):
         from concurrent.futures import ThreadPoolExecutor
 
-        self.encoding = encoding
+        self.encode_batch = encode_batch
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="penwright-encode")
 
-    def __call__(self, texts: list[str]) -> list[np.ndarray]:
+    def __call__(self, texts: list[str]) -> list:
         return self.submit(texts)()
 
-    def submit(self, texts: list[str]) -> Callable[[], list[np.ndarray]]:
-        """Start encoding ``texts``; returns a function that waits for their ids (uint32 arrays)."""
-        return self.pool.submit(self._encode, texts).result
-
-    def _encode(self, texts: list[str]) -> list[np.ndarray]:
-        flat, offsets = self.encoding.encode_batch_flat(texts)
-        ids, ends = np.frombuffer(flat, dtype="<u4"), np.frombuffer(offsets, dtype="<u8")
-        return [ids[a:b] for a, b in zip(ends[:-1].tolist(), ends[1:].tolist())]
+    def submit(self, texts: list[str]) -> Callable[[], list]:
+        """Start encoding ``texts``; returns a function that waits for their ids."""
+        return self.pool.submit(self.encode_batch, texts).result
 
     def close(self) -> None:
         self.pool.shutdown(wait=True, cancel_futures=True)
 
-    def __enter__(self) -> "FastEncoder":
+    def __enter__(self) -> "BatchEncoder":
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
 
 
-def fast_encoder(tokenizer: PreTrainedTokenizerFast) -> FastEncoder | None:
-    """A ``FastEncoder`` for ``tokenizer``, or None when splintr cannot express it (see ``_fast_encoding``)."""
+def tokenizers_batch(tokenizer: PreTrainedTokenizerFast) -> Callable[[list[str]], list[list[int]]]:
+    """The tokenizers API's batch encoding of ``tokenizer`` (no special tokens added): the reference."""
+    backend = tokenizer.backend_tokenizer
+    encode_batch = getattr(backend, "encode_batch_fast", backend.encode_batch)
+    return lambda texts: [e.ids for e in encode_batch(texts, add_special_tokens=False)]
+
+
+def _splintr_batch(encoding) -> Callable[[list[str]], list[np.ndarray]]:
+    """splintr's batch encoding (across the cores on its own thread pool; ``RAYON_NUM_THREADS``
+    limits it) as one uint32 array per text."""
+
+    def encode(texts: list[str]) -> list[np.ndarray]:
+        flat, offsets = encoding.encode_batch_flat(texts)
+        ids, ends = np.frombuffer(flat, dtype="<u4"), np.frombuffer(offsets, dtype="<u8")
+        return [ids[a:b] for a, b in zip(ends[:-1].tolist(), ends[1:].tolist())]
+
+    return encode
+
+
+def fast_encoder(tokenizer: PreTrainedTokenizerFast) -> BatchEncoder | None:
+    """splintr with ``tokenizer``'s vocab and merges, or None when it cannot express it (see
+    ``_fast_encoding``). ``prepare`` still checks that it gives the tokenizers ids on the corpus
+    before using it; ``penwright bench prepare`` has its rate beside the tokenizers API."""
     encoding = _fast_encoding(tokenizer.backend_tokenizer.to_str())
-    return None if encoding is None else FastEncoder(encoding)
+    return None if encoding is None else BatchEncoder(_splintr_batch(encoding))
 
 
 def limit_bytes(texts: Iterable[str], max_bytes: int) -> Iterator[str]:
