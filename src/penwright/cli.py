@@ -34,6 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     _stage_parser(sub, "generate", "text from the exported model (onnxruntime, KV cache): reports/samples.md")
     _stage_parser(sub, "verbosify", "expand a document passage by passage (a model finetuned on each): reports/verbosify.md")
     _stage_parser(sub, "chain", "writing prompts: prompts from one model, each answered by another (experiment=wp_responses)")
+    _stage_parser(sub, "serve", "the exported model over HTTP: OpenAI-compatible /v1/completions, a page at / (conf/serve/)")
     _stage_parser(sub, "show", "print the composed config (every key)")
     p = sub.add_parser("params", help="compose conf/ into params.yaml, exactly as `dvc exp run` does")
     p.add_argument("--output", default="params.yaml")
@@ -43,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", default="data")
     p.add_argument("--no-commit", action="store_true", help="do not record it in the DVC cache")
     p = sub.add_parser("bench", help="measure a stage; writes reports/bench_<stage>.json")
-    p.add_argument("stage", choices=["prepare", "train", "generate"])
+    p.add_argument("stage", choices=["prepare", "train", "generate", "serve"])
     p.add_argument("--size-mb", type=int, default=200, help="prepare: size of the generated large corpus")
     p.add_argument("--steps", type=int, default=30, help="train: timed steps per run")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="train: Hydra overrides of the benchmarked config")
@@ -79,6 +80,10 @@ def run(argv: list[str] | None = None) -> int:
         from penwright.chain import chain
 
         chain(config.compose(args.overrides, params=args.params, config_dir=args.config_dir))
+    elif args.command == "serve":
+        from penwright.serve import serve
+
+        serve(config.compose(args.overrides, params=args.params, config_dir=args.config_dir))
     elif args.command == "show":
         from omegaconf import OmegaConf
 
@@ -98,6 +103,10 @@ def run(argv: list[str] | None = None) -> int:
             bench.bench_prepare(size_mb=args.size_mb, output=args.output)
         elif args.stage == "train":
             bench.bench_train(steps=args.steps, output=args.output, overrides=args.overrides)
+        elif args.stage == "serve":
+            from penwright.bench_serve import bench_serve
+
+            bench_serve(output=args.output)
         else:
             bench.bench_generate(output=args.output)
     return 0

@@ -1,0 +1,359 @@
+"""Continuous batching: one decoding loop over slots that requests enter and leave.
+
+``Engine.load("artifacts/onnx", slots=16)`` opens the exported fused graph rewritten by
+``graph.slot_graph``: attention reads and writes one preallocated key/value buffer per layer,
+[slots, heads, context, head_dim], at per-row lengths. A request takes the lowest free slot; its
+prompt is prefilled alone into that slot (a batch of one, so its logits never depend on who else
+is running); then every ``step()`` feeds one token for each running row of slots ``0..hi`` at once.
+A row leaves at EOS, a stop string, ``max_tokens``, the end of the context, a cancel or its
+deadline, freeing its slot for the next request at the next step. Nothing is copied or re-padded
+when a row enters or leaves: the buffers never move (each step binds the same memory as input and
+output), and each row keeps its own length, sampling parameters and random stream, so a seeded
+request gives the same text alone or beside others.
+
+``penwright generate`` and ``penwright serve`` both run on this engine: ``Engine.generate`` is the
+synchronous form (submit, step until done); the server runs ``Engine.run_forever`` on a thread.
+"""
+
+from __future__ import annotations
+
+import json
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from penwright.errors import ConfigError, PenwrightError
+from penwright.sampling import SamplingConfig, next_tokens
+
+GRAPH = "model.onnx"
+
+
+@dataclass(eq=False)
+class Request:
+    """One sequence to generate. ``emit(text, finish_reason)`` is called from the engine's thread with
+    each new piece of text (finish_reason None), then once with the rest and the reason it ended:
+    ``stop`` (EOS or a stop string), ``length`` (max_tokens or the context), ``cancelled``, ``timeout``."""
+
+    prompt_ids: list[int]
+    max_tokens: int
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    min_tokens: int = 0
+    stop: tuple[str, ...] = ()
+    seed: int | list[int] | None = None  # the row's own random stream (None: fresh entropy)
+    stop_at_eos: bool = True
+    deadline: float | None = None  # time.monotonic() after which the request ends with "timeout"
+    emit: Callable[[str, str | None], None] | None = None
+    # filled in by the engine
+    tokens: list[int] = field(default_factory=list)
+    text: str = ""
+    finish_reason: str | None = None
+    cancelled: bool = False
+    first_token_at: float | None = None
+
+    def cancel(self) -> None:
+        """Ask the engine to free this request's slot at its next step (thread-safe: one flag)."""
+        self.cancelled = True
+
+
+class _Row:
+    """A request in its slot: its length in the cache, the token to feed next, its sampler state."""
+
+    def __init__(self, request: Request, slot: int, vocab: int):
+        self.request, self.slot = request, slot
+        self.length = 0  # tokens in the slot's cache
+        self.pending = -1  # sampled, not yet fed
+        self.rng = np.random.default_rng(request.seed)
+        self.seen = None
+        if request.sampling.repetition_penalty != 1.0:
+            self.seen = np.zeros((1, vocab), dtype=bool)
+            self.seen[0, request.prompt_ids] = True
+        self.shown = 0  # characters of text already emitted
+        self.holdback = max(map(len, request.stop), default=1) - 1
+
+
+class Engine:
+    def __init__(self, session, tokenizer, config: dict, slots: int, context: int | None = None):
+        self.session, self.tokenizer = session, tokenizer
+        self.n_layer, self.n_head = int(config["n_layer"]), int(config["n_head"])
+        self.head_dim = int(config["n_embd"]) // self.n_head
+        self.n_positions = int(config["n_positions"])
+        self.context = min(int(context or self.n_positions), self.n_positions)
+        self.eos = int(tokenizer.eos_token_id)
+        self.vocab = int(session.get_outputs()[0].shape[-1])
+        self.slots = int(slots)
+        self.past_names = [i.name for i in session.get_inputs() if i.name.startswith("past_key_values.")]
+        self.present_names = [o.name for o in session.get_outputs()][1:]
+        shape = (self.slots, self.n_head, self.context, self.head_dim)
+        self.cache = [np.zeros(shape, dtype=np.float32) for _ in self.past_names]  # pages are touched as rows fill them
+        # the step's small inputs and its logits: preallocated, so a binding made once per batch width stays valid
+        self.ids = np.zeros((self.slots, 1), dtype=np.int64)
+        self.positions = np.zeros((self.slots, 1), dtype=np.int64)
+        self.seqlens = np.zeros(self.slots, dtype=np.int32)
+        self.total = np.zeros(1, dtype=np.int32)
+        self.logits = np.zeros((self.slots, 1, self.vocab), dtype=np.float32)
+        self._bindings: dict[int, object] = {}
+        self.rows: list[_Row | None] = [None] * self.slots
+        self.waiting: queue.Queue[Request] = queue.Queue()
+        self._stop = threading.Event()
+        self.steps = 0
+
+    # -- loading ----------------------------------------------------------------------------------
+
+    @classmethod
+    def load(cls, path: str | Path, slots: int = 16, threads: int = 0, graph: str = GRAPH,
+             context: int | None = None) -> "Engine":
+        import onnx
+        import onnxruntime as ort
+        from transformers import AutoTokenizer
+
+        from penwright.graph import slot_graph
+
+        path = Path(path)
+        file = path / graph
+        if not file.is_file():
+            raise PenwrightError(f"{file}: not found. Export a model first: `penwright export`")
+        if slots < 1:
+            raise ConfigError(f"slots={slots}: the engine needs at least one slot")
+        try:
+            model = onnx.load(str(file))
+        except Exception as err:  # protobuf's DecodeError, a truncated external data file, ...
+            raise PenwrightError(f"{file}: cannot be read as an ONNX graph ({type(err).__name__}: {err}); "
+                                 f"re-export it with `penwright export`") from None
+        try:
+            model = slot_graph(model)
+        except ValueError as err:
+            raise PenwrightError(f"{file}: continuous batching cannot run this graph: {err}") from None
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.log_severity_level = 3
+        if threads:
+            options.intra_op_num_threads = int(threads)
+        try:
+            session = ort.InferenceSession(model.SerializeToString(), sess_options=options,
+                                           providers=["CPUExecutionProvider"])
+        except Exception as err:
+            raise PenwrightError(f"{file}: onnxruntime cannot load its slot graph ({type(err).__name__}: "
+                                 f"{str(err).splitlines()[0][:300]}); re-export it with `penwright export`") from None
+        try:
+            config = json.loads((path / "config.json").read_text())
+            tokenizer = AutoTokenizer.from_pretrained(path)
+        except (OSError, ValueError) as err:
+            raise PenwrightError(f"{path}: the tokenizer or config.json beside the graph cannot be read ({err}); "
+                                 f"re-export with `penwright export`") from None
+        return cls(session, tokenizer, config, slots=slots, context=context)
+
+    def cache_bytes(self) -> int:
+        return sum(c.nbytes for c in self.cache)
+
+    # -- the graph --------------------------------------------------------------------------------
+
+    def _bind(self, binding, lo: int, hi: int) -> None:
+        for names in (self.past_names, self.present_names):
+            for name, buf in zip(names, self.cache):
+                view = buf[lo:hi]  # rows lo..hi of a C-contiguous buffer: contiguous, no copy
+                if names is self.past_names:
+                    binding.bind_input(name, "cpu", 0, np.float32, view.shape, view.ctypes.data)
+                else:
+                    binding.bind_output(name, "cpu", 0, np.float32, view.shape, view.ctypes.data)
+
+    def _decode_binding(self, hi: int):
+        """The binding of a decoding step over slots 0..hi: made once per width, reused every step."""
+        binding = self._bindings.get(hi)
+        if binding is None:
+            binding = self.session.io_binding()
+            for name, array in (("input_ids", self.ids[:hi]), ("position_ids", self.positions[:hi]),
+                                ("seqlens_k", self.seqlens[:hi]), ("total_sequence_length", self.total)):
+                binding.bind_input(name, "cpu", 0, array.dtype, array.shape, array.ctypes.data)
+            logits = self.logits[:hi]
+            binding.bind_output("logits", "cpu", 0, np.float32, logits.shape, logits.ctypes.data)
+            self._bind(binding, 0, hi)
+            self._bindings[hi] = binding
+        return binding
+
+    def _prefill(self, row: _Row) -> np.ndarray:
+        """Run a prompt alone into its slot; the logits of its last position [vocab]."""
+        ids = np.asarray(row.request.prompt_ids, dtype=np.int64)[None, :]
+        n = ids.shape[1]
+        positions = np.arange(n, dtype=np.int64)[None, :]
+        seqlens, total = np.array([n - 1], dtype=np.int32), np.array([n], dtype=np.int32)
+        logits = np.zeros((1, 1, self.vocab), dtype=np.float32)
+        binding = self.session.io_binding()
+        for name, array in (("input_ids", ids), ("position_ids", positions), ("seqlens_k", seqlens),
+                            ("total_sequence_length", total)):
+            binding.bind_input(name, "cpu", 0, array.dtype, array.shape, array.ctypes.data)
+        binding.bind_output("logits", "cpu", 0, np.float32, logits.shape, logits.ctypes.data)
+        self._bind(binding, row.slot, row.slot + 1)
+        self.session.run_with_iobinding(binding)
+        row.length = n
+        return logits[0, 0]
+
+    # -- requests ---------------------------------------------------------------------------------
+
+    def check(self, prompt_ids: list[int], max_tokens: int) -> None:
+        """Refuse what cannot fit before it is queued (the server turns this into a 400)."""
+        if not prompt_ids:
+            raise ConfigError("the prompt has no tokens")
+        if max_tokens < 1:
+            raise ConfigError(f"max_tokens={max_tokens}: must be >= 1")
+        if len(prompt_ids) + max_tokens > self.context:
+            raise ConfigError(f"a prompt of {len(prompt_ids)} tokens plus max_tokens={max_tokens} exceeds the "
+                              f"context of {self.context} tokens; shorten the prompt or lower max_tokens")
+
+    def encode(self, prompt: str) -> list[int]:
+        """A prompt's ids; an empty prompt starts from <|endoftext|> (an unconditional sample)."""
+        return self.tokenizer.encode(prompt or self.tokenizer.eos_token, add_special_tokens=False)
+
+    def submit(self, request: Request) -> Request:
+        self.check(request.prompt_ids, request.max_tokens)
+        self.waiting.put(request)
+        return request
+
+    @property
+    def running(self) -> int:
+        return sum(r is not None for r in self.rows)
+
+    # -- one step ---------------------------------------------------------------------------------
+
+    def step(self) -> int:
+        """Admit waiting requests into free slots (prefill), then one decoding step for every running row.
+        Returns the number of rows running after the step."""
+        now = time.monotonic()
+        for row in self.rows:  # cancelled or late rows leave before the step
+            if row is not None and (row.request.cancelled or (row.request.deadline and now > row.request.deadline)):
+                self._finish(row, "cancelled" if row.request.cancelled else "timeout")
+        while None in self.rows:
+            try:
+                request = self.waiting.get_nowait()
+            except queue.Empty:
+                break
+            if request.cancelled or (request.deadline and now > request.deadline):  # gave up while waiting
+                request.finish_reason = "cancelled" if request.cancelled else "timeout"
+                if request.emit is not None:
+                    request.emit("", request.finish_reason)
+                continue
+            row = _Row(request, self.rows.index(None), self.vocab)
+            self.rows[row.slot] = row
+            self._take(row, self._prefill(row))
+        active = [r for r in self.rows if r is not None]
+        if not active:
+            return 0
+        hi = max(r.slot for r in active) + 1
+        self.seqlens[:hi] = 0
+        self.ids[:hi] = self.eos
+        self.positions[:hi] = 0
+        for r in active:
+            self.ids[r.slot, 0] = r.pending
+            self.positions[r.slot, 0] = r.length
+            self.seqlens[r.slot] = r.length  # tokens in the cache after this step, minus one
+        self.total[0] = max(r.length for r in active) + 1
+        self.session.run_with_iobinding(self._decode_binding(hi))
+        self.steps += 1
+        for r in active:
+            r.length += 1
+            self._take(r, self.logits[r.slot, 0])
+        return self.running
+
+    def _take(self, row: _Row, logits: np.ndarray) -> None:
+        """Sample the row's next token from its logits and decide whether it is done."""
+        req = row.request
+        logits = logits[None, :]
+        if len(req.tokens) < req.min_tokens:
+            logits = logits.copy()
+            logits[:, self.eos] = -np.inf
+        token = int(next_tokens(logits, req.sampling, row.rng, row.seen)[0])
+        if req.first_token_at is None:
+            req.first_token_at = time.monotonic()
+        if req.stop_at_eos and token == self.eos:
+            return self._finish(row, "stop")
+        req.tokens.append(token)
+        if row.seen is not None:
+            row.seen[0, token] = True
+        row.pending = token
+        text = self.tokenizer.decode(req.tokens)
+        hits = [text.index(s) for s in req.stop if s in text]
+        if hits:
+            req.text = text[: min(hits)]
+            return self._finish(row, "stop")
+        req.text = text
+        if len(req.tokens) >= req.max_tokens or row.length + 1 >= self.context:
+            return self._finish(row, "length")
+        if req.emit is not None and not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
+            upto = max(row.shown, len(text) - row.holdback)
+            if upto > row.shown:
+                req.emit(text[row.shown: upto], None)
+                row.shown = upto
+
+    def _finish(self, row: _Row, reason: str) -> None:
+        req = row.request
+        req.finish_reason = reason
+        self.rows[row.slot] = None
+        if req.emit is not None:
+            req.emit(req.text[row.shown:], reason)
+
+    def fail_running(self, reason: str = "error") -> None:
+        """End every running row with ``reason`` (after a failed step: their caches cannot be trusted)."""
+        for row in self.rows:
+            if row is not None:
+                self._finish(row, reason)
+
+    # -- loops ------------------------------------------------------------------------------------
+
+    def run_forever(self, idle_wait: float = 0.05) -> None:
+        """Step while there is work; sleep on the queue when there is none; return after ``shutdown()``
+        once the running rows are done."""
+        while True:
+            if not self.running and self.waiting.empty():
+                if self._stop.is_set():
+                    return
+                try:
+                    self.waiting.put(self.waiting.get(timeout=idle_wait))
+                except queue.Empty:
+                    continue
+            self.step()
+
+    def shutdown(self) -> None:
+        """Stop taking steps once the running and waiting requests are done."""
+        self._stop.set()
+
+    def generate(self, prompts: list[str], max_new_tokens: int = 64, seed: int | None = None,
+                 stop_strings: list[str] | None = None, on_step: Callable[[np.ndarray], None] | None = None,
+                 do_sample: bool = True, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                 repetition_penalty: float = 1.0, min_new_tokens: int = 0) -> list[str]:
+        """The new text for each prompt (cut at EOS and before the first stop string), run to completion
+        here. Row ``i`` draws from its own stream seeded ``(seed, i)``; ``on_step`` sees the first row's
+        new tokens one at a time (streaming a single sample)."""
+        if not prompts:
+            raise ConfigError("no prompts: give at least one (\"\" for an unconditional sample)")
+        if max_new_tokens < 1:
+            raise ConfigError(f"generate.max_new_tokens={max_new_tokens}: must be >= 1")
+        sampling = SamplingConfig(do_sample, temperature, top_k, top_p, repetition_penalty)
+        stops = tuple(s for s in (stop_strings or []) if s)
+        requests = []
+        for i, prompt in enumerate(prompts):
+            ids = self.encode(prompt)
+            if len(ids) + max_new_tokens > self.context:
+                raise PenwrightError(
+                    f"a prompt of {len(ids)} tokens plus max_new_tokens={max_new_tokens} exceeds the model's "
+                    f"context of {self.context} tokens; shorten the prompt or lower generate.max_new_tokens")
+            requests.append(Request(ids, max_new_tokens, sampling, min_tokens=min_new_tokens, stop=stops,
+                                    seed=None if seed is None else [seed, i]))
+        if on_step is not None:
+            seen = [0]
+
+            def first_row(text: str, reason: str | None) -> None:
+                tokens = requests[0].tokens
+                for token in tokens[seen[0]:]:
+                    on_step(np.array([token]))
+                seen[0] = len(tokens)
+
+            requests[0].emit = first_row
+        for r in requests:
+            self.submit(r)
+        while self.step() or not self.waiting.empty():
+            pass
+        return [r.text for r in requests]

@@ -1,0 +1,64 @@
+"""Stage ``serve``: the exported model over HTTP (``penwright serve``), on the continuous-batching engine."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from omegaconf import DictConfig
+
+from penwright.errors import ConfigError
+
+
+def settings_from(s: DictConfig):
+    from penwright.serve.app import Settings
+
+    for key in ("max_sequences", "queue_size", "max_body_bytes", "max_n", "max_prompts", "max_tokens"):
+        if int(s[key]) < 1:
+            raise ConfigError(f"serve.{key}={s[key]}: must be >= 1")
+    if not 0 < int(s.port) < 65536:
+        raise ConfigError(f"serve.port={s.port}: must be in 1..65535")
+    if not float(s.request_timeout) > 0:
+        raise ConfigError(f"serve.request_timeout={s.request_timeout}: must be > 0 seconds")
+    if float(s.temperature) < 0 or not 0 < float(s.top_p) <= 1 or int(s.top_k) < 0:
+        raise ConfigError(f"serve.temperature={s.temperature}, serve.top_p={s.top_p}, serve.top_k={s.top_k}: "
+                          f"need temperature >= 0, 0 < top_p <= 1, top_k >= 0")
+    key = s.api_key or os.environ.get("PENWRIGHT_API_KEY") or None
+    return Settings(model_name=str(s.model_name), queue_size=int(s.queue_size), request_timeout=float(s.request_timeout),
+                    max_body_bytes=int(s.max_body_bytes), max_n=int(s.max_n), max_prompts=int(s.max_prompts),
+                    api_key=str(key) if key else None, max_tokens=int(s.max_tokens), temperature=float(s.temperature),
+                    top_k=int(s.top_k), top_p=float(s.top_p))
+
+
+def build_app(cfg: DictConfig):
+    """The app for ``cfg.serve``: settings checked now, the engine loaded when the server starts."""
+    from penwright.engine import Engine
+    from penwright.serve.app import create_app
+
+    s = cfg.serve
+    settings = settings_from(s)
+    if s.context is not None and int(s.context) < 2:
+        raise ConfigError(f"serve.context={s.context}: must be >= 2 tokens (null: the model's context)")
+
+    def load() -> Engine:
+        engine = Engine.load(s.model_dir, slots=int(s.max_sequences), threads=int(s.threads), graph=str(s.graph),
+                             context=None if s.context is None else int(s.context))
+        print(f"[serve] {s.model_dir}/{s.graph}: {engine.slots} slots x {engine.context} tokens "
+              f"({engine.cache_bytes() / 2**20:.0f} MiB of KV buffer at most)", file=sys.stderr, flush=True)
+        return engine
+
+    return create_app(load, settings)
+
+
+def serve(cfg: DictConfig) -> None:
+    """Load the engine (bad files and configs fail here, in one line), then serve until SIGINT/SIGTERM."""
+    from penwright.serve.app import serve_forever
+
+    s = cfg.serve
+    app, engine = build_app(cfg), None
+    engine = app.state.load()  # before the port opens: a missing or broken model is an error, not a 503 forever
+    app.state.load = lambda: engine
+    print(f"[serve] http://{s.host}:{s.port}/  (page)   POST /v1/completions   GET /health   Ctrl-C stops",
+          file=sys.stderr, flush=True)
+    serve_forever(app, str(s.host), int(s.port), graceful=float(s.request_timeout))
+    print("[serve] stopped", file=sys.stderr, flush=True)

@@ -1,0 +1,437 @@
+"""The HTTP app: OpenAI-compatible completions, gpt-2-cloud-run's API and a playground page, on one engine.
+
+Routes:
+
+* ``POST /v1/completions``: OpenAI's completions API (``stream`` for server-sent events), plus
+  vLLM's and llama.cpp's ``top_k``, ``repetition_penalty`` and ``min_tokens``;
+* ``GET /v1/models``; ``GET /health`` (200 once the engine runs, else 503);
+* gpt-2-cloud-run's API on ``/`` (as that app had it: ``POST`` JSON, or ``GET`` with a query
+  string) and on ``/generate``: ``length``, ``temperature``, ``top_k``, ``top_p``, ``prefix``,
+  ``truncate``, ``include_prefix`` -> ``{"text": ...}``;
+* ``GET /`` without a query: the playground page (one HTML file, no external resources).
+
+Each choice is one ``engine.Request``; the engine's thread calls back with text, and the callback
+hands it to the request's asyncio queue. Bad requests get a 400 in OpenAI's error shape naming the
+field (``param``); a full queue a 429 with ``Retry-After``; a missing or wrong API key a 401.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+import threading
+import time
+import traceback
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Union
+
+from fastapi import FastAPI, Request as HttpRequest
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from penwright.engine import Engine, Request
+from penwright.errors import PenwrightError
+from penwright.sampling import SamplingConfig
+
+PAGE = Path(__file__).with_name("page.html")
+
+
+@dataclass(frozen=True)
+class Settings:
+    model_name: str = "penwright"
+    queue_size: int = 256
+    request_timeout: float = 120.0
+    max_body_bytes: int = 65536
+    max_n: int = 16
+    max_prompts: int = 64
+    api_key: str | None = None
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, param: str | None = None, kind: str = "invalid_request_error",
+                 headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.kind, self.headers = status, message, param, kind, headers
+
+
+def error_body(message: str, param: str | None = None, kind: str = "invalid_request_error") -> dict:
+    return {"error": {"message": message, "type": kind, "param": param, "code": None}}
+
+
+# -- request bodies ---------------------------------------------------------------------------------
+
+
+class CompletionBody(BaseModel):
+    """OpenAI's completion request; fields it defines that change the answer and that penwright cannot
+    honour (logprobs, suffix, best_of, logit_bias, penalties) are refused rather than ignored."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str | None = None
+    prompt: Union[str, list[str]] = ""
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0)
+    top_p: float | None = Field(None, gt=0, le=1)
+    n: int = Field(1, ge=1)
+    stop: Union[str, list[str], None] = None
+    seed: int | None = None
+    stream: bool = False
+    echo: bool = False
+    top_k: int | None = Field(None, ge=-1)  # vLLM: -1 = all tokens
+    repetition_penalty: float | None = Field(None, gt=0)
+    min_tokens: int = Field(0, ge=0)
+    stream_options: dict | None = None
+    user: str | None = None
+    logprobs: int | None = None
+    suffix: str | None = None
+    best_of: int | None = None
+    logit_bias: dict | None = None
+    frequency_penalty: float | None = None
+    presence_penalty: float | None = None
+
+    @field_validator("stop")
+    @classmethod
+    def _stops(cls, v):
+        stops = [v] if isinstance(v, str) else list(v or [])
+        if len(stops) > 4:
+            raise ValueError(f"at most 4 stop strings (got {len(stops)})")
+        return [s for s in stops if s]
+
+
+class Gpt2Body(BaseModel):
+    """gpt-2-cloud-run's parameters (gpt-2-simple's names): top_p 0 means off, as there."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    length: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0)
+    top_k: int | None = Field(None, ge=0)
+    top_p: float | None = Field(None, ge=0, le=1)
+    prefix: str = ""
+    truncate: str | None = None
+    include_prefix: bool = True
+    seed: int | None = None
+
+
+UNSUPPORTED = {"logprobs": None, "suffix": None, "logit_bias": None}
+
+
+# -- the app ----------------------------------------------------------------------------------------
+
+
+def create_app(engine_factory, settings: Settings) -> FastAPI:
+    """The app; ``engine_factory()`` loads the engine when the server starts (``/health`` is 503 until then)."""
+    from contextlib import asynccontextmanager
+
+    state: dict = {"engine": None, "thread": None}
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        engine: Engine = await asyncio.to_thread(app.state.load)
+        thread = threading.Thread(target=_run_engine, args=(engine,), name="penwright-engine", daemon=True)
+        thread.start()
+        state.update(engine=engine, thread=thread)
+        yield
+        engine.shutdown()  # uvicorn has already let in-flight responses finish; stop when the rows are done
+        await asyncio.to_thread(thread.join, 30)
+
+    app = FastAPI(title="penwright", lifespan=lifespan, docs_url="/docs", redoc_url=None)
+    app.state.penwright = state
+    app.state.load = engine_factory  # penwright serve loads it before the port opens, then hands it over here
+
+    # -- plumbing: errors, body size, auth ------------------------------------------------------------
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request, err: ApiError):
+        return JSONResponse(error_body(err.message, err.param, err.kind), status_code=err.status, headers=err.headers)
+
+    @app.exception_handler(Exception)
+    async def _bug(request, err: Exception):  # a bug, not the client's fault: say so in JSON, log it, keep serving
+        traceback.print_exception(err)
+        return JSONResponse(error_body(f"internal error ({type(err).__name__}); see the server's log",
+                                       kind="server_error"), 500)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request, err: RequestValidationError):
+        return _validation_response(err.errors())
+
+    @app.middleware("http")
+    async def _guard(request: HttpRequest, call_next):
+        length = request.headers.get("content-length")
+        if length is not None and (not length.isdigit() or int(length) > settings.max_body_bytes):
+            return JSONResponse(error_body(f"the request body is {length} bytes; the limit is "
+                                           f"{settings.max_body_bytes} (serve.max_body_bytes)", "body"), 413)
+        if settings.api_key and request.url.path not in ("/health",) and not _page_request(request):
+            given = request.headers.get("authorization", "")
+            if not secrets.compare_digest(given.encode(), f"Bearer {settings.api_key}".encode()):
+                return JSONResponse(error_body("missing or wrong API key: send `Authorization: Bearer <key>`",
+                                               "authorization", "authentication_error"), 401)
+        return await call_next(request)
+
+    def engine() -> Engine:
+        if state["engine"] is None:
+            raise ApiError(503, "the model is still loading", kind="server_error", headers={"Retry-After": "1"})
+        return state["engine"]
+
+    # -- routes ------------------------------------------------------------------------------------
+
+    @app.get("/health")
+    async def health():
+        thread = state["thread"]
+        if state["engine"] is None or thread is None or not thread.is_alive():
+            return JSONResponse({"status": "loading"}, status_code=503)
+        e = state["engine"]
+        return {"status": "ok", "model": settings.model_name, "running": e.running, "waiting": e.waiting.qsize(),
+                "slots": e.slots, "context": e.context}
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": settings.model_name, "object": "model", "created": 0,
+                                            "owned_by": "penwright"}]}
+
+    @app.post("/v1/completions")
+    async def completions(http: HttpRequest):
+        body = _parse(CompletionBody, await _json(http))
+        eng = engine()
+        if body.model not in (None, settings.model_name):
+            raise ApiError(400, f"model={body.model!r} is not served here; this server serves "
+                                f"{settings.model_name!r} (GET /v1/models)", "model")
+        for name in ("logprobs", "suffix", "logit_bias"):
+            if getattr(body, name) is not None:
+                raise ApiError(400, f"{name} is not supported by penwright's server", name)
+        if body.best_of not in (None, 1, body.n):
+            raise ApiError(400, "best_of is not supported (leave it out, or equal to n)", "best_of")
+        for name in ("frequency_penalty", "presence_penalty"):
+            if getattr(body, name) not in (None, 0, 0.0):
+                raise ApiError(400, f"{name} is not supported; use repetition_penalty (> 1 discourages repeats)", name)
+        if body.n > settings.max_n:
+            raise ApiError(400, f"n={body.n}: at most {settings.max_n} (serve.max_n)", "n")
+        prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+        if not prompts:
+            raise ApiError(400, "prompt is an empty list: give a string or a list of strings", "prompt")
+        if len(prompts) * body.n > settings.max_prompts:
+            raise ApiError(400, f"{len(prompts)} prompts x n={body.n}: at most {settings.max_prompts} choices "
+                                f"(serve.max_prompts)", "prompt")
+        temperature = settings.temperature if body.temperature is None else body.temperature
+        top_k = settings.top_k if body.top_k is None else max(0, body.top_k)
+        sampling = SamplingConfig(do_sample=temperature > 0, temperature=temperature if temperature > 0 else 1.0,
+                                  top_k=top_k, top_p=settings.top_p if body.top_p is None else body.top_p,
+                                  repetition_penalty=body.repetition_penalty or 1.0)
+        max_tokens = settings.max_tokens if body.max_tokens is None else body.max_tokens
+        encoded = [eng.encode(p) for p in prompts]
+        for ids in encoded:
+            _check(eng, ids, max_tokens)
+        requests = [Request(encoded[i], max_tokens, sampling, min_tokens=min(body.min_tokens, max_tokens),
+                            stop=tuple(body.stop or ()), seed=None if body.seed is None else body.seed + i * body.n + j)
+                    for i in range(len(prompts)) for j in range(body.n)]
+        job = _Job(eng, requests, settings)
+        head = {"id": f"cmpl-{uuid.uuid4().hex[:24]}", "object": "text_completion", "created": int(time.time()),
+                "model": settings.model_name}
+        prefix = [prompts[k // body.n] if body.echo else "" for k in range(len(requests))]
+        usage_prompt = sum(len(ids) for ids in encoded)
+
+        if not body.stream:
+            await job.wait()
+            choices = [{"text": prefix[k] + r.text, "index": k, "logprobs": None, "finish_reason": r.finish_reason}
+                       for k, r in enumerate(requests)]
+            done = sum(len(r.tokens) for r in requests)
+            return {**head, "choices": choices,
+                    "usage": {"prompt_tokens": usage_prompt, "completion_tokens": done,
+                              "total_tokens": usage_prompt + done}}
+
+        include_usage = bool((body.stream_options or {}).get("include_usage"))
+
+        async def events():
+            try:
+                if body.echo:
+                    for k in range(len(requests)):
+                        yield _sse({**head, "choices": [{"text": prefix[k], "index": k, "logprobs": None,
+                                                         "finish_reason": None}]})
+                async for k, text, reason in job.stream():
+                    if reason in ("timeout", "error"):
+                        yield _sse(error_body(job.message(reason), kind="server_error"))
+                        break
+                    yield _sse({**head, "choices": [{"text": text, "index": k, "logprobs": None,
+                                                     "finish_reason": reason}]})
+                if include_usage:
+                    done = sum(len(r.tokens) for r in requests)
+                    yield _sse({**head, "choices": [], "usage": {"prompt_tokens": usage_prompt,
+                                                                 "completion_tokens": done,
+                                                                 "total_tokens": usage_prompt + done}})
+                yield "data: [DONE]\n\n"
+            finally:  # the client went away (or we are done): free the slots at the next step
+                job.cancel()
+
+        job.start()
+        return StreamingResponse(events(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    async def gpt2(params: dict):
+        from penwright.generate import finish_text
+
+        body = _parse(Gpt2Body, params)
+        eng = engine()
+        temperature = 0.7 if body.temperature is None else body.temperature
+        sampling = SamplingConfig(do_sample=temperature > 0, temperature=temperature if temperature > 0 else 1.0,
+                                  top_k=body.top_k or 0, top_p=body.top_p or 1.0)
+        ids = eng.encode(body.prefix)
+        length = body.length if body.length is not None else eng.context - len(ids)
+        _check(eng, ids, length, tokens="length")
+        request = Request(ids, length, sampling, seed=body.seed)
+        job = _Job(eng, [request], settings)
+        await job.wait()
+        return {"text": finish_text(body.prefix, request.text, body.truncate, body.include_prefix)}
+
+    @app.post("/generate")
+    @app.post("/")
+    async def gpt2_post(http: HttpRequest):
+        return await gpt2(await _json(http))
+
+    @app.get("/generate")
+    async def gpt2_get(http: HttpRequest):
+        return await gpt2(dict(http.query_params))
+
+    @app.get("/")
+    async def page(http: HttpRequest):
+        if http.query_params:  # gpt-2-cloud-run's GET form
+            return await gpt2(dict(http.query_params))
+        return HTMLResponse(PAGE.read_text(encoding="utf-8").replace("{{model}}", settings.model_name)
+                            .replace("{{max_tokens}}", str(min(128, engine().context - 1)))
+                            .replace("{{auth}}", "true" if settings.api_key else "false"))
+
+    return app
+
+
+# -- helpers ----------------------------------------------------------------------------------------
+
+
+class _Job:
+    """The requests of one HTTP call, submitted together; the engine's callbacks arrive on an asyncio queue."""
+
+    def __init__(self, engine: Engine, requests: list[Request], settings: Settings):
+        self.engine, self.requests, self.settings = engine, requests, settings
+        self.loop = asyncio.get_running_loop()
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.started = False
+        for k, r in enumerate(requests):
+            r.emit = self._emitter(k)
+
+    def _emitter(self, k: int):
+        def emit(text: str, reason: str | None) -> None:  # on the engine's thread
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, (k, text, reason))
+        return emit
+
+    def start(self) -> None:
+        if self.engine.waiting.qsize() + len(self.requests) > self.settings.queue_size:
+            raise ApiError(429, f"the server is busy: {self.engine.waiting.qsize()} requests are waiting "
+                                f"(serve.queue_size={self.settings.queue_size}); retry shortly",
+                           kind="rate_limit_error", headers={"Retry-After": "1"})
+        deadline = time.monotonic() + self.settings.request_timeout
+        for r in self.requests:
+            r.deadline = deadline
+            self.engine.submit(r)
+        self.started = True
+
+    async def stream(self):
+        left = len(self.requests)
+        while left:
+            k, text, reason = await self.queue.get()
+            if reason is not None:
+                left -= 1
+            if text or reason is not None:
+                yield k, text, reason
+
+    async def wait(self) -> None:
+        self.start()
+        try:
+            async for _, _, reason in self.stream():
+                if reason in ("timeout", "error"):
+                    kind = "timeout" if reason == "timeout" else "server_error"
+                    raise ApiError(504 if reason == "timeout" else 500, self.message(reason), kind=kind)
+        finally:
+            self.cancel()
+
+    def message(self, reason: str) -> str:
+        if reason == "timeout":
+            return (f"the request did not finish within {self.settings.request_timeout:g} s "
+                    f"(serve.request_timeout); ask for fewer tokens or retry")
+        return "the engine failed on this request; see the server's log"
+
+    def cancel(self) -> None:
+        for r in self.requests:
+            if r.finish_reason is None:
+                r.cancel()
+
+
+def _run_engine(engine: Engine) -> None:
+    """The engine's loop; a failing step ends its running requests with an error, and the loop goes on."""
+    while True:
+        try:
+            engine.run_forever()
+            return
+        except Exception:  # never let one bad step take the server down
+            traceback.print_exc()
+            engine.fail_running("error")
+
+
+def _check(engine: Engine, ids: list[int], max_tokens: int, tokens: str = "max_tokens") -> None:
+    if len(ids) + max_tokens > engine.context:
+        raise ApiError(400, f"the prompt has {len(ids)} tokens and {tokens}={max_tokens}: together they exceed "
+                            f"the context of {engine.context} tokens; shorten the prompt or lower {tokens}",
+                       tokens if len(ids) < engine.context else "prompt")
+
+
+def _sse(payload: dict) -> str:
+    return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+
+
+def _page_request(request: HttpRequest) -> bool:
+    return request.method == "GET" and request.url.path == "/" and not request.query_params
+
+
+async def _json(http: HttpRequest) -> dict:
+    raw = await http.body()
+    try:
+        data = json.loads(raw or b"{}")
+    except (ValueError, UnicodeDecodeError) as err:
+        raise ApiError(400, f"the body is not valid JSON ({err})", "body") from None
+    if not isinstance(data, dict):
+        raise ApiError(400, "the body must be a JSON object", "body")
+    return data
+
+
+def _parse(model: type[BaseModel], data: dict) -> BaseModel:
+    try:
+        return model.model_validate(data)
+    except ValidationError as err:
+        raise _ValidationFailed(err.errors()) from None
+
+
+class _ValidationFailed(ApiError):
+    def __init__(self, errors: list):
+        first = errors[0]
+        param = ".".join(str(p) for p in first.get("loc", ()) if p not in ("body",)) or None
+        # a union's branches add their type to the location (prompt.str, prompt.list[str]): name the field
+        if param and "." in param and param.split(".", 1)[0] in ("prompt", "stop"):
+            param = param.split(".", 1)[0]
+        super().__init__(400, f"{param}: {first.get('msg')} (got {repr(first.get('input'))[:80]})", param)
+
+
+def _validation_response(errors: list) -> JSONResponse:
+    err = _ValidationFailed(errors)
+    return JSONResponse(error_body(err.message, err.param), status_code=400)
+
+
+def serve_forever(app: FastAPI, host: str, port: int, graceful: float) -> None:
+    import uvicorn
+
+    uvicorn.run(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=graceful,
+                limit_concurrency=None, access_log=False)
