@@ -138,3 +138,68 @@ def onnx_tiny(tmp_path_factory, tiny_gpt2) -> Path:
                     "export.parity_prompts=[It is,The quick brown fox jumps,A]", "export.parity_new_tokens=8"],
                    config_dir=REPO / "conf"))
     return root / "onnx"
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class RunningServer:
+    """A real uvicorn server on 127.0.0.1 (a free port) in a thread of the test process."""
+
+    def __init__(self, cfg):
+        import threading
+
+        import uvicorn
+
+        from penwright.serve import build_app
+
+        self.app = build_app(cfg)
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        import time
+
+        import httpx
+
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.05)
+        raise RuntimeError("the test server did not become healthy in 60 s")
+
+    @property
+    def engine(self):
+        return self.app.state.penwright["engine"]
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(30)
+
+
+@pytest.fixture(scope="session")
+def serve_tiny(onnx_tiny):
+    """``serve_tiny(*overrides)``: a running server on the tiny exported model (one per set of overrides)."""
+    from penwright.config import compose
+
+    servers: dict = {}
+
+    def _serve(*overrides: str) -> RunningServer:
+        if overrides not in servers:
+            servers[overrides] = RunningServer(compose([f"serve.model_dir={onnx_tiny}", *overrides],
+                                                       config_dir=REPO / "conf"))
+        return servers[overrides]
+
+    yield _serve
+    for server in servers.values():
+        server.stop()

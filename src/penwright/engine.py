@@ -28,7 +28,7 @@ from typing import Callable
 import numpy as np
 
 from penwright.errors import ConfigError, PenwrightError
-from penwright.sampling import SamplingConfig, next_tokens
+from penwright.sampling import SamplingConfig, next_tokens_per_row
 
 GRAPH = "model.onnx"
 
@@ -73,6 +73,7 @@ class _Row:
             self.seen = np.zeros((1, vocab), dtype=bool)
             self.seen[0, request.prompt_ids] = True
         self.shown = 0  # characters of text already emitted
+        self.prefix_offset = self.read_offset = 0  # incremental detokenization: tokens [prefix, read) are text
         self.holdback = max(map(len, request.stop), default=1) - 1
 
 
@@ -84,6 +85,11 @@ class Engine:
         self.n_positions = int(config["n_positions"])
         self.context = min(int(context or self.n_positions), self.n_positions)
         self.eos = int(tokenizer.eos_token_id)
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        if backend is not None and not getattr(tokenizer, "clean_up_tokenization_spaces", False):
+            self._decode = lambda ids: backend.decode(ids, skip_special_tokens=False)  # the same text, less overhead
+        else:
+            self._decode = tokenizer.decode
         self.vocab = int(session.get_outputs()[0].shape[-1])
         self.slots = int(slots)
         self.past_names = [i.name for i in session.get_inputs() if i.name.startswith("past_key_values.")]
@@ -106,7 +112,7 @@ class Engine:
 
     @classmethod
     def load(cls, path: str | Path, slots: int = 16, threads: int = 0, graph: str = GRAPH,
-             context: int | None = None) -> "Engine":
+             context: int | None = None, spin: bool = True) -> "Engine":
         import onnx
         import onnxruntime as ort
         from transformers import AutoTokenizer
@@ -133,6 +139,8 @@ class Engine:
         options.log_severity_level = 3
         if threads:
             options.intra_op_num_threads = int(threads)
+        if not spin:  # idle worker threads sleep instead of spinning: a server shares its cores with I/O
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         try:
             session = ort.InferenceSession(model.SerializeToString(), sess_options=options,
                                            providers=["CPUExecutionProvider"])
@@ -238,7 +246,7 @@ class Engine:
                 continue
             row = _Row(request, self.rows.index(None), self.vocab)
             self.rows[row.slot] = row
-            self._take(row, self._prefill(row))
+            self._sample([row], self._prefill(row)[None, :])
         active = [r for r in self.rows if r is not None]
         if not active:
             return 0
@@ -255,17 +263,29 @@ class Engine:
         self.steps += 1
         for r in active:
             r.length += 1
-            self._take(r, self.logits[r.slot, 0])
+        self._sample(active, self.logits[[r.slot for r in active], 0])
         return self.running
 
-    def _take(self, row: _Row, logits: np.ndarray) -> None:
-        """Sample the row's next token from its logits and decide whether it is done."""
-        req = row.request
-        logits = logits[None, :]
-        if len(req.tokens) < req.min_tokens:
+    def _sample(self, rows: list[_Row], logits: np.ndarray) -> None:
+        """Each row's next token from its logits ([len(rows), vocab]); rows with the same sampling settings
+        share one batched call, each drawing from its own stream (the token it would get alone)."""
+        short = np.array([len(r.request.tokens) < r.request.min_tokens for r in rows])
+        if short.any():  # min_tokens: <|endoftext|> is not allowed yet
             logits = logits.copy()
-            logits[:, self.eos] = -np.inf
-        token = int(next_tokens(logits, req.sampling, row.rng, row.seen)[0])
+            logits[short, self.eos] = -np.inf
+        groups: dict[tuple, list[int]] = {}
+        for i, r in enumerate(rows):
+            groups.setdefault((r.request.sampling, r.seen is not None), []).append(i)
+        tokens = np.empty(len(rows), dtype=np.int64)
+        for (cfg, penalized), idx in groups.items():
+            seen = np.concatenate([rows[i].seen for i in idx]) if penalized else None
+            tokens[idx] = next_tokens_per_row(logits[idx], cfg, [rows[i].rng for i in idx], seen)
+        for row, token in zip(rows, tokens.tolist()):
+            self._advance(row, token)
+
+    def _advance(self, row: _Row, token: int) -> None:
+        """Append a sampled token: detokenize it, check stop strings and limits, stream the new text."""
+        req = row.request
         if req.first_token_at is None:
             req.first_token_at = time.monotonic()
         if req.stop_at_eos and token == self.eos:
@@ -274,22 +294,32 @@ class Engine:
         if row.seen is not None:
             row.seen[0, token] = True
         row.pending = token
-        text = self.tokenizer.decode(req.tokens)
-        hits = [text.index(s) for s in req.stop if s in text]
-        if hits:
-            req.text = text[: min(hits)]
-            return self._finish(row, "stop")
-        req.text = text
+        # incremental detokenization (as vLLM does it): decode only the last few tokens, and only once
+        # they no longer end inside a multi-byte character
+        before = len(req.text)
+        prefix = self._decode(req.tokens[row.prefix_offset: row.read_offset])
+        full = self._decode(req.tokens[row.prefix_offset:])
+        if len(full) > len(prefix) and not full.endswith("\ufffd"):
+            req.text += full[len(prefix):]
+            row.prefix_offset, row.read_offset = row.read_offset, len(req.tokens)
+        if req.stop and len(req.text) > before:
+            start = max(0, before - row.holdback)
+            hits = [i for i in (req.text.find(s, start) for s in req.stop) if i >= 0]
+            if hits:
+                req.text = req.text[: min(hits)]
+                return self._finish(row, "stop", final=False)
         if len(req.tokens) >= req.max_tokens or row.length + 1 >= self.context:
             return self._finish(row, "length")
-        if req.emit is not None and not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
-            upto = max(row.shown, len(text) - row.holdback)
+        if req.emit is not None:
+            upto = len(req.text) - row.holdback  # the end of the text may begin a stop string: wait
             if upto > row.shown:
-                req.emit(text[row.shown: upto], None)
+                req.emit(req.text[row.shown: upto], None)
                 row.shown = upto
 
-    def _finish(self, row: _Row, reason: str) -> None:
+    def _finish(self, row: _Row, reason: str, final: bool = True) -> None:
         req = row.request
+        if final:  # the whole text, decoded at once (a trailing partial character included)
+            req.text = self._decode(req.tokens)
         req.finish_reason = reason
         self.rows[row.slot] = None
         if req.emit is not None:

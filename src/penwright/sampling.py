@@ -68,17 +68,45 @@ def _softmax(x: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=-1, keepdims=True)
 
 
-def next_tokens(logits: np.ndarray, cfg: SamplingConfig, rng: np.random.Generator,
-                seen: np.ndarray | None = None) -> np.ndarray:
-    """One token per row of ``logits`` [batch, vocab] (fp32)."""
-    logits = logits.astype(np.float32, copy=False)
-    if seen is not None:
-        logits = apply_repetition_penalty(logits, seen, cfg.repetition_penalty)
-    if not cfg.do_sample:
-        return logits.argmax(axis=-1)
+def _cdf(logits: np.ndarray, cfg: SamplingConfig, seen: np.ndarray | None) -> np.ndarray:
+    """The cumulative distribution to draw from, per row (float64), after every filter."""
     logits = logits / cfg.temperature
     logits = filter_top_k(logits, cfg.top_k)
     logits = filter_top_p(logits, cfg.top_p)
-    cdf = np.cumsum(_softmax(logits).astype(np.float64), axis=-1)
+    return np.cumsum(_softmax(logits).astype(np.float64), axis=-1)
+
+
+def _penalized(logits: np.ndarray, cfg: SamplingConfig, seen: np.ndarray | None) -> np.ndarray:
+    logits = logits.astype(np.float32, copy=False)
+    return apply_repetition_penalty(logits, seen, cfg.repetition_penalty) if seen is not None else logits
+
+
+def next_tokens(logits: np.ndarray, cfg: SamplingConfig, rng: np.random.Generator,
+                seen: np.ndarray | None = None) -> np.ndarray:
+    """One token per row of ``logits`` [batch, vocab] (fp32), all rows drawing from ``rng``."""
+    logits = _penalized(logits, cfg, seen)
+    if not cfg.do_sample:
+        return logits.argmax(axis=-1)
+    cdf = _cdf(logits, cfg, seen)
     u = rng.random((cdf.shape[0], 1)) * cdf[:, -1:]  # scaled by the true total: float sums need not reach 1
     return (cdf <= u).sum(axis=-1)  # the first token whose cdf passes u: never one of zero probability
+
+
+def next_tokens_per_row(logits: np.ndarray, cfg: SamplingConfig, rngs: list[np.random.Generator],
+                        seen: np.ndarray | None = None) -> np.ndarray:
+    """Like ``next_tokens``, but row ``i`` draws one number from ``rngs[i]``, and every step of the
+    draw works row by row: each row gets exactly the token it would get sampled alone, so the rows of
+    several requests share one batched call. With ``top_k``, only the k candidates (in token-id
+    order) are softmaxed and summed, not the whole vocabulary."""
+    logits = _penalized(logits, cfg, seen)
+    if not cfg.do_sample:
+        return logits.argmax(axis=-1)
+    ids = None
+    if 0 < cfg.top_k < logits.shape[-1]:
+        ids = np.sort(np.argpartition(logits, -cfg.top_k, axis=-1)[:, -cfg.top_k:], axis=-1)
+        logits = np.take_along_axis(logits, ids, axis=-1)
+    logits = filter_top_p(logits / cfg.temperature, cfg.top_p)
+    cdf = np.cumsum(_softmax(logits).astype(np.float64), axis=-1)
+    u = np.array([rng.random() for rng in rngs])[:, None] * cdf[:, -1:]
+    picked = np.minimum((cdf <= u).sum(axis=-1), cdf.shape[-1] - 1)
+    return picked if ids is None else ids[np.arange(len(ids)), picked]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import sys
 
 from omegaconf import DictConfig
@@ -18,6 +19,8 @@ def settings_from(s: DictConfig):
             raise ConfigError(f"serve.{key}={s[key]}: must be >= 1")
     if not 0 < int(s.port) < 65536:
         raise ConfigError(f"serve.port={s.port}: must be in 1..65535")
+    if float(s.stream_interval) < 0:
+        raise ConfigError(f"serve.stream_interval={s.stream_interval}: must be >= 0 seconds (0: every token)")
     if not float(s.request_timeout) > 0:
         raise ConfigError(f"serve.request_timeout={s.request_timeout}: must be > 0 seconds")
     if float(s.temperature) < 0 or not 0 < float(s.top_p) <= 1 or int(s.top_k) < 0:
@@ -26,7 +29,8 @@ def settings_from(s: DictConfig):
     key = s.api_key or os.environ.get("PENWRIGHT_API_KEY") or None
     return Settings(model_name=str(s.model_name), queue_size=int(s.queue_size), request_timeout=float(s.request_timeout),
                     max_body_bytes=int(s.max_body_bytes), max_n=int(s.max_n), max_prompts=int(s.max_prompts),
-                    api_key=str(key) if key else None, max_tokens=int(s.max_tokens), temperature=float(s.temperature),
+                    api_key=str(key) if key else None, max_tokens=int(s.max_tokens),
+                    stream_interval=float(s.stream_interval), temperature=float(s.temperature),
                     top_k=int(s.top_k), top_p=float(s.top_p))
 
 
@@ -42,7 +46,7 @@ def build_app(cfg: DictConfig):
 
     def load() -> Engine:
         engine = Engine.load(s.model_dir, slots=int(s.max_sequences), threads=int(s.threads), graph=str(s.graph),
-                             context=None if s.context is None else int(s.context))
+                             context=None if s.context is None else int(s.context), spin=bool(s.spin))
         print(f"[serve] {s.model_dir}/{s.graph}: {engine.slots} slots x {engine.context} tokens "
               f"({engine.cache_bytes() / 2**20:.0f} MiB of KV buffer at most)", file=sys.stderr, flush=True)
         return engine
@@ -60,5 +64,8 @@ def serve(cfg: DictConfig) -> None:
     app.state.load = lambda: engine
     print(f"[serve] http://{s.host}:{s.port}/  (page)   POST /v1/completions   GET /health   Ctrl-C stops",
           file=sys.stderr, flush=True)
+    # uvicorn stops on SIGTERM (letting in-flight responses finish), then re-raises the signal with the handler
+    # it found: a no-op one, so a requested stop exits 0
+    signal.signal(signal.SIGTERM, lambda *_: None)
     serve_forever(app, str(s.host), int(s.port), graceful=float(s.request_timeout))
     print("[serve] stopped", file=sys.stderr, flush=True)

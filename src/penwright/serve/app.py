@@ -18,6 +18,7 @@ field (``param``); a full queue a 429 with ``Retry-After``; a missing or wrong A
 from __future__ import annotations
 
 import asyncio
+import collections
 import json
 import secrets
 import threading
@@ -50,6 +51,7 @@ class Settings:
     max_prompts: int = 64
     api_key: str | None = None
     max_tokens: int = 16
+    stream_interval: float = 0.02
     temperature: float = 1.0
     top_k: int = 0
     top_p: float = 1.0
@@ -249,18 +251,31 @@ def create_app(engine_factory, settings: Settings) -> FastAPI:
 
         include_usage = bool((body.stream_options or {}).get("include_usage"))
 
+        # one event per choice per engine step; when the client reads slower than the engine writes, pieces
+        # already waiting are merged into one event (fewer, larger chunks: the same text)
+        opening = ('data: {"id":%s,"object":"text_completion","created":%d,"model":%s,"choices":[{"text":'
+                   % (json.dumps(head["id"]), head["created"], json.dumps(head["model"])))
+
+        def chunk(k: int, text: str, reason: str | None) -> str:
+            return (f'{opening}{json.dumps(text, ensure_ascii=False)},"index":{k},"logprobs":null,'
+                    f'"finish_reason":{json.dumps(reason)}}}]}}\n\n')
+
         async def events():
             try:
                 if body.echo:
                     for k in range(len(requests)):
-                        yield _sse({**head, "choices": [{"text": prefix[k], "index": k, "logprobs": None,
-                                                         "finish_reason": None}]})
-                async for k, text, reason in job.stream():
-                    if reason in ("timeout", "error"):
-                        yield _sse(error_body(job.message(reason), kind="server_error"))
+                        yield chunk(k, prefix[k], None)
+                async for pieces in job.batches():
+                    failed = [reason for _, _, reason in pieces if reason in ("timeout", "error")]
+                    if failed:
+                        yield _sse(error_body(job.message(failed[0]), kind="server_error"))
                         break
-                    yield _sse({**head, "choices": [{"text": text, "index": k, "logprobs": None,
-                                                     "finish_reason": reason}]})
+                    merged: dict[int, list] = {}
+                    for k, text, reason in pieces:
+                        entry = merged.setdefault(k, ["", None])
+                        entry[0] += text
+                        entry[1] = reason or entry[1]
+                    yield "".join(chunk(k, text, reason) for k, (text, reason) in merged.items())
                 if include_usage:
                     done = sum(len(r.tokens) for r in requests)
                     yield _sse({**head, "choices": [], "usage": {"prompt_tokens": usage_prompt,
@@ -314,20 +329,31 @@ def create_app(engine_factory, settings: Settings) -> FastAPI:
 
 
 class _Job:
-    """The requests of one HTTP call, submitted together; the engine's callbacks arrive on an asyncio queue."""
+    """The requests of one HTTP call, submitted together. The engine's thread appends each piece of text to a
+    deque and wakes the event loop at most once until the loop has taken what is there; ``batches()`` then
+    hands over everything waiting, no more often than ``stream_interval`` (the first piece at once)."""
 
     def __init__(self, engine: Engine, requests: list[Request], settings: Settings):
         self.engine, self.requests, self.settings = engine, requests, settings
         self.loop = asyncio.get_running_loop()
-        self.queue: asyncio.Queue = asyncio.Queue()
+        self.pieces: collections.deque = collections.deque()
+        self.ready = asyncio.Event()
+        self.scheduled = False
         self.started = False
         for k, r in enumerate(requests):
             r.emit = self._emitter(k)
 
     def _emitter(self, k: int):
         def emit(text: str, reason: str | None) -> None:  # on the engine's thread
-            self.loop.call_soon_threadsafe(self.queue.put_nowait, (k, text, reason))
+            self.pieces.append((k, text, reason))
+            if not self.scheduled:
+                self.scheduled = True
+                self.loop.call_soon_threadsafe(self._wake)
         return emit
+
+    def _wake(self) -> None:
+        self.scheduled = False
+        self.ready.set()
 
     def start(self) -> None:
         if self.engine.waiting.qsize() + len(self.requests) > self.settings.queue_size:
@@ -340,14 +366,30 @@ class _Job:
             self.engine.submit(r)
         self.started = True
 
-    async def stream(self):
-        left = len(self.requests)
+    async def batches(self):
+        """Lists of (choice, text, finish_reason) in the order the engine sent them, at least one each."""
+        left, last = len(self.requests), None
         while left:
-            k, text, reason = await self.queue.get()
-            if reason is not None:
-                left -= 1
-            if text or reason is not None:
-                yield k, text, reason
+            await self.ready.wait()
+            self.ready.clear()
+            ending = any(reason is not None for _, _, reason in list(self.pieces))
+            if last is not None and self.settings.stream_interval > 0 and not ending:  # a last piece goes at once
+                pause = self.settings.stream_interval - (time.monotonic() - last)
+                if pause > 0:
+                    await asyncio.sleep(pause)
+            pieces = []
+            while self.pieces:
+                pieces.append(self.pieces.popleft())
+            if not pieces:
+                continue
+            last = time.monotonic()
+            left -= sum(reason is not None for _, _, reason in pieces)
+            yield pieces
+
+    async def stream(self):
+        async for pieces in self.batches():
+            for piece in pieces:
+                yield piece
 
     async def wait(self) -> None:
         self.start()
@@ -433,5 +475,4 @@ def _validation_response(errors: list) -> JSONResponse:
 def serve_forever(app: FastAPI, host: str, port: int, graceful: float) -> None:
     import uvicorn
 
-    uvicorn.run(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=graceful,
-                limit_concurrency=None, access_log=False)
+    uvicorn.run(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=graceful, access_log=False)

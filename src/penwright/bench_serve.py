@@ -1,0 +1,215 @@
+"""``penwright bench serve``: the real server under concurrent load, continuous batching vs one at a time.
+
+Two ``penwright serve`` processes run on the same exported model, side by side on loopback: one
+with ``serve.max_sequences`` slots (continuous batching) and one with a single slot (each request
+served alone, in arrival order: what gpt-2-cloud-run did). At each concurrency level (1, 4, 16,
+64) the same streamed requests (varied prompts, a fixed number of new tokens, ``min_tokens`` so no
+request stops early) go to one server then the other. For each: completion tokens/s over the
+level's wall time, p50/p95 latency, p50/p95 time to first token, and requests sent / answered /
+failed. Models: the quickstart (``artifacts/onnx``) and a GPT-2-124M-shaped one with random
+weights. Results: ``reports/bench_serve.json``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from penwright.errors import PenwrightError
+from penwright.fsutil import atomic_write_text
+
+BENCH_DIR = Path("artifacts") / "bench" / "serve"
+PROMPTS = ["And it came to pass", "The LORD said unto", "In the beginning", "Blessed are they", "And he said",
+           "Now these are the generations of", "Behold,", "Then answered", "For God so", "Thus saith the"]
+LEVELS = (1, 4, 16, 64)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class _Server:
+    """``penwright serve`` in a subprocess, until ``stop()`` (SIGTERM)."""
+
+    def __init__(self, model_dir: Path, slots: int, context: int | None, log: Path, extra: tuple[str, ...] = ()):
+        import httpx
+
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        overrides = [f"serve.model_dir={model_dir}", f"serve.port={self.port}", f"serve.max_sequences={slots}",
+                     "serve.queue_size=4096", "serve.request_timeout=900"]
+        if context:
+            overrides.append(f"serve.context={context}")
+        overrides += list(extra)
+        self.log = log.open("w")
+        self.proc = subprocess.Popen([sys.executable, "-m", "penwright.cli", "serve", *overrides],
+                                     stdout=self.log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise PenwrightError(f"the server exited with {self.proc.returncode}; see {log}")
+            try:
+                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        self.stop()
+        raise PenwrightError(f"the server did not become healthy in 180 s; see {log}")
+
+    def rss_mb(self) -> float:
+        import psutil
+
+        return round(psutil.Process(self.proc.pid).memory_info().rss / 2**20, 1)
+
+    def stop(self) -> int:
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(60)
+        finally:
+            if self.proc.poll() is None:
+                self.proc.kill()
+            self.log.close()
+
+
+async def _one(session, url: str, prompt: str, new_tokens: int, seed: int) -> dict:
+    body = {"prompt": prompt, "max_tokens": new_tokens, "min_tokens": new_tokens, "temperature": 0.8, "top_k": 40,
+            "seed": seed, "stream": True, "stream_options": {"include_usage": True}}
+    start = time.perf_counter()
+    first, tokens, error = None, 0, None
+    try:
+        async with session.post(f"{url}/v1/completions", json=body) as response:
+            if response.status != 200:
+                error = f"HTTP {response.status}"
+            else:
+                async for line in response.content:
+                    if not line.startswith(b"data: ") or line.startswith(b"data: [DONE]"):
+                        continue
+                    event = json.loads(line[6:])
+                    if "error" in event:
+                        error = event["error"]["message"]
+                    elif event.get("usage"):
+                        tokens = event["usage"]["completion_tokens"]
+                    elif first is None and event["choices"] and event["choices"][0]["text"]:
+                        first = time.perf_counter() - start
+    except Exception as err:  # a refused or broken connection is a failed request, counted
+        error = f"{type(err).__name__}: {err}"
+    return {"latency": time.perf_counter() - start, "ttft": first, "tokens": tokens,
+            "error": error or (None if tokens == new_tokens else f"{tokens} tokens instead of {new_tokens}")}
+
+
+async def _level(url: str, concurrency: int, requests: int, new_tokens: int) -> dict:
+    """``requests`` streamed completions, at most ``concurrency`` at a time (aiohttp: a light client, so the
+    load generator takes little of the cores the server runs on)."""
+    import aiohttp
+
+    gate = asyncio.Semaphore(concurrency)
+    connector = aiohttp.TCPConnector(limit=concurrency + 4)
+    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=900)) as session:
+        async def gated(i):
+            async with gate:
+                return await _one(session, url, PROMPTS[i % len(PROMPTS)], new_tokens, seed=i)
+
+        start = time.perf_counter()
+        results = await asyncio.gather(*(gated(i) for i in range(requests)))
+        wall = time.perf_counter() - start
+    ok = [r for r in results if r["error"] is None]
+    lat = [r["latency"] for r in ok]
+    ttft = [r["ttft"] for r in ok if r["ttft"] is not None]
+
+    def pct(values, q):
+        return round(float(np.percentile(values, q)), 3) if values else None
+
+    return {"concurrency": concurrency, "sent": requests, "answered": len(ok), "failed": len(results) - len(ok),
+            "errors": sorted({r["error"] for r in results if r["error"]})[:3],
+            "completion_tokens": sum(r["tokens"] for r in ok), "wall_s": round(wall, 2),
+            "tokens_per_sec": round(sum(r["tokens"] for r in ok) / wall, 1),
+            "latency_p50_s": pct(lat, 50), "latency_p95_s": pct(lat, 95),
+            "ttft_p50_s": pct(ttft, 50), "ttft_p95_s": pct(ttft, 95)}
+
+
+def _random_124m_onnx(workdir: Path, tokenizer_dir: Path) -> Path:
+    """A GPT-2-124M-shaped model (random weights) exported to penwright's fused graph, nothing else."""
+    import torch
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+    from penwright.export import save_graph
+    from penwright.graph import build_graph
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(n_layer=12, n_head=12, n_embd=768, vocab_size=50257, n_positions=1024)).eval()
+    out = workdir / "gpt2-124m-random-onnx"
+    out.mkdir(parents=True, exist_ok=True)
+    save_graph(build_graph(model, "fused"), out / "model.onnx")
+    AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(out)  # ids stay below 50257
+    model.config.save_pretrained(out)
+    return out
+
+
+def bench_serve(output: str | None = None, quick_onnx: str = "artifacts/onnx", slots: int = 64,
+                levels: tuple[int, ...] = LEVELS) -> dict:
+    quick = Path(quick_onnx)
+    if not (quick / "model.onnx").is_file():
+        raise PenwrightError(f"{quick}/model.onnx: missing; run `dvc repro` (or penwright train + export) first")
+    work = BENCH_DIR
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    results: dict = {
+        "machine": {"cpus": os.cpu_count()},
+        "measured": "the real server (uvicorn) on loopback, streamed completions with min_tokens = max_tokens so "
+                    "every request generates the same number of tokens; at each concurrency level the same requests "
+                    "go to the batching server, then to the one-slot server (one at a time, in arrival order); "
+                    "tokens/s = completion tokens of answered requests / the level's wall time; "
+                    "ttft = time to the first streamed text",
+        "goals": "concurrency 16: batching >= 4x one-at-a-time tokens/s and p95 ttft < 1 s; every request answered",
+        "models": {},
+    }
+    try:
+        models = {"quickstart": (quick, 128, None), "gpt2-124m-shape": (None, 64, 256)}
+        for name, (model_dir, new_tokens, context) in models.items():
+            if model_dir is None:
+                print("[bench] building a GPT-2-124M-shaped model (random weights)", file=sys.stderr, flush=True)
+                model_dir = _random_124m_onnx(work, quick)
+            batching = _Server(model_dir, slots, context, work / f"{name}-batching.log")
+            single = _Server(model_dir, 1, context, work / f"{name}-single.log")
+            entry = {"new_tokens_per_request": new_tokens, "slots": slots, "levels": {}}
+            try:
+                for c in levels:
+                    n = max(4 * c, 8) if name == "quickstart" else max(2 * c, 4)  # several waves: ramps amortized
+                    row = {}
+                    for label, server in (("batching", batching), ("one_at_a_time", single)):
+                        print(f"[bench] {name}: {n} requests at concurrency {c} -> {label}", file=sys.stderr, flush=True)
+                        row[label] = asyncio.run(_level(server.url, c, n, new_tokens))
+                    row["batching_over_one_at_a_time"] = round(
+                        row["batching"]["tokens_per_sec"] / max(row["one_at_a_time"]["tokens_per_sec"], 1e-9), 2)
+                    entry["levels"][str(c)] = row
+                    print(f"[bench]   batching {row['batching']['tokens_per_sec']} tok/s, one at a time "
+                          f"{row['one_at_a_time']['tokens_per_sec']} tok/s: {row['batching_over_one_at_a_time']}x; "
+                          f"p95 ttft {row['batching']['ttft_p95_s']} s", file=sys.stderr, flush=True)
+                entry["server_rss_mb"] = {"batching": batching.rss_mb(), "one_at_a_time": single.rss_mb()}
+            finally:
+                entry["exit_codes_on_sigterm"] = {"batching": batching.stop(), "one_at_a_time": single.stop()}
+            results["models"][name] = entry
+    finally:
+        shutil.rmtree(work / "gpt2-124m-random-onnx", ignore_errors=True)
+    out = atomic_write_text(output or "reports/bench_serve.json", json.dumps(results, indent=2) + "\n")
+    summary = {m: {c: {"x": r["batching_over_one_at_a_time"], "tok/s": r["batching"]["tokens_per_sec"],
+                       "p95_ttft": r["batching"]["ttft_p95_s"],
+                       "failed": r["batching"]["failed"] + r["one_at_a_time"]["failed"]}
+                   for c, r in e["levels"].items()} for m, e in results["models"].items()}
+    print(json.dumps(summary, indent=2))
+    print(f"[bench] wrote {out}", file=sys.stderr)
+    return results

@@ -1,0 +1,160 @@
+"""The continuous-batching engine against references: transformers generate, the runtime, itself alone."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from penwright.engine import Engine, Request
+from penwright.errors import ConfigError, PenwrightError
+from penwright.sampling import SamplingConfig
+
+PROMPTS = ["The quick brown fox", "In the beginning", "", "Numbers like 12,345 and 2026 appear too, with"]
+
+
+@pytest.fixture(scope="module")
+def engine(onnx_tiny) -> Engine:
+    return Engine.load(onnx_tiny, slots=16)
+
+
+def run(engine: Engine, requests: list[Request]) -> list[Request]:
+    for r in requests:
+        engine.submit(r)
+    while engine.step() or not engine.waiting.empty():
+        pass
+    return requests
+
+
+def greedy(engine, prompt, n, **kw) -> Request:
+    return Request(engine.encode(prompt), n, SamplingConfig(do_sample=False), stop_at_eos=False, **kw)
+
+
+def test_greedy_tokens_equal_transformers_generate_alone_and_in_a_batch(engine, tiny_gpt2):
+    from transformers import GPT2LMHeadModel
+
+    model = GPT2LMHeadModel.from_pretrained(tiny_gpt2).eval()
+    refs = []
+    for prompt in PROMPTS:
+        ids = torch.tensor([engine.encode(prompt)])
+        with torch.no_grad():
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=20,
+                                 min_new_tokens=20, eos_token_id=None, pad_token_id=engine.eos)
+        refs.append(out[0, ids.shape[1]:].tolist())
+    alone = [run(engine, [greedy(engine, p, 20)])[0].tokens for p in PROMPTS]
+    together = [r.tokens for r in run(engine, [greedy(engine, p, 20) for p in PROMPTS])]
+    assert alone == refs
+    assert together == refs
+
+
+def test_a_seeded_request_gives_the_same_text_alone_or_beside_15_others(engine):
+    def target():
+        return Request(engine.encode("The quick brown fox"), 40, SamplingConfig(temperature=1.0, top_k=50), seed=1234,
+                       stop_at_eos=False)
+
+    alone = run(engine, [target()])[0]
+    # half of the others sample with the target's settings (they share its batched sampling call), half not
+    settings = [SamplingConfig(temperature=1.0, top_k=50), SamplingConfig(temperature=0.7, top_p=0.9)]
+    others = [Request(engine.encode(PROMPTS[i % 4]), 5 + 2 * (i % 8), settings[i % 2], seed=i, stop_at_eos=False)
+              for i in range(15)]
+    for r in others[:7]:  # some rows are mid-sequence when the target joins, the rest join with it
+        engine.submit(r)
+    engine.step(); engine.step(); engine.step()
+    beside = run(engine, [*others[7:], target()])[-1]
+    assert len(alone.tokens) == 40
+    assert beside.tokens == alone.tokens
+    assert engine.running == 0
+
+
+def test_rows_leave_when_done_and_free_their_slot_at_once(engine):
+    short, long = greedy(engine, "The", 3), greedy(engine, "The quick", 30)
+    engine.submit(short); engine.submit(long)
+    engine.step()
+    assert engine.running == 2
+    engine.step(); engine.step()
+    assert short.finish_reason == "length" and len(short.tokens) == 3
+    assert engine.running == 1 and long.finish_reason is None  # the long row runs on alone
+    late = greedy(engine, "In", 4)
+    engine.submit(late)
+    engine.step()
+    assert engine.rows[0] is not None and engine.rows[0].request is late  # the freed lowest slot is reused
+    run(engine, [])
+    assert len(long.tokens) == 30 and len(late.tokens) == 4
+
+
+def test_joining_and_leaving_copy_nothing_and_leave_other_rows_caches_alone(engine):
+    pointers = [c.ctypes.data for c in engine.cache]
+    first = greedy(engine, "The quick brown fox", 30)
+    engine.submit(first)
+    for _ in range(5):
+        engine.step()
+    slot = next(r.slot for r in engine.rows if r is not None)
+    length = engine.rows[slot].length
+    before = [c[slot, :, :length].copy() for c in engine.cache]
+    other = greedy(engine, "Numbers like 12,345", 2)
+    engine.submit(other)
+    engine.step(); engine.step(); engine.step()  # joins, runs, leaves
+    assert other.finish_reason == "length"
+    for c, b in zip(engine.cache, before):
+        assert np.array_equal(c[slot, :, :length], b)  # written once, never moved or re-padded
+    assert [c.ctypes.data for c in engine.cache] == pointers
+    run(engine, [])
+
+
+def test_stop_strings_eos_min_tokens_and_cancel(engine):
+    free = run(engine, [greedy(engine, "The quick brown fox", 20)])[0]
+    text = free.text
+    assert len(text) > 4
+    stop = text[2:4]
+    stopped = run(engine, [greedy(engine, "The quick brown fox", 20, stop=(stop,))])[0]
+    assert stopped.finish_reason == "stop" and stopped.text == text[: text.index(stop)]
+
+    # min_tokens forbids EOS before n: with EOS forced most likely, a row still runs min_tokens long
+    engine_eos = engine.eos
+    forced = Request([engine_eos], 6, SamplingConfig(do_sample=False), min_tokens=6)
+    run(engine, [forced])
+    assert len(forced.tokens) == 6 and engine_eos not in forced.tokens
+
+    cancelled = greedy(engine, "The", 30)
+    engine.submit(cancelled)
+    engine.step()
+    cancelled.cancel()
+    engine.step()
+    assert cancelled.finish_reason == "cancelled" and engine.running == 0
+
+
+def test_streamed_pieces_add_up_to_the_text(engine):
+    pieces, reasons = [], []
+    r = Request(engine.encode("The quick"), 25, SamplingConfig(temperature=1.0), seed=3, stop_at_eos=False,
+                emit=lambda text, reason: (pieces.append(text), reasons.append(reason)))
+    run(engine, [r])
+    assert "".join(pieces) == r.text
+    assert reasons[-1] == "length" and all(x is None for x in reasons[:-1])
+
+
+def test_the_context_and_bad_values_are_refused_before_queueing(engine):
+    with pytest.raises(ConfigError, match="exceeds the context of 64"):
+        engine.submit(greedy(engine, "The quick brown fox", 64))
+    with pytest.raises(ConfigError, match="max_tokens=0"):
+        engine.submit(greedy(engine, "The", 0))
+    assert engine.waiting.empty()
+
+
+def test_generate_cli_path_matches_the_runtime_greedy(engine, onnx_tiny):
+    from penwright.runtime import Generator
+
+    gen = Generator.load(onnx_tiny)
+    ours = engine.generate(PROMPTS, 16, do_sample=False)
+    assert ours == [gen.generate([p], 16, do_sample=False)[0] for p in PROMPTS]
+
+
+def test_graphs_the_engine_cannot_run_get_one_clear_line(tmp_path, onnx_tiny):
+    import shutil
+
+    folder = tmp_path / "onnx"
+    shutil.copytree(onnx_tiny, folder)
+    (folder / "model.onnx").write_bytes(b"not a graph")
+    with pytest.raises(PenwrightError, match="cannot be read as an ONNX graph"):
+        Engine.load(folder)
+    with pytest.raises(PenwrightError, match="not found"):
+        Engine.load(tmp_path / "nowhere")
