@@ -158,3 +158,25 @@ def test_graphs_the_engine_cannot_run_get_one_clear_line(tmp_path, onnx_tiny):
         Engine.load(folder)
     with pytest.raises(PenwrightError, match="not found"):
         Engine.load(tmp_path / "nowhere")
+
+
+def test_the_generate_stage_runs_on_the_engine_and_falls_back_for_other_graphs(onnx_tiny, tiny_gpt2, tmp_path, repo):
+    import shutil
+
+    from transformers import GPT2LMHeadModel
+
+    from penwright.config import compose
+    from penwright.export import save_graph
+    from penwright.generate import load
+    from penwright.graph import build_graph
+    from penwright.runtime import Generator
+
+    folder = tmp_path / "onnx"
+    shutil.copytree(onnx_tiny, folder)
+    save_graph(build_graph(GPT2LMHeadModel.from_pretrained(tiny_gpt2).eval(), "lean"), folder / "model.lean.onnx")
+    cfg = compose([f"generate.model_dir={folder}"], config_dir=repo / "conf")
+    assert isinstance(load(cfg.generate), Engine)
+    lean = compose([f"generate.model_dir={folder}", "generate.graph=model.lean.onnx"], config_dir=repo / "conf")
+    fallback = load(lean.generate)
+    assert isinstance(fallback, Generator)
+    assert fallback.generate(["The"], 8, do_sample=False) == load(cfg.generate).generate(["The"], 8, do_sample=False)

@@ -33,6 +33,10 @@ from penwright.sampling import SamplingConfig, next_tokens_per_row
 GRAPH = "model.onnx"
 
 
+class UnsupportedGraph(PenwrightError):
+    """The graph is not one the engine can rewrite (not penwright's fused graph)."""
+
+
 @dataclass(eq=False)
 class Request:
     """One sequence to generate. ``emit(text, finish_reason)`` is called from the engine's thread with
@@ -80,6 +84,7 @@ class _Row:
 class Engine:
     def __init__(self, session, tokenizer, config: dict, slots: int, context: int | None = None):
         self.session, self.tokenizer = session, tokenizer
+        self.provider = "cpu"  # the key/value buffers are host memory: the engine runs on onnxruntime's CPU provider
         self.n_layer, self.n_head = int(config["n_layer"]), int(config["n_head"])
         self.head_dim = int(config["n_embd"]) // self.n_head
         self.n_positions = int(config["n_positions"])
@@ -133,7 +138,7 @@ class Engine:
         try:
             model = slot_graph(model)
         except ValueError as err:
-            raise PenwrightError(f"{file}: continuous batching cannot run this graph: {err}") from None
+            raise UnsupportedGraph(f"{file}: continuous batching cannot run this graph: {err}") from None
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.log_severity_level = 3

@@ -6,6 +6,10 @@ multiple of batch_size). Each text is cut at ``truncate`` (e.g. ``<|endoftext|>`
 prompt in front when ``include_prefix``. All samples go to ``destination`` (markdown for ``.md``,
 else plain text joined by ``delimiter``, as gpt-2-simple's generate_to_file), written atomically.
 A single sample streams to the terminal token by token; bulk generation shows a progress bar.
+
+It runs on the engine ``penwright serve`` runs (``penwright.engine``: continuous batching over
+``batch_size`` slots, each sample with its own random stream seeded ``(seed + batch, row)``), or,
+for graphs that engine cannot rewrite and for CUDA, on the runtime's left-padded batched loop.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from tqdm import tqdm
 
 from penwright.errors import ConfigError
 from penwright.fsutil import atomic_write_text
+from penwright.engine import Engine, UnsupportedGraph
 from penwright.runtime import Generator
 
 
@@ -65,7 +70,7 @@ def count_copies(samples: list[Sample], data: DictConfig) -> dict:
             "corpus_documents": len(train) + len(val)}
 
 
-def generate_samples(gen: Generator, prompts: list[str], nsamples: int = 1, batch_size: int = 1,
+def generate_samples(gen: Engine | Generator, prompts: list[str], nsamples: int = 1, batch_size: int = 1,
                      max_new_tokens: int = 64, truncate: str | None = None, include_prefix: bool = True,
                      strip: bool = False, seed: int | None = None, stop: list[str] | None = None, stream: bool = False,
                      progress: bool = True, **sampling) -> list[Sample]:
@@ -102,7 +107,7 @@ class _Streamer:
     final text, including a trailing partial character.
     """
 
-    def __init__(self, gen: Generator, prompt: str, stops: list[str] | None = None):
+    def __init__(self, gen: Engine | Generator, prompt: str, stops: list[str] | None = None):
         self.gen, self.stops = gen, stops or []
         self.holdback = max(map(len, self.stops), default=1) - 1
         self.ids: list[int] = []
@@ -148,10 +153,21 @@ def render(samples: list[Sample], markdown: bool, delimiter: str, header: str) -
     return "\n".join(lines)
 
 
+def load(g: DictConfig) -> Engine | Generator:
+    """The engine ``penwright serve`` runs (continuous batching, ``batch_size`` slots) for penwright's fused
+    graph on CPU; the runtime's left-padded loop for the other graphs and for CUDA."""
+    if str(g.provider) == "cpu":
+        try:
+            return Engine.load(g.model_dir, slots=max(1, int(g.batch_size)), threads=int(g.threads), graph=str(g.graph))
+        except UnsupportedGraph as err:
+            print(f"[generate] {err}: using the runtime's batched loop instead", file=sys.stderr)
+    return Generator.load(g.model_dir, provider=str(g.provider), threads=int(g.threads), graph=str(g.graph))
+
+
 def generate(cfg: DictConfig) -> list[Sample]:
     g = cfg.generate
     start = time.perf_counter()
-    gen = Generator.load(g.model_dir, provider=str(g.provider), threads=int(g.threads), graph=str(g.graph))
+    gen = load(g)
     samples = generate_samples(
         gen, [str(p) for p in g.prompts], nsamples=int(g.nsamples), batch_size=int(g.batch_size),
         max_new_tokens=int(g.max_new_tokens), truncate=g.truncate, include_prefix=bool(g.include_prefix),
@@ -161,7 +177,8 @@ def generate(cfg: DictConfig) -> list[Sample]:
         repetition_penalty=float(g.repetition_penalty), min_new_tokens=int(g.min_new_tokens),
     )
     seconds = time.perf_counter() - start
-    report = {"samples": len(samples), "provider": gen.provider, "seconds": round(seconds, 2)}
+    provider = gen.provider
+    report = {"samples": len(samples), "provider": provider, "seconds": round(seconds, 2)}
     if g.check_copies:
         report |= count_copies(samples, cfg.data)
         print(f"[generate] {report['copies_of_train']} of {len(samples)} samples are verbatim training documents "
@@ -170,12 +187,12 @@ def generate(cfg: DictConfig) -> list[Sample]:
         atomic_write_text(Path(g.report), json.dumps(report, indent=2) + "\n")
     if g.destination:
         dest = Path(g.destination)
-        header = (f"{len(samples)} samples from {g.model_dir} on {gen.provider} (temperature {g.temperature}, "
+        header = (f"{len(samples)} samples from {g.model_dir} on {provider} (temperature {g.temperature}, "
                   f"top_k {g.top_k}, top_p {g.top_p}, seed {g.seed})")
         if g.check_copies:
             header += f"; {report['copies_of_train']} are verbatim copies of training documents"
         atomic_write_text(dest, render(samples, dest.suffix == ".md", str(g.delimiter), header))
-        print(f"[generate] {len(samples)} samples in {seconds:.1f} s on {gen.provider} -> {dest}", file=sys.stderr)
+        print(f"[generate] {len(samples)} samples in {seconds:.1f} s on {provider} -> {dest}", file=sys.stderr)
     elif not (bool(g.stream) and len(samples) == 1):  # a single streamed sample is on the screen already
         for s in samples:
             print(s.text, end=str(g.delimiter))
