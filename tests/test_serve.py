@@ -304,3 +304,34 @@ def test_hostile_traffic_then_sigterm_finishes_in_flight_requests_and_exits_0(on
         if proc.poll() is None:
             proc.kill()
         log.close()
+
+
+def test_a_failing_engine_step_fails_its_requests_and_the_server_goes_on(serve_tiny):
+    server = serve_tiny("serve.model_name=faulty")  # a server of its own: its engine is tampered with
+    engine = server.engine
+
+    class FailOnce:
+        """The real session, except that the next decoding run raises (as a broken kernel would)."""
+
+        def __init__(self, session):
+            self.session, self.armed = session, True
+
+        def __getattr__(self, name):
+            return getattr(self.session, name)
+
+        def run_with_iobinding(self, binding):
+            if self.armed:
+                self.armed = False
+                raise RuntimeError("injected failure")
+            return self.session.run_with_iobinding(binding)
+
+    real = engine.session
+    engine.session = FailOnce(real)
+    try:
+        failed = post(server, {"model": "faulty", "prompt": "The", "max_tokens": 5})
+        assert failed.status_code == 500 and "engine failed" in failed.json()["error"]["message"]
+        ok = post(server, {"model": "faulty", "prompt": "The", "max_tokens": 5})
+        assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] >= 1
+        assert httpx.get(f"{server.url}/health").status_code == 200
+    finally:
+        engine.session = real
