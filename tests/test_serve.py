@@ -260,13 +260,9 @@ def test_hostile_traffic_then_sigterm_finishes_in_flight_requests_and_exits_0(on
     proc = subprocess.Popen([sys.executable, "-m", "penwright.cli", "serve", f"serve.model_dir={onnx_tiny}",
                              f"serve.port={port}"], stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env=env)
     try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.1)
+        from penwright.serve import wait_until_healthy
+
+        wait_until_healthy(url, 60, proc)
         normal = {"prompt": PROMPT, "max_tokens": 10, "temperature": 0}
         expected = httpx.post(f"{url}/v1/completions", json=normal).json()["choices"][0]["text"]
 
@@ -335,3 +331,9 @@ def test_a_failing_engine_step_fails_its_requests_and_the_server_goes_on(serve_t
         assert httpx.get(f"{server.url}/health").status_code == 200
     finally:
         engine.session = real
+
+
+def test_a_prefix_that_fills_the_context_is_a_400_not_a_crash(server):
+    r = httpx.get(f"{server.url}/", params={"prefix": "word " * 80})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "prefix"
+    assert "context" in r.json()["error"]["message"]

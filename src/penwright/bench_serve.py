@@ -45,7 +45,7 @@ class _Server:
     """``penwright serve`` in a subprocess, until ``stop()`` (SIGTERM)."""
 
     def __init__(self, model_dir: Path, slots: int, context: int | None, log: Path, extra: tuple[str, ...] = ()):
-        import httpx
+        from penwright.serve import wait_until_healthy
 
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -57,18 +57,11 @@ class _Server:
         self.log = log.open("w")
         self.proc = subprocess.Popen([sys.executable, "-m", "penwright.cli", "serve", *overrides],
                                      stdout=self.log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise PenwrightError(f"the server exited with {self.proc.returncode}; see {log}")
-            try:
-                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        self.stop()
-        raise PenwrightError(f"the server did not become healthy in 180 s; see {log}")
+        try:
+            wait_until_healthy(self.url, 180, self.proc)
+        except PenwrightError as err:
+            self.stop()
+            raise PenwrightError(f"{err}; see {log}") from None
 
     def rss_mb(self) -> float:
         import psutil

@@ -17,7 +17,6 @@ synchronous form (submit, step until done); the server runs ``Engine.run_forever
 
 from __future__ import annotations
 
-import json
 import queue
 import threading
 import time
@@ -120,9 +119,9 @@ class Engine:
              context: int | None = None, spin: bool = True) -> "Engine":
         import onnx
         import onnxruntime as ort
-        from transformers import AutoTokenizer
 
         from penwright.graph import slot_graph
+        from penwright.runtime import read_beside_graph
 
         path = Path(path)
         file = path / graph
@@ -152,12 +151,7 @@ class Engine:
         except Exception as err:
             raise PenwrightError(f"{file}: onnxruntime cannot load its slot graph ({type(err).__name__}: "
                                  f"{str(err).splitlines()[0][:300]}); re-export it with `penwright export`") from None
-        try:
-            config = json.loads((path / "config.json").read_text())
-            tokenizer = AutoTokenizer.from_pretrained(path)
-        except (OSError, ValueError) as err:
-            raise PenwrightError(f"{path}: the tokenizer or config.json beside the graph cannot be read ({err}); "
-                                 f"re-export with `penwright export`") from None
+        config, tokenizer = read_beside_graph(path, session)
         return cls(session, tokenizer, config, slots=slots, context=context)
 
     def cache_bytes(self) -> int:

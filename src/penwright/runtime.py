@@ -44,6 +44,23 @@ def position_ids_for(attention_mask: np.ndarray, seq: int) -> np.ndarray:
     return pos[:, -seq:].astype(np.int64)
 
 
+def read_beside_graph(path: Path, session) -> tuple[dict, object]:
+    """The model config and tokenizer an export wrote beside its graph, checked against the graph's vocab."""
+    from transformers import AutoTokenizer
+
+    try:
+        config = json.loads((path / "config.json").read_text())
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as err:
+        raise PenwrightError(f"{path}: the tokenizer or config.json beside the graph cannot be read ({err}); "
+                             f"re-export with `penwright export`") from None
+    vocab = session.get_outputs()[0].shape[-1]
+    if isinstance(vocab, int) and len(tokenizer) > vocab:
+        raise PenwrightError(f"{path}: the tokenizer has {len(tokenizer)} tokens but the graph's vocab is {vocab}: "
+                             f"they come from different models; re-export with `penwright export`")
+    return config, tokenizer
+
+
 class Generator:
     def __init__(self, session, tokenizer, config: dict, provider: str, device_id: int = 0,
                  io_binding: bool | None = None):
@@ -73,7 +90,6 @@ class Generator:
     def load(cls, path: str | Path, provider: str = "cpu", threads: int = 0, graph: str = GRAPH,
              device_id: int = 0, io_binding: bool | None = None) -> "Generator":
         import onnxruntime as ort
-        from transformers import AutoTokenizer
 
         path = Path(path)
         file = path / graph
@@ -97,16 +113,7 @@ class Generator:
         if provider == "cuda" and ran != "cuda":
             print("[runtime] CUDA was asked for but onnxruntime fell back to CPU (no GPU, or CUDA/cuDNN "
                   "libraries missing): running on CPU", file=sys.stderr)
-        try:
-            config = json.loads((path / "config.json").read_text())
-            tokenizer = AutoTokenizer.from_pretrained(path)
-        except (OSError, ValueError) as err:
-            raise PenwrightError(f"{path}: the tokenizer or config.json beside the graph cannot be read ({err}); "
-                                 f"re-export with `penwright export`") from None
-        vocab = session.get_outputs()[0].shape[-1]
-        if isinstance(vocab, int) and len(tokenizer) > vocab:
-            raise PenwrightError(f"{path}: the tokenizer has {len(tokenizer)} tokens but the graph's vocab is {vocab}: "
-                                 f"they come from different models; re-export with `penwright export`")
+        config, tokenizer = read_beside_graph(path, session)
         return cls(session, tokenizer, config, ran, device_id, io_binding)
 
     # -- one forward pass --------------------------------------------------------------------------

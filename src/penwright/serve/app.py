@@ -155,6 +155,10 @@ def create_app(engine_factory, settings: Settings) -> FastAPI:
     async def _api_error(request, err: ApiError):
         return JSONResponse(error_body(err.message, err.param, err.kind), status_code=err.status, headers=err.headers)
 
+    @app.exception_handler(PenwrightError)
+    async def _refused(request, err: PenwrightError):  # the engine refused what it was given
+        return JSONResponse(error_body(str(err)), 400)
+
     @app.exception_handler(Exception)
     async def _bug(request, err: Exception):  # a bug, not the client's fault: say so in JSON, log it, keep serving
         traceback.print_exception(err)
@@ -299,7 +303,7 @@ def create_app(engine_factory, settings: Settings) -> FastAPI:
                                   top_k=body.top_k or 0, top_p=body.top_p or 1.0)
         ids = eng.encode(body.prefix)
         length = body.length if body.length is not None else eng.context - len(ids)
-        _check(eng, ids, length, tokens="length")
+        _check(eng, ids, length, tokens="length", prompt="prefix")
         request = Request(ids, length, sampling, seed=body.seed)
         job = _Job(eng, [request], settings)
         await job.wait()
@@ -424,11 +428,15 @@ def _run_engine(engine: Engine) -> None:
             engine.fail_running("error")
 
 
-def _check(engine: Engine, ids: list[int], max_tokens: int, tokens: str = "max_tokens") -> None:
+def _check(engine: Engine, ids: list[int], max_tokens: int, tokens: str = "max_tokens",
+           prompt: str = "prompt") -> None:
+    if max_tokens < 1:
+        raise ApiError(400, f"{tokens}={max_tokens}: nothing left to generate; the prompt has {len(ids)} tokens and "
+                            f"the context is {engine.context}", tokens if len(ids) < engine.context else prompt)
     if len(ids) + max_tokens > engine.context:
         raise ApiError(400, f"the prompt has {len(ids)} tokens and {tokens}={max_tokens}: together they exceed "
                             f"the context of {engine.context} tokens; shorten the prompt or lower {tokens}",
-                       tokens if len(ids) < engine.context else "prompt")
+                       tokens if len(ids) < engine.context else prompt)
 
 
 def _sse(payload: dict) -> str:
