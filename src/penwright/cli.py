@@ -43,6 +43,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("corpus", help="write the sample corpus (King James Bible) into data/ and the DVC cache")
     p.add_argument("--data-dir", default="data")
     p.add_argument("--no-commit", action="store_true", help="do not record it in the DVC cache")
+    p = sub.add_parser("check", help="check a machine: `check gpu` runs the train path on a GPU -> reports/gpu/")
+    p.add_argument("what", choices=["gpu"])
+    p.add_argument("--dry", action="store_true", help="tiny shapes on the CPU (what CI runs)")
+    p.add_argument("--output", default=None, help="default: reports/gpu (reports/gpu/dry with --dry)")
     p = sub.add_parser("bench", help="measure a stage; writes reports/bench_<stage>.json")
     p.add_argument("stage", choices=["prepare", "train", "generate", "serve"])
     p.add_argument("--size-mb", type=int, default=200, help="prepare: size of the generated large corpus")
@@ -96,6 +100,10 @@ def run(argv: list[str] | None = None) -> int:
         from penwright.sample_corpus import materialize
 
         materialize(args.data_dir, commit=not args.no_commit)
+    elif args.command == "check":
+        from penwright.gpucheck import check_gpu
+
+        check_gpu(args.output or ("reports/gpu/dry" if args.dry else "reports/gpu"), dry=args.dry)
     elif args.command == "bench":
         from penwright import bench
 

@@ -213,6 +213,51 @@ def build_loggers(cfg: DictConfig, ckpt_dir: Path, resuming: bool) -> list:
     return [logger]
 
 
+# -- strategy and batch size -------------------------------------------------------------------------
+
+
+def build_strategy(tr: DictConfig):
+    """Lightning's strategy: its name, or for ``fsdp`` an FSDPStrategy with each GPT-2 block one shard unit."""
+    name = str(tr.strategy)
+    if name != "fsdp":
+        return name
+    if str(tr.accelerator) == "cpu":
+        raise ConfigError("trainer.strategy=fsdp runs on GPUs only (Lightning's FSDP needs CUDA): use trainer=fsdp on "
+                          "a GPU machine, or trainer=ddp trainer.accelerator=cpu to test several processes on CPU")
+    from lightning.pytorch.strategies import FSDPStrategy
+    from transformers.models.gpt2.modeling_gpt2 import GPT2Block
+
+    f = tr.get("fsdp") or {}
+    return FSDPStrategy(auto_wrap_policy={GPT2Block},
+                        activation_checkpointing_policy={GPT2Block} if f.get("activation_checkpointing", True) else None,
+                        sharding_strategy=str(f.get("sharding", "FULL_SHARD")), cpu_offload=bool(f.get("cpu_offload", False)))
+
+
+def split_batch(requested: int, fits: int) -> tuple[int, int]:
+    """(micro-batch, accumulation): the fewest accumulation steps with a micro-batch of at most ``fits``
+    windows that make the ``requested`` effective batch (rounded up to a whole micro-batch)."""
+    fits = max(1, min(int(fits), int(requested)))
+    accumulate = math.ceil(requested / fits)
+    return math.ceil(requested / accumulate), accumulate
+
+
+def find_micro_batch(cfg: DictConfig, module, data, workdir: Path) -> int:
+    """The largest micro-batch (a power of two, up to the effective batch) that runs a training step: Lightning's
+    batch-size finder, on a throwaway trainer; the module's weights are restored after its trials."""
+    from lightning.pytorch.tuner import Tuner
+
+    tr = cfg.trainer
+    requested = data.batch_size * data.accumulate
+    workdir.mkdir(parents=True, exist_ok=True)
+    trainer = L.Trainer(accelerator=str(tr.accelerator), devices=tr.devices, num_nodes=int(tr.num_nodes),
+                        strategy=build_strategy(tr), precision=str(tr.precision), max_steps=10, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        num_sanity_val_steps=0, limit_val_batches=0, default_root_dir=str(workdir))
+    found = Tuner(trainer).scale_batch_size(module, datamodule=data, mode="power", init_val=1, steps_per_trial=2,
+                                            max_trials=math.ceil(math.log2(requested)) + 1)  # 1, 2, 4, ... >= requested
+    return int(found or 1)
+
+
 # -- the stage --------------------------------------------------------------------------------------
 
 
@@ -222,7 +267,9 @@ def _fingerprint(cfg: DictConfig, meta: dict) -> dict:
             "tokenizer_md5": meta["tokenizer"]["md5"], "vocab_size": meta["vocab_size"]}
 
 
-def train(cfg: DictConfig) -> dict:
+def train(cfg: DictConfig, *, untimed_steps: int = 0) -> dict:
+    """Train as configured. ``untimed_steps``: the first steps are left out of ``tokens_per_sec`` (warmup and
+    ``torch.compile``'s compilation; the GPU check and benchmarks set it)."""
     start = time.perf_counter()
     tcfg = cfg.train
     prepared = Path(cfg.data.out_dir)
@@ -250,6 +297,7 @@ def train(cfg: DictConfig) -> dict:
     # every config check runs before any file is touched
     lr_lambda(int(tcfg.warmup_steps), int(tcfg.get("decay_steps") or cfg.trainer.max_steps), str(tcfg.schedule),
               float(tcfg.min_lr_ratio))
+    strategy = build_strategy(cfg.trainer)
     reports = Path(cfg.paths.reports)
     sampler = SampleCallback(cfg.sample, tokenizer, data.val_tokens, reports / "samples")
     ckpt_dir = Path(tcfg.ckpt_dir)
@@ -269,8 +317,25 @@ def train(cfg: DictConfig) -> dict:
         ckpt_dir.mkdir(parents=True, exist_ok=True)
         fp_file.write_text(json.dumps(fingerprint, indent=2) + "\n")
 
+    if tcfg.get("auto_batch_size"):  # the largest micro-batch that fits; the effective batch stays as configured
+        batch_file = ckpt_dir / "batch.json"
+        requested = data.batch_size * data.accumulate
+        if resuming and batch_file.is_file():  # a resumed run keeps the split its first chunk found
+            chosen = json.loads(batch_file.read_text())
+        else:
+            fits = find_micro_batch(cfg, module, data, ckpt_dir / "batch-finder")
+            shutil.rmtree(ckpt_dir / "batch-finder", ignore_errors=True)
+            micro, accumulate = split_batch(requested, fits)
+            chosen = {"requested": requested, "fits": fits, "micro_batch": micro, "accumulate_grad_batches": accumulate}
+            if rank_zero():
+                atomic_write_text(batch_file, json.dumps(chosen, indent=2) + "\n")
+        data.batch_size, data.accumulate = chosen["micro_batch"], chosen["accumulate_grad_batches"]
+        log(f"auto batch size: micro-batch {data.batch_size} x {data.accumulate} accumulated = "
+            f"{data.batch_size * data.accumulate} windows a step (asked for {requested}; "
+            f"{chosen['fits']} fit) -> {batch_file}")
+
     callbacks = [
-        Throughput(),
+        Throughput(skip_steps=untimed_steps),
         ModelCheckpoint(dirpath=ckpt_dir, filename="step-{step:06d}", every_n_train_steps=int(tcfg.ckpt_every_n_steps),
                         save_top_k=-1 if tcfg.keep_all_checkpoints else 1, save_last=True,
                         auto_insert_metric_name=False),
@@ -280,13 +345,17 @@ def train(cfg: DictConfig) -> dict:
         CurveWriter(reports / "curves", int(cfg.trainer.log_every_n_steps)),
     ]
     loggers = build_loggers(cfg, ckpt_dir, resuming)
+    if tcfg.get("auto_batch_size"):
+        for logger in loggers:  # the run's config says which split ran
+            logger.log_hyperparams({"auto_batch_size": {"micro_batch": data.batch_size,
+                                                        "accumulate_grad_batches": data.accumulate}})
     tr = cfg.trainer
-    accumulate = int(tr.accumulate_grad_batches)
+    accumulate = data.accumulate
     trainer = L.Trainer(
         accelerator=str(tr.accelerator),
         devices=tr.devices,
         num_nodes=int(tr.num_nodes),
-        strategy=str(tr.strategy),
+        strategy=strategy,
         precision=str(tr.precision),
         max_steps=int(tr.max_steps),
         val_check_interval=int(tcfg.val_every_n_steps) * accumulate,
@@ -336,8 +405,7 @@ def _finish(cfg, trainer, module, tokenizer, data, final, callbacks, start, resu
     atomic_write_text(progress_file, json.dumps({"wall_seconds": seconds, "train_seconds": step_seconds,
                                                  "timed_tokens": step_tokens}) + "\n")
     steps = trainer.global_step
-    tokens = steps * int(cfg.train.batch_size) * int(cfg.train.block_size) * \
-        int(cfg.trainer.accumulate_grad_batches) * trainer.world_size
+    tokens = steps * data.batch_size * int(cfg.train.block_size) * data.accumulate * trainer.world_size
     best = best_ckpt.best_model_score
     metrics = {
         "val_loss": round(float(final["val/loss"]), 5),
@@ -351,6 +419,8 @@ def _finish(cfg, trainer, module, tokenizer, data, final, callbacks, start, resu
         "wall_seconds": round(seconds, 1),
         "resumed": resumed,
         "device": str(module.device),
+        "micro_batch": data.batch_size,
+        "accumulate_grad_batches": data.accumulate,
     }
     best_val = metrics["best_val_loss"]
     metrics["best_val_ppl"] = round(math.exp(best_val), 3)
