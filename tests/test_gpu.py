@@ -114,3 +114,11 @@ def test_the_gpu_checks_dry_run_covers_every_case(tmp_path):
     assert "dry run" in summary and "gpt2-large/auto_batch_size" in summary
     assert json.loads((tmp_path / "gpu" / "check.json").read_text())["gpt2/bf16"]["ok"]
     assert not (tmp_path / "gpu" / "work").exists()
+
+
+def test_auto_batch_size_on_several_devices_is_refused_in_one_line(compose_train):
+    from penwright.train import train
+
+    with pytest.raises(ConfigError, match="batch-size finder runs on one device"):
+        train(compose_train("train.auto_batch_size=true", "trainer=ddp", "trainer.accelerator=cpu",
+                            "trainer.devices=2"))

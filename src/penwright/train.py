@@ -298,6 +298,10 @@ def train(cfg: DictConfig, *, untimed_steps: int = 0) -> dict:
     lr_lambda(int(tcfg.warmup_steps), int(tcfg.get("decay_steps") or cfg.trainer.max_steps), str(tcfg.schedule),
               float(tcfg.min_lr_ratio))
     strategy = build_strategy(cfg.trainer)
+    if tcfg.get("auto_batch_size") and (str(cfg.trainer.devices) not in ("1", "auto") or int(cfg.trainer.num_nodes) > 1):
+        raise ConfigError(f"train.auto_batch_size=true with trainer.devices={cfg.trainer.devices}, trainer.num_nodes="
+                          f"{cfg.trainer.num_nodes}: Lightning's batch-size finder runs on one device; find the "
+                          f"micro-batch with trainer.devices=1, then set train.batch_size to it")
     reports = Path(cfg.paths.reports)
     sampler = SampleCallback(cfg.sample, tokenizer, data.val_tokens, reports / "samples")
     ckpt_dir = Path(tcfg.ckpt_dir)
