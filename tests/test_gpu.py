@@ -1,7 +1,8 @@
 """GPU presets, the automatic batch size and the GPU check's dry run, on this CPU.
 
-What runs here: every trainer preset composes; gpu (bf16-mixed) and gpu_fp16 (16-mixed) run a
-step with ``trainer.accelerator=cpu``; FSDP is GPU-only in Lightning, so on the CPU it is refused
+What runs here: every trainer preset composes; gpu (bf16-mixed) and gpu_fp16 run a step with
+``trainer.accelerator=cpu`` (Lightning has no fp16 autocast on the CPU and runs gpu_fp16 there in
+bf16-mixed, saying so: fp16 with loss scaling itself is GPU-only); FSDP is GPU-only in Lightning, so on the CPU it is refused
 in one line before anything is written (its strategy object is built and inspected instead);
 Lightning's batch-size finder is wired through ``train`` on a small model; ``penwright check gpu
 --dry`` runs every case of the GPU check with tiny shapes.
