@@ -180,3 +180,9 @@ def test_the_generate_stage_runs_on_the_engine_and_falls_back_for_other_graphs(o
     fallback = load(lean.generate)
     assert isinstance(fallback, Generator)
     assert fallback.generate(["The"], 8, do_sample=False) == load(cfg.generate).generate(["The"], 8, do_sample=False)
+
+
+def test_a_bad_seed_is_refused_at_submit(engine):
+    with pytest.raises(ConfigError, match="seed=-1"):
+        engine.submit(greedy(engine, "The", 3, seed=-1))
+    assert engine.waiting.empty()

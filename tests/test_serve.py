@@ -173,6 +173,7 @@ BAD = [
     ({"prompt": "x", "min_tokens": -1}, "min_tokens"),
     ({"prompt": "x", "seed": "abc"}, "seed"),
     ({"prompt": "x", "presence_penalty": 1.0}, "presence_penalty"),
+    ({"prompt": "x", "seed": -1}, "seed"),
 ]
 
 
@@ -337,3 +338,19 @@ def test_a_prefix_that_fills_the_context_is_a_400_not_a_crash(server):
     r = httpx.get(f"{server.url}/", params={"prefix": "word " * 80})
     assert r.status_code == 400 and r.json()["error"]["param"] == "prefix"
     assert "context" in r.json()["error"]["message"]
+
+
+def test_chunked_oversized_bodies_unknown_routes_and_a_tiny_temperature(server):
+    def chunks():
+        for _ in range(20):
+            yield b"x" * 5000
+    big = httpx.post(f"{server.url}/v1/completions", content=chunks(), headers={"content-type": "application/json"})
+    assert big.status_code == 413 and big.json()["error"]["param"] == "body"
+    missing = httpx.get(f"{server.url}/v2/nothing")
+    assert missing.status_code == 404 and "error" in missing.json()
+    wrong = httpx.get(f"{server.url}/v1/completions")
+    assert wrong.status_code == 405 and "error" in wrong.json()
+    assert httpx.get(f"{server.url}/", params={"prefix": "The", "seed": -3}).json()["error"]["param"] == "seed"
+    greedy = post(server, {"prompt": PROMPT, "max_tokens": 8, "temperature": 0}).json()["choices"][0]["text"]
+    tiny = post(server, {"prompt": PROMPT, "max_tokens": 8, "temperature": 1e-39}).json()["choices"][0]["text"]
+    assert tiny == greedy

@@ -2,9 +2,9 @@
 
 ``Engine.load("artifacts/onnx", slots=16)`` opens the exported fused graph rewritten by
 ``graph.slot_graph``: attention reads and writes one preallocated key/value buffer per layer,
-[slots, heads, context, head_dim], at per-row lengths. A request takes the lowest free slot; its
-prompt is prefilled alone into that slot (a batch of one, so its logits never depend on who else
-is running); then every ``step()`` feeds one token for each running row of slots ``0..hi`` at once.
+[slots, heads, context, head_dim], at per-row lengths. A request takes the lowest free slot; the
+prompts admitted at one step are prefilled together, right-padded, into their consecutive slots;
+then every ``step()`` feeds one token for each running row of slots ``0..hi`` at once.
 A row leaves at EOS, a stop string, ``max_tokens``, the end of the context, a cancel or its
 deadline, freeing its slot for the next request at the next step. Nothing is copied or re-padded
 when a row enters or leaves: the buffers never move (each step binds the same memory as input and
@@ -30,6 +30,7 @@ from penwright.errors import ConfigError, PenwrightError
 from penwright.sampling import SamplingConfig, next_tokens_per_row
 
 GRAPH = "model.onnx"
+PREFILL_TOKENS = 8192  # the most padded prompt tokens one prefill run takes (more admitted prompts: more runs)
 
 
 class UnsupportedGraph(PenwrightError):
@@ -105,11 +106,13 @@ class Engine:
         self.positions = np.zeros((self.slots, 1), dtype=np.int64)
         self.seqlens = np.zeros(self.slots, dtype=np.int32)
         self.total = np.zeros(1, dtype=np.int32)
+        self.zeros = np.zeros((self.slots, 1), dtype=np.int64)  # last_index of a decoding step: its one position
         self.logits = np.zeros((self.slots, 1, self.vocab), dtype=np.float32)
         self._bindings: dict[int, object] = {}
         self.rows: list[_Row | None] = [None] * self.slots
         self.waiting: queue.Queue[Request] = queue.Queue()
         self._stop = threading.Event()
+        self._work = threading.Event()
         self.steps = 0
 
     # -- loading ----------------------------------------------------------------------------------
@@ -174,7 +177,8 @@ class Engine:
         if binding is None:
             binding = self.session.io_binding()
             for name, array in (("input_ids", self.ids[:hi]), ("position_ids", self.positions[:hi]),
-                                ("seqlens_k", self.seqlens[:hi]), ("total_sequence_length", self.total)):
+                                ("seqlens_k", self.seqlens[:hi]), ("total_sequence_length", self.total),
+                                ("last_index", self.zeros[:hi])):
                 binding.bind_input(name, "cpu", 0, array.dtype, array.shape, array.ctypes.data)
             logits = self.logits[:hi]
             binding.bind_output("logits", "cpu", 0, np.float32, logits.shape, logits.ctypes.data)
@@ -182,22 +186,29 @@ class Engine:
             self._bindings[hi] = binding
         return binding
 
-    def _prefill(self, row: _Row) -> np.ndarray:
-        """Run a prompt alone into its slot; the logits of its last position [vocab]."""
-        ids = np.asarray(row.request.prompt_ids, dtype=np.int64)[None, :]
-        n = ids.shape[1]
-        positions = np.arange(n, dtype=np.int64)[None, :]
-        seqlens, total = np.array([n - 1], dtype=np.int32), np.array([n], dtype=np.int32)
-        logits = np.zeros((1, 1, self.vocab), dtype=np.float32)
+    def _prefill(self, rows: list[_Row]) -> np.ndarray:
+        """Run the prompts of rows in consecutive slots as one right-padded batch into those slots; the logits
+        of each prompt's last token [len(rows), vocab]. (A pad's keys land past its row's length, where the
+        row's own tokens overwrite them and attention never reads.)"""
+        n, width = len(rows), max(len(r.request.prompt_ids) for r in rows)
+        ids = np.full((n, width), self.eos, dtype=np.int64)
+        for i, r in enumerate(rows):
+            ids[i, : len(r.request.prompt_ids)] = r.request.prompt_ids
+        lengths = np.array([len(r.request.prompt_ids) for r in rows])
+        positions = np.broadcast_to(np.arange(width, dtype=np.int64), (n, width)).copy()
+        seqlens, total = (lengths - 1).astype(np.int32), np.array([width], dtype=np.int32)
+        last = (lengths - 1).astype(np.int64)[:, None]
+        logits = np.zeros((n, 1, self.vocab), dtype=np.float32)
         binding = self.session.io_binding()
         for name, array in (("input_ids", ids), ("position_ids", positions), ("seqlens_k", seqlens),
-                            ("total_sequence_length", total)):
+                            ("total_sequence_length", total), ("last_index", last)):
             binding.bind_input(name, "cpu", 0, array.dtype, array.shape, array.ctypes.data)
         binding.bind_output("logits", "cpu", 0, np.float32, logits.shape, logits.ctypes.data)
-        self._bind(binding, row.slot, row.slot + 1)
+        self._bind(binding, rows[0].slot, rows[-1].slot + 1)
         self.session.run_with_iobinding(binding)
-        row.length = n
-        return logits[0, 0]
+        for r, length in zip(rows, lengths.tolist()):
+            r.length = length
+        return logits[:, 0]
 
     # -- requests ---------------------------------------------------------------------------------
 
@@ -217,7 +228,12 @@ class Engine:
 
     def submit(self, request: Request) -> Request:
         self.check(request.prompt_ids, request.max_tokens)
+        try:
+            np.random.SeedSequence(request.seed)
+        except (TypeError, ValueError):
+            raise ConfigError(f"seed={request.seed!r}: must be a non-negative integer") from None
         self.waiting.put(request)
+        self._work.set()
         return request
 
     @property
@@ -233,6 +249,7 @@ class Engine:
         for row in self.rows:  # cancelled or late rows leave before the step
             if row is not None and (row.request.cancelled or (row.request.deadline and now > row.request.deadline)):
                 self._finish(row, "cancelled" if row.request.cancelled else "timeout")
+        admitted: list[_Row] = []
         while None in self.rows:
             try:
                 request = self.waiting.get_nowait()
@@ -243,9 +260,17 @@ class Engine:
                 if request.emit is not None:
                     request.emit("", request.finish_reason)
                 continue
-            row = _Row(request, self.rows.index(None), self.vocab)
+            try:
+                row = _Row(request, self.rows.index(None), self.vocab)
+            except Exception:  # a request the engine cannot start ends alone; the others run on
+                request.finish_reason = "error"
+                if request.emit is not None:
+                    request.emit("", "error")
+                continue
             self.rows[row.slot] = row
-            self._sample([row], self._prefill(row)[None, :])
+            admitted.append(row)
+        for batch in self._prefill_batches(admitted):
+            self._sample(batch, self._prefill(batch))
         active = [r for r in self.rows if r is not None]
         if not active:
             return 0
@@ -264,6 +289,19 @@ class Engine:
             r.length += 1
         self._sample(active, self.logits[[r.slot for r in active], 0])
         return self.running
+
+    def _prefill_batches(self, rows: list[_Row]) -> list[list[_Row]]:
+        """The admitted rows in runs of consecutive slots (one prefill each), at most PREFILL_TOKENS padded
+        tokens a run."""
+        batches: list[list[_Row]] = []
+        for row in sorted(rows, key=lambda r: r.slot):
+            batch = batches[-1] if batches else None
+            width = max([len(r.request.prompt_ids) for r in batch or []] + [len(row.request.prompt_ids)])
+            if batch and batch[-1].slot + 1 == row.slot and width * (len(batch) + 1) <= PREFILL_TOKENS:
+                batch.append(row)
+            else:
+                batches.append([row])
+        return batches
 
     def _sample(self, rows: list[_Row], logits: np.ndarray) -> None:
         """Each row's next token from its logits ([len(rows), vocab]); rows with the same sampling settings
@@ -319,6 +357,9 @@ class Engine:
         req = row.request
         if final:  # the whole text, decoded at once (a trailing partial character included)
             req.text = self._decode(req.tokens)
+            hits = [i for i in (req.text.find(s, max(0, row.shown - row.holdback)) for s in req.stop) if i >= 0]
+            if hits:  # a stop string completed by the last bytes, which incremental decoding had held back
+                req.text, reason = req.text[: min(hits)], "stop"
         req.finish_reason = reason
         self.rows[row.slot] = None
         if req.emit is not None:
@@ -339,10 +380,9 @@ class Engine:
             if not self.running and self.waiting.empty():
                 if self._stop.is_set():
                     return
-                try:
-                    self.waiting.put(self.waiting.get(timeout=idle_wait))
-                except queue.Empty:
-                    continue
+                self._work.wait(idle_wait)  # set by submit()
+                self._work.clear()
+                continue
             self.step()
 
     def shutdown(self) -> None:

@@ -178,7 +178,8 @@ def slot_graph(model: onnx.ModelProto) -> onnx.ModelProto:
     cache, this step's included, minus one) and ``total_sequence_length`` (int32 [1], the longest row)
     replace ``attention_mask``. The engine binds each ``present.*`` output to the memory of its
     ``past_key_values.*`` input, so a step appends one key and value per row and copies nothing else.
-    Logits come for the last position only ([batch, 1, vocab]): a prefill needs no more.
+    Logits come for one position a row only, ``last_index`` (int64 [batch, 1]; [batch, 1, vocab]): the
+    last real token of each right-padded prompt in a prefill, 0 in a decoding step.
 
     Raises ``ValueError`` (saying why) when the graph is not penwright's fused graph.
     """
@@ -210,7 +211,7 @@ def slot_graph(model: onnx.ModelProto) -> onnx.ModelProto:
     for n in graph.node:
         if n.op_type == "Cast" and list(n.input) == ["attention_mask"]:
             drop.add(id(n))
-    # logits of the last position only: slice the final layer norm's output before the projection
+    # logits of one position a row only: gather it from the final layer norm's output before the projection
     final = [n for n in graph.node if n.op_type == "SkipLayerNormalization"][-1].output[0]
     last = f"{final}_last"
     nodes = []
@@ -222,9 +223,10 @@ def slot_graph(model: onnx.ModelProto) -> onnx.ModelProto:
                 n.input[i] = last
         nodes += replace.get(id(n), [n])
         if final in n.output:
-            nodes.append(helper.make_node("Slice", [final, "last_start", "last_end", "last_axis"], [last], name=last))
-    graph.initializer.extend([numpy_helper.from_array(np.array([v], np.int64), name) for name, v in
-                              (("last_start", -1), ("last_end", np.iinfo(np.int64).max), ("last_axis", 1))])
+            picked = f"{final}_picked"  # row b's position last_index[b]: [batch, embd]
+            nodes.append(helper.make_node("GatherND", [final, "last_index"], [picked], name=picked, batch_dims=1))
+            nodes.append(helper.make_node("Unsqueeze", [picked, "axis1"], [last], name=last))
+    graph.initializer.append(numpy_helper.from_array(np.array([1], np.int64), "axis1"))
     del graph.node[:]
     graph.node.extend(nodes)
 
@@ -233,7 +235,8 @@ def slot_graph(model: onnx.ModelProto) -> onnx.ModelProto:
         if info.name.startswith(("past_key_values.", "present.")):
             info.type.tensor_type.shape.dim[2].dim_param = "capacity"
     inputs += [helper.make_tensor_value_info("seqlens_k", TensorProto.INT32, ["batch"]),
-               helper.make_tensor_value_info("total_sequence_length", TensorProto.INT32, [1])]
+               helper.make_tensor_value_info("total_sequence_length", TensorProto.INT32, [1]),
+               helper.make_tensor_value_info("last_index", TensorProto.INT64, ["batch", 1])]
     del graph.input[:]
     graph.input.extend(inputs)
     logits = graph.output[0].type.tensor_type.shape.dim[1]

@@ -33,12 +33,14 @@ from fastapi import FastAPI, Request as HttpRequest
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from penwright.engine import Engine, Request
 from penwright.errors import PenwrightError
 from penwright.sampling import SamplingConfig
 
 PAGE = Path(__file__).with_name("page.html")
+GREEDY_BELOW = 1e-5  # a temperature below this is greedy (dividing fp32 logits by less overflows; vLLM does the same)
 
 
 @dataclass(frozen=True)
@@ -84,7 +86,7 @@ class CompletionBody(BaseModel):
     top_p: float | None = Field(None, gt=0, le=1)
     n: int = Field(1, ge=1)
     stop: Union[str, list[str], None] = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=0)
     stream: bool = False
     echo: bool = False
     top_k: int | None = Field(None, ge=-1)  # vLLM: -1 = all tokens
@@ -120,7 +122,7 @@ class Gpt2Body(BaseModel):
     prefix: str = ""
     truncate: str | None = None
     include_prefix: bool = True
-    seed: int | None = None
+    seed: int | None = Field(None, ge=0)
 
 
 UNSUPPORTED = {"logprobs": None, "suffix": None, "logit_bias": None}
@@ -165,6 +167,11 @@ def create_app(engine_factory, settings: Settings) -> FastAPI:
         return JSONResponse(error_body(f"internal error ({type(err).__name__}); see the server's log",
                                        kind="server_error"), 500)
 
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request, err: StarletteHTTPException):  # 404, 405: in the same error shape
+        return JSONResponse(error_body(f"{request.method} {request.url.path}: {err.detail}"), err.status_code,
+                            headers=getattr(err, "headers", None))
+
     @app.exception_handler(RequestValidationError)
     async def _invalid(request, err: RequestValidationError):
         return _validation_response(err.errors())
@@ -183,8 +190,10 @@ def create_app(engine_factory, settings: Settings) -> FastAPI:
         return await call_next(request)
 
     def engine() -> Engine:
-        if state["engine"] is None:
-            raise ApiError(503, "the model is still loading", kind="server_error", headers={"Retry-After": "1"})
+        thread = state["thread"]
+        if state["engine"] is None or thread is None or not thread.is_alive():
+            raise ApiError(503, "the model is not being served (still loading, or stopping)", kind="server_error",
+                           headers={"Retry-After": "1"})
         return state["engine"]
 
     # -- routes ------------------------------------------------------------------------------------
@@ -205,7 +214,7 @@ def create_app(engine_factory, settings: Settings) -> FastAPI:
 
     @app.post("/v1/completions")
     async def completions(http: HttpRequest):
-        body = _parse(CompletionBody, await _json(http))
+        body = _parse(CompletionBody, await _json(http, settings.max_body_bytes))
         eng = engine()
         if body.model not in (None, settings.model_name):
             raise ApiError(400, f"model={body.model!r} is not served here; this server serves "
@@ -228,7 +237,8 @@ def create_app(engine_factory, settings: Settings) -> FastAPI:
                                 f"(serve.max_prompts)", "prompt")
         temperature = settings.temperature if body.temperature is None else body.temperature
         top_k = settings.top_k if body.top_k is None else max(0, body.top_k)
-        sampling = SamplingConfig(do_sample=temperature > 0, temperature=temperature if temperature > 0 else 1.0,
+        greedy = temperature < GREEDY_BELOW
+        sampling = SamplingConfig(do_sample=not greedy, temperature=1.0 if greedy else temperature,
                                   top_k=top_k, top_p=settings.top_p if body.top_p is None else body.top_p,
                                   repetition_penalty=body.repetition_penalty or 1.0)
         max_tokens = settings.max_tokens if body.max_tokens is None else body.max_tokens
@@ -299,7 +309,8 @@ def create_app(engine_factory, settings: Settings) -> FastAPI:
         body = _parse(Gpt2Body, params)
         eng = engine()
         temperature = 0.7 if body.temperature is None else body.temperature
-        sampling = SamplingConfig(do_sample=temperature > 0, temperature=temperature if temperature > 0 else 1.0,
+        greedy = temperature < GREEDY_BELOW
+        sampling = SamplingConfig(do_sample=not greedy, temperature=1.0 if greedy else temperature,
                                   top_k=body.top_k or 0, top_p=body.top_p or 1.0)
         ids = eng.encode(body.prefix)
         length = body.length if body.length is not None else eng.context - len(ids)
@@ -312,7 +323,7 @@ def create_app(engine_factory, settings: Settings) -> FastAPI:
     @app.post("/generate")
     @app.post("/")
     async def gpt2_post(http: HttpRequest):
-        return await gpt2(await _json(http))
+        return await gpt2(await _json(http, settings.max_body_bytes))
 
     @app.get("/generate")
     async def gpt2_get(http: HttpRequest):
@@ -370,20 +381,34 @@ class _Job:
             self.engine.submit(r)
         self.started = True
 
+    def _drain(self) -> list:
+        pieces = []
+        while self.pieces:
+            pieces.append(self.pieces.popleft())
+        return pieces
+
     async def batches(self):
-        """Lists of (choice, text, finish_reason) in the order the engine sent them, at least one each."""
+        """Lists of (choice, text, finish_reason) in the order the engine sent them, at least one each. If the
+        engine goes silent past the request's timeout (plus a grace period), the unfinished choices end here
+        with ``timeout``: no request waits forever, whatever happens on the engine's thread."""
         left, last = len(self.requests), None
+        deadline = time.monotonic() + self.settings.request_timeout + 5.0
         while left:
-            await self.ready.wait()
+            try:
+                await asyncio.wait_for(self.ready.wait(), timeout=max(0.0, deadline - time.monotonic()))
+            except asyncio.TimeoutError:
+                self.cancel()
+                yield [(k, "", "timeout") for k, r in enumerate(self.requests) if r.finish_reason is None] or \
+                    [(0, "", "timeout")]
+                return
             self.ready.clear()
-            ending = any(reason is not None for _, _, reason in list(self.pieces))
-            if last is not None and self.settings.stream_interval > 0 and not ending:  # a last piece goes at once
-                pause = self.settings.stream_interval - (time.monotonic() - last)
+            pieces = self._drain()
+            ending = any(reason is not None for _, _, reason in pieces)
+            if pieces and last is not None and self.settings.stream_interval > 0 and not ending:
+                pause = self.settings.stream_interval - (time.monotonic() - last)  # a last piece goes at once
                 if pause > 0:
                     await asyncio.sleep(pause)
-            pieces = []
-            while self.pieces:
-                pieces.append(self.pieces.popleft())
+                    pieces += self._drain()
             if not pieces:
                 continue
             last = time.monotonic()
@@ -447,8 +472,14 @@ def _page_request(request: HttpRequest) -> bool:
     return request.method == "GET" and request.url.path == "/" and not request.query_params
 
 
-async def _json(http: HttpRequest) -> dict:
-    raw = await http.body()
+async def _json(http: HttpRequest, limit: int) -> dict:
+    raw, size = [], 0
+    async for chunk in http.stream():  # counted as it comes: a chunked body has no Content-Length to check
+        size += len(chunk)
+        if size > limit:
+            raise ApiError(413, f"the request body is over {limit} bytes (serve.max_body_bytes)", "body")
+        raw.append(chunk)
+    raw = b"".join(raw)
     try:
         data = json.loads(raw or b"{}")
     except (ValueError, UnicodeDecodeError) as err:
