@@ -142,14 +142,32 @@ def test_a_seeded_request_gives_the_same_text_alone_or_beside_15_others(server):
 
 
 def test_a_client_that_goes_away_frees_its_slot(server):
-    body = {"prompt": "The", "max_tokens": 60, "min_tokens": 60, "stream": True}
-    with httpx.Client(timeout=30) as c:
-        with c.stream("POST", f"{server.url}/v1/completions", json=body) as response:
-            next(response.iter_lines())  # the first event: it is running
-    deadline = time.monotonic() + 5
-    while server.engine.running and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert server.engine.running == 0
+    engine = server.engine
+    submitted = []
+    real_submit, real_session = engine.submit, engine.session
+
+    class Slow:  # 20 ms a step: the 60 tokens would take > 1 s, so only a cancel ends the request early
+        def __getattr__(self, name):
+            return getattr(real_session, name)
+
+        def run_with_iobinding(self, binding):
+            time.sleep(0.02)
+            return real_session.run_with_iobinding(binding)
+
+    engine.submit = lambda request: submitted.append(request) or real_submit(request)
+    engine.session = Slow()
+    try:
+        body = {"prompt": "The", "max_tokens": 60, "min_tokens": 60, "stream": True}
+        with httpx.Client(timeout=30) as c:
+            with c.stream("POST", f"{server.url}/v1/completions", json=body) as response:
+                next(response.iter_lines())  # the first event: it is running
+        deadline = time.monotonic() + 5
+        while engine.running and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert engine.running == 0
+        assert submitted[0].finish_reason == "cancelled" and len(submitted[0].tokens) < 60
+    finally:
+        engine.submit, engine.session = real_submit, real_session
 
 
 # -- bad requests and faults -----------------------------------------------------------------------------

@@ -113,7 +113,6 @@ class Engine:
         self.waiting: queue.Queue[Request] = queue.Queue()
         self._stop = threading.Event()
         self._work = threading.Event()
-        self.steps = 0
 
     # -- loading ----------------------------------------------------------------------------------
 
@@ -284,7 +283,6 @@ class Engine:
             self.seqlens[r.slot] = r.length  # tokens in the cache after this step, minus one
         self.total[0] = max(r.length for r in active) + 1
         self.session.run_with_iobinding(self._decode_binding(hi))
-        self.steps += 1
         for r in active:
             r.length += 1
         self._sample(active, self.logits[[r.slot for r in active], 0])

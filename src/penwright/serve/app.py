@@ -125,9 +125,6 @@ class Gpt2Body(BaseModel):
     seed: int | None = Field(None, ge=0)
 
 
-UNSUPPORTED = {"logprobs": None, "suffix": None, "logit_bias": None}
-
-
 # -- the app ----------------------------------------------------------------------------------------
 
 
@@ -354,7 +351,6 @@ class _Job:
         self.pieces: collections.deque = collections.deque()
         self.ready = asyncio.Event()
         self.scheduled = False
-        self.started = False
         for k, r in enumerate(requests):
             r.emit = self._emitter(k)
 
@@ -379,7 +375,6 @@ class _Job:
         for r in self.requests:
             r.deadline = deadline
             self.engine.submit(r)
-        self.started = True
 
     def _drain(self) -> list:
         pieces = []
@@ -415,16 +410,12 @@ class _Job:
             left -= sum(reason is not None for _, _, reason in pieces)
             yield pieces
 
-    async def stream(self):
-        async for pieces in self.batches():
-            for piece in pieces:
-                yield piece
-
     async def wait(self) -> None:
         self.start()
         try:
-            async for _, _, reason in self.stream():
-                if reason in ("timeout", "error"):
+            async for pieces in self.batches():
+                reason = next((r for _, _, r in pieces if r in ("timeout", "error")), None)
+                if reason is not None:
                     kind = "timeout" if reason == "timeout" else "server_error"
                     raise ApiError(504 if reason == "timeout" else 500, self.message(reason), kind=kind)
         finally:
