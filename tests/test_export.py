@@ -116,26 +116,47 @@ def test_export_fails_when_there_is_no_model(tmp_path, repo):
     assert not (tmp_path / "onnx").exists()
 
 
-def test_int8_variant_is_written_and_its_quality_measured(tmp_path, tiny_gpt2, prepared_tiny, repo):
+def test_quantized_graphs_are_written_and_their_quality_measured(tmp_path, tiny_gpt2, prepared_tiny, repo):
     from penwright.config import compose
     from penwright.export import export
 
     report = export(compose([f"train.out_dir={tiny_gpt2}", f"export.out_dir={tmp_path / 'onnx'}",
                              f"paths.reports={tmp_path / 'r'}", f"data.out_dir={prepared_tiny}", "train.block_size=32",
-                             "export.int8=true", "export.parity_prompts=[It is,A]", "export.parity_new_tokens=4"],
-                            config_dir=repo / "conf"))
-    q = report["int8"]
-    assert (tmp_path / "onnx" / "model.int8.onnx").is_file()
-    assert 0 <= q["top1_agreement"] <= 1 and q["int8_loss"] > 0 and q["fp32_loss"] > 0
-    gen = Generator.load(tmp_path / "onnx", graph="model.int8.onnx")
-    assert len(gen.generate(["It is"], max_new_tokens=4, seed=0)) == 1
-    from penwright.generate import generate  # the generate stage on the int8 graph
+                             "export.quantize=[q8,q4,int8]", "export.gguf=[]", "export.parity_prompts=[It is,A]",
+                             "export.parity_new_tokens=4"], config_dir=repo / "conf"))
+    q = report["quantized"]
+    assert q["fp32_loss"] > 0 and q["tokens"] > 0
+    for kind, file in (("q8", "model.q8.onnx"), ("q4", "model.q4.onnx"), ("int8", "model.int8.onnx")):
+        assert (tmp_path / "onnx" / file).is_file() and q[kind]["graph"] == file
+        assert q[kind]["mb"] < q["fp32_mb"]
+        assert 0 <= q[kind]["top1_agreement"] <= 1 and q[kind]["loss"] > 0
+    # 8-bit blocks of 32 stay close to fp32: the loss moves by less than 1% on this random model
+    assert abs(q["q8"]["loss"] - q["fp32_loss"]) < 0.01 * q["fp32_loss"]
+    assert q["q8"]["top1_agreement"] >= q["q4"]["top1_agreement"] - 0.02
+    import onnx
 
-    samples = generate(compose([f"generate.model_dir={tmp_path / 'onnx'}", "generate.graph=model.int8.onnx",
-                                f"generate.destination={tmp_path / 'int8.md'}", "generate.report=null",
+    ops = {n.op_type for n in onnx.load(str(tmp_path / "onnx" / "model.q8.onnx")).graph.node}
+    assert "MatMulNBits" in ops and "MatMul" not in ops  # every weight matrix, the output projection included
+    gen = Generator.load(tmp_path / "onnx", graph="model.q8.onnx")
+    assert len(gen.generate(["It is"], max_new_tokens=4, seed=0)) == 1
+    from penwright.generate import generate  # the generate stage on a quantized graph
+
+    samples = generate(compose([f"generate.model_dir={tmp_path / 'onnx'}", "generate.graph=model.q4.onnx",
+                                f"generate.destination={tmp_path / 'q4.md'}", "generate.report=null",
                                 "generate.nsamples=1", "generate.max_new_tokens=4", "generate.prompts=[It is]"],
                                config_dir=repo / "conf"))
-    assert len(samples) == 1 and (tmp_path / "int8.md").is_file()
+    assert len(samples) == 1 and (tmp_path / "q4.md").is_file()
+
+
+def test_an_unknown_quantization_is_refused_before_any_work(tmp_path, tiny_gpt2, repo):
+    from penwright.config import compose
+    from penwright.errors import ConfigError
+    from penwright.export import export
+
+    with pytest.raises(ConfigError, match=r"export.quantize=\['q3'\]: 'q3' is not .* q8, q4, int8"):
+        export(compose([f"train.out_dir={tiny_gpt2}", f"export.out_dir={tmp_path / 'onnx'}",
+                        f"paths.reports={tmp_path / 'r'}", "export.quantize=[q3]"], config_dir=repo / "conf"))
+    assert not (tmp_path / "onnx").exists()
 
 
 def test_corrupt_graph_is_a_clear_error(onnx_tiny, tmp_path):

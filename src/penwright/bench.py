@@ -429,9 +429,167 @@ def _interleaved(engines: dict, rounds: int = ROUNDS) -> dict:
     return {k: sorted(v, key=lambda r: r[0]["tokens_per_sec"])[len(v) // 2] for k, v in runs.items()}
 
 
+# -- against llama.cpp ---------------------------------------------------------------------------------
+
+LLAMA_CPP = Path(".llama.cpp") / "bin"  # where scripts/build_llama_cpp.sh puts llama.cpp's tools
+LLAMA_TOOLS = ("llama-bench", "llama-batched-bench")
+PRECISIONS = (("fp32", "model.onnx", "f32"), ("8-bit", "model.q8.onnx", "q8_0"), ("4-bit", "model.q4.onnx", "q4_0"))
+
+
+def llama_tools(path: str | Path) -> dict[str, Path]:
+    """llama.cpp's benchmark binaries in ``path``, or a PenwrightError that says how to get them."""
+    tools = {t: Path(path) / t for t in LLAMA_TOOLS}
+    missing = [t for t, p in tools.items() if not (p.is_file() and os.access(p, os.X_OK))]
+    if missing:
+        raise PenwrightError(f"{path}: llama.cpp's {', '.join(missing)} not found. Build them with "
+                             "`scripts/build_llama_cpp.sh` (about 20 min on 2 cores), point --llama-cpp at a llama.cpp "
+                             "build's bin/ folder, or leave llama.cpp out with --without-llama-cpp")
+    return tools
+
+
+def _run_tool(args: list) -> str:
+    done = subprocess.run([str(a) for a in args], capture_output=True, text=True)
+    if done.returncode:
+        tail = " | ".join(done.stderr.strip().splitlines()[-3:])
+        raise PenwrightError(f"{Path(args[0]).name} failed (exit {done.returncode}) on {args[2]}: {tail}")
+    return done.stdout
+
+
+def _llama_tg(tools: dict, gguf: Path, n: int, threads: int) -> dict:
+    """llama-bench's decoding test: ``n`` tokens one at a time from an empty context (one repetition)."""
+    rows = json.loads(_run_tool([tools["llama-bench"], "-m", gguf, "-p", 0, "-n", n, "-t", threads, "-r", 1, "-o", "json"]))
+    return {"tokens_per_sec": round(float(rows[0]["avg_ts"]), 1)}
+
+
+def _llama_batched(tools: dict, gguf: Path, prompt: int, n: int, batches: list[int], threads: int) -> dict:
+    """llama-batched-bench: ``batch`` sequences of ``prompt`` tokens decoding ``n`` tokens together: decode tokens/s."""
+    out = _run_tool([tools["llama-batched-bench"], "-m", gguf, "-c", max(batches) * (prompt + n), "-b", 2048,
+                     "-ub", 512, "-npp", prompt, "-ntg", n, "-npl", ",".join(map(str, batches)), "-t", threads,
+                     "--output-format", "jsonl"])
+    rows = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    return {int(r["pl"]): round(float(r["speed_tg"]), 1) for r in rows}
+
+
+def _time_engine(engine, prompt: list[int], batch: int, n: int) -> tuple[dict, np.ndarray]:
+    """penwright's serving engine (GroupQueryAttention over a preallocated cache): ``batch`` greedy rows of ``n`` tokens."""
+    from penwright.engine import Request
+    from penwright.sampling import SamplingConfig
+
+    requests = [Request(list(prompt), n, SamplingConfig(do_sample=False), min_tokens=n) for _ in range(batch)]
+    start = time.perf_counter()
+    for r in requests:
+        engine.submit(r)
+    while engine.step() or not engine.waiting.empty():
+        pass
+    seconds = time.perf_counter() - start
+    out = np.array([r.tokens for r in requests])
+    return {"tokens_per_sec": round(out.size / seconds, 1), "seconds": round(seconds, 3)}, out
+
+
+def _llama_top1(gguf: Path, ids: np.ndarray) -> np.ndarray:
+    """llama.cpp's top-1 next token at every position of each window (one prefill a window)."""
+    from penwright.llamacpp import load_llama
+
+    llm = load_llama(gguf, repack=False, n_ctx=ids.shape[1] + 1, n_batch=ids.shape[1] + 1, logits_all=True, n_threads=2)
+    top1 = []
+    for row in ids:
+        llm.reset()
+        llm.eval(row.tolist())
+        top1.append(np.asarray(llm.scores[: len(row)]).argmax(-1))
+    return np.stack(top1)
+
+
+def _llama_cpp_cases(tools: dict, models: dict, work: Path, prepared: Path, block: int, new_tokens: int = 200,
+                     batched_tokens: int = 128, rounds: int = ROUNDS) -> dict:
+    """penwright against llama.cpp on the same weights (GGUF written by export.gguf): batch 1 at each precision,
+    batched decoding (fp32), and each quantization's top-1 agreement with fp32 on validation windows."""
+    from transformers import GPT2LMHeadModel
+
+    from penwright.engine import Engine
+    from penwright.export import graph_logits, quantize, validation_windows
+    from penwright.llamacpp import export_gguf
+    from penwright.runtime import Generator
+
+    threads = os.cpu_count() or 1
+    results: dict = {"threads": threads, "new_tokens": new_tokens, "llama_cpp": str(tools["llama-bench"].parent),
+                     "measured": "batch 1: greedy decoding of new_tokens from a one-token prompt; llama.cpp: llama-bench "
+                                 "-p 0 -n new_tokens (decode only, its own timer); penwright: wall time of the whole "
+                                 f"loop (sampling included); {rounds} interleaved rounds, medians"}
+    for name, (hf_dir, onnx_dir) in models.items():
+        model = GPT2LMHeadModel.from_pretrained(hf_dir).eval()
+        for _, graph, _ in PRECISIONS[1:]:
+            if not (onnx_dir / graph).is_file():
+                quantize(onnx_dir / "model.onnx", graph.split(".")[1])
+        ggufs = {g["type"]: onnx_dir / g["file"] for g in export_gguf(model, hf_dir, onnx_dir, [t for *_, t in PRECISIONS])}
+        eos = int(model.config.eos_token_id if model.config.eos_token_id is not None else 0)
+        ids = np.array([[eos]], dtype=np.int64)
+        n = min(new_tokens, model.config.n_positions - 1)
+        for precision, graph, qtype in PRECISIONS:
+            gen = Generator.load(onnx_dir, graph=graph)
+            engine = Engine.load(onnx_dir, slots=1, graph=graph)
+            engines = {"runtime": lambda: _time_runtime(gen, ids, np.ones_like(ids), n, use_cache=True),
+                       "engine": lambda: _time_engine(engine, [eos], 1, n),
+                       "llama_cpp": lambda: (_llama_tg(tools, ggufs[qtype], n, threads), None)}
+            print(f"[bench] {name} batch 1 {precision}: penwright vs llama.cpp {qtype}, {n} tokens, {rounds} rounds",
+                  file=sys.stderr)
+            timed = _interleaved(engines, rounds)
+            best = max(("runtime", "engine"), key=lambda k: timed[k][0]["tokens_per_sec"])
+            llama = timed["llama_cpp"][0]["tokens_per_sec"]
+            results[f"{name}/batch1/{precision}"] = {
+                "penwright_runtime": timed["runtime"][0], "penwright_engine": timed["engine"][0],
+                f"llama_cpp_{qtype}": timed["llama_cpp"][0], "penwright_best": best,
+                "penwright_over_llama_cpp": round(timed[best][0]["tokens_per_sec"] / llama, 2),
+                "runtime_and_engine_same_tokens": bool(np.array_equal(timed["runtime"][1], timed["engine"][1])),
+                "gguf_mb": round(ggufs[qtype].stat().st_size / 1e6, 2),
+                "onnx_mb": round((onnx_dir / graph).stat().st_size / 1e6, 2),
+            }
+        if name == "quickstart":  # a trained model: how close each quantization stays to fp32
+            batch = validation_windows(prepared, min(block, model.config.n_positions - 1), windows=8)
+            ids_w = batch[:, :-1]
+            fp32 = graph_logits(onnx_dir, "model.onnx", ids_w).argmax(-1)
+            llama_f32 = _llama_top1(ggufs["f32"], ids_w)
+            agree = {"tokens": int(ids_w.size), "llama_cpp_f32_vs_penwright_fp32": round(float((llama_f32 == fp32).mean()), 4)}
+            for precision, graph, qtype in PRECISIONS[1:]:
+                agree[f"penwright_{graph.split('.')[1]}"] = round(float((graph_logits(onnx_dir, graph, ids_w).argmax(-1) == fp32).mean()), 4)
+                agree[f"llama_cpp_{qtype}"] = round(float((_llama_top1(ggufs[qtype], ids_w) == fp32).mean()), 4)
+            results[f"{name}/top1_agreement_with_fp32"] = agree
+        else:  # batched decoding, fp32
+            prompt = [eos] * 8
+            gen = Generator.load(onnx_dir)
+            llama = {}
+            timed = {}
+            for batch in (8, 32):
+                engine = Engine.load(onnx_dir, slots=batch)
+                p_ids = np.array([prompt] * batch, dtype=np.int64)
+                engines = {"runtime": lambda: _time_runtime(gen, p_ids, np.ones_like(p_ids), batched_tokens, use_cache=True),
+                           "engine": lambda: _time_engine(engine, prompt, batch, batched_tokens)}
+                print(f"[bench] {name} batch {batch} fp32: {batched_tokens} tokens, 3 rounds", file=sys.stderr)
+                timed[batch] = _interleaved(engines, 3)
+            for _ in range(3):
+                for b, ts in _llama_batched(tools, ggufs["f32"], len(prompt), batched_tokens, [8, 32], threads).items():
+                    llama.setdefault(b, []).append(ts)
+            for batch in (8, 32):
+                best = max(("runtime", "engine"), key=lambda k: timed[batch][k][0]["tokens_per_sec"])
+                ll = float(np.median(llama[batch]))
+                results[f"{name}/batch{batch}/fp32"] = {
+                    "penwright_runtime": timed[batch]["runtime"][0], "penwright_engine": timed[batch]["engine"][0],
+                    "llama_cpp_f32_decode_tokens_per_sec": ll, "penwright_best": best,
+                    "penwright_over_llama_cpp": round(timed[batch][best][0]["tokens_per_sec"] / ll, 2)}
+            floor = _weights_floor(model)
+            b1 = results[f"{name}/batch1/fp32"]
+            ms = {k: round(1000 / v["tokens_per_sec"], 2) for k, v in
+                  (("penwright_runtime", b1["penwright_runtime"]), ("penwright_engine", b1["penwright_engine"]),
+                   ("llama_cpp_f32", b1["llama_cpp_f32"]))}
+            results["memory_floor_124m_fp32"] = {**floor, "ms_per_token": ms,
+                                                 "floor_over_engine": {k: round(floor["ms_per_token"] / v, 2) for k, v in ms.items()}}
+    return results
+
+
 def bench_generate(output: str | None = None, quick_dir: str = "artifacts/model", quick_onnx: str = "artifacts/onnx",
-                   new_tokens: int = 256, long_tokens: int = 512) -> dict:
-    """This runtime vs transformers generate (PyTorch, cached) vs this runtime re-feeding, side by side."""
+                   new_tokens: int = 256, long_tokens: int = 512, llama_cpp: str | None = str(LLAMA_CPP),
+                   prepared: str = "artifacts/prepared") -> dict:
+    """This runtime vs transformers generate (PyTorch, cached) vs this runtime re-feeding, side by side; then
+    penwright vs llama.cpp (its binaries in ``llama_cpp``; None leaves it out) at each precision."""
     import torch
     from transformers import GPT2LMHeadModel
 
@@ -439,6 +597,7 @@ def bench_generate(output: str | None = None, quick_dir: str = "artifacts/model"
 
     if not (Path(quick_onnx) / "model.onnx").is_file():
         raise PenwrightError(f"{quick_onnx}/model.onnx: missing; run `dvc repro` (or penwright train + export) first")
+    tools = llama_tools(llama_cpp) if llama_cpp else None  # before any work: say now if llama.cpp is missing
     work = _fresh_dir(BENCH_DIR / "generate")
     results: dict = {
         "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "python": platform.python_version()},
@@ -510,6 +669,8 @@ def bench_generate(output: str | None = None, quick_dir: str = "artifacts/model"
             "new_tokens": n, "runtime": a, "runtime_no_cache": c,
             "runtime_over_no_cache": round(a["tokens_per_sec"] / c["tokens_per_sec"], 2),
         }
+        if tools:
+            results["llama_cpp"] = _llama_cpp_cases(tools, models, work, Path(prepared), block=256)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     out = atomic_write_text(output or "reports/bench_generate.json", json.dumps(results, indent=2) + "\n")
@@ -517,6 +678,10 @@ def bench_generate(output: str | None = None, quick_dir: str = "artifacts/model"
                                      "graph_over_traced_graph",
                                      "runtime_int8_over_transformers") if m in v}
                for k, v in results["cases"].items()}
+    if "llama_cpp" in results:
+        summary["llama_cpp"] = {k: v["penwright_over_llama_cpp"] for k, v in results["llama_cpp"].items()
+                                if isinstance(v, dict) and "penwright_over_llama_cpp" in v}
+        summary["top1_agreement_with_fp32"] = results["llama_cpp"].get("quickstart/top1_agreement_with_fp32")
     print(json.dumps({**summary, "memory_floor": results.get("memory_floor")}, indent=2))
     print(f"[bench] wrote {out}", file=sys.stderr)
     return results

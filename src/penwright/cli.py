@@ -53,6 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=30, help="train: timed steps per run")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="train: Hydra overrides of the benchmarked config")
     p.add_argument("--output", default=None, help="default: reports/bench_<stage>.json")
+    p.add_argument("--llama-cpp", default=".llama.cpp/bin", metavar="DIR",
+                   help="generate: llama.cpp's llama-bench and llama-batched-bench (scripts/build_llama_cpp.sh)")
+    p.add_argument("--without-llama-cpp", action="store_true", help="generate: leave the llama.cpp comparison out")
     return parser
 
 
@@ -116,7 +119,7 @@ def run(argv: list[str] | None = None) -> int:
 
             bench_serve(output=args.output)
         else:
-            bench.bench_generate(output=args.output)
+            bench.bench_generate(output=args.output, llama_cpp=None if args.without_llama_cpp else args.llama_cpp)
     return 0
 
 

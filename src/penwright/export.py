@@ -30,6 +30,7 @@ from transformers import AutoTokenizer, DynamicCache, GPT2LMHeadModel
 
 from penwright.errors import ConfigError, PenwrightError
 from penwright.fsutil import atomic_write_text, replace_dir, temp_dir_for
+from penwright.llamacpp import check_gguf, export_gguf, gguf_types
 from penwright.runtime import position_ids_for
 
 GRAPH = "model.onnx"
@@ -129,6 +130,24 @@ def save_with_external_data_if_large(path: Path) -> bool:
     return True
 
 
+QUANTIZED = {  # export.quantize: the graph file each writes beside model.onnx
+    "q8": "model.q8.onnx",  # MatMulNBits: 8-bit weights, one scale per 32 (llama.cpp's q8_0 layout), int8 math
+    "q4": "model.q4.onnx",  # MatMulNBits: 4-bit weights, one scale per 32 (q4_0's layout), int8 math
+    "int8": "model.int8.onnx",  # dynamic quantization: one scale per weight matrix, per-tensor int8 activations
+}
+BLOCK = 32  # weights per quantization block (q8, q4), as llama.cpp's q8_0 / q4_0
+
+
+def quantize_types(value) -> list[str]:
+    """The quantized graphs asked for, or a ConfigError naming export.quantize and the choices."""
+    kinds = [] if value is None else [value] if isinstance(value, str) else list(value)
+    for kind in kinds:
+        if kind not in QUANTIZED:
+            raise ConfigError(f"export.quantize={kinds}: {kind!r} is not a quantization penwright writes; use any of "
+                              f"{', '.join(QUANTIZED)} (or [] for none)")
+    return list(dict.fromkeys(kinds))
+
+
 def quantize_int8(src: Path, dst: Path) -> None:
     from onnx import TensorProto
     from onnxruntime.quantization import QuantType, quantize_dynamic
@@ -136,6 +155,33 @@ def quantize_int8(src: Path, dst: Path) -> None:
     # onnx's shape inference cannot type the outputs of onnxruntime's contrib ops (fused graph): they are fp32
     quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8,
                      extra_options={"DefaultTensorType": TensorProto.FLOAT})
+
+
+def quantize_blocks(src: Path, dst: Path, bits: int) -> None:
+    """Every MatMul by a weight matrix (attention, MLP, output) as onnxruntime's MatMulNBits: symmetric
+    ``bits``-bit weights with one fp32 scale per block of 32 input rows, computed with int8 activations
+    (accuracy level 4: what makes it fast on CPUs with int8 dot products)."""
+    import logging
+
+    import onnx
+    from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
+
+    logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.WARNING)
+    config = DefaultWeightOnlyQuantConfig(block_size=BLOCK, is_symmetric=True, accuracy_level=4, bits=bits)
+    quantizer = MatMulNBitsQuantizer(onnx.load(str(src)), bits=bits, block_size=BLOCK, is_symmetric=True,
+                                     accuracy_level=4, algo_config=config)
+    quantizer.process()
+    save_graph(quantizer.model.model, dst)
+
+
+def quantize(src: Path, kind: str) -> Path:
+    """Write the ``kind`` graph (export.quantize) of the fp32 graph ``src`` beside it."""
+    dst = src.parent / QUANTIZED[kind]
+    if kind == "int8":
+        quantize_int8(src, dst)
+    else:
+        quantize_blocks(src, dst, bits=int(kind[1:]))
+    return dst
 
 
 # -- parity -------------------------------------------------------------------------------------------
@@ -190,8 +236,11 @@ def export(cfg: DictConfig) -> dict:
     dtype = str(ecfg.dtype)
     if dtype not in ("fp32", "fp16"):
         raise ConfigError(f"export.dtype={dtype!r}: use fp32 or fp16 (fp16 is for GPU)")
+    gguf = gguf_types(ecfg.get("gguf"))
+    quantized = quantize_types(ecfg.get("quantize"))
     model = GPT2LMHeadModel.from_pretrained(src, torch_dtype=torch.float32).eval()
     tokenizer = AutoTokenizer.from_pretrained(src, local_files_only=True)
+    check_gguf(model.config, src, gguf)  # before any work: llama.cpp must be able to run what is asked for
     longest = max((len(tokenizer.encode(str(p))) for p in ecfg.parity_prompts), default=0)
     if longest < 2:
         raise ConfigError(f"export.parity_prompts={list(ecfg.parity_prompts)}: the longest prompt must have at least "
@@ -228,9 +277,13 @@ def export(cfg: DictConfig) -> dict:
         report["parity"]["passed"] = not failed
         if failed:
             raise PenwrightError(f"{out}: ONNX parity failed ({'; '.join(failed)}); the export is not kept")
-        if ecfg.get("int8"):
-            quantize_int8(graph, tmp / "model.int8.onnx")
-            report["int8"] = int8_quality(model, tmp, Path(cfg.data.out_dir), int(cfg.train.block_size))
+        for kind in quantized:
+            quantize(graph, kind)
+        if quantized:
+            report["quantized"] = quantized_quality(model, tmp, quantized, Path(cfg.data.out_dir),
+                                                    int(cfg.train.block_size))
+        if gguf:
+            report["gguf"] = export_gguf(model, tmp, tmp, gguf)
         replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -239,30 +292,57 @@ def export(cfg: DictConfig) -> dict:
     path = atomic_write_text(Path(cfg.paths.reports) / "export.json", json.dumps(report, indent=2) + "\n")
     log(f"parity passed (max |diff| {p['max_abs_diff_logits_empty_past']:.1e} / "
         f"{p['max_abs_diff_logits_with_past']:.1e}, greedy equal: {p['greedy_tokens_equal']}) -> {out}/, {path}")
+    for kind in quantized:
+        q = report["quantized"][kind]
+        log(f"{out}/{q['graph']}: {q['mb']} MB, top-1 agreement with fp32 {q['top1_agreement']:.2%}, "
+            f"loss {q['loss']} (fp32 {report['quantized']['fp32_loss']})")
+    for g in report.get("gguf", []):
+        log(f"{out}/{g['file']}: {g['mb']} MB, for llama.cpp / Ollama")
     return report
 
 
-def int8_quality(model: GPT2LMHeadModel, onnx_dir: Path, prepared: Path, block: int, windows: int = 8) -> dict:
-    """fp32 vs int8 graphs on validation windows: loss of each and top-1 agreement."""
+def validation_windows(prepared: Path, block: int, windows: int = 8) -> np.ndarray:
+    """``windows`` token windows of ``block`` + 1 tokens spread evenly over the validation split (the
+    training split when there is none): inputs ``[:, :-1]``, targets ``[:, 1:]``."""
     from penwright.data import TokenWindows, load_tokens
-    from penwright.runtime import Generator
 
+    if not (prepared / "meta.json").is_file():
+        raise PenwrightError(f"{prepared}: no prepared corpus to measure the quantized models on; run "
+                             "`penwright prepare` first (or set export.quantize=[])")
     tokens = load_tokens(prepared, "val")
     if tokens.size == 0:
         tokens = load_tokens(prepared, "train")
-    w = TokenWindows(tokens, min(block, model.config.n_positions - 1), name="val")
+    w = TokenWindows(tokens, block, name="val")
     picks = np.linspace(0, len(w) - 1, num=min(windows, len(w))).round().astype(int)
-    batch = np.stack([w[i] for i in picks])
+    return np.stack([w[i] for i in picks])
+
+
+def graph_logits(onnx_dir: Path, graph: str, ids: np.ndarray) -> np.ndarray:
+    """The logits [windows, block, vocab] of one graph on unpadded windows (a single prefill)."""
+    from penwright.runtime import Generator
+
+    gen = Generator.load(onnx_dir, provider="cpu", graph=graph)
+    return gen.forward(ids, np.ones_like(ids), gen.empty_past(len(ids))).logits
+
+
+def mean_loss(logits: np.ndarray, targets: np.ndarray) -> float:
+    logp = logits - np.logaddexp.reduce(logits, axis=-1, keepdims=True)
+    return round(float(-np.take_along_axis(logp, targets[..., None], -1).mean()), 5)
+
+
+def quantized_quality(model: GPT2LMHeadModel, onnx_dir: Path, kinds: list[str], prepared: Path, block: int,
+                      windows: int = 8) -> dict:
+    """Each quantized graph against fp32 on validation windows: its loss, its size, and how often its top-1
+    next token equals fp32's (every position of every window)."""
+    batch = validation_windows(prepared, min(block, model.config.n_positions - 1), windows)
     ids, targets = batch[:, :-1], batch[:, 1:]
-    mask = np.ones_like(ids)
-    result = {}
-    logits = {}
-    for name, graph in (("fp32", GRAPH), ("int8", "model.int8.onnx")):
-        gen = Generator.load(onnx_dir, provider="cpu", graph=graph)
-        lg = gen.forward(ids, mask, gen.empty_past(len(ids))).logits
-        logp = lg - np.logaddexp.reduce(lg, axis=-1, keepdims=True)
-        result[f"{name}_loss"] = round(float(-np.take_along_axis(logp, targets[..., None], -1).mean()), 5)
-        logits[name] = lg
-    result["top1_agreement"] = round(float((logits["fp32"].argmax(-1) == logits["int8"].argmax(-1)).mean()), 4)
-    result["size_mb"] = round((onnx_dir / "model.int8.onnx").stat().st_size / 1e6, 2)
+    logits = graph_logits(onnx_dir, GRAPH, ids)
+    top1 = logits.argmax(-1)
+    result = {"windows": len(ids), "tokens": int(ids.size), "fp32_loss": mean_loss(logits, targets),
+              "fp32_mb": round((onnx_dir / GRAPH).stat().st_size / 1e6, 2)}
+    for kind in kinds:
+        logits = graph_logits(onnx_dir, QUANTIZED[kind], ids)
+        result[kind] = {"graph": QUANTIZED[kind], "loss": mean_loss(logits, targets),
+                        "top1_agreement": round(float((logits.argmax(-1) == top1).mean()), 4),
+                        "mb": round((onnx_dir / QUANTIZED[kind]).stat().st_size / 1e6, 2)}
     return result
