@@ -85,6 +85,8 @@ def test_gguf_in_llama_cpp_matches_transformers_on_the_tiny_model(tmp_path, tiny
     sizes = {t: p.stat().st_size for t, p in files.items()}
     assert sizes["f32"] > sizes["f16"] > sizes["q8_0"] > sizes["q4_0"]
     assert (tmp_path / "onnx" / "model.onnx").is_file()  # beside the ONNX graph, which is unchanged in kind
+    modelfile = (tmp_path / "onnx" / "Modelfile").read_text()  # for Ollama: the first type, stopping at EOS
+    assert "FROM ./model.f32.gguf\n" in modelfile and 'PARAMETER stop "<|endoftext|>"' in modelfile
     check_greedy_and_tokens(tiny_gpt2, files["f32"], PROMPTS, 16)
     # quantized files load and generate in llama.cpp (their agreement with fp32 is in bench generate's report)
     for kind in ("q8_0", "q4_0"):

@@ -78,6 +78,7 @@ class _Row:
             self.seen[0, request.prompt_ids] = True
         self.shown = 0  # characters of text already emitted
         self.prefix_offset = self.read_offset = 0  # incremental detokenization: tokens [prefix, read) are text
+        self.prefix_chars = 0  # the length of the text of tokens [prefix, read)
         self.holdback = max(map(len, request.stop), default=1) - 1
 
 
@@ -95,6 +96,9 @@ class Engine:
             self._decode = lambda ids: backend.decode(ids, skip_special_tokens=False)  # the same text, less overhead
         else:
             self._decode = tokenizer.decode
+        # byte-level BPE decodes token runs that end on whole characters independently: text(a + b) = text(a) + text(b)
+        decoder = getattr(backend, "decoder", None) if self._decode is not tokenizer.decode else None
+        self._concatenates = type(decoder).__name__ == "ByteLevel"
         self.vocab = int(session.get_outputs()[0].shape[-1])
         self.slots = int(slots)
         self.past_names = [i.name for i in session.get_inputs() if i.name.startswith("past_key_values.")]
@@ -109,6 +113,9 @@ class Engine:
         self.zeros = np.zeros((self.slots, 1), dtype=np.int64)  # last_index of a decoding step: its one position
         self.logits = np.zeros((self.slots, 1, self.vocab), dtype=np.float32)
         self._bindings: dict[int, object] = {}
+        # onnxruntime's own run call: its Python wrapper checks for WebGPU graph capture on every call
+        # (~6 us a step, measured), which a CPU session never uses
+        self._run = getattr(getattr(session, "_sess", None), "run_with_iobinding", None)
         self.rows: list[_Row | None] = [None] * self.slots
         self.waiting: queue.Queue[Request] = queue.Queue()
         self._stop = threading.Event()
@@ -268,24 +275,33 @@ class Engine:
                 continue
             self.rows[row.slot] = row
             admitted.append(row)
-        for batch in self._prefill_batches(admitted):
-            self._sample(batch, self._prefill(batch))
-        active = [r for r in self.rows if r is not None]
+        if admitted:
+            for batch in self._prefill_batches(admitted):
+                self._sample(batch, self._prefill(batch))
+        active = [r for r in self.rows if r is not None]  # in slot order
         if not active:
             return 0
-        hi = max(r.slot for r in active) + 1
-        self.seqlens[:hi] = 0
-        self.ids[:hi] = self.eos
-        self.positions[:hi] = 0
+        hi = active[-1].slot + 1
+        ids, positions, seqlens = self.ids, self.positions, self.seqlens
+        if len(active) < hi:  # free slots among the rows: a harmless one-token step each, never read
+            seqlens[:hi] = 0
+            ids[:hi] = self.eos
+            positions[:hi] = 0
+        longest = 0
         for r in active:
-            self.ids[r.slot, 0] = r.pending
-            self.positions[r.slot, 0] = r.length
-            self.seqlens[r.slot] = r.length  # tokens in the cache after this step, minus one
-        self.total[0] = max(r.length for r in active) + 1
-        self.session.run_with_iobinding(self._decode_binding(hi))
+            ids[r.slot, 0] = r.pending
+            positions[r.slot, 0] = r.length
+            seqlens[r.slot] = r.length  # tokens in the cache after this step, minus one
+            longest = max(longest, r.length)
+        self.total[0] = longest + 1
+        binding = self._bindings.get(hi) or self._decode_binding(hi)
+        if self._run is not None:
+            self._run(binding._iobinding, None)
+        else:
+            self.session.run_with_iobinding(binding)
         for r in active:
             r.length += 1
-        self._sample(active, self.logits[[r.slot for r in active], 0])
+        self._sample(active, self.logits[:hi, 0] if len(active) == hi else self.logits[[r.slot for r in active], 0])
         return self.running
 
     def _prefill_batches(self, rows: list[_Row]) -> list[list[_Row]]:
@@ -304,10 +320,13 @@ class Engine:
     def _sample(self, rows: list[_Row], logits: np.ndarray) -> None:
         """Each row's next token from its logits ([len(rows), vocab]); rows with the same sampling settings
         share one batched call, each drawing from its own stream (the token it would get alone)."""
-        short = np.array([len(r.request.tokens) < r.request.min_tokens for r in rows])
-        if short.any():  # min_tokens: <|endoftext|> is not allowed yet
-            logits = logits.copy()
-            logits[short, self.eos] = -np.inf
+        for i, r in enumerate(rows):  # min_tokens: <|endoftext|> is not allowed yet (logits is the step's own buffer)
+            if len(r.request.tokens) < r.request.min_tokens:
+                logits[i, self.eos] = -np.inf
+        if all(not r.request.sampling.do_sample and r.seen is None for r in rows):  # all greedy: the argmax
+            for row, token in zip(rows, logits.argmax(axis=-1).tolist()):
+                self._advance(row, token)
+            return
         groups: dict[tuple, list[int]] = {}
         for i, r in enumerate(rows):
             groups.setdefault((r.request.sampling, r.seen is not None), []).append(i)
@@ -332,11 +351,13 @@ class Engine:
         # incremental detokenization (as vLLM does it): decode only the last few tokens, and only once
         # they no longer end inside a multi-byte character
         before = len(req.text)
-        prefix = self._decode(req.tokens[row.prefix_offset: row.read_offset])
         full = self._decode(req.tokens[row.prefix_offset:])
-        if len(full) > len(prefix) and not full.endswith("\ufffd"):
-            req.text += full[len(prefix):]
+        if len(full) > row.prefix_chars and not full.endswith("\ufffd"):
+            req.text += full[row.prefix_chars:]
             row.prefix_offset, row.read_offset = row.read_offset, len(req.tokens)
+            # the new prefix is the piece just added: byte-level decoding of whole characters concatenates
+            row.prefix_chars = len(full) - row.prefix_chars if self._concatenates else \
+                len(self._decode(req.tokens[row.prefix_offset: row.read_offset]))
         if req.stop and len(req.text) > before:
             start = max(0, before - row.holdback)
             hits = [i for i in (req.text.find(s, start) for s in req.stop) if i >= 0]

@@ -173,14 +173,27 @@ def check_gguf(config, tokenizer_dir: Path, types: list[str]) -> None:
 
 
 def export_gguf(model, tokenizer_dir: Path, out_dir: Path, types: list[str]) -> list[dict]:
-    """One ``model.<type>.gguf`` per type in ``out_dir``; refuses (before writing) what llama.cpp cannot run."""
+    """One ``model.<type>.gguf`` per type in ``out_dir``, and an Ollama ``Modelfile`` for the first; refuses
+    (before writing) what llama.cpp cannot run."""
+    if not types:
+        return []
     check_gguf(model.config, tokenizer_dir, types)
-    tokenizer_json = read_tokenizer_json(tokenizer_dir) if types else {}
-    written = []
-    for qtype in types:
-        path = out_dir / gguf_name(qtype)
-        written.append(write_gguf(model, tokenizer_json, path, qtype, name=out_dir.name))
+    tokenizer_json = read_tokenizer_json(tokenizer_dir)
+    written = [write_gguf(model, tokenizer_json, out_dir / gguf_name(t), t, name=out_dir.name) for t in types]
+    tokens = tokenizer_metadata(tokenizer_json, model.config.vocab_size)["tokens"]
+    eos = model.config.eos_token_id
+    write_modelfile(out_dir / "Modelfile", gguf_name(types[0]), tokens[eos] if eos is not None else "<|endoftext|>")
     return written
+
+
+def write_modelfile(path: Path, gguf_file: str, eos: str) -> None:
+    """An Ollama Modelfile beside the GGUF: the prompt goes in as plain text (GPT-2 has no chat template)
+    and generation stops at the end-of-text token. ``ollama create <name> -f Modelfile`` in that folder."""
+    path.write_text(f"# ollama create <name> -f Modelfile   (in this folder), then: ollama run <name> \"Your prompt\"\n"
+                    f"FROM ./{gguf_file}\n"
+                    'TEMPLATE """{{ .Prompt }}"""\n'
+                    f'PARAMETER stop "{eos}"\n'
+                    "PARAMETER temperature 0.8\n", encoding="utf-8")
 
 
 def read_tokenizer_json(tokenizer_dir: Path) -> dict:
