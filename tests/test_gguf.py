@@ -153,3 +153,20 @@ def test_a_tokenizer_llama_cpp_cannot_reproduce_is_refused(tmp_path):
                                      ["f32"])
     assert "normalizes" in why_not(config, {**bpe, "normalizer": {"type": "NFC"}}, ["f32"])
     assert "byte-level BPE" in why_not(config, {**bpe, "model": {"type": "WordPiece"}}, ["f32"])
+
+
+def test_the_benchmark_says_how_to_get_llama_cpp_when_it_is_missing(tmp_path, repo):
+    """`penwright bench generate` compares with llama.cpp's own tools: without them it stops at once, in one
+    line that says how to build them or leave llama.cpp out, and writes nothing."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "bench.json"
+    done = subprocess.run([sys.executable, "-m", "penwright.cli", "bench", "generate", "--llama-cpp",
+                           str(tmp_path / "no-llama"), "--output", str(out)], capture_output=True, text=True,
+                          cwd=repo, timeout=120)
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "llama-bench, llama-batched-bench not found" in lines[0]
+    assert "scripts/build_llama_cpp.sh" in lines[0] and "--without-llama-cpp" in lines[0]
+    assert not out.exists()

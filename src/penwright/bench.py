@@ -10,6 +10,11 @@ prepare:
   generated corpora of ~20 MB and ``--size-mb`` MB (verses of the sample drawn at random into 1 MB
   files), tokenized with the quickstart tokenizer: MB/s and peak RSS for each, to show RSS stays
   flat as the corpus grows.
+
+generate (see ``bench_generate``): this runtime against ``transformers`` generate and against itself
+without a cache; then against llama.cpp (its own ``llama-bench`` and ``llama-batched-bench``, built by
+``scripts/build_llama_cpp.sh``) on the same weights exported as GGUF, at fp32, 8 and 4 bits, with each
+quantization's top-1 agreement with fp32 on validation windows.
 """
 
 from __future__ import annotations
@@ -90,12 +95,13 @@ def _child_encoders(tokenizer_dir: str, corpus: str, baseline: bool = True) -> d
     return out
 
 
-def _run_child(function: str, *args, env: dict | None = None) -> dict:
+def _run_child(function: str, *args, env: dict | None = None, progress: bool = False) -> dict:
+    """``function(*args)`` in a fresh Python process; its JSON result. ``progress``: its stderr goes to ours."""
     code = f"import json, sys; from penwright.bench import {function} as f; print(json.dumps(f(*json.loads(sys.argv[1]))))"
-    done = subprocess.run([sys.executable, "-c", code, json.dumps(list(args))], capture_output=True, text=True,
-                          env={**os.environ, **(env or {})})
+    done = subprocess.run([sys.executable, "-c", code, json.dumps(list(args))], stdout=subprocess.PIPE,
+                          stderr=None if progress else subprocess.PIPE, text=True, env={**os.environ, **(env or {})})
     if done.returncode != 0:
-        raise PenwrightError(f"bench child {function} failed:\n{done.stderr[-3000:]}")
+        raise PenwrightError(f"bench child {function} failed:\n{(done.stderr or '(its output is above)')[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
@@ -499,7 +505,12 @@ def _llama_top1(gguf: Path, ids: np.ndarray) -> np.ndarray:
     return np.stack(top1)
 
 
-def _llama_cpp_cases(tools: dict, models: dict, work: Path, prepared: Path, block: int, new_tokens: int = 200,
+def _child_llama_cpp(tools_dir: str, name: str, hf_dir: str, onnx_dir: str, prepared: str, block: int) -> dict:
+    """Run in a subprocess (one per model): penwright starts as fresh as llama.cpp's own processes."""
+    return _llama_cpp_cases(llama_tools(tools_dir), {name: (Path(hf_dir), Path(onnx_dir))}, Path(prepared), block)
+
+
+def _llama_cpp_cases(tools: dict, models: dict, prepared: Path, block: int, new_tokens: int = 200,
                      batched_tokens: int = 128, rounds: int = ROUNDS) -> dict:
     """penwright against llama.cpp on the same weights (GGUF written by export.gguf): batch 1 at each precision,
     batched decoding (fp32), and each quantization's top-1 agreement with fp32 on validation windows."""
@@ -595,9 +606,9 @@ def bench_generate(output: str | None = None, quick_dir: str = "artifacts/model"
 
     from penwright.runtime import Generator
 
+    tools = llama_tools(llama_cpp) if llama_cpp else None  # before any work: say now if llama.cpp is missing
     if not (Path(quick_onnx) / "model.onnx").is_file():
         raise PenwrightError(f"{quick_onnx}/model.onnx: missing; run `dvc repro` (or penwright train + export) first")
-    tools = llama_tools(llama_cpp) if llama_cpp else None  # before any work: say now if llama.cpp is missing
     work = _fresh_dir(BENCH_DIR / "generate")
     results: dict = {
         "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "python": platform.python_version()},
@@ -669,8 +680,11 @@ def bench_generate(output: str | None = None, quick_dir: str = "artifacts/model"
             "new_tokens": n, "runtime": a, "runtime_no_cache": c,
             "runtime_over_no_cache": round(a["tokens_per_sec"] / c["tokens_per_sec"], 2),
         }
-        if tools:
-            results["llama_cpp"] = _llama_cpp_cases(tools, models, work, Path(prepared), block=256)
+        if tools:  # each model in a fresh process: none of the sessions above (or their threads) is alive there
+            results["llama_cpp"] = {}
+            for name, (hf_dir, onnx_dir) in models.items():
+                results["llama_cpp"].update(_run_child("_child_llama_cpp", str(llama_cpp), name, str(hf_dir),
+                                                       str(onnx_dir), prepared, 256, progress=True))
     finally:
         shutil.rmtree(work, ignore_errors=True)
     out = atomic_write_text(output or "reports/bench_generate.json", json.dumps(results, indent=2) + "\n")

@@ -8,7 +8,7 @@ decoding step, which is most of the step for small models.
 * ``fused`` (the default) uses onnxruntime's contrib operators (domain ``com.microsoft``):
   ``MultiHeadAttention`` with the past and present caches (the padding mask as its key padding
   mask, causality by its ``unidirectional`` flag), ``SkipLayerNormalization`` (residual add + bias
-  + layer norm) and ``FastGelu`` (GELU's tanh form + bias): 41 nodes for 4 layers. It runs on
+  + layer norm) and ``FastGelu`` (GELU's tanh form + bias): 42 nodes for 4 layers. It runs on
   onnxruntime only, which is what penwright's runtime is.
 * ``lean`` spells the same graph in standard ONNX operators (opset 17): ~170 nodes for 4 layers,
   readable by any ONNX runtime.
@@ -66,8 +66,8 @@ def build_graph(model, kind: str = "fused", opset: int = 17) -> onnx.ModelProto:
 
     const("split3", [e, e, e])
 
-    tok = node("Gather", [weight("transformer.wte.weight"), "input_ids"], "tok")
-    pos = node("Gather", [weight("transformer.wpe.weight"), "position_ids"], "pos")
+    x = node("Add", [node("Gather", [weight("transformer.wte.weight"), "input_ids"], "tok"),
+                     node("Gather", [weight("transformer.wpe.weight"), "position_ids"], "pos")], "x0")
     # key j is visible to query i iff it is real and j <= past + i
     if fused:  # MultiHeadAttention applies both: the padding mask as int32 [b, T], causality by unidirectional=1
         padding = node("Cast", ["attention_mask"], "key_padding_mask", to=TensorProto.INT32)
@@ -134,14 +134,7 @@ def build_graph(model, kind: str = "fused", opset: int = 17) -> onnx.ModelProto:
         const("g_c", np.sqrt(2.0 / np.pi), np.float32); const("g_k", 0.044715, np.float32)
 
     past_in, present_out = [], []
-    if fused:  # the embeddings' sum and the first layer norm in one node
-        node("SkipLayerNormalization", [tok, pos, weight("transformer.h.0.ln_1.weight"),
-                                        weight("transformer.h.0.ln_1.bias")], "l0_ln1",
-             outputs=["l0_ln1", "", "", "x0"], domain=CONTRIB, epsilon=eps)
-        h, x = "l0_ln1", "x0"
-    else:
-        x = node("Add", [tok, pos], "x0")
-        h = layernorm(x, "transformer.h.0.ln_1", "l0_ln1")
+    h = layernorm(x, "transformer.h.0.ln_1", "l0_ln1")
     for i in range(n_layer):
         p = f"transformer.h.{i}"
         past_key, past_value = f"past_key_values.{i}.key", f"past_key_values.{i}.value"
