@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,6 +12,8 @@ from transformers import AutoTokenizer, GPT2LMHeadModel
 
 from penwright.errors import PenwrightError
 from penwright.runtime import Generator, position_ids_for
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 PROMPTS = ["It is", "The quick brown fox jumps over", "A"]
 
@@ -241,3 +244,24 @@ def test_fused_graph_is_the_default_and_falls_back_to_tracing_for_what_it_cannot
                              "export.gguf=[]"],  # llama.cpp's gpt2 has no ReLU (tests/test_gguf.py: refused)
                             config_dir=repo / "conf"))
     assert report["graph"] == "transformers" and report["parity"]["passed"]
+
+
+@pytest.mark.skipif(not (REPO_ROOT / "artifacts" / "prepared" / "meta.json").is_file()
+                    or not (REPO_ROOT / "artifacts" / "onnx" / "model.onnx").is_file(),
+                    reason="the quickstart model: run `dvc repro` first")
+def test_the_8_bit_graph_keeps_the_quickstart_models_answers(tmp_path):
+    """On the trained quickstart model, the 8-bit graph's next token equals fp32's at >= 99% of validation
+    positions (what README and the benchmark report); 4-bit stays above 90%."""
+    import shutil
+
+    from penwright.export import quantize, quantized_quality
+
+    onnx_dir = tmp_path / "onnx"
+    shutil.copytree(REPO_ROOT / "artifacts" / "onnx", onnx_dir)
+    for kind in ("q8", "q4"):
+        quantize(onnx_dir / "model.onnx", kind)
+    model = GPT2LMHeadModel.from_pretrained(REPO_ROOT / "artifacts" / "model")
+    q = quantized_quality(model, onnx_dir, ["q8", "q4"], REPO_ROOT / "artifacts" / "prepared", block=256, windows=8)
+    assert q["q8"]["top1_agreement"] >= 0.99, q
+    assert abs(q["q8"]["loss"] - q["fp32_loss"]) < 0.002 * q["fp32_loss"], q
+    assert 0.90 <= q["q4"]["top1_agreement"] < q["q8"]["top1_agreement"], q
