@@ -87,6 +87,14 @@ def test_long_run_continues_the_same_run_in_chunks(tmp_path, monkeypatch):
     assert len(runs) == 3 and all(wandb_run_of(r) == run_id for r in runs)  # one W&B run, three chunks
     assert sorted(p.name for p in (reports / "samples").iterdir()) == \
         ["step-000004.md", "step-000008.md", "step-000012.md"]
+    # fixed checkpoint names across the chunks (no best-v1.ckpt, last-v2.ckpt, ...), and best is the run's best
+    ckpts = sorted(p.name for p in (tmp_path / "artifacts" / "checkpoints").glob("*.ckpt"))
+    assert ckpts == ["best.ckpt", "last.ckpt", "step-000012.ckpt"], ckpts
+    import torch
+
+    best = torch.load(tmp_path / "artifacts" / "checkpoints" / "best.ckpt", map_location="cpu", weights_only=False)
+    val = {int(r["step"]): float(r["loss"]) for r in rows(reports / "curves" / "val.tsv")}
+    assert best["global_step"] == min(val, key=val.get)
 
 
 SHORT_ROWS = [f"The {a} {b} went to the {c}." for a in ("red", "old", "small", "tall") for b in ("fox", "man", "ship")
