@@ -519,13 +519,13 @@ def _llama_cpp_cases(tools: dict, models: dict, prepared: Path, block: int, new_
     from penwright.engine import Engine
     from penwright.export import graph_logits, quantize, validation_windows
     from penwright.llamacpp import export_gguf
-    from penwright.runtime import Generator
 
     threads = os.cpu_count() or 1
     results: dict = {"threads": threads, "new_tokens": new_tokens, "llama_cpp": str(tools["llama-bench"].parent),
                      "measured": "batch 1: greedy decoding of new_tokens from a one-token prompt; llama.cpp: llama-bench "
-                                 "-p 0 -n new_tokens (decode only, its own timer); penwright: wall time of the whole "
-                                 f"loop (sampling included); {rounds} interleaved rounds, medians"}
+                                 "-p 0 -n new_tokens (decode only, its own timer); penwright: its serving engine, wall time of the "
+                                 f"whole loop (sampling and detokenization included); {rounds} interleaved rounds, "
+                                 "medians; batched: llama-batched-bench decode tokens/s against penwright's wall time"}
     for name, (hf_dir, onnx_dir) in models.items():
         model = GPT2LMHeadModel.from_pretrained(hf_dir).eval()
         for _, graph, _ in PRECISIONS[1:]:
@@ -536,24 +536,22 @@ def _llama_cpp_cases(tools: dict, models: dict, prepared: Path, block: int, new_
         ids = np.array([[eos]], dtype=np.int64)
         n = min(new_tokens, model.config.n_positions - 1)
         for precision, graph, qtype in PRECISIONS:
-            gen = Generator.load(onnx_dir, graph=graph)
+            # penwright's serving engine (what generate and serve run), alone in this process: a second onnxruntime
+            # session run right before it was measured to cost it ~15% (its worker threads keep the cores busy)
             engine = Engine.load(onnx_dir, slots=1, graph=graph)
-            engines = {"runtime": lambda: _time_runtime(gen, ids, np.ones_like(ids), n, use_cache=True),
-                       "engine": lambda: _time_engine(engine, [eos], 1, n),
+            engines = {"penwright": lambda: _time_engine(engine, [eos], 1, n),
                        "llama_cpp": lambda: (_llama_tg(tools, ggufs[qtype], n, threads), None)}
             print(f"[bench] {name} batch 1 {precision}: penwright vs llama.cpp {qtype}, {n} tokens, {rounds} rounds",
                   file=sys.stderr)
             timed = _interleaved(engines, rounds)
-            best = max(("runtime", "engine"), key=lambda k: timed[k][0]["tokens_per_sec"])
-            llama = timed["llama_cpp"][0]["tokens_per_sec"]
             results[f"{name}/batch1/{precision}"] = {
-                "penwright_runtime": timed["runtime"][0], "penwright_engine": timed["engine"][0],
-                f"llama_cpp_{qtype}": timed["llama_cpp"][0], "penwright_best": best,
-                "penwright_over_llama_cpp": round(timed[best][0]["tokens_per_sec"] / llama, 2),
-                "runtime_and_engine_same_tokens": bool(np.array_equal(timed["runtime"][1], timed["engine"][1])),
+                "penwright": timed["penwright"][0], f"llama_cpp_{qtype}": timed["llama_cpp"][0],
+                "penwright_over_llama_cpp": round(timed["penwright"][0]["tokens_per_sec"]
+                                                  / timed["llama_cpp"][0]["tokens_per_sec"], 2),
                 "gguf_mb": round(ggufs[qtype].stat().st_size / 1e6, 2),
                 "onnx_mb": round((onnx_dir / graph).stat().st_size / 1e6, 2),
             }
+            del engine, engines
         if name == "quickstart":  # a trained model: how close each quantization stays to fp32
             batch = validation_windows(prepared, min(block, model.config.n_positions - 1), windows=8)
             ids_w = batch[:, :-1]
@@ -566,31 +564,22 @@ def _llama_cpp_cases(tools: dict, models: dict, prepared: Path, block: int, new_
             results[f"{name}/top1_agreement_with_fp32"] = agree
         else:  # batched decoding, fp32
             prompt = [eos] * 8
-            gen = Generator.load(onnx_dir)
-            llama = {}
-            timed = {}
             for batch in (8, 32):
                 engine = Engine.load(onnx_dir, slots=batch)
-                p_ids = np.array([prompt] * batch, dtype=np.int64)
-                engines = {"runtime": lambda: _time_runtime(gen, p_ids, np.ones_like(p_ids), batched_tokens, use_cache=True),
-                           "engine": lambda: _time_engine(engine, prompt, batch, batched_tokens)}
+                engines = {"penwright": lambda: _time_engine(engine, prompt, batch, batched_tokens),
+                           "llama_cpp": lambda: ({"tokens_per_sec": _llama_batched(
+                               tools, ggufs["f32"], len(prompt), batched_tokens, [batch], threads)[batch]}, None)}
                 print(f"[bench] {name} batch {batch} fp32: {batched_tokens} tokens, 3 rounds", file=sys.stderr)
-                timed[batch] = _interleaved(engines, 3)
-            for _ in range(3):
-                for b, ts in _llama_batched(tools, ggufs["f32"], len(prompt), batched_tokens, [8, 32], threads).items():
-                    llama.setdefault(b, []).append(ts)
-            for batch in (8, 32):
-                best = max(("runtime", "engine"), key=lambda k: timed[batch][k][0]["tokens_per_sec"])
-                ll = float(np.median(llama[batch]))
+                timed = _interleaved(engines, 3)
                 results[f"{name}/batch{batch}/fp32"] = {
-                    "penwright_runtime": timed[batch]["runtime"][0], "penwright_engine": timed[batch]["engine"][0],
-                    "llama_cpp_f32_decode_tokens_per_sec": ll, "penwright_best": best,
-                    "penwright_over_llama_cpp": round(timed[batch][best][0]["tokens_per_sec"] / ll, 2)}
+                    "penwright": timed["penwright"][0],
+                    "llama_cpp_f32_decode_tokens_per_sec": timed["llama_cpp"][0]["tokens_per_sec"],
+                    "penwright_over_llama_cpp": round(timed["penwright"][0]["tokens_per_sec"]
+                                                      / timed["llama_cpp"][0]["tokens_per_sec"], 2)}
+                del engine, engines
             floor = _weights_floor(model)
             b1 = results[f"{name}/batch1/fp32"]
-            ms = {k: round(1000 / v["tokens_per_sec"], 2) for k, v in
-                  (("penwright_runtime", b1["penwright_runtime"]), ("penwright_engine", b1["penwright_engine"]),
-                   ("llama_cpp_f32", b1["llama_cpp_f32"]))}
+            ms = {k: round(1000 / b1[k]["tokens_per_sec"], 2) for k in ("penwright", "llama_cpp_f32")}
             results["memory_floor_124m_fp32"] = {**floor, "ms_per_token": ms,
                                                  "floor_over_engine": {k: round(floor["ms_per_token"] / v, 2) for k, v in ms.items()}}
     return results
@@ -598,15 +587,18 @@ def _llama_cpp_cases(tools: dict, models: dict, prepared: Path, block: int, new_
 
 def bench_generate(output: str | None = None, quick_dir: str = "artifacts/model", quick_onnx: str = "artifacts/onnx",
                    new_tokens: int = 256, long_tokens: int = 512, llama_cpp: str | None = str(LLAMA_CPP),
-                   prepared: str = "artifacts/prepared") -> dict:
+                   prepared: str = "artifacts/prepared", only_llama_cpp: bool = False) -> dict:
     """This runtime vs transformers generate (PyTorch, cached) vs this runtime re-feeding, side by side; then
-    penwright vs llama.cpp (its binaries in ``llama_cpp``; None leaves it out) at each precision."""
+    penwright vs llama.cpp (its binaries in ``llama_cpp``; None leaves it out) at each precision.
+    ``only_llama_cpp``: only the llama.cpp comparison, replacing that section of the existing report."""
     import torch
     from transformers import GPT2LMHeadModel
 
     from penwright.runtime import Generator
 
     tools = llama_tools(llama_cpp) if llama_cpp else None  # before any work: say now if llama.cpp is missing
+    if only_llama_cpp and not tools:
+        raise PenwrightError("--only-llama-cpp needs llama.cpp's tools: drop --without-llama-cpp")
     if not (Path(quick_onnx) / "model.onnx").is_file():
         raise PenwrightError(f"{quick_onnx}/model.onnx: missing; run `dvc repro` (or penwright train + export) first")
     work = _fresh_dir(BENCH_DIR / "generate")
@@ -622,7 +614,10 @@ def bench_generate(output: str | None = None, quick_dir: str = "artifacts/model"
         big_hf = _random_124m(work, Path(quick_onnx))
         quick = _quickstart_variants(Path(quick_onnx), Path(quick_dir), work)
         models = {"quickstart": (Path(quick_dir), quick), "gpt2-124m-shape": (big_hf, work / "gpt2-124m-random-onnx")}
-        for name, (hf_dir, onnx_dir) in models.items():
+        if only_llama_cpp:  # the rest of the report stays as it was
+            previous = Path(output or "reports/bench_generate.json")
+            results = json.loads(previous.read_text()) if previous.is_file() else results
+        for name, (hf_dir, onnx_dir) in ({} if only_llama_cpp else models).items():
             gen = Generator.load(onnx_dir)
             traced = Generator.load(onnx_dir, graph=TRACED)
             lean = Generator.load(onnx_dir, graph=LEAN)
@@ -670,16 +665,18 @@ def bench_generate(output: str | None = None, quick_dir: str = "artifacts/model"
                     "runtime_ms_per_token_batch1": round(1000 / b1["runtime"]["tokens_per_sec"], 2),
                     "most_runtime_over_transformers_fp32_batch1": round(torch_ms / floor["ms_per_token"], 2),
                 }
-        gen = Generator.load(work / "gpt2-124m-random-onnx")
-        ids, mask = gen.encode(["And it came to pass"])
-        n = long_tokens - ids.shape[1]
-        print(f"[bench] gpt2-124m-shape batch 1: {n} new tokens, cache vs re-feeding", file=sys.stderr)
-        a, _ = _time_runtime(gen, ids, mask, n, use_cache=True)
-        c, _ = _time_runtime(gen, ids, mask, n, use_cache=False)
-        results["cases"][f"gpt2-124m-shape/batch1/{long_tokens}-tokens"] = {
-            "new_tokens": n, "runtime": a, "runtime_no_cache": c,
-            "runtime_over_no_cache": round(a["tokens_per_sec"] / c["tokens_per_sec"], 2),
-        }
+        if not only_llama_cpp:
+            gen = Generator.load(work / "gpt2-124m-random-onnx")
+            ids, mask = gen.encode(["And it came to pass"])
+            n = long_tokens - ids.shape[1]
+            print(f"[bench] gpt2-124m-shape batch 1: {n} new tokens, cache vs re-feeding", file=sys.stderr)
+            a, _ = _time_runtime(gen, ids, mask, n, use_cache=True)
+            c, _ = _time_runtime(gen, ids, mask, n, use_cache=False)
+            results["cases"][f"gpt2-124m-shape/batch1/{long_tokens}-tokens"] = {
+                "new_tokens": n, "runtime": a, "runtime_no_cache": c,
+                "runtime_over_no_cache": round(a["tokens_per_sec"] / c["tokens_per_sec"], 2),
+            }
+            del gen
         if tools:  # each model in a fresh process: none of the sessions above (or their threads) is alive there
             results["llama_cpp"] = {}
             for name, (hf_dir, onnx_dir) in models.items():

@@ -56,6 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--llama-cpp", default=".llama.cpp/bin", metavar="DIR",
                    help="generate: llama.cpp's llama-bench and llama-batched-bench (scripts/build_llama_cpp.sh)")
     p.add_argument("--without-llama-cpp", action="store_true", help="generate: leave the llama.cpp comparison out")
+    p.add_argument("--only-llama-cpp", action="store_true",
+                   help="generate: only the llama.cpp comparison (~10 min), replacing that section of the report")
     return parser
 
 
@@ -119,7 +121,8 @@ def run(argv: list[str] | None = None) -> int:
 
             bench_serve(output=args.output)
         else:
-            bench.bench_generate(output=args.output, llama_cpp=None if args.without_llama_cpp else args.llama_cpp)
+            bench.bench_generate(output=args.output, llama_cpp=None if args.without_llama_cpp else args.llama_cpp,
+                                 only_llama_cpp=args.only_llama_cpp)
     return 0
 
 
