@@ -533,7 +533,6 @@ def _llama_cpp_cases(tools: dict, models: dict, prepared: Path, block: int, new_
                 quantize(onnx_dir / "model.onnx", graph.split(".")[1])
         ggufs = {g["type"]: onnx_dir / g["file"] for g in export_gguf(model, hf_dir, onnx_dir, [t for *_, t in PRECISIONS])}
         eos = int(model.config.eos_token_id if model.config.eos_token_id is not None else 0)
-        ids = np.array([[eos]], dtype=np.int64)
         n = min(new_tokens, model.config.n_positions - 1)
         for precision, graph, qtype in PRECISIONS:
             # penwright's serving engine (what generate and serve run), alone in this process: a second onnxruntime
