@@ -170,3 +170,34 @@ def test_the_benchmark_says_how_to_get_llama_cpp_when_it_is_missing(tmp_path, re
     assert len(lines) == 1 and "llama-bench, llama-batched-bench not found" in lines[0]
     assert "scripts/build_llama_cpp.sh" in lines[0] and "--without-llama-cpp" in lines[0]
     assert not out.exists()
+
+
+def test_added_tokens_stay_whole_and_mismatched_tokenizers_are_refused(tmp_path, tiny_gpt2):
+    from transformers import AutoTokenizer, GPT2LMHeadModel
+
+    from penwright.llamacpp import export_gguf
+
+    tok = AutoTokenizer.from_pretrained(tiny_gpt2)
+    tok.add_tokens(["<|sep|>", "foo bar"])  # added, not special: transformers matches them whole in the text
+    model = GPT2LMHeadModel.from_pretrained(tiny_gpt2)
+    model.resize_token_embeddings(len(tok))
+    src = tmp_path / "added"
+    model.save_pretrained(src)
+    tok.save_pretrained(src)
+    (written,) = export_gguf(model, src, tmp_path, ["f32"])
+    vocab = llama(tmp_path / written["file"], vocab_only=True)
+    for text in ("a <|sep|> b", "x foo bar y", "foo barfoo bar"):
+        ids = vocab.tokenize(text.encode(), add_bos=False, special=False)
+        assert ids == tok.encode(text), text
+        assert vocab.detokenize(ids).decode("utf-8") == text
+
+    model.config.vocab_size = len(tok) - 1  # a tokenizer with more ids than the model has rows
+    with pytest.raises(ConfigError, match=r"tokenizer has ids up to \d+ but the model's vocabulary is \d+"):
+        export_gguf(model, src, tmp_path / "x", ["f32"])
+    model.config.vocab_size, model.config.eos_token_id = len(tok), None
+    bare = tmp_path / "bare"  # no eos in the config and no <|endoftext|> in the tokenizer
+    bare.mkdir()
+    text = (src / "tokenizer.json").read_text().replace("<|endoftext|>", "<|end|>")
+    (bare / "tokenizer.json").write_text(text)
+    with pytest.raises(ConfigError, match="no end-of-text token"):
+        export_gguf(model, bare, tmp_path / "x", ["f32"])

@@ -60,7 +60,25 @@ def why_not(config, tokenizer_json: dict, types: list[str]) -> str | None:
     if any(t.startswith("q") for t in types) and (config.n_embd % BLOCK or inner % BLOCK):
         return (f"q8_0/q4_0 quantize blocks of {BLOCK} weights, and n_embd={config.n_embd} or the MLP width "
                 f"{inner} is not a multiple of {BLOCK}: use f16 or f32")
-    return _why_not_tokenizer(tokenizer_json)
+    why = _why_not_tokenizer(tokenizer_json)
+    if why:
+        return why
+    ids = [*tokenizer_json["model"].get("vocab", {}).values(), *(t["id"] for t in tokenizer_json.get("added_tokens", []))]
+    if ids and max(ids) >= config.vocab_size:
+        return (f"its tokenizer has ids up to {max(ids)} but the model's vocabulary is {config.vocab_size}: "
+                "they come from different models")
+    if eos_id(config, tokenizer_json) is None:
+        return "it has no end-of-text token (no eos_token_id in config.json, no <|endoftext|> in the tokenizer)"
+    return None
+
+
+def eos_id(config, tokenizer_json: dict) -> int | None:
+    """The end-of-text id: the model config's, else the tokenizer's ``<|endoftext|>``."""
+    if config.eos_token_id is not None:
+        return int(config.eos_token_id)
+    vocab = {**tokenizer_json["model"].get("vocab", {}),
+             **{t["content"]: t["id"] for t in tokenizer_json.get("added_tokens", [])}}
+    return vocab.get("<|endoftext|>")
 
 
 def _why_not_tokenizer(tok: dict) -> str | None:
@@ -68,6 +86,11 @@ def _why_not_tokenizer(tok: dict) -> str | None:
     if model.get("type") != "BPE" or model.get("byte_fallback") or model.get("continuing_subword_prefix") \
             or model.get("end_of_word_suffix"):
         return "its tokenizer is not a plain byte-level BPE (llama.cpp's gpt2 tokenizer is)"
+    if model.get("dropout"):
+        return f"its BPE drops merges at random (dropout={model['dropout']}), which llama.cpp does not"
+    for added in tok.get("added_tokens", []):
+        if added.get("lstrip") or added.get("rstrip") or added.get("single_word"):
+            return f"its added token {added['content']!r} strips spaces or matches whole words only, which llama.cpp does not"
     if tok.get("normalizer"):
         return f"its tokenizer normalizes text first ({tok['normalizer'].get('type')}), which llama.cpp's gpt2 does not"
     steps = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
@@ -83,9 +106,10 @@ def tokenizer_metadata(tok: dict, vocab_size: int) -> dict:
     from gguf import TokenType
 
     vocab = dict(tok["model"]["vocab"])
-    special = set()
+    special, added_ids = set(), set()
     for added in tok.get("added_tokens", []):
         vocab[added["content"]] = added["id"]
+        added_ids.add(added["id"])
         if added.get("special"):
             special.add(added["id"])
     size = max(vocab_size, max(vocab.values()) + 1)
@@ -98,7 +122,9 @@ def tokenizer_metadata(tok: dict, vocab_size: int) -> dict:
             tokens[i] = f"[PAD{i}]"
             types.append(TokenType.UNUSED)
         else:
-            types.append(TokenType.CONTROL if i in special else TokenType.NORMAL)
+            # special tokens are control tokens; other added tokens are matched whole in the text, as transformers does
+            types.append(TokenType.CONTROL if i in special else TokenType.USER_DEFINED if i in added_ids
+                         else TokenType.NORMAL)
     merges = [m if isinstance(m, str) else " ".join(m) for m in tok["model"].get("merges", [])]
     return {"tokens": tokens, "types": types, "merges": merges}
 
@@ -115,7 +141,7 @@ def write_gguf(model, tokenizer_json: dict, path: Path, qtype: str, name: str = 
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.GPT2, cfg.n_layer)
     arch = gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.GPT2]
     vocab = tokenizer_metadata(tokenizer_json, cfg.vocab_size)
-    eos = cfg.eos_token_id if cfg.eos_token_id is not None else vocab["tokens"].index("<|endoftext|>")
+    eos = eos_id(cfg, tokenizer_json)
 
     writer = gguf.GGUFWriter(str(path), arch)
     writer.add_name(name)
@@ -179,10 +205,9 @@ def export_gguf(model, tokenizer_dir: Path, out_dir: Path, types: list[str]) -> 
         return []
     check_gguf(model.config, tokenizer_dir, types)
     tokenizer_json = read_tokenizer_json(tokenizer_dir)
-    written = [write_gguf(model, tokenizer_json, out_dir / gguf_name(t), t, name=out_dir.name) for t in types]
+    written = [write_gguf(model, tokenizer_json, out_dir / gguf_name(t), t) for t in types]  # the same bytes every time
     tokens = tokenizer_metadata(tokenizer_json, model.config.vocab_size)["tokens"]
-    eos = model.config.eos_token_id
-    write_modelfile(out_dir / "Modelfile", gguf_name(types[0]), tokens[eos] if eos is not None else "<|endoftext|>")
+    write_modelfile(out_dir / "Modelfile", gguf_name(types[0]), tokens[eos_id(model.config, tokenizer_json)])
     return written
 
 
