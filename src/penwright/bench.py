@@ -448,7 +448,7 @@ def llama_tools(path: str | Path) -> dict[str, Path]:
     missing = [t for t, p in tools.items() if not (p.is_file() and os.access(p, os.X_OK))]
     if missing:
         raise PenwrightError(f"{path}: llama.cpp's {', '.join(missing)} not found. Build them with "
-                             "`scripts/build_llama_cpp.sh` (about 20 min on 2 cores), point --llama-cpp at a llama.cpp "
+                             "`scripts/build_llama_cpp.sh` (about 10 min on 2 cores), point --llama-cpp at a llama.cpp "
                              "build's bin/ folder, or leave llama.cpp out with --without-llama-cpp")
     return tools
 

@@ -294,7 +294,7 @@ class Engine:
             seqlens[r.slot] = r.length  # tokens in the cache after this step, minus one
             longest = max(longest, r.length)
         self.total[0] = longest + 1
-        binding = self._bindings.get(hi) or self._decode_binding(hi)
+        binding = self._decode_binding(hi)
         if type(self.session) is self._ort_session:
             self.session._sess.run_with_iobinding(binding._iobinding, None)
         else:  # a session wrapped by its caller (the tests slow it down or make it fail): through its own method

@@ -30,7 +30,7 @@ from transformers import AutoTokenizer, DynamicCache, GPT2LMHeadModel
 
 from penwright.errors import ConfigError, PenwrightError
 from penwright.fsutil import atomic_write_text, replace_dir, temp_dir_for
-from penwright.llamacpp import check_gguf, export_gguf, gguf_types
+from penwright.llamacpp import BLOCK, check_gguf, export_gguf, gguf_types  # BLOCK: q8/q4 use q8_0's blocks
 from penwright.runtime import position_ids_for
 
 GRAPH = "model.onnx"
@@ -135,7 +135,6 @@ QUANTIZED = {  # export.quantize: the graph file each writes beside model.onnx
     "q4": "model.q4.onnx",  # MatMulNBits: 4-bit weights, one scale per 32 (q4_0's layout), int8 math
     "int8": "model.int8.onnx",  # dynamic quantization: one scale per weight matrix, per-tensor int8 activations
 }
-BLOCK = 32  # weights per quantization block (q8, q4), as llama.cpp's q8_0 / q4_0
 
 
 def quantize_types(value) -> list[str]:

@@ -63,22 +63,25 @@ def why_not(config, tokenizer_json: dict, types: list[str]) -> str | None:
     why = _why_not_tokenizer(tokenizer_json)
     if why:
         return why
-    ids = [*tokenizer_json["model"].get("vocab", {}).values(), *(t["id"] for t in tokenizer_json.get("added_tokens", []))]
-    if ids and max(ids) >= config.vocab_size:
-        return (f"its tokenizer has ids up to {max(ids)} but the model's vocabulary is {config.vocab_size}: "
+    top = max(_vocab(tokenizer_json).values(), default=-1)
+    if top >= config.vocab_size:
+        return (f"its tokenizer has ids up to {top} but the model's vocabulary is {config.vocab_size}: "
                 "they come from different models")
     if eos_id(config, tokenizer_json) is None:
         return "it has no end-of-text token (no eos_token_id in config.json, no <|endoftext|> in the tokenizer)"
     return None
 
 
+def _vocab(tokenizer_json: dict) -> dict[str, int]:
+    """Every token's id: the BPE vocabulary and the added tokens."""
+    return {**tokenizer_json["model"].get("vocab", {}), **{t["content"]: t["id"] for t in tokenizer_json.get("added_tokens", [])}}
+
+
 def eos_id(config, tokenizer_json: dict) -> int | None:
     """The end-of-text id: the model config's, else the tokenizer's ``<|endoftext|>``."""
     if config.eos_token_id is not None:
         return int(config.eos_token_id)
-    vocab = {**tokenizer_json["model"].get("vocab", {}),
-             **{t["content"]: t["id"] for t in tokenizer_json.get("added_tokens", [])}}
-    return vocab.get("<|endoftext|>")
+    return _vocab(tokenizer_json).get("<|endoftext|>")
 
 
 def _why_not_tokenizer(tok: dict) -> str | None:
@@ -105,13 +108,9 @@ def tokenizer_metadata(tok: dict, vocab_size: int) -> dict:
     vocabulary (a model padded to a rounder size) become unused placeholders."""
     from gguf import TokenType
 
-    vocab = dict(tok["model"]["vocab"])
-    special, added_ids = set(), set()
-    for added in tok.get("added_tokens", []):
-        vocab[added["content"]] = added["id"]
-        added_ids.add(added["id"])
-        if added.get("special"):
-            special.add(added["id"])
+    vocab = _vocab(tok)
+    added_ids = {t["id"] for t in tok.get("added_tokens", [])}
+    special = {t["id"] for t in tok.get("added_tokens", []) if t.get("special")}
     size = max(vocab_size, max(vocab.values()) + 1)
     tokens: list[str | None] = [None] * size
     for text, i in vocab.items():
@@ -189,13 +188,17 @@ def write_gguf(model, tokenizer_json: dict, path: Path, qtype: str, name: str = 
     return {"file": path.name, "type": qtype, "tensors": written, "mb": round(path.stat().st_size / 1e6, 2)}
 
 
-def check_gguf(config, tokenizer_dir: Path, types: list[str]) -> None:
-    """A ConfigError when llama.cpp cannot run this model (or its tokenizer) as ``types``."""
-    if types:
-        why = why_not(config, read_tokenizer_json(tokenizer_dir), types)
-        if why:
-            raise ConfigError(f"export.gguf={types}: llama.cpp cannot run this model ({why}); "
-                              "set export.gguf=[] to export ONNX only")
+def check_gguf(config, tokenizer_dir: Path, types: list[str]) -> dict:
+    """The tokenizer.json beside the model, or a ConfigError when llama.cpp cannot run this model (or its
+    tokenizer) as ``types``."""
+    if not types:
+        return {}
+    tokenizer_json = read_tokenizer_json(tokenizer_dir)
+    why = why_not(config, tokenizer_json, types)
+    if why:
+        raise ConfigError(f"export.gguf={types}: llama.cpp cannot run this model ({why}); "
+                          "set export.gguf=[] to export ONNX only")
+    return tokenizer_json
 
 
 def export_gguf(model, tokenizer_dir: Path, out_dir: Path, types: list[str]) -> list[dict]:
@@ -203,11 +206,10 @@ def export_gguf(model, tokenizer_dir: Path, out_dir: Path, types: list[str]) -> 
     (before writing) what llama.cpp cannot run."""
     if not types:
         return []
-    check_gguf(model.config, tokenizer_dir, types)
-    tokenizer_json = read_tokenizer_json(tokenizer_dir)
+    tokenizer_json = check_gguf(model.config, tokenizer_dir, types)
     written = [write_gguf(model, tokenizer_json, out_dir / gguf_name(t), t) for t in types]  # the same bytes every time
-    tokens = tokenizer_metadata(tokenizer_json, model.config.vocab_size)["tokens"]
-    write_modelfile(out_dir / "Modelfile", gguf_name(types[0]), tokens[eos_id(model.config, tokenizer_json)])
+    eos = eos_id(model.config, tokenizer_json)
+    write_modelfile(out_dir / "Modelfile", gguf_name(types[0]), next(t for t, i in _vocab(tokenizer_json).items() if i == eos))
     return written
 
 
