@@ -11,18 +11,14 @@ from pathlib import Path
 
 import pytest
 
+from helpers.net import free_port
+from helpers.paths import ENGLISH, REPO
+from helpers.tiny import TINY_MODEL, TINY_TRAIN
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
-
-REPO = Path(__file__).resolve().parents[1]
-
-ENGLISH = (
-    "In the beginning was the word, and the word was written down. It's a short text, we'll see.\n"
-    "The quick brown fox jumps over the lazy dog; the dog did not mind at all.\n"
-    "Numbers like 12,345 and 2026 appear too, with punctuation: commas, colons and semicolons!\n"
-)
 
 
 @pytest.fixture(scope="session")
@@ -100,16 +96,6 @@ def prepared_tiny(tmp_path_factory, tiny_gpt2) -> Path:
     return out
 
 
-TINY_MODEL = ["model=scratch_small", "model.n_layer=1", "model.n_head=2", "model.n_embd=32", "model.n_positions=64",
-              "model.dropout=0.1"]
-TINY_TRAIN = [
-    "train.block_size=32", "train.batch_size=4", "train.warmup_steps=2",
-    "train.val_every_n_steps=4", "train.val_batches=2", "train.ckpt_every_n_steps=4",
-    "trainer.log_every_n_steps=1", "trainer.progress_bar=false", "logger=none",
-    "sample.every_n_steps=4", "sample.max_new_tokens=6", "sample.temperatures=[0.5,1.0]",
-]
-
-
 @pytest.fixture
 def compose_train(tmp_path, prepared_tiny):
     """``compose_train(*overrides, run="run")``: the real config for a seconds-long training run in tmp_path/run.
@@ -138,14 +124,6 @@ def onnx_tiny(tmp_path_factory, tiny_gpt2) -> Path:
                     "export.parity_prompts=[It is,The quick brown fox jumps,A]", "export.parity_new_tokens=8"],
                    config_dir=REPO / "conf"))
     return root / "onnx"
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class RunningServer:

@@ -156,7 +156,7 @@ def test_an_unknown_quantization_is_refused_before_any_work(tmp_path, tiny_gpt2,
     from penwright.errors import ConfigError
     from penwright.export import export
 
-    with pytest.raises(ConfigError, match=r"export.quantize=\['q3'\]: 'q3' is not .* q8, q4, int8"):
+    with pytest.raises(ConfigError, match=r"export.quantize=\['q3'\]: item 0 \('q3'\) not one of .* q8, q4, int8"):
         export(compose([f"train.out_dir={tiny_gpt2}", f"export.out_dir={tmp_path / 'onnx'}",
                         f"paths.reports={tmp_path / 'r'}", "export.quantize=[q3]"], config_dir=repo / "conf"))
     assert not (tmp_path / "onnx").exists()

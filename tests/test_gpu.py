@@ -14,7 +14,7 @@ import json
 
 import pytest
 
-from conftest import REPO
+from helpers.paths import REPO
 
 from penwright.config import compose
 from penwright.errors import ConfigError

@@ -15,7 +15,7 @@ from penwright.corpus import CorpusSpec, read_text
 from penwright.data import TokenWindows, load_tokens
 from penwright.prepare import dtype_for, prepare, split_documents
 
-from conftest import ENGLISH
+from helpers.paths import ENGLISH
 
 
 def _outputs(meta_dir: Path):

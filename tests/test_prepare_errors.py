@@ -275,7 +275,9 @@ def test_scratch_vocab_too_large_is_config_error(compose_prepare, tmp_path):
 def test_bad_config_value(compose_prepare, tmp_path, override, fragment):
     good = tmp_path / "good.txt"
     good.write_text(GOOD_TEXT)
-    _expect_failure(tmp_path, compose_prepare(good, override), ConfigError, fragment)
+    with pytest.raises(ConfigError, match="allowed:") as err:  # refused while composing: before any stage runs
+        compose_prepare(good, override)
+    assert fragment in str(err.value) and "\n" not in str(err.value)
 
 
 def test_unknown_override_key_suggests_the_real_one(repo, tmp_path):

@@ -13,7 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ENGLISH, REPO
+from helpers.dvc_project import new_project, run
+from helpers.paths import ENGLISH, REPO
+from helpers.wandb_runs import wandb_record, wandb_run_of
 
 from penwright.config import compose
 
@@ -80,7 +82,6 @@ def test_long_run_continues_the_same_run_in_chunks(tmp_path, monkeypatch):
     # the schedule spans train.decay_steps (5000), not each chunk: no decay to the floor at a chunk's end
     lrs = [float(r["lr"]) for r in train_curve]
     assert lrs[-1] > 0.99 * float(preset("long_run", tmp_path).train.lr)
-    from test_train import wandb_run_of
 
     runs = sorted((tmp_path / "wandb").glob("offline-run-*"))
     run_id = (tmp_path / "artifacts" / "checkpoints" / "wandb_run_id").read_text().strip()
@@ -116,7 +117,9 @@ def test_short_texts_gives_separate_stripped_texts_and_counts_copies_of_training
     prepare(cfg)
     train(cfg)
     export(cfg)
+    data.rename(tmp_path / "away.csv")  # generate reads what prepare wrote (documents.json), never the corpus
     samples = generate(cfg)
+    (tmp_path / "away.csv").rename(data)
     assert len(samples) == 6
     for s in samples:
         assert "<|startoftext|>" not in s.text and "<|endoftext|>" not in s.text
@@ -129,8 +132,8 @@ def test_short_texts_gives_separate_stripped_texts_and_counts_copies_of_training
     val_rows = {text.removeprefix("<|startoftext|>") for is_val, text in documents_by_split(cfg.data) if is_val}
     known = [Sample("", sorted(train_rows)[0]), Sample("", " " + sorted(train_rows)[1] + " "),
              Sample("", sorted(val_rows)[0]), Sample("", "The blue fox went to the moon.")]
-    assert count_copies(known, cfg.data) == {"copies_of_train": 2, "copies_of_val": 1, "copy_fraction": 0.75,
-                                             "corpus_documents": len(SHORT_ROWS)}
+    assert count_copies(known, cfg.data.out_dir) == {"copies_of_train": 2, "copies_of_val": 1, "copy_fraction": 0.75,
+                                                     "corpus_documents": len(SHORT_ROWS)}
 
 
 DOCUMENT = ("A Title\n\n"
@@ -215,15 +218,13 @@ def test_data_take_keeps_one_part_of_each_row_and_names_a_row_that_lacks_it(tmp_
     rows.write_text("text\n" + WP_ROWS[0] + "\nno marks on this row\n")
     with pytest.raises(CorpusError, match=r"wp.csv: line 3: data.take=.* finds no text in 'no marks on this row'"):
         list(documents_by_split(compose_prepare(rows, f"data.take='{take}'").data))
-    with pytest.raises(ConfigError, match="needs exactly one"):
+    with pytest.raises(ConfigError, match="exactly one"):
         list(documents_by_split(compose_prepare(rows, "data.take=WP").data))
 
 
 @pytest.mark.slow
 def test_writing_prompts_pipeline_trains_both_models_in_one_wandb_group_and_writes_pairs(tmp_path, repo):
     """The real sub-pipeline (dvc repro pipelines/writing_prompts/dvc.yaml) on tiny models and a tiny corpus."""
-    from test_dvc import new_project, run
-
     proj = new_project(tmp_path, repo, with_pipeline=True)
     shutil.copytree(repo / "pipelines", proj / "pipelines")
     (proj / "data").mkdir()
@@ -253,7 +254,6 @@ def test_writing_prompts_pipeline_trains_both_models_in_one_wandb_group_and_writ
         assert "<|" not in prompt + response
     runs = sorted((proj / "wandb").glob("offline-run-*"))
     assert len(runs) == 2  # one W&B run per model ...
-    from test_train import wandb_record
 
     records = [wandb_record(r, b"writing-prompts") for r in runs]
     assert all(records), [sorted(p.name for p in r.iterdir()) for r in runs]

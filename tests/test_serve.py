@@ -19,7 +19,8 @@ import time
 import httpx
 import pytest
 
-from conftest import REPO, free_port
+from helpers.net import free_port
+from helpers.paths import REPO
 
 PROMPT = "The quick brown fox"
 

@@ -12,6 +12,8 @@ import pytest
 import torch
 from transformers import GPT2LMHeadModel
 
+from helpers.tiny import TINY_MODEL, TINY_TRAIN
+from helpers.wandb_runs import wandb_record, wandb_run_of
 from penwright.train import train
 
 
@@ -92,25 +94,6 @@ def test_finetunes_a_pretrained_checkpoint_with_frozen_embeddings(compose_train,
     assert not torch.equal(before["transformer.h.0.mlp.c_fc.weight"], after["transformer.h.0.mlp.c_fc.weight"])
 
 
-def wandb_run_of(run_dir: Path) -> str:
-    """The run id in an offline run's directory name: offline-run-<date>_<time>-<id>[-<n> when two start in one second]."""
-    import re
-
-    return re.fullmatch(r"offline-run-\d{8}_\d{6}-([0-9a-z]+)(-\d+)?", run_dir.name).group(1)
-
-
-def wandb_record(run_dir: Path, needle: bytes, timeout: float = 30.0) -> bytes:
-    """The offline run's protobuf log, once W&B's writer process (a separate process) has written ``needle``."""
-    import time
-
-    deadline = time.monotonic() + timeout
-    while True:
-        record = b"".join(p.read_bytes() for p in run_dir.glob("run-*.wandb"))
-        if needle in record or time.monotonic() > deadline:
-            return record
-        time.sleep(0.2)
-
-
 def test_wandb_offline_run_has_tables_config_and_continues_on_resume(compose_train, tmp_path, monkeypatch, repo):
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("DVC_EXP_NAME", "my-exp")
@@ -140,8 +123,6 @@ def test_ddp_two_cpu_processes_only_rank0_samples_logs_and_saves(tmp_path, prepa
     """Lightning DDP on gloo with 2 CPU processes, through the CLI, as a user would launch it."""
     import subprocess
     import sys
-
-    from conftest import TINY_MODEL, TINY_TRAIN
 
     run = tmp_path / "ddp"
     overrides = [f"data.out_dir={prepared_tiny}", f"train.ckpt_dir={run}/ckpt", f"train.out_dir={run}/model",

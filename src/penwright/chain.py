@@ -14,16 +14,16 @@ import sys
 import time
 from pathlib import Path
 
-from omegaconf import DictConfig
 from tqdm import tqdm
 
-from penwright.errors import ConfigError
 from penwright.fsutil import atomic_write_text
 from penwright.generate import finish_text
 from penwright.runtime import Generator
+from penwright.schema import Config
 from penwright.tokenizer import BOS_TEXT, EOS
 
 WP, RESPONSE = "[WP]", "[RESPONSE]"
+KEYS = {name: f"chain.{name}" for name in ("temperature", "top_k", "top_p", "min_new_tokens")}  # what errors name
 
 
 def response_prefix(prompt: str) -> str:
@@ -36,7 +36,7 @@ def _batches(items: list, size: int):
 
 
 def _texts(gen: Generator, prefixes: list[str], max_new_tokens: int, batch_size: int, seed: int | None,
-           stops: list[str], bar, retries: int = 3, **sampling) -> list[str]:
+           stops: list[str], bar, length_key: str, retries: int = 3, **sampling) -> list[str]:
     """One finished text per prefix; a row that came out empty is sampled again (new seed), ``retries`` times."""
     texts = [""] * len(prefixes)
     for attempt in range(retries + 1):
@@ -44,7 +44,7 @@ def _texts(gen: Generator, prefixes: list[str], max_new_tokens: int, batch_size:
         for index, rows in enumerate(_batches(todo, batch_size)):
             step_seed = None if seed is None else seed + 1000 * attempt + index
             out = gen.generate([prefixes[i] for i in rows], max_new_tokens, seed=step_seed, stop_strings=stops,
-                               **sampling)
+                               keys={**KEYS, "max_new_tokens": length_key}, **sampling)
             for i, text in zip(rows, out):
                 texts[i] = finish_text("", text, EOS, include_prefix=False, strip=True)
             bar.update(sum(bool(texts[i]) for i in rows))
@@ -61,14 +61,13 @@ def make_pairs(prompt_gen: Generator, response_gen: Generator, n: int, batch_siz
     A prompt or response that comes out empty (the model ended it at once, or it began with a
     marker) is sampled again; pairs still missing a half after that are left out, and said so.
     """
-    if n < 1 or batch_size < 1:
-        raise ConfigError(f"chain.n={n}, chain.batch_size={batch_size}: both must be >= 1")
     bar = tqdm(total=2 * n, unit="text", desc="chain", file=sys.stderr, disable=not progress)
     prompts = _texts(prompt_gen, [BOS_TEXT] * n, prompt_tokens, batch_size, seed, [BOS_TEXT, RESPONSE, WP], bar,
-                     **sampling)
+                     "chain.prompt_tokens", **sampling)
     prompts = [p for p in prompts if p]
     responses = _texts(response_gen, [response_prefix(p) for p in prompts], response_tokens, batch_size,
-                       None if seed is None else seed + 1, [BOS_TEXT, WP, RESPONSE], bar, **sampling)
+                       None if seed is None else seed + 1, [BOS_TEXT, WP, RESPONSE], bar, "chain.response_tokens",
+                       **sampling)
     bar.close()
     pairs = [{"prompt": p, "response": r} for p, r in zip(prompts, responses) if r]
     if len(pairs) < n:
@@ -85,16 +84,16 @@ def render(pairs: list[dict], markdown: bool, header: str) -> str:
     return "\n".join(lines)
 
 
-def chain(cfg: DictConfig) -> list[dict]:
+def chain(cfg: Config) -> list[dict]:
     c = cfg.chain
     start = time.perf_counter()
-    threads = int(c.threads)
-    prompt_gen = Generator.load(str(c.prompts_model), threads=threads)
-    response_gen = Generator.load(str(c.responses_model), threads=threads)
-    pairs = make_pairs(prompt_gen, response_gen, int(c.n), int(c.batch_size), int(c.prompt_tokens),
-                       int(c.response_tokens), None if c.seed is None else int(c.seed), do_sample=True,
-                       temperature=float(c.temperature), top_k=int(c.top_k), min_new_tokens=int(c.min_new_tokens))
-    out = Path(str(c.output))
+    threads = c.threads
+    prompt_gen = Generator.load(c.prompts_model, threads=threads)
+    response_gen = Generator.load(c.responses_model, threads=threads)
+    pairs = make_pairs(prompt_gen, response_gen, c.n, c.batch_size, c.prompt_tokens,
+                       c.response_tokens, None if c.seed is None else c.seed, do_sample=True,
+                       temperature=c.temperature, top_k=c.top_k, min_new_tokens=c.min_new_tokens)
+    out = Path(c.output)
     header = (f"{len(pairs)} writing prompts from {c.prompts_model}, answered by {c.responses_model} "
               f"(temperature {c.temperature}, top_k {c.top_k}, seed {c.seed})")
     atomic_write_text(out, render(pairs, out.suffix != ".jsonl", header))

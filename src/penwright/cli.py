@@ -17,6 +17,22 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 
 
+# The stages: command -> (module, function, help). Each function takes the composed, validated config.
+STAGES = {
+    "prepare": ("penwright.prepare", "prepare", "corpus -> tokenizer + train/val token memmaps (artifacts/prepared)"),
+    "train": ("penwright.train", "train", "prepared tokens -> a trained GPT-2 (artifacts/model), W&B logs, samples"),
+    "export": ("penwright.export", "export", "trained model -> ONNX graph with a KV cache (artifacts/onnx), parity-checked"),
+    "generate": ("penwright.generate", "generate", "text from the exported model (onnxruntime, KV cache): reports/samples.md"),
+    "verbosify": ("penwright.verbosify", "verbosify",
+                  "expand a document passage by passage (a model finetuned on each): reports/verbosify.md"),
+    "chain": ("penwright.chain", "chain",
+              "writing prompts: prompts from one model, each answered by another (experiment=wp_responses)"),
+    "serve": ("penwright.serve", "serve",
+              "the exported model over HTTP: OpenAI-compatible /v1/completions, a page at / (conf/serve/)"),
+    "show": ("penwright.cli", "show", "print the composed config (every key)"),
+}
+
+
 def _stage_parser(sub, name: str, help: str) -> argparse.ArgumentParser:
     p = sub.add_parser(name, help=help, description=help)
     p.add_argument("--params", metavar="FILE", help="run on this composed params file (dvc.yaml uses params.yaml)")
@@ -28,14 +44,8 @@ def _stage_parser(sub, name: str, help: str) -> argparse.ArgumentParser:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="penwright", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="command")
-    _stage_parser(sub, "prepare", "corpus -> tokenizer + train/val token memmaps (artifacts/prepared)")
-    _stage_parser(sub, "train", "prepared tokens -> a trained GPT-2 (artifacts/model), W&B logs, samples")
-    _stage_parser(sub, "export", "trained model -> ONNX graph with a KV cache (artifacts/onnx), parity-checked")
-    _stage_parser(sub, "generate", "text from the exported model (onnxruntime, KV cache): reports/samples.md")
-    _stage_parser(sub, "verbosify", "expand a document passage by passage (a model finetuned on each): reports/verbosify.md")
-    _stage_parser(sub, "chain", "writing prompts: prompts from one model, each answered by another (experiment=wp_responses)")
-    _stage_parser(sub, "serve", "the exported model over HTTP: OpenAI-compatible /v1/completions, a page at / (conf/serve/)")
-    _stage_parser(sub, "show", "print the composed config (every key)")
+    for name, (_, _, help) in STAGES.items():
+        _stage_parser(sub, name, help)
     p = sub.add_parser("params", help="compose conf/ into params.yaml, exactly as `dvc exp run` does")
     p.add_argument("--output", default="params.yaml")
     p.add_argument("--config-dir", metavar="DIR")
@@ -61,68 +71,61 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def run(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def show(cfg) -> None:
+    """Print the composed config, every key, as YAML."""
+    import yaml
+
+    print(yaml.safe_dump(cfg.to_dict(), sort_keys=False, allow_unicode=True), end="")
+
+
+def params(args) -> None:
     from penwright import config
 
-    if args.command == "prepare":
-        from penwright.prepare import prepare
+    out = config.write_params(args.overrides, args.output, config_dir=args.config_dir)
+    print(f"wrote {out}", file=sys.stderr)
 
-        prepare(config.compose(args.overrides, params=args.params, config_dir=args.config_dir))
-    elif args.command == "train":
-        from penwright.train import train
 
-        train(config.compose(args.overrides, params=args.params, config_dir=args.config_dir))
-    elif args.command == "export":
-        from penwright.export import export
+def corpus(args) -> None:
+    from penwright.sample_corpus import materialize
 
-        export(config.compose(args.overrides, params=args.params, config_dir=args.config_dir))
-    elif args.command == "generate":
-        from penwright.generate import generate
+    materialize(args.data_dir, commit=not args.no_commit)
 
-        generate(config.compose(args.overrides, params=args.params, config_dir=args.config_dir))
-    elif args.command == "verbosify":
-        from penwright.verbosify import verbosify
 
-        verbosify(config.compose(args.overrides, params=args.params, config_dir=args.config_dir))
-    elif args.command == "chain":
-        from penwright.chain import chain
+def check(args) -> None:
+    from penwright.gpucheck import check_gpu
 
-        chain(config.compose(args.overrides, params=args.params, config_dir=args.config_dir))
-    elif args.command == "serve":
-        from penwright.serve import serve
+    check_gpu(args.output or ("reports/gpu/dry" if args.dry else "reports/gpu"), dry=args.dry)
 
-        serve(config.compose(args.overrides, params=args.params, config_dir=args.config_dir))
-    elif args.command == "show":
-        from omegaconf import OmegaConf
+
+def bench(args) -> None:
+    from penwright import bench
+
+    if args.stage == "prepare":
+        bench.bench_prepare(size_mb=args.size_mb, output=args.output)
+    elif args.stage == "train":
+        bench.bench_train(steps=args.steps, output=args.output, overrides=args.overrides)
+    elif args.stage == "serve":
+        bench.bench_serve(output=args.output)
+    else:
+        bench.bench_generate(output=args.output, llama_cpp=None if args.without_llama_cpp else args.llama_cpp,
+                             only_llama_cpp=args.only_llama_cpp)
+
+
+TOOLS = {"params": params, "corpus": corpus, "check": check, "bench": bench}  # commands that are not stages
+
+
+def run(argv: list[str] | None = None) -> int:
+    import importlib
+
+    args = build_parser().parse_args(argv)
+    if args.command in STAGES:
+        from penwright import config
 
         cfg = config.compose(args.overrides, params=args.params, config_dir=args.config_dir)
-        print(OmegaConf.to_yaml(cfg), end="")
-    elif args.command == "params":
-        out = config.write_params(args.overrides, args.output, config_dir=args.config_dir)
-        print(f"wrote {out}", file=sys.stderr)
-    elif args.command == "corpus":
-        from penwright.sample_corpus import materialize
-
-        materialize(args.data_dir, commit=not args.no_commit)
-    elif args.command == "check":
-        from penwright.gpucheck import check_gpu
-
-        check_gpu(args.output or ("reports/gpu/dry" if args.dry else "reports/gpu"), dry=args.dry)
-    elif args.command == "bench":
-        from penwright import bench
-
-        if args.stage == "prepare":
-            bench.bench_prepare(size_mb=args.size_mb, output=args.output)
-        elif args.stage == "train":
-            bench.bench_train(steps=args.steps, output=args.output, overrides=args.overrides)
-        elif args.stage == "serve":
-            from penwright.bench_serve import bench_serve
-
-            bench_serve(output=args.output)
-        else:
-            bench.bench_generate(output=args.output, llama_cpp=None if args.without_llama_cpp else args.llama_cpp,
-                                 only_llama_cpp=args.only_llama_cpp)
+        module, function, _ = STAGES[args.command]
+        getattr(importlib.import_module(module), function)(cfg)
+    else:
+        TOOLS[args.command](args)
     return 0
 
 

@@ -1,6 +1,6 @@
 """Compose the config every stage runs on, and check it early.
 
-Two sources, one result (a resolved ``DictConfig``):
+Two sources, one result (a typed, frozen ``schema.Config``; a bad value is refused here, in one line):
 
 * ``compose(overrides)`` composes ``conf/`` with Hydra, as ``penwright <stage> key=value`` does;
 * ``compose(overrides, params="params.yaml")`` reads the file ``dvc exp run`` wrote from ``conf/``,
@@ -16,9 +16,11 @@ import difflib
 from pathlib import Path
 from typing import Iterable, Sequence
 
-from omegaconf import DictConfig, OmegaConf
+import yaml
+from omegaconf import OmegaConf
 
 from penwright.errors import ConfigError
+from penwright.schema import Config, validate
 
 CONFIG_DIR = "conf"
 CONFIG_NAME = "config"
@@ -44,8 +46,8 @@ def compose(
     overrides: Sequence[str] = (),
     params: str | Path | None = None,
     config_dir: str | Path | None = None,
-) -> DictConfig:
-    """Compose ``conf/`` (or load ``params``) with Hydra overrides applied, resolved and read-only."""
+) -> Config:
+    """Compose ``conf/`` (or load ``params``) with Hydra overrides applied, resolved, validated against the schema."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
     from hydra.errors import HydraException
@@ -64,13 +66,16 @@ def compose(
     try:
         with initialize_config_dir(str(directory), version_base=HYDRA_VERSION_BASE):
             cfg = hydra_compose(config_name=name, overrides=list(overrides))
-        OmegaConf.resolve(cfg)
+        values = OmegaConf.to_container(cfg, resolve=True)
     except (HydraException, OmegaConfBaseException) as err:
         source = path if params is not None else directory
         raise ConfigError(_explain(err, overrides, source)) from None
-    OmegaConf.set_readonly(cfg, True)
-    OmegaConf.set_struct(cfg, True)
-    return cfg
+    except yaml.YAMLError as err:  # a damaged params.yaml or conf/ file
+        mark = getattr(err, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark is not None else ""
+        raise ConfigError(f"{path if params is not None else directory}: not valid YAML{where}: "
+                          f"{str(err).splitlines()[0]}. Rewrite it with `penwright params`") from None
+    return validate(values, source=str(path) if params is not None else "")
 
 
 def write_params(

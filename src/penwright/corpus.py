@@ -50,15 +50,15 @@ class CorpusSpec:
         from penwright.errors import ConfigError
 
         spec = cls(
-            path=str(data.path),
-            glob=str(data.glob),
-            format=str(data.format),
-            csv_column=None if data.csv_column is None else str(data.csv_column),
+            path=data.path,
+            glob=data.glob,
+            format=data.format,
+            csv_column=None if data.csv_column is None else data.csv_column,
             csv_prefix=str(data.csv_prefix or ""),
-            jsonl_field=str(data.jsonl_field),
-            encoding_errors=str(data.encoding_errors),
-            chunk_bytes=int(data.chunk_bytes),
-            take=None if data.get("take") is None else str(data.take),
+            jsonl_field=data.jsonl_field,
+            encoding_errors=data.encoding_errors,
+            chunk_bytes=data.chunk_bytes,
+            take=None if data.get("take") is None else data.take,
         )
         if spec.format not in FORMATS | {"auto"}:
             raise ConfigError(f"data.format={spec.format!r}: use auto, text, csv or jsonl")

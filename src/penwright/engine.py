@@ -22,12 +22,12 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Mapping
 
 import numpy as np
 
 from penwright.errors import ConfigError, PenwrightError
-from penwright.sampling import SamplingConfig, next_tokens_per_row
+from penwright.sampling import SamplingConfig, config_key, next_tokens_per_row
 
 GRAPH = "model.onnx"
 PREFILL_TOKENS = 8192  # the most padded prompt tokens one prefill run takes (more admitted prompts: more runs)
@@ -411,23 +411,26 @@ class Engine:
     def generate(self, prompts: list[str], max_new_tokens: int = 64, seed: int | None = None,
                  stop_strings: list[str] | None = None, on_step: Callable[[np.ndarray], None] | None = None,
                  do_sample: bool = True, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-                 repetition_penalty: float = 1.0, min_new_tokens: int = 0) -> list[str]:
+                 repetition_penalty: float = 1.0, min_new_tokens: int = 0,
+                 keys: Mapping[str, str] | None = None) -> list[str]:
         """The new text for each prompt (cut at EOS and before the first stop string), run to completion
         here. Row ``i`` draws from its own stream seeded ``(seed, i)``; ``on_step`` sees the first row's
-        new tokens one at a time (streaming a single sample)."""
+        new tokens one at a time (streaming a single sample). ``keys`` maps parameter names to the caller's
+        config keys, which errors name (default ``generate.*``)."""
         if not prompts:
             raise ConfigError("no prompts: give at least one (\"\" for an unconditional sample)")
+        length_key = config_key(keys, "max_new_tokens")
         if max_new_tokens < 1:
-            raise ConfigError(f"generate.max_new_tokens={max_new_tokens}: must be >= 1")
-        sampling = SamplingConfig(do_sample, temperature, top_k, top_p, repetition_penalty)
+            raise ConfigError(f"{length_key}={max_new_tokens}: must be >= 1")
+        sampling = SamplingConfig(do_sample, temperature, top_k, top_p, repetition_penalty, keys=keys)
         stops = tuple(s for s in (stop_strings or []) if s)
         requests = []
         for i, prompt in enumerate(prompts):
             ids = self.encode(prompt)
             if len(ids) + max_new_tokens > self.context:
                 raise PenwrightError(
-                    f"a prompt of {len(ids)} tokens plus max_new_tokens={max_new_tokens} exceeds the model's "
-                    f"context of {self.context} tokens; shorten the prompt or lower generate.max_new_tokens")
+                    f"a prompt of {len(ids)} tokens plus {length_key}={max_new_tokens} exceeds the model's "
+                    f"context of {self.context} tokens; shorten the prompt or lower {length_key}")
             requests.append(Request(ids, max_new_tokens, sampling, min_tokens=min_new_tokens, stop=stops,
                                     seed=None if seed is None else [seed, i]))
         if on_step is not None:

@@ -25,9 +25,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from omegaconf import DictConfig
 from transformers import AutoTokenizer, DynamicCache, GPT2LMHeadModel
 
+from penwright import schema
 from penwright.errors import ConfigError, PenwrightError
 from penwright.fsutil import atomic_write_text, replace_dir, temp_dir_for
 from penwright.llamacpp import BLOCK, check_gguf, export_gguf, gguf_types  # BLOCK: q8/q4 use q8_0's blocks
@@ -226,15 +226,13 @@ def parity(model: GPT2LMHeadModel, tokenizer, onnx_dir: Path, prompts: list[str]
 # -- the stage ----------------------------------------------------------------------------------------
 
 
-def export(cfg: DictConfig) -> dict:
+def export(cfg: schema.Config) -> dict:
     start = time.perf_counter()
     ecfg = cfg.export
     src = Path(cfg.train.out_dir)
     if not (src / "config.json").is_file():
         raise PenwrightError(f"{src}: no trained model here. Run the train stage first: `penwright train`")
-    dtype = str(ecfg.dtype)
-    if dtype not in ("fp32", "fp16"):
-        raise ConfigError(f"export.dtype={dtype!r}: use fp32 or fp16 (fp16 is for GPU)")
+    dtype = ecfg.dtype
     gguf = gguf_types(ecfg.get("gguf"))
     quantized = quantize_types(ecfg.get("quantize"))
     model = GPT2LMHeadModel.from_pretrained(src, torch_dtype=torch.float32).eval()
@@ -249,23 +247,23 @@ def export(cfg: DictConfig) -> dict:
     try:
         graph = tmp / GRAPH
         log(f"exporting {src} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params, {dtype}) -> {out}/{GRAPH}")
-        kind = choose_graph(str(ecfg.get("graph", "fused")), model.config, dtype)
+        kind = choose_graph(ecfg.graph, model.config, dtype)
         if kind != "transformers":
             from penwright.graph import build_graph
 
-            external = save_graph(build_graph(model, kind, int(ecfg.opset)), graph)
+            external = save_graph(build_graph(model, kind, ecfg.opset), graph)
         else:
-            export_graph(model.half() if dtype == "fp16" else model, graph, int(ecfg.opset))
+            export_graph(model.half() if dtype == "fp16" else model, graph, ecfg.opset)
             model = model.float()
             external = save_with_external_data_if_large(graph)
         tokenizer.save_pretrained(tmp)
         model.config.save_pretrained(tmp)
         model.generation_config.save_pretrained(tmp)
-        report = {"graph": kind, "nodes": _node_count(graph), "dtype": dtype, "opset": int(ecfg.opset),
+        report = {"graph": kind, "nodes": _node_count(graph), "dtype": dtype, "opset": ecfg.opset,
                   "external_data": external,
                   "graph_mb": round(sum(p.stat().st_size for p in tmp.glob("model.onnx*")) / 1e6, 2)}
         prompts = [str(p) for p in ecfg.parity_prompts]
-        report["parity"] = parity(model, tokenizer, tmp, prompts, int(ecfg.parity_new_tokens))
+        report["parity"] = parity(model, tokenizer, tmp, prompts, ecfg.parity_new_tokens)
         tol = float(ecfg.parity_atol if dtype == "fp32" else ecfg.parity_atol_fp16)
         p = report["parity"]
         failed = [f"{k}={p[k]:.2e} > {tol:.0e}" for k in ("max_abs_diff_logits_empty_past", "max_abs_diff_logits_with_past")
@@ -280,7 +278,7 @@ def export(cfg: DictConfig) -> dict:
             quantize(graph, kind)
         if quantized:
             report["quantized"] = quantized_quality(model, tmp, quantized, Path(cfg.data.out_dir),
-                                                    int(cfg.train.block_size))
+                                                    cfg.train.block_size)
         if gguf:
             report["gguf"] = export_gguf(model, tmp, tmp, gguf)
         replace_dir(tmp, out)

@@ -14,18 +14,18 @@ import math
 import lightning as L
 import torch
 import torch.nn.functional as F
-from omegaconf import DictConfig
 from transformers import GPT2Config, GPT2LMHeadModel
 
+from penwright import schema
 from penwright.errors import ConfigError, PenwrightError
 from penwright.hub import load_pretrained
 
 
-def build_model(model_cfg: DictConfig, vocab_size: int, eos_token_id: int, block_size: int) -> GPT2LMHeadModel:
+def build_model(model_cfg: schema.Model, vocab_size: int, eos_token_id: int, block_size: int) -> GPT2LMHeadModel:
     """A GPT-2 from ``model.name_or_path`` (hub name or local dir), or a new one of the configured sizes."""
     if model_cfg.get("name_or_path"):
         model = load_pretrained(
-            str(model_cfg.name_or_path), GPT2LMHeadModel.from_pretrained, "model", "model.name_or_path"
+            model_cfg.name_or_path, GPT2LMHeadModel.from_pretrained, "model", "model.name_or_path"
         )
         if vocab_size > model.config.vocab_size:
             raise ConfigError(
@@ -33,21 +33,16 @@ def build_model(model_cfg: DictConfig, vocab_size: int, eos_token_id: int, block
                 f"model only {model.config.vocab_size}; prepare with this model's tokenizer "
                 f"(model.tokenizer.type=pretrained) and rerun `penwright prepare`"
             )
-    else:
-        for key in ("n_layer", "n_head", "n_embd", "n_positions"):
-            if int(model_cfg.get(key) or 0) < 1:
-                raise ConfigError(f"model.{key}={model_cfg.get(key)!r}: a from-scratch model needs a positive size")
-        if model_cfg.n_embd % model_cfg.n_head:
-            raise ConfigError(f"model.n_embd={model_cfg.n_embd} is not divisible by model.n_head={model_cfg.n_head}")
+    else:  # the schema checked the sizes (present, positive, n_embd divisible by n_head)
         config = GPT2Config(
             vocab_size=vocab_size,
-            n_positions=int(model_cfg.n_positions),
-            n_embd=int(model_cfg.n_embd),
-            n_layer=int(model_cfg.n_layer),
-            n_head=int(model_cfg.n_head),
-            resid_pdrop=float(model_cfg.get("dropout", 0.0)),
-            embd_pdrop=float(model_cfg.get("dropout", 0.0)),
-            attn_pdrop=float(model_cfg.get("dropout", 0.0)),
+            n_positions=model_cfg.n_positions,
+            n_embd=model_cfg.n_embd,
+            n_layer=model_cfg.n_layer,
+            n_head=model_cfg.n_head,
+            resid_pdrop=model_cfg.dropout or 0.0,
+            embd_pdrop=model_cfg.dropout or 0.0,
+            attn_pdrop=model_cfg.dropout or 0.0,
             bos_token_id=eos_token_id,
             eos_token_id=eos_token_id,
         )
@@ -66,7 +61,7 @@ def build_model(model_cfg: DictConfig, vocab_size: int, eos_token_id: int, block
 class LitGPT2(L.LightningModule):
     """GPT-2 language modelling on token windows."""
 
-    def __init__(self, model: GPT2LMHeadModel, train_cfg: DictConfig, bytes_per_token: float | None):
+    def __init__(self, model: GPT2LMHeadModel, train_cfg: schema.Train, bytes_per_token: float | None):
         super().__init__()
         self.model = model
         self.cfg = train_cfg
@@ -101,7 +96,7 @@ class LitGPT2(L.LightningModule):
 
     def _apply_configured_lr(self) -> None:
         """Make a changed train.lr / weight_decay count after a resume (the schedule function is rebuilt anyway)."""
-        lr = float(self.cfg.lr)
+        lr = self.cfg.lr
         for config in self.trainer.lr_scheduler_configs:
             scheduler = config.scheduler
             scheduler.base_lrs = [lr for _ in scheduler.base_lrs]
@@ -109,7 +104,7 @@ class LitGPT2(L.LightningModule):
                 group["initial_lr"] = lr
                 group["lr"] = lr * factor
                 if group["weight_decay"]:
-                    group["weight_decay"] = float(self.cfg.weight_decay)
+                    group["weight_decay"] = self.cfg.weight_decay
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids=input_ids, use_cache=False).logits
@@ -169,13 +164,13 @@ class LitGPT2(L.LightningModule):
                 continue
             # matrices decay; biases, LayerNorm gains and position embeddings do not
             (decay if p.dim() >= 2 and "wpe" not in name else no_decay).append(p)
-        groups = [{"params": decay, "weight_decay": float(cfg.weight_decay)},
+        groups = [{"params": decay, "weight_decay": cfg.weight_decay},
                   {"params": no_decay, "weight_decay": 0.0}]
         fused = torch.cuda.is_available() and self.device.type == "cuda"
-        optimizer = torch.optim.AdamW(groups, lr=float(cfg.lr), betas=tuple(cfg.betas), fused=fused or None)
+        optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), fused=fused or None)
         total = int(cfg.get("decay_steps") or self.trainer.max_steps)  # fixed decay_steps: chunked runs share one schedule
         scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lr_lambda(int(cfg.warmup_steps), total, str(cfg.schedule), float(cfg.min_lr_ratio))
+            optimizer, lr_lambda(cfg.warmup_steps, total, cfg.schedule, cfg.min_lr_ratio)
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 

@@ -20,12 +20,12 @@ import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Mapping
 
 import numpy as np
 
 from penwright.errors import ConfigError, PenwrightError
-from penwright.sampling import SamplingConfig, next_tokens
+from penwright.sampling import SamplingConfig, config_key, next_tokens
 
 GRAPH = "model.onnx"
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
@@ -166,19 +166,22 @@ class Generator:
                      temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0,
                      min_new_tokens: int = 0, seed: int | None = None, stop_at_eos: bool = True,
                      use_cache: bool = True, stop: Callable[[int, np.ndarray], bool] | None = None,
-                     on_step: Callable[[np.ndarray], None] | None = None) -> np.ndarray:
+                     on_step: Callable[[np.ndarray], None] | None = None,
+                     keys: Mapping[str, str] | None = None) -> np.ndarray:
         """New token ids [batch, n]; a finished row is padded with EOS.
 
         ``stop(row, new_ids)`` may end a row early (stop strings); ``on_step(tokens)`` sees each step's
         tokens (streaming). ``use_cache=False`` re-feeds the whole sequence each step (the baseline).
+        ``keys`` maps parameter names to the caller's config keys, which errors name (default ``generate.*``).
         """
-        cfg = SamplingConfig(do_sample, temperature, top_k, top_p, repetition_penalty)
+        cfg = SamplingConfig(do_sample, temperature, top_k, top_p, repetition_penalty, keys=keys)
+        length_key = config_key(keys, "max_new_tokens")
         if max_new_tokens < 1:
-            raise ConfigError(f"generate.max_new_tokens={max_new_tokens}: must be >= 1")
+            raise ConfigError(f"{length_key}={max_new_tokens}: must be >= 1")
         if ids.shape[1] + max_new_tokens > self.n_positions:
             raise PenwrightError(
-                f"a prompt of {ids.shape[1]} tokens plus max_new_tokens={max_new_tokens} exceeds the model's "
-                f"context of {self.n_positions} tokens; shorten the prompt or lower generate.max_new_tokens"
+                f"a prompt of {ids.shape[1]} tokens plus {length_key}={max_new_tokens} exceeds the model's "
+                f"context of {self.n_positions} tokens; shorten the prompt or lower {length_key}"
             )
         rng = np.random.default_rng(seed)
         batch = ids.shape[0]

@@ -16,21 +16,14 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 import torch
-from omegaconf import DictConfig
 
-from penwright.errors import ConfigError
+from penwright import schema
 from penwright.fsutil import atomic_write_text
 
 
 class SampleCallback(L.Callback):
-    def __init__(self, cfg: DictConfig, tokenizer, prompt_source: np.ndarray, out_dir: str | Path):
-        every = int(cfg.every_n_steps)
-        if every < 0:
-            raise ConfigError(f"sample.every_n_steps={every}: use 0 (only at the end) or more")
-        temps = [float(t) for t in cfg.temperatures]
-        if not temps or any(t <= 0 for t in temps):
-            raise ConfigError(f"sample.temperatures={temps}: give one or more temperatures > 0")
-        self.cfg, self.every, self.temperatures = cfg, every, temps
+    def __init__(self, cfg: schema.Sample, tokenizer, prompt_source: np.ndarray, out_dir: str | Path):
+        self.cfg, self.every, self.temperatures = cfg, cfg.every_n_steps, list(cfg.temperatures)
         self.tokenizer = copy.deepcopy(tokenizer)  # padded on the left here; the tokenizer train saves stays as it was
         self.tokenizer.padding_side = "left"
         if self.tokenizer.pad_token is None:
@@ -43,10 +36,10 @@ class SampleCallback(L.Callback):
         """[(kind, prompt text)]: fixed prompts, unconditional, and random prompts from the val text."""
         eos = self.tokenizer.eos_token
         prompts = [("prompt", str(p)) for p in self.cfg.prompts]
-        prompts += [("unconditional", eos)] * int(self.cfg.unconditional)
-        n, length = int(self.cfg.random_prompts), int(self.cfg.random_prompt_tokens)
+        prompts += [("unconditional", eos)] * self.cfg.unconditional
+        n, length = self.cfg.random_prompts, self.cfg.random_prompt_tokens
         if n and source.size > length:
-            rng = np.random.default_rng(int(self.cfg.seed))
+            rng = np.random.default_rng(self.cfg.seed)
             for start in rng.integers(0, source.size - length, size=n):
                 ids = [int(t) for t in source[start:start + length]]
                 prompts.append(("random", self.tokenizer.decode(ids)))
@@ -70,9 +63,9 @@ class SampleCallback(L.Callback):
             **enc,
             do_sample=True,
             temperature=temperature,
-            top_k=int(self.cfg.top_k) or None,
-            top_p=float(self.cfg.top_p),
-            max_new_tokens=int(self.cfg.max_new_tokens),
+            top_k=self.cfg.top_k or None,
+            top_p=self.cfg.top_p,
+            max_new_tokens=self.cfg.max_new_tokens,
             use_cache=True,
             pad_token_id=tok.pad_token_id,
             eos_token_id=None,  # show the full length: an <|endoftext|> stays visible in the text
@@ -90,7 +83,7 @@ class SampleCallback(L.Callback):
         rows = []
         devices = [model.device.index or 0] if model.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(int(self.cfg.seed) + step)
+            torch.manual_seed(self.cfg.seed + step)
             for temperature in self.temperatures:
                 for (kind, prompt), text in zip(self.prompts, self.generate(model, temperature, step)):
                     rows.append([step, kind, prompt, temperature, text])

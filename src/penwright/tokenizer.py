@@ -32,7 +32,7 @@ def check_config(tok_cfg) -> None:
     if kind == "pretrained" and not tok_cfg.get("name_or_path"):
         raise ConfigError("model.tokenizer.name_or_path is empty: give a hub name (gpt2) or a local directory")
     if kind == "bpe":
-        vocab = int(tok_cfg.vocab_size)
+        vocab = tok_cfg.vocab_size
         if vocab < 258:
             raise ConfigError(
                 f"model.tokenizer.vocab_size={vocab}: a byte-level BPE needs at least 258 "

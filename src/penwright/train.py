@@ -26,9 +26,9 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
-from omegaconf import DictConfig, OmegaConf
 from transformers import AutoTokenizer
 
+from penwright import schema
 from penwright.data import PreparedData, load_meta
 from penwright.errors import ConfigError, PenwrightError
 from penwright.fsutil import atomic_write_text, replace_dir, temp_dir_for
@@ -163,9 +163,9 @@ def wandb_mode() -> str:
     return "offline"
 
 
-def run_metadata(cfg: DictConfig) -> dict:
+def run_metadata(cfg: schema.Config) -> dict:
     """What the W&B run config holds beside the resolved config: git commit, data version."""
-    meta = {"config": OmegaConf.to_container(cfg, resolve=True)}
+    meta = {"config": cfg.to_dict()}
     try:
         meta["git_commit"] = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
                                             check=True).stdout.strip()
@@ -176,7 +176,7 @@ def run_metadata(cfg: DictConfig) -> dict:
     return meta
 
 
-def build_loggers(cfg: DictConfig, ckpt_dir: Path, resuming: bool) -> list:
+def build_loggers(cfg: schema.Config, ckpt_dir: Path, resuming: bool) -> list:
     kind = str(cfg.logger.get("kind", "none"))
     if kind == "none":
         return []
@@ -198,7 +198,7 @@ def build_loggers(cfg: DictConfig, ckpt_dir: Path, resuming: bool) -> list:
     save_dir = Path(cfg.logger.save_dir)
     save_dir.mkdir(parents=True, exist_ok=True)
     logger = WandbLogger(
-        project=str(cfg.logger.project),
+        project=cfg.logger.project,
         group=cfg.logger.get("group"),
         tags=list(cfg.logger.get("tags") or []),
         job_type=cfg.logger.get("job_type"),
@@ -216,12 +216,12 @@ def build_loggers(cfg: DictConfig, ckpt_dir: Path, resuming: bool) -> list:
 # -- strategy and batch size -------------------------------------------------------------------------
 
 
-def build_strategy(tr: DictConfig):
+def build_strategy(tr: schema.Trainer):
     """Lightning's strategy: its name, or for ``fsdp`` an FSDPStrategy with each GPT-2 block one shard unit."""
-    name = str(tr.strategy)
+    name = tr.strategy
     if name != "fsdp":
         return name
-    if str(tr.accelerator) == "cpu":
+    if tr.accelerator == "cpu":
         raise ConfigError("trainer.strategy=fsdp runs on GPUs only (Lightning's FSDP needs CUDA): use trainer=fsdp on "
                           "a GPU machine, or trainer=ddp trainer.accelerator=cpu to test several processes on CPU")
     from lightning.pytorch.strategies import FSDPStrategy
@@ -241,7 +241,7 @@ def split_batch(requested: int, fits: int) -> tuple[int, int]:
     return math.ceil(requested / accumulate), accumulate
 
 
-def find_micro_batch(cfg: DictConfig, module, data, workdir: Path) -> int:
+def find_micro_batch(cfg: schema.Config, module, data, workdir: Path) -> int:
     """The largest micro-batch (a power of two, up to the effective batch) that runs a training step: Lightning's
     batch-size finder, on a throwaway trainer; the module's weights are restored after its trials."""
     from lightning.pytorch.tuner import Tuner
@@ -249,8 +249,8 @@ def find_micro_batch(cfg: DictConfig, module, data, workdir: Path) -> int:
     tr = cfg.trainer
     requested = data.batch_size * data.accumulate
     workdir.mkdir(parents=True, exist_ok=True)
-    trainer = L.Trainer(accelerator=str(tr.accelerator), devices=tr.devices, num_nodes=int(tr.num_nodes),
-                        strategy=build_strategy(tr), precision=str(tr.precision), max_steps=10, logger=False,
+    trainer = L.Trainer(accelerator=tr.accelerator, devices=tr.devices, num_nodes=tr.num_nodes,
+                        strategy=build_strategy(tr), precision=tr.precision, max_steps=10, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                         num_sanity_val_steps=0, limit_val_batches=0, default_root_dir=str(workdir))
     found = Tuner(trainer).scale_batch_size(module, datamodule=data, mode="power", init_val=1, steps_per_trial=2,
@@ -261,13 +261,13 @@ def find_micro_batch(cfg: DictConfig, module, data, workdir: Path) -> int:
 # -- the stage --------------------------------------------------------------------------------------
 
 
-def _fingerprint(cfg: DictConfig, meta: dict) -> dict:
+def _fingerprint(cfg: schema.Config, meta: dict) -> dict:
     """What a checkpoint must share with this run to be resumed."""
-    return {"model": OmegaConf.to_container(cfg.model, resolve=True), "block_size": int(cfg.train.block_size),
+    return {"model": cfg.model.to_dict(), "block_size": cfg.train.block_size,
             "tokenizer_md5": meta["tokenizer"]["md5"], "vocab_size": meta["vocab_size"]}
 
 
-def train(cfg: DictConfig, *, untimed_steps: int = 0) -> dict:
+def train(cfg: schema.Config, *, untimed_steps: int = 0) -> dict:
     """Train as configured. ``untimed_steps``: the first steps are left out of ``tokens_per_sec`` (warmup and
     ``torch.compile``'s compilation; the GPU check and benchmarks set it)."""
     start = time.perf_counter()
@@ -275,15 +275,13 @@ def train(cfg: DictConfig, *, untimed_steps: int = 0) -> dict:
     prepared = Path(cfg.data.out_dir)
     meta = load_meta(prepared)
     tokenizer = AutoTokenizer.from_pretrained(prepared / "tokenizer", local_files_only=True)  # same files online or off
-    block = int(tcfg.block_size)
-    if block < 1 or int(tcfg.batch_size) < 1:
-        raise ConfigError(f"train.block_size={block}, train.batch_size={tcfg.batch_size}: both must be >= 1")
-    L.seed_everything(int(cfg.seed), workers=True, verbose=False)
+    block = tcfg.block_size
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
 
-    data = PreparedData(prepared, block, int(tcfg.batch_size), int(cfg.seed), int(tcfg.val_batches),
-                        int(cfg.trainer.accumulate_grad_batches))
+    data = PreparedData(prepared, block, tcfg.batch_size, cfg.seed, tcfg.val_batches,
+                        cfg.trainer.accumulate_grad_batches)
     windows = max(1, data.train_tokens.size - block)
-    if int(tcfg.batch_size) > windows and data.train_tokens.size > block:
+    if tcfg.batch_size > windows and data.train_tokens.size > block:
         raise ConfigError(
             f"train.batch_size={tcfg.batch_size} is larger than the {windows} distinct windows of "
             f"{block + 1} tokens in {prepared}/train.bin; lower train.batch_size or train.block_size"
@@ -291,14 +289,14 @@ def train(cfg: DictConfig, *, untimed_steps: int = 0) -> dict:
     model = build_model(cfg.model, len(tokenizer), int(tokenizer.eos_token_id), block)
     module = LitGPT2(model, tcfg, data.bytes_per_token)
     log(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
-        f"{'from ' + str(cfg.model.name_or_path) if cfg.model.get('name_or_path') else 'from scratch'}; "
+        f"{'from ' + cfg.model.name_or_path if cfg.model.get('name_or_path') else 'from scratch'}; "
         f"train split {data.train_tokens.size:,} tokens")
 
     # every config check runs before any file is touched
-    lr_lambda(int(tcfg.warmup_steps), int(tcfg.get("decay_steps") or cfg.trainer.max_steps), str(tcfg.schedule),
-              float(tcfg.min_lr_ratio))
+    lr_lambda(tcfg.warmup_steps, int(tcfg.get("decay_steps") or cfg.trainer.max_steps), tcfg.schedule,
+              tcfg.min_lr_ratio)
     strategy = build_strategy(cfg.trainer)
-    if tcfg.get("auto_batch_size") and (str(cfg.trainer.devices) not in ("1", "auto") or int(cfg.trainer.num_nodes) > 1):
+    if tcfg.get("auto_batch_size") and (str(cfg.trainer.devices) not in ("1", "auto") or cfg.trainer.num_nodes > 1):
         raise ConfigError(f"train.auto_batch_size=true with trainer.devices={cfg.trainer.devices}, trainer.num_nodes="
                           f"{cfg.trainer.num_nodes}: Lightning's batch-size finder runs on one device; find the "
                           f"micro-batch with trainer.devices=1, then set train.batch_size to it")
@@ -308,7 +306,7 @@ def train(cfg: DictConfig, *, untimed_steps: int = 0) -> dict:
     last = ckpt_dir / "last.ckpt"
     fingerprint = _fingerprint(cfg, meta)
     fp_file = ckpt_dir / "fingerprint.json"
-    resuming = bool(tcfg.resume) and last.is_file()
+    resuming = tcfg.resume and last.is_file()
     if resuming and fp_file.is_file() and json.loads(fp_file.read_text()) != fingerprint:
         raise PenwrightError(
             f"{last}: this checkpoint was trained with another model, block size or tokenizer. "
@@ -340,13 +338,13 @@ def train(cfg: DictConfig, *, untimed_steps: int = 0) -> dict:
 
     callbacks = [
         Throughput(skip_steps=untimed_steps),
-        ModelCheckpoint(dirpath=ckpt_dir, filename="step-{step:06d}", every_n_train_steps=int(tcfg.ckpt_every_n_steps),
+        ModelCheckpoint(dirpath=ckpt_dir, filename="step-{step:06d}", every_n_train_steps=tcfg.ckpt_every_n_steps,
                         save_top_k=-1 if tcfg.keep_all_checkpoints else 1, save_last=True,
                         auto_insert_metric_name=False),
         ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor="val/loss", mode="min", save_top_k=1,
                         auto_insert_metric_name=False),
         sampler,
-        CurveWriter(reports / "curves", int(cfg.trainer.log_every_n_steps)),
+        CurveWriter(reports / "curves", cfg.trainer.log_every_n_steps),
     ]
     loggers = build_loggers(cfg, ckpt_dir, resuming)
     if tcfg.get("auto_batch_size"):
@@ -356,23 +354,23 @@ def train(cfg: DictConfig, *, untimed_steps: int = 0) -> dict:
     tr = cfg.trainer
     accumulate = data.accumulate
     trainer = L.Trainer(
-        accelerator=str(tr.accelerator),
+        accelerator=tr.accelerator,
         devices=tr.devices,
-        num_nodes=int(tr.num_nodes),
+        num_nodes=tr.num_nodes,
         strategy=strategy,
-        precision=str(tr.precision),
-        max_steps=int(tr.max_steps),
-        val_check_interval=int(tcfg.val_every_n_steps) * accumulate,
+        precision=tr.precision,
+        max_steps=tr.max_steps,
+        val_check_interval=tcfg.val_every_n_steps * accumulate,
         check_val_every_n_epoch=None,
         num_sanity_val_steps=0,
-        gradient_clip_val=float(tcfg.grad_clip) or None,
+        gradient_clip_val=tcfg.grad_clip or None,
         accumulate_grad_batches=accumulate,
-        log_every_n_steps=int(tr.log_every_n_steps),
+        log_every_n_steps=tr.log_every_n_steps,
         logger=loggers or False,
         callbacks=callbacks,
         plugins=[AtomicCheckpointIO()],
         use_distributed_sampler=False,
-        enable_progress_bar=bool(tr.progress_bar),
+        enable_progress_bar=tr.progress_bar,
         enable_model_summary=False,
         default_root_dir=str(ckpt_dir),
     )
@@ -409,7 +407,7 @@ def _finish(cfg, trainer, module, tokenizer, data, final, callbacks, start, resu
     atomic_write_text(progress_file, json.dumps({"wall_seconds": seconds, "train_seconds": step_seconds,
                                                  "timed_tokens": step_tokens}) + "\n")
     steps = trainer.global_step
-    tokens = steps * data.batch_size * int(cfg.train.block_size) * data.accumulate * trainer.world_size
+    tokens = steps * data.batch_size * cfg.train.block_size * data.accumulate * trainer.world_size
     best = best_ckpt.best_model_score
     metrics = {
         "val_loss": round(float(final["val/loss"]), 5),

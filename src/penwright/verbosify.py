@@ -20,9 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig
 from tqdm import tqdm
 
+from penwright import schema
 from penwright.errors import ConfigError, PenwrightError
 from penwright.fsutil import atomic_write_text
 
@@ -126,33 +126,28 @@ class Verbosifier:
         return float(torch.log_softmax(logits, -1).gather(1, ids[0, -cont.shape[1]:, None]).mean())
 
 
-def expand(v: Verbosifier, text: str, cfg: DictConfig, progress: bool = True) -> list[Expansion]:
+def expand(v: Verbosifier, text: str, cfg: schema.Verbosify, progress: bool = True) -> list[Expansion]:
     """Every passage of ``text`` with its chosen continuation."""
-    steps, candidates = int(cfg.steps), int(cfg.candidates)
-    max_new = int(cfg.max_new_tokens)
-    if steps < 0 or candidates < 1 or max_new < 1:
-        raise ConfigError(f"verbosify.steps={steps}, verbosify.candidates={candidates}, verbosify.max_new_tokens="
-                          f"{max_new}: use steps >= 0, candidates >= 1 and max_new_tokens >= 1")
-    if float(cfg.temperature) <= 0:
-        raise ConfigError(f"verbosify.temperature={cfg.temperature}: use a temperature > 0")
+    steps, candidates = cfg.steps, cfg.candidates
+    max_new = cfg.max_new_tokens
     if max_new >= v.n_positions:
         raise ConfigError(f"verbosify.max_new_tokens={max_new}: the model's context is {v.n_positions} tokens; "
                           f"leave room for the passage")
-    chunks = passages(text, int(cfg.sentences))
+    chunks = passages(text, cfg.sentences)
     result = []
     for index, (paragraph, passage) in enumerate(tqdm(chunks, desc="verbosify", unit="passage",
                                                       disable=not progress, file=sys.stderr)):
-        if words(passage) < int(cfg.min_words):  # a heading, a signature: kept as it is
+        if words(passage) < cfg.min_words:  # a heading, a signature: kept as it is
             result.append(Expansion(paragraph, passage, "", None))
             continue
         ids = v.tokenizer.encode(passage)[-(v.n_positions - max_new):]  # the passage's end, if it is too long
         ids = torch.tensor([ids], device=v.device)
-        torch.manual_seed(int(cfg.seed) + index)
+        torch.manual_seed(cfg.seed + index)
         v.reset()
         if steps:
-            v.finetune(ids, steps, float(cfg.lr))
-        continuation, score = v.continue_passage(ids, candidates, max_new, float(cfg.temperature), int(cfg.top_k),
-                                                 int(cfg.max_sentences))
+            v.finetune(ids, steps, cfg.lr)
+        continuation, score = v.continue_passage(ids, candidates, max_new, cfg.temperature, cfg.top_k,
+                                                 cfg.max_sentences)
         result.append(Expansion(paragraph, passage, continuation, score))
     v.reset()
     return result
@@ -162,11 +157,11 @@ def words(text: str) -> int:
     return len(text.split())
 
 
-def verbosify(cfg: DictConfig) -> dict:
+def verbosify(cfg: schema.Config) -> dict:
     """The ``verbosify`` command/stage: expand ``verbosify.document`` into ``verbosify.output``."""
     vc = cfg.verbosify
     start = time.perf_counter()
-    doc = Path(str(vc.document))
+    doc = Path(vc.document)
     if not doc.is_file():
         raise PenwrightError(f"verbosify.document={doc}: no such file. Give a text file to expand")
     try:
@@ -175,8 +170,8 @@ def verbosify(cfg: DictConfig) -> dict:
         raise PenwrightError(f"{doc}: not UTF-8 text (byte {err.start}); convert it to UTF-8") from None
     if not split_sentences(text):
         raise PenwrightError(f"{doc}: the document is empty; give a text to expand")
-    device = "cuda" if torch.cuda.is_available() and str(cfg.trainer.accelerator) != "cpu" else "cpu"
-    v = Verbosifier(str(vc.model), device)
+    device = "cuda" if torch.cuda.is_available() and cfg.trainer.accelerator != "cpu" else "cpu"
+    v = Verbosifier(vc.model, device)
     expansions = expand(v, text, vc)
     paragraphs: dict[int, list[str]] = {}
     for e in expansions:
@@ -192,8 +187,8 @@ def verbosify(cfg: DictConfig) -> dict:
         "device": device,
         "seconds": round(time.perf_counter() - start, 1),
     }
-    out = atomic_write_text(Path(str(vc.output)), expanded)
-    atomic_write_text(Path(str(vc.report)), json.dumps(report, indent=2) + "\n")
+    out = atomic_write_text(Path(vc.output), expanded)
+    atomic_write_text(Path(vc.report), json.dumps(report, indent=2) + "\n")
     log(f"{report['passages']} passages ({report['expanded_passages']} expanded), {report['words_in']} -> "
         f"{report['words_out']} words (x{report['word_ratio']}) on {device} in {report['seconds']} s -> {out}")
     return report

@@ -6,9 +6,8 @@ import os
 import signal
 import sys
 
-from omegaconf import DictConfig
 
-from penwright.errors import ConfigError
+from penwright.schema import Config, Serve
 
 
 def wait_until_healthy(url: str, seconds: float, process=None) -> None:
@@ -32,42 +31,28 @@ def wait_until_healthy(url: str, seconds: float, process=None) -> None:
     raise PenwrightError(f"the server at {url} did not become healthy in {seconds:g} s")
 
 
-def settings_from(s: DictConfig):
+def settings_from(s: Serve):
     from penwright.serve.app import Settings
 
-    for key in ("max_sequences", "queue_size", "max_body_bytes", "max_n", "max_prompts", "max_tokens"):
-        if int(s[key]) < 1:
-            raise ConfigError(f"serve.{key}={s[key]}: must be >= 1")
-    if not 0 < int(s.port) < 65536:
-        raise ConfigError(f"serve.port={s.port}: must be in 1..65535")
-    if float(s.stream_interval) < 0:
-        raise ConfigError(f"serve.stream_interval={s.stream_interval}: must be >= 0 seconds (0: every token)")
-    if not float(s.request_timeout) > 0:
-        raise ConfigError(f"serve.request_timeout={s.request_timeout}: must be > 0 seconds")
-    if float(s.temperature) < 0 or not 0 < float(s.top_p) <= 1 or int(s.top_k) < 0:
-        raise ConfigError(f"serve.temperature={s.temperature}, serve.top_p={s.top_p}, serve.top_k={s.top_k}: "
-                          f"need temperature >= 0, 0 < top_p <= 1, top_k >= 0")
     key = s.api_key or os.environ.get("PENWRIGHT_API_KEY") or None
-    return Settings(model_name=str(s.model_name), queue_size=int(s.queue_size), request_timeout=float(s.request_timeout),
-                    max_body_bytes=int(s.max_body_bytes), max_n=int(s.max_n), max_prompts=int(s.max_prompts),
-                    api_key=str(key) if key else None, max_tokens=int(s.max_tokens),
-                    stream_interval=float(s.stream_interval), temperature=float(s.temperature),
-                    top_k=int(s.top_k), top_p=float(s.top_p))
+    return Settings(model_name=s.model_name, queue_size=s.queue_size, request_timeout=s.request_timeout,
+                    max_body_bytes=s.max_body_bytes, max_n=s.max_n, max_prompts=s.max_prompts,
+                    api_key=str(key) if key else None, max_tokens=s.max_tokens,
+                    stream_interval=s.stream_interval, temperature=s.temperature,
+                    top_k=s.top_k, top_p=s.top_p)
 
 
-def build_app(cfg: DictConfig):
+def build_app(cfg: Config):
     """The app for ``cfg.serve``: settings checked now, the engine loaded when the server starts."""
     from penwright.engine import Engine
     from penwright.serve.app import create_app
 
     s = cfg.serve
     settings = settings_from(s)
-    if s.context is not None and int(s.context) < 2:
-        raise ConfigError(f"serve.context={s.context}: must be >= 2 tokens (null: the model's context)")
 
     def load() -> Engine:
-        engine = Engine.load(s.model_dir, slots=int(s.max_sequences), threads=int(s.threads), graph=str(s.graph),
-                             context=None if s.context is None else int(s.context), spin=bool(s.spin))
+        engine = Engine.load(s.model_dir, slots=s.max_sequences, threads=s.threads, graph=s.graph,
+                             context=s.context, spin=s.spin)
         print(f"[serve] {s.model_dir}/{s.graph}: {engine.slots} slots x {engine.context} tokens "
               f"({engine.cache_bytes() / 2**20:.0f} MiB of KV buffer at most)", file=sys.stderr, flush=True)
         return engine
@@ -75,7 +60,7 @@ def build_app(cfg: DictConfig):
     return create_app(load, settings)
 
 
-def serve(cfg: DictConfig) -> None:
+def serve(cfg: Config) -> None:
     """Load the engine (bad files and configs fail here, in one line), then serve until SIGINT/SIGTERM."""
     from penwright.serve.app import serve_forever
 
@@ -88,5 +73,5 @@ def serve(cfg: DictConfig) -> None:
     # uvicorn stops on SIGTERM (letting in-flight responses finish), then re-raises the signal with the handler
     # it found: a no-op one, so a requested stop exits 0
     signal.signal(signal.SIGTERM, lambda *_: None)
-    serve_forever(app, str(s.host), int(s.port), graceful=float(s.request_timeout))
+    serve_forever(app, s.host, s.port, graceful=s.request_timeout)
     print("[serve] stopped", file=sys.stderr, flush=True)

@@ -1,0 +1,491 @@
+"""The typed schema of the composed config: each knob's type and allowed range or choices, in one place.
+
+The defaults and the comment on each knob live in ``conf/`` (stated once, there); this module
+says what a value may be. ``config.compose`` validates the composed YAML against ``Config`` before
+any stage runs, so a wrong type or an out-of-range value anywhere is refused up front, in one
+line naming the key, the value and what is allowed. Stages receive these typed, frozen objects
+(``cfg.train.lr`` is a float), never raw ``DictConfig`` values to cast.
+
+Why pydantic and not Hydra structured configs: ``dvc exp run`` composes ``conf/`` in DVC's own
+process, where a ConfigStore registered by penwright does not exist; validating the composed
+result works the same whichever process composed it.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Literal, Union
+
+from annotated_types import Ge, Gt, Le, Lt
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+# -- value types -------------------------------------------------------------------------------------
+
+PosInt = Annotated[int, Field(ge=1)]
+NonNegInt = Annotated[int, Field(ge=0)]
+Seed = Annotated[int, Field(ge=0, le=2**32 - 1)]  # numpy and torch seeds are 32-bit
+PosFloat = Annotated[float, Field(gt=0)]
+NonNegFloat = Annotated[float, Field(ge=0)]
+Ratio = Annotated[float, Field(ge=0, le=1)]  # [0, 1]
+TopP = Annotated[float, Field(gt=0, le=1)]  # (0, 1]; 1.0 = off
+Temperature = Annotated[float, Field(gt=0, le=100)]
+LearningRate = Annotated[float, Field(gt=0, le=1)]
+Threads = Annotated[int, Field(ge=0, le=1024)]  # 0: all cores
+
+
+class Group(BaseModel):
+    """A config group: every key known (a typo is an error), types strict (``"1"`` is not 1), frozen."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True, protected_namespaces=())
+
+    def get(self, key: str, default=None):  # mapping-style reads, for code shared with plain dicts
+        return getattr(self, key, default)
+
+    def to_dict(self) -> dict:
+        """The values as composed (keys a group's YAML leaves out stay out)."""
+        return self.model_dump(exclude_unset=True)
+
+
+# -- groups ------------------------------------------------------------------------------------------
+
+
+class Paths(Group):
+    artifacts: str
+    reports: str
+
+
+class Data(Group):
+    path: str
+    glob: str
+    format: Literal["auto", "text", "csv", "jsonl"]
+    csv_column: str | None
+    csv_prefix: str
+    jsonl_field: str
+    take: str | None
+    encoding_errors: Literal["strict", "replace"]
+    val_fraction: Annotated[float, Field(ge=0, lt=1)]
+    split_seed: Seed
+    chunk_bytes: Annotated[int, Field(ge=1024, le=2**31 - 1)]
+    out_dir: str
+    fast_encode: bool
+
+    @field_validator("take")
+    @classmethod
+    def _one_group(cls, take: str | None) -> str | None:
+        if take is None:
+            return take
+        try:
+            groups = re.compile(take).groups
+        except re.error as err:
+            raise ValueError(f"not a valid regular expression ({err})") from None
+        if groups != 1:
+            raise ValueError(f"the regex has {groups} groups; give exactly one (group): the part of each row to keep")
+        return take
+
+
+class Tokenizer(Group):
+    type: Literal["bpe", "bytes", "pretrained"]
+    name_or_path: str | None
+    vocab_size: Annotated[int, Field(ge=258, le=2**31 - 1)] | None = None  # bpe: 256 bytes + 2 special tokens at least
+    min_frequency: PosInt | None = None
+    train_max_bytes: PosInt | None = None
+
+
+class Model(Group):
+    name_or_path: str | None
+    n_layer: Annotated[int, Field(ge=1, le=1024)] | None = None  # from scratch only (a pretrained model has its own)
+    n_head: Annotated[int, Field(ge=1, le=1024)] | None = None
+    n_embd: Annotated[int, Field(ge=1, le=65536)] | None = None
+    n_positions: Annotated[int, Field(ge=2, le=1 << 20)] | None = None
+    dropout: Annotated[float, Field(ge=0, lt=1)] | None = None
+    tokenizer: Tokenizer
+
+    @model_validator(mode="after")
+    def _sizes(self) -> "Model":
+        if self.name_or_path is None:
+            for key in ("n_layer", "n_head", "n_embd", "n_positions"):
+                if getattr(self, key) is None:
+                    raise _KeyError(f"model.{key}", None, "a from-scratch model (model.name_or_path=null) needs a size")
+            if self.n_embd % self.n_head:
+                raise _KeyError("model.n_embd", self.n_embd, f"not divisible by model.n_head={self.n_head}")
+        if self.tokenizer.type == "pretrained" and not self.tokenizer.name_or_path:
+            raise _KeyError("model.tokenizer.name_or_path", None,
+                            "tokenizer type pretrained needs a hub name or local dir (or type bpe / bytes)")
+        if self.tokenizer.type == "bpe":
+            for key in ("vocab_size", "min_frequency", "train_max_bytes"):
+                if getattr(self.tokenizer, key) is None:
+                    raise _KeyError(f"model.tokenizer.{key}", None, "a bpe tokenizer needs it")
+        return self
+
+
+class Fsdp(Group):
+    sharding: Literal["FULL_SHARD", "SHARD_GRAD_OP", "HYBRID_SHARD", "NO_SHARD"]
+    activation_checkpointing: bool
+    cpu_offload: bool
+
+
+class Trainer(Group):
+    accelerator: Literal["cpu", "gpu", "cuda", "mps", "auto"]
+    devices: Union[int, str]  # a count of devices, or auto
+    num_nodes: Annotated[int, Field(ge=1, le=100_000)]
+    strategy: Literal["auto", "ddp", "ddp_spawn", "ddp_find_unused_parameters_true", "fsdp"]
+    precision: Literal["32-true", "32", "bf16-mixed", "bf16-true", "16-mixed", "16-true", "64-true"]
+    max_steps: PosInt
+    accumulate_grad_batches: Annotated[int, Field(ge=1, le=65536)]
+    log_every_n_steps: PosInt
+    progress_bar: bool
+    fsdp: Fsdp | None = None  # trainer=fsdp only
+
+    @field_validator("devices")
+    @classmethod
+    def _devices(cls, value):
+        if isinstance(value, bool) or (isinstance(value, int) and not 1 <= value <= 4096) or \
+                (isinstance(value, str) and value != "auto"):
+            raise ValueError("not a device count (allowed: 1 <= value <= 4096, or auto)")
+        return value
+
+    @field_validator("precision", mode="before")
+    @classmethod
+    def _precision_as_text(cls, value):
+        return str(value) if isinstance(value, int) and not isinstance(value, bool) else value  # precision=32
+
+
+class Train(Group):
+    block_size: Annotated[int, Field(ge=1, le=1 << 20)]
+    batch_size: Annotated[int, Field(ge=1, le=1 << 20)]
+    auto_batch_size: bool
+    lr: LearningRate
+    weight_decay: Annotated[float, Field(ge=0, le=10)]
+    betas: Annotated[list[Annotated[float, Field(ge=0, lt=1)]], Field(min_length=2, max_length=2)]
+    warmup_steps: NonNegInt
+    schedule: Literal["cosine", "linear", "constant"]
+    decay_steps: PosInt | None
+    min_lr_ratio: Ratio
+    grad_clip: NonNegFloat
+    val_every_n_steps: PosInt
+    val_batches: PosInt
+    ckpt_every_n_steps: PosInt
+    keep_all_checkpoints: bool
+    ckpt_dir: str
+    out_dir: str
+    resume: bool
+    gradient_checkpointing: bool
+    freeze_embeddings: bool
+    compile: bool
+
+
+class WandbLogger(Group):
+    kind: Literal["wandb"]
+    project: str
+    group: str | None
+    tags: list[str]
+    job_type: str | None
+    name: str | None
+    save_dir: str
+
+
+class NoLogger(Group):
+    model_config = ConfigDict(extra="ignore")  # logger.kind=none over wandb's keys: they are simply unused
+    kind: Literal["none"]
+
+
+class Sample(Group):
+    every_n_steps: NonNegInt
+    prompts: list[str]
+    unconditional: NonNegInt
+    random_prompts: NonNegInt
+    random_prompt_tokens: PosInt
+    temperatures: Annotated[list[Temperature], Field(min_length=1)]
+    max_new_tokens: PosInt
+    top_k: NonNegInt
+    top_p: TopP
+    seed: Seed
+
+
+class Export(Group):
+    out_dir: str
+    opset: Annotated[int, Field(ge=17, le=20)]  # LayerNormalization needs 17; the TorchScript exporter stops at 20
+    graph: Literal["fused", "lean", "transformers"]
+    dtype: Literal["fp32", "fp16"]
+    quantize: list[Literal["q8", "q4", "int8"]]
+    gguf: list[Literal["f32", "f16", "q8_0", "q4_0"]]
+    parity_prompts: Annotated[list[str], Field(min_length=1)]
+    parity_new_tokens: PosInt
+    parity_atol: Annotated[float, Field(gt=0, le=10)]
+    parity_atol_fp16: Annotated[float, Field(gt=0, le=10)]
+
+
+class Generate(Group):
+    model_dir: str
+    graph: str
+    provider: Literal["cpu", "cuda"]
+    threads: Threads
+    prompts: Annotated[list[str], Field(min_length=1)]
+    nsamples: PosInt
+    batch_size: Annotated[int, Field(ge=1, le=4096)]
+    max_new_tokens: PosInt
+    min_new_tokens: NonNegInt
+    do_sample: bool
+    temperature: Temperature
+    top_k: NonNegInt
+    top_p: TopP
+    repetition_penalty: Annotated[float, Field(gt=0, le=100)]
+    stop: list[str]
+    truncate: str | None
+    include_prefix: bool
+    strip: bool
+    check_copies: bool
+    seed: Seed | None
+    stream: bool
+    destination: str | None
+    delimiter: str
+    report: str | None
+
+
+class Verbosify(Group):
+    model: str
+    document: str
+    sentences: PosInt
+    min_words: NonNegInt
+    steps: Annotated[int, Field(ge=0, le=10_000)]  # 0: no finetuning, continue the base model
+    lr: LearningRate
+    candidates: Annotated[int, Field(ge=1, le=1000)]
+    max_new_tokens: PosInt
+    max_sentences: PosInt
+    temperature: Temperature
+    top_k: NonNegInt
+    seed: Seed
+    output: str
+    report: str
+
+
+class Serve(Group):
+    model_dir: str
+    graph: str
+    model_name: Annotated[str, Field(min_length=1)]
+    host: Annotated[str, Field(min_length=1)]
+    port: Annotated[int, Field(ge=1, le=65535)]
+    max_sequences: Annotated[int, Field(ge=1, le=4096)]
+    context: Annotated[int, Field(ge=2, le=1 << 20)] | None
+    queue_size: Annotated[int, Field(ge=1, le=1 << 20)]
+    request_timeout: Annotated[float, Field(gt=0, le=86400)]
+    stream_interval: Annotated[float, Field(ge=0, le=60)]
+    max_body_bytes: Annotated[int, Field(ge=1024, le=1 << 30)]
+    max_n: Annotated[int, Field(ge=1, le=4096)]
+    max_prompts: Annotated[int, Field(ge=1, le=65536)]
+    threads: Threads
+    spin: bool
+    api_key: str | None
+    max_tokens: PosInt
+    temperature: Annotated[float, Field(ge=0, le=100)]  # 0: greedy (OpenAI's convention)
+    top_k: NonNegInt
+    top_p: TopP
+
+
+class Chain(Group):
+    prompts_model: str
+    responses_model: str
+    n: PosInt
+    batch_size: Annotated[int, Field(ge=1, le=4096)]
+    prompt_tokens: PosInt
+    response_tokens: PosInt
+    min_new_tokens: NonNegInt
+    temperature: Temperature
+    top_k: NonNegInt
+    seed: Seed
+    threads: Threads
+    output: str
+
+
+class Config(Group):
+    """The whole composed config (conf/config.yaml and its groups)."""
+
+    seed: Seed
+    paths: Paths
+    data: Data
+    model: Model
+    trainer: Trainer
+    train: Train
+    logger: Annotated[Union[WandbLogger, NoLogger], Field(discriminator="kind")]
+    sample: Sample
+    export: Export
+    generate: Generate
+    verbosify: Verbosify
+    serve: Serve
+    chain: Chain | None = None  # experiment=wp_responses / wp_prompts only
+
+    @model_validator(mode="after")
+    def _across_groups(self) -> "Config":
+        if self.trainer.strategy == "fsdp" and self.trainer.fsdp is None:
+            raise _KeyError("trainer.fsdp", None, "strategy fsdp needs the fsdp block: use trainer=fsdp")
+        if self.model.name_or_path is None and self.train.block_size > self.model.n_positions:
+            raise _KeyError("train.block_size", self.train.block_size,
+                            f"more than the model's context, model.n_positions={self.model.n_positions}: "
+                            f"set train.block_size={self.model.n_positions} or less")
+        return self
+
+
+# -- validation with one-line errors ------------------------------------------------------------------
+
+
+class _KeyError(ValueError):
+    """A cross-field check's failure, naming the key at fault (not the object that ran the check)."""
+
+    def __init__(self, key: str, value, reason: str):
+        super().__init__(f"{key}={value!r}: {reason}" if value is not None else f"{key}: {reason}")
+
+
+def validate(values: dict, source: str = "") -> Config:
+    """``values`` (the composed, resolved YAML) as a typed ``Config``; bad values raise one ``ConfigError`` line."""
+    from penwright.errors import ConfigError
+
+    try:
+        return Config.model_validate(values)
+    except ValidationError as err:
+        lines = _describe(err, values)
+        more = f" (and {len(lines) - 1} more: {'; '.join(lines[1:3])})" if len(lines) > 1 else ""
+        raise ConfigError(f"{source + ': ' if source else ''}{lines[0]}{more}") from None
+
+
+def _describe(err: ValidationError, values: dict) -> list[str]:
+    """One message per bad key: ``key=value: what is wrong (allowed: ...)``."""
+    out, seen = [], set()
+    for e in err.errors(include_url=False):
+        if e["type"] == "value_error" and isinstance(e.get("ctx", {}).get("error"), _KeyError):
+            message = str(e["ctx"]["error"])
+            key = message.split("=", 1)[0].split(":", 1)[0]
+        else:
+            loc = _key_parts(e["loc"])
+            item = loc.pop() if loc and isinstance(loc[-1], int) else None  # an item of a list: name the list
+            key = ".".join(str(p) for p in loc)
+            message = _one(e, key, values, item)
+        if key not in seen:
+            seen.add(key)
+            out.append(message)
+    return out
+
+
+def _key_parts(loc: tuple) -> list:
+    """The parts of an error's location that are keys or list indices: pydantic also puts the union member or
+    discriminator value it tried there (``int``, ``wandb``, ``function-after[...]``), which are not keys."""
+    parts, models = [], [Config]
+    for part in loc:
+        if isinstance(part, int):
+            parts.append(part)
+            continue
+        info = next((m.model_fields[part] for m in models if part in m.model_fields), None)
+        if info is None:
+            continue  # a union tag
+        parts.append(part)
+        models = _models_of(info.annotation) or models
+    return parts
+
+
+def _one(e: dict, key: str, values: dict, item: int | None = None) -> str:
+    kind, value = e["type"], e.get("input")
+    if kind == "missing":
+        return f"{key}: missing; add it to the group's YAML in conf/ (or pass {key}=...)"
+    if kind == "extra_forbidden":
+        return f"{key}: not a known key; `penwright show` prints every key"
+    allowed = allowed_values(key)
+    shown = _lookup(values, key, value)
+    reason = {
+        "greater_than": "out of range", "greater_than_equal": "out of range",
+        "less_than": "out of range", "less_than_equal": "out of range",
+        "literal_error": "not one of the choices", "union_tag_invalid": "not one of the choices",
+        "int_type": "not an integer", "int_from_float": "not an integer", "float_type": "not a number",
+        "bool_type": "not true or false", "string_type": "not a string", "list_type": "not a list",
+        "too_short": "too few items", "too_long": "too many items", "value_error": None,
+    }.get(kind, None)
+    if reason is None:
+        return f"{key}={shown!r}: {e['msg'].removeprefix('Value error, ')}"
+    if item is not None:
+        reason = f"item {item} ({value!r}) {reason}"
+    return f"{key}={shown!r}: {reason}" + (f" (allowed: {allowed})" if allowed else "")
+
+
+def _lookup(values: dict, key: str, fallback):
+    node = values
+    for part in key.split("."):
+        if isinstance(node, dict) and part in node:
+            node = node[part]
+        elif isinstance(node, list) and part.isdigit() and int(part) < len(node):
+            node = node[int(part)]
+        else:
+            return fallback
+    return node
+
+
+def field_at(key: str):
+    """The schema's ``FieldInfo`` for a dotted key (list indices skipped), or None."""
+    model, info = Config, None
+    for part in key.split("."):
+        if part.isdigit():
+            continue
+        fields = _models_of(model)
+        info = next((m.model_fields[part] for m in fields if part in m.model_fields), None)
+        if info is None:
+            return None
+        model = info.annotation
+    return info
+
+
+def _models_of(annotation) -> list[type[BaseModel]]:
+    """The BaseModel classes an annotation holds (``X | None``, a union of loggers, ...)."""
+    import typing
+
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    out = []
+    for arg in typing.get_args(annotation):
+        out += _models_of(arg)
+    return out
+
+
+def bounds(annotation, metadata=()) -> dict:
+    """``{"ge": 1, "le": 65535}`` and ``choices`` of a field's type (looking through ``X | None``, lists)."""
+    import typing
+
+    found: dict = {}
+    for m in metadata:
+        for attr, cls in (("ge", Ge), ("gt", Gt), ("le", Le), ("lt", Lt)):
+            if isinstance(m, cls):
+                found[attr] = getattr(m, attr)
+    origin = typing.get_origin(annotation)
+    if origin is list:
+        inner = bounds(typing.get_args(annotation)[0])
+        found.update({k: v for k, v in inner.items() if k not in found or k == "choices"}, items=True)
+    elif origin is Literal:
+        found["choices"] = list(typing.get_args(annotation))
+    elif origin is Annotated:
+        inner, *meta = typing.get_args(annotation)
+        found = {**bounds(inner, [x for m in meta for x in getattr(m, "metadata", [m])]), **found}
+    elif origin is not None:
+        for arg in typing.get_args(annotation):
+            if arg is not type(None):
+                for k, v in bounds(arg).items():
+                    found.setdefault(k, v)
+    return found
+
+
+def allowed_values(key: str) -> str:
+    """What a key may be, in words: ``1 <= value <= 65535``, ``one of cpu, cuda``, ``a number > 0``."""
+    info = field_at(key)
+    if info is None:
+        return ""
+    b = bounds(info.annotation, info.metadata)
+    each = "a list, each item " if b.get("items") else ""
+    if "choices" in b:
+        return f"{each}one of " + ", ".join(str(c) for c in b["choices"])
+    low = f"{b['ge']} <= " if "ge" in b else f"{b['gt']} < " if "gt" in b else ""
+    high = f" <= {b['le']}" if "le" in b else f" < {b['lt']}" if "lt" in b else ""
+    if not (low or high):
+        return ""
+    nullable = " or null" if _nullable(info.annotation) else ""
+    return f"{each}{low}value{high}{nullable}"
+
+
+def _nullable(annotation) -> bool:
+    import typing
+
+    return type(None) in typing.get_args(annotation)
