@@ -4,51 +4,23 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
+import re
 import shutil
-import subprocess
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import yaml
 
+from helpers.dvc_project import new_project, run
+from helpers.paths import REPO
+from helpers.stage_reads import code_closure, config_reads, source
 from penwright.sample_corpus import materialize
-
-
-def run(cmd: list[str], cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
-    # not WANDB_SERVICE: a W&B run earlier in this pytest process set it, and a child would log through
-    # that process's service instead of its own
-    inherited = {k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"}
-    env = {**inherited, "DVC_NO_ANALYTICS": "1", "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t",
-           "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
-    done = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, env=env)
-    if check and done.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} failed ({done.returncode}):\n{done.stdout}\n{done.stderr}")
-    return done
 
 
 def snapshot(root: Path) -> dict[str, str]:
     return {p.relative_to(root).as_posix(): hashlib.md5(p.read_bytes()).hexdigest()
             for p in sorted(root.rglob("*")) if p.is_file()}
-
-
-def new_project(tmp: Path, repo: Path, with_pipeline: bool) -> Path:
-    """A fresh git + DVC project holding the repo's DVC files (and, optionally, its pipeline)."""
-    proj = tmp / "proj"
-    proj.mkdir()
-    run(["git", "init", "-q"], proj)
-    run(["dvc", "init", "-q"], proj)
-    run(["dvc", "config", "core.analytics", "false"], proj)
-    run(["dvc", "remote", "add", "-d", "local", str(tmp / "remote")], proj)
-    shutil.copy(repo / "data.dvc", proj / "data.dvc")
-    if with_pipeline:
-        run(["dvc", "config", "hydra.enabled", "true"], proj)
-        for name in ("dvc.yaml", "params.yaml"):
-            shutil.copy(repo / name, proj / name)
-        shutil.copytree(repo / "conf", proj / "conf")
-        shutil.copytree(repo / "src", proj / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
-        (proj / ".gitignore").write_text("/data\n/artifacts\n")
-    return proj
 
 
 def test_sample_corpus_is_deterministic(tmp_path):
@@ -132,3 +104,160 @@ def test_pipeline_reruns_prepare_only_for_its_params_and_exp_run_composes_conf(t
     assert sorted(r["data.val_fraction"] for r in experiments) == ["0.02", "0.05", "0.1"]
     trained = [r for r in experiments if r.get("trainer.max_steps") == "4"]
     assert len(trained) == 1 and float(trained[0]["val_loss"]) == report["val_loss"]
+
+
+# -- what each stage declares: derived from its code, the same in both pipelines -------------------------
+
+PIPELINES = {"main": REPO / "dvc.yaml", "writing_prompts": REPO / "pipelines" / "writing_prompts" / "dvc.yaml"}
+
+# read by a stage, but changing none of its output: left out of its deps and params on purpose
+NOT_CODE = {"errors": "exception classes: the messages, not the output",
+            "log": "messages on stderr",
+            "schema": "the config's types: a value it refuses stops the stage before any work",
+            "loggers": "W&B (train): where the run is logged, not what it trains, as logger.* in params"}
+NOT_OUTPUT = {"data.chunk_bytes": "how much text is read at a time: the same tokens and hashes",
+              "data.fast_encode": "splintr or tokenizers: the same ids (checked on a probe before it is used)"}
+NOT_OUTPUT_CODE = {"build_loggers": "logger.*: where the run is logged, not what it trains"}  # functions, by name
+
+# the files (and directories) each stage reads, by the config key that names them
+FILES = {
+    "prepare": ["${data.path}"],
+    "train": ["${data.out_dir}"],
+    "export": ["${train.out_dir}", "${data.out_dir}"],
+    "generate": ["${generate.model_dir}", "${data.out_dir}/documents.json"],
+    "verbosify": ["${verbosify.model}", "${verbosify.document}"],
+    "pairs": ["${chain.prompts_model}", "${chain.responses_model}"],
+}
+
+
+@dataclass
+class Stage:
+    pipeline: str
+    name: str                # foreach stages: one Stage per item, all with the stage's name
+    item: str | None
+    module: str              # penwright <module>: the stage's code is penwright.<module>.<module>(cfg)
+    params_file: Path        # the file the stage runs on (--params), whose keys it declares
+    params: list[str]
+    code: set[str]           # src/penwright/*.py deps
+    files: list[str]         # the other deps, as written
+    resolved: list[str]      # the other deps, interpolated
+
+    def values(self) -> dict:
+        return yaml.safe_load(self.params_file.read_text())
+
+
+def interpolate(text: str, values: dict, item: str | None = None) -> str:
+    def one(match: re.Match) -> str:
+        if match.group(1) == "item":
+            return str(item)
+        node = values
+        for part in match.group(1).split("."):
+            node = node[part]
+        return str(node)
+
+    return re.sub(r"\$\{([^}]+)\}", one, text)
+
+
+def pipeline_stages(pipeline: str) -> list[Stage]:
+    path = PIPELINES[pipeline]
+    doc = yaml.safe_load(path.read_text())
+    variables = {}
+    for name in doc.get("vars") or ["params.yaml"]:  # DVC's default: params.yaml beside dvc.yaml
+        variables |= yaml.safe_load((path.parent / name).read_text())
+    out = []
+    for name, body in doc["stages"].items():
+        for item, stage in ([(i, body["do"]) for i in body["foreach"]] if "foreach" in body else [(None, body)]):
+            wdir = (path.parent / stage.get("wdir", ".")).resolve()
+            assert wdir == REPO, f"{path}: {name}: stages run from the repository root"
+            params = {}
+            for entry in stage.get("params", []):
+                for file, keys in (entry.items() if isinstance(entry, dict) else [("params.yaml", [entry])]):
+                    params.setdefault(interpolate(file, variables, item), []).extend(keys)
+            assert len(params) == 1, f"{path}: {name}: one params file per stage (the one it runs on)"
+            ((params_file, keys),) = params.items()
+            command = re.fullmatch(r"penwright (\w+) --params (\S+)", interpolate(stage["cmd"], variables, item))
+            assert command and command.group(2) == params_file, f"{path}: {name}: declares the keys of the file it runs on"
+            deps = [interpolate(d, variables, item) for d in stage["deps"]]
+            out.append(Stage(pipeline, name, item, command.group(1), REPO / params_file, list(keys),
+                             code={d for d in deps if d.startswith("src/")},
+                             files=[d for d in stage["deps"] if not d.startswith("src/")],
+                             resolved=[d for d in deps if not d.startswith("src/")]))
+    return out
+
+
+ALL_STAGES = [s for p in PIPELINES for s in pipeline_stages(p)]
+
+
+def stage_id(stage: Stage) -> str:
+    return f"{stage.pipeline}:{stage.name}" + (f"@{stage.item}" if stage.item else "")
+
+
+def leaf(key: str, values: dict) -> str:
+    """``key`` cut at the first part that is a value, not a group (``generate.delimiter.join``: a str method)."""
+    parts, node = key.split("."), values
+    for i, part in enumerate(parts):
+        if not isinstance(node, dict):
+            return ".".join(parts[:i])
+        if part not in node:  # a key this params file leaves out (trainer.fsdp): as it is read
+            return key
+        node = node[part]
+    return key
+
+
+def under(key: str, group: str) -> bool:
+    return key == group or key.startswith(group + ".")
+
+
+def keys_read(stage: Stage) -> set[str]:
+    values = stage.values()
+    reads = {leaf(k, values) for k in config_reads(stage.module, stage.module, skip=set(NOT_OUTPUT_CODE))}
+    return {k for k in reads if not any(under(k, n) for n in NOT_OUTPUT)}
+
+
+@pytest.mark.parametrize("stage", ALL_STAGES, ids=stage_id)
+def test_a_stage_declares_every_penwright_module_it_imports(stage):
+    expected = {source(m).relative_to(REPO).as_posix() for m in code_closure(stage.module, skip=NOT_CODE)}
+    assert sorted(stage.code) == sorted(expected)
+
+
+@pytest.mark.parametrize("stage", ALL_STAGES, ids=stage_id)
+def test_a_stage_declares_exactly_the_config_keys_it_reads(stage):
+    reads, declared, values = keys_read(stage), stage.params, stage.values()
+    assert "" not in reads, f"{stage.module} reads the whole config"
+    undeclared = sorted(k for k in reads if not any(under(k, d) for d in declared))
+    unread = sorted(d for d in declared if not any(under(k, d) for k in reads))
+    assert not undeclared, f"read but not in params: {undeclared}"
+    assert not unread, f"in params but never read: {unread}"
+    for group in declared:  # a whole group declared: the stage reads all of it
+        node = values
+        for part in group.split("."):
+            node = node[part]
+        if isinstance(node, dict) and group not in reads:
+            left = sorted(k for k in (f"{group}.{key}" for key in node)
+                          if not any(under(r, k) or under(k, r) for r in reads))
+            assert not left, f"{group} is declared whole, but the stage never reads {left}: declare the keys it reads"
+        changes_nothing = [n for n in NOT_OUTPUT if under(n, group)]
+        assert not changes_nothing, f"{group} declares {changes_nothing}, which change no output: declare its other keys"
+    assert len(declared) == len(set(declared))
+
+
+@pytest.mark.parametrize("stage", ALL_STAGES, ids=stage_id)
+def test_a_stage_declares_the_files_it_reads(stage):
+    expected = FILES[stage.name]
+    named = {k for f in expected for k in re.findall(r"\$\{([^}]+)\}", f)}
+    assert named <= keys_read(stage), "FILES names a key the stage does not read"
+    assert sorted(stage.resolved) == sorted(interpolate(f, stage.values()) for f in expected)
+    if stage.pipeline == "main":  # through the keys, so a path changed in params.yaml changes the deps
+        assert sorted(stage.files) == sorted(expected)
+
+
+@pytest.mark.parametrize("stage", [s for s in ALL_STAGES if s.pipeline != "main"], ids=stage_id)
+def test_the_writing_prompts_stages_declare_what_the_main_pipeline_does(stage):
+    """The same stage on another params file: the same params list, code and files (so the lists cannot drift)."""
+    main = {s.name: s for s in pipeline_stages("main")}
+    if stage.name not in main:
+        pytest.skip(f"{stage.name}: only in the {stage.pipeline} pipeline")
+    twin = main[stage.name]
+    assert stage.params == twin.params
+    assert stage.code == twin.code
+    assert sorted(stage.resolved) == sorted(interpolate(f, stage.values()) for f in twin.files)

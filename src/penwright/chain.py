@@ -17,6 +17,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from penwright.fsutil import atomic_write_text
+from penwright.log import get_logger
 from penwright.generate import finish_text
 from penwright.runtime import Generator
 from penwright.schema import Config
@@ -71,7 +72,7 @@ def make_pairs(prompt_gen: Generator, response_gen: Generator, n: int, batch_siz
     bar.close()
     pairs = [{"prompt": p, "response": r} for p, r in zip(prompts, responses) if r]
     if len(pairs) < n:
-        print(f"[chain] {n - len(pairs)} of {n} pairs left out: a half stayed empty after retries", file=sys.stderr)
+        get_logger("chain").info(f"{n - len(pairs)} of {n} pairs left out: a half stayed empty after retries")
     return pairs
 
 
@@ -97,6 +98,6 @@ def chain(cfg: Config) -> list[dict]:
     header = (f"{len(pairs)} writing prompts from {c.prompts_model}, answered by {c.responses_model} "
               f"(temperature {c.temperature}, top_k {c.top_k}, seed {c.seed})")
     atomic_write_text(out, render(pairs, out.suffix != ".jsonl", header))
-    print(f"[chain] {len(pairs)} prompt/response pairs in {time.perf_counter() - start:.1f} s on "
-          f"{prompt_gen.provider} -> {out}", file=sys.stderr)
+    get_logger("chain").info(f"{len(pairs)} prompt/response pairs in {time.perf_counter() - start:.1f} s on "
+                             f"{prompt_gen.provider} -> {out}")
     return pairs

@@ -8,8 +8,6 @@ fills one window: no error, and a notice that says so.
 
 from __future__ import annotations
 
-import json
-import sys
 from pathlib import Path
 
 import lightning as L
@@ -18,6 +16,8 @@ import torch
 from torch.utils import data as torch_data
 
 from penwright.errors import PenwrightError
+from penwright.files import damaged, load_tokenizer, read_json
+from penwright.log import get_logger
 
 
 def load_meta(prepared_dir: str | Path) -> dict:
@@ -26,7 +26,10 @@ def load_meta(prepared_dir: str | Path) -> dict:
         raise PenwrightError(
             f"{path}: not found. Run the prepare stage first: `penwright prepare` (or `dvc repro prepare`)"
         )
-    return json.loads(path.read_text())
+    meta = read_json(path, fix="rerun `penwright prepare`")
+    if not isinstance(meta, dict):
+        raise damaged(path, f"holds a JSON {type(meta).__name__}, not an object", "rerun `penwright prepare`")
+    return meta
 
 
 def load_tokens(prepared_dir: str | Path, split: str) -> np.memmap | np.ndarray:
@@ -58,11 +61,8 @@ class TokenWindows:
         self.repeated = tokens.size < need
         if self.repeated:
             copies = -(-need // tokens.size)
-            print(
-                f"[data] the {name} split has {tokens.size} tokens, fewer than one window of {need}: "
-                f"it is repeated {copies}x to fill one",
-                file=sys.stderr,
-            )
+            get_logger("data").info(f"the {name} split has {tokens.size} tokens, fewer than one window of {need}: "
+                                    f"it is repeated {copies}x to fill one")
             tokens = np.tile(np.asarray(tokens), copies)
         self.tokens = tokens
         self.block_size = block_size
@@ -121,8 +121,14 @@ class PreparedData(L.LightningDataModule):
         if self.train_tokens.size == 0:
             raise PenwrightError(f"{self.prepared_dir}/train.bin is empty: add text or lower data.val_fraction")
         if self.val_tokens.size == 0:
-            print("[data] no validation split (data.val_fraction=0): validating on training windows", file=sys.stderr)
+            get_logger("data").info("no validation split (data.val_fraction=0): validating on training windows")
             self.val_tokens = self.train_tokens
+
+    @staticmethod
+    def load_tokenizer(prepared_dir: str | Path):
+        """The tokenizer ``prepare`` saved in ``<prepared_dir>/tokenizer`` (the same files online or off); a damaged
+        file in it is one line naming it."""
+        return load_tokenizer(Path(prepared_dir) / "tokenizer", fix="rerun `penwright prepare`")
 
     @property
     def bytes_per_token(self) -> float | None:

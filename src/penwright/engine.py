@@ -141,7 +141,9 @@ class Engine:
         try:
             model = onnx.load(str(file))
         except Exception as err:  # protobuf's DecodeError, a truncated external data file, ...
-            raise PenwrightError(f"{file}: cannot be read as an ONNX graph ({type(err).__name__}: {err}); "
+            from penwright.files import short
+
+            raise PenwrightError(f"{file}: cannot be read as an ONNX graph ({type(err).__name__}: {short(err, 300)}); "
                                  f"re-export it with `penwright export`") from None
         try:
             model = slot_graph(model)

@@ -18,27 +18,27 @@ only) with an empty and a non-empty past, and greedy tokens of the runtime equal
 from __future__ import annotations
 
 import json
-import shutil
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
-from transformers import AutoTokenizer, DynamicCache, GPT2LMHeadModel
+from transformers import DynamicCache, GPT2LMHeadModel
 
 from penwright import schema
 from penwright.errors import ConfigError, PenwrightError
-from penwright.fsutil import atomic_write_text, replace_dir, temp_dir_for
+from penwright.files import load_model, load_tokenizer
+from penwright.log import get_logger
+from penwright.fsutil import atomic_write_text, staged_dir
 from penwright.llamacpp import BLOCK, check_gguf, export_gguf, gguf_types  # BLOCK: q8/q4 use q8_0's blocks
 from penwright.runtime import position_ids_for
+from penwright.tokenizer import left_padded
 
 GRAPH = "model.onnx"
 EXTERNAL_DATA_BYTES = 1_800_000_000  # protobuf's limit is 2 GB: bigger models keep weights beside the graph
 
 
-def log(message: str) -> None:
-    print(f"[export] {message}", file=sys.stderr, flush=True)
+log = get_logger("export").info
 
 
 def io_names(n_layer: int) -> tuple[list[str], list[str]]:
@@ -191,9 +191,7 @@ def parity(model: GPT2LMHeadModel, tokenizer, onnx_dir: Path, prompts: list[str]
     from penwright.runtime import Generator
 
     gen = Generator.load(onnx_dir, provider="cpu")
-    tokenizer.padding_side = "left"
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer = left_padded(tokenizer)
     enc = tokenizer(prompts, return_tensors="np", padding=True, add_special_tokens=False)
     ids, mask = enc["input_ids"].astype(np.int64), enc["attention_mask"].astype(np.int64)
     split = max(1, ids.shape[1] // 2)  # the first half is the prefill, the second half runs on its past
@@ -235,16 +233,16 @@ def export(cfg: schema.Config) -> dict:
     dtype = ecfg.dtype
     gguf = gguf_types(ecfg.get("gguf"))
     quantized = quantize_types(ecfg.get("quantize"))
-    model = GPT2LMHeadModel.from_pretrained(src, torch_dtype=torch.float32).eval()
-    tokenizer = AutoTokenizer.from_pretrained(src, local_files_only=True)
+    fix = "write the model again: rerun `penwright train`"
+    model = load_model(src, fix, torch_dtype=torch.float32).eval()
+    tokenizer = load_tokenizer(src, fix)
     check_gguf(model.config, src, gguf)  # before any work: llama.cpp must be able to run what is asked for
     longest = max((len(tokenizer.encode(str(p))) for p in ecfg.parity_prompts), default=0)
     if longest < 2:
         raise ConfigError(f"export.parity_prompts={list(ecfg.parity_prompts)}: the longest prompt must have at least "
                           f"2 tokens (a prefill, then a step on its past); it has {longest}")
     out = Path(ecfg.out_dir)
-    tmp = temp_dir_for(out)
-    try:
+    with staged_dir(out) as tmp:  # a failed parity check or a crash leaves an earlier export as it was
         graph = tmp / GRAPH
         log(f"exporting {src} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params, {dtype}) -> {out}/{GRAPH}")
         kind = choose_graph(ecfg.graph, model.config, dtype)
@@ -281,10 +279,6 @@ def export(cfg: schema.Config) -> dict:
                                                     cfg.train.block_size)
         if gguf:
             report["gguf"] = export_gguf(model, tmp, tmp, gguf)
-        replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     report["seconds"] = round(time.perf_counter() - start, 2)
     path = atomic_write_text(Path(cfg.paths.reports) / "export.json", json.dumps(report, indent=2) + "\n")
     log(f"parity passed (max |diff| {p['max_abs_diff_logits_empty_past']:.1e} / "

@@ -21,9 +21,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from omegaconf import DictConfig
 from tqdm import tqdm
 
+from penwright import copies, schema
 from penwright.errors import ConfigError
 from penwright.fsutil import atomic_write_text
 from penwright.engine import Engine, UnsupportedGraph
@@ -44,30 +44,15 @@ def finish_text(prompt: str, new: str, truncate: str | None, include_prefix: boo
     return text.strip() if strip else text
 
 
-def _normal(text: str, prefix: str = "") -> str:
-    """A text compared for copies: without the row prefix, whitespace collapsed."""
-    if prefix and text.startswith(prefix):
-        text = text[len(prefix):]
-    return " ".join(text.split())
-
-
-def count_copies(samples: list[Sample], data: DictConfig) -> dict:
+def count_copies(samples: list[Sample], prepared: str | Path | copies.Documents) -> dict:
     """How many samples are verbatim copies of corpus documents (short texts: rows), train and val apart.
 
     gpt-2-simple's users checked by hand whether generated short texts were memorized training rows.
-    Whitespace is collapsed on both sides; the row prefix (``<|startoftext|>``) is ignored.
+    Whitespace is collapsed on both sides; the row prefix (``<|startoftext|>``) is ignored. The documents
+    are the hashes ``prepare`` wrote to ``<data.out_dir>/documents.json`` (``penwright.copies``), not the corpus.
     """
-    from penwright.prepare import documents_by_split
-
-    prefix = str(data.get("csv_prefix") or "")
-    train, val = set(), set()
-    for is_val, text in documents_by_split(data):
-        (val if is_val else train).add(_normal(text, prefix))
-    texts = [_normal(s.text, prefix) for s in samples]
-    copies = {"train": sum(t in train for t in texts if t), "val": sum(t in val and t not in train for t in texts if t)}
-    return {"copies_of_train": copies["train"], "copies_of_val": copies["val"],
-            "copy_fraction": round((copies["train"] + copies["val"]) / max(1, len(texts)), 4),
-            "corpus_documents": len(train) + len(val)}
+    documents = prepared if isinstance(prepared, copies.Documents) else copies.read(prepared)
+    return documents.count([s.text for s in samples])
 
 
 def generate_samples(gen: Engine | Generator, prompts: list[str], nsamples: int = 1, batch_size: int = 1,
@@ -153,34 +138,35 @@ def render(samples: list[Sample], markdown: bool, delimiter: str, header: str) -
     return "\n".join(lines)
 
 
-def load(g: DictConfig) -> Engine | Generator:
+def load(g: schema.Generate | schema.Serve) -> Engine | Generator:
     """The engine ``penwright serve`` runs (continuous batching, ``batch_size`` slots) for penwright's fused
     graph on CPU; the runtime's left-padded loop for the other graphs and for CUDA."""
-    if str(g.provider) == "cpu":
+    if g.provider == "cpu":
         try:
-            return Engine.load(g.model_dir, slots=max(1, int(g.batch_size)), threads=int(g.threads), graph=str(g.graph))
+            return Engine.load(g.model_dir, slots=max(1, g.batch_size), threads=g.threads, graph=g.graph)
         except UnsupportedGraph as err:
             print(f"[generate] {err}: using the runtime's batched loop instead", file=sys.stderr)
-    return Generator.load(g.model_dir, provider=str(g.provider), threads=int(g.threads), graph=str(g.graph))
+    return Generator.load(g.model_dir, provider=g.provider, threads=g.threads, graph=g.graph)
 
 
-def generate(cfg: DictConfig) -> list[Sample]:
+def generate(cfg: schema.Config) -> list[Sample]:
     g = cfg.generate
     start = time.perf_counter()
+    documents = copies.read(cfg.data.out_dir) if g.check_copies else None  # a missing file stops it before any work
     gen = load(g)
     samples = generate_samples(
-        gen, [str(p) for p in g.prompts], nsamples=int(g.nsamples), batch_size=int(g.batch_size),
-        max_new_tokens=int(g.max_new_tokens), truncate=g.truncate, include_prefix=bool(g.include_prefix),
-        strip=bool(g.strip),
-        seed=None if g.seed is None else int(g.seed), stop=list(g.stop or []), stream=bool(g.stream),
-        do_sample=bool(g.do_sample), temperature=float(g.temperature), top_k=int(g.top_k), top_p=float(g.top_p),
-        repetition_penalty=float(g.repetition_penalty), min_new_tokens=int(g.min_new_tokens),
+        gen, [str(p) for p in g.prompts], nsamples=g.nsamples, batch_size=g.batch_size,
+        max_new_tokens=g.max_new_tokens, truncate=g.truncate, include_prefix=g.include_prefix,
+        strip=g.strip,
+        seed=None if g.seed is None else g.seed, stop=list(g.stop or []), stream=g.stream,
+        do_sample=g.do_sample, temperature=g.temperature, top_k=g.top_k, top_p=g.top_p,
+        repetition_penalty=g.repetition_penalty, min_new_tokens=g.min_new_tokens,
     )
     seconds = time.perf_counter() - start
     provider = gen.provider
     report = {"samples": len(samples), "provider": provider, "seconds": round(seconds, 2)}
     if g.check_copies:
-        report |= count_copies(samples, cfg.data)
+        report |= count_copies(samples, documents)
         print(f"[generate] {report['copies_of_train']} of {len(samples)} samples are verbatim training documents "
               f"({report['copies_of_val']} more are validation documents)", file=sys.stderr)
     if g.report:
@@ -191,9 +177,9 @@ def generate(cfg: DictConfig) -> list[Sample]:
                   f"top_k {g.top_k}, top_p {g.top_p}, seed {g.seed})")
         if g.check_copies:
             header += f"; {report['copies_of_train']} are verbatim copies of training documents"
-        atomic_write_text(dest, render(samples, dest.suffix == ".md", str(g.delimiter), header))
+        atomic_write_text(dest, render(samples, dest.suffix == ".md", g.delimiter, header))
         print(f"[generate] {len(samples)} samples in {seconds:.1f} s on {provider} -> {dest}", file=sys.stderr)
-    elif not (bool(g.stream) and len(samples) == 1):  # a single streamed sample is on the screen already
+    elif not (g.stream and len(samples) == 1):  # a single streamed sample is on the screen already
         for s in samples:
-            print(s.text, end=str(g.delimiter))
+            print(s.text, end=g.delimiter)
     return samples

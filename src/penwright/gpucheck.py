@@ -26,13 +26,13 @@ import math
 import platform
 import shutil
 import subprocess
-import sys
 import time
 import traceback
 from pathlib import Path
 
 import numpy as np
 
+from penwright.log import get_logger
 from penwright.fsutil import atomic_write_text
 
 VOCAB = 50257
@@ -44,8 +44,7 @@ PEAKS = [("H200", 989e12), ("H100 PCIe", 756e12), ("H100", 989e12), ("A100", 312
          ("L4", 121e12), ("A10", 125e12), ("V100", 125e12), ("T4", 65e12)]
 
 
-def log(message: str) -> None:
-    print(f"[check] {message}", file=sys.stderr, flush=True)
+log = get_logger("check").info
 
 
 def synthetic_prepared(root: Path, vocab: int, tokens: int, seed: int = 0) -> Path:

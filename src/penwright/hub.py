@@ -14,6 +14,7 @@ from typing import Callable, TypeVar
 from urllib.parse import urlparse
 
 from penwright.errors import PenwrightError
+from penwright.files import load_dir
 
 T = TypeVar("T")
 
@@ -42,7 +43,8 @@ def load_pretrained(name_or_path: str, loader: Callable[..., T], what: str, key:
         if not local.is_dir():
             raise PenwrightError(f"{key}={name_or_path}: is a file; give the directory saved with save_pretrained")
         try:
-            return loader(str(local))
+            return load_dir(local, loader, f"save the {what} there again with save_pretrained, or download it again "
+                                           f"({key}={name_or_path})")
         except (OSError, ValueError) as err:
             raise PenwrightError(
                 f"{key}={name_or_path}: cannot load a {what} from this directory ({err}). "

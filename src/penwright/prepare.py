@@ -1,4 +1,5 @@
-"""Stage ``prepare``: raw corpus -> ``train.bin`` / ``val.bin`` token memmaps, ``tokenizer/``, ``meta.json``.
+"""Stage ``prepare``: raw corpus -> ``train.bin`` / ``val.bin`` token memmaps, ``tokenizer/``, ``meta.json``,
+``documents.json`` (each split's document hashes, for ``generate.check_copies``: see ``penwright.copies``).
 
 1. scan the corpus (every file checked and its documents counted before anything is written);
 2. split documents into train/val with a seeded draw (a single document splits by token range);
@@ -18,7 +19,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 import sys
 import time
 from collections import deque
@@ -27,12 +27,12 @@ from pathlib import Path
 from typing import Iterator
 
 import numpy as np
-from omegaconf import DictConfig
 from tqdm import tqdm
 
+from penwright import copies, schema
+from penwright.log import get_logger
 from penwright.corpus import CorpusSpec, Source, iter_documents, scan
-from penwright.errors import ConfigError
-from penwright.fsutil import replace_dir, temp_dir_for
+from penwright.fsutil import staged_dir
 from penwright.tokenizer import (BYTES_VOCAB, BatchEncoder, byte_tokenizer, check_config, fast_encoder,
                                  limit_bytes, load_pretrained_tokenizer, tokenizers_batch, train_bpe)
 
@@ -69,8 +69,7 @@ class _Writer:
         self.file.close()
 
 
-def log(message: str) -> None:
-    print(f"[prepare] {message}", file=sys.stderr, flush=True)
+log = get_logger("prepare").info
 
 
 def dtype_for(vocab_size: int) -> np.dtype:
@@ -97,11 +96,11 @@ def _documents(sources: list[Source], spec: CorpusSpec) -> Iterator[tuple[int, I
             index += 1
 
 
-def documents_by_split(data: DictConfig) -> Iterator[tuple[bool, str]]:
+def documents_by_split(data: schema.Data) -> Iterator[tuple[bool, str]]:
     """``(is_val, text)`` for each document of the corpus ``data`` describes, split as ``prepare`` splits it."""
     spec = CorpusSpec.from_config(data)
     sources = scan(spec)
-    is_val = split_documents(sum(s.documents for s in sources), float(data.val_fraction), int(data.split_seed))
+    is_val = split_documents(sum(s.documents for s in sources), data.val_fraction, data.split_seed)
     for index, chunks in _documents(sources, spec):
         yield bool(is_val[index]), "".join(chunks)
 
@@ -113,16 +112,14 @@ def _training_text(sources, spec, is_val, single_doc_limit: int | None) -> Itera
         yield from (limit_bytes(chunks, single_doc_limit) if single_doc_limit else chunks)
 
 
-def prepare(cfg: DictConfig) -> dict:
+def prepare(cfg: schema.Config) -> dict:
     """Run the stage on a composed config; returns what it wrote to meta.json."""
     start = time.perf_counter()
     data = cfg.data
     spec = CorpusSpec.from_config(data)
     tok_cfg = cfg.model.tokenizer
     check_config(tok_cfg)
-    val_fraction = float(data.val_fraction)
-    if not 0 <= val_fraction < 1:
-        raise ConfigError(f"data.val_fraction={val_fraction}: use a fraction in [0, 1)")
+    val_fraction = data.val_fraction
     out_dir = Path(data.out_dir)
 
     sources = scan(spec)
@@ -130,31 +127,30 @@ def prepare(cfg: DictConfig) -> dict:
     total_bytes = sum(s.size for s in sources)
     log(f"{spec.path}: {len(sources)} file(s), {n_docs:,} document(s), {total_bytes / 1e6:.2f} MB")
     single = n_docs == 1
-    is_val = split_documents(n_docs, val_fraction, int(data.split_seed))
+    is_val = split_documents(n_docs, val_fraction, data.split_seed)
 
-    tmp = temp_dir_for(out_dir)
-    try:
+    with staged_dir(out_dir) as tmp:  # an error or a kill leaves an earlier prepared dir as it was
         if tok_cfg.type == "bpe":
-            log(f"training a byte-level BPE of {int(tok_cfg.vocab_size):,} tokens on the training split")
-            limit = int(tok_cfg.train_max_bytes)
+            log(f"training a byte-level BPE of {tok_cfg.vocab_size:,} tokens on the training split")
+            limit = tok_cfg.train_max_bytes
             single_limit = int(total_bytes * (1 - val_fraction)) if single else None
             texts = limit_bytes(_training_text(sources, spec, is_val, single_limit), limit)
-            tokenizer = train_bpe(texts, int(tok_cfg.vocab_size), int(tok_cfg.min_frequency))
+            tokenizer = train_bpe(texts, tok_cfg.vocab_size, tok_cfg.min_frequency)
         elif tok_cfg.type == "bytes":
             log(f"byte-level tokenizer: one token per byte, {BYTES_VOCAB} tokens")
             tokenizer = byte_tokenizer()
         else:
-            tokenizer = load_pretrained_tokenizer(str(tok_cfg.name_or_path))
+            tokenizer = load_pretrained_tokenizer(tok_cfg.name_or_path)
         tokenizer.save_pretrained(tmp / TOKENIZER_DIR)
 
         vocab_size = len(tokenizer)
         eos = int(tokenizer.eos_token_id)
         dtype = dtype_for(vocab_size)
-        encoder_name, encode = choose_encoder(tokenizer, _probe_text(sources, spec), bool(data.fast_encode))
+        encoder_name, encode = choose_encoder(tokenizer, _probe_text(sources, spec), data.fast_encode)
         log(f"tokenizing with {encoder_name} ({len(tokenizer):,} tokens, EOS id {eos})")
         writers = {s: _Writer(tmp / f"{s}.bin", dtype) for s in SPLITS}
         try:
-            _tokenize(sources, spec, encode, eos, is_val, writers, total_bytes)
+            digests = _tokenize(sources, spec, encode, eos, is_val, writers, total_bytes)
         finally:
             encode.close()
             for w in writers.values():
@@ -169,8 +165,8 @@ def prepare(cfg: DictConfig) -> dict:
             "vocab_size": vocab_size,
             "eos_token_id": eos,
             "tokenizer": {
-                "type": str(tok_cfg.type),
-                "name_or_path": None if tok_cfg.type in ("bpe", "bytes") else str(tok_cfg.name_or_path),
+                "type": tok_cfg.type,
+                "name_or_path": None if tok_cfg.type in ("bpe", "bytes") else tok_cfg.name_or_path,
                 "md5": _md5_file(tmp / TOKENIZER_DIR / "tokenizer.json"),
                 "encoder": encoder_name,
             },
@@ -183,14 +179,11 @@ def prepare(cfg: DictConfig) -> dict:
                 "md5": _md5_lines(f"{s.path.as_posix()} {s.md5}" for s in sources),
             },
             "split": {"by": "tokens" if single else "documents", "val_fraction": val_fraction,
-                      "seed": int(data.split_seed)},
+                      "seed": data.split_seed},
             **{s: vars(stats[s]) for s in SPLITS},
         }
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
-        replace_dir(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        copies.write(tmp, digests, spec.csv_prefix)  # what generate.check_copies compares samples with
 
     seconds = time.perf_counter() - start
     log(
@@ -231,8 +224,9 @@ def _probe_text(sources, spec, max_bytes: int = 1 << 17) -> list[str]:
     return probe
 
 
-def _tokenize(sources, spec, encode, eos, is_val, writers, total_bytes) -> None:
-    """Encode every document in batches of chunks; each document ends with one EOS id.
+def _tokenize(sources, spec, encode, eos, is_val, writers, total_bytes) -> dict[str, set[bytes]]:
+    """Encode every document in batches of chunks; each document ends with one EOS id. Returns each
+    split's document digests (``copies``: what ``generate.check_copies`` compares samples with).
 
     A batch is written (in order) only once the next one has been sent to the encoder, so the
     encoder works while this thread reads and writes; at most two batches are held at a time.
@@ -269,9 +263,12 @@ def _tokenize(sources, spec, encode, eos, is_val, writers, total_bytes) -> None:
         while len(in_flight) > keep:
             write(*in_flight.popleft())
 
+    digests: dict[str, set[bytes]] = {s: set() for s in SPLITS}
     for index, chunks in _documents(sources, spec):
         split = "val" if is_val[index] else "train"
+        hasher = copies.DocumentHasher(spec.csv_prefix)
         for text in chunks:
+            hasher.update(text)
             size = len(text.encode("utf-8"))
             writers[split].stats.bytes += size
             entries.append((split, text))
@@ -282,9 +279,11 @@ def _tokenize(sources, spec, encode, eos, is_val, writers, total_bytes) -> None:
                 bar.update(pending)
                 pending = 0
         entries.append((split, None))
+        digests[split].add(hasher.digest())
     flush(keep=0)
     bar.update(pending)
     bar.close()
+    return digests
 
 
 def _split_tokens(tmp: Path, dtype: np.dtype, val_fraction: float, stats, tokenizer) -> None:

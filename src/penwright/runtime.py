@@ -16,8 +16,6 @@ CPU: ``Generator.provider`` says what actually ran.
 
 from __future__ import annotations
 
-import json
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Mapping
@@ -25,6 +23,7 @@ from typing import Callable, Mapping
 import numpy as np
 
 from penwright.errors import ConfigError, PenwrightError
+from penwright.log import get_logger
 from penwright.sampling import SamplingConfig, config_key, next_tokens
 
 GRAPH = "model.onnx"
@@ -46,14 +45,15 @@ def position_ids_for(attention_mask: np.ndarray, seq: int) -> np.ndarray:
 
 def read_beside_graph(path: Path, session) -> tuple[dict, object]:
     """The model config and tokenizer an export wrote beside its graph, checked against the graph's vocab."""
-    from transformers import AutoTokenizer
+    from penwright.files import load_tokenizer, read_json, short
 
+    fix = "re-export with `penwright export`"
     try:
-        config = json.loads((path / "config.json").read_text())
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        config = read_json(path / "config.json", fix)  # a damaged file: one line naming it
+        tokenizer = load_tokenizer(path, fix)
     except (OSError, ValueError) as err:
-        raise PenwrightError(f"{path}: the tokenizer or config.json beside the graph cannot be read ({err}); "
-                             f"re-export with `penwright export`") from None
+        raise PenwrightError(f"{path}: the tokenizer or config.json beside the graph cannot be read "
+                             f"({short(err, 300)}); re-export with `penwright export`") from None
     vocab = session.get_outputs()[0].shape[-1]
     if isinstance(vocab, int) and len(tokenizer) > vocab:
         raise PenwrightError(f"{path}: the tokenizer has {len(tokenizer)} tokens but the graph's vocab is {vocab}: "
@@ -80,9 +80,9 @@ class Generator:
         self.present_names = [o.name for o in session.get_outputs()][1:]
         past_type = session.get_inputs()[3].type if len(names) > 3 else "tensor(float)"
         self.past_dtype = np.float16 if "float16" in past_type else np.float32
-        tokenizer.padding_side = "left"
-        if tokenizer.pad_token is None:
-            tokenizer.pad_token = tokenizer.eos_token
+        from penwright.tokenizer import left_padded
+
+        self.tokenizer = tokenizer = left_padded(tokenizer)  # batches of prompts: padded on the left
 
     # -- loading ----------------------------------------------------------------------------------
 
@@ -111,8 +111,8 @@ class Generator:
                                  f"{str(err).splitlines()[0][:300]}). Re-export it with `penwright export`") from None
         ran = "cuda" if session.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
         if provider == "cuda" and ran != "cuda":
-            print("[runtime] CUDA was asked for but onnxruntime fell back to CPU (no GPU, or CUDA/cuDNN "
-                  "libraries missing): running on CPU", file=sys.stderr)
+            get_logger("runtime").info("CUDA was asked for but onnxruntime fell back to CPU (no GPU, or CUDA/cuDNN "
+                                       "libraries missing): running on CPU")
         config, tokenizer = read_beside_graph(path, session)
         return cls(session, tokenizer, config, ran, device_id, io_binding)
 

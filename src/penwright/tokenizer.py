@@ -24,6 +24,19 @@ TYPES = ("bpe", "bytes", "pretrained")
 BYTES_VOCAB = 258  # 256 bytes + <|endoftext|> + <|startoftext|>
 
 
+def left_padded(tokenizer):
+    """A copy of ``tokenizer`` that pads on the left, with ``<|endoftext|>`` as pad when it has none: what
+    batched generation needs (the new tokens follow every prompt directly). The original is not changed:
+    the tokenizer a stage saves or shares keeps its own settings."""
+    import copy
+
+    tokenizer = copy.deepcopy(tokenizer)
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
 def check_config(tok_cfg) -> None:
     """Reject tokenizer settings that cannot work, naming the key."""
     kind = tok_cfg.get("type")

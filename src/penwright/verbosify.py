@@ -23,14 +23,14 @@ import torch
 from tqdm import tqdm
 
 from penwright import schema
+from penwright.log import get_logger
 from penwright.errors import ConfigError, PenwrightError
 from penwright.fsutil import atomic_write_text
 
 SENTENCE_END = re.compile(r"(?<=[.!?])[\"')\]]*\s+")
 
 
-def log(message: str) -> None:
-    print(f"[verbosify] {message}", file=sys.stderr, flush=True)
+log = get_logger("verbosify").info
 
 
 def split_sentences(text: str) -> list[str]:

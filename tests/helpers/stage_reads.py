@@ -13,37 +13,50 @@ from __future__ import annotations
 
 import ast
 from pathlib import Path
+from typing import Iterable
 
 SRC = Path(__file__).resolve().parents[2] / "src" / "penwright"
 WHOLE = ("to_dict", "model_dump", "items", "keys", "values", "copy", "model_copy")  # a group used as a whole
 
 
+def source(module: str) -> Path:
+    """``src/penwright/<module>.py``, or the directory of a subpackage (``serve``)."""
+    file = SRC / f"{module}.py"
+    return file if file.is_file() else SRC / module
+
+
+def _trees(module: str) -> list[ast.Module]:
+    path = source(module)
+    files = sorted(path.rglob("*.py")) if path.is_dir() else [path]
+    return [ast.parse(f.read_text()) for f in files]
+
+
 def _tree(module: str) -> ast.Module:
-    return ast.parse((SRC / f"{module}.py").read_text())
+    return ast.Module(body=[node for tree in _trees(module) for node in tree.body], type_ignores=[])
 
 
 def imports(module: str) -> set[str]:
-    """The penwright modules ``module`` imports directly."""
+    """The penwright modules (and subpackages) ``module`` imports directly."""
     found = set()
     for node in ast.walk(_tree(module)):
-        if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "penwright":
+        if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module \
+                and node.module.split(".")[0] == "penwright":
             parts = node.module.split(".")
-            names = [parts[1]] if len(parts) > 1 else [a.name for a in node.names]
-            found |= {n for n in names if (SRC / f"{n}.py").is_file()}
+            found |= {parts[1]} if len(parts) > 1 else {a.name for a in node.names}
         elif isinstance(node, ast.Import):
             found |= {a.name.split(".")[1] for a in node.names if a.name.startswith("penwright.")}
-    return found
+    return {m for m in found if source(m).exists()}
 
 
-def code_closure(module: str) -> set[str]:
-    """``module`` and every penwright module it imports, transitively."""
-    todo, seen = [module], set()
+def code_closure(module: str, skip: Iterable[str] = ()) -> set[str]:
+    """``module`` and every penwright module it imports, transitively; not those in ``skip`` (nor what only they import)."""
+    todo, seen = [module], set(skip)
     while todo:
         mod = todo.pop()
         if mod not in seen:
             seen.add(mod)
             todo += sorted(imports(mod) - seen)
-    return seen
+    return seen - set(skip)
 
 
 class _Function:
@@ -94,7 +107,7 @@ class _Reads:
 
     def scan(self, fn: _Function, bound: dict[str, tuple[str, ...]]) -> None:
         key = (fn.name, tuple(sorted(bound.items())))
-        if fn.name in self.skip or key in self.done:
+        if fn.node.name in self.skip or fn.name in self.skip or key in self.done:
             return
         self.done.add(key)
         env = dict(bound)
@@ -169,7 +182,8 @@ class _Reads:
 
 def config_reads(module: str, function: str, skip: set[str] = frozenset()) -> set[str]:
     """The config keys ``<module>.<function>(cfg)`` reads (dotted), not following into the functions in
-    ``skip`` (``"train.build_loggers"``). The empty string: the whole config."""
+    ``skip`` (by name, ``build_loggers``, or with their module, ``loggers.build_loggers``). The empty
+    string: the whole config."""
     reads = _Reads(code_closure(module), set(skip))
     (entry,) = [fn for fn in reads.by_name[function] if fn.module == module and fn.owner is None]
     reads.scan(entry, {entry.params[0]: ()})

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import os
 import signal
-import sys
 
 
+from penwright.log import get_logger
 from penwright.schema import Config, Serve
 
 
@@ -53,8 +53,8 @@ def build_app(cfg: Config):
     def load() -> Engine:
         engine = Engine.load(s.model_dir, slots=s.max_sequences, threads=s.threads, graph=s.graph,
                              context=s.context, spin=s.spin)
-        print(f"[serve] {s.model_dir}/{s.graph}: {engine.slots} slots x {engine.context} tokens "
-              f"({engine.cache_bytes() / 2**20:.0f} MiB of KV buffer at most)", file=sys.stderr, flush=True)
+        get_logger("serve").info(f"{s.model_dir}/{s.graph}: {engine.slots} slots x {engine.context} tokens "
+                                 f"({engine.cache_bytes() / 2**20:.0f} MiB of KV buffer at most)")
         return engine
 
     return create_app(load, settings)
@@ -68,10 +68,9 @@ def serve(cfg: Config) -> None:
     app, engine = build_app(cfg), None
     engine = app.state.load()  # before the port opens: a missing or broken model is an error, not a 503 forever
     app.state.load = lambda: engine
-    print(f"[serve] http://{s.host}:{s.port}/  (page)   POST /v1/completions   GET /health   Ctrl-C stops",
-          file=sys.stderr, flush=True)
+    get_logger("serve").info(f"http://{s.host}:{s.port}/  (page)   POST /v1/completions   GET /health   Ctrl-C stops")
     # uvicorn stops on SIGTERM (letting in-flight responses finish), then re-raises the signal with the handler
     # it found: a no-op one, so a requested stop exits 0
     signal.signal(signal.SIGTERM, lambda *_: None)
     serve_forever(app, s.host, s.port, graceful=s.request_timeout)
-    print("[serve] stopped", file=sys.stderr, flush=True)
+    get_logger("serve").info("stopped")

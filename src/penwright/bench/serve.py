@@ -24,10 +24,9 @@ from pathlib import Path
 
 import numpy as np
 
+from penwright.bench.common import BENCH_DIR, SHAPE_124M, log, random_gpt2, require_export, save_fused, write_report
 from penwright.errors import PenwrightError
-from penwright.fsutil import atomic_write_text
 
-BENCH_DIR = Path("artifacts") / "bench" / "serve"
 PROMPTS = ["And it came to pass", "The LORD said unto", "In the beginning", "Blessed are they", "And he said",
            "Now these are the generations of", "Behold,", "Then answered", "For God so", "Thus saith the"]
 LEVELS = (1, 4, 16, 64)
@@ -42,11 +41,9 @@ def _free_port() -> int:
 
 
 class _Server:
-    """``penwright serve`` in a subprocess, until ``stop()`` (SIGTERM)."""
+    """``penwright serve`` in a subprocess, started at once; ``wait()`` until it is healthy; ``stop()`` (SIGTERM)."""
 
-    def __init__(self, model_dir: Path, slots: int, context: int | None, log: Path, extra: tuple[str, ...] = ()):
-        from penwright.serve import wait_until_healthy
-
+    def __init__(self, model_dir: Path, slots: int, context: int | None, log_path: Path, extra: tuple[str, ...] = ()):
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         overrides = [f"serve.model_dir={model_dir}", f"serve.port={self.port}", f"serve.max_sequences={slots}",
@@ -54,22 +51,34 @@ class _Server:
         if context:
             overrides.append(f"serve.context={context}")
         overrides += list(extra)
-        self.log = log.open("w")
+        self.log_path = log_path
+        self.log = log_path.open("w")
         self.proc = subprocess.Popen([sys.executable, "-m", "penwright.cli", "serve", *overrides],
                                      stdout=self.log, stderr=subprocess.STDOUT)
+        self.terminated = False
+
+    def wait(self) -> None:
+        from penwright.serve import wait_until_healthy
+
         try:
             wait_until_healthy(self.url, 180, self.proc)
         except PenwrightError as err:
-            self.stop()
-            raise PenwrightError(f"{err}; see {log}") from None
+            raise PenwrightError(f"{err}; see {self.log_path}") from None
 
     def rss_mb(self) -> float:
         import psutil
 
         return round(psutil.Process(self.proc.pid).memory_info().rss / 2**20, 1)
 
+    def terminate(self) -> None:
+        """SIGTERM, once (uvicorn takes a second one as "exit now")."""
+        if not self.terminated:
+            self.terminated = True
+            self.proc.send_signal(signal.SIGTERM)
+
     def stop(self) -> int:
-        self.proc.send_signal(signal.SIGTERM)
+        """Its exit code after SIGTERM."""
+        self.terminate()
         try:
             return self.proc.wait(60)
         finally:
@@ -134,33 +143,33 @@ async def _level(url: str, concurrency: int, requests: int, new_tokens: int) -> 
             "ttft_p50_s": pct(ttft, 50), "ttft_p95_s": pct(ttft, 95)}
 
 
-def _random_124m_onnx(workdir: Path, tokenizer_dir: Path) -> Path:
-    """A GPT-2-124M-shaped model (random weights) exported to penwright's fused graph, nothing else."""
+def _random_124m_onnx(workdir: Path, tokenizer_dir: Path, shape: tuple[int, int, int] = SHAPE_124M) -> Path:
+    """A GPT-2-124M-shaped model (random weights; ``shape`` for another) exported to penwright's fused graph,
+    nothing else."""
     import torch
-    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+    from transformers import AutoTokenizer
 
-    from penwright.export import save_graph
-    from penwright.graph import build_graph
-
-    torch.manual_seed(0)
-    model = GPT2LMHeadModel(GPT2Config(n_layer=12, n_head=12, n_embd=768, vocab_size=50257, n_positions=1024)).eval()
+    model = random_gpt2(shape)
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     with torch.no_grad():  # ids past the borrowed tokenizer's vocab get zero logits (the head is tied to wte): the
         model.transformer.wte.weight[len(tokenizer):] = 0  # sampled tokens are text, so time to first text is real
-    out = workdir / "gpt2-124m-random-onnx"
-    out.mkdir(parents=True, exist_ok=True)
-    save_graph(build_graph(model, "fused"), out / "model.onnx")
-    tokenizer.save_pretrained(out)
-    model.config.save_pretrained(out)
-    return out
+    return save_fused(model, tokenizer, workdir / "gpt2-124m-random-onnx")
+
+
+MODELS = ("quickstart", "gpt2-124m-shape")
 
 
 def bench_serve(output: str | None = None, quick_onnx: str = "artifacts/onnx", slots: int = 64,
-                levels: tuple[int, ...] = LEVELS) -> dict:
-    quick = Path(quick_onnx)
-    if not (quick / "model.onnx").is_file():
-        raise PenwrightError(f"{quick}/model.onnx: missing; run `dvc repro` (or penwright train + export) first")
-    work = BENCH_DIR
+                levels: tuple[int, ...] = LEVELS, *, models: tuple[str, ...] = MODELS, new_tokens: int | None = None,
+                big_shape: tuple[int, int, int] = SHAPE_124M, work_dir: str | Path | None = None) -> dict:
+    """The measurements above. ``models``: which of the two (both); ``new_tokens``: tokens a request (default
+    128 for the quickstart, 64 for the 124M shape); ``big_shape``: (n_layer, n_head, n_embd) of the random
+    model (GPT-2 124M's); ``work_dir``: scratch space and the servers' logs (default artifacts/bench/serve)."""
+    unknown = sorted(set(models) - set(MODELS))
+    if unknown:
+        raise PenwrightError(f"bench serve: no model {', '.join(unknown)}; choose from {', '.join(MODELS)}")
+    quick = require_export(quick_onnx)
+    work = Path(work_dir or BENCH_DIR / "serve")
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     results: dict = {
@@ -177,40 +186,45 @@ def bench_serve(output: str | None = None, quick_onnx: str = "artifacts/onnx", s
         # (model, new tokens a request, serve.context, server overrides): each model on the thread count that
         # served it best here (measured: the quickstart 4.5x with 1 thread vs 3.8-4.1x with both cores, the
         # Python side needing the other core; the 124M shape 46.8 vs 28.2 tokens/s at concurrency 1 with both)
-        models = {"quickstart": (quick, 128, None, ("serve.threads=1",)),
-                  "gpt2-124m-shape": (None, 64, 256, ("serve.threads=0",))}
-        for name, (model_dir, new_tokens, context, extra) in models.items():
+        cases = {"quickstart": (quick, 128, None, ("serve.threads=1",)),
+                 "gpt2-124m-shape": (None, 64, 256, ("serve.threads=0",))}
+        for name, (model_dir, tokens, context, extra) in cases.items():
+            if name not in models:
+                continue
+            tokens = new_tokens or tokens
             if model_dir is None:
-                print("[bench] building a GPT-2-124M-shaped model (random weights)", file=sys.stderr, flush=True)
-                model_dir = _random_124m_onnx(work, quick)
+                log("building a GPT-2-124M-shaped model (random weights)")
+                model_dir = _random_124m_onnx(work, quick, big_shape)
             batching = _Server(model_dir, slots, context, work / f"{name}-batching.log", extra)
             single = _Server(model_dir, 1, context, work / f"{name}-single.log", extra)
-            entry = {"new_tokens_per_request": new_tokens, "slots": slots, "server_overrides": list(extra),
+            entry = {"new_tokens_per_request": tokens, "slots": slots, "server_overrides": list(extra),
                      "levels": {}}
             try:
+                batching.wait()
+                single.wait()
                 for c in levels:
                     n = max(4 * c, 8) if name == "quickstart" else max(2 * c, 4)  # several waves: ramps amortized
                     row = {}
                     for label, server in (("batching", batching), ("one_at_a_time", single)):
-                        print(f"[bench] {name}: {n} requests at concurrency {c} -> {label}", file=sys.stderr, flush=True)
-                        row[label] = asyncio.run(_level(server.url, c, n, new_tokens))
+                        log(f"{name}: {n} requests at concurrency {c} -> {label}")
+                        row[label] = asyncio.run(_level(server.url, c, n, tokens))
                     row["batching_over_one_at_a_time"] = round(
                         row["batching"]["tokens_per_sec"] / max(row["one_at_a_time"]["tokens_per_sec"], 1e-9), 2)
                     entry["levels"][str(c)] = row
-                    print(f"[bench]   batching {row['batching']['tokens_per_sec']} tok/s, one at a time "
-                          f"{row['one_at_a_time']['tokens_per_sec']} tok/s: {row['batching_over_one_at_a_time']}x; "
-                          f"p95 ttft {row['batching']['ttft_p95_s']} s", file=sys.stderr, flush=True)
+                    log(f"  batching {row['batching']['tokens_per_sec']} tok/s, one at a time "
+                        f"{row['one_at_a_time']['tokens_per_sec']} tok/s: {row['batching_over_one_at_a_time']}x; "
+                        f"p95 ttft {row['batching']['ttft_p95_s']} s")
                 entry["server_rss_mb"] = {"batching": batching.rss_mb(), "one_at_a_time": single.rss_mb()}
             finally:
+                batching.terminate()  # both stop at once
+                single.terminate()
                 entry["exit_codes_on_sigterm"] = {"batching": batching.stop(), "one_at_a_time": single.stop()}
             results["models"][name] = entry
     finally:
         shutil.rmtree(work / "gpt2-124m-random-onnx", ignore_errors=True)
-    out = atomic_write_text(output or "reports/bench_serve.json", json.dumps(results, indent=2) + "\n")
     summary = {m: {c: {"x": r["batching_over_one_at_a_time"], "tok/s": r["batching"]["tokens_per_sec"],
                        "p95_ttft": r["batching"]["ttft_p95_s"],
                        "failed": r["batching"]["failed"] + r["one_at_a_time"]["failed"]}
                    for c, r in e["levels"].items()} for m, e in results["models"].items()}
-    print(json.dumps(summary, indent=2))
-    print(f"[bench] wrote {out}", file=sys.stderr)
+    write_report(results, output, "reports/bench_serve.json", summary)
     return results

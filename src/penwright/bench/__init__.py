@@ -1,0 +1,26 @@
+"""``penwright bench <stage>``: measure a stage side by side with its baseline -> reports/bench_<stage>.json.
+
+One module a benchmark (``prepare``, ``train``, ``generate``, ``serve``), each calling the stage's own
+code; ``common`` holds what they share. The functions below are imported when first used: a child
+process a benchmark starts (``common.run_child``) imports only its own module, so its peak RSS holds
+nothing the other benchmarks import (torch, for one).
+"""
+
+from __future__ import annotations
+
+from importlib import import_module
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from penwright.bench.generate import bench_generate
+    from penwright.bench.prepare import bench_prepare
+    from penwright.bench.serve import bench_serve
+    from penwright.bench.train import bench_train
+
+__all__ = ["bench_generate", "bench_prepare", "bench_serve", "bench_train"]
+
+
+def __getattr__(name: str):
+    if name in __all__:
+        return getattr(import_module(f"penwright.bench.{name.removeprefix('bench_')}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,103 @@
+"""What the benchmarks share: scratch folders, fresh child processes, interleaved timing, the random
+GPT-2-124M-shaped model, and writing a report."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from penwright.log import get_logger
+from penwright.errors import PenwrightError
+from penwright.fsutil import atomic_write_text
+
+BENCH_DIR = Path("artifacts") / "bench"  # scratch space (each benchmark removes what it made)
+ROUNDS = 5  # interleaved rounds of the timed engines: the run with the median tokens/s counts
+SHAPE_124M = (12, 12, 768)  # (n_layer, n_head, n_embd) of GPT-2 124M
+
+
+log = get_logger("bench").info
+
+
+def fresh_dir(path: str | Path) -> Path:
+    """An empty scratch directory for one benchmark (removed again when it ends)."""
+    path = Path(path)
+    shutil.rmtree(path, ignore_errors=True)
+    path.mkdir(parents=True)
+    return path
+
+
+def require_export(onnx_dir: str | Path) -> Path:
+    """The exported folder, or a PenwrightError saying how to make it."""
+    onnx_dir = Path(onnx_dir)
+    if not (onnx_dir / "model.onnx").is_file():
+        raise PenwrightError(f"{onnx_dir}/model.onnx: missing; run `dvc repro` (or penwright train + export) first")
+    return onnx_dir
+
+
+def run_child(module: str, function: str, *args, env: dict | None = None, progress: bool = False,
+              fresh: bool = True) -> dict:
+    """``module.function(*args)`` in a fresh Python process (its peak RSS and threads are its own); its JSON
+    result. ``progress``: its stderr goes to ours. ``fresh=False`` (tests): in this process instead, arguments
+    and result through JSON all the same; a call with ``env`` still gets its own process (only a new process
+    starts with that environment)."""
+    if not fresh and not env:
+        from importlib import import_module
+
+        f = getattr(import_module(module), function)
+        return json.loads(json.dumps(f(*json.loads(json.dumps(list(args))))))
+    code = f"import json, sys; from {module} import {function} as f; print(json.dumps(f(*json.loads(sys.argv[1]))))"
+    done = subprocess.run([sys.executable, "-c", code, json.dumps(list(args))], stdout=subprocess.PIPE,
+                          stderr=None if progress else subprocess.PIPE, text=True, env={**os.environ, **(env or {})})
+    if done.returncode != 0:
+        raise PenwrightError(f"bench child {function} failed:\n{(done.stderr or '(its output is above)')[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def interleaved(engines: dict, rounds: int = ROUNDS) -> dict:
+    """Each engine ``rounds`` times, in turn (a, b, c, a, b, c, ...): the run with the median tokens/s of each.
+
+    Each engine returns ``(timing, output)`` with ``timing["tokens_per_sec"]``. Interleaving keeps a machine
+    that speeds up or slows down during the benchmark from favouring one engine.
+    """
+    runs: dict = {k: [] for k in engines}
+    for _ in range(rounds):
+        for key, run in engines.items():
+            runs[key].append(run())
+    return {k: sorted(v, key=lambda r: r[0]["tokens_per_sec"])[len(v) // 2] for k, v in runs.items()}
+
+
+def random_gpt2(shape: tuple[int, int, int] = SHAPE_124M, seed: int = 0):
+    """GPT-2 with random weights (seeded): ``shape`` = (n_layer, n_head, n_embd), GPT-2's vocabulary (50257)
+    and context (1024). The default shape is GPT-2 124M's."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    n_layer, n_head, n_embd = shape
+    torch.manual_seed(seed)
+    return GPT2LMHeadModel(GPT2Config(n_layer=n_layer, n_head=n_head, n_embd=n_embd, vocab_size=50257,
+                                      n_positions=1024)).eval()
+
+
+def save_fused(model, tokenizer, out_dir: Path) -> Path:
+    """``model`` as the export stage writes it by default (penwright's fused graph), with its tokenizer and
+    config beside it: a folder ``Generator.load``, ``Engine.load`` and ``penwright serve`` read."""
+    from penwright.export import GRAPH, save_graph
+    from penwright.graph import build_graph
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_graph(build_graph(model, "fused"), out_dir / GRAPH)
+    tokenizer.save_pretrained(out_dir)
+    model.config.save_pretrained(out_dir)
+    return out_dir
+
+
+def write_report(results: dict, output: str | Path | None, default: str, summary) -> Path:
+    """``results`` as JSON at ``output`` (else ``default``, e.g. reports/bench_train.json); ``summary`` on stdout."""
+    out = atomic_write_text(output or default, json.dumps(results, indent=2) + "\n")
+    print(json.dumps(summary, indent=2))
+    log(f"wrote {out}")
+    return out

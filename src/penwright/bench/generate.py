@@ -1,0 +1,395 @@
+"""``penwright bench generate``: measure the runtime side by side with its baselines, write reports/bench_generate.json.
+
+generate (see ``bench_generate``): this runtime against ``transformers`` generate and against itself
+without a cache; then against llama.cpp (its own ``llama-bench`` and ``llama-batched-bench``, built by
+``scripts/build_llama_cpp.sh``) on the same weights exported as GGUF, at fp32, 8 and 4 bits, with each
+quantization's top-1 agreement with fp32 on validation windows.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+
+from penwright.bench.common import (BENCH_DIR, ROUNDS, SHAPE_124M, fresh_dir, interleaved, log, random_gpt2,
+                                    require_export, run_child, save_fused, write_report)
+from penwright.errors import PenwrightError
+from penwright.export import GRAPH, QUANTIZED
+
+TRACED = "model.traced.onnx"  # transformers' module traced (the export stage's export.graph=transformers)
+LEAN = "model.lean.onnx"  # penwright's graph in standard ONNX ops (export.graph=lean)
+INT8 = QUANTIZED["int8"]  # dynamic int8 (export.quantize=[int8])
+
+
+def _time_runtime(gen, ids, mask, new_tokens: int, use_cache: bool) -> dict:
+    first = []
+    start = time.perf_counter()
+    out = gen.generate_ids(ids, mask, new_tokens, do_sample=False, stop_at_eos=False, use_cache=use_cache,
+                           on_step=lambda tokens: first.append(time.perf_counter()) if not first else None)
+    seconds = time.perf_counter() - start
+    return {"tokens_per_sec": round(out.size / seconds, 1), "first_token_ms": round((first[0] - start) * 1000, 1),
+            "seconds": round(seconds, 3)}, out
+
+
+def _time_torch(model, ids, mask, new_tokens: int, eos: int) -> dict:
+    import torch
+
+    kwargs = dict(do_sample=False, eos_token_id=None, pad_token_id=eos, use_cache=True)
+    with torch.no_grad():
+        start = time.perf_counter()
+        model.generate(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask), max_new_tokens=1, **kwargs)
+        first = time.perf_counter() - start
+        start = time.perf_counter()
+        out = model.generate(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask),
+                             max_new_tokens=new_tokens, min_new_tokens=new_tokens, **kwargs)[:, ids.shape[1]:].numpy()
+        seconds = time.perf_counter() - start
+    return {"tokens_per_sec": round(out.size / seconds, 1), "first_token_ms": round(first * 1000, 1),
+            "seconds": round(seconds, 3)}, out
+
+
+
+def _variants(model, onnx_dir: Path) -> None:
+    """The lean, traced (transformers' module, opset 17) and int8 graphs beside the exported one in ``onnx_dir``."""
+    from penwright.export import export_graph, quantize, save_graph
+    from penwright.graph import build_graph
+
+    save_graph(build_graph(model, "lean"), onnx_dir / LEAN)
+    export_graph(model, onnx_dir / TRACED, 17)
+    if not (onnx_dir / INT8).is_file():
+        quantize(onnx_dir / GRAPH, "int8")
+
+
+def _random_124m(workdir: Path, tokenizer_dir: Path, shape: tuple[int, int, int] = SHAPE_124M) -> Path:
+    """A GPT-2-124M-shaped model (12 layers, 768 wide, vocab 50257; ``shape`` for another) with random weights,
+    exported as the export stage does (penwright's fused graph), plus its lean, traced and int8 variants for
+    comparison. Its Hugging Face folder."""
+    from transformers import AutoTokenizer
+
+    model = random_gpt2(shape)
+    hf_dir, onnx_dir = workdir / "gpt2-124m-random", workdir / "gpt2-124m-random-onnx"
+    model.save_pretrained(hf_dir)
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)  # ids stay below 50257: any GPT-2-style tokenizer serves
+    tok.save_pretrained(hf_dir)
+    save_fused(model, tok, onnx_dir)
+    _variants(model, onnx_dir)
+    return hf_dir
+
+
+def _quickstart_variants(onnx_dir: Path, hf_dir: Path, workdir: Path) -> Path:
+    """A copy of the quickstart's ONNX folder with the lean, traced and int8 graphs beside the exported one."""
+    from transformers import GPT2LMHeadModel
+
+    copy = workdir / "quickstart-onnx"
+    shutil.copytree(onnx_dir, copy)
+    _variants(GPT2LMHeadModel.from_pretrained(hf_dir).eval(), copy)
+    return copy
+
+
+def _weights_floor(model, rounds: int = 5) -> dict:
+    """The least time this machine takes for the matrix-vector products of one batch-1 decoding step
+    in fp32, and nothing else: ``x @ W`` over every weight matrix of the model in turn (attention,
+    MLP, the output projection read whole; the embeddings give one row each, so they are left out),
+    best of ``rounds``, the faster of numpy and PyTorch. These read every weight once (~4 bytes per
+    parameter), so memory bandwidth bounds them; no fp32 engine decodes a token at batch 1 faster."""
+    import torch
+
+    mats = [p.detach().float() for n, p in model.named_parameters()
+            if p.dim() == 2 and not n.endswith(("wte.weight", "wpe.weight")) and not n.startswith("lm_head")]
+    mats.append(model.lm_head.weight.detach().float().t().contiguous())  # [embd, vocab] like the graph's, once
+    arrays = [m.numpy() for m in mats]
+    inputs = [np.ones((1, a.shape[0]), np.float32) for a in arrays]
+    size = sum(a.nbytes for a in arrays)
+
+    def numpy_chain():
+        for x, w in zip(inputs, arrays):
+            x @ w
+
+    def torch_chain():
+        with torch.no_grad():
+            for x, w in zip(inputs, mats):
+                torch.from_numpy(x) @ w
+
+    best = {}
+    for name, chain in (("numpy", numpy_chain), ("torch", torch_chain)):
+        chain()  # warm
+        best[name] = float("inf")
+        for _ in range(rounds):
+            start = time.perf_counter()
+            chain()
+            best[name] = min(best[name], time.perf_counter() - start)
+    fastest = min(best.values())
+    return {"weights_mb": round(size / 1e6, 1), "matrices": len(arrays),
+            "read_gb_per_s": round(size / fastest / 1e9, 1), "ms_per_token": round(fastest * 1000, 2),
+            "ms_per_token_numpy": round(best["numpy"] * 1000, 2), "ms_per_token_torch": round(best["torch"] * 1000, 2)}
+
+
+# -- against llama.cpp ---------------------------------------------------------------------------------
+
+LLAMA_CPP = Path(".llama.cpp") / "bin"  # where scripts/build_llama_cpp.sh puts llama.cpp's tools
+LLAMA_TOOLS = ("llama-bench", "llama-batched-bench")
+# (precision, penwright's graph, llama.cpp's GGUF type): the graphs export.quantize writes (q8, q4), the GGUF types
+# with the same blocks
+PRECISIONS = (("fp32", GRAPH, "f32"), ("8-bit", QUANTIZED["q8"], "q8_0"), ("4-bit", QUANTIZED["q4"], "q4_0"))
+
+
+def llama_tools(path: str | Path) -> dict[str, Path]:
+    """llama.cpp's benchmark binaries in ``path``, or a PenwrightError that says how to get them."""
+    tools = {t: Path(path) / t for t in LLAMA_TOOLS}
+    missing = [t for t, p in tools.items() if not (p.is_file() and os.access(p, os.X_OK))]
+    if missing:
+        raise PenwrightError(f"{path}: llama.cpp's {', '.join(missing)} not found. Build them with "
+                             "`scripts/build_llama_cpp.sh` (about 10 min on 2 cores), point --llama-cpp at a llama.cpp "
+                             "build's bin/ folder, or leave llama.cpp out with --without-llama-cpp")
+    return tools
+
+
+def _run_tool(args: list) -> str:
+    done = subprocess.run([str(a) for a in args], capture_output=True, text=True)
+    if done.returncode:
+        tail = " | ".join(done.stderr.strip().splitlines()[-3:])
+        raise PenwrightError(f"{Path(args[0]).name} failed (exit {done.returncode}) on {args[2]}: {tail}")
+    return done.stdout
+
+
+def _llama_tg(tools: dict, gguf: Path, n: int, threads: int) -> dict:
+    """llama-bench's decoding test: ``n`` tokens one at a time from an empty context (one repetition)."""
+    rows = json.loads(_run_tool([tools["llama-bench"], "-m", gguf, "-p", 0, "-n", n, "-t", threads, "-r", 1, "-o", "json"]))
+    return {"tokens_per_sec": round(float(rows[0]["avg_ts"]), 1)}
+
+
+def _llama_batched(tools: dict, gguf: Path, prompt: int, n: int, batches: list[int], threads: int) -> dict:
+    """llama-batched-bench: ``batch`` sequences of ``prompt`` tokens decoding ``n`` tokens together: decode tokens/s."""
+    out = _run_tool([tools["llama-batched-bench"], "-m", gguf, "-c", max(batches) * (prompt + n), "-b", 2048,
+                     "-ub", 512, "-npp", prompt, "-ntg", n, "-npl", ",".join(map(str, batches)), "-t", threads,
+                     "--output-format", "jsonl"])
+    rows = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    return {int(r["pl"]): round(float(r["speed_tg"]), 1) for r in rows}
+
+
+def _time_engine(engine, prompt: list[int], batch: int, n: int) -> tuple[dict, np.ndarray]:
+    """penwright's serving engine (GroupQueryAttention over a preallocated cache): ``batch`` greedy rows of ``n`` tokens."""
+    from penwright.engine import Request
+    from penwright.sampling import SamplingConfig
+
+    requests = [Request(list(prompt), n, SamplingConfig(do_sample=False), min_tokens=n) for _ in range(batch)]
+    start = time.perf_counter()
+    for r in requests:
+        engine.submit(r)
+    while engine.step() or not engine.waiting.empty():
+        pass
+    seconds = time.perf_counter() - start
+    out = np.array([r.tokens for r in requests])
+    return {"tokens_per_sec": round(out.size / seconds, 1), "seconds": round(seconds, 3)}, out
+
+
+def _llama_top1(gguf: Path, ids: np.ndarray) -> np.ndarray:
+    """llama.cpp's top-1 next token at every position of each window (one prefill a window)."""
+    from penwright.llamacpp import load_llama
+
+    llm = load_llama(gguf, repack=False, n_ctx=ids.shape[1] + 1, n_batch=ids.shape[1] + 1, logits_all=True, n_threads=2)
+    top1 = []
+    for row in ids:
+        llm.reset()
+        llm.eval(row.tolist())
+        top1.append(np.asarray(llm.scores[: len(row)]).argmax(-1))
+    return np.stack(top1)
+
+
+def _child_llama_cpp(tools_dir: str, name: str, hf_dir: str, onnx_dir: str, prepared: str, block: int) -> dict:
+    """Run in a subprocess (one per model): penwright starts as fresh as llama.cpp's own processes."""
+    return _llama_cpp_cases(llama_tools(tools_dir), {name: (Path(hf_dir), Path(onnx_dir))}, Path(prepared), block)
+
+
+def _llama_cpp_cases(tools: dict, models: dict, prepared: Path, block: int, new_tokens: int = 200,
+                     batched_tokens: int = 128, rounds: int = ROUNDS) -> dict:
+    """penwright against llama.cpp on the same weights (GGUF written by export.gguf): batch 1 at each precision,
+    batched decoding (fp32), and each quantization's top-1 agreement with fp32 on validation windows."""
+    from transformers import GPT2LMHeadModel
+
+    from penwright.engine import Engine
+    from penwright.export import graph_logits, quantize, validation_windows
+    from penwright.llamacpp import export_gguf
+
+    threads = os.cpu_count() or 1
+    results: dict = {"threads": threads, "new_tokens": new_tokens, "llama_cpp": str(tools["llama-bench"].parent),
+                     "measured": "batch 1: greedy decoding of new_tokens from a one-token prompt; llama.cpp: llama-bench "
+                                 "-p 0 -n new_tokens (decode only, its own timer); penwright: its serving engine, wall time of the "
+                                 f"whole loop (sampling and detokenization included); {rounds} interleaved rounds, "
+                                 "medians; batched: llama-batched-bench decode tokens/s against penwright's wall time"}
+    for name, (hf_dir, onnx_dir) in models.items():
+        model = GPT2LMHeadModel.from_pretrained(hf_dir).eval()
+        for _, graph, _ in PRECISIONS[1:]:
+            if not (onnx_dir / graph).is_file():
+                quantize(onnx_dir / GRAPH, graph.split(".")[1])  # its QUANTIZED key
+        ggufs = {g["type"]: onnx_dir / g["file"] for g in export_gguf(model, hf_dir, onnx_dir, [t for *_, t in PRECISIONS])}
+        eos = int(model.config.eos_token_id if model.config.eos_token_id is not None else 0)
+        n = min(new_tokens, model.config.n_positions - 1)
+        for precision, graph, qtype in PRECISIONS:
+            # penwright's serving engine (what generate and serve run), alone in this process: a second onnxruntime
+            # session run right before it was measured to cost it ~15% (its worker threads keep the cores busy)
+            engine = Engine.load(onnx_dir, slots=1, graph=graph)
+            engines = {"penwright": lambda: _time_engine(engine, [eos], 1, n),
+                       "llama_cpp": lambda: (_llama_tg(tools, ggufs[qtype], n, threads), None)}
+            log(f"{name} batch 1 {precision}: penwright vs llama.cpp {qtype}, {n} tokens, {rounds} rounds")
+            timed = interleaved(engines, rounds)
+            results[f"{name}/batch1/{precision}"] = {
+                "penwright": timed["penwright"][0], f"llama_cpp_{qtype}": timed["llama_cpp"][0],
+                "penwright_over_llama_cpp": round(timed["penwright"][0]["tokens_per_sec"]
+                                                  / timed["llama_cpp"][0]["tokens_per_sec"], 2),
+                "gguf_mb": round(ggufs[qtype].stat().st_size / 1e6, 2),
+                "onnx_mb": round((onnx_dir / graph).stat().st_size / 1e6, 2),
+            }
+            del engine, engines
+        if name == "quickstart":  # a trained model: how close each quantization stays to fp32
+            batch = validation_windows(prepared, min(block, model.config.n_positions - 1), windows=8)
+            ids_w = batch[:, :-1]
+            fp32 = graph_logits(onnx_dir, GRAPH, ids_w).argmax(-1)
+            llama_f32 = _llama_top1(ggufs["f32"], ids_w)
+            agree = {"tokens": int(ids_w.size), "llama_cpp_f32_vs_penwright_fp32": round(float((llama_f32 == fp32).mean()), 4)}
+            for precision, graph, qtype in PRECISIONS[1:]:
+                agree[f"penwright_{graph.split('.')[1]}"] = round(float((graph_logits(onnx_dir, graph, ids_w).argmax(-1) == fp32).mean()), 4)
+                agree[f"llama_cpp_{qtype}"] = round(float((_llama_top1(ggufs[qtype], ids_w) == fp32).mean()), 4)
+            results[f"{name}/top1_agreement_with_fp32"] = agree
+        else:  # batched decoding, fp32
+            prompt = [eos] * 8
+            for batch in (8, 32):
+                engine = Engine.load(onnx_dir, slots=batch)
+                engines = {"penwright": lambda: _time_engine(engine, prompt, batch, batched_tokens),
+                           "llama_cpp": lambda: ({"tokens_per_sec": _llama_batched(
+                               tools, ggufs["f32"], len(prompt), batched_tokens, [batch], threads)[batch]}, None)}
+                log(f"{name} batch {batch} fp32: {batched_tokens} tokens, 3 rounds")
+                timed = interleaved(engines, 3)
+                results[f"{name}/batch{batch}/fp32"] = {
+                    "penwright": timed["penwright"][0],
+                    "llama_cpp_f32_decode_tokens_per_sec": timed["llama_cpp"][0]["tokens_per_sec"],
+                    "penwright_over_llama_cpp": round(timed["penwright"][0]["tokens_per_sec"]
+                                                      / timed["llama_cpp"][0]["tokens_per_sec"], 2)}
+                del engine, engines
+            floor = _weights_floor(model)
+            b1 = results[f"{name}/batch1/fp32"]
+            ms = {k: round(1000 / b1[k]["tokens_per_sec"], 2) for k in ("penwright", "llama_cpp_f32")}
+            results["memory_floor_124m_fp32"] = {**floor, "ms_per_token": ms,
+                                                 "floor_over_engine": {k: round(floor["ms_per_token"] / v, 2) for k, v in ms.items()}}
+    return results
+
+
+def bench_generate(output: str | None = None, quick_dir: str = "artifacts/model", quick_onnx: str = "artifacts/onnx",
+                   new_tokens: int = 256, long_tokens: int = 512, llama_cpp: str | None = str(LLAMA_CPP),
+                   prepared: str = "artifacts/prepared", only_llama_cpp: bool = False, *, rounds: int = ROUNDS,
+                   big_shape: tuple[int, int, int] = SHAPE_124M, work_dir: str | Path | None = None) -> dict:
+    """This runtime vs transformers generate (PyTorch, cached) vs this runtime re-feeding, side by side; then
+    penwright vs llama.cpp (its binaries in ``llama_cpp``; None leaves it out) at each precision.
+    ``only_llama_cpp``: only the llama.cpp comparison, replacing that section of the existing report.
+    ``rounds``: interleaved rounds of the cached engines; ``big_shape``: (n_layer, n_head, n_embd) of the
+    random "gpt2-124m-shape" model (GPT-2 124M's); ``work_dir``: scratch space (default artifacts/bench/generate),
+    removed at the end."""
+    import torch
+    from transformers import GPT2LMHeadModel
+
+    from penwright.runtime import Generator
+
+    tools = llama_tools(llama_cpp) if llama_cpp else None  # before any work: say now if llama.cpp is missing
+    if only_llama_cpp and not tools:
+        raise PenwrightError("--only-llama-cpp needs llama.cpp's tools: drop --without-llama-cpp")
+    quick_onnx = require_export(quick_onnx)
+    work = fresh_dir(work_dir or BENCH_DIR / "generate")
+    results: dict = {
+        "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "python": platform.python_version()},
+        "measured": "greedy decoding, no early stop, same prompt and number of new tokens for every engine; "
+                    "tokens/s = new tokens (all rows) / wall seconds; first token = prefill + first choice; "
+                    f"cached engines: median of {rounds} interleaved rounds; no-cache: one run",
+        "goals": "(a)/(b) >= 4x quickstart batch 1; >= 2x gpt2-124M-shape batch 1 and 8; (a)/(c) >= 8x at 512 tokens",
+        "cases": {},
+    }
+    try:
+        big_hf = _random_124m(work, quick_onnx, big_shape)
+        quick = _quickstart_variants(quick_onnx, Path(quick_dir), work)
+        models = {"quickstart": (Path(quick_dir), quick), "gpt2-124m-shape": (big_hf, work / "gpt2-124m-random-onnx")}
+        if only_llama_cpp:  # the rest of the report stays as it was
+            previous = Path(output or "reports/bench_generate.json")
+            results = json.loads(previous.read_text()) if previous.is_file() else results
+        for name, (hf_dir, onnx_dir) in ({} if only_llama_cpp else models).items():
+            gen = Generator.load(onnx_dir)
+            traced = Generator.load(onnx_dir, graph=TRACED)
+            lean = Generator.load(onnx_dir, graph=LEAN)
+            int8 = Generator.load(onnx_dir, graph=INT8) if (onnx_dir / INT8).is_file() else None
+            ref = GPT2LMHeadModel.from_pretrained(hf_dir).eval()
+            for batch in (1, 8):
+                prompts = ["And it came to pass"] * batch
+                ids, mask = gen.encode(prompts)
+                n = min(new_tokens, gen.n_positions - ids.shape[1])
+                engines = {"a": lambda: _time_runtime(gen, ids, mask, n, use_cache=True),
+                           "b": lambda: _time_torch(ref, ids, mask, n, gen.eos),
+                           "l": lambda: _time_runtime(lean, ids, mask, n, use_cache=True),
+                           "t": lambda: _time_runtime(traced, ids, mask, n, use_cache=True)}
+                if int8 is not None:
+                    engines["q"] = lambda: _time_runtime(int8, ids, mask, n, use_cache=True)
+                log(f"{name} batch {batch}: {n} new tokens x {len(engines) + 1} engines, cached ones "
+                    f"{rounds} rounds interleaved")
+                timed = interleaved(engines, rounds)
+                (a, a_ids), (b, b_ids), (t, t_ids), (lg, l_ids) = timed["a"], timed["b"], timed["t"], timed["l"]
+                c, _ = _time_runtime(gen, ids, mask, n, use_cache=False)  # slow: once
+                case = {
+                    "new_tokens": n, "runtime": a, "transformers_generate": b, "runtime_no_cache": c,
+                    "runtime_lean_graph": lg, "runtime_traced_graph": t,
+                    "runtime_over_transformers": round(a["tokens_per_sec"] / b["tokens_per_sec"], 2),
+                    "runtime_over_no_cache": round(a["tokens_per_sec"] / c["tokens_per_sec"], 2),
+                    "graph_over_lean_graph": round(a["tokens_per_sec"] / lg["tokens_per_sec"], 2),
+                    "graph_over_traced_graph": round(a["tokens_per_sec"] / t["tokens_per_sec"], 2),
+                    "same_tokens_as_transformers": bool(np.array_equal(a_ids, b_ids)),
+                    "lean_graph_same_tokens": bool(np.array_equal(l_ids, b_ids)),
+                    "traced_graph_same_tokens": bool(np.array_equal(t_ids, b_ids)),
+                    "provider": gen.provider,
+                }
+                if int8 is not None:  # another precision: faster, not the same tokens (see its agreement)
+                    q, q_ids = timed["q"]
+                    case["runtime_int8"] = q
+                    case["runtime_int8_over_transformers"] = round(q["tokens_per_sec"] / b["tokens_per_sec"], 2)
+                    case["int8_tokens_agreeing_with_fp32"] = round(float((q_ids == a_ids).mean()), 3)
+                results["cases"][f"{name}/batch{batch}"] = case
+            if name == "gpt2-124m-shape":  # batch 1 streams every weight once per token: memory bounds it
+                floor = _weights_floor(ref)
+                b1 = results["cases"][f"{name}/batch1"]
+                torch_ms = 1000 / b1["transformers_generate"]["tokens_per_sec"]
+                results["memory_floor"] = {
+                    "model": name, **floor, "transformers_ms_per_token_batch1": round(torch_ms, 2),
+                    "runtime_ms_per_token_batch1": round(1000 / b1["runtime"]["tokens_per_sec"], 2),
+                    "most_runtime_over_transformers_fp32_batch1": round(torch_ms / floor["ms_per_token"], 2),
+                }
+        if not only_llama_cpp:
+            gen = Generator.load(work / "gpt2-124m-random-onnx")
+            ids, mask = gen.encode(["And it came to pass"])
+            n = long_tokens - ids.shape[1]
+            log(f"gpt2-124m-shape batch 1: {n} new tokens, cache vs re-feeding")
+            a, _ = _time_runtime(gen, ids, mask, n, use_cache=True)
+            c, _ = _time_runtime(gen, ids, mask, n, use_cache=False)
+            results["cases"][f"gpt2-124m-shape/batch1/{long_tokens}-tokens"] = {
+                "new_tokens": n, "runtime": a, "runtime_no_cache": c,
+                "runtime_over_no_cache": round(a["tokens_per_sec"] / c["tokens_per_sec"], 2),
+            }
+            del gen
+        if tools:  # each model in a fresh process: none of the sessions above (or their threads) is alive there
+            results["llama_cpp"] = {}
+            for name, (hf_dir, onnx_dir) in models.items():
+                results["llama_cpp"].update(run_child(__name__, "_child_llama_cpp", str(llama_cpp), name, str(hf_dir),
+                                                      str(onnx_dir), prepared, 256, progress=True))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    summary = {k: {m: v[m] for m in ("runtime_over_transformers", "runtime_over_no_cache", "graph_over_lean_graph",
+                                     "graph_over_traced_graph",
+                                     "runtime_int8_over_transformers") if m in v}
+               for k, v in results["cases"].items()}
+    if "llama_cpp" in results:
+        summary["llama_cpp"] = {k: v["penwright_over_llama_cpp"] for k, v in results["llama_cpp"].items()
+                                if isinstance(v, dict) and "penwright_over_llama_cpp" in v}
+        summary["top1_agreement_with_fp32"] = results["llama_cpp"].get("quickstart/top1_agreement_with_fp32")
+    write_report(results, output, "reports/bench_generate.json",
+                 {**summary, "memory_floor": results.get("memory_floor")})
+    return results

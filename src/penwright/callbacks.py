@@ -1,0 +1,242 @@
+"""The Lightning callbacks of the train stage, each built by name in ``Callbacks``.
+
+* ``AtomicCheckpointIO``: checkpoints are written beside their name and renamed (never half a file);
+* ``checkpoints``: the periodic checkpoint (``step-NNNNNN.ckpt``), ``last.ckpt`` and ``best.ckpt``, whose
+  names stay fixed across resumes (no ``-vN`` copies);
+* ``Throughput``: ``tokens_per_sec`` of the training steps alone;
+* ``CurveWriter``: ``reports/curves/{train,val}.tsv`` for ``dvc plots``;
+* ``SampleCallback``: text samples while training. Text samples while training: every ``sample.every_n_steps`` steps and at the end, on rank 0 only.
+  
+  Each time: the configured prompts, unconditional samples (from ``<|endoftext|>``) and random
+  prompts cut from the validation text, at each temperature, with the model's KV cache in eval
+  mode. They go to a NEW W&B table under one key (``samples``) and to
+  ``reports/samples/step-NNNNNN.md``. Sampling runs under its own seed inside ``torch.random.fork_rng``,
+  so the training RNG (dropout) is untouched: losses are the same with sampling on or off."""
+
+from __future__ import annotations
+
+import csv
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+from penwright import schema
+from penwright.fsutil import atomic_write_text
+from penwright.log import get_logger
+from penwright.tokenizer import left_padded
+
+log = get_logger("samples").info
+
+
+@dataclass
+class Callbacks:
+    """Every callback of a training run, by name; ``all()`` is the order Lightning runs them in
+    (``throughput`` first: the time of the others is not counted)."""
+
+    throughput: "Throughput"
+    periodic: ModelCheckpoint
+    best: ModelCheckpoint
+    samples: "SampleCallback"
+    curves: "CurveWriter"
+
+    def all(self) -> list[L.Callback]:
+        return [self.throughput, self.periodic, self.best, self.samples, self.curves]
+
+
+def checkpoints(ckpt_dir: Path, every_n_steps: int, keep_all: bool) -> tuple[ModelCheckpoint, ModelCheckpoint]:
+    """(periodic + ``last.ckpt``, ``best.ckpt``). ``enable_version_counter=False``: a resumed run overwrites
+    ``last`` and ``best`` instead of writing ``last-v1``, ``best-v1``; ``best`` stays the best of the whole run
+    (its score is restored from the checkpoint)."""
+    periodic = ModelCheckpoint(dirpath=ckpt_dir, filename="step-{step:06d}", every_n_train_steps=every_n_steps,
+                               save_top_k=-1 if keep_all else 1, save_last=True, auto_insert_metric_name=False,
+                               enable_version_counter=False)
+    best = ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor="val/loss", mode="min", save_top_k=1,
+                           auto_insert_metric_name=False, enable_version_counter=False)
+    return periodic, best
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Checkpoints are written to a temp file and renamed: a crash never leaves half a checkpoint."""
+
+    def save_checkpoint(self, checkpoint, path, storage_options=None):
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        torch.save(checkpoint, tmp)
+        os.replace(tmp, path)
+
+
+class Throughput(L.Callback):
+    """``tokens_per_sec`` of the training steps alone (first in the callback list: sampling is not timed)."""
+
+    def __init__(self, skip_steps: int = 0):
+        self.tokens, self.seconds, self._tick = 0, 0.0, None
+        self.skip_steps = skip_steps  # not timed: allocator and thread-pool warmup (benchmarks)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self._tick = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        seconds = time.perf_counter() - self._tick
+        tokens = batch.shape[0] * (batch.shape[1] - 1) * trainer.world_size
+        if trainer.global_step > self.skip_steps:
+            self.tokens += tokens
+            self.seconds += seconds
+        pl_module.log("tokens_per_sec", tokens / seconds, on_step=True, on_epoch=False, rank_zero_only=True)
+
+    @property
+    def rate(self) -> float:
+        return self.tokens / self.seconds if self.seconds else 0.0
+
+
+class CurveWriter(L.Callback):
+    """``reports/curves/train.tsv`` (step, loss, lr) and ``val.tsv`` (step, loss, ppl, bpb) for ``dvc plots``."""
+
+    def __init__(self, out_dir: str | Path, every: int):
+        self.out_dir, self.every = Path(out_dir), max(1, every)
+        self.rows: dict[str, list[dict]] = {"train": [], "val": []}
+        self.loaded = False
+
+    def on_train_start(self, trainer, pl_module):
+        self._load(trainer)
+
+    def _load(self, trainer) -> None:
+        """Once the checkpoint is restored: a resumed run keeps the rows up to its step. (A run resumed
+        at its last step trains nothing and only validates: it must keep them too.)"""
+        if self.loaded:
+            return
+        self.loaded = True
+        start = trainer.global_step
+        for split in self.rows:
+            path = self.out_dir / f"{split}.tsv"
+            if start and path.is_file():
+                with open(path, newline="") as f:
+                    self.rows[split] = [r for r in csv.DictReader(f, delimiter="\t") if int(r["step"]) <= start]
+            else:
+                self.rows[split] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        step = trainer.global_step
+        if step % self.every == 0 or step == trainer.max_steps:
+            m = trainer.callback_metrics
+            if "train/loss" in m:
+                self.rows["train"].append({"step": step, "loss": f"{float(m['train/loss']):.5f}",
+                                           "lr": f"{float(m.get('lr', 0.0)):.3e}"})
+
+    def on_validation_end(self, trainer, pl_module):
+        m = trainer.callback_metrics
+        if "val/loss" in m and not trainer.sanity_checking:
+            self._load(trainer)
+            row = {"step": trainer.global_step, "loss": f"{float(m['val/loss']):.5f}",
+                   "ppl": f"{float(m['val/ppl']):.3f}", "bpb": f"{float(m.get('val/bpb', float('nan'))):.5f}"}
+            self.rows["val"] = [r for r in self.rows["val"] if int(r["step"]) != row["step"]] + [row]
+        self.flush(trainer)
+
+    def on_train_end(self, trainer, pl_module):
+        self.flush(trainer)
+
+    def flush(self, trainer) -> None:
+        if not trainer.is_global_zero:
+            return
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        for split, rows in self.rows.items():
+            if not rows:
+                continue
+            path = self.out_dir / f"{split}.tsv"
+            tmp = path.with_name(f".{path.name}.tmp")
+            with open(tmp, "w", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=list(rows[0]), delimiter="\t")
+                writer.writeheader()
+                writer.writerows(rows)
+            tmp.replace(path)
+
+
+class SampleCallback(L.Callback):
+    def __init__(self, cfg: schema.Sample, tokenizer, prompt_source: np.ndarray, out_dir: str | Path):
+        self.cfg, self.every, self.temperatures = cfg, cfg.every_n_steps, list(cfg.temperatures)
+        self.tokenizer = left_padded(tokenizer)  # a copy: the tokenizer train saves stays as it was
+        self.out_dir = Path(out_dir)
+        self.prompts = self._prompts(prompt_source)
+        self.last_step = -1
+
+    def _prompts(self, source: np.ndarray) -> list[tuple[str, str]]:
+        """[(kind, prompt text)]: fixed prompts, unconditional, and random prompts from the val text."""
+        eos = self.tokenizer.eos_token
+        prompts = [("prompt", str(p)) for p in self.cfg.prompts]
+        prompts += [("unconditional", eos)] * self.cfg.unconditional
+        n, length = self.cfg.random_prompts, self.cfg.random_prompt_tokens
+        if n and source.size > length:
+            rng = np.random.default_rng(self.cfg.seed)
+            for start in rng.integers(0, source.size - length, size=n):
+                ids = [int(t) for t in source[start:start + length]]
+                prompts.append(("random", self.tokenizer.decode(ids)))
+        return prompts
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        step = trainer.global_step
+        if self.every and step > 0 and step % self.every == 0 and step != self.last_step:
+            self.sample(trainer, pl_module)
+
+    def on_train_end(self, trainer, pl_module):
+        if trainer.global_step != self.last_step:
+            self.sample(trainer, pl_module)
+
+    @torch.no_grad()
+    def generate(self, model, temperature: float, step: int) -> list[str]:
+        tok = self.tokenizer
+        texts = [p for _, p in self.prompts]
+        enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
+        out = model.generate(
+            **enc,
+            do_sample=True,
+            temperature=temperature,
+            top_k=self.cfg.top_k or None,
+            top_p=self.cfg.top_p,
+            max_new_tokens=self.cfg.max_new_tokens,
+            use_cache=True,
+            pad_token_id=tok.pad_token_id,
+            eos_token_id=None,  # show the full length: an <|endoftext|> stays visible in the text
+        )
+        return [tok.decode(row[enc["input_ids"].shape[1]:], skip_special_tokens=False) for row in out]
+
+    def sample(self, trainer: L.Trainer, pl_module) -> None:
+        step = trainer.global_step
+        self.last_step = step
+        if not trainer.is_global_zero or not self.prompts:
+            return
+        model = pl_module.model
+        was_training = model.training
+        model.eval()
+        rows = []
+        devices = [model.device.index or 0] if model.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(self.cfg.seed + step)
+            for temperature in self.temperatures:
+                for (kind, prompt), text in zip(self.prompts, self.generate(model, temperature, step)):
+                    rows.append([step, kind, prompt, temperature, text])
+        model.train(was_training)
+        self._write_markdown(step, rows)
+        for logger in trainer.loggers:
+            if hasattr(logger, "log_table"):  # W&B: a new table each time, under one key
+                logger.log_table(key="samples", columns=["step", "kind", "prompt", "temperature", "text"],
+                                 data=rows, step=step)
+        log(f"step {step}: {len(rows)} samples -> {self.out_dir}/step-{step:06d}.md")
+
+    def _write_markdown(self, step: int, rows: list) -> None:
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        lines = [f"# Samples at step {step}", ""]
+        for temperature in self.temperatures:
+            lines += [f"## temperature {temperature}", ""]
+            for _, kind, prompt, temp, text in rows:
+                if temp != temperature:
+                    continue
+                shown = "(unconditional)" if kind == "unconditional" else prompt.replace("\n", " ")
+                lines += [f"**{kind}:** {shown}", "", "```text", (prompt if kind != "unconditional" else "") + text, "```", ""]
+        atomic_write_text(self.out_dir / f"step-{step:06d}.md", "\n".join(lines))

@@ -1,0 +1,144 @@
+"""Each ``penwright bench`` benchmark end to end on tiny inputs (seconds, not the real runs' minutes).
+
+What a benchmark measures cannot be checked here, but its code path can: every stage function it
+calls, its child processes and servers, and the report it writes (the keys README and its table read,
+with sane values). Reports and scratch files go to tmp_path only, never to reports/ or artifacts/.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import random
+
+import pytest
+
+WORDS = ("and it came to pass that the lord said unto moses behold in the beginning god created heaven earth "
+         "light darkness waters blessed are they which mourn for they shall be comforted thus saith").split()
+
+
+def _positive(x) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
+
+
+def _report(path, results: dict) -> dict:
+    """The written report: what the function returned, as JSON."""
+    written = json.loads(path.read_text())
+    assert written == json.loads(json.dumps(results))
+    return written
+
+
+@pytest.fixture
+def sample_corpus(tmp_path):
+    """A sample corpus laid out as `penwright corpus` writes it: kjv/books/*.txt and kjv/verses.csv (~0.6 MB:
+    enough for the encoders' best-of-3 to last milliseconds, which the report rounds to)."""
+    rng = random.Random(0)
+    verses = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(6, 16))).capitalize() + "." for _ in range(8000)]
+    books = tmp_path / "kjv" / "books"
+    books.mkdir(parents=True)
+    for i in range(4):
+        (books / f"{i:02d}-book.txt").write_text(f"Book {i}\n\n" + " ".join(verses[i::4]) + "\n", encoding="utf-8")
+    with open(tmp_path / "kjv" / "verses.csv", "w", encoding="utf-8", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["text"])
+        writer.writerows([v] for v in verses)
+    return books
+
+
+def test_bench_prepare(tmp_path, sample_corpus):
+    from penwright.bench import bench_prepare
+
+    out = tmp_path / "bench_prepare.json"
+    # one generated size (the real run's 20 MB and --size-mb are the same code), the runs in this process (seconds
+    # less each) but for the import floor and the one-thread encoders: those still get their own processes
+    results = _report(out, bench_prepare(size_mb=0.05, output=str(out), sample=str(sample_corpus), base_mb=0.05,
+                                         overrides=["model.tokenizer.vocab_size=300"], work_dir=tmp_path / "work",
+                                         isolate=False))
+    assert not (tmp_path / "work").exists()  # scratch removed
+    assert _positive(results["import_rss_mb"])
+    for key in ("sample", "generated_0.05mb", "generated_0.05mb_tokenizers"):
+        run = results[key]
+        assert _positive(run["seconds"]) and _positive(run["mb_per_s"]) and run["tokens"] > 0, (key, run)
+        assert _positive(run["peak_rss_mb"]), (key, run)
+    assert results["sample"]["mb"] > results["generated_0.05mb"]["mb"] >= 0.05
+    fast, baseline = results["generated_0.05mb"], results["generated_0.05mb_tokenizers"]
+    assert fast["encoder"] != baseline["encoder"] and fast["tokens"] == baseline["tokens"]  # same ids, two encoders
+    encoders = results["encoders_on_sample"]
+    assert encoders["identical_ids"] is True
+    for name in ("splintr", "tokenizers_encode_batch_fast", "splintr_1_thread"):
+        assert _positive(encoders[name]["mb_per_s"]), name
+    summary = results["summary"]
+    assert set(summary) == {"mb_per_s_0.05mb", "speedup_vs_tokenizers_0.05mb", "encoder_alone_mb_per_s_sample",
+                            "encoder_threads_over_1_thread", "peak_rss_mb_sample_vs_20mb_vs_big"}
+    assert all(_positive(v) for v in summary["peak_rss_mb_sample_vs_20mb_vs_big"])
+
+
+def test_bench_train(tmp_path, prepared_tiny):
+    from penwright.bench import bench_train
+
+    out = tmp_path / "bench_train.json"
+    overrides = [f"data.out_dir={prepared_tiny}", f"paths.reports={tmp_path / 'reports'}", "logger=none",
+                 "model=scratch_small", "model.n_layer=1", "model.n_head=2", "model.n_embd=32", "model.n_positions=64",
+                 "train.block_size=32", "train.batch_size=4", "train.warmup_steps=2"]
+    results = _report(out, bench_train(steps=2, rounds=2, output=str(out), overrides=overrides))
+    assert results["model"]["n_layer"] == 1 and results["batch"] == {"batch_size": 4, "block_size": 32}
+    for name in ("lightning", "plain"):
+        assert len(results["tokens_per_sec"][name]) == 2 and all(map(_positive, results["tokens_per_sec"][name]))
+        assert results["best_tokens_per_sec"][name] == max(results["tokens_per_sec"][name])
+    assert _positive(results["lightning_over_plain"])
+    assert results["lightning_overhead_pct"] == pytest.approx(100 * (1 - results["lightning_over_plain"]), abs=0.02)
+    assert "quickstart_from_reports_train_json" not in results  # no reports/train.json in the tmp reports
+
+
+def test_bench_generate(tmp_path, tiny_gpt2, onnx_tiny):
+    from penwright.bench import bench_generate
+
+    out = tmp_path / "bench_generate.json"
+    results = _report(out, bench_generate(output=str(out), quick_dir=str(tiny_gpt2), quick_onnx=str(onnx_tiny),
+                                          new_tokens=4, long_tokens=20, llama_cpp=None, rounds=1,
+                                          big_shape=(1, 2, 32), work_dir=tmp_path / "work"))
+    assert not (tmp_path / "work").exists()
+    assert "llama_cpp" not in results  # llama.cpp left out
+    cases = results["cases"]
+    assert set(cases) == {"quickstart/batch1", "quickstart/batch8", "gpt2-124m-shape/batch1",
+                          "gpt2-124m-shape/batch8", "gpt2-124m-shape/batch1/20-tokens"}
+    for key, case in cases.items():
+        assert _positive(case["runtime"]["tokens_per_sec"]) and _positive(case["runtime_over_no_cache"]), key
+        if "transformers_generate" not in case:
+            continue
+        assert case["new_tokens"] == 4, key
+        for engine in ("transformers_generate", "runtime_no_cache", "runtime_lean_graph", "runtime_traced_graph",
+                       "runtime_int8"):
+            assert _positive(case[engine]["tokens_per_sec"]), (key, engine)
+        for ratio in ("runtime_over_transformers", "graph_over_lean_graph", "graph_over_traced_graph",
+                      "runtime_int8_over_transformers"):
+            assert _positive(case[ratio]), (key, ratio)
+        assert 0 <= case["int8_tokens_agreeing_with_fp32"] <= 1
+        assert case["provider"] == "cpu"
+    assert cases["quickstart/batch1"]["same_tokens_as_transformers"] is True  # the runtime's greedy tokens
+    assert cases["quickstart/batch8"]["traced_graph_same_tokens"] is True
+    floor = results["memory_floor"]
+    assert floor["model"] == "gpt2-124m-shape" and floor["matrices"] == 5  # 1 layer: 4 matrices, + the output
+    assert _positive(floor["ms_per_token"]) and _positive(floor["most_runtime_over_transformers_fp32_batch1"])
+
+
+def test_bench_serve(tmp_path, onnx_tiny):
+    from penwright.bench import bench_serve
+
+    out = tmp_path / "bench_serve.json"
+    results = _report(out, bench_serve(output=str(out), quick_onnx=str(onnx_tiny), slots=4, levels=(1, 3),
+                                       models=("quickstart",), new_tokens=4, work_dir=tmp_path / "work"))
+    entry = results["models"]["quickstart"]
+    assert set(results["models"]) == {"quickstart"}
+    assert entry["new_tokens_per_request"] == 4 and entry["slots"] == 4
+    assert entry["exit_codes_on_sigterm"] == {"batching": 0, "one_at_a_time": 0}
+    assert all(_positive(v) for v in entry["server_rss_mb"].values())
+    assert set(entry["levels"]) == {"1", "3"}
+    for level, row in entry["levels"].items():
+        for label in ("batching", "one_at_a_time"):
+            r = row[label]
+            assert r["failed"] == 0 and r["errors"] == [] and r["answered"] == r["sent"] >= 8, (level, label, r)
+            assert r["completion_tokens"] == 4 * r["sent"] and _positive(r["tokens_per_sec"]), (level, label, r)
+            assert 0 < r["ttft_p50_s"] <= r["ttft_p95_s"] and r["latency_p50_s"] <= r["latency_p95_s"], (level, r)
+        assert _positive(row["batching_over_one_at_a_time"])
