@@ -43,18 +43,24 @@ def repo_reports_untouched():
 @pytest.fixture(scope="session")
 def tiny_gpt2(tmp_path_factory) -> Path:
     """A tiny GPT-2 (model + byte-level BPE tokenizer) saved with save_pretrained: our offline 'gpt2'."""
+    import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
     from penwright.tokenizer import train_bpe
-
-    import torch
 
     torch.manual_seed(0)  # the same tiny model in every session
     path = tmp_path_factory.mktemp("tiny-gpt2")
     tokenizer = train_bpe([ENGLISH * 4], vocab_size=320, min_frequency=2)
     tokenizer.save_pretrained(path)
-    config = GPT2Config(vocab_size=len(tokenizer), n_positions=64, n_embd=32, n_layer=2, n_head=2,
-                        bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id)
+    config = GPT2Config(
+        vocab_size=len(tokenizer),
+        n_positions=64,
+        n_embd=32,
+        n_layer=2,
+        n_head=2,
+        bos_token_id=tokenizer.eos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
     GPT2LMHeadModel(config).save_pretrained(path)
     return path
 
@@ -91,8 +97,18 @@ def prepared_tiny(tmp_path_factory, tiny_gpt2) -> Path:
     for i in range(8):
         (corpus / f"{i}.txt").write_text(f"Chapter {i}.\n" + ENGLISH * (2 + i % 3))
     out = root / "prepared"
-    prepare(compose([f"data.path={corpus}", f"data.out_dir={out}", "data.val_fraction=0.25", "model=gpt2",
-                     f"model.name_or_path={tiny_gpt2}"], config_dir=REPO / "conf"))
+    prepare(
+        compose(
+            [
+                f"data.path={corpus}",
+                f"data.out_dir={out}",
+                "data.val_fraction=0.25",
+                "model=gpt2",
+                f"model.name_or_path={tiny_gpt2}",
+            ],
+            config_dir=REPO / "conf",
+        )
+    )
     return out
 
 
@@ -107,8 +123,18 @@ def compose_train(tmp_path, prepared_tiny):
     def _compose(*overrides: str, run: str = "run"):
         base = tmp_path / run
         model = [] if any(o.startswith("model=") for o in overrides) else TINY_MODEL
-        return compose([f"data.out_dir={prepared_tiny}", f"train.ckpt_dir={base}/ckpt", f"train.out_dir={base}/model",
-                        f"paths.reports={base}/reports", *model, *TINY_TRAIN, *overrides], config_dir=REPO / "conf")
+        return compose(
+            [
+                f"data.out_dir={prepared_tiny}",
+                f"train.ckpt_dir={base}/ckpt",
+                f"train.out_dir={base}/model",
+                f"paths.reports={base}/reports",
+                *model,
+                *TINY_TRAIN,
+                *overrides,
+            ],
+            config_dir=REPO / "conf",
+        )
 
     return _compose
 
@@ -120,9 +146,18 @@ def onnx_tiny(tmp_path_factory, tiny_gpt2) -> Path:
     from penwright.export import export
 
     root = tmp_path_factory.mktemp("onnx-tiny")
-    export(compose([f"train.out_dir={tiny_gpt2}", f"export.out_dir={root / 'onnx'}", f"paths.reports={root / 'reports'}",
-                    "export.parity_prompts=[It is,The quick brown fox jumps,A]", "export.parity_new_tokens=8"],
-                   config_dir=REPO / "conf"))
+    export(
+        compose(
+            [
+                f"train.out_dir={tiny_gpt2}",
+                f"export.out_dir={root / 'onnx'}",
+                f"paths.reports={root / 'reports'}",
+                "export.parity_prompts=[It is,The quick brown fox jumps,A]",
+                "export.parity_new_tokens=8",
+            ],
+            config_dir=REPO / "conf",
+        )
+    )
     return root / "onnx"
 
 
@@ -164,8 +199,9 @@ def serve_tiny(onnx_tiny):
 
     def _serve(*overrides: str) -> RunningServer:
         if overrides not in servers:
-            servers[overrides] = RunningServer(compose([f"serve.model_dir={onnx_tiny}", *overrides],
-                                                       config_dir=REPO / "conf"))
+            servers[overrides] = RunningServer(
+                compose([f"serve.model_dir={onnx_tiny}", *overrides], config_dir=REPO / "conf")
+            )
         return servers[overrides]
 
     yield _serve

@@ -14,8 +14,10 @@ import random
 
 import pytest
 
-WORDS = ("and it came to pass that the lord said unto moses behold in the beginning god created heaven earth "
-         "light darkness waters blessed are they which mourn for they shall be comforted thus saith").split()
+WORDS = (
+    "and it came to pass that the lord said unto moses behold in the beginning god created heaven earth "
+    "light darkness waters blessed are they which mourn for they shall be comforted thus saith"
+).split()
 
 
 def _positive(x) -> bool:
@@ -52,9 +54,18 @@ def test_bench_prepare(tmp_path, sample_corpus):
     out = tmp_path / "bench_prepare.json"
     # one generated size (the real run's 20 MB and --size-mb are the same code), the runs in this process (seconds
     # less each) but for the import floor and the one-thread encoders: those still get their own processes
-    results = _report(out, bench_prepare(size_mb=0.05, output=str(out), sample=str(sample_corpus), base_mb=0.05,
-                                         overrides=["model.tokenizer.vocab_size=300"], work_dir=tmp_path / "work",
-                                         isolate=False))
+    results = _report(
+        out,
+        bench_prepare(
+            size_mb=0.05,
+            output=str(out),
+            sample=str(sample_corpus),
+            base_mb=0.05,
+            overrides=["model.tokenizer.vocab_size=300"],
+            work_dir=tmp_path / "work",
+            isolate=False,
+        ),
+    )
     assert not (tmp_path / "work").exists()  # scratch removed
     assert _positive(results["import_rss_mb"])
     for key in ("sample", "generated_0.05mb", "generated_0.05mb_tokenizers"):
@@ -69,8 +80,13 @@ def test_bench_prepare(tmp_path, sample_corpus):
     for name in ("splintr", "tokenizers_encode_batch_fast", "splintr_1_thread"):
         assert _positive(encoders[name]["mb_per_s"]), name
     summary = results["summary"]
-    assert set(summary) == {"mb_per_s_0.05mb", "speedup_vs_tokenizers_0.05mb", "encoder_alone_mb_per_s_sample",
-                            "encoder_threads_over_1_thread", "peak_rss_mb_sample_vs_20mb_vs_big"}
+    assert set(summary) == {
+        "mb_per_s_0.05mb",
+        "speedup_vs_tokenizers_0.05mb",
+        "encoder_alone_mb_per_s_sample",
+        "encoder_threads_over_1_thread",
+        "peak_rss_mb_sample_vs_20mb_vs_big",
+    }
     assert all(_positive(v) for v in summary["peak_rss_mb_sample_vs_20mb_vs_big"])
 
 
@@ -78,9 +94,19 @@ def test_bench_train(tmp_path, prepared_tiny):
     from penwright.bench import bench_train
 
     out = tmp_path / "bench_train.json"
-    overrides = [f"data.out_dir={prepared_tiny}", f"paths.reports={tmp_path / 'reports'}", "logger=none",
-                 "model=scratch_small", "model.n_layer=1", "model.n_head=2", "model.n_embd=32", "model.n_positions=64",
-                 "train.block_size=32", "train.batch_size=4", "train.warmup_steps=2"]
+    overrides = [
+        f"data.out_dir={prepared_tiny}",
+        f"paths.reports={tmp_path / 'reports'}",
+        "logger=none",
+        "model=scratch_small",
+        "model.n_layer=1",
+        "model.n_head=2",
+        "model.n_embd=32",
+        "model.n_positions=64",
+        "train.block_size=32",
+        "train.batch_size=4",
+        "train.warmup_steps=2",
+    ]
     results = _report(out, bench_train(steps=2, rounds=2, output=str(out), overrides=overrides))
     assert results["model"]["n_layer"] == 1 and results["batch"] == {"batch_size": 4, "block_size": 32}
     for name in ("lightning", "plain"):
@@ -95,24 +121,49 @@ def test_bench_generate(tmp_path, tiny_gpt2, onnx_tiny):
     from penwright.bench import bench_generate
 
     out = tmp_path / "bench_generate.json"
-    results = _report(out, bench_generate(output=str(out), quick_dir=str(tiny_gpt2), quick_onnx=str(onnx_tiny),
-                                          new_tokens=4, long_tokens=20, llama_cpp=None, rounds=1,
-                                          big_shape=(1, 2, 32), work_dir=tmp_path / "work"))
+    results = _report(
+        out,
+        bench_generate(
+            output=str(out),
+            quick_dir=str(tiny_gpt2),
+            quick_onnx=str(onnx_tiny),
+            new_tokens=4,
+            long_tokens=20,
+            llama_cpp=None,
+            rounds=1,
+            big_shape=(1, 2, 32),
+            work_dir=tmp_path / "work",
+        ),
+    )
     assert not (tmp_path / "work").exists()
     assert "llama_cpp" not in results  # llama.cpp left out
     cases = results["cases"]
-    assert set(cases) == {"quickstart/batch1", "quickstart/batch8", "gpt2-124m-shape/batch1",
-                          "gpt2-124m-shape/batch8", "gpt2-124m-shape/batch1/20-tokens"}
+    assert set(cases) == {
+        "quickstart/batch1",
+        "quickstart/batch8",
+        "gpt2-124m-shape/batch1",
+        "gpt2-124m-shape/batch8",
+        "gpt2-124m-shape/batch1/20-tokens",
+    }
     for key, case in cases.items():
         assert _positive(case["runtime"]["tokens_per_sec"]) and _positive(case["runtime_over_no_cache"]), key
         if "transformers_generate" not in case:
             continue
         assert case["new_tokens"] == 4, key
-        for engine in ("transformers_generate", "runtime_no_cache", "runtime_lean_graph", "runtime_traced_graph",
-                       "runtime_int8"):
+        for engine in (
+            "transformers_generate",
+            "runtime_no_cache",
+            "runtime_lean_graph",
+            "runtime_traced_graph",
+            "runtime_int8",
+        ):
             assert _positive(case[engine]["tokens_per_sec"]), (key, engine)
-        for ratio in ("runtime_over_transformers", "graph_over_lean_graph", "graph_over_traced_graph",
-                      "runtime_int8_over_transformers"):
+        for ratio in (
+            "runtime_over_transformers",
+            "graph_over_lean_graph",
+            "graph_over_traced_graph",
+            "runtime_int8_over_transformers",
+        ):
             assert _positive(case[ratio]), (key, ratio)
         assert 0 <= case["int8_tokens_agreeing_with_fp32"] <= 1
         assert case["provider"] == "cpu"
@@ -127,8 +178,18 @@ def test_bench_serve(tmp_path, onnx_tiny):
     from penwright.bench import bench_serve
 
     out = tmp_path / "bench_serve.json"
-    results = _report(out, bench_serve(output=str(out), quick_onnx=str(onnx_tiny), slots=4, levels=(1, 3),
-                                       models=("quickstart",), new_tokens=4, work_dir=tmp_path / "work"))
+    results = _report(
+        out,
+        bench_serve(
+            output=str(out),
+            quick_onnx=str(onnx_tiny),
+            slots=4,
+            levels=(1, 3),
+            models=("quickstart",),
+            new_tokens=4,
+            work_dir=tmp_path / "work",
+        ),
+    )
     entry = results["models"]["quickstart"]
     assert set(results["models"]) == {"quickstart"}
     assert entry["new_tokens_per_request"] == 4 and entry["slots"] == 4

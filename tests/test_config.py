@@ -27,7 +27,10 @@ def test_writing_prompts_params_files_are_fresh_compositions_at_the_paths_its_dv
     assert committed == fresh, f"{path} is stale: run `penwright params experiment=wp_{name} --output {path}`"
     stages = (repo / "pipelines" / "writing_prompts" / "dvc.yaml").read_text()
     assert "artifacts/writing_prompts/${item}/" in stages and "reports/writing_prompts/${item}/" in stages
-    assert fresh["paths"] == {"artifacts": f"artifacts/writing_prompts/{name}", "reports": f"reports/writing_prompts/{name}"}
+    assert fresh["paths"] == {
+        "artifacts": f"artifacts/writing_prompts/{name}",
+        "reports": f"reports/writing_prompts/{name}",
+    }
     assert fresh["data"]["out_dir"] == f"artifacts/writing_prompts/{name}/prepared"
     assert fresh["train"]["out_dir"] == f"artifacts/writing_prompts/{name}/model"
     assert fresh["export"]["out_dir"] == f"artifacts/writing_prompts/{name}/onnx"
@@ -49,8 +52,8 @@ def test_every_group_exists_and_composes(repo):
 def test_every_config_file_opens_with_its_command_and_comments_every_knob(repo):
     for path in sorted((repo / "conf").rglob("*.yaml")):
         lines = path.read_text().splitlines()
-        head = [l for l in lines[:3] if l.startswith("#")]
-        assert any("penwright" in l for l in head), f"{path}: first lines must show the command that uses it"
+        head = [line for line in lines[:3] if line.startswith("#")]
+        assert any("penwright" in line for line in head), f"{path}: first lines must show the command that uses it"
         for number, line in enumerate(lines, start=1):
             if re.match(r"^\s*[A-Za-z_][\w.-]*:\s*\S", line) and not line.lstrip().startswith(("- ", "#")):
                 assert "#" in line, f"{path}:{number}: knob without a one-line comment: {line.strip()}"

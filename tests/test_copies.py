@@ -21,14 +21,31 @@ def test_the_whitespace_list_is_what_str_split_splits_on():
 
 def test_a_document_hashed_chunk_by_chunk_has_the_digest_of_its_whole_text():
     rng = random.Random(0)
-    pieces = ["word", "naïve", "日本語", " ", "  ", "\n", "\n\n", "\t", "\u3000", "\x1c", "\xa0", PREFIX, "<|", "a b",
-              "\ud800"]
+    pieces = [
+        "word",
+        "naïve",
+        "日本語",
+        " ",
+        "  ",
+        "\n",
+        "\n\n",
+        "\t",
+        "\u3000",
+        "\x1c",
+        "\xa0",
+        PREFIX,
+        "<|",
+        "a b",
+        "\ud800",
+    ]
     texts = ["", " ", PREFIX, PREFIX[:5], PREFIX + " x ", " " + PREFIX + "x", "x" + PREFIX]
     texts += ["".join(rng.choice(pieces) for _ in range(rng.randint(1, 30))) for _ in range(200)]
     # long enough for the numpy path (chunks of 4096 characters and more), ASCII and not
     ascii_pieces = [p for p in pieces if p.isascii()]
-    texts += ["".join(rng.choice(ascii_pieces if i % 2 else pieces) for _ in range(rng.randint(2000, 9000)))
-              for i in range(12)]
+    texts += [
+        "".join(rng.choice(ascii_pieces if i % 2 else pieces) for _ in range(rng.randint(2000, 9000)))
+        for i in range(12)
+    ]
     for text in texts:
         for prefix in ("", PREFIX, "a b"):
             whole = copies.digest(text, prefix)
@@ -50,8 +67,12 @@ def test_prepare_writes_each_splits_document_hashes_and_generate_counts_copies_f
     (corpus / "rows.csv").write_text("text\n" + "\n".join(f'"{r}"' for r in rows) + "\n")
     long = " ".join(f"word{i}" + ("\r\n\r\n" if i % 50 == 0 else "  ") for i in range(3000))  # several 4 KB chunks
     (corpus / "long.txt").write_text(long, newline="")
-    (corpus / "prefixed.jsonl").write_text(json.dumps({"text": PREFIX + "A record  that begins\nwith the prefix."})
-                                           + "\n" + json.dumps({"text": "Another record."}) + "\n")
+    (corpus / "prefixed.jsonl").write_text(
+        json.dumps({"text": PREFIX + "A record  that begins\nwith the prefix."})
+        + "\n"
+        + json.dumps({"text": "Another record."})
+        + "\n"
+    )
     glob = "data.glob='**/*'"
     cfg = compose_prepare(corpus, glob, "data.val_fraction=0.3", "data.chunk_bytes=4096")
     prepare(cfg)
@@ -65,18 +86,28 @@ def test_prepare_writes_each_splits_document_hashes_and_generate_counts_copies_f
     assert documents.csv_prefix == PREFIX and len(documents.train) + len(documents.val) == len(rows) + 3
 
     # deterministic: the same corpus gives the same bytes (dvc repro stays reproducible)
-    prepare(compose_prepare(corpus, glob, "data.val_fraction=0.3", "data.chunk_bytes=65536",
-                            out_dir=tmp_path / "again"))
+    prepare(
+        compose_prepare(corpus, glob, "data.val_fraction=0.3", "data.chunk_bytes=65536", out_dir=tmp_path / "again")
+    )
     assert (tmp_path / "again" / copies.DOCUMENTS_FILE).read_bytes() == written
 
     # the count needs the prepared directory alone
     (corpus / "rows.csv").unlink()
     train_rows = [r for r in rows if copies.digest(PREFIX + r, PREFIX) in documents.train]
     val_rows = [r for r in rows if copies.digest(PREFIX + r, PREFIX) in documents.val]
-    known = [Sample("", " ".join(train_rows[0].split())), Sample("", f"  {train_rows[1]}\n"),
-             Sample("", PREFIX + val_rows[0]), Sample("", ""), Sample("", "Row 1: the fox")]
+    known = [
+        Sample("", " ".join(train_rows[0].split())),
+        Sample("", f"  {train_rows[1]}\n"),
+        Sample("", PREFIX + val_rows[0]),
+        Sample("", ""),
+        Sample("", "Row 1: the fox"),
+    ]
     assert count_copies(known, tmp_path / "prepared") == {
-        "copies_of_train": 2, "copies_of_val": 1, "copy_fraction": 0.6, "corpus_documents": len(rows) + 3}
+        "copies_of_train": 2,
+        "copies_of_val": 1,
+        "copy_fraction": 0.6,
+        "corpus_documents": len(rows) + 3,
+    }
     # a whole text file (read in chunks), and a record that began with the prefix (compared without it)
     for text in (long.replace("\r\n", "\n"), "A record that begins with the prefix."):
         found = count_copies([Sample("", text)], documents)

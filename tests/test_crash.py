@@ -24,8 +24,13 @@ from helpers.paths import ENGLISH, REPO
 from helpers.tiny import TINY_MODEL, TINY_TRAIN
 from penwright.errors import PenwrightError
 
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "DVC_NO_ANALYTICS": "1",
-       "TOKENIZERS_PARALLELISM": "false"}
+ENV = {
+    **os.environ,
+    "HF_HUB_OFFLINE": "1",
+    "WANDB_MODE": "offline",
+    "DVC_NO_ANALYTICS": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+}
 
 
 def stage_cmd(stage: str, overrides: list[str], prelude: str = "") -> list[str]:
@@ -56,8 +61,11 @@ def run_stage(stage: str, overrides: list[str]) -> None:
 
 
 def digest_tree(root: Path) -> dict[str, str]:
-    return {str(p.relative_to(root)): hashlib.md5(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(root)): hashlib.md5(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 def curve_steps(reports: Path) -> list[int]:
@@ -77,8 +85,16 @@ def same_weights(a: Path, b: Path) -> bool:
 
 
 def train_overrides(prepared: Path, run: Path, *extra: str) -> list[str]:
-    return [f"data.out_dir={prepared}", f"train.ckpt_dir={run}/ckpt", f"train.out_dir={run}/model",
-            f"paths.reports={run}/reports", *TINY_MODEL, *TINY_TRAIN, "sample.every_n_steps=0", *extra]
+    return [
+        f"data.out_dir={prepared}",
+        f"train.ckpt_dir={run}/ckpt",
+        f"train.out_dir={run}/model",
+        f"paths.reports={run}/reports",
+        *TINY_MODEL,
+        *TINY_TRAIN,
+        "sample.every_n_steps=0",
+        *extra,
+    ]
 
 
 # -- train ---------------------------------------------------------------------------------------------
@@ -86,12 +102,15 @@ def train_overrides(prepared: Path, run: Path, *extra: str) -> list[str]:
 
 @pytest.mark.slow
 def test_kill_during_training_after_a_periodic_checkpoint_then_rerun_equals_an_uninterrupted_run(
-        tmp_path, prepared_tiny):
+    tmp_path, prepared_tiny
+):
     steps = ["trainer.max_steps=40", "train.decay_steps=40"]
     run_stage("train", train_overrides(prepared_tiny, tmp_path / "straight", *steps))
     crashed = tmp_path / "crashed"
-    kill_when(stage_cmd("train", train_overrides(prepared_tiny, crashed, *steps)),
-              lambda: any((crashed / "ckpt").glob("step-*.ckpt")))
+    kill_when(
+        stage_cmd("train", train_overrides(prepared_tiny, crashed, *steps)),
+        lambda: any((crashed / "ckpt").glob("step-*.ckpt")),
+    )
     assert not (crashed / "model").exists()  # killed before the end: no half-written model
     run_stage("train", train_overrides(prepared_tiny, crashed, *steps))
     assert same_weights(tmp_path / "straight" / "model", crashed / "model")
@@ -117,13 +136,15 @@ torch.save = _stalling_save
 
 @pytest.mark.slow
 def test_kill_in_the_middle_of_a_checkpoint_write_then_rerun_equals_an_uninterrupted_run(
-        tmp_path, prepared_tiny, monkeypatch):
+    tmp_path, prepared_tiny, monkeypatch
+):
     steps = ["trainer.max_steps=16", "train.decay_steps=16"]
     run_stage("train", train_overrides(prepared_tiny, tmp_path / "straight", *steps))
     crashed, mark = tmp_path / "crashed", tmp_path / "stalled"
     monkeypatch.setitem(ENV, "STALL_MARK", str(mark))
-    kill_when(stage_cmd("train", train_overrides(prepared_tiny, crashed, *steps), STALL_IN_CHECKPOINT_WRITE),
-              mark.exists)
+    kill_when(
+        stage_cmd("train", train_overrides(prepared_tiny, crashed, *steps), STALL_IN_CHECKPOINT_WRITE), mark.exists
+    )
     left = list((crashed / "ckpt").glob(".*.tmp-*"))
     assert left, "the kill came before the temp file of the checkpoint was written"
     last = torch.load(crashed / "ckpt" / "last.ckpt", map_location="cpu", weights_only=False)  # still whole
@@ -204,8 +225,10 @@ def test_kill_during_prepare_leaves_the_earlier_output_and_a_rerun_equals_an_uni
     run_stage("prepare", [*common, f"data.out_dir={straight}"])
     run_stage("prepare", [*common, f"data.out_dir={crashed}", "data.val_fraction=0.5"])  # an earlier output
     earlier = digest_tree(crashed)
-    kill_when(stage_cmd("prepare", [*common, f"data.out_dir={crashed}"]),
-              lambda: any(p.name.startswith(".crashed.tmp-") and (p / "tokenizer").exists() for p in tmp_path.iterdir()))
+    kill_when(
+        stage_cmd("prepare", [*common, f"data.out_dir={crashed}"]),
+        lambda: any(p.name.startswith(".crashed.tmp-") and (p / "tokenizer").exists() for p in tmp_path.iterdir()),
+    )
     assert digest_tree(crashed) == earlier  # the killed run never touched it
     run_stage("prepare", [*common, f"data.out_dir={crashed}"])
     assert digest_tree(crashed) == digest_tree(straight)
@@ -219,8 +242,10 @@ def test_kill_during_export_leaves_the_earlier_export_and_a_rerun_equals_an_unin
     run_stage("export", [*common, f"export.out_dir={straight}"])
     run_stage("export", [*common, f"export.out_dir={crashed}", "export.graph=lean"])  # an earlier export
     earlier = digest_tree(crashed)
-    kill_when(stage_cmd("export", [*common, f"export.out_dir={crashed}"]),
-              lambda: any(p.name.startswith(".crashed.tmp-") and (p / "model.onnx").exists() for p in tmp_path.iterdir()))
+    kill_when(
+        stage_cmd("export", [*common, f"export.out_dir={crashed}"]),
+        lambda: any(p.name.startswith(".crashed.tmp-") and (p / "model.onnx").exists() for p in tmp_path.iterdir()),
+    )
     assert digest_tree(crashed) == earlier
     run_stage("export", [*common, f"export.out_dir={crashed}"])
     assert digest_tree(crashed) == digest_tree(straight)

@@ -54,8 +54,12 @@ def compose(*overrides: str):
     return _compose(list(overrides), config_dir=REPO / "conf")
 
 
-MODEL_FILES = [("model.safetensors", "half"), ("model.safetensors", "garbage"), ("config.json", "half"),
-               ("config.json", "garbage")]
+MODEL_FILES = [
+    ("model.safetensors", "half"),
+    ("model.safetensors", "garbage"),
+    ("config.json", "half"),
+    ("config.json", "garbage"),
+]
 TOKENIZER_FILES = [("tokenizer.json", "half"), ("tokenizer.json", "garbage"), ("tokenizer_config.json", "half")]
 
 
@@ -63,8 +67,9 @@ TOKENIZER_FILES = [("tokenizer.json", "half"), ("tokenizer.json", "garbage"), ("
 
 
 @pytest.mark.parametrize("name,how", MODEL_FILES + TOKENIZER_FILES)
-def test_export_names_a_damaged_file_of_the_trained_model_and_keeps_the_earlier_export(name, how, tiny_gpt2,
-                                                                                      onnx_tiny, tmp_path):
+def test_export_names_a_damaged_file_of_the_trained_model_and_keeps_the_earlier_export(
+    name, how, tiny_gpt2, onnx_tiny, tmp_path
+):
     from penwright.export import export
 
     file = damaged_copy(tiny_gpt2, tmp_path / "model", name, how)
@@ -72,8 +77,11 @@ def test_export_names_a_damaged_file_of_the_trained_model_and_keeps_the_earlier_
     shutil.copytree(onnx_tiny, out)  # an earlier export
     before = snapshot(out)
     with pytest.raises(PenwrightError) as err:
-        export(compose(f"train.out_dir={tmp_path / 'model'}", f"export.out_dir={out}",
-                       f"paths.reports={tmp_path / 'reports'}"))
+        export(
+            compose(
+                f"train.out_dir={tmp_path / 'model'}", f"export.out_dir={out}", f"paths.reports={tmp_path / 'reports'}"
+            )
+        )
     check_message(err, file, "rerun `penwright train`")
     assert snapshot(out) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "onnx"]  # no temp dir, no report
@@ -96,8 +104,15 @@ def test_loading_an_export_names_its_damaged_tokenizer_or_config(name, how, onnx
         check_message(err, file, "re-export with `penwright export`")
     dest = tmp_path / "samples.txt"
     with pytest.raises(PenwrightError) as err:
-        generate(compose(f"generate.model_dir={onnx_dir}", f"generate.destination={dest}", "generate.report=null",
-                         "generate.prompts=[It is]", "generate.max_new_tokens=4"))
+        generate(
+            compose(
+                f"generate.model_dir={onnx_dir}",
+                f"generate.destination={dest}",
+                "generate.report=null",
+                "generate.prompts=[It is]",
+                "generate.max_new_tokens=4",
+            )
+        )
     check_message(err, file, "re-export with `penwright export`")
     assert not dest.exists()
 
@@ -111,9 +126,19 @@ def test_a_damaged_onnx_graph_is_one_line_naming_it(how, onnx_tiny, tmp_path):
     onnx_dir = tmp_path / "onnx"
     file = damaged_copy(onnx_tiny, onnx_dir, "model.onnx", how)
     dest = tmp_path / "samples.txt"
-    runs = [lambda: Generator.load(onnx_dir), lambda: Engine.load(onnx_dir),
-            lambda: generate(compose(f"generate.model_dir={onnx_dir}", f"generate.destination={dest}",
-                                     "generate.report=null", "generate.prompts=[It is]", "generate.max_new_tokens=4"))]
+    runs = [
+        lambda: Generator.load(onnx_dir),
+        lambda: Engine.load(onnx_dir),
+        lambda: generate(
+            compose(
+                f"generate.model_dir={onnx_dir}",
+                f"generate.destination={dest}",
+                "generate.report=null",
+                "generate.prompts=[It is]",
+                "generate.max_new_tokens=4",
+            )
+        ),
+    ]
     for run in runs:
         with pytest.raises(PenwrightError) as err:
             run()
@@ -125,8 +150,9 @@ def test_a_damaged_onnx_graph_is_one_line_naming_it(how, onnx_tiny, tmp_path):
 # -- train: the prepared dir ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name,how", [(f"tokenizer/{n}", h) for n, h in TOKENIZER_FILES]
-                         + [("meta.json", "half"), ("meta.json", "garbage")])
+@pytest.mark.parametrize(
+    "name,how", [(f"tokenizer/{n}", h) for n, h in TOKENIZER_FILES] + [("meta.json", "half"), ("meta.json", "garbage")]
+)
 def test_train_names_a_damaged_prepared_file(name, how, prepared_tiny, compose_train, tmp_path):
     from penwright.train import train
 
@@ -183,8 +209,9 @@ def test_prepare_with_a_damaged_pretrained_tokenizer_names_the_file(name, how, t
     assert not out.exists()
 
 
-@pytest.mark.parametrize("name,how", [("model.safetensors", "half"), ("config.json", "half"),
-                                      ("tokenizer.json", "half")])
+@pytest.mark.parametrize(
+    "name,how", [("model.safetensors", "half"), ("config.json", "half"), ("tokenizer.json", "half")]
+)
 def test_verbosify_with_a_damaged_model_dir_names_the_file(name, how, tiny_gpt2, tmp_path):
     from penwright.verbosify import verbosify
 
@@ -193,8 +220,9 @@ def test_verbosify_with_a_damaged_model_dir_names_the_file(name, how, tiny_gpt2,
     doc = tmp_path / "doc.txt"
     doc.write_text(ENGLISH)
     with pytest.raises(PenwrightError) as err:
-        verbosify(compose(f"verbosify.model={local}", f"verbosify.document={doc}",
-                          f"paths.reports={tmp_path / 'reports'}"))
+        verbosify(
+            compose(f"verbosify.model={local}", f"verbosify.document={doc}", f"paths.reports={tmp_path / 'reports'}")
+        )
     message = check_message(err, file, "again with save_pretrained, or download it again")
     assert f"verbosify.model={local}" in message
     assert not (tmp_path / "reports").exists()

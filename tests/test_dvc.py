@@ -19,8 +19,11 @@ from penwright.sample_corpus import materialize
 
 
 def snapshot(root: Path) -> dict[str, str]:
-    return {p.relative_to(root).as_posix(): hashlib.md5(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        p.relative_to(root).as_posix(): hashlib.md5(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 def test_sample_corpus_is_deterministic(tmp_path):
@@ -87,9 +90,20 @@ def test_pipeline_reruns_prepare_only_for_its_params_and_exp_run_composes_conf(t
     assert meta["data"]["path"] == "data/kjv/verses.csv" and meta["train"]["documents"] > 30_000
 
     # the train stage through dvc exp run with model / trainer overrides (prepare comes from the cache)
-    tiny = ["model.n_layer=1", "model.n_embd=32", "model.n_head=2", "train.block_size=32", "train.batch_size=4",
-            "trainer.max_steps=4", "train.val_every_n_steps=2", "train.val_batches=1", "sample.every_n_steps=0",
-            "sample.max_new_tokens=4", "logger=none", "trainer.progress_bar=false"]
+    tiny = [
+        "model.n_layer=1",
+        "model.n_embd=32",
+        "model.n_head=2",
+        "train.block_size=32",
+        "train.batch_size=4",
+        "trainer.max_steps=4",
+        "train.val_every_n_steps=2",
+        "train.val_batches=1",
+        "sample.every_n_steps=0",
+        "sample.max_new_tokens=4",
+        "logger=none",
+        "trainer.progress_bar=false",
+    ]
     run(["dvc", "exp", "run", *[a for t in tiny for a in ("-S", t)]], proj)
     report = json.loads((proj / "reports/train.json").read_text())
     assert report["steps"] == 4 and report["val_loss"] > 0
@@ -111,12 +125,16 @@ def test_pipeline_reruns_prepare_only_for_its_params_and_exp_run_composes_conf(t
 PIPELINES = {"main": REPO / "dvc.yaml", "writing_prompts": REPO / "pipelines" / "writing_prompts" / "dvc.yaml"}
 
 # read by a stage, but changing none of its output: left out of its deps and params on purpose
-NOT_CODE = {"errors": "exception classes: the messages, not the output",
-            "log": "messages on stderr",
-            "schema": "the config's types: a value it refuses stops the stage before any work",
-            "loggers": "W&B (train): where the run is logged, not what it trains, as logger.* in params"}
-NOT_OUTPUT = {"data.chunk_bytes": "how much text is read at a time: the same tokens and hashes",
-              "data.fast_encode": "splintr or tokenizers: the same ids (checked on a probe before it is used)"}
+NOT_CODE = {
+    "errors": "exception classes: the messages, not the output",
+    "log": "messages on stderr",
+    "schema": "the config's types: a value it refuses stops the stage before any work",
+    "loggers": "W&B (train): where the run is logged, not what it trains, as logger.* in params",
+}
+NOT_OUTPUT = {
+    "data.chunk_bytes": "how much text is read at a time: the same tokens and hashes",
+    "data.fast_encode": "splintr or tokenizers: the same ids (checked on a probe before it is used)",
+}
 NOT_OUTPUT_CODE = {"build_loggers": "logger.*: where the run is logged, not what it trains"}  # functions, by name
 
 # the files (and directories) each stage reads, by the config key that names them
@@ -133,14 +151,14 @@ FILES = {
 @dataclass
 class Stage:
     pipeline: str
-    name: str                # foreach stages: one Stage per item, all with the stage's name
+    name: str  # foreach stages: one Stage per item, all with the stage's name
     item: str | None
-    module: str              # penwright <module>: the stage's code is penwright.<module>.<module>(cfg)
-    params_file: Path        # the file the stage runs on (--params), whose keys it declares
+    module: str  # penwright <module>: the stage's code is penwright.<module>.<module>(cfg)
+    params_file: Path  # the file the stage runs on (--params), whose keys it declares
     params: list[str]
-    code: set[str]           # src/penwright/*.py deps
-    files: list[str]         # the other deps, as written
-    resolved: list[str]      # the other deps, interpolated
+    code: set[str]  # src/penwright/*.py deps
+    files: list[str]  # the other deps, as written
+    resolved: list[str]  # the other deps, interpolated
 
     def values(self) -> dict:
         return yaml.safe_load(self.params_file.read_text())
@@ -166,22 +184,33 @@ def pipeline_stages(pipeline: str) -> list[Stage]:
         variables |= yaml.safe_load((path.parent / name).read_text())
     out = []
     for name, body in doc["stages"].items():
-        for item, stage in ([(i, body["do"]) for i in body["foreach"]] if "foreach" in body else [(None, body)]):
+        for item, stage in [(i, body["do"]) for i in body["foreach"]] if "foreach" in body else [(None, body)]:
             wdir = (path.parent / stage.get("wdir", ".")).resolve()
             assert wdir == REPO, f"{path}: {name}: stages run from the repository root"
             params = {}
             for entry in stage.get("params", []):
-                for file, keys in (entry.items() if isinstance(entry, dict) else [("params.yaml", [entry])]):
+                for file, keys in entry.items() if isinstance(entry, dict) else [("params.yaml", [entry])]:
                     params.setdefault(interpolate(file, variables, item), []).extend(keys)
             assert len(params) == 1, f"{path}: {name}: one params file per stage (the one it runs on)"
             ((params_file, keys),) = params.items()
             command = re.fullmatch(r"penwright (\w+) --params (\S+)", interpolate(stage["cmd"], variables, item))
-            assert command and command.group(2) == params_file, f"{path}: {name}: declares the keys of the file it runs on"
+            assert command and command.group(2) == params_file, (
+                f"{path}: {name}: declares the keys of the file it runs on"
+            )
             deps = [interpolate(d, variables, item) for d in stage["deps"]]
-            out.append(Stage(pipeline, name, item, command.group(1), REPO / params_file, list(keys),
-                             code={d for d in deps if d.startswith("src/")},
-                             files=[d for d in stage["deps"] if not d.startswith("src/")],
-                             resolved=[d for d in deps if not d.startswith("src/")]))
+            out.append(
+                Stage(
+                    pipeline,
+                    name,
+                    item,
+                    command.group(1),
+                    REPO / params_file,
+                    list(keys),
+                    code={d for d in deps if d.startswith("src/")},
+                    files=[d for d in stage["deps"] if not d.startswith("src/")],
+                    resolved=[d for d in deps if not d.startswith("src/")],
+                )
+            )
     return out
 
 
@@ -233,11 +262,14 @@ def test_a_stage_declares_exactly_the_config_keys_it_reads(stage):
         for part in group.split("."):
             node = node[part]
         if isinstance(node, dict) and group not in reads:
-            left = sorted(k for k in (f"{group}.{key}" for key in node)
-                          if not any(under(r, k) or under(k, r) for r in reads))
+            left = sorted(
+                k for k in (f"{group}.{key}" for key in node) if not any(under(r, k) or under(k, r) for r in reads)
+            )
             assert not left, f"{group} is declared whole, but the stage never reads {left}: declare the keys it reads"
         changes_nothing = [n for n in NOT_OUTPUT if under(n, group)]
-        assert not changes_nothing, f"{group} declares {changes_nothing}, which change no output: declare its other keys"
+        assert not changes_nothing, (
+            f"{group} declares {changes_nothing}, which change no output: declare its other keys"
+        )
     assert len(declared) == len(set(declared))
 
 

@@ -38,9 +38,16 @@ def test_greedy_tokens_equal_transformers_generate_alone_and_in_a_batch(engine, 
     for prompt in PROMPTS:
         ids = torch.tensor([engine.encode(prompt)])
         with torch.no_grad():
-            out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=20,
-                                 min_new_tokens=20, eos_token_id=None, pad_token_id=engine.eos)
-        refs.append(out[0, ids.shape[1]:].tolist())
+            out = model.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                do_sample=False,
+                max_new_tokens=20,
+                min_new_tokens=20,
+                eos_token_id=None,
+                pad_token_id=engine.eos,
+            )
+        refs.append(out[0, ids.shape[1] :].tolist())
     alone = [run(engine, [greedy(engine, p, 20)])[0].tokens for p in PROMPTS]
     together = [r.tokens for r in run(engine, [greedy(engine, p, 20) for p in PROMPTS])]
     assert alone == refs
@@ -49,17 +56,26 @@ def test_greedy_tokens_equal_transformers_generate_alone_and_in_a_batch(engine, 
 
 def test_a_seeded_request_gives_the_same_text_alone_or_beside_15_others(engine):
     def target():
-        return Request(engine.encode("The quick brown fox"), 40, SamplingConfig(temperature=1.0, top_k=50), seed=1234,
-                       stop_at_eos=False)
+        return Request(
+            engine.encode("The quick brown fox"),
+            40,
+            SamplingConfig(temperature=1.0, top_k=50),
+            seed=1234,
+            stop_at_eos=False,
+        )
 
     alone = run(engine, [target()])[0]
     # half of the others sample with the target's settings (they share its batched sampling call), half not
     settings = [SamplingConfig(temperature=1.0, top_k=50), SamplingConfig(temperature=0.7, top_p=0.9)]
-    others = [Request(engine.encode(PROMPTS[i % 4]), 5 + 2 * (i % 8), settings[i % 2], seed=i, stop_at_eos=False)
-              for i in range(15)]
+    others = [
+        Request(engine.encode(PROMPTS[i % 4]), 5 + 2 * (i % 8), settings[i % 2], seed=i, stop_at_eos=False)
+        for i in range(15)
+    ]
     for r in others[:7]:  # some rows are mid-sequence when the target joins, the rest join with it
         engine.submit(r)
-    engine.step(); engine.step(); engine.step()
+    engine.step()
+    engine.step()
+    engine.step()
     beside = run(engine, [*others[7:], target()])[-1]
     assert len(alone.tokens) == 40
     assert beside.tokens == alone.tokens
@@ -68,10 +84,12 @@ def test_a_seeded_request_gives_the_same_text_alone_or_beside_15_others(engine):
 
 def test_rows_leave_when_done_and_free_their_slot_at_once(engine):
     short, long = greedy(engine, "The", 3), greedy(engine, "The quick", 30)
-    engine.submit(short); engine.submit(long)
+    engine.submit(short)
+    engine.submit(long)
     engine.step()
     assert engine.running == 2
-    engine.step(); engine.step()
+    engine.step()
+    engine.step()
     assert short.finish_reason == "length" and len(short.tokens) == 3
     assert engine.running == 1 and long.finish_reason is None  # the long row runs on alone
     late = greedy(engine, "In", 4)
@@ -93,7 +111,9 @@ def test_joining_and_leaving_copy_nothing_and_leave_other_rows_caches_alone(engi
     before = [c[slot, :, :length].copy() for c in engine.cache]
     other = greedy(engine, "Numbers like 12,345", 2)
     engine.submit(other)
-    engine.step(); engine.step(); engine.step()  # joins, runs, leaves
+    engine.step()
+    engine.step()
+    engine.step()  # joins, runs, leaves
     assert other.finish_reason == "length"
     for c, b in zip(engine.cache, before):
         assert np.array_equal(c[slot, :, :length], b)  # written once, never moved or re-padded
@@ -125,8 +145,14 @@ def test_stop_strings_eos_min_tokens_and_cancel(engine):
 
 def test_streamed_pieces_add_up_to_the_text(engine):
     pieces, reasons = [], []
-    r = Request(engine.encode("The quick"), 25, SamplingConfig(temperature=1.0), seed=3, stop_at_eos=False,
-                emit=lambda text, reason: (pieces.append(text), reasons.append(reason)))
+    r = Request(
+        engine.encode("The quick"),
+        25,
+        SamplingConfig(temperature=1.0),
+        seed=3,
+        stop_at_eos=False,
+        emit=lambda text, reason: (pieces.append(text), reasons.append(reason)),
+    )
     run(engine, [r])
     assert "".join(pieces) == r.text
     assert reasons[-1] == "length" and all(x is None for x in reasons[:-1])

@@ -20,8 +20,11 @@ PROMPTS = ["It is", "The quick brown fox jumps over", "A"]
 
 def torch_logits(model, ids, mask):
     with torch.no_grad():
-        return model(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask),
-                     position_ids=torch.from_numpy(position_ids_for(mask, ids.shape[1]))).logits.numpy()
+        return model(
+            input_ids=torch.from_numpy(ids),
+            attention_mask=torch.from_numpy(mask),
+            position_ids=torch.from_numpy(position_ids_for(mask, ids.shape[1])),
+        ).logits.numpy()
 
 
 @pytest.fixture(scope="module")
@@ -34,8 +37,17 @@ def export_as(root, tiny_gpt2, repo, graph: str):
     from penwright.config import compose
     from penwright.export import export
 
-    report = export(compose([f"train.out_dir={tiny_gpt2}", f"export.out_dir={root / 'onnx'}",
-                             f"paths.reports={root / 'reports'}", f"export.graph={graph}"], config_dir=repo / "conf"))
+    report = export(
+        compose(
+            [
+                f"train.out_dir={tiny_gpt2}",
+                f"export.out_dir={root / 'onnx'}",
+                f"paths.reports={root / 'reports'}",
+                f"export.graph={graph}",
+            ],
+            config_dir=repo / "conf",
+        )
+    )
     assert report["graph"] == graph
     return root / "onnx"
 
@@ -55,8 +67,11 @@ def onnx_lean(tmp_path_factory, tiny_gpt2, repo):
 @pytest.fixture(params=["fused", "lean", "transformers"])
 def graph_dir(request, onnx_tiny):
     """Every graph the export stage can write: fused (the default), lean and traced."""
-    return {"fused": lambda: onnx_tiny, "lean": lambda: request.getfixturevalue("onnx_lean"),
-            "transformers": lambda: request.getfixturevalue("onnx_traced")}[request.param]()
+    return {
+        "fused": lambda: onnx_tiny,
+        "lean": lambda: request.getfixturevalue("onnx_lean"),
+        "transformers": lambda: request.getfixturevalue("onnx_traced"),
+    }[request.param]()
 
 
 def test_folder_is_self_contained_with_optimum_names(onnx_tiny):
@@ -100,9 +115,15 @@ def test_greedy_tokens_equal_transformers_generate(graph_dir, ref, prompts, io_b
     gen = Generator.load(onnx_tiny, io_binding=io_binding)
     ids, mask = gen.encode(prompts)
     with torch.no_grad():
-        expected = ref.generate(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask),
-                                do_sample=False, max_new_tokens=20, min_new_tokens=20, eos_token_id=None,
-                                pad_token_id=gen.eos)[:, ids.shape[1]:].numpy()
+        expected = ref.generate(
+            input_ids=torch.from_numpy(ids),
+            attention_mask=torch.from_numpy(mask),
+            do_sample=False,
+            max_new_tokens=20,
+            min_new_tokens=20,
+            eos_token_id=None,
+            pad_token_id=gen.eos,
+        )[:, ids.shape[1] :].numpy()
     ours = gen.generate_ids(ids, mask, 20, do_sample=False, stop_at_eos=False)
     assert np.array_equal(ours, expected)
     nocache = gen.generate_ids(ids, mask, 20, do_sample=False, stop_at_eos=False, use_cache=False)
@@ -114,8 +135,11 @@ def test_export_fails_when_there_is_no_model(tmp_path, repo):
     from penwright.export import export
 
     with pytest.raises(PenwrightError, match="penwright train"):
-        export(compose([f"train.out_dir={tmp_path / 'none'}", f"export.out_dir={tmp_path / 'onnx'}"],
-                       config_dir=repo / "conf"))
+        export(
+            compose(
+                [f"train.out_dir={tmp_path / 'none'}", f"export.out_dir={tmp_path / 'onnx'}"], config_dir=repo / "conf"
+            )
+        )
     assert not (tmp_path / "onnx").exists()
 
 
@@ -123,10 +147,22 @@ def test_quantized_graphs_are_written_and_their_quality_measured(tmp_path, tiny_
     from penwright.config import compose
     from penwright.export import export
 
-    report = export(compose([f"train.out_dir={tiny_gpt2}", f"export.out_dir={tmp_path / 'onnx'}",
-                             f"paths.reports={tmp_path / 'r'}", f"data.out_dir={prepared_tiny}", "train.block_size=32",
-                             "export.quantize=[q8,q4,int8]", "export.gguf=[]", "export.parity_prompts=[It is,A]",
-                             "export.parity_new_tokens=4"], config_dir=repo / "conf"))
+    report = export(
+        compose(
+            [
+                f"train.out_dir={tiny_gpt2}",
+                f"export.out_dir={tmp_path / 'onnx'}",
+                f"paths.reports={tmp_path / 'r'}",
+                f"data.out_dir={prepared_tiny}",
+                "train.block_size=32",
+                "export.quantize=[q8,q4,int8]",
+                "export.gguf=[]",
+                "export.parity_prompts=[It is,A]",
+                "export.parity_new_tokens=4",
+            ],
+            config_dir=repo / "conf",
+        )
+    )
     q = report["quantized"]
     assert q["fp32_loss"] > 0 and q["tokens"] > 0
     for kind, file in (("q8", "model.q8.onnx"), ("q4", "model.q4.onnx"), ("int8", "model.int8.onnx")):
@@ -144,10 +180,20 @@ def test_quantized_graphs_are_written_and_their_quality_measured(tmp_path, tiny_
     assert len(gen.generate(["It is"], max_new_tokens=4, seed=0)) == 1
     from penwright.generate import generate  # the generate stage on a quantized graph
 
-    samples = generate(compose([f"generate.model_dir={tmp_path / 'onnx'}", "generate.graph=model.q4.onnx",
-                                f"generate.destination={tmp_path / 'q4.md'}", "generate.report=null",
-                                "generate.nsamples=1", "generate.max_new_tokens=4", "generate.prompts=[It is]"],
-                               config_dir=repo / "conf"))
+    samples = generate(
+        compose(
+            [
+                f"generate.model_dir={tmp_path / 'onnx'}",
+                "generate.graph=model.q4.onnx",
+                f"generate.destination={tmp_path / 'q4.md'}",
+                "generate.report=null",
+                "generate.nsamples=1",
+                "generate.max_new_tokens=4",
+                "generate.prompts=[It is]",
+            ],
+            config_dir=repo / "conf",
+        )
+    )
     assert len(samples) == 1 and (tmp_path / "q4.md").is_file()
 
 
@@ -157,8 +203,17 @@ def test_an_unknown_quantization_is_refused_before_any_work(tmp_path, tiny_gpt2,
     from penwright.export import export
 
     with pytest.raises(ConfigError, match=r"export.quantize=\['q3'\]: item 0 \('q3'\) not one of .* q8, q4, int8"):
-        export(compose([f"train.out_dir={tiny_gpt2}", f"export.out_dir={tmp_path / 'onnx'}",
-                        f"paths.reports={tmp_path / 'r'}", "export.quantize=[q3]"], config_dir=repo / "conf"))
+        export(
+            compose(
+                [
+                    f"train.out_dir={tiny_gpt2}",
+                    f"export.out_dir={tmp_path / 'onnx'}",
+                    f"paths.reports={tmp_path / 'r'}",
+                    "export.quantize=[q3]",
+                ],
+                config_dir=repo / "conf",
+            )
+        )
     assert not (tmp_path / "onnx").exists()
 
 
@@ -183,8 +238,9 @@ def test_tokenizer_that_does_not_match_the_graph(onnx_tiny, tmp_path):
 
     bad = tmp_path / "onnx"
     shutil.copytree(onnx_tiny, bad)
-    train_bpe([" ".join(f"token{i} item{i * 7}" for i in range(3000))], vocab_size=400,
-              min_frequency=1).save_pretrained(bad)
+    train_bpe(
+        [" ".join(f"token{i} item{i * 7}" for i in range(3000))], vocab_size=400, min_frequency=1
+    ).save_pretrained(bad)
     assert len(AutoTokenizer.from_pretrained(bad)) > 320
     with pytest.raises(PenwrightError, match="different models"):
         Generator.load(bad)
@@ -208,8 +264,12 @@ def test_parity_prompts_too_short_for_a_past_are_a_clear_error(tiny_gpt2, tmp_pa
     from penwright.export import export
 
     with pytest.raises(ConfigError, match="at least 2 tokens"):
-        export(compose([f"train.out_dir={tiny_gpt2}", f"export.out_dir={tmp_path / 'onnx'}", "export.parity_prompts=[A]"],
-                       config_dir=repo / "conf"))
+        export(
+            compose(
+                [f"train.out_dir={tiny_gpt2}", f"export.out_dir={tmp_path / 'onnx'}", "export.parity_prompts=[A]"],
+                config_dir=repo / "conf",
+            )
+        )
     assert not (tmp_path / "onnx").exists()
 
 
@@ -219,8 +279,9 @@ def domains(path) -> set[str]:
     return {n.domain or "ai.onnx" for n in onnx.load(str(path)).graph.node}
 
 
-def test_fused_graph_is_the_default_and_falls_back_to_tracing_for_what_it_cannot_express(onnx_tiny, onnx_lean,
-                                                                                       onnx_traced, tmp_path, repo):
+def test_fused_graph_is_the_default_and_falls_back_to_tracing_for_what_it_cannot_express(
+    onnx_tiny, onnx_lean, onnx_traced, tmp_path, repo
+):
     import onnx
     from transformers import GPT2Config
 
@@ -239,16 +300,26 @@ def test_fused_graph_is_the_default_and_falls_back_to_tracing_for_what_it_cannot
     config = GPT2Config(vocab_size=320, n_positions=32, n_embd=16, n_layer=1, n_head=2, activation_function="relu")
     GPT2LMHeadModel(config).save_pretrained(model_dir)
     AutoTokenizer.from_pretrained(onnx_tiny).save_pretrained(model_dir)
-    report = export(compose([f"train.out_dir={model_dir}", f"export.out_dir={tmp_path / 'onnx'}",
-                             f"paths.reports={tmp_path / 'reports'}", "export.parity_prompts=[The quick brown]",
-                             "export.gguf=[]"],  # llama.cpp's gpt2 has no ReLU (tests/test_gguf.py: refused)
-                            config_dir=repo / "conf"))
+    report = export(
+        compose(
+            [
+                f"train.out_dir={model_dir}",
+                f"export.out_dir={tmp_path / 'onnx'}",
+                f"paths.reports={tmp_path / 'reports'}",
+                "export.parity_prompts=[The quick brown]",
+                "export.gguf=[]",
+            ],  # llama.cpp's gpt2 has no ReLU (tests/test_gguf.py: refused)
+            config_dir=repo / "conf",
+        )
+    )
     assert report["graph"] == "transformers" and report["parity"]["passed"]
 
 
-@pytest.mark.skipif(not (REPO_ROOT / "artifacts" / "prepared" / "meta.json").is_file()
-                    or not (REPO_ROOT / "artifacts" / "onnx" / "model.onnx").is_file(),
-                    reason="the quickstart model: run `dvc repro` first")
+@pytest.mark.skipif(
+    not (REPO_ROOT / "artifacts" / "prepared" / "meta.json").is_file()
+    or not (REPO_ROOT / "artifacts" / "onnx" / "model.onnx").is_file(),
+    reason="the quickstart model: run `dvc repro` first",
+)
 def test_the_8_bit_graph_keeps_the_quickstart_models_answers(tmp_path):
     """On the trained quickstart model, the 8-bit graph's next token equals fp32's at >= 99% of validation
     positions (what README and the benchmark report); 4-bit stays above 90%."""

@@ -136,16 +136,21 @@ def test_repetition_penalty_matches_transformers():
     np.put_along_axis(seen, input_ids, True, axis=1)
     for penalty in (1.3, 2.0, 0.7):
         ours = apply_repetition_penalty(logits, seen, penalty)
-        theirs = RepetitionPenaltyLogitsProcessor(penalty)(torch.from_numpy(input_ids),
-                                                           torch.from_numpy(logits.copy())).numpy()
+        theirs = RepetitionPenaltyLogitsProcessor(penalty)(
+            torch.from_numpy(input_ids), torch.from_numpy(logits.copy())
+        ).numpy()
         np.testing.assert_allclose(ours, theirs, rtol=1e-6, atol=0)
         assert not np.allclose(ours, logits)
         assert np.array_equal(ours[~seen], logits[~seen])
     assert apply_repetition_penalty(logits, seen, 1.0) is logits
     # and next_tokens applies it before choosing: greedy picks the argmax of the penalised logits
     row = np.array([[3.0, 2.5, -1.0]], dtype=np.float32)
-    picked = next_tokens(row, SamplingConfig(do_sample=False, repetition_penalty=1.5), np.random.default_rng(0),
-                         seen=np.array([[True, False, False]]))
+    picked = next_tokens(
+        row,
+        SamplingConfig(do_sample=False, repetition_penalty=1.5),
+        np.random.default_rng(0),
+        seen=np.array([[True, False, False]]),
+    )
     assert picked.tolist() == [1]  # 3.0 / 1.5 = 2.0 < 2.5
 
 
@@ -155,23 +160,28 @@ def test_very_low_temperature_gives_the_argmax():
     assert np.array_equal(next_tokens(logits, SamplingConfig(temperature=1e-4), rng), logits.argmax(-1))
     # ... while temperature 1 on the same logits does not (the test could fail)
     assert not np.array_equal(next_tokens(logits, SamplingConfig(temperature=1.0), rng), logits.argmax(-1))
-    assert np.array_equal(next_tokens(logits, SamplingConfig(do_sample=False, temperature=5.0), rng),
-                          logits.argmax(-1))
+    assert np.array_equal(next_tokens(logits, SamplingConfig(do_sample=False, temperature=5.0), rng), logits.argmax(-1))
 
 
-@pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, 0, 1.0), (0.5, 0, 1.0), (2.0, 0, 1.0), (1.0, 3, 1.0),
-                                                     (1.5, 4, 0.7), (0.8, 0, 0.6)])
+@pytest.mark.parametrize(
+    "temperature,top_k,top_p",
+    [(1.0, 0, 1.0), (0.5, 0, 1.0), (2.0, 0, 1.0), (1.0, 3, 1.0), (1.5, 4, 0.7), (0.8, 0, 0.6)],
+)
 def test_empirical_distribution_matches_the_reference(temperature, top_k, top_p):
     from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
     base = np.array([1.2, 0.4, -0.3, 0.9, -1.0], dtype=np.float32)
     draws = 20000
     logits = np.tile(base, (draws, 1))
-    procs = [TemperatureLogitsWarper(temperature)] + ([TopKLogitsWarper(top_k)] if top_k else []) + \
-        ([TopPLogitsWarper(top_p)] if top_p < 1 else [])
+    procs = (
+        [TemperatureLogitsWarper(temperature)]
+        + ([TopKLogitsWarper(top_k)] if top_k else [])
+        + ([TopPLogitsWarper(top_p)] if top_p < 1 else [])
+    )
     expected = torch.softmax(torch.from_numpy(hf_processed(base[None], *procs)), -1).numpy()[0].astype(np.float64)
-    tokens = next_tokens(logits, SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p),
-                         np.random.default_rng(5))
+    tokens = next_tokens(
+        logits, SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p), np.random.default_rng(5)
+    )
     freq = np.bincount(tokens, minlength=5) / draws
     assert np.abs(freq - expected).max() < 0.015, (freq, expected)
     assert (freq[expected == 0] == 0).all()  # filtered tokens are never drawn
@@ -180,11 +190,13 @@ def test_empirical_distribution_matches_the_reference(temperature, top_k, top_p)
 def test_a_filtered_token_is_never_drawn_even_for_u_near_one():
     class HighU:  # what np.random.default_rng().random() can return: its largest value
         def random(self, shape):
-            return np.full(shape, 1.0 - 2.0 ** -53)
+            return np.full(shape, 1.0 - 2.0**-53)
 
     logits = np.random.default_rng(6).normal(size=(500, 320)).astype(np.float32)
-    for cfg, filt in ((SamplingConfig(top_k=5), lambda x: filter_top_k(x, 5)),
-                      (SamplingConfig(top_p=0.5), lambda x: filter_top_p(x, 0.5))):
+    for cfg, filt in (
+        (SamplingConfig(top_k=5), lambda x: filter_top_k(x, 5)),
+        (SamplingConfig(top_p=0.5), lambda x: filter_top_p(x, 0.5)),
+    ):
         tokens = next_tokens(logits, cfg, HighU())
         allowed = np.isfinite(filt(logits))
         assert allowed[np.arange(len(tokens)), tokens].all()
@@ -214,9 +226,16 @@ def test_repetition_penalty_in_the_loop_matches_transformers_generate(gen, ref):
     ids, mask = gen.encode(["It is", "The dog did"])  # 4 tokens each: no padding (see the xfail below for pads)
     assert mask.all()
     with torch.no_grad():
-        expected = ref.generate(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask),
-                                do_sample=False, max_new_tokens=16, min_new_tokens=16, eos_token_id=None,
-                                pad_token_id=gen.eos, repetition_penalty=1.6)[:, ids.shape[1]:].numpy()
+        expected = ref.generate(
+            input_ids=torch.from_numpy(ids),
+            attention_mask=torch.from_numpy(mask),
+            do_sample=False,
+            max_new_tokens=16,
+            min_new_tokens=16,
+            eos_token_id=None,
+            pad_token_id=gen.eos,
+            repetition_penalty=1.6,
+        )[:, ids.shape[1] :].numpy()
     ours = gen.generate_ids(ids, mask, 16, do_sample=False, repetition_penalty=1.6, stop_at_eos=False)
     assert np.array_equal(ours, expected)
     plain = gen.generate_ids(ids, mask, 16, do_sample=False, stop_at_eos=False)
@@ -242,8 +261,9 @@ def test_repetition_penalty_ignores_left_padding(gen, monkeypatch):
     # transformers' processor, told about the padding as generate() tells it
     step = fixed_logits(ids, mask, None).logits[:, -1]
     pads = torch.from_numpy((mask == 0).sum(1))
-    theirs = RepetitionPenaltyLogitsProcessor(1.6, prompt_ignore_length=pads)(torch.from_numpy(ids),
-                                                                             torch.from_numpy(step.copy()))
+    theirs = RepetitionPenaltyLogitsProcessor(1.6, prompt_ignore_length=pads)(
+        torch.from_numpy(ids), torch.from_numpy(step.copy())
+    )
     assert theirs.argmax(-1)[0].item() == gen.eos
     batched = gen.generate_ids(ids, mask, 3, **kw)
     assert batched[0, 0] == gen.eos
@@ -304,7 +324,7 @@ def test_each_row_finishes_on_its_own_and_is_padded_with_eos(gen, monkeypatch):
 def pick_stop(text: str) -> str:
     """A 2-character piece of plain ASCII from the middle of ``text``."""
     for i in range(len(text) // 3, len(text) - 1):
-        piece = text[i:i + 2]
+        piece = text[i : i + 2]
         if piece.isascii() and piece.isprintable() and piece.strip() == piece and piece.strip():
             return piece
     pytest.fail(f"no ASCII piece in {text!r}")
@@ -321,14 +341,13 @@ def test_stop_strings_end_the_text_before_them(gen):
         assert t == (f[: f.index(s)] if s in f else f)  # the same sample, cut right before the stop string
     assert len(stopped[0]) < len(free[0])
     # several stop strings: cut at the earliest; "" is ignored
-    later = pick_stop(free[0][free[0].index(s) + 2:] + "zz")
+    later = pick_stop(free[0][free[0].index(s) + 2 :] + "zz")
     first = min(free[0].index(x) for x in (s, later) if x in free[0])
     assert gen.generate(prompts, max_new_tokens=30, seed=21, stop_strings=[later, "", s])[0] == free[0][:first]
     # generate_samples does the same (one prompt a batch: another random stream than the pair above)
     alone = gen.generate(prompts[:1], max_new_tokens=30, seed=21)[0]
     s = pick_stop(alone)
-    got = generate_samples(gen, prompts[:1], max_new_tokens=30, seed=21, stop=[s], include_prefix=False,
-                           progress=False)
+    got = generate_samples(gen, prompts[:1], max_new_tokens=30, seed=21, stop=[s], include_prefix=False, progress=False)
     assert got[0].text == alone[: alone.index(s)] and s not in got[0].text
 
 
@@ -370,8 +389,7 @@ def test_nsamples_in_batches(gen, monkeypatch):
         return generate_ids(ids, mask, max_new_tokens, **kw)
 
     monkeypatch.setattr(gen, "generate_ids", spy)
-    samples = generate_samples(gen, ["It is", "A"], nsamples=5, batch_size=2, max_new_tokens=10, seed=3,
-                               progress=False)
+    samples = generate_samples(gen, ["It is", "A"], nsamples=5, batch_size=2, max_new_tokens=10, seed=3, progress=False)
     assert len(samples) == 10
     assert [s.prompt for s in samples] == ["It is"] * 5 + ["A"] * 5
     assert all(s.text.startswith(s.prompt) for s in samples)
@@ -399,10 +417,21 @@ def test_finish_text():
 def file_cfg(repo, onnx_tiny, dest, *extra):
     from penwright.config import compose
 
-    return compose([f"generate.model_dir={onnx_tiny}", f"generate.destination={dest}", "generate.delimiter=|||",
-                    "generate.nsamples=3", "generate.batch_size=2", "generate.prompts=[It is]",
-                    "generate.max_new_tokens=8", "generate.stream=false", "generate.report=null", *extra],
-                   config_dir=repo / "conf")
+    return compose(
+        [
+            f"generate.model_dir={onnx_tiny}",
+            f"generate.destination={dest}",
+            "generate.delimiter=|||",
+            "generate.nsamples=3",
+            "generate.batch_size=2",
+            "generate.prompts=[It is]",
+            "generate.max_new_tokens=8",
+            "generate.stream=false",
+            "generate.report=null",
+            *extra,
+        ],
+        config_dir=repo / "conf",
+    )
 
 
 def test_generate_to_a_text_file(repo, onnx_tiny, tmp_path, capsys):
@@ -437,10 +466,18 @@ def test_generate_to_markdown(repo, onnx_tiny, tmp_path):
 def test_generate_without_destination_prints_the_samples(repo, onnx_tiny, capsys, tmp_path):
     from penwright.config import compose
 
-    cfg = compose([f"generate.model_dir={onnx_tiny}", "generate.destination=null", "generate.delimiter=@@",
-                   f"paths.reports={tmp_path}",
-                   "generate.nsamples=2", "generate.prompts=[It is]", "generate.max_new_tokens=5"],
-                  config_dir=repo / "conf")
+    cfg = compose(
+        [
+            f"generate.model_dir={onnx_tiny}",
+            "generate.destination=null",
+            "generate.delimiter=@@",
+            f"paths.reports={tmp_path}",
+            "generate.nsamples=2",
+            "generate.prompts=[It is]",
+            "generate.max_new_tokens=5",
+        ],
+        config_dir=repo / "conf",
+    )
     samples = generate(cfg)
     assert capsys.readouterr().out == "".join(s.text + "@@" for s in samples)
 
@@ -509,7 +546,7 @@ def test_streamed_text_equals_the_sample_with_a_stop_string(gen, monkeypatch, ca
     kw = dict(max_new_tokens=30)
     seed = clean_seed(gen, **kw)
     free = generate_samples(gen, ["It is"], seed=seed, **kw)[0].text
-    stop = pick_stop(free[len("It is"):])
+    stop = pick_stop(free[len("It is") :])
     sample, chunks = stream_one(gen, monkeypatch, capsys, seed=seed, stop=[stop], **kw)
     assert stop not in sample.text
     printed = "".join(chunks)
@@ -520,14 +557,17 @@ def test_streamed_text_equals_the_sample_with_a_stop_string(gen, monkeypatch, ca
 # -- 8. bad input ------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("sampling,key", [
-    (dict(temperature=0.0), "generate.temperature"),
-    (dict(temperature=-0.5), "generate.temperature"),
-    (dict(top_p=0.0), "generate.top_p"),
-    (dict(top_p=1.5), "generate.top_p"),
-    (dict(top_k=-1), "generate.top_k"),
-    (dict(repetition_penalty=0.0), "generate.repetition_penalty"),
-])
+@pytest.mark.parametrize(
+    "sampling,key",
+    [
+        (dict(temperature=0.0), "generate.temperature"),
+        (dict(temperature=-0.5), "generate.temperature"),
+        (dict(top_p=0.0), "generate.top_p"),
+        (dict(top_p=1.5), "generate.top_p"),
+        (dict(top_k=-1), "generate.top_k"),
+        (dict(repetition_penalty=0.0), "generate.repetition_penalty"),
+    ],
+)
 def test_bad_sampling_values_name_the_key(gen, sampling, key):
     with pytest.raises(ConfigError, match=key):
         SamplingConfig(**sampling)
@@ -538,8 +578,9 @@ def test_bad_sampling_values_name_the_key(gen, sampling, key):
 
 
 def test_temperature_zero_is_fine_for_greedy(gen):
-    assert gen.generate(["It is"], max_new_tokens=4, do_sample=False, temperature=0.0) == \
-        gen.generate(["It is"], max_new_tokens=4, do_sample=False)
+    assert gen.generate(["It is"], max_new_tokens=4, do_sample=False, temperature=0.0) == gen.generate(
+        ["It is"], max_new_tokens=4, do_sample=False
+    )
 
 
 def test_bad_counts_and_lengths_name_the_key(gen):
@@ -570,15 +611,18 @@ def test_prompt_plus_max_new_tokens_beyond_the_context(gen):
     assert out.shape == (1, room)
 
 
-@pytest.mark.parametrize("override,key", [
-    ("generate.temperature=0", "generate.temperature"),
-    ("generate.top_p=1.5", "generate.top_p"),
-    ("generate.top_k=-1", "generate.top_k"),
-    ("generate.prompts=[]", "generate.prompts"),
-    ("generate.nsamples=0", "generate.nsamples"),
-    ("generate.max_new_tokens=0", "generate.max_new_tokens"),
-    ("generate.max_new_tokens=61", "context"),
-])
+@pytest.mark.parametrize(
+    "override,key",
+    [
+        ("generate.temperature=0", "generate.temperature"),
+        ("generate.top_p=1.5", "generate.top_p"),
+        ("generate.top_k=-1", "generate.top_k"),
+        ("generate.prompts=[]", "generate.prompts"),
+        ("generate.nsamples=0", "generate.nsamples"),
+        ("generate.max_new_tokens=0", "generate.max_new_tokens"),
+        ("generate.max_new_tokens=61", "context"),
+    ],
+)
 def test_bad_config_fails_before_writing(repo, onnx_tiny, tmp_path, override, key):
     dest = tmp_path / "out.txt"
     with pytest.raises(PenwrightError, match=key):
@@ -595,11 +639,18 @@ def test_an_empty_prompt_is_an_unconditional_sample(gen, ref):
     text = gen.generate([""], max_new_tokens=12, seed=0, min_new_tokens=12)[0]
     assert text and not text.startswith(EOS_TEXT)
     with torch.no_grad():
-        expected = ref.generate(input_ids=torch.tensor([[gen.eos]]), attention_mask=torch.tensor([[1]]),
-                                do_sample=False, max_new_tokens=12, min_new_tokens=12, eos_token_id=None,
-                                pad_token_id=gen.eos)[:, 1:].numpy()
+        expected = ref.generate(
+            input_ids=torch.tensor([[gen.eos]]),
+            attention_mask=torch.tensor([[1]]),
+            do_sample=False,
+            max_new_tokens=12,
+            min_new_tokens=12,
+            eos_token_id=None,
+            pad_token_id=gen.eos,
+        )[:, 1:].numpy()
     assert np.array_equal(gen.generate_ids(ids, mask, 12, do_sample=False, stop_at_eos=False), expected)
-    samples = generate_samples(gen, ["", "It is"], nsamples=2, max_new_tokens=6, seed=0, progress=False,
-                               min_new_tokens=1)
+    samples = generate_samples(
+        gen, ["", "It is"], nsamples=2, max_new_tokens=6, seed=0, progress=False, min_new_tokens=1
+    )
     assert len(samples) == 4 and samples[0].prompt == "" and all(s.text for s in samples[:2])
     assert "(unconditional)" in render(samples, True, "|", "h")

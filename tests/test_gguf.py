@@ -18,10 +18,24 @@ from penwright.errors import ConfigError
 REPO = Path(__file__).resolve().parents[1]
 QUICKSTART = REPO / "artifacts" / "model"
 ODD_TEXTS = [
-    "  two  spaces\n\n\ttab then\r\nCRLF", "trailing space ", " leading", "   ", "\n", "hello\n \n  world",
-    "emoji 👍🏽 🇫🇷 ok", "日本語のテキスト", "Ελληνικά и русский", "हिन्दी", "مرحبا بالعالم",
-    "don't I'LL we've 's 'S", "12345 3.14159", "e\u0301 combining", "\u00a0nbsp\u2003em", "a\u200db zero-width",
-    "𝔘𝔫𝔦𝔠𝔬𝔡𝔢", "x" * 60,
+    "  two  spaces\n\n\ttab then\r\nCRLF",
+    "trailing space ",
+    " leading",
+    "   ",
+    "\n",
+    "hello\n \n  world",
+    "emoji 👍🏽 🇫🇷 ok",
+    "日本語のテキスト",
+    "Ελληνικά и русский",
+    "हिन्दी",
+    "مرحبا بالعالم",
+    "don't I'LL we've 's 'S",
+    "12345 3.14159",
+    "e\u0301 combining",
+    "\u00a0nbsp\u2003em",
+    "a\u200db zero-width",
+    "𝔘𝔫𝔦𝔠𝔬𝔡𝔢",
+    "x" * 60,
 ]
 PROMPTS = ["The quick brown fox", "It is", "In the beginning"]
 
@@ -30,10 +44,21 @@ def export_with_gguf(tmp_path: Path, model_dir: Path, *types: str, out: str = "o
     from penwright.config import compose
     from penwright.export import export
 
-    return export(compose([f"train.out_dir={model_dir}", f"export.out_dir={tmp_path / out}",
-                           f"paths.reports={tmp_path / 'reports'}", f"export.gguf=[{','.join(types)}]",
-                           "export.quantize=[]", "export.parity_prompts=[It is,The quick brown fox jumps]",
-                           "export.parity_new_tokens=4", *extra], config_dir=REPO / "conf"))
+    return export(
+        compose(
+            [
+                f"train.out_dir={model_dir}",
+                f"export.out_dir={tmp_path / out}",
+                f"paths.reports={tmp_path / 'reports'}",
+                f"export.gguf=[{','.join(types)}]",
+                "export.quantize=[]",
+                "export.parity_prompts=[It is,The quick brown fox jumps]",
+                "export.parity_new_tokens=4",
+                *extra,
+            ],
+            config_dir=REPO / "conf",
+        )
+    )
 
 
 def llama(path: Path, repack: bool = True, **kwargs):
@@ -54,9 +79,10 @@ def llama_greedy(llm, ids: list[int], n: int) -> list[int]:
 
 def transformers_greedy(model, ids: list[int], n: int) -> list[int]:
     with torch.no_grad():
-        out = model.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=n, min_new_tokens=n,
-                             eos_token_id=None, pad_token_id=0)
-    return out[0, len(ids):].tolist()
+        out = model.generate(
+            torch.tensor([ids]), do_sample=False, max_new_tokens=n, min_new_tokens=n, eos_token_id=None, pad_token_id=0
+        )
+    return out[0, len(ids) :].tolist()
 
 
 def check_greedy_and_tokens(model_dir: Path, gguf: Path, prompts: list[str], n: int) -> None:
@@ -102,14 +128,20 @@ def test_gguf_in_llama_cpp_matches_transformers_on_the_quickstart_model(tmp_path
 
     model = GPT2LMHeadModel.from_pretrained(QUICKSTART).eval()
     (written,) = export_gguf(model, QUICKSTART, tmp_path, ["f32"])
-    check_greedy_and_tokens(QUICKSTART, tmp_path / written["file"],
-                            ["And it came to pass", "In the beginning God", "The LORD is my shepherd; "], 32)
+    check_greedy_and_tokens(
+        QUICKSTART,
+        tmp_path / written["file"],
+        ["And it came to pass", "In the beginning God", "The LORD is my shepherd; "],
+        32,
+    )
 
 
 def test_an_unknown_gguf_type_is_refused_and_the_earlier_export_kept(tmp_path, tiny_gpt2):
     export_with_gguf(tmp_path, tiny_gpt2, "f16")
     before = {p.name: p.read_bytes() for p in (tmp_path / "onnx").iterdir()}
-    with pytest.raises(ConfigError, match=r"export.gguf=\['q5_k'\]: item 0 \('q5_k'\) not one of .* f32, f16, q8_0, q4_0"):
+    with pytest.raises(
+        ConfigError, match=r"export.gguf=\['q5_k'\]: item 0 \('q5_k'\) not one of .* f32, f16, q8_0, q4_0"
+    ):
         export_with_gguf(tmp_path, tiny_gpt2, "q5_k")
     assert {p.name: p.read_bytes() for p in (tmp_path / "onnx").iterdir()} == before
 
@@ -123,8 +155,11 @@ def test_a_model_llama_cpp_cannot_express_is_refused_before_any_work(tmp_path, t
     model.save_pretrained(relu)
     for f in tiny_gpt2.glob("tokenizer*"):
         (relu / f.name).write_bytes(f.read_bytes())
-    with pytest.raises(ConfigError, match=r"export.gguf=\['f16'\]: llama.cpp cannot run this model "
-                                          r"\(activation_function=relu\); set export.gguf=\[\]"):
+    with pytest.raises(
+        ConfigError,
+        match=r"export.gguf=\['f16'\]: llama.cpp cannot run this model "
+        r"\(activation_function=relu\); set export.gguf=\[\]",
+    ):
         export_with_gguf(tmp_path, relu, "f16")
     assert not (tmp_path / "onnx").exists()
 
@@ -142,15 +177,20 @@ def test_a_model_llama_cpp_cannot_express_is_refused_before_any_work(tmp_path, t
 
 
 def test_a_tokenizer_llama_cpp_cannot_reproduce_is_refused(tmp_path):
-    from penwright.llamacpp import why_not
     from transformers import GPT2Config
 
+    from penwright.llamacpp import why_not
+
     config = GPT2Config(n_embd=64, n_head=2)
-    bpe = {"model": {"type": "BPE", "vocab": {}, "merges": []}, "normalizer": None,
-           "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": False, "use_regex": True}}
+    bpe = {
+        "model": {"type": "BPE", "vocab": {}, "merges": []},
+        "normalizer": None,
+        "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": False, "use_regex": True},
+    }
     assert why_not(config, bpe, ["f32"]) is None
-    assert "prefix space" in why_not(config, {**bpe, "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": True}},
-                                     ["f32"])
+    assert "prefix space" in why_not(
+        config, {**bpe, "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": True}}, ["f32"]
+    )
     assert "normalizes" in why_not(config, {**bpe, "normalizer": {"type": "NFC"}}, ["f32"])
     assert "byte-level BPE" in why_not(config, {**bpe, "model": {"type": "WordPiece"}}, ["f32"])
 
@@ -162,9 +202,23 @@ def test_the_benchmark_says_how_to_get_llama_cpp_when_it_is_missing(tmp_path, re
     import sys
 
     out = tmp_path / "bench.json"
-    done = subprocess.run([sys.executable, "-m", "penwright.cli", "bench", "generate", "--llama-cpp",
-                           str(tmp_path / "no-llama"), "--output", str(out)], capture_output=True, text=True,
-                          cwd=repo, timeout=120)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "penwright.cli",
+            "bench",
+            "generate",
+            "--llama-cpp",
+            str(tmp_path / "no-llama"),
+            "--output",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=repo,
+        timeout=120,
+    )
     assert done.returncode == 2, done.stderr
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and "llama-bench, llama-batched-bench not found" in lines[0]

@@ -15,14 +15,20 @@ import json
 import pytest
 
 from helpers.paths import REPO
-
 from penwright.config import compose
 from penwright.errors import ConfigError
 
 
-@pytest.mark.parametrize("preset,precision,strategy", [
-    ("gpu", "bf16-mixed", "auto"), ("gpu_fp16", "16-mixed", "auto"), ("fsdp", "bf16-mixed", "fsdp"),
-    ("ddp", "bf16-mixed", "ddp"), ("multinode", "bf16-mixed", "ddp")])
+@pytest.mark.parametrize(
+    "preset,precision,strategy",
+    [
+        ("gpu", "bf16-mixed", "auto"),
+        ("gpu_fp16", "16-mixed", "auto"),
+        ("fsdp", "bf16-mixed", "fsdp"),
+        ("ddp", "bf16-mixed", "ddp"),
+        ("multinode", "bf16-mixed", "ddp"),
+    ],
+)
 def test_trainer_presets_compose(preset, precision, strategy):
     tr = compose([f"trainer={preset}"], config_dir=REPO / "conf").trainer
     assert (tr.accelerator, tr.precision, tr.strategy) == ("gpu", precision, strategy)
@@ -57,14 +63,24 @@ def test_the_fsdp_preset_shards_each_block_and_checkpoints_its_activations():
     assert strategy._activation_checkpointing_kwargs  # the activation-checkpointing policy is set
     assert "auto_wrap_policy" in strategy.kwargs  # each GPT2Block its own shard unit
     assert strategy.sharding_strategy.name == "FULL_SHARD"
-    plain = build_strategy(compose(["trainer=fsdp", "trainer.fsdp.activation_checkpointing=false"],
-                                   config_dir=REPO / "conf").trainer)
+    plain = build_strategy(
+        compose(["trainer=fsdp", "trainer.fsdp.activation_checkpointing=false"], config_dir=REPO / "conf").trainer
+    )
     assert not plain._activation_checkpointing_kwargs
 
 
-@pytest.mark.parametrize("requested,fits,expected", [(16, 16, (16, 1)), (16, 64, (16, 1)), (16, 8, (8, 2)),
-                                                     (64, 8, (8, 8)), (24, 16, (12, 2)), (10, 4, (4, 3)),
-                                                     (8, 1, (1, 8))])
+@pytest.mark.parametrize(
+    "requested,fits,expected",
+    [
+        (16, 16, (16, 1)),
+        (16, 64, (16, 1)),
+        (16, 8, (8, 2)),
+        (64, 8, (8, 8)),
+        (24, 16, (12, 2)),
+        (10, 4, (4, 3)),
+        (8, 1, (1, 8)),
+    ],
+)
 def test_split_batch_keeps_the_effective_batch(requested, fits, expected):
     from penwright.train import split_batch
 
@@ -76,8 +92,9 @@ def test_split_batch_keeps_the_effective_batch(requested, fits, expected):
 def test_auto_batch_size_runs_lightnings_finder_and_keeps_the_effective_batch(compose_train, tmp_path):
     from penwright.train import train
 
-    cfg = compose_train("train.auto_batch_size=true", "train.batch_size=4", "trainer.accumulate_grad_batches=2",
-                        "trainer.max_steps=2")
+    cfg = compose_train(
+        "train.auto_batch_size=true", "train.batch_size=4", "trainer.accumulate_grad_batches=2", "trainer.max_steps=2"
+    )
     metrics = train(cfg)
     chosen = json.loads((tmp_path / "run" / "ckpt" / "batch.json").read_text())
     # on the CPU nothing runs out of memory: the finder reaches the whole effective batch in one micro-batch
@@ -86,10 +103,17 @@ def test_auto_batch_size_runs_lightnings_finder_and_keeps_the_effective_batch(co
     assert metrics["tokens"] == 2 * 8 * 32
     assert not list(tmp_path.rglob(".scale_batch_size_*"))  # the finder's scratch checkpoint is gone
     # the next chunk keeps the split the first one found
-    (tmp_path / "run" / "ckpt" / "batch.json").write_text(json.dumps({**chosen, "micro_batch": 4,
-                                                                     "accumulate_grad_batches": 2}))
-    resumed = train(compose_train("train.auto_batch_size=true", "train.batch_size=4",
-                                  "trainer.accumulate_grad_batches=2", "trainer.max_steps=3"))
+    (tmp_path / "run" / "ckpt" / "batch.json").write_text(
+        json.dumps({**chosen, "micro_batch": 4, "accumulate_grad_batches": 2})
+    )
+    resumed = train(
+        compose_train(
+            "train.auto_batch_size=true",
+            "train.batch_size=4",
+            "trainer.accumulate_grad_batches=2",
+            "trainer.max_steps=3",
+        )
+    )
     assert (resumed["micro_batch"], resumed["accumulate_grad_batches"]) == (4, 2) and resumed["resumed"]
 
 
@@ -98,17 +122,30 @@ def test_the_gpu_checks_dry_run_covers_every_case(tmp_path):
 
     cases = check_gpu(tmp_path / "gpu", dry=True, conf=REPO / "conf")
     runs = {k: v for k, v in cases.items() if isinstance(v, dict) and "ok" in v}
-    expected = {"gpt2/bf16", "gpt2/bf16+compile", "gpt2/fp16", "gpt2-medium/memory",
-                "gpt2-medium/memory/checkpointing", "gpt2-medium/auto_batch_size", "gpt2-large/memory",
-                "gpt2-large/memory/checkpointing", "gpt2-large/auto_batch_size", "gpt2/fsdp-1gpu", "generate"}
+    expected = {
+        "gpt2/bf16",
+        "gpt2/bf16+compile",
+        "gpt2/fp16",
+        "gpt2-medium/memory",
+        "gpt2-medium/memory/checkpointing",
+        "gpt2-medium/auto_batch_size",
+        "gpt2-large/memory",
+        "gpt2-large/memory/checkpointing",
+        "gpt2-large/auto_batch_size",
+        "gpt2/fsdp-1gpu",
+        "generate",
+    }
     assert set(runs) == expected
     failed = {k: v.get("error") for k, v in runs.items() if v["ok"] is False}
     assert not failed
     assert {k for k, v in runs.items() if v["ok"] is None} == {"gpt2/bf16+compile", "gpt2/fsdp-1gpu"}
     for key in ("gpt2/bf16", "gpt2/fp16"):
         assert runs[key]["loss_finite"] and runs[key]["tokens_per_sec"] > 0
-    assert runs["gpt2-medium/auto_batch_size"]["micro_batch"] * runs["gpt2-medium/auto_batch_size"][
-        "accumulate_grad_batches"] == 8
+    assert (
+        runs["gpt2-medium/auto_batch_size"]["micro_batch"]
+        * runs["gpt2-medium/auto_batch_size"]["accumulate_grad_batches"]
+        == 8
+    )
     assert runs["generate"]["batch16_tokens_per_sec"] > 0
     assert cases["device"]["dry"] and cases["device"]["torch"]
     summary = (tmp_path / "gpu" / "check.md").read_text()
@@ -121,5 +158,6 @@ def test_auto_batch_size_on_several_devices_is_refused_in_one_line(compose_train
     from penwright.train import train
 
     with pytest.raises(ConfigError, match="batch-size finder runs on one device"):
-        train(compose_train("train.auto_batch_size=true", "trainer=ddp", "trainer.accelerator=cpu",
-                            "trainer.devices=2"))
+        train(
+            compose_train("train.auto_batch_size=true", "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2")
+        )

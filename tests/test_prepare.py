@@ -11,11 +11,10 @@ import pytest
 from tokenizers.pre_tokenizers import ByteLevel
 from transformers import AutoTokenizer
 
+from helpers.paths import ENGLISH
 from penwright.corpus import CorpusSpec, read_text
 from penwright.data import TokenWindows, load_tokens
 from penwright.prepare import dtype_for, prepare, split_documents
-
-from helpers.paths import ENGLISH
 
 
 def _outputs(meta_dir: Path):
@@ -79,8 +78,10 @@ def test_eos_joins_documents_as_one_token(tmp_path, compose_prepare):
     eos = tok.eos_token_id
     assert len(tok("<|endoftext|>", add_special_tokens=False)["input_ids"]) == 1
     assert train.tolist() == (
-        tok("First document.", add_special_tokens=False)["input_ids"] + [eos]
-        + tok("Second document.", add_special_tokens=False)["input_ids"] + [eos]
+        tok("First document.", add_special_tokens=False)["input_ids"]
+        + [eos]
+        + tok("Second document.", add_special_tokens=False)["input_ids"]
+        + [eos]
     )
     assert int((train == eos).sum()) == 2
 
@@ -170,7 +171,7 @@ def test_tiny_corpus_shorter_than_a_block_is_accepted_and_repeated(tmp_path, com
     window = windows[0]
     assert window.size == 65
     n = tokens.size
-    assert window[:n].tolist() == tokens.tolist() and window[n:2 * n].tolist() == tokens[: min(n, 65 - n)].tolist()
+    assert window[:n].tolist() == tokens.tolist() and window[n : 2 * n].tolist() == tokens[: min(n, 65 - n)].tolist()
 
 
 def test_chunked_reading_equals_whole_text_tokenization(tmp_path, compose_prepare, repo):
@@ -211,8 +212,10 @@ def test_background_encoder_gives_the_same_bytes_in_order_and_ends(tmp_path, com
         (corpus / f"{i:02d}.txt").parent.mkdir(parents=True, exist_ok=True)
         (corpus / f"{i:02d}.txt").write_text(f"Document {i}: " + ENGLISH * (12 + i % 7) + " café 🙂\n\n  end.\n")
     runs = {"fast": ["data.fast_encode=true"], "hf": ["data.fast_encode=false"]}
-    metas = {k: prepare(compose_prepare(corpus, "data.chunk_bytes=4096", "data.val_fraction=0.2", *o,
-                                        out_dir=tmp_path / k)) for k, o in runs.items()}
+    metas = {
+        k: prepare(compose_prepare(corpus, "data.chunk_bytes=4096", "data.val_fraction=0.2", *o, out_dir=tmp_path / k))
+        for k, o in runs.items()
+    }
     assert metas["fast"]["tokenizer"]["encoder"] == "splintr" and metas["hf"]["tokenizer"]["encoder"] == "tokenizers"
     from penwright.prepare import BATCH_CHUNKS
 
@@ -235,7 +238,8 @@ def test_fast_encoder_only_for_tokenizers_it_encodes_alike():
     assert fast_encoder(tok) is None
     tok = train_bpe([ENGLISH * 4], 300)
     tok.backend_tokenizer.post_processor = processors.TemplateProcessing(
-        single="<|endoftext|> $A", special_tokens=[("<|endoftext|>", tok.eos_token_id)])
+        single="<|endoftext|> $A", special_tokens=[("<|endoftext|>", tok.eos_token_id)]
+    )
     assert fast_encoder(tok) is None
 
 
@@ -272,8 +276,9 @@ def test_scratch_bpe_is_trained_saved_and_loadable(tmp_path, compose_prepare):
     assert meta["tokenizer"]["type"] == "bpe" and meta["dtype"] == "uint16"
     text = "It's a short text, we'll see."
     assert tok.decode(tok(text)["input_ids"]) == text
-    again = prepare(compose_prepare(corpus, "model=scratch_small", "model.tokenizer.vocab_size=300",
-                                    out_dir=tmp_path / "again"))
+    again = prepare(
+        compose_prepare(corpus, "model=scratch_small", "model.tokenizer.vocab_size=300", out_dir=tmp_path / "again")
+    )
     assert again["tokenizer"]["md5"] == meta["tokenizer"]["md5"]  # the same BPE, run after run
     assert (tmp_path / "again" / "train.bin").read_bytes() == (tmp_path / "prepared" / "train.bin").read_bytes()
 

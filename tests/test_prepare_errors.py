@@ -78,22 +78,23 @@ def _decode_train(out_dir: Path) -> str:
 
 def test_missing_data_path(compose_prepare, tmp_path):
     missing = tmp_path / "no_such_corpus"
-    _expect_failure(tmp_path, compose_prepare(missing), CorpusError,
-                    str(missing), "no such file or directory", "data.path")
+    _expect_failure(
+        tmp_path, compose_prepare(missing), CorpusError, str(missing), "no such file or directory", "data.path"
+    )
 
 
 def test_empty_data_directory(compose_prepare, tmp_path):
     corpus = _corpus_dir(tmp_path)
-    _expect_failure(tmp_path, compose_prepare(corpus), CorpusError,
-                    str(corpus), "is empty")
+    _expect_failure(tmp_path, compose_prepare(corpus), CorpusError, str(corpus), "is empty")
 
 
 def test_no_file_matches_glob(compose_prepare, tmp_path):
     corpus = _corpus_dir(tmp_path)
     (corpus / "a.txt").write_text(GOOD_TEXT)
     (corpus / "b.txt").write_text(GOOD_TEXT)
-    message = _expect_failure(tmp_path, compose_prepare(corpus, "data.glob=**/*.md"), CorpusError,
-                              str(corpus), "data.glob", "**/*.md")
+    message = _expect_failure(
+        tmp_path, compose_prepare(corpus, "data.glob=**/*.md"), CorpusError, str(corpus), "data.glob", "**/*.md"
+    )
     assert "is empty" not in message
 
 
@@ -116,12 +117,11 @@ def test_binary_file_named_txt(compose_prepare, tmp_path):
     (corpus / "a_good.txt").write_text(GOOD_TEXT)
     bad = corpus / "image.txt"
     bad.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00\x00\x00\rIHDR" + bytes(range(256)))
-    _expect_failure(tmp_path, compose_prepare(corpus), CorpusError,
-                    str(bad), "binary", "NUL byte at byte 8")
+    _expect_failure(tmp_path, compose_prepare(corpus), CorpusError, str(bad), "binary", "NUL byte at byte 8")
 
 
 INVALID_UTF8 = (
-    "first line, plain ascii\n".encode()
+    b"first line, plain ascii\n"
     + "second line: café, naïve\n".encode()  # valid multi-byte UTF-8 before the bad byte
     + b"third line has a latin-1 \xe9 in its middle\n"
     + b"fourth line is fine\n"
@@ -135,8 +135,16 @@ def test_invalid_utf8_names_line_and_byte(compose_prepare, tmp_path):
     (corpus / "a_good.txt").write_text(GOOD_TEXT)
     bad = corpus / "latin1.txt"
     bad.write_bytes(INVALID_UTF8)
-    _expect_failure(tmp_path, compose_prepare(corpus), CorpusError,
-                    str(bad), "line 3", f"byte {BAD_BYTE}", "0xe9", "data.encoding_errors=replace")
+    _expect_failure(
+        tmp_path,
+        compose_prepare(corpus),
+        CorpusError,
+        str(bad),
+        "line 3",
+        f"byte {BAD_BYTE}",
+        "0xe9",
+        "data.encoding_errors=replace",
+    )
 
 
 LATE_BODY = ("word " * 19 + "end\n").encode() * 500  # 500 lines of 99 bytes: many 4 KiB chunks
@@ -153,8 +161,15 @@ def test_invalid_utf8_after_the_first_chunk(compose_prepare, tmp_path, model):
     overrides = ["data.chunk_bytes=4096"]
     if model == "scratch_bpe":
         overrides += ["model=scratch_small", "model.tokenizer.vocab_size=260"]
-    _expect_failure(tmp_path, compose_prepare(corpus, *overrides), CorpusError,
-                    str(bad), "line 501", f"byte {len(LATE_BODY) + 4}", "0xff")
+    _expect_failure(
+        tmp_path,
+        compose_prepare(corpus, *overrides),
+        CorpusError,
+        str(bad),
+        "line 501",
+        f"byte {len(LATE_BODY) + 4}",
+        "0xff",
+    )
 
 
 def test_scan_catches_invalid_utf8_after_the_first_chunk(tmp_path):
@@ -183,7 +198,7 @@ def test_invalid_utf8_with_replace_gives_replacement_char(compose_prepare, tmp_p
 CSV = (
     "id,title,body\n"
     "1,First,The quick brown fox jumps over the lazy dog.\n"
-    "2,Second,\"In the beginning was the word, and the word was written.\"\n"
+    '2,Second,"In the beginning was the word, and the word was written."\n'
     "3,Third,It's a short text; we'll see.\n"
 )
 
@@ -192,8 +207,17 @@ def test_csv_several_columns_and_none_chosen(compose_prepare, tmp_path):
     corpus = _corpus_dir(tmp_path)
     bad = corpus / "rows.csv"
     bad.write_text(CSV)
-    _expect_failure(tmp_path, compose_prepare(corpus, "data.glob=*.csv"), CorpusError,
-                    str(bad), "3 columns", "'id'", "'title'", "'body'", "data.csv_column")
+    _expect_failure(
+        tmp_path,
+        compose_prepare(corpus, "data.glob=*.csv"),
+        CorpusError,
+        str(bad),
+        "3 columns",
+        "'id'",
+        "'title'",
+        "'body'",
+        "data.csv_column",
+    )
 
 
 def test_csv_with_chosen_column_succeeds(compose_prepare, tmp_path):
@@ -212,8 +236,15 @@ def test_csv_unknown_column(compose_prepare, tmp_path):
     corpus = _corpus_dir(tmp_path)
     bad = corpus / "rows.csv"
     bad.write_text(CSV)
-    _expect_failure(tmp_path, compose_prepare(corpus, "data.glob=*.csv", "data.csv_column=content"), CorpusError,
-                    str(bad), "data.csv_column", "'content'", "'body'")
+    _expect_failure(
+        tmp_path,
+        compose_prepare(corpus, "data.glob=*.csv", "data.csv_column=content"),
+        CorpusError,
+        str(bad),
+        "data.csv_column",
+        "'content'",
+        "'body'",
+    )
 
 
 # -- 8: JSONL -------------------------------------------------------------------------------------------
@@ -229,19 +260,28 @@ def test_jsonl_line_not_json(compose_prepare, tmp_path):
         '{"text": "unterminated string}\n'
         '{"text": "never read"}\n'
     )
-    _expect_failure(tmp_path, compose_prepare(corpus, "data.glob=*.jsonl"), CorpusError,
-                    str(bad), "line 4", "not valid JSON")
+    _expect_failure(
+        tmp_path, compose_prepare(corpus, "data.glob=*.jsonl"), CorpusError, str(bad), "line 4", "not valid JSON"
+    )
 
 
 def test_jsonl_record_without_field(compose_prepare, tmp_path):
     corpus = _corpus_dir(tmp_path)
     bad = corpus / "records.jsonl"
     bad.write_text(
-        '{"content": "The quick brown fox.", "text": "ok"}\n'
-        '{"content": "Jumps over the lazy dog.", "id": 2}\n'
+        '{"content": "The quick brown fox.", "text": "ok"}\n{"content": "Jumps over the lazy dog.", "id": 2}\n'
     )
-    _expect_failure(tmp_path, compose_prepare(corpus, "data.glob=*.jsonl"), CorpusError,
-                    str(bad), "line 2", "'text'", "data.jsonl_field", "'content'", "'id'")
+    _expect_failure(
+        tmp_path,
+        compose_prepare(corpus, "data.glob=*.jsonl"),
+        CorpusError,
+        str(bad),
+        "line 2",
+        "'text'",
+        "data.jsonl_field",
+        "'content'",
+        "'id'",
+    )
 
 
 # -- 9-12: config values ------------------------------------------------------------------------------------
@@ -296,8 +336,7 @@ def test_unknown_suffix(compose_prepare, tmp_path):
     (corpus / "a_good.txt").write_text(GOOD_TEXT)
     bad = corpus / "notes.xyz"
     bad.write_text(GOOD_TEXT)
-    _expect_failure(tmp_path, compose_prepare(corpus, "data.glob=*"), CorpusError,
-                    str(bad), "'.xyz'", "data.format")
+    _expect_failure(tmp_path, compose_prepare(corpus, "data.glob=*"), CorpusError, str(bad), "'.xyz'", "data.format")
 
 
 # -- a failure keeps the previous output -------------------------------------------------------------------
@@ -340,7 +379,10 @@ def test_cli_prints_one_error_line_and_exits_2(repo, tmp_path):
     out_dir = tmp_path / "prepared"
     result = subprocess.run(
         [sys.executable, "-m", "penwright.cli", "prepare", f"data.path={missing}", f"data.out_dir={out_dir}"],
-        cwd=repo, capture_output=True, text=True, timeout=120,
+        cwd=repo,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert result.returncode == 2, result.stderr
     assert "Traceback" not in result.stderr
@@ -380,7 +422,15 @@ def test_pretrained_tokenizer_offline_fails_fast_and_says_how_to_point_at_a_dir(
 
     corpus = tmp_path / "c.txt"
     corpus.write_text(GOOD_TEXT)
-    cfg = compose([f"data.path={corpus}", f"data.out_dir={tmp_path / 'prepared'}", "model=gpt2",
-                   "model.name_or_path=no-such-model-penwright-test"], config_dir=repo / "conf")
-    _expect_failure(tmp_path, cfg, PenwrightError, "no-such-model-penwright-test", "not reachable",
-                    "model.name_or_path=DIR")
+    cfg = compose(
+        [
+            f"data.path={corpus}",
+            f"data.out_dir={tmp_path / 'prepared'}",
+            "model=gpt2",
+            "model.name_or_path=no-such-model-penwright-test",
+        ],
+        config_dir=repo / "conf",
+    )
+    _expect_failure(
+        tmp_path, cfg, PenwrightError, "no-such-model-penwright-test", "not reachable", "model.name_or_path=DIR"
+    )

@@ -16,19 +16,31 @@ import pytest
 from helpers.dvc_project import new_project, run
 from helpers.paths import ENGLISH, REPO
 from helpers.wandb_runs import wandb_record, wandb_run_of
-
 from penwright.config import compose
 
-TINY = ["model.n_layer=1", "model.n_head=2", "model.n_embd=32", "model.n_positions=64", "train.block_size=32",
-        "train.batch_size=4", "train.warmup_steps=2", "train.val_every_n_steps=4", "train.val_batches=2",
-        "trainer.log_every_n_steps=1", "trainer.progress_bar=false", "sample.max_new_tokens=12",
-        "sample.prompts=[In the]"]
+TINY = [
+    "model.n_layer=1",
+    "model.n_head=2",
+    "model.n_embd=32",
+    "model.n_positions=64",
+    "train.block_size=32",
+    "train.batch_size=4",
+    "train.warmup_steps=2",
+    "train.val_every_n_steps=4",
+    "train.val_batches=2",
+    "trainer.log_every_n_steps=1",
+    "trainer.progress_bar=false",
+    "sample.max_new_tokens=12",
+    "sample.prompts=[In the]",
+]
 
 
 def preset(name: str, root: Path, *overrides: str):
     """The preset composed from conf/, shrunk, its outputs under ``root``."""
-    return compose([f"experiment={name}", f"paths.artifacts={root}/artifacts", f"paths.reports={root}/reports",
-                    *TINY, *overrides], config_dir=REPO / "conf")
+    return compose(
+        [f"experiment={name}", f"paths.artifacts={root}/artifacts", f"paths.reports={root}/reports", *TINY, *overrides],
+        config_dir=REPO / "conf",
+    )
 
 
 def corpus_dir(root: Path, n: int = 6) -> Path:
@@ -48,8 +60,15 @@ def test_char_level_tokenizes_bytes_and_samples_at_each_temperature(tmp_path):
     from penwright.prepare import prepare
     from penwright.train import train
 
-    cfg = preset("char_level", tmp_path, f"data.path={corpus_dir(tmp_path)}", "data.val_fraction=0.34",
-                 "trainer.max_steps=8", "sample.every_n_steps=4", "logger=none")
+    cfg = preset(
+        "char_level",
+        tmp_path,
+        f"data.path={corpus_dir(tmp_path)}",
+        "data.val_fraction=0.34",
+        "trainer.max_steps=8",
+        "sample.every_n_steps=4",
+        "logger=none",
+    )
     assert list(cfg.sample.temperatures) == [0.2, 0.5, 1.0, 1.2]
     meta = prepare(cfg)
     assert meta["vocab_size"] == 258
@@ -69,8 +88,15 @@ def test_long_run_continues_the_same_run_in_chunks(tmp_path, monkeypatch):
     from penwright.train import train
 
     monkeypatch.setenv("WANDB_MODE", "offline")
-    common = [f"data.path={corpus_dir(tmp_path)}", f"data.out_dir={tmp_path}/prepared", "data.val_fraction=0.34",
-              f"logger.save_dir={tmp_path}", "model.tokenizer.vocab_size=300", "train.ckpt_every_n_steps=4", "sample.every_n_steps=4"]
+    common = [
+        f"data.path={corpus_dir(tmp_path)}",
+        f"data.out_dir={tmp_path}/prepared",
+        "data.val_fraction=0.34",
+        f"logger.save_dir={tmp_path}",
+        "model.tokenizer.vocab_size=300",
+        "train.ckpt_every_n_steps=4",
+        "sample.every_n_steps=4",
+    ]
     prepare(preset("long_run", tmp_path, *common, "trainer.max_steps=4"))
     reports = tmp_path / "reports"
     for chunk in (4, 8, 12):
@@ -86,8 +112,11 @@ def test_long_run_continues_the_same_run_in_chunks(tmp_path, monkeypatch):
     runs = sorted((tmp_path / "wandb").glob("offline-run-*"))
     run_id = (tmp_path / "artifacts" / "checkpoints" / "wandb_run_id").read_text().strip()
     assert len(runs) == 3 and all(wandb_run_of(r) == run_id for r in runs)  # one W&B run, three chunks
-    assert sorted(p.name for p in (reports / "samples").iterdir()) == \
-        ["step-000004.md", "step-000008.md", "step-000012.md"]
+    assert sorted(p.name for p in (reports / "samples").iterdir()) == [
+        "step-000004.md",
+        "step-000008.md",
+        "step-000012.md",
+    ]
     # fixed checkpoint names across the chunks (no best-v1.ckpt, last-v2.ckpt, ...), and best is the run's best
     ckpts = sorted(p.name for p in (tmp_path / "artifacts" / "checkpoints").glob("*.ckpt"))
     assert ckpts == ["best.ckpt", "last.ckpt", "step-000012.ckpt"], ckpts
@@ -98,8 +127,12 @@ def test_long_run_continues_the_same_run_in_chunks(tmp_path, monkeypatch):
     assert best["global_step"] == min(val, key=val.get)
 
 
-SHORT_ROWS = [f"The {a} {b} went to the {c}." for a in ("red", "old", "small", "tall") for b in ("fox", "man", "ship")
-              for c in ("sea", "hill", "town")]
+SHORT_ROWS = [
+    f"The {a} {b} went to the {c}."
+    for a in ("red", "old", "small", "tall")
+    for b in ("fox", "man", "ship")
+    for c in ("sea", "hill", "town")
+]
 
 
 def test_short_texts_gives_separate_stripped_texts_and_counts_copies_of_training_rows(tmp_path):
@@ -110,10 +143,22 @@ def test_short_texts_gives_separate_stripped_texts_and_counts_copies_of_training
 
     data = tmp_path / "rows.csv"
     data.write_text("text\n" + "\n".join(SHORT_ROWS) + "\n")
-    cfg = preset("short_texts", tmp_path, f"data.path={data}", "data.val_fraction=0.25", "model.tokenizer.vocab_size=300",
-                 "trainer.max_steps=30", "train.lr=1e-2", "sample.every_n_steps=0", "logger=none",
-                 "export.parity_prompts=['<|startoftext|>The red']", "generate.nsamples=6", "generate.batch_size=4",
-                 "generate.max_new_tokens=24", "generate.threads=1")
+    cfg = preset(
+        "short_texts",
+        tmp_path,
+        f"data.path={data}",
+        "data.val_fraction=0.25",
+        "model.tokenizer.vocab_size=300",
+        "trainer.max_steps=30",
+        "train.lr=1e-2",
+        "sample.every_n_steps=0",
+        "logger=none",
+        "export.parity_prompts=['<|startoftext|>The red']",
+        "generate.nsamples=6",
+        "generate.batch_size=4",
+        "generate.max_new_tokens=24",
+        "generate.threads=1",
+    )
     prepare(cfg)
     train(cfg)
     export(cfg)
@@ -130,16 +175,26 @@ def test_short_texts_gives_separate_stripped_texts_and_counts_copies_of_training
     assert "verbatim copies of training documents" in (tmp_path / "reports" / "samples.md").read_text()
     # the count itself, on texts whose answer is known
     val_rows = {text.removeprefix("<|startoftext|>") for is_val, text in documents_by_split(cfg.data) if is_val}
-    known = [Sample("", sorted(train_rows)[0]), Sample("", " " + sorted(train_rows)[1] + " "),
-             Sample("", sorted(val_rows)[0]), Sample("", "The blue fox went to the moon.")]
-    assert count_copies(known, cfg.data.out_dir) == {"copies_of_train": 2, "copies_of_val": 1, "copy_fraction": 0.75,
-                                                     "corpus_documents": len(SHORT_ROWS)}
+    known = [
+        Sample("", sorted(train_rows)[0]),
+        Sample("", " " + sorted(train_rows)[1] + " "),
+        Sample("", sorted(val_rows)[0]),
+        Sample("", "The blue fox went to the moon."),
+    ]
+    assert count_copies(known, cfg.data.out_dir) == {
+        "copies_of_train": 2,
+        "copies_of_val": 1,
+        "copy_fraction": 0.75,
+        "corpus_documents": len(SHORT_ROWS),
+    }
 
 
-DOCUMENT = ("A Title\n\n"
-            "The fox ran to the hill. The dog did not mind at all. It's a short text, we'll see. "
-            "Numbers like 12,345 appear too. The word was written down.\n\n"
-            "In the beginning was the word. The quick brown fox jumps over the lazy dog.\n")
+DOCUMENT = (
+    "A Title\n\n"
+    "The fox ran to the hill. The dog did not mind at all. It's a short text, we'll see. "
+    "Numbers like 12,345 appear too. The word was written down.\n\n"
+    "In the beginning was the word. The quick brown fox jumps over the lazy dog.\n"
+)
 
 
 def test_verbosify_expands_each_passage_keeps_it_verbatim_and_writes_no_models(compose_train, tmp_path):
@@ -151,14 +206,27 @@ def test_verbosify_expands_each_passage_keeps_it_verbatim_and_writes_no_models(c
     doc = tmp_path / "doc.txt"
     doc.write_text(DOCUMENT)
     out = tmp_path / "out"
-    cfg = preset("verbosify", out, f"verbosify.model={model_dir}", f"verbosify.document={doc}", "verbosify.lr=1e-3",
-                 "verbosify.max_new_tokens=24")
-    assert (cfg.verbosify.sentences, cfg.verbosify.steps, cfg.verbosify.temperature, cfg.verbosify.top_k) == \
-        (3, 1, 0.8, 40)  # the seed's settings
+    cfg = preset(
+        "verbosify",
+        out,
+        f"verbosify.model={model_dir}",
+        f"verbosify.document={doc}",
+        "verbosify.lr=1e-3",
+        "verbosify.max_new_tokens=24",
+    )
+    assert (cfg.verbosify.sentences, cfg.verbosify.steps, cfg.verbosify.temperature, cfg.verbosify.top_k) == (
+        3,
+        1,
+        0.8,
+        40,
+    )  # the seed's settings
     chunks = passages(DOCUMENT, 3)
-    assert [p for _, p in chunks] == ["A Title", "The fox ran to the hill. The dog did not mind at all. It's a short "
-                                      "text, we'll see.", "Numbers like 12,345 appear too. The word was written down.",
-                                      "In the beginning was the word. The quick brown fox jumps over the lazy dog."]
+    assert [p for _, p in chunks] == [
+        "A Title",
+        "The fox ran to the hill. The dog did not mind at all. It's a short text, we'll see.",
+        "Numbers like 12,345 appear too. The word was written down.",
+        "In the beginning was the word. The quick brown fox jumps over the lazy dog.",
+    ]
     before = {p for p in tmp_path.rglob("*")}
     report = verbosify(cfg)
     created = {p for p in tmp_path.rglob("*")} - before
@@ -196,13 +264,24 @@ def test_verbosify_bad_input_names_the_file_or_key(tmp_path, tiny_gpt2):
     doc = tmp_path / "doc.txt"
     doc.write_text(DOCUMENT)
     with pytest.raises(PenwrightError, match="verbosify.temperature=0"):
-        verbosify(preset("verbosify", tmp_path, f"verbosify.document={doc}", f"verbosify.model={tiny_gpt2}",
-                         "verbosify.temperature=0"))
+        verbosify(
+            preset(
+                "verbosify",
+                tmp_path,
+                f"verbosify.document={doc}",
+                f"verbosify.model={tiny_gpt2}",
+                "verbosify.temperature=0",
+            )
+        )
 
 
-WP_ROWS = [f"[WP] The {a} {b} came to the {c}. [RESPONSE] And the {b} saw the {c}, and it was {d}. The end."
-           for a in ("red", "old", "small") for b in ("fox", "king", "ship") for c in ("sea", "hill", "town")
-           for d in ("good", "far")]
+WP_ROWS = [
+    f"[WP] The {a} {b} came to the {c}. [RESPONSE] And the {b} saw the {c}, and it was {d}. The end."
+    for a in ("red", "old", "small")
+    for b in ("fox", "king", "ship")
+    for c in ("sea", "hill", "town")
+    for d in ("good", "far")
+]
 
 
 def test_data_take_keeps_one_part_of_each_row_and_names_a_row_that_lacks_it(tmp_path, compose_prepare):
@@ -213,8 +292,9 @@ def test_data_take_keeps_one_part_of_each_row_and_names_a_row_that_lacks_it(tmp_
     rows.write_text("text\n" + "\n".join(WP_ROWS[:3]) + "\n")
     take = preset("wp_prompts", tmp_path).data.take
     cfg = compose_prepare(rows, f"data.take='{take}'")
-    assert [t for _, t in documents_by_split(cfg.data)] == \
-        ["<|startoftext|>" + r.split("[RESPONSE]")[0].removeprefix("[WP] ").strip() for r in WP_ROWS[:3]]
+    assert [t for _, t in documents_by_split(cfg.data)] == [
+        "<|startoftext|>" + r.split("[RESPONSE]")[0].removeprefix("[WP] ").strip() for r in WP_ROWS[:3]
+    ]
     rows.write_text("text\n" + WP_ROWS[0] + "\nno marks on this row\n")
     with pytest.raises(CorpusError, match=r"wp.csv: line 3: data.take=.* finds no text in 'no marks on this row'"):
         list(documents_by_split(compose_prepare(rows, f"data.take='{take}'").data))
@@ -229,13 +309,34 @@ def test_writing_prompts_pipeline_trains_both_models_in_one_wandb_group_and_writ
     shutil.copytree(repo / "pipelines", proj / "pipelines")
     (proj / "data").mkdir()
     (proj / "data" / "wp.csv").write_text("text\n" + "\n".join(WP_ROWS) + "\n")
-    tiny = ["data.path=data/wp.csv", "data.val_fraction=0.2", "model.tokenizer.vocab_size=300", *TINY,
-            "trainer.max_steps=20", "train.lr=1e-2", "sample.every_n_steps=10", "logger.save_dir=.",
-            "export.parity_prompts=[The red fox]", "chain.n=3", "chain.batch_size=2", "chain.prompt_tokens=16",
-            "chain.response_tokens=24", "chain.threads=1"]
+    tiny = [
+        "data.path=data/wp.csv",
+        "data.val_fraction=0.2",
+        "model.tokenizer.vocab_size=300",
+        *TINY,
+        "trainer.max_steps=20",
+        "train.lr=1e-2",
+        "sample.every_n_steps=10",
+        "logger.save_dir=.",
+        "export.parity_prompts=[The red fox]",
+        "chain.n=3",
+        "chain.batch_size=2",
+        "chain.prompt_tokens=16",
+        "chain.response_tokens=24",
+        "chain.threads=1",
+    ]
     for name in ("prompts", "responses"):
-        run(["penwright", "params", f"experiment=wp_{name}", *tiny, "--output",
-             f"pipelines/writing_prompts/{name}.yaml"], proj)
+        run(
+            [
+                "penwright",
+                "params",
+                f"experiment=wp_{name}",
+                *tiny,
+                "--output",
+                f"pipelines/writing_prompts/{name}.yaml",
+            ],
+            proj,
+        )
     run(["git", "add", "-A"], proj)
     run(["git", "commit", "-qm", "init"], proj)
     done = run(["dvc", "repro", "pipelines/writing_prompts/dvc.yaml"], proj)
@@ -258,6 +359,8 @@ def test_writing_prompts_pipeline_trains_both_models_in_one_wandb_group_and_writ
     records = [wandb_record(r, b"writing-prompts") for r in runs]
     assert all(records), [sorted(p.name for p in r.iterdir()) for r in runs]
     assert all(b"writing-prompts" in rec for rec in records)  # ... in one group
-    assert {name for name in (b"wp-prompts", b"wp-responses") if any(name in rec for rec in records)} == \
-        {b"wp-prompts", b"wp-responses"}
+    assert {name for name in (b"wp-prompts", b"wp-responses") if any(name in rec for rec in records)} == {
+        b"wp-prompts",
+        b"wp-responses",
+    }
     assert json.loads(run(["dvc", "status", "--json", "pipelines/writing_prompts/dvc.yaml"], proj).stdout) == {}

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import typing
 
+import pydantic
 import pytest
 
+from helpers.paths import REPO
 from penwright import schema
 from penwright.config import compose
 from penwright.errors import ConfigError
-from helpers.paths import REPO
 
 # Groups that appear only under a preset: compose with it to reach their knobs.
 REACH = {"chain": ["experiment=wp_responses"], "trainer.fsdp": ["trainer=fsdp"]}
@@ -46,7 +47,9 @@ def _is_list(annotation) -> bool:
     return typing.get_origin(inner) is list
 
 
-NUMERIC_KNOBS = sorted({key for key, info in _knobs(schema.Config) if _is_numeric(info.annotation)} - {"trainer.devices"})
+NUMERIC_KNOBS = sorted(
+    {key for key, info in _knobs(schema.Config) if _is_numeric(info.annotation)} - {"trainer.devices"}
+)
 
 
 def _base(key: str) -> list[str]:
@@ -79,8 +82,19 @@ def _compose_error(overrides: list[str]) -> str:
 
 def test_the_walk_covers_every_group_and_bounds_every_numeric_knob():
     groups = {key.split(".")[0] for key in NUMERIC_KNOBS}
-    assert groups >= {"seed", "data", "model", "trainer", "train", "sample", "export", "generate", "verbosify",
-                      "serve", "chain"}, groups
+    assert groups >= {
+        "seed",
+        "data",
+        "model",
+        "trainer",
+        "train",
+        "sample",
+        "export",
+        "generate",
+        "verbosify",
+        "serve",
+        "chain",
+    }, groups
     assert len(NUMERIC_KNOBS) > 80
     for key in NUMERIC_KNOBS:
         assert _outside(key), f"{key}: a numeric knob without an allowed range in schema.py"
@@ -103,18 +117,21 @@ def test_every_numeric_knob_refuses_text_in_one_line(key):
     assert "\n" not in message and message.startswith(f"{key}=") and "abc" in message, message
 
 
-@pytest.mark.parametrize("override, words", [
-    ("train.schedule=cosnie", ["train.schedule='cosnie'", "one of cosine, linear, constant"]),
-    ("trainer.precision=fp8", ["trainer.precision='fp8'", "bf16-mixed"]),
-    ("export.gguf=[q5_k]", ["export.gguf=['q5_k']", "q8_0"]),
-    ("trainer.devices=0", ["trainer.devices=0", "auto"]),
-    ("train.resume=maybe", ["train.resume='maybe'", "not true or false"]),
-    ("train.block_size=1000", ["train.block_size=1000", "model.n_positions=256"]),
-    ("model.n_head=5", ["model.n_embd=192", "not divisible by model.n_head=5"]),
-    ("data.take='(a)(b)'", ["data.take='(a)(b)'", "exactly one (group)"]),
-    ("train.betas=[0.9,1.5]", ["train.betas=[0.9, 1.5]", "item 1", "0 <= value < 1"]),
-    ("generate.prompts=[]", ["generate.prompts=[]", "too few items"]),
-])
+@pytest.mark.parametrize(
+    "override, words",
+    [
+        ("train.schedule=cosnie", ["train.schedule='cosnie'", "one of cosine, linear, constant"]),
+        ("trainer.precision=fp8", ["trainer.precision='fp8'", "bf16-mixed"]),
+        ("export.gguf=[q5_k]", ["export.gguf=['q5_k']", "q8_0"]),
+        ("trainer.devices=0", ["trainer.devices=0", "auto"]),
+        ("train.resume=maybe", ["train.resume='maybe'", "not true or false"]),
+        ("train.block_size=1000", ["train.block_size=1000", "model.n_positions=256"]),
+        ("model.n_head=5", ["model.n_embd=192", "not divisible by model.n_head=5"]),
+        ("data.take='(a)(b)'", ["data.take='(a)(b)'", "exactly one (group)"]),
+        ("train.betas=[0.9,1.5]", ["train.betas=[0.9, 1.5]", "item 1", "0 <= value < 1"]),
+        ("generate.prompts=[]", ["generate.prompts=[]", "too few items"]),
+    ],
+)
 def test_choices_types_and_cross_field_rules_name_the_key(override, words):
     message = _compose_error([override])
     assert "\n" not in message
@@ -144,7 +161,7 @@ def test_stages_get_typed_frozen_values():
     cfg = compose(config_dir=REPO / "conf")
     assert isinstance(cfg.train.lr, float) and isinstance(cfg.train.batch_size, int)
     assert isinstance(cfg.train.resume, bool) and cfg.chain is None
-    with pytest.raises(Exception):
+    with pytest.raises(pydantic.ValidationError, match="frozen"):
         cfg.train.lr = 1.0  # frozen: a stage cannot change the config another reads
 
 
@@ -152,8 +169,9 @@ def test_the_cli_prints_one_line_and_exits_2(tmp_path):
     import subprocess
     import sys
 
-    run = subprocess.run([sys.executable, "-m", "penwright.cli", "train", "train.lr=-1"], cwd=REPO,
-                         capture_output=True, text=True)
+    run = subprocess.run(
+        [sys.executable, "-m", "penwright.cli", "train", "train.lr=-1"], cwd=REPO, capture_output=True, text=True
+    )
     assert run.returncode == 2 and run.stderr.strip() == "error: train.lr=-1: out of range (allowed: 0 < value <= 1)"
 
 

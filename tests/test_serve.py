@@ -72,23 +72,25 @@ def test_openai_client_streaming_gives_the_same_text_as_one_answer(client):
 
 
 def test_prompts_n_echo_stop_and_seed(client):
-    out = client.completions.create(model="penwright", prompt=["The", "A quick"], n=3, max_tokens=8, seed=5,
-                                    echo=True)
+    out = client.completions.create(model="penwright", prompt=["The", "A quick"], n=3, max_tokens=8, seed=5, echo=True)
     assert [c.index for c in out.choices] == list(range(6))
     assert all(c.text.startswith("The") for c in out.choices[:3])
     assert all(c.text.startswith("A quick") for c in out.choices[3:])
-    again = client.completions.create(model="penwright", prompt=["The", "A quick"], n=3, max_tokens=8, seed=5,
-                                      echo=True)
+    again = client.completions.create(
+        model="penwright", prompt=["The", "A quick"], n=3, max_tokens=8, seed=5, echo=True
+    )
     assert [c.text for c in again.choices] == [c.text for c in out.choices]
 
     free = client.completions.create(model="penwright", prompt=PROMPT, max_tokens=20, temperature=0).choices[0].text
     assert len(free) > 3
     stop = free[1:3]
-    cut = client.completions.create(model="penwright", prompt=PROMPT, max_tokens=20, temperature=0,
-                                    stop=[stop, "never appears"]).choices[0]
+    cut = client.completions.create(
+        model="penwright", prompt=PROMPT, max_tokens=20, temperature=0, stop=[stop, "never appears"]
+    ).choices[0]
     assert cut.text == free[: free.index(stop)] and cut.finish_reason == "stop"
-    capped = client.completions.create(model="penwright", prompt=PROMPT, max_tokens=3, temperature=0,
-                                       extra_body={"min_tokens": 3})
+    capped = client.completions.create(
+        model="penwright", prompt=PROMPT, max_tokens=3, temperature=0, extra_body={"min_tokens": 3}
+    )
     assert capped.choices[0].finish_reason == "length" and capped.usage.completion_tokens == 3
 
 
@@ -114,13 +116,16 @@ def test_gpt2_cloud_run_api_get_and_post(server):
     assert get.status_code == 200 and get.json()["text"].startswith("The")
     post_ = httpx.post(f"{server.url}/", json={"prefix": "The", "length": 10, "temperature": 0})
     assert post_.json() == get.json()
-    alias = httpx.post(f"{server.url}/generate", json={"prefix": "The", "length": 10, "temperature": 0,
-                                                        "include_prefix": False})
+    alias = httpx.post(
+        f"{server.url}/generate", json={"prefix": "The", "length": 10, "temperature": 0, "include_prefix": False}
+    )
     assert get.json()["text"] == "The" + alias.json()["text"]
     text = alias.json()["text"]
     if len(text) > 2:
-        cut = httpx.get(f"{server.url}/generate", params={"prefix": "The", "length": 10, "temperature": 0,
-                                                           "truncate": text[1:3], "include_prefix": "false"})
+        cut = httpx.get(
+            f"{server.url}/generate",
+            params={"prefix": "The", "length": 10, "temperature": 0, "truncate": text[1:3], "include_prefix": "false"},
+        )
         assert cut.json()["text"] == text[: text.index(text[1:3])]
     bad = httpx.get(f"{server.url}/", params={"prefix": "The", "length": "lots"})
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "length"
@@ -132,8 +137,10 @@ def test_gpt2_cloud_run_api_get_and_post(server):
 def test_a_seeded_request_gives_the_same_text_alone_or_beside_15_others(server):
     body = {"prompt": PROMPT, "max_tokens": 30, "min_tokens": 30, "temperature": 1.0, "top_k": 50, "seed": 77}
     alone = post(server, body).json()["choices"][0]["text"]
-    others = [{"prompt": p, "max_tokens": 10 + i, "temperature": 0.8, "seed": i} for i, p in
-              enumerate(["The", "In the beginning", "", "Numbers like"] * 4)][:15]
+    others = [
+        {"prompt": p, "max_tokens": 10 + i, "temperature": 0.8, "seed": i}
+        for i, p in enumerate(["The", "In the beginning", "", "Numbers like"] * 4)
+    ][:15]
     with concurrent.futures.ThreadPoolExecutor(16) as pool:
         futures = [pool.submit(post, server, b) for b in others[:8]]
         target = pool.submit(post, server, body)
@@ -231,8 +238,9 @@ def test_a_request_past_its_timeout_ends_with_a_clear_error(serve_tiny):
     server = serve_tiny("serve.request_timeout=0.000001")
     r = post(server, {"prompt": "The", "max_tokens": 60, "min_tokens": 60})
     assert r.status_code == 504 and "request_timeout" in r.json()["error"]["message"]
-    with httpx.stream("POST", f"{server.url}/v1/completions", timeout=30,
-                      json={"prompt": "The", "max_tokens": 60, "stream": True}) as s:
+    with httpx.stream(
+        "POST", f"{server.url}/v1/completions", timeout=30, json={"prompt": "The", "max_tokens": 60, "stream": True}
+    ) as s:
         events = [line for line in s.iter_lines() if line.startswith("data: ")]
     assert "request_timeout" in json.loads(events[0][6:])["error"]["message"] and events[-1] == "data: [DONE]"
 
@@ -247,9 +255,11 @@ def test_an_api_key_is_required_when_set(serve_tiny):
 
     with pytest.raises(AuthenticationError):
         OpenAI(base_url=f"{server.url}/v1", api_key="wrong", max_retries=0).completions.create(
-            model="penwright", prompt="x", max_tokens=2)
+            model="penwright", prompt="x", max_tokens=2
+        )
     ok = OpenAI(base_url=f"{server.url}/v1", api_key="sekrit", max_retries=0).completions.create(
-        model="penwright", prompt="x", max_tokens=2)
+        model="penwright", prompt="x", max_tokens=2
+    )
     assert ok.choices[0].finish_reason in ("stop", "length")
 
 
@@ -277,8 +287,13 @@ def test_hostile_traffic_then_sigterm_finishes_in_flight_requests_and_exits_0(on
     url = f"http://127.0.0.1:{port}"
     env = {**os.environ, "PENWRIGHT_API_KEY": ""}
     log = (tmp_path / "serve.log").open("w")
-    proc = subprocess.Popen([sys.executable, "-m", "penwright.cli", "serve", f"serve.model_dir={onnx_tiny}",
-                             f"serve.port={port}"], stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env=env)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "penwright.cli", "serve", f"serve.model_dir={onnx_tiny}", f"serve.port={port}"],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        cwd=REPO,
+        env=env,
+    )
     try:
         from penwright.serve import wait_until_healthy
 
@@ -289,11 +304,14 @@ def test_hostile_traffic_then_sigterm_finishes_in_flight_requests_and_exits_0(on
         def battery():
             for body, _ in BAD:
                 assert httpx.post(f"{url}/v1/completions", json=body).status_code == 400
-            httpx.post(f"{url}/v1/completions", content=b"\xff\xfe garbage", headers={"content-type": "application/json"})
+            httpx.post(
+                f"{url}/v1/completions", content=b"\xff\xfe garbage", headers={"content-type": "application/json"}
+            )
             httpx.post(f"{url}/v1/completions", json={"prompt": "x" * 70_000})
             httpx.get(f"{url}/", params={"length": "-5"})
-            with httpx.stream("POST", f"{url}/v1/completions", json={"prompt": "The", "max_tokens": 50,
-                                                                         "stream": True}) as s:
+            with httpx.stream(
+                "POST", f"{url}/v1/completions", json={"prompt": "The", "max_tokens": 50, "stream": True}
+            ) as s:
                 next(s.iter_lines())  # and hang up mid-stream
 
         battery()
@@ -305,9 +323,18 @@ def test_hostile_traffic_then_sigterm_finishes_in_flight_requests_and_exits_0(on
         assert httpx.post(f"{url}/v1/completions", json=normal).json()["choices"][0]["text"] == expected
 
         # SIGTERM while a streamed request is in flight: it completes, then the server exits 0
-        with httpx.stream("POST", f"{url}/v1/completions", timeout=30,
-                          json={"prompt": "The", "max_tokens": 50, "min_tokens": 50, "stream": True,
-                                "stream_options": {"include_usage": True}}) as s:
+        with httpx.stream(
+            "POST",
+            f"{url}/v1/completions",
+            timeout=30,
+            json={
+                "prompt": "The",
+                "max_tokens": 50,
+                "min_tokens": 50,
+                "stream": True,
+                "stream_options": {"include_usage": True},
+            },
+        ) as s:
             lines = s.iter_lines()
             first = next(lines)
             proc.send_signal(signal.SIGTERM)
@@ -363,6 +390,7 @@ def test_chunked_oversized_bodies_unknown_routes_and_a_tiny_temperature(server):
     def chunks():
         for _ in range(20):
             yield b"x" * 5000
+
     big = httpx.post(f"{server.url}/v1/completions", content=chunks(), headers={"content-type": "application/json"})
     assert big.status_code == 413 and big.json()["error"]["param"] == "body"
     missing = httpx.get(f"{server.url}/v2/nothing")

@@ -30,9 +30,18 @@ def browser(tmp_path_factory):
 
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
-    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-quic",
-                 "--no-first-run", "--disable-background-networking", "--disable-component-update",
-                 "--disable-sync", f"--user-data-dir={tmp_path_factory.mktemp('chromium-profile')}"):
+    for flag in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        f"--user-data-dir={tmp_path_factory.mktemp('chromium-profile')}",
+    ):
         options.add_argument(flag)
     options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
     driver = webdriver.Chrome(options=options, service=Service(executable_path=CHROMEDRIVER))
@@ -70,8 +79,10 @@ def generate(driver) -> tuple[str, str]:
         return status if go_enabled and (status.startswith("done") or status.startswith("error")) else False
 
     status = WebDriverWait(driver, WAIT_S).until(
-        finished, message=f"the page did not finish generating in {WAIT_S} s "
-                          f"(#status={text_of(driver.find_element(By.ID, 'status'))!r})")
+        finished,
+        message=f"the page did not finish generating in {WAIT_S} s "
+        f"(#status={text_of(driver.find_element(By.ID, 'status'))!r})",
+    )
     generated = driver.find_elements(By.ID, "generated")
     return status, (text_of(generated[0]) if generated else "")
 
@@ -104,8 +115,9 @@ def completion(server, body: dict, key: str | None = None) -> str:
     import httpx
 
     headers = {"Authorization": f"Bearer {key}"} if key else {}
-    response = httpx.post(f"{server.url}/v1/completions", json={**body, "stream": False}, headers=headers,
-                          timeout=WAIT_S)
+    response = httpx.post(
+        f"{server.url}/v1/completions", json={**body, "stream": False}, headers=headers, timeout=WAIT_S
+    )
     assert response.status_code == 200, response.text
     return response.json()["choices"][0]["text"]
 

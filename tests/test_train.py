@@ -78,16 +78,24 @@ def test_sampling_does_not_change_the_losses(compose_train, tmp_path):
     train(compose_train("trainer.max_steps=8", "sample.every_n_steps=0", run="quiet"))
     assert len(list((tmp_path / "sampling" / "reports" / "samples").iterdir())) == 4
     assert len(list((tmp_path / "quiet" / "reports" / "samples").iterdir())) == 1  # only at the end
-    assert [r["loss"] for r in curve(tmp_path / "sampling" / "reports")] == \
-        [r["loss"] for r in curve(tmp_path / "quiet" / "reports")]
+    assert [r["loss"] for r in curve(tmp_path / "sampling" / "reports")] == [
+        r["loss"] for r in curve(tmp_path / "quiet" / "reports")
+    ]
     a, b = weights(tmp_path / "sampling" / "model"), weights(tmp_path / "quiet" / "model")
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_finetunes_a_pretrained_checkpoint_with_frozen_embeddings(compose_train, tiny_gpt2, tmp_path):
     before = GPT2LMHeadModel.from_pretrained(tiny_gpt2).state_dict()
-    train(compose_train("model=gpt2", f"model.name_or_path={tiny_gpt2}", "train.freeze_embeddings=true",
-                        "trainer.max_steps=3", "trainer.accumulate_grad_batches=2"))
+    train(
+        compose_train(
+            "model=gpt2",
+            f"model.name_or_path={tiny_gpt2}",
+            "train.freeze_embeddings=true",
+            "trainer.max_steps=3",
+            "trainer.accumulate_grad_batches=2",
+        )
+    )
     after = weights(tmp_path / "run" / "model")
     assert torch.equal(before["transformer.wte.weight"], after["transformer.wte.weight"])
     assert torch.equal(before["transformer.wpe.weight"], after["transformer.wpe.weight"])
@@ -125,13 +133,30 @@ def test_ddp_two_cpu_processes_only_rank0_samples_logs_and_saves(tmp_path, prepa
     import sys
 
     run = tmp_path / "ddp"
-    overrides = [f"data.out_dir={prepared_tiny}", f"train.ckpt_dir={run}/ckpt", f"train.out_dir={run}/model",
-                 f"paths.reports={run}/reports", *TINY_MODEL, *TINY_TRAIN, "trainer=ddp", "trainer.accelerator=cpu",
-                 "trainer.devices=2", "trainer.precision=32-true", "trainer.max_steps=6", "logger=wandb",
-                 f"logger.save_dir={run}/wb"]
+    overrides = [
+        f"data.out_dir={prepared_tiny}",
+        f"train.ckpt_dir={run}/ckpt",
+        f"train.out_dir={run}/model",
+        f"paths.reports={run}/reports",
+        *TINY_MODEL,
+        *TINY_TRAIN,
+        "trainer=ddp",
+        "trainer.accelerator=cpu",
+        "trainer.devices=2",
+        "trainer.precision=32-true",
+        "trainer.max_steps=6",
+        "logger=wandb",
+        f"logger.save_dir={run}/wb",
+    ]
     env = {**os.environ, "WANDB_MODE": "offline", "PL_DISABLE_FORK": "1"}
-    done = subprocess.run([sys.executable, "-m", "penwright.cli", "train", *overrides], cwd=repo, env=env,
-                          capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        [sys.executable, "-m", "penwright.cli", "train", *overrides],
+        cwd=repo,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr[-4000:]
     assert "world_size: 2" in done.stderr or "distributed_backend=gloo" in done.stderr
     report = json.loads((run / "reports" / "train.json").read_text())

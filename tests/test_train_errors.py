@@ -188,4 +188,3 @@ def test_checkpoint_of_another_model_asks_for_resume_false(compose_train, tmp_pa
     assert new["global_step"] == 4
     assert new["state_dict"]["model.transformer.wte.weight"].shape[1] == 64
     assert math.isfinite(metrics["val_loss"])
-

@@ -6,7 +6,7 @@
 * ``Throughput``: ``tokens_per_sec`` of the training steps alone;
 * ``CurveWriter``: ``reports/curves/{train,val}.tsv`` for ``dvc plots``;
 * ``SampleCallback``: text samples while training. Text samples while training: every ``sample.every_n_steps`` steps and at the end, on rank 0 only.
-  
+
   Each time: the configured prompts, unconditional samples (from ``<|endoftext|>``) and random
   prompts cut from the validation text, at each temperature, with the model's KV cache in eval
   mode. They go to a NEW W&B table under one key (``samples``) and to
@@ -40,11 +40,11 @@ class Callbacks:
     """Every callback of a training run, by name; ``all()`` is the order Lightning runs them in
     (``throughput`` first: the time of the others is not counted)."""
 
-    throughput: "Throughput"
+    throughput: Throughput
     periodic: ModelCheckpoint
     best: ModelCheckpoint
-    samples: "SampleCallback"
-    curves: "CurveWriter"
+    samples: SampleCallback
+    curves: CurveWriter
 
     def all(self) -> list[L.Callback]:
         return [self.throughput, self.periodic, self.best, self.samples, self.curves]
@@ -54,11 +54,24 @@ def checkpoints(ckpt_dir: Path, every_n_steps: int, keep_all: bool) -> tuple[Mod
     """(periodic + ``last.ckpt``, ``best.ckpt``). ``enable_version_counter=False``: a resumed run overwrites
     ``last`` and ``best`` instead of writing ``last-v1``, ``best-v1``; ``best`` stays the best of the whole run
     (its score is restored from the checkpoint)."""
-    periodic = ModelCheckpoint(dirpath=ckpt_dir, filename="step-{step:06d}", every_n_train_steps=every_n_steps,
-                               save_top_k=-1 if keep_all else 1, save_last=True, auto_insert_metric_name=False,
-                               enable_version_counter=False)
-    best = ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor="val/loss", mode="min", save_top_k=1,
-                           auto_insert_metric_name=False, enable_version_counter=False)
+    periodic = ModelCheckpoint(
+        dirpath=ckpt_dir,
+        filename="step-{step:06d}",
+        every_n_train_steps=every_n_steps,
+        save_top_k=-1 if keep_all else 1,
+        save_last=True,
+        auto_insert_metric_name=False,
+        enable_version_counter=False,
+    )
+    best = ModelCheckpoint(
+        dirpath=ckpt_dir,
+        filename="best",
+        monitor="val/loss",
+        mode="min",
+        save_top_k=1,
+        auto_insert_metric_name=False,
+        enable_version_counter=False,
+    )
     return periodic, best
 
 
@@ -127,15 +140,20 @@ class CurveWriter(L.Callback):
         if step % self.every == 0 or step == trainer.max_steps:
             m = trainer.callback_metrics
             if "train/loss" in m:
-                self.rows["train"].append({"step": step, "loss": f"{float(m['train/loss']):.5f}",
-                                           "lr": f"{float(m.get('lr', 0.0)):.3e}"})
+                self.rows["train"].append(
+                    {"step": step, "loss": f"{float(m['train/loss']):.5f}", "lr": f"{float(m.get('lr', 0.0)):.3e}"}
+                )
 
     def on_validation_end(self, trainer, pl_module):
         m = trainer.callback_metrics
         if "val/loss" in m and not trainer.sanity_checking:
             self._load(trainer)
-            row = {"step": trainer.global_step, "loss": f"{float(m['val/loss']):.5f}",
-                   "ppl": f"{float(m['val/ppl']):.3f}", "bpb": f"{float(m.get('val/bpb', float('nan'))):.5f}"}
+            row = {
+                "step": trainer.global_step,
+                "loss": f"{float(m['val/loss']):.5f}",
+                "ppl": f"{float(m['val/ppl']):.3f}",
+                "bpb": f"{float(m.get('val/bpb', float('nan'))):.5f}",
+            }
             self.rows["val"] = [r for r in self.rows["val"] if int(r["step"]) != row["step"]] + [row]
         self.flush(trainer)
 
@@ -175,7 +193,7 @@ class SampleCallback(L.Callback):
         if n and source.size > length:
             rng = np.random.default_rng(self.cfg.seed)
             for start in rng.integers(0, source.size - length, size=n):
-                ids = [int(t) for t in source[start:start + length]]
+                ids = [int(t) for t in source[start : start + length]]
                 prompts.append(("random", self.tokenizer.decode(ids)))
         return prompts
 
@@ -204,7 +222,7 @@ class SampleCallback(L.Callback):
             pad_token_id=tok.pad_token_id,
             eos_token_id=None,  # show the full length: an <|endoftext|> stays visible in the text
         )
-        return [tok.decode(row[enc["input_ids"].shape[1]:], skip_special_tokens=False) for row in out]
+        return [tok.decode(row[enc["input_ids"].shape[1] :], skip_special_tokens=False) for row in out]
 
     def sample(self, trainer: L.Trainer, pl_module) -> None:
         step = trainer.global_step
@@ -225,8 +243,9 @@ class SampleCallback(L.Callback):
         self._write_markdown(step, rows)
         for logger in trainer.loggers:
             if hasattr(logger, "log_table"):  # W&B: a new table each time, under one key
-                logger.log_table(key="samples", columns=["step", "kind", "prompt", "temperature", "text"],
-                                 data=rows, step=step)
+                logger.log_table(
+                    key="samples", columns=["step", "kind", "prompt", "temperature", "text"], data=rows, step=step
+                )
         log(f"step {step}: {len(rows)} samples -> {self.out_dir}/step-{step:06d}.md")
 
     def _write_markdown(self, step: int, rows: list) -> None:
@@ -238,5 +257,12 @@ class SampleCallback(L.Callback):
                 if temp != temperature:
                     continue
                 shown = "(unconditional)" if kind == "unconditional" else prompt.replace("\n", " ")
-                lines += [f"**{kind}:** {shown}", "", "```text", (prompt if kind != "unconditional" else "") + text, "```", ""]
+                lines += [
+                    f"**{kind}:** {shown}",
+                    "",
+                    "```text",
+                    (prompt if kind != "unconditional" else "") + text,
+                    "```",
+                    "",
+                ]
         atomic_write_text(self.out_dir / f"step-{step:06d}.md", "\n".join(lines))

@@ -17,8 +17,8 @@ from pathlib import Path
 from tqdm import tqdm
 
 from penwright.fsutil import atomic_write_text
-from penwright.log import get_logger
 from penwright.generate import finish_text
+from penwright.log import get_logger
 from penwright.runtime import Generator
 from penwright.schema import Config
 from penwright.tokenizer import BOS_TEXT, EOS
@@ -33,19 +33,35 @@ def response_prefix(prompt: str) -> str:
 
 def _batches(items: list, size: int):
     for start in range(0, len(items), size):
-        yield items[start:start + size]
+        yield items[start : start + size]
 
 
-def _texts(gen: Generator, prefixes: list[str], max_new_tokens: int, batch_size: int, seed: int | None,
-           stops: list[str], bar, length_key: str, retries: int = 3, **sampling) -> list[str]:
+def _texts(
+    gen: Generator,
+    prefixes: list[str],
+    max_new_tokens: int,
+    batch_size: int,
+    seed: int | None,
+    stops: list[str],
+    bar,
+    length_key: str,
+    retries: int = 3,
+    **sampling,
+) -> list[str]:
     """One finished text per prefix; a row that came out empty is sampled again (new seed), ``retries`` times."""
     texts = [""] * len(prefixes)
     for attempt in range(retries + 1):
         todo = [i for i, t in enumerate(texts) if not t]
         for index, rows in enumerate(_batches(todo, batch_size)):
             step_seed = None if seed is None else seed + 1000 * attempt + index
-            out = gen.generate([prefixes[i] for i in rows], max_new_tokens, seed=step_seed, stop_strings=stops,
-                               keys={**KEYS, "max_new_tokens": length_key}, **sampling)
+            out = gen.generate(
+                [prefixes[i] for i in rows],
+                max_new_tokens,
+                seed=step_seed,
+                stop_strings=stops,
+                keys={**KEYS, "max_new_tokens": length_key},
+                **sampling,
+            )
             for i, text in zip(rows, out):
                 texts[i] = finish_text("", text, EOS, include_prefix=False, strip=True)
             bar.update(sum(bool(texts[i]) for i in rows))
@@ -54,21 +70,46 @@ def _texts(gen: Generator, prefixes: list[str], max_new_tokens: int, batch_size:
     return texts
 
 
-def make_pairs(prompt_gen: Generator, response_gen: Generator, n: int, batch_size: int = 4, prompt_tokens: int = 40,
-               response_tokens: int = 160, seed: int | None = 4, progress: bool = True,
-               **sampling) -> list[dict]:
+def make_pairs(
+    prompt_gen: Generator,
+    response_gen: Generator,
+    n: int,
+    batch_size: int = 4,
+    prompt_tokens: int = 40,
+    response_tokens: int = 160,
+    seed: int | None = 4,
+    progress: bool = True,
+    **sampling,
+) -> list[dict]:
     """``n`` prompts from ``prompt_gen``, each answered by ``response_gen``: ``[{"prompt", "response"}]``.
 
     A prompt or response that comes out empty (the model ended it at once, or it began with a
     marker) is sampled again; pairs still missing a half after that are left out, and said so.
     """
     bar = tqdm(total=2 * n, unit="text", desc="chain", file=sys.stderr, disable=not progress)
-    prompts = _texts(prompt_gen, [BOS_TEXT] * n, prompt_tokens, batch_size, seed, [BOS_TEXT, RESPONSE, WP], bar,
-                     "chain.prompt_tokens", **sampling)
+    prompts = _texts(
+        prompt_gen,
+        [BOS_TEXT] * n,
+        prompt_tokens,
+        batch_size,
+        seed,
+        [BOS_TEXT, RESPONSE, WP],
+        bar,
+        "chain.prompt_tokens",
+        **sampling,
+    )
     prompts = [p for p in prompts if p]
-    responses = _texts(response_gen, [response_prefix(p) for p in prompts], response_tokens, batch_size,
-                       None if seed is None else seed + 1, [BOS_TEXT, WP, RESPONSE], bar, "chain.response_tokens",
-                       **sampling)
+    responses = _texts(
+        response_gen,
+        [response_prefix(p) for p in prompts],
+        response_tokens,
+        batch_size,
+        None if seed is None else seed + 1,
+        [BOS_TEXT, WP, RESPONSE],
+        bar,
+        "chain.response_tokens",
+        **sampling,
+    )
     bar.close()
     pairs = [{"prompt": p, "response": r} for p, r in zip(prompts, responses) if r]
     if len(pairs) < n:
@@ -91,13 +132,26 @@ def chain(cfg: Config) -> list[dict]:
     threads = c.threads
     prompt_gen = Generator.load(c.prompts_model, threads=threads)
     response_gen = Generator.load(c.responses_model, threads=threads)
-    pairs = make_pairs(prompt_gen, response_gen, c.n, c.batch_size, c.prompt_tokens,
-                       c.response_tokens, None if c.seed is None else c.seed, do_sample=True,
-                       temperature=c.temperature, top_k=c.top_k, min_new_tokens=c.min_new_tokens)
+    pairs = make_pairs(
+        prompt_gen,
+        response_gen,
+        c.n,
+        c.batch_size,
+        c.prompt_tokens,
+        c.response_tokens,
+        None if c.seed is None else c.seed,
+        do_sample=True,
+        temperature=c.temperature,
+        top_k=c.top_k,
+        min_new_tokens=c.min_new_tokens,
+    )
     out = Path(c.output)
-    header = (f"{len(pairs)} writing prompts from {c.prompts_model}, answered by {c.responses_model} "
-              f"(temperature {c.temperature}, top_k {c.top_k}, seed {c.seed})")
+    header = (
+        f"{len(pairs)} writing prompts from {c.prompts_model}, answered by {c.responses_model} "
+        f"(temperature {c.temperature}, top_k {c.top_k}, seed {c.seed})"
+    )
     atomic_write_text(out, render(pairs, out.suffix != ".jsonl", header))
-    get_logger("chain").info(f"{len(pairs)} prompt/response pairs in {time.perf_counter() - start:.1f} s on "
-                             f"{prompt_gen.provider} -> {out}")
+    get_logger("chain").info(
+        f"{len(pairs)} prompt/response pairs in {time.perf_counter() - start:.1f} s on {prompt_gen.provider} -> {out}"
+    )
     return pairs

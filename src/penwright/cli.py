@@ -21,14 +21,31 @@ os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 STAGES = {
     "prepare": ("penwright.prepare", "prepare", "corpus -> tokenizer + train/val token memmaps (artifacts/prepared)"),
     "train": ("penwright.train", "train", "prepared tokens -> a trained GPT-2 (artifacts/model), W&B logs, samples"),
-    "export": ("penwright.export", "export", "trained model -> ONNX graph with a KV cache (artifacts/onnx), parity-checked"),
-    "generate": ("penwright.generate", "generate", "text from the exported model (onnxruntime, KV cache): reports/samples.md"),
-    "verbosify": ("penwright.verbosify", "verbosify",
-                  "expand a document passage by passage (a model finetuned on each): reports/verbosify.md"),
-    "chain": ("penwright.chain", "chain",
-              "writing prompts: prompts from one model, each answered by another (experiment=wp_responses)"),
-    "serve": ("penwright.serve", "serve",
-              "the exported model over HTTP: OpenAI-compatible /v1/completions, a page at / (conf/serve/)"),
+    "export": (
+        "penwright.export",
+        "export",
+        "trained model -> ONNX graph with a KV cache (artifacts/onnx), parity-checked",
+    ),
+    "generate": (
+        "penwright.generate",
+        "generate",
+        "text from the exported model (onnxruntime, KV cache): reports/samples.md",
+    ),
+    "verbosify": (
+        "penwright.verbosify",
+        "verbosify",
+        "expand a document passage by passage (a model finetuned on each): reports/verbosify.md",
+    ),
+    "chain": (
+        "penwright.chain",
+        "chain",
+        "writing prompts: prompts from one model, each answered by another (experiment=wp_responses)",
+    ),
+    "serve": (
+        "penwright.serve",
+        "serve",
+        "the exported model over HTTP: OpenAI-compatible /v1/completions, a page at / (conf/serve/)",
+    ),
     "show": ("penwright.cli", "show", "print the composed config (every key)"),
 }
 
@@ -37,7 +54,9 @@ def _stage_parser(sub, name: str, help: str) -> argparse.ArgumentParser:
     p = sub.add_parser(name, help=help, description=help)
     p.add_argument("--params", metavar="FILE", help="run on this composed params file (dvc.yaml uses params.yaml)")
     p.add_argument("--config-dir", metavar="DIR", help="Hydra config directory (default: ./conf)")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="Hydra overrides, e.g. data.val_fraction=0.1 model=gpt2")
+    p.add_argument(
+        "overrides", nargs="*", metavar="key=value", help="Hydra overrides, e.g. data.val_fraction=0.1 model=gpt2"
+    )
     return p
 
 
@@ -63,11 +82,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=30, help="train: timed steps per run")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="train: Hydra overrides of the benchmarked config")
     p.add_argument("--output", default=None, help="default: reports/bench_<stage>.json")
-    p.add_argument("--llama-cpp", default=".llama.cpp/bin", metavar="DIR",
-                   help="generate: llama.cpp's llama-bench and llama-batched-bench (scripts/build_llama_cpp.sh)")
+    p.add_argument(
+        "--llama-cpp",
+        default=".llama.cpp/bin",
+        metavar="DIR",
+        help="generate: llama.cpp's llama-bench and llama-batched-bench (scripts/build_llama_cpp.sh)",
+    )
     p.add_argument("--without-llama-cpp", action="store_true", help="generate: leave the llama.cpp comparison out")
-    p.add_argument("--only-llama-cpp", action="store_true",
-                   help="generate: only the llama.cpp comparison (~10 min), replacing that section of the report")
+    p.add_argument(
+        "--only-llama-cpp",
+        action="store_true",
+        help="generate: only the llama.cpp comparison (~10 min), replacing that section of the report",
+    )
     return parser
 
 
@@ -107,8 +133,11 @@ def bench(args) -> None:
     elif args.stage == "serve":
         bench.bench_serve(output=args.output)
     else:
-        bench.bench_generate(output=args.output, llama_cpp=None if args.without_llama_cpp else args.llama_cpp,
-                             only_llama_cpp=args.only_llama_cpp)
+        bench.bench_generate(
+            output=args.output,
+            llama_cpp=None if args.without_llama_cpp else args.llama_cpp,
+            only_llama_cpp=args.only_llama_cpp,
+        )
 
 
 TOOLS = {"params": params, "corpus": corpus, "check": check, "bench": bench}  # commands that are not stages

@@ -13,8 +13,8 @@ to where the command runs (the repository root).
 from __future__ import annotations
 
 import difflib
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import yaml
 from omegaconf import OmegaConf
@@ -73,8 +73,10 @@ def compose(
     except yaml.YAMLError as err:  # a damaged params.yaml or conf/ file
         mark = getattr(err, "problem_mark", None)
         where = f" (line {mark.line + 1})" if mark is not None else ""
-        raise ConfigError(f"{path if params is not None else directory}: not valid YAML{where}: "
-                          f"{str(err).splitlines()[0]}. Rewrite it with `penwright params`") from None
+        raise ConfigError(
+            f"{path if params is not None else directory}: not valid YAML{where}: "
+            f"{str(err).splitlines()[0]}. Rewrite it with `penwright params`"
+        ) from None
     return validate(values, source=str(path) if params is not None else "")
 
 
@@ -123,8 +125,11 @@ def _explain(err: Exception, overrides: Sequence[str], source: Path) -> str:
         leaf = key.rsplit(".", 1)[-1]
         near = difflib.get_close_matches(key, keys, n=3, cutoff=0.6)
         near += [k for k in keys if k.rsplit(".", 1)[-1] == leaf and k not in near]
-        near += [k for k in difflib.get_close_matches(leaf, keys, n=6, cutoff=0.0)
-                 if difflib.SequenceMatcher(None, leaf, k.rsplit(".", 1)[-1]).ratio() > 0.7 and k not in near]
+        near += [
+            k
+            for k in difflib.get_close_matches(leaf, keys, n=6, cutoff=0.0)
+            if difflib.SequenceMatcher(None, leaf, k.rsplit(".", 1)[-1]).ratio() > 0.7 and k not in near
+        ]
         if near:
             groups = sorted({k.split(".", 1)[0] for k in near})
             message += (

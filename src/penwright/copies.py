@@ -22,9 +22,9 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
 
 import numpy as np
 
@@ -40,7 +40,7 @@ SPLITS = ("train", "val")
 def normal(text: str, prefix: str = "") -> str:
     """A text as it is compared: without a leading ``prefix``, whitespace collapsed, ends stripped."""
     if prefix and text.startswith(prefix):
-        text = text[len(prefix):]
+        text = text[len(prefix) :]
     return " ".join(text.split())
 
 
@@ -61,8 +61,17 @@ def digest(text: str, prefix: str = "") -> bytes:
 
 # every character str.split() splits on (str.isspace) but the space itself; tests/test_copies.py checks the list
 _ASCII_SPACES = ("\t", "\n", "\x0b", "\x0c", "\r", "\x1c", "\x1d", "\x1e", "\x1f")
-_SPACES = _ASCII_SPACES + ("\x85", "\xa0", "\u1680", *map(chr, range(0x2000, 0x200b)), "\u2028", "\u2029", "\u202f",
-                           "\u205f", "\u3000")
+_SPACES = _ASCII_SPACES + (
+    "\x85",
+    "\xa0",
+    "\u1680",
+    *map(chr, range(0x2000, 0x200B)),
+    "\u2028",
+    "\u2029",
+    "\u202f",
+    "\u205f",
+    "\u3000",
+)
 _SMALL = 4096  # shorter chunks (rows, records): str.split; longer ones (text files): numpy, ~3x faster
 
 
@@ -70,7 +79,7 @@ def _pieces(chunk: str) -> tuple[bool, bytes, bool]:
     """``(starts with whitespace, the text between in UTF-8 with each whitespace run one space, ends with whitespace)``."""
     if len(chunk) < _SMALL:
         return chunk[:1].isspace(), _bytes(" ".join(chunk.split())), chunk[-1:].isspace()
-    for space in (_ASCII_SPACES if chunk.isascii() else _SPACES):
+    for space in _ASCII_SPACES if chunk.isascii() else _SPACES:
         if space in chunk:
             chunk = chunk.replace(space, " ")
     raw = _bytes(chunk)  # no byte of a multi-byte UTF-8 character is 0x20
@@ -105,7 +114,7 @@ class DocumentHasher:
                 return
             chunk, self.held = self.held, ""
             if self.prefix and chunk.startswith(self.prefix):
-                chunk = chunk[len(self.prefix):]
+                chunk = chunk[len(self.prefix) :]
             self.hash = _hash()
         self._feed(chunk)
 
@@ -148,9 +157,12 @@ class Documents:
         found = [digest(t, self.csv_prefix) for t in texts if normal(t, self.csv_prefix)]
         copies_train = sum(d in self.train for d in found)
         copies_val = sum(d in self.val and d not in self.train for d in found)
-        return {"copies_of_train": copies_train, "copies_of_val": copies_val,
-                "copy_fraction": round((copies_train + copies_val) / max(1, len(texts)), 4),
-                "corpus_documents": len(self.train) + len(self.val)}
+        return {
+            "copies_of_train": copies_train,
+            "copies_of_val": copies_val,
+            "copy_fraction": round((copies_train + copies_val) / max(1, len(texts)), 4),
+            "corpus_documents": len(self.train) + len(self.val),
+        }
 
 
 def read(directory: str | Path) -> Documents:
@@ -169,7 +181,7 @@ def read(directory: str | Path) -> Documents:
             raw = base64.b64decode(doc[split]["digests"], validate=True)
             if len(raw) % DIGEST_SIZE or len(raw) // DIGEST_SIZE != doc[split]["documents"]:
                 raise ValueError(f"{split}: {len(raw)} bytes of digests for {doc[split]['documents']} documents")
-            splits[split] = frozenset(raw[i:i + DIGEST_SIZE] for i in range(0, len(raw), DIGEST_SIZE))
+            splits[split] = frozenset(raw[i : i + DIGEST_SIZE] for i in range(0, len(raw), DIGEST_SIZE))
         return Documents(splits["train"], splits["val"], str(doc.get("csv_prefix") or ""))
     except (ValueError, KeyError, TypeError, AttributeError) as err:
         raise PenwrightError(f"{path}: not a penwright {DOCUMENTS_FILE} ({err}); {stale}") from None

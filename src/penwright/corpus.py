@@ -19,9 +19,9 @@ import hashlib
 import json
 import re
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 from penwright.errors import CorpusError
 
@@ -46,7 +46,7 @@ class CorpusSpec:
     take: str | None = None
 
     @classmethod
-    def from_config(cls, data) -> "CorpusSpec":
+    def from_config(cls, data) -> CorpusSpec:
         from penwright.errors import ConfigError
 
         spec = cls(
@@ -70,7 +70,9 @@ class CorpusSpec:
             except re.error as err:
                 raise ConfigError(f"data.take={spec.take!r}: not a valid regular expression ({err})") from None
             if groups != 1:
-                raise ConfigError(f"data.take={spec.take!r}: needs exactly one (group), the part to keep; it has {groups}")
+                raise ConfigError(
+                    f"data.take={spec.take!r}: needs exactly one (group), the part to keep; it has {groups}"
+                )
         if spec.chunk_bytes < 4096:
             raise ConfigError(f"data.chunk_bytes={spec.chunk_bytes}: use at least 4096")
         return spec
@@ -158,7 +160,9 @@ def scan(spec: CorpusSpec) -> list[Source]:
         else:
             count = sum(1 for _ in read_jsonl(path, spec))
         if count == 0 and fmt != "text":
-            raise CorpusError(f"{path}: the file has no {'rows' if fmt == 'csv' else 'records'} with text. Remove it or add some")
+            raise CorpusError(
+                f"{path}: the file has no {'rows' if fmt == 'csv' else 'records'} with text. Remove it or add some"
+            )
         sources.append(Source(path=path, format=fmt, documents=count, size=size, md5=md5.hexdigest()))
     return sources
 
@@ -176,6 +180,7 @@ def iter_documents(source: Source, spec: CorpusSpec) -> Iterator[Iterator[str]]:
 
 
 # -- text files -----------------------------------------------------------------------------------
+
 
 def read_text(path: Path, spec: CorpusSpec) -> Iterator[str]:
     """Decode ``path`` chunk by chunk: BOM dropped, CRLF/CR to LF, cut only where BPE pieces end.
@@ -259,7 +264,9 @@ def _utf8_error(path: Path) -> CorpusError:
                 )
             offset += len(raw)
             line += raw.count(b"\n")
-    return CorpusError(f"{path}: ends in the middle of a UTF-8 character. Convert it to UTF-8 or set data.encoding_errors=replace")
+    return CorpusError(
+        f"{path}: ends in the middle of a UTF-8 character. Convert it to UTF-8 or set data.encoding_errors=replace"
+    )
 
 
 # -- CSV and JSONL ----------------------------------------------------------------------------------
@@ -314,8 +321,7 @@ def _take(spec: CorpusSpec, path: Path, line: int, text: str) -> str:
     match = re.search(spec.take, text, flags=re.DOTALL)
     if match is None or not (match.group(1) or "").strip():
         raise CorpusError(
-            f"{path}: line {line}: data.take={spec.take!r} finds no text in {text[:60]!r}; "
-            f"fix the row, or the pattern"
+            f"{path}: line {line}: data.take={spec.take!r} finds no text in {text[:60]!r}; fix the row, or the pattern"
         )
     return match.group(1).strip()
 

@@ -61,8 +61,10 @@ class TokenWindows:
         self.repeated = tokens.size < need
         if self.repeated:
             copies = -(-need // tokens.size)
-            get_logger("data").info(f"the {name} split has {tokens.size} tokens, fewer than one window of {need}: "
-                                    f"it is repeated {copies}x to fill one")
+            get_logger("data").info(
+                f"the {name} split has {tokens.size} tokens, fewer than one window of {need}: "
+                f"it is repeated {copies}x to fill one"
+            )
             tokens = np.tile(np.asarray(tokens), copies)
         self.tokens = tokens
         self.block_size = block_size
@@ -76,7 +78,7 @@ class TokenWindows:
         if not 0 <= i < self.count:
             raise IndexError(i)
         start = i * self.stride
-        return np.asarray(self.tokens[start:start + self.block_size + 1], dtype=np.int64)
+        return np.asarray(self.tokens[start : start + self.block_size + 1], dtype=np.int64)
 
 
 class RandomWindows(torch_data.IterableDataset):
@@ -109,8 +111,15 @@ class PreparedData(L.LightningDataModule):
     the validation split (the training split when there is none, with a notice).
     """
 
-    def __init__(self, prepared_dir: str | Path, block_size: int, batch_size: int, seed: int,
-                 val_batches: int, accumulate: int = 1):
+    def __init__(
+        self,
+        prepared_dir: str | Path,
+        block_size: int,
+        batch_size: int,
+        seed: int,
+        val_batches: int,
+        accumulate: int = 1,
+    ):
         super().__init__()
         self.prepared_dir = Path(prepared_dir)
         self.block_size, self.batch_size, self.seed = block_size, batch_size, seed
@@ -152,5 +161,8 @@ class PreparedData(L.LightningDataModule):
         trainer = self.trainer
         rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
         mine = torch.from_numpy(batch[rank::world])
-        return torch_data.DataLoader(torch_data.TensorDataset(mine), batch_size=self.batch_size,
-                                     collate_fn=lambda rows: torch.stack([r[0] for r in rows]))
+        return torch_data.DataLoader(
+            torch_data.TensorDataset(mine),
+            batch_size=self.batch_size,
+            collate_fn=lambda rows: torch.stack([r[0] for r in rows]),
+        )

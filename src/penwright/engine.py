@@ -20,9 +20,9 @@ from __future__ import annotations
 import queue
 import threading
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Mapping
 
 import numpy as np
 
@@ -124,8 +124,15 @@ class Engine:
     # -- loading ----------------------------------------------------------------------------------
 
     @classmethod
-    def load(cls, path: str | Path, slots: int = 16, threads: int = 0, graph: str = GRAPH,
-             context: int | None = None, spin: bool = True) -> "Engine":
+    def load(
+        cls,
+        path: str | Path,
+        slots: int = 16,
+        threads: int = 0,
+        graph: str = GRAPH,
+        context: int | None = None,
+        spin: bool = True,
+    ) -> Engine:
         import onnx
         import onnxruntime as ort
 
@@ -143,8 +150,10 @@ class Engine:
         except Exception as err:  # protobuf's DecodeError, a truncated external data file, ...
             from penwright.files import short
 
-            raise PenwrightError(f"{file}: cannot be read as an ONNX graph ({type(err).__name__}: {short(err, 300)}); "
-                                 f"re-export it with `penwright export`") from None
+            raise PenwrightError(
+                f"{file}: cannot be read as an ONNX graph ({type(err).__name__}: {short(err, 300)}); "
+                f"re-export it with `penwright export`"
+            ) from None
         try:
             model = slot_graph(model)
         except ValueError as err:
@@ -157,11 +166,14 @@ class Engine:
         if not spin:  # idle worker threads sleep instead of spinning: a server shares its cores with I/O
             options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         try:
-            session = ort.InferenceSession(model.SerializeToString(), sess_options=options,
-                                           providers=["CPUExecutionProvider"])
+            session = ort.InferenceSession(
+                model.SerializeToString(), sess_options=options, providers=["CPUExecutionProvider"]
+            )
         except Exception as err:
-            raise PenwrightError(f"{file}: onnxruntime cannot load its slot graph ({type(err).__name__}: "
-                                 f"{str(err).splitlines()[0][:300]}); re-export it with `penwright export`") from None
+            raise PenwrightError(
+                f"{file}: onnxruntime cannot load its slot graph ({type(err).__name__}: "
+                f"{str(err).splitlines()[0][:300]}); re-export it with `penwright export`"
+            ) from None
         config, tokenizer = read_beside_graph(path, session)
         return cls(session, tokenizer, config, slots=slots, context=context)
 
@@ -184,9 +196,13 @@ class Engine:
         binding = self._bindings.get(hi)
         if binding is None:
             binding = self.session.io_binding()
-            for name, array in (("input_ids", self.ids[:hi]), ("position_ids", self.positions[:hi]),
-                                ("seqlens_k", self.seqlens[:hi]), ("total_sequence_length", self.total),
-                                ("last_index", self.zeros[:hi])):
+            for name, array in (
+                ("input_ids", self.ids[:hi]),
+                ("position_ids", self.positions[:hi]),
+                ("seqlens_k", self.seqlens[:hi]),
+                ("total_sequence_length", self.total),
+                ("last_index", self.zeros[:hi]),
+            ):
                 binding.bind_input(name, "cpu", 0, array.dtype, array.shape, array.ctypes.data)
             logits = self.logits[:hi]
             binding.bind_output("logits", "cpu", 0, np.float32, logits.shape, logits.ctypes.data)
@@ -208,8 +224,13 @@ class Engine:
         last = (lengths - 1).astype(np.int64)[:, None]
         logits = np.zeros((n, 1, self.vocab), dtype=np.float32)
         binding = self.session.io_binding()
-        for name, array in (("input_ids", ids), ("position_ids", positions), ("seqlens_k", seqlens),
-                            ("total_sequence_length", total), ("last_index", last)):
+        for name, array in (
+            ("input_ids", ids),
+            ("position_ids", positions),
+            ("seqlens_k", seqlens),
+            ("total_sequence_length", total),
+            ("last_index", last),
+        ):
             binding.bind_input(name, "cpu", 0, array.dtype, array.shape, array.ctypes.data)
         binding.bind_output("logits", "cpu", 0, np.float32, logits.shape, logits.ctypes.data)
         self._bind(binding, rows[0].slot, rows[-1].slot + 1)
@@ -227,8 +248,10 @@ class Engine:
         if max_tokens < 1:
             raise ConfigError(f"max_tokens={max_tokens}: must be >= 1")
         if len(prompt_ids) + max_tokens > self.context:
-            raise ConfigError(f"a prompt of {len(prompt_ids)} tokens plus max_tokens={max_tokens} exceeds the "
-                              f"context of {self.context} tokens; shorten the prompt or lower max_tokens")
+            raise ConfigError(
+                f"a prompt of {len(prompt_ids)} tokens plus max_tokens={max_tokens} exceeds the "
+                f"context of {self.context} tokens; shorten the prompt or lower max_tokens"
+            )
 
     def encode(self, prompt: str) -> list[int]:
         """A prompt's ids; an empty prompt starts from <|endoftext|> (an unconditional sample)."""
@@ -353,13 +376,16 @@ class Engine:
         # incremental detokenization (as vLLM does it): decode only the last few tokens, and only once
         # they no longer end inside a multi-byte character
         before = len(req.text)
-        full = self._decode(req.tokens[row.prefix_offset:])
+        full = self._decode(req.tokens[row.prefix_offset :])
         if len(full) > row.prefix_chars and not full.endswith("\ufffd"):
-            req.text += full[row.prefix_chars:]
+            req.text += full[row.prefix_chars :]
             row.prefix_offset, row.read_offset = row.read_offset, len(req.tokens)
             # the new prefix is the piece just added: byte-level decoding of whole characters concatenates
-            row.prefix_chars = len(full) - row.prefix_chars if self._concatenates else \
-                len(self._decode(req.tokens[row.prefix_offset: row.read_offset]))
+            row.prefix_chars = (
+                len(full) - row.prefix_chars
+                if self._concatenates
+                else len(self._decode(req.tokens[row.prefix_offset : row.read_offset]))
+            )
         if req.stop and len(req.text) > before:
             start = max(0, before - row.holdback)
             hits = [i for i in (req.text.find(s, start) for s in req.stop) if i >= 0]
@@ -371,7 +397,7 @@ class Engine:
         if req.emit is not None:
             upto = len(req.text) - row.holdback  # the end of the text may begin a stop string: wait
             if upto > row.shown:
-                req.emit(req.text[row.shown: upto], None)
+                req.emit(req.text[row.shown : upto], None)
                 row.shown = upto
 
     def _finish(self, row: _Row, reason: str, final: bool = True) -> None:
@@ -384,7 +410,7 @@ class Engine:
         req.finish_reason = reason
         self.rows[row.slot] = None
         if req.emit is not None:
-            req.emit(req.text[row.shown:], reason)
+            req.emit(req.text[row.shown :], reason)
 
     def fail_running(self, reason: str = "error") -> None:
         """End every running row with ``reason`` (after a failed step: their caches cannot be trusted)."""
@@ -410,17 +436,27 @@ class Engine:
         """Stop taking steps once the running and waiting requests are done."""
         self._stop.set()
 
-    def generate(self, prompts: list[str], max_new_tokens: int = 64, seed: int | None = None,
-                 stop_strings: list[str] | None = None, on_step: Callable[[np.ndarray], None] | None = None,
-                 do_sample: bool = True, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-                 repetition_penalty: float = 1.0, min_new_tokens: int = 0,
-                 keys: Mapping[str, str] | None = None) -> list[str]:
+    def generate(
+        self,
+        prompts: list[str],
+        max_new_tokens: int = 64,
+        seed: int | None = None,
+        stop_strings: list[str] | None = None,
+        on_step: Callable[[np.ndarray], None] | None = None,
+        do_sample: bool = True,
+        temperature: float = 1.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        repetition_penalty: float = 1.0,
+        min_new_tokens: int = 0,
+        keys: Mapping[str, str] | None = None,
+    ) -> list[str]:
         """The new text for each prompt (cut at EOS and before the first stop string), run to completion
         here. Row ``i`` draws from its own stream seeded ``(seed, i)``; ``on_step`` sees the first row's
         new tokens one at a time (streaming a single sample). ``keys`` maps parameter names to the caller's
         config keys, which errors name (default ``generate.*``)."""
         if not prompts:
-            raise ConfigError("no prompts: give at least one (\"\" for an unconditional sample)")
+            raise ConfigError('no prompts: give at least one ("" for an unconditional sample)')
         length_key = config_key(keys, "max_new_tokens")
         if max_new_tokens < 1:
             raise ConfigError(f"{length_key}={max_new_tokens}: must be >= 1")
@@ -432,15 +468,24 @@ class Engine:
             if len(ids) + max_new_tokens > self.context:
                 raise PenwrightError(
                     f"a prompt of {len(ids)} tokens plus {length_key}={max_new_tokens} exceeds the model's "
-                    f"context of {self.context} tokens; shorten the prompt or lower {length_key}")
-            requests.append(Request(ids, max_new_tokens, sampling, min_tokens=min_new_tokens, stop=stops,
-                                    seed=None if seed is None else [seed, i]))
+                    f"context of {self.context} tokens; shorten the prompt or lower {length_key}"
+                )
+            requests.append(
+                Request(
+                    ids,
+                    max_new_tokens,
+                    sampling,
+                    min_tokens=min_new_tokens,
+                    stop=stops,
+                    seed=None if seed is None else [seed, i],
+                )
+            )
         if on_step is not None:
             seen = [0]
 
             def first_row(text: str, reason: str | None) -> None:
                 tokens = requests[0].tokens
-                for token in tokens[seen[0]:]:
+                for token in tokens[seen[0] :]:
                     on_step(np.array([token]))
                 seen[0] = len(tokens)
 

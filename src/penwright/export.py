@@ -28,9 +28,9 @@ from transformers import DynamicCache, GPT2LMHeadModel
 from penwright import schema
 from penwright.errors import ConfigError, PenwrightError
 from penwright.files import load_model, load_tokenizer
-from penwright.log import get_logger
 from penwright.fsutil import atomic_write_text, staged_dir
 from penwright.llamacpp import BLOCK, check_gguf, export_gguf, gguf_types  # BLOCK: q8/q4 use q8_0's blocks
+from penwright.log import get_logger
 from penwright.runtime import position_ids_for
 from penwright.tokenizer import left_padded
 
@@ -57,8 +57,14 @@ class DecoderWithPast(torch.nn.Module):
 
     def forward(self, input_ids, attention_mask, position_ids, *past):
         cache = DynamicCache(ddp_cache_data=[(past[2 * i], past[2 * i + 1]) for i in range(self.n_layer)])
-        out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                         past_key_values=cache, use_cache=True, return_dict=True)
+        out = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=cache,
+            use_cache=True,
+            return_dict=True,
+        )
         present = []
         for layer in out.past_key_values.layers:
             present += [layer.keys, layer.values]
@@ -76,14 +82,26 @@ def export_graph(model: GPT2LMHeadModel, path: Path, opset: int) -> None:
     pos = torch.arange(past_len, past_len + seq).expand(batch, seq)
     past = [torch.zeros(batch, cfg.n_head, past_len, head_dim, dtype=dtype) for _ in range(2 * cfg.n_layer)]
     inputs, outputs = io_names(cfg.n_layer)
-    axes = {"input_ids": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "total"},
-            "position_ids": {0: "batch", 1: "seq"}, "logits": {0: "batch", 1: "seq"}}
+    axes = {
+        "input_ids": {0: "batch", 1: "seq"},
+        "attention_mask": {0: "batch", 1: "total"},
+        "position_ids": {0: "batch", 1: "seq"},
+        "logits": {0: "batch", 1: "seq"},
+    }
     axes |= {n: {0: "batch", 2: "past"} for n in inputs[3:]}
     axes |= {n: {0: "batch", 2: "total"} for n in outputs[1:]}
     with torch.no_grad():
-        torch.onnx.export(DecoderWithPast(model).eval(), (ids, mask, pos, *past), str(path), input_names=inputs,
-                          output_names=outputs, dynamic_axes=axes, opset_version=opset, dynamo=False,
-                          do_constant_folding=True)
+        torch.onnx.export(
+            DecoderWithPast(model).eval(),
+            (ids, mask, pos, *past),
+            str(path),
+            input_names=inputs,
+            output_names=outputs,
+            dynamic_axes=axes,
+            opset_version=opset,
+            dynamo=False,
+            do_constant_folding=True,
+        )
 
 
 def choose_graph(wanted: str, config, dtype: str) -> str:
@@ -107,8 +125,14 @@ def save_graph(model, path: Path) -> bool:
 
     weights = sum(t.ByteSize() for t in model.graph.initializer)
     external = weights >= EXTERNAL_DATA_BYTES
-    onnx.save_model(model, str(path), save_as_external_data=external, all_tensors_to_one_file=True,
-                    location=path.name + ".data", size_threshold=1024)
+    onnx.save_model(
+        model,
+        str(path),
+        save_as_external_data=external,
+        all_tensors_to_one_file=True,
+        location=path.name + ".data",
+        size_threshold=1024,
+    )
     return external
 
 
@@ -125,8 +149,14 @@ def save_with_external_data_if_large(path: Path) -> bool:
     if path.stat().st_size < EXTERNAL_DATA_BYTES:
         return False
     model = onnx.load(str(path))
-    onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                    location=path.name + ".data", size_threshold=1024)
+    onnx.save_model(
+        model,
+        str(path),
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location=path.name + ".data",
+        size_threshold=1024,
+    )
     return True
 
 
@@ -142,8 +172,10 @@ def quantize_types(value) -> list[str]:
     kinds = [] if value is None else [value] if isinstance(value, str) else list(value)
     for kind in kinds:
         if kind not in QUANTIZED:
-            raise ConfigError(f"export.quantize={kinds}: {kind!r} is not a quantization penwright writes; use any of "
-                              f"{', '.join(QUANTIZED)} (or [] for none)")
+            raise ConfigError(
+                f"export.quantize={kinds}: {kind!r} is not a quantization penwright writes; use any of "
+                f"{', '.join(QUANTIZED)} (or [] for none)"
+            )
     return list(dict.fromkeys(kinds))
 
 
@@ -152,8 +184,9 @@ def quantize_int8(src: Path, dst: Path) -> None:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     # onnx's shape inference cannot type the outputs of onnxruntime's contrib ops (fused graph): they are fp32
-    quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8,
-                     extra_options={"DefaultTensorType": TensorProto.FLOAT})
+    quantize_dynamic(
+        str(src), str(dst), weight_type=QuantType.QInt8, extra_options={"DefaultTensorType": TensorProto.FLOAT}
+    )
 
 
 def quantize_blocks(src: Path, dst: Path, bits: int) -> None:
@@ -167,8 +200,9 @@ def quantize_blocks(src: Path, dst: Path, bits: int) -> None:
 
     logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.WARNING)
     config = DefaultWeightOnlyQuantConfig(block_size=BLOCK, is_symmetric=True, accuracy_level=4, bits=bits)
-    quantizer = MatMulNBitsQuantizer(onnx.load(str(src)), bits=bits, block_size=BLOCK, is_symmetric=True,
-                                     accuracy_level=4, algo_config=config)
+    quantizer = MatMulNBitsQuantizer(
+        onnx.load(str(src)), bits=bits, block_size=BLOCK, is_symmetric=True, accuracy_level=4, algo_config=config
+    )
     quantizer.process()
     save_graph(quantizer.model.model, dst)
 
@@ -197,8 +231,15 @@ def parity(model: GPT2LMHeadModel, tokenizer, onnx_dir: Path, prompts: list[str]
     split = max(1, ids.shape[1] // 2)  # the first half is the prefill, the second half runs on its past
 
     with torch.no_grad():
-        full = model(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask),
-                     position_ids=torch.from_numpy(position_ids_for(mask, ids.shape[1]))).logits.float().numpy()
+        full = (
+            model(
+                input_ids=torch.from_numpy(ids),
+                attention_mask=torch.from_numpy(mask),
+                position_ids=torch.from_numpy(position_ids_for(mask, ids.shape[1])),
+            )
+            .logits.float()
+            .numpy()
+        )
     first = gen.forward(ids[:, :split], mask[:, :split], gen.empty_past(len(prompts)))
     second = gen.forward(ids[:, split:], mask, first.present)
     real = mask.astype(bool)
@@ -206,9 +247,15 @@ def parity(model: GPT2LMHeadModel, tokenizer, onnx_dir: Path, prompts: list[str]
     diff_past = float(np.abs(second.logits - full[:, split:])[real[:, split:]].max())
 
     with torch.no_grad():
-        ref = model.generate(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask), do_sample=False,
-                             max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=tokenizer.pad_token_id,
-                             eos_token_id=None)[:, ids.shape[1]:].numpy()
+        ref = model.generate(
+            input_ids=torch.from_numpy(ids),
+            attention_mask=torch.from_numpy(mask),
+            do_sample=False,
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=None,
+        )[:, ids.shape[1] :].numpy()
     ours = gen.generate_ids(ids, mask, max_new_tokens=new_tokens, do_sample=False, stop_at_eos=False)
     return {
         "max_abs_diff_logits_empty_past": diff_empty,
@@ -239,12 +286,16 @@ def export(cfg: schema.Config) -> dict:
     check_gguf(model.config, src, gguf)  # before any work: llama.cpp must be able to run what is asked for
     longest = max((len(tokenizer.encode(str(p))) for p in ecfg.parity_prompts), default=0)
     if longest < 2:
-        raise ConfigError(f"export.parity_prompts={list(ecfg.parity_prompts)}: the longest prompt must have at least "
-                          f"2 tokens (a prefill, then a step on its past); it has {longest}")
+        raise ConfigError(
+            f"export.parity_prompts={list(ecfg.parity_prompts)}: the longest prompt must have at least "
+            f"2 tokens (a prefill, then a step on its past); it has {longest}"
+        )
     out = Path(ecfg.out_dir)
     with staged_dir(out) as tmp:  # a failed parity check or a crash leaves an earlier export as it was
         graph = tmp / GRAPH
-        log(f"exporting {src} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params, {dtype}) -> {out}/{GRAPH}")
+        log(
+            f"exporting {src} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params, {dtype}) -> {out}/{GRAPH}"
+        )
         kind = choose_graph(ecfg.graph, model.config, dtype)
         if kind != "transformers":
             from penwright.graph import build_graph
@@ -257,15 +308,23 @@ def export(cfg: schema.Config) -> dict:
         tokenizer.save_pretrained(tmp)
         model.config.save_pretrained(tmp)
         model.generation_config.save_pretrained(tmp)
-        report = {"graph": kind, "nodes": _node_count(graph), "dtype": dtype, "opset": ecfg.opset,
-                  "external_data": external,
-                  "graph_mb": round(sum(p.stat().st_size for p in tmp.glob("model.onnx*")) / 1e6, 2)}
+        report = {
+            "graph": kind,
+            "nodes": _node_count(graph),
+            "dtype": dtype,
+            "opset": ecfg.opset,
+            "external_data": external,
+            "graph_mb": round(sum(p.stat().st_size for p in tmp.glob("model.onnx*")) / 1e6, 2),
+        }
         prompts = [str(p) for p in ecfg.parity_prompts]
         report["parity"] = parity(model, tokenizer, tmp, prompts, ecfg.parity_new_tokens)
         tol = float(ecfg.parity_atol if dtype == "fp32" else ecfg.parity_atol_fp16)
         p = report["parity"]
-        failed = [f"{k}={p[k]:.2e} > {tol:.0e}" for k in ("max_abs_diff_logits_empty_past", "max_abs_diff_logits_with_past")
-                  if not p[k] <= tol]
+        failed = [
+            f"{k}={p[k]:.2e} > {tol:.0e}"
+            for k in ("max_abs_diff_logits_empty_past", "max_abs_diff_logits_with_past")
+            if not p[k] <= tol
+        ]
         if dtype == "fp32" and not p["greedy_tokens_equal"]:
             failed.append("greedy tokens differ from transformers generate")
         report["parity"]["atol"] = tol
@@ -275,18 +334,21 @@ def export(cfg: schema.Config) -> dict:
         for kind in quantized:
             quantize(graph, kind)
         if quantized:
-            report["quantized"] = quantized_quality(model, tmp, quantized, Path(cfg.data.out_dir),
-                                                    cfg.train.block_size)
+            report["quantized"] = quantized_quality(model, tmp, quantized, Path(cfg.data.out_dir), cfg.train.block_size)
         if gguf:
             report["gguf"] = export_gguf(model, tmp, tmp, gguf)
     report["seconds"] = round(time.perf_counter() - start, 2)
     path = atomic_write_text(Path(cfg.paths.reports) / "export.json", json.dumps(report, indent=2) + "\n")
-    log(f"parity passed (max |diff| {p['max_abs_diff_logits_empty_past']:.1e} / "
-        f"{p['max_abs_diff_logits_with_past']:.1e}, greedy equal: {p['greedy_tokens_equal']}) -> {out}/, {path}")
+    log(
+        f"parity passed (max |diff| {p['max_abs_diff_logits_empty_past']:.1e} / "
+        f"{p['max_abs_diff_logits_with_past']:.1e}, greedy equal: {p['greedy_tokens_equal']}) -> {out}/, {path}"
+    )
     for kind in quantized:
         q = report["quantized"][kind]
-        log(f"{out}/{q['graph']}: {q['mb']} MB, top-1 agreement with fp32 {q['top1_agreement']:.2%}, "
-            f"loss {q['loss']} (fp32 {report['quantized']['fp32_loss']})")
+        log(
+            f"{out}/{q['graph']}: {q['mb']} MB, top-1 agreement with fp32 {q['top1_agreement']:.2%}, "
+            f"loss {q['loss']} (fp32 {report['quantized']['fp32_loss']})"
+        )
     for g in report.get("gguf", []):
         log(f"{out}/{g['file']}: {g['mb']} MB, for llama.cpp / Ollama")
     return report
@@ -298,8 +360,10 @@ def validation_windows(prepared: Path, block: int, windows: int = 8) -> np.ndarr
     from penwright.data import TokenWindows, load_tokens
 
     if not (prepared / "meta.json").is_file():
-        raise PenwrightError(f"{prepared}: no prepared corpus to measure the quantized models on; run "
-                             "`penwright prepare` first (or set export.quantize=[])")
+        raise PenwrightError(
+            f"{prepared}: no prepared corpus to measure the quantized models on; run "
+            "`penwright prepare` first (or set export.quantize=[])"
+        )
     tokens = load_tokens(prepared, "val")
     if tokens.size == 0:
         tokens = load_tokens(prepared, "train")
@@ -321,19 +385,27 @@ def mean_loss(logits: np.ndarray, targets: np.ndarray) -> float:
     return round(float(-np.take_along_axis(logp, targets[..., None], -1).mean()), 5)
 
 
-def quantized_quality(model: GPT2LMHeadModel, onnx_dir: Path, kinds: list[str], prepared: Path, block: int,
-                      windows: int = 8) -> dict:
+def quantized_quality(
+    model: GPT2LMHeadModel, onnx_dir: Path, kinds: list[str], prepared: Path, block: int, windows: int = 8
+) -> dict:
     """Each quantized graph against fp32 on validation windows: its loss, its size, and how often its top-1
     next token equals fp32's (every position of every window)."""
     batch = validation_windows(prepared, min(block, model.config.n_positions - 1), windows)
     ids, targets = batch[:, :-1], batch[:, 1:]
     logits = graph_logits(onnx_dir, GRAPH, ids)
     top1 = logits.argmax(-1)
-    result = {"windows": len(ids), "tokens": int(ids.size), "fp32_loss": mean_loss(logits, targets),
-              "fp32_mb": round((onnx_dir / GRAPH).stat().st_size / 1e6, 2)}
+    result = {
+        "windows": len(ids),
+        "tokens": int(ids.size),
+        "fp32_loss": mean_loss(logits, targets),
+        "fp32_mb": round((onnx_dir / GRAPH).stat().st_size / 1e6, 2),
+    }
     for kind in kinds:
         logits = graph_logits(onnx_dir, QUANTIZED[kind], ids)
-        result[kind] = {"graph": QUANTIZED[kind], "loss": mean_loss(logits, targets),
-                        "top1_agreement": round(float((logits.argmax(-1) == top1).mean()), 4),
-                        "mb": round((onnx_dir / QUANTIZED[kind]).stat().st_size / 1e6, 2)}
+        result[kind] = {
+            "graph": QUANTIZED[kind],
+            "loss": mean_loss(logits, targets),
+            "top1_agreement": round(float((logits.argmax(-1) == top1).mean()), 4),
+            "mb": round((onnx_dir / QUANTIZED[kind]).stat().st_size / 1e6, 2),
+        }
     return result

@@ -14,17 +14,26 @@ from __future__ import annotations
 
 import json
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import Any, TypeVar
 
 from penwright.errors import PenwrightError
 
 T = TypeVar("T")
 
 # the order files are checked in: the one a load reads first is named first
-CHECKED = ("config.json", "model.safetensors.index.json", "model.safetensors", "pytorch_model.bin",
-           "tokenizer_config.json", "tokenizer.json", "special_tokens_map.json", "vocab.json",
-           "generation_config.json")
+CHECKED = (
+    "config.json",
+    "model.safetensors.index.json",
+    "model.safetensors",
+    "pytorch_model.bin",
+    "tokenizer_config.json",
+    "tokenizer.json",
+    "special_tokens_map.json",
+    "vocab.json",
+    "generation_config.json",
+)
 
 
 def short(err: BaseException | str, limit: int = 200) -> str:

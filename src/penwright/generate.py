@@ -24,9 +24,9 @@ import numpy as np
 from tqdm import tqdm
 
 from penwright import copies, schema
+from penwright.engine import Engine, UnsupportedGraph
 from penwright.errors import ConfigError
 from penwright.fsutil import atomic_write_text
-from penwright.engine import Engine, UnsupportedGraph
 from penwright.runtime import Generator
 
 
@@ -55,25 +55,43 @@ def count_copies(samples: list[Sample], prepared: str | Path | copies.Documents)
     return documents.count([s.text for s in samples])
 
 
-def generate_samples(gen: Engine | Generator, prompts: list[str], nsamples: int = 1, batch_size: int = 1,
-                     max_new_tokens: int = 64, truncate: str | None = None, include_prefix: bool = True,
-                     strip: bool = False, seed: int | None = None, stop: list[str] | None = None, stream: bool = False,
-                     progress: bool = True, **sampling) -> list[Sample]:
+def generate_samples(
+    gen: Engine | Generator,
+    prompts: list[str],
+    nsamples: int = 1,
+    batch_size: int = 1,
+    max_new_tokens: int = 64,
+    truncate: str | None = None,
+    include_prefix: bool = True,
+    strip: bool = False,
+    seed: int | None = None,
+    stop: list[str] | None = None,
+    stream: bool = False,
+    progress: bool = True,
+    **sampling,
+) -> list[Sample]:
     if not prompts:
-        raise ConfigError("generate.prompts is empty: give at least one prompt (\"\" for an unconditional sample)")
+        raise ConfigError('generate.prompts is empty: give at least one prompt ("" for an unconditional sample)')
     if nsamples < 1 or batch_size < 1:
         raise ConfigError(f"generate.nsamples={nsamples}, generate.batch_size={batch_size}: both must be >= 1")
     jobs = [(p, min(batch_size, nsamples - done)) for p in prompts for done in range(0, nsamples, batch_size)]
     total = len(prompts) * nsamples
     streaming = stream and total == 1
-    bar = tqdm(total=total, unit="sample", desc="generate", file=sys.stderr,
-               disable=streaming or not progress or total == 1)
+    bar = tqdm(
+        total=total, unit="sample", desc="generate", file=sys.stderr, disable=streaming or not progress or total == 1
+    )
     samples: list[Sample] = []
     for index, (prompt, size) in enumerate(jobs):
         stops = [s for s in (stop or []) if s]
         streamer = _Streamer(gen, prompt if include_prefix else "", stops) if streaming else None
-        texts = gen.generate([prompt] * size, max_new_tokens, seed=None if seed is None else seed + index,
-                             stop_strings=stops, on_step=streamer.on_step if streamer else None, **sampling)
+        texts = gen.generate(
+            [prompt] * size,
+            max_new_tokens,
+            seed=None if seed is None else seed + index,
+            stop_strings=stops,
+            on_step=streamer.on_step if streamer else None,
+            **sampling,
+        )
         samples += [Sample(prompt, finish_text(prompt, text, truncate, include_prefix, strip)) for text in texts]
         if streamer:
             streamer.finish(finish_text("", texts[0], truncate, include_prefix=False))
@@ -123,7 +141,7 @@ class _Streamer:
 
     def _show(self, text: str) -> None:
         if len(text) > len(self.shown):
-            sys.stdout.write(text[len(self.shown):])
+            sys.stdout.write(text[len(self.shown) :])
             sys.stdout.flush()
             self.shown = text
 
@@ -155,26 +173,42 @@ def generate(cfg: schema.Config) -> list[Sample]:
     documents = copies.read(cfg.data.out_dir) if g.check_copies else None  # a missing file stops it before any work
     gen = load(g)
     samples = generate_samples(
-        gen, [str(p) for p in g.prompts], nsamples=g.nsamples, batch_size=g.batch_size,
-        max_new_tokens=g.max_new_tokens, truncate=g.truncate, include_prefix=g.include_prefix,
+        gen,
+        [str(p) for p in g.prompts],
+        nsamples=g.nsamples,
+        batch_size=g.batch_size,
+        max_new_tokens=g.max_new_tokens,
+        truncate=g.truncate,
+        include_prefix=g.include_prefix,
         strip=g.strip,
-        seed=None if g.seed is None else g.seed, stop=list(g.stop or []), stream=g.stream,
-        do_sample=g.do_sample, temperature=g.temperature, top_k=g.top_k, top_p=g.top_p,
-        repetition_penalty=g.repetition_penalty, min_new_tokens=g.min_new_tokens,
+        seed=None if g.seed is None else g.seed,
+        stop=list(g.stop or []),
+        stream=g.stream,
+        do_sample=g.do_sample,
+        temperature=g.temperature,
+        top_k=g.top_k,
+        top_p=g.top_p,
+        repetition_penalty=g.repetition_penalty,
+        min_new_tokens=g.min_new_tokens,
     )
     seconds = time.perf_counter() - start
     provider = gen.provider
     report = {"samples": len(samples), "provider": provider, "seconds": round(seconds, 2)}
     if g.check_copies:
         report |= count_copies(samples, documents)
-        print(f"[generate] {report['copies_of_train']} of {len(samples)} samples are verbatim training documents "
-              f"({report['copies_of_val']} more are validation documents)", file=sys.stderr)
+        print(
+            f"[generate] {report['copies_of_train']} of {len(samples)} samples are verbatim training documents "
+            f"({report['copies_of_val']} more are validation documents)",
+            file=sys.stderr,
+        )
     if g.report:
         atomic_write_text(Path(g.report), json.dumps(report, indent=2) + "\n")
     if g.destination:
         dest = Path(g.destination)
-        header = (f"{len(samples)} samples from {g.model_dir} on {provider} (temperature {g.temperature}, "
-                  f"top_k {g.top_k}, top_p {g.top_p}, seed {g.seed})")
+        header = (
+            f"{len(samples)} samples from {g.model_dir} on {provider} (temperature {g.temperature}, "
+            f"top_k {g.top_k}, top_p {g.top_p}, seed {g.seed})"
+        )
         if g.check_copies:
             header += f"; {report['copies_of_train']} are verbatim copies of training documents"
         atomic_write_text(dest, render(samples, dest.suffix == ".md", g.delimiter, header))

@@ -32,16 +32,25 @@ from pathlib import Path
 
 import numpy as np
 
-from penwright.log import get_logger
 from penwright.fsutil import atomic_write_text
+from penwright.log import get_logger
 
 VOCAB = 50257
 # (n_layer, n_head, n_embd) of the GPT-2 family; the dry run's stand-ins are tiny
 SHAPES = {"gpt2": (12, 12, 768), "gpt2-medium": (24, 16, 1024), "gpt2-large": (36, 20, 1280)}
 DRY_SHAPES = {"gpt2": (2, 2, 64), "gpt2-medium": (2, 2, 96), "gpt2-large": (3, 2, 128)}
 # dense bf16 tensor-core peak, FLOP/s (the vendors' datasheets; fp16 for cards without bf16)
-PEAKS = [("H200", 989e12), ("H100 PCIe", 756e12), ("H100", 989e12), ("A100", 312e12), ("L40S", 362e12),
-         ("L4", 121e12), ("A10", 125e12), ("V100", 125e12), ("T4", 65e12)]
+PEAKS = [
+    ("H200", 989e12),
+    ("H100 PCIe", 756e12),
+    ("H100", 989e12),
+    ("A100", 312e12),
+    ("L40S", 362e12),
+    ("L4", 121e12),
+    ("A10", 125e12),
+    ("V100", 125e12),
+    ("T4", 65e12),
+]
 
 
 log = get_logger("check").info
@@ -65,10 +74,17 @@ def synthetic_prepared(root: Path, vocab: int, tokens: int, seed: int = 0) -> Pa
     core = Tokenizer(models.WordLevel(words, unk_token="<unk>"))
     core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     PreTrainedTokenizerFast(tokenizer_object=core, eos_token="<|endoftext|>", unk_token="<unk>").save_pretrained(
-        root / "tokenizer")
-    meta = {"format_version": 1, "dtype": "uint16", "vocab_size": vocab, "eos_token_id": vocab - 1,
-            "tokenizer": {"type": "synthetic", "name_or_path": None, "md5": f"synthetic-{vocab}", "encoder": None},
-            "data": {"path": "synthetic", "bytes": sum(c["bytes"] for c in counts.values())}, **counts}
+        root / "tokenizer"
+    )
+    meta = {
+        "format_version": 1,
+        "dtype": "uint16",
+        "vocab_size": vocab,
+        "eos_token_id": vocab - 1,
+        "tokenizer": {"type": "synthetic", "name_or_path": None, "md5": f"synthetic-{vocab}", "encoder": None},
+        "data": {"path": "synthetic", "bytes": sum(c["bytes"] for c in counts.values())},
+        **counts,
+    }
     (root / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
     return root
 
@@ -99,14 +115,34 @@ class Check:
 
         n_layer, n_head, n_embd = self.shapes[shape]
         run = self.work / name
-        base = [f"data.out_dir={self.prepared}", f"train.ckpt_dir={run}/ckpt", f"train.out_dir={run}/model",
-                f"paths.reports={run}/reports", "logger=none", "model=scratch_small", f"model.n_layer={n_layer}",
-                f"model.n_head={n_head}", f"model.n_embd={n_embd}", f"model.n_positions={self.block}",
-                f"train.block_size={self.block}", f"train.batch_size={batch}", f"trainer.max_steps={steps}",
-                "train.warmup_steps=2", "train.lr=6e-4", f"train.val_every_n_steps={steps}", "train.val_batches=1",
-                f"train.ckpt_every_n_steps={steps}", "trainer.log_every_n_steps=1", "trainer.progress_bar=false",
-                "sample.every_n_steps=0", "sample.prompts=[]", "sample.random_prompts=0", "sample.temperatures=[1.0]",
-                "sample.max_new_tokens=4", "train.resume=false"]
+        base = [
+            f"data.out_dir={self.prepared}",
+            f"train.ckpt_dir={run}/ckpt",
+            f"train.out_dir={run}/model",
+            f"paths.reports={run}/reports",
+            "logger=none",
+            "model=scratch_small",
+            f"model.n_layer={n_layer}",
+            f"model.n_head={n_head}",
+            f"model.n_embd={n_embd}",
+            f"model.n_positions={self.block}",
+            f"train.block_size={self.block}",
+            f"train.batch_size={batch}",
+            f"trainer.max_steps={steps}",
+            "train.warmup_steps=2",
+            "train.lr=6e-4",
+            f"train.val_every_n_steps={steps}",
+            "train.val_batches=1",
+            f"train.ckpt_every_n_steps={steps}",
+            "trainer.log_every_n_steps=1",
+            "trainer.progress_bar=false",
+            "sample.every_n_steps=0",
+            "sample.prompts=[]",
+            "sample.random_prompts=0",
+            "sample.temperatures=[1.0]",
+            "sample.max_new_tokens=4",
+            "train.resume=false",
+        ]
         if not self.gpu:
             base.append("trainer.accelerator=cpu")
         log(f"{name}: {shape} shape, {' '.join(overrides) or 'defaults'}, {steps} steps")
@@ -118,16 +154,24 @@ class Check:
             metrics = train(compose([*base, *overrides], config_dir=self.conf), untimed_steps=untimed)
         except Exception as err:  # an out-of-memory or a GPU-only strategy is a finding, not the end of the check
             log(f"{name}: {type(err).__name__}: {str(err).splitlines()[0][:200]}")
-            return {"ok": False, "error": f"{type(err).__name__}: {str(err).splitlines()[0][:300]}",
-                    "trace": traceback.format_exc(limit=3)[-800:]}
+            return {
+                "ok": False,
+                "error": f"{type(err).__name__}: {str(err).splitlines()[0][:300]}",
+                "trace": traceback.format_exc(limit=3)[-800:],
+            }
         losses = [float(r.split("\t")[1]) for r in (run / "reports/curves/train.tsv").read_text().splitlines()[1:]]
         params = n_layer * 12 * n_embd**2 + (self.vocab + self.block) * n_embd
         flops_per_token = 6 * params + 12 * n_layer * n_embd * self.block  # nanoGPT's estimate (fwd + bwd)
         result = {
-            "ok": True, "seconds": round(time.perf_counter() - start, 1), "steps": metrics["steps"],
-            "micro_batch": metrics["micro_batch"], "accumulate_grad_batches": metrics["accumulate_grad_batches"],
-            "tokens_per_sec": metrics["tokens_per_sec"], "params_m": round(params / 1e6, 1),
-            "loss_first": losses[0] if losses else None, "loss_last": losses[-1] if losses else None,
+            "ok": True,
+            "seconds": round(time.perf_counter() - start, 1),
+            "steps": metrics["steps"],
+            "micro_batch": metrics["micro_batch"],
+            "accumulate_grad_batches": metrics["accumulate_grad_batches"],
+            "tokens_per_sec": metrics["tokens_per_sec"],
+            "params_m": round(params / 1e6, 1),
+            "loss_first": losses[0] if losses else None,
+            "loss_last": losses[-1] if losses else None,
             "loss_finite": bool(losses) and all(math.isfinite(x) for x in losses),
             "loss_falling": len(losses) > 1 and losses[-1] < losses[0],
         }
@@ -156,26 +200,45 @@ class Check:
         self.cases["device"] = self.device()
         gpu_only = "GPU only (the dry run is on the CPU)"
         c = self.cases
-        c["gpt2/bf16"] = self.train("gpt2-bf16", "gpt2", "trainer=gpu",
-                                    steps=steps, untimed=untimed, batch=4 if dry else 16)
-        c["gpt2/bf16+compile"] = self.skip(gpu_only + "; inductor takes minutes on 2 cores") if dry else \
-            self.train("gpt2-bf16-compile", "gpt2", "trainer=gpu", "train.compile=true", steps=steps, untimed=untimed,
-                       batch=16)
-        c["gpt2/fp16"] = self.train("gpt2-fp16", "gpt2", "trainer=gpu_fp16", steps=steps, untimed=untimed,
-                                    batch=4 if dry else 16)
+        c["gpt2/bf16"] = self.train(
+            "gpt2-bf16", "gpt2", "trainer=gpu", steps=steps, untimed=untimed, batch=4 if dry else 16
+        )
+        c["gpt2/bf16+compile"] = (
+            self.skip(gpu_only + "; inductor takes minutes on 2 cores")
+            if dry
+            else self.train(
+                "gpt2-bf16-compile", "gpt2", "trainer=gpu", "train.compile=true", steps=steps, untimed=untimed, batch=16
+            )
+        )
+        c["gpt2/fp16"] = self.train(
+            "gpt2-fp16", "gpt2", "trainer=gpu_fp16", steps=steps, untimed=untimed, batch=4 if dry else 16
+        )
         if dry:
             c["gpt2/fp16"]["note"] = "on the CPU Lightning runs 16-mixed as bf16-mixed: the fp16 path is GPU-only"
         for shape in ("gpt2-medium", "gpt2-large"):
             for gc in (False, True):
                 c[f"{shape}/memory{'/checkpointing' if gc else ''}"] = self.train(
-                    f"{shape}-gc{int(gc)}", shape, "trainer=gpu", f"train.gradient_checkpointing={str(gc).lower()}",
-                    steps=3, batch=2 if dry else 8)
+                    f"{shape}-gc{int(gc)}",
+                    shape,
+                    "trainer=gpu",
+                    f"train.gradient_checkpointing={str(gc).lower()}",
+                    steps=3,
+                    batch=2 if dry else 8,
+                )
             c[f"{shape}/auto_batch_size"] = self.train(
-                f"{shape}-auto", shape, "trainer=gpu", "train.auto_batch_size=true",
+                f"{shape}-auto",
+                shape,
+                "trainer=gpu",
+                "train.auto_batch_size=true",
                 "trainer.accumulate_grad_batches=4" if dry else "trainer.accumulate_grad_batches=8",
-                steps=2, batch=2 if dry else 8)
-        c["gpt2/fsdp-1gpu"] = self.skip(gpu_only + ": Lightning's FSDP needs a CUDA accelerator") if dry else \
-            self.train("gpt2-fsdp", "gpt2", "trainer=fsdp", steps=10, untimed=3, batch=8)
+                steps=2,
+                batch=2 if dry else 8,
+            )
+        c["gpt2/fsdp-1gpu"] = (
+            self.skip(gpu_only + ": Lightning's FSDP needs a CUDA accelerator")
+            if dry
+            else self.train("gpt2-fsdp", "gpt2", "trainer=fsdp", steps=10, untimed=3, batch=8)
+        )
         c["generate"] = self.generate()
         return self.cases
 
@@ -186,16 +249,26 @@ class Check:
 
         n_layer, n_head, n_embd = self.shapes["gpt2"]
         device = "cuda" if self.gpu else "cpu"
-        model = GPT2LMHeadModel(GPT2Config(n_layer=n_layer, n_head=n_head, n_embd=n_embd, vocab_size=self.vocab,
-                                           n_positions=self.block)).to(device).eval()
+        model = (
+            GPT2LMHeadModel(
+                GPT2Config(n_layer=n_layer, n_head=n_head, n_embd=n_embd, vocab_size=self.vocab, n_positions=self.block)
+            )
+            .to(device)
+            .eval()
+        )
         if self.gpu:
             model = model.to(torch.bfloat16)
         new = 16 if self.dry else 128
         out = {"dtype": "bf16" if self.gpu else "fp32", "new_tokens": new}
         for batch in (1, 16):
             ids = torch.randint(0, self.vocab, (batch, 16), device=device)
-            kw = dict(attention_mask=torch.ones_like(ids), max_new_tokens=new, min_new_tokens=new, do_sample=False,
-                      pad_token_id=0)
+            kw = dict(
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=new,
+                min_new_tokens=new,
+                do_sample=False,
+                pad_token_id=0,
+            )
             with torch.no_grad():
                 model.generate(ids, **{**kw, "max_new_tokens": 4, "min_new_tokens": 4})  # warmup
                 if self.gpu:
@@ -212,16 +285,33 @@ class Check:
         import torch
         import transformers
 
-        info = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
-                "lightning": lightning.__version__, "transformers": transformers.__version__, "dry": self.dry}
+        info = {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "cuda": torch.version.cuda,
+            "lightning": lightning.__version__,
+            "transformers": transformers.__version__,
+            "dry": self.dry,
+        }
         if self.gpu:
             props = torch.cuda.get_device_properties(0)
-            info |= {"name": props.name, "memory_gib": round(props.total_memory / 2**30, 1),
-                     "capability": f"{props.major}.{props.minor}", "bf16": torch.cuda.is_bf16_supported(),
-                     "peak_bf16_tflops": (self.peak_flops() or 0) / 1e12 or None}
+            info |= {
+                "name": props.name,
+                "memory_gib": round(props.total_memory / 2**30, 1),
+                "capability": f"{props.major}.{props.minor}",
+                "bf16": torch.cuda.is_bf16_supported(),
+                "peak_bf16_tflops": (self.peak_flops() or 0) / 1e12 or None,
+            }
             try:
-                info["driver"] = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                                                capture_output=True, text=True, timeout=20).stdout.strip() or None
+                info["driver"] = (
+                    subprocess.run(
+                        ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                        capture_output=True,
+                        text=True,
+                        timeout=20,
+                    ).stdout.strip()
+                    or None
+                )
             except (OSError, subprocess.SubprocessError):
                 info["driver"] = None
         else:
@@ -231,22 +321,31 @@ class Check:
 
 def summary(cases: dict) -> str:
     dev = cases.get("device", {})
-    lines = [f"# GPU check: {dev.get('name')}{' (dry run, tiny shapes on the CPU)' if dev.get('dry') else ''}", "",
-             f"torch {dev.get('torch')}, CUDA {dev.get('cuda')}, driver {dev.get('driver', '-')}, "
-             f"Lightning {dev.get('lightning')}, transformers {dev.get('transformers')}", "",
-             "| case | result | tokens/s | MFU | peak GiB | micro-batch x accumulate | loss first → last |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        f"# GPU check: {dev.get('name')}{' (dry run, tiny shapes on the CPU)' if dev.get('dry') else ''}",
+        "",
+        f"torch {dev.get('torch')}, CUDA {dev.get('cuda')}, driver {dev.get('driver', '-')}, "
+        f"Lightning {dev.get('lightning')}, transformers {dev.get('transformers')}",
+        "",
+        "| case | result | tokens/s | MFU | peak GiB | micro-batch x accumulate | loss first → last |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for name, r in cases.items():
         if name in ("device", "generate"):
             continue
         status = "skipped: " + r["skipped"] if r.get("ok") is None else ("ok" if r["ok"] else "FAILED: " + r["error"])
         loss = f"{r['loss_first']:.3f} → {r['loss_last']:.3f}" if r.get("loss_first") is not None else ""
         batch = f"{r['micro_batch']} x {r['accumulate_grad_batches']}" if r.get("micro_batch") else ""
-        lines.append(f"| {name} | {status} | {r.get('tokens_per_sec', '')} | {r.get('mfu', '')} | "
-                     f"{r.get('peak_memory_gib', '')} | {batch} | {loss} |")
+        lines.append(
+            f"| {name} | {status} | {r.get('tokens_per_sec', '')} | {r.get('mfu', '')} | "
+            f"{r.get('peak_memory_gib', '')} | {batch} | {loss} |"
+        )
     g = cases.get("generate", {})
-    lines += ["", f"transformers generate ({g.get('dtype')}, {g.get('new_tokens')} new tokens): "
-                  f"{g.get('batch1_tokens_per_sec')} tokens/s at batch 1, {g.get('batch16_tokens_per_sec')} at batch 16"]
+    lines += [
+        "",
+        f"transformers generate ({g.get('dtype')}, {g.get('new_tokens')} new tokens): "
+        f"{g.get('batch1_tokens_per_sec')} tokens/s at batch 1, {g.get('batch16_tokens_per_sec')} at batch 16",
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -268,6 +367,8 @@ def check_gpu(out_dir: str | Path = "reports/gpu", dry: bool = False, conf: str 
     atomic_write_text(out / "check.json", json.dumps(cases, indent=2) + "\n")
     atomic_write_text(out / "check.md", summary({k: v for k, v in cases.items() if k != "seconds"}))
     failed = [k for k, v in cases.items() if isinstance(v, dict) and v.get("ok") is False]
-    log(f"{len(cases) - 2} cases in {cases['seconds']:.0f} s, {len(failed)} failed{': ' + ', '.join(failed) if failed else ''}"
-        f" -> {out}/check.json, {out}/check.md")
+    log(
+        f"{len(cases) - 2} cases in {cases['seconds']:.0f} s, {len(failed)} failed{': ' + ', '.join(failed) if failed else ''}"
+        f" -> {out}/check.json, {out}/check.md"
+    )
     return cases

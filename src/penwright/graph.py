@@ -31,8 +31,12 @@ def supported(config) -> str | None:
     """Why penwright's graphs cannot express this model (None: they can)."""
     if config.activation_function not in ("gelu_new", "gelu_pytorch_tanh"):
         return f"activation_function={config.activation_function}"
-    for flag, want in (("scale_attn_weights", True), ("scale_attn_by_inverse_layer_idx", False),
-                       ("reorder_and_upcast_attn", False), ("add_cross_attention", False)):
+    for flag, want in (
+        ("scale_attn_weights", True),
+        ("scale_attn_by_inverse_layer_idx", False),
+        ("reorder_and_upcast_attn", False),
+        ("add_cross_attention", False),
+    ):
         if bool(getattr(config, flag, want)) != want:
             return f"{flag}={getattr(config, flag)}"
     return None
@@ -66,32 +70,53 @@ def build_graph(model, kind: str = "fused", opset: int = 17) -> onnx.ModelProto:
 
     const("split3", [e, e, e])
 
-    x = node("Add", [node("Gather", [weight("transformer.wte.weight"), "input_ids"], "tok"),
-                     node("Gather", [weight("transformer.wpe.weight"), "position_ids"], "pos")], "x0")
+    x = node(
+        "Add",
+        [
+            node("Gather", [weight("transformer.wte.weight"), "input_ids"], "tok"),
+            node("Gather", [weight("transformer.wpe.weight"), "position_ids"], "pos"),
+        ],
+        "x0",
+    )
     # key j is visible to query i iff it is real and j <= past + i
     if fused:  # MultiHeadAttention applies both: the padding mask as int32 [b, T], causality by unidirectional=1
         padding = node("Cast", ["attention_mask"], "key_padding_mask", to=TensorProto.INT32)
     else:  # one additive mask [b, 1, s, T] for every layer
-        const("zero", 0); const("one", 1); const("axes0", [0]); const("axes1", [1]); const("axes12", [1, 2])
-        const("f_zero", 0.0, np.float32); const("f_min", np.finfo(np.float32).min, np.float32)
+        const("zero", 0)
+        const("one", 1)
+        const("axes0", [0])
+        const("axes1", [1])
+        const("axes12", [1, 2])
+        const("f_zero", 0.0, np.float32)
+        const("f_min", np.finfo(np.float32).min, np.float32)
         seq = node("Gather", [node("Shape", ["input_ids"], "ids_shape"), "one"], "seq", axis=0)
         total = node("Gather", [node("Shape", ["attention_mask"], "mask_shape"), "one"], "total", axis=0)
         kpos = node("Unsqueeze", [node("Range", ["zero", total, "one"], "kpos"), "axes0"], "kpos_row")
-        qpos = node("Unsqueeze", [node("Range", [node("Sub", [total, seq], "past_len"), total, "one"], "qpos"),
-                                  "axes1"], "qpos_col")
+        qpos = node(
+            "Unsqueeze",
+            [node("Range", [node("Sub", [total, seq], "past_len"), total, "one"], "qpos"), "axes1"],
+            "qpos_col",
+        )
         real = node("Unsqueeze", [node("Greater", ["attention_mask", "zero"], "real"), "axes12"], "real4")
         allowed = node("And", [node("LessOrEqual", [kpos, qpos], "causal"), real], "allowed")
         bias = node("Where", [allowed, "f_zero", "f_min"], "bias")
 
     def layernorm(x, prefix, out):
-        return node("LayerNormalization", [x, weight(f"{prefix}.weight"), weight(f"{prefix}.bias")], out,
-                    axis=-1, epsilon=eps)
+        return node(
+            "LayerNormalization", [x, weight(f"{prefix}.weight"), weight(f"{prefix}.bias")], out, axis=-1, epsilon=eps
+        )
 
     def residual_layernorm(x, delta, delta_bias, prefix, out):
         """(layernorm(x + delta + delta_bias), x + delta + delta_bias)."""
         if fused:
-            node("SkipLayerNormalization", [delta, x, weight(f"{prefix}.weight"), weight(f"{prefix}.bias"), delta_bias],
-                 out, outputs=[out, "", "", f"{out}_sum"], domain=CONTRIB, epsilon=eps)
+            node(
+                "SkipLayerNormalization",
+                [delta, x, weight(f"{prefix}.weight"), weight(f"{prefix}.bias"), delta_bias],
+                out,
+                outputs=[out, "", "", f"{out}_sum"],
+                domain=CONTRIB,
+                epsilon=eps,
+            )
             return out, f"{out}_sum"
         x = node("Add", [x, node("Add", [delta, delta_bias], f"{out}_delta")], f"{out}_sum")
         return layernorm(x, prefix, out), x
@@ -104,16 +129,38 @@ def build_graph(model, kind: str = "fused", opset: int = 17) -> onnx.ModelProto:
             qkv = node("Add", [qkv, qkv_bias], f"l{i}_qkv_b")
         node("Split", [qkv, "split3"], f"l{i}_split", outputs=[f"l{i}_q0", f"l{i}_k0", f"l{i}_v0"], axis=2)
         if fused:
-            return node("MultiHeadAttention", [f"l{i}_q0", f"l{i}_k0", f"l{i}_v0", qkv_bias, padding, "",
-                                               past_key, past_value],
-                        f"l{i}_y", outputs=[f"l{i}_y", f"present.{i}.key", f"present.{i}.value"], domain=CONTRIB,
-                        num_heads=nh, unidirectional=1)
-        q, k, v = (node("Transpose", [node("Reshape", [f"l{i}_{t}0", "heads_shape"], f"l{i}_{t}_r")], f"l{i}_{t}",
-                        perm=[0, 2, 1, 3]) for t in "qkv")
+            return node(
+                "MultiHeadAttention",
+                [f"l{i}_q0", f"l{i}_k0", f"l{i}_v0", qkv_bias, padding, "", past_key, past_value],
+                f"l{i}_y",
+                outputs=[f"l{i}_y", f"present.{i}.key", f"present.{i}.value"],
+                domain=CONTRIB,
+                num_heads=nh,
+                unidirectional=1,
+            )
+        q, k, v = (
+            node(
+                "Transpose",
+                [node("Reshape", [f"l{i}_{t}0", "heads_shape"], f"l{i}_{t}_r")],
+                f"l{i}_{t}",
+                perm=[0, 2, 1, 3],
+            )
+            for t in "qkv"
+        )
         k = node("Concat", [past_key, k], f"present.{i}.key", axis=2)
         v = node("Concat", [past_value, v], f"present.{i}.value", axis=2)
-        scores = node("Add", [node("Mul", [node("MatMul", [q, node("Transpose", [k], f"l{i}_kt", perm=[0, 1, 3, 2])],
-                                                f"l{i}_qk"), "scale"], f"l{i}_scaled"), bias], f"l{i}_scores")
+        scores = node(
+            "Add",
+            [
+                node(
+                    "Mul",
+                    [node("MatMul", [q, node("Transpose", [k], f"l{i}_kt", perm=[0, 1, 3, 2])], f"l{i}_qk"), "scale"],
+                    f"l{i}_scaled",
+                ),
+                bias,
+            ],
+            f"l{i}_scores",
+        )
         y = node("MatMul", [node("Softmax", [scores], f"l{i}_att", axis=-1), v], f"l{i}_av")
         return node("Reshape", [node("Transpose", [y], f"l{i}_yt", perm=[0, 2, 1, 3]), "merge_shape"], f"l{i}_y")
 
@@ -124,14 +171,23 @@ def build_graph(model, kind: str = "fused", opset: int = 17) -> onnx.ModelProto:
         g = node("Add", [f, f_bias], f"l{i}_fc_b")
         g3 = node("Mul", [node("Mul", [g, g], f"l{i}_g2"), g], f"l{i}_g3")
         inner = node("Mul", [node("Add", [g, node("Mul", [g3, "g_k"], f"l{i}_kg3")], f"l{i}_sum"), "g_c"], f"l{i}_in")
-        return node("Mul", [node("Mul", [g, "g_half"], f"l{i}_hg"),
-                            node("Add", [node("Tanh", [inner], f"l{i}_tanh"), "g_one"], f"l{i}_1t")], f"l{i}_gelu")
+        return node(
+            "Mul",
+            [
+                node("Mul", [g, "g_half"], f"l{i}_hg"),
+                node("Add", [node("Tanh", [inner], f"l{i}_tanh"), "g_one"], f"l{i}_1t"),
+            ],
+            f"l{i}_gelu",
+        )
 
     if not fused:
-        const("heads_shape", [0, 0, nh, hd]); const("merge_shape", [0, 0, e])
+        const("heads_shape", [0, 0, nh, hd])
+        const("merge_shape", [0, 0, e])
         const("scale", 1.0 / np.sqrt(hd), np.float32)
-        const("g_half", 0.5, np.float32); const("g_one", 1.0, np.float32)
-        const("g_c", np.sqrt(2.0 / np.pi), np.float32); const("g_k", 0.044715, np.float32)
+        const("g_half", 0.5, np.float32)
+        const("g_one", 1.0, np.float32)
+        const("g_c", np.sqrt(2.0 / np.pi), np.float32)
+        const("g_k", 0.044715, np.float32)
 
     past_in, present_out = [], []
     h = layernorm(x, "transformer.h.0.ln_1", "l0_ln1")
@@ -153,9 +209,11 @@ def build_graph(model, kind: str = "fused", opset: int = 17) -> onnx.ModelProto:
     node("MatMul", [h, init("lm_head.weight.T", head.T)], "logits")
 
     f32 = TensorProto.FLOAT
-    inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "seq"]),
-              helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch", "total"]),
-              helper.make_tensor_value_info("position_ids", TensorProto.INT64, ["batch", "seq"])]
+    inputs = [
+        helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "seq"]),
+        helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch", "total"]),
+        helper.make_tensor_value_info("position_ids", TensorProto.INT64, ["batch", "seq"]),
+    ]
     inputs += [helper.make_tensor_value_info(n, f32, ["batch", nh, "past", hd]) for n in past_in]
     outputs = [helper.make_tensor_value_info("logits", f32, ["batch", "seq", cfg.vocab_size])]
     outputs += [helper.make_tensor_value_info(n, f32, ["batch", nh, "total", hd]) for n in present_out]
@@ -186,8 +244,9 @@ def slot_graph(model: onnx.ModelProto) -> onnx.ModelProto:
     graph = model.graph
     attention = [n for n in graph.node if n.op_type == "MultiHeadAttention" and n.domain == CONTRIB]
     if not attention:
-        raise ValueError("it has no MultiHeadAttention nodes: it is not penwright's fused graph "
-                         "(export with export.graph=fused)")
+        raise ValueError(
+            "it has no MultiHeadAttention nodes: it is not penwright's fused graph (export with export.graph=fused)"
+        )
     producers = {out: n for n in graph.node for out in n.output}
     nh = next(a.i for a in attention[0].attribute if a.name == "num_heads")
     past_info = next(i for i in graph.input if i.name == attention[0].input[6])
@@ -203,9 +262,15 @@ def slot_graph(model: onnx.ModelProto) -> onnx.ModelProto:
         biased = f"{mha.name}_qkv_biased"
         replace[id(mha)] = [
             helper.make_node("Add", [qkv, mha.input[3]], [biased], name=biased),
-            helper.make_node("GroupQueryAttention", [biased, "", "", mha.input[6], mha.input[7], "seqlens_k",
-                                                     "total_sequence_length"], list(mha.output),
-                             name=f"{mha.name}_gqa", domain=CONTRIB, num_heads=nh, kv_num_heads=nh),
+            helper.make_node(
+                "GroupQueryAttention",
+                [biased, "", "", mha.input[6], mha.input[7], "seqlens_k", "total_sequence_length"],
+                list(mha.output),
+                name=f"{mha.name}_gqa",
+                domain=CONTRIB,
+                num_heads=nh,
+                kv_num_heads=nh,
+            ),
         ]
         drop.add(id(split))
     for n in graph.node:
@@ -234,9 +299,11 @@ def slot_graph(model: onnx.ModelProto) -> onnx.ModelProto:
     for info in inputs + list(graph.output):
         if info.name.startswith(("past_key_values.", "present.")):
             info.type.tensor_type.shape.dim[2].dim_param = "capacity"
-    inputs += [helper.make_tensor_value_info("seqlens_k", TensorProto.INT32, ["batch"]),
-               helper.make_tensor_value_info("total_sequence_length", TensorProto.INT32, [1]),
-               helper.make_tensor_value_info("last_index", TensorProto.INT64, ["batch", 1])]
+    inputs += [
+        helper.make_tensor_value_info("seqlens_k", TensorProto.INT32, ["batch"]),
+        helper.make_tensor_value_info("total_sequence_length", TensorProto.INT32, [1]),
+        helper.make_tensor_value_info("last_index", TensorProto.INT64, ["batch", 1]),
+    ]
     del graph.input[:]
     graph.input.extend(inputs)
     logits = graph.output[0].type.tensor_type.shape.dim[1]

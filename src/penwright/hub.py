@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import os
 import socket
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, TypeVar
+from typing import TypeVar
 from urllib.parse import urlparse
 
 from penwright.errors import PenwrightError
@@ -43,8 +44,11 @@ def load_pretrained(name_or_path: str, loader: Callable[..., T], what: str, key:
         if not local.is_dir():
             raise PenwrightError(f"{key}={name_or_path}: is a file; give the directory saved with save_pretrained")
         try:
-            return load_dir(local, loader, f"save the {what} there again with save_pretrained, or download it again "
-                                           f"({key}={name_or_path})")
+            return load_dir(
+                local,
+                loader,
+                f"save the {what} there again with save_pretrained, or download it again ({key}={name_or_path})",
+            )
         except (OSError, ValueError) as err:
             raise PenwrightError(
                 f"{key}={name_or_path}: cannot load a {what} from this directory ({err}). "

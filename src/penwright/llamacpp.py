@@ -38,8 +38,10 @@ def gguf_types(value, key: str = "export.gguf") -> list[str]:
     types = [value] if isinstance(value, str) else list(value)
     for t in types:
         if t not in TYPES:
-            raise ConfigError(f"{key}={types}: {t!r} is not a GGUF type penwright writes; use any of "
-                              f"{', '.join(TYPES)} (or [] for none)")
+            raise ConfigError(
+                f"{key}={types}: {t!r} is not a GGUF type penwright writes; use any of "
+                f"{', '.join(TYPES)} (or [] for none)"
+            )
     return list(dict.fromkeys(types))
 
 
@@ -58,15 +60,19 @@ def why_not(config, tokenizer_json: dict, types: list[str]) -> str | None:
         return f"n_embd={config.n_embd} is not a multiple of n_head={config.n_head}"
     inner = config.n_inner or 4 * config.n_embd
     if any(t.startswith("q") for t in types) and (config.n_embd % BLOCK or inner % BLOCK):
-        return (f"q8_0/q4_0 quantize blocks of {BLOCK} weights, and n_embd={config.n_embd} or the MLP width "
-                f"{inner} is not a multiple of {BLOCK}: use f16 or f32")
+        return (
+            f"q8_0/q4_0 quantize blocks of {BLOCK} weights, and n_embd={config.n_embd} or the MLP width "
+            f"{inner} is not a multiple of {BLOCK}: use f16 or f32"
+        )
     why = _why_not_tokenizer(tokenizer_json)
     if why:
         return why
     top = max(_vocab(tokenizer_json).values(), default=-1)
     if top >= config.vocab_size:
-        return (f"its tokenizer has ids up to {top} but the model's vocabulary is {config.vocab_size}: "
-                "they come from different models")
+        return (
+            f"its tokenizer has ids up to {top} but the model's vocabulary is {config.vocab_size}: "
+            "they come from different models"
+        )
     if eos_id(config, tokenizer_json) is None:
         return "it has no end-of-text token (no eos_token_id in config.json, no <|endoftext|> in the tokenizer)"
     return None
@@ -74,7 +80,10 @@ def why_not(config, tokenizer_json: dict, types: list[str]) -> str | None:
 
 def _vocab(tokenizer_json: dict) -> dict[str, int]:
     """Every token's id: the BPE vocabulary and the added tokens."""
-    return {**tokenizer_json["model"].get("vocab", {}), **{t["content"]: t["id"] for t in tokenizer_json.get("added_tokens", [])}}
+    return {
+        **tokenizer_json["model"].get("vocab", {}),
+        **{t["content"]: t["id"] for t in tokenizer_json.get("added_tokens", [])},
+    }
 
 
 def eos_id(config, tokenizer_json: dict) -> int | None:
@@ -86,8 +95,12 @@ def eos_id(config, tokenizer_json: dict) -> int | None:
 
 def _why_not_tokenizer(tok: dict) -> str | None:
     model, pre = tok.get("model") or {}, tok.get("pre_tokenizer") or {}
-    if model.get("type") != "BPE" or model.get("byte_fallback") or model.get("continuing_subword_prefix") \
-            or model.get("end_of_word_suffix"):
+    if (
+        model.get("type") != "BPE"
+        or model.get("byte_fallback")
+        or model.get("continuing_subword_prefix")
+        or model.get("end_of_word_suffix")
+    ):
         return "its tokenizer is not a plain byte-level BPE (llama.cpp's gpt2 tokenizer is)"
     if model.get("dropout"):
         return f"its BPE drops merges at random (dropout={model['dropout']}), which llama.cpp does not"
@@ -97,8 +110,12 @@ def _why_not_tokenizer(tok: dict) -> str | None:
     if tok.get("normalizer"):
         return f"its tokenizer normalizes text first ({tok['normalizer'].get('type')}), which llama.cpp's gpt2 does not"
     steps = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
-    if len(steps) != 1 or steps[0].get("type") != "ByteLevel" or not steps[0].get("use_regex", True) \
-            or steps[0].get("add_prefix_space"):
+    if (
+        len(steps) != 1
+        or steps[0].get("type") != "ByteLevel"
+        or not steps[0].get("use_regex", True)
+        or steps[0].get("add_prefix_space")
+    ):
         return "its pre-tokenizer is not GPT-2's (ByteLevel with GPT-2's regex, no prefix space)"
     return None
 
@@ -122,8 +139,9 @@ def tokenizer_metadata(tok: dict, vocab_size: int) -> dict:
             types.append(TokenType.UNUSED)
         else:
             # special tokens are control tokens; other added tokens are matched whole in the text, as transformers does
-            types.append(TokenType.CONTROL if i in special else TokenType.USER_DEFINED if i in added_ids
-                         else TokenType.NORMAL)
+            types.append(
+                TokenType.CONTROL if i in special else TokenType.USER_DEFINED if i in added_ids else TokenType.NORMAL
+            )
     merges = [m if isinstance(m, str) else " ".join(m) for m in tok["model"].get("merges", [])]
     return {"tokens": tokens, "types": types, "merges": merges}
 
@@ -133,10 +151,18 @@ def write_gguf(model, tokenizer_json: dict, path: Path, qtype: str, name: str = 
     import gguf
 
     cfg = model.config
-    qtypes = {"f32": gguf.GGMLQuantizationType.F32, "f16": gguf.GGMLQuantizationType.F16,
-              "q8_0": gguf.GGMLQuantizationType.Q8_0, "q4_0": gguf.GGMLQuantizationType.Q4_0}
-    ftypes = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
-              "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0, "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0}
+    qtypes = {
+        "f32": gguf.GGMLQuantizationType.F32,
+        "f16": gguf.GGMLQuantizationType.F16,
+        "q8_0": gguf.GGMLQuantizationType.Q8_0,
+        "q4_0": gguf.GGMLQuantizationType.Q4_0,
+    }
+    ftypes = {
+        "f32": gguf.LlamaFileType.ALL_F32,
+        "f16": gguf.LlamaFileType.MOSTLY_F16,
+        "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
+        "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0,
+    }
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.GPT2, cfg.n_layer)
     arch = gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.GPT2]
     vocab = tokenizer_metadata(tokenizer_json, cfg.vocab_size)
@@ -196,8 +222,9 @@ def check_gguf(config, tokenizer_dir: Path, types: list[str]) -> dict:
     tokenizer_json = read_tokenizer_json(tokenizer_dir)
     why = why_not(config, tokenizer_json, types)
     if why:
-        raise ConfigError(f"export.gguf={types}: llama.cpp cannot run this model ({why}); "
-                          "set export.gguf=[] to export ONNX only")
+        raise ConfigError(
+            f"export.gguf={types}: llama.cpp cannot run this model ({why}); set export.gguf=[] to export ONNX only"
+        )
     return tokenizer_json
 
 
@@ -209,18 +236,23 @@ def export_gguf(model, tokenizer_dir: Path, out_dir: Path, types: list[str]) -> 
     tokenizer_json = check_gguf(model.config, tokenizer_dir, types)
     written = [write_gguf(model, tokenizer_json, out_dir / gguf_name(t), t) for t in types]  # the same bytes every time
     eos = eos_id(model.config, tokenizer_json)
-    write_modelfile(out_dir / "Modelfile", gguf_name(types[0]), next(t for t, i in _vocab(tokenizer_json).items() if i == eos))
+    write_modelfile(
+        out_dir / "Modelfile", gguf_name(types[0]), next(t for t, i in _vocab(tokenizer_json).items() if i == eos)
+    )
     return written
 
 
 def write_modelfile(path: Path, gguf_file: str, eos: str) -> None:
     """An Ollama Modelfile beside the GGUF: the prompt goes in as plain text (GPT-2 has no chat template)
     and generation stops at the end-of-text token. ``ollama create <name> -f Modelfile`` in that folder."""
-    path.write_text(f"# ollama create <name> -f Modelfile   (in this folder), then: ollama run <name> \"Your prompt\"\n"
-                    f"FROM ./{gguf_file}\n"
-                    'TEMPLATE """{{ .Prompt }}"""\n'
-                    f'PARAMETER stop "{eos}"\n'
-                    "PARAMETER temperature 0.8\n", encoding="utf-8")
+    path.write_text(
+        f'# ollama create <name> -f Modelfile   (in this folder), then: ollama run <name> "Your prompt"\n'
+        f"FROM ./{gguf_file}\n"
+        'TEMPLATE """{{ .Prompt }}"""\n'
+        f'PARAMETER stop "{eos}"\n'
+        "PARAMETER temperature 0.8\n",
+        encoding="utf-8",
+    )
 
 
 def read_tokenizer_json(tokenizer_dir: Path) -> dict:
@@ -241,8 +273,10 @@ def load_llama(path: Path, *, repack: bool = True, **kwargs):
         import llama_cpp
         import llama_cpp.llama as module
     except ImportError as e:
-        raise PenwrightError(f"llama-cpp-python is not installed ({e}); install the dev extras: "
-                             "pip install -c constraints.txt -e '.[dev]'") from None
+        raise PenwrightError(
+            f"llama-cpp-python is not installed ({e}); install the dev extras: "
+            "pip install -c constraints.txt -e '.[dev]'"
+        ) from None
     kwargs.setdefault("verbose", False)
     if repack:
         return llama_cpp.Llama(model_path=str(path), **kwargs)

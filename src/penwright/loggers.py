@@ -31,7 +31,9 @@ def wandb_mode() -> str:
             return "online"
     except (FileNotFoundError, netrc.NetrcParseError):
         pass
-    log("no W&B login found (WANDB_API_KEY or `wandb login`): logging offline; `wandb sync wandb/offline-run-*` uploads later")
+    log(
+        "no W&B login found (WANDB_API_KEY or `wandb login`): logging offline; `wandb sync wandb/offline-run-*` uploads later"
+    )
     return "offline"
 
 
@@ -39,8 +41,9 @@ def run_metadata(cfg: schema.Config) -> dict:
     """What the W&B run config holds beside the resolved config: git commit, data version."""
     meta = {"config": cfg.to_dict()}
     try:
-        meta["git_commit"] = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                                            check=True).stdout.strip()
+        meta["git_commit"] = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True
+        ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         meta["git_commit"] = None
     dvc_file = Path("data.dvc")

@@ -24,9 +24,7 @@ from penwright.hub import load_pretrained
 def build_model(model_cfg: schema.Model, vocab_size: int, eos_token_id: int, block_size: int) -> GPT2LMHeadModel:
     """A GPT-2 from ``model.name_or_path`` (hub name or local dir), or a new one of the configured sizes."""
     if model_cfg.get("name_or_path"):
-        model = load_pretrained(
-            model_cfg.name_or_path, GPT2LMHeadModel.from_pretrained, "model", "model.name_or_path"
-        )
+        model = load_pretrained(model_cfg.name_or_path, GPT2LMHeadModel.from_pretrained, "model", "model.name_or_path")
         if vocab_size > model.config.vocab_size:
             raise ConfigError(
                 f"model.name_or_path={model_cfg.name_or_path}: the prepared tokenizer has {vocab_size} tokens but the "
@@ -100,7 +98,9 @@ class LitGPT2(L.LightningModule):
         for config in self.trainer.lr_scheduler_configs:
             scheduler = config.scheduler
             scheduler.base_lrs = [lr for _ in scheduler.base_lrs]
-            for group, factor in zip(scheduler.optimizer.param_groups, [f(scheduler.last_epoch) for f in scheduler.lr_lambdas]):
+            for group, factor in zip(
+                scheduler.optimizer.param_groups, [f(scheduler.last_epoch) for f in scheduler.lr_lambdas]
+            ):
                 group["initial_lr"] = lr
                 group["lr"] = lr * factor
                 if group["weight_decay"]:
@@ -120,15 +120,19 @@ class LitGPT2(L.LightningModule):
             from pathlib import Path
 
             last = Path(self.cfg.ckpt_dir) / "last.ckpt"
-            kept = (f"the last good checkpoint is kept: {last}" if last.is_file()
-                    else f"no checkpoint was written yet in {self.cfg.ckpt_dir}")
+            kept = (
+                f"the last good checkpoint is kept: {last}"
+                if last.is_file()
+                else f"no checkpoint was written yet in {self.cfg.ckpt_dir}"
+            )
             raise PenwrightError(
                 f"the training loss is {loss.item()} at step {self.global_step}: stopping; {kept}. "
                 f"Lower train.lr, or check the data"
             )
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False)
-        self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=True, on_epoch=False,
-                 rank_zero_only=True)  # the lr this step uses
+        self.log(
+            "lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=True, on_epoch=False, rank_zero_only=True
+        )  # the lr this step uses
         return loss
 
     def on_train_batch_end(self, outputs, batch, batch_idx):
@@ -164,11 +168,12 @@ class LitGPT2(L.LightningModule):
                 continue
             # matrices decay; biases, LayerNorm gains and position embeddings do not
             (decay if p.dim() >= 2 and "wpe" not in name else no_decay).append(p)
-        groups = [{"params": decay, "weight_decay": cfg.weight_decay},
-                  {"params": no_decay, "weight_decay": 0.0}]
+        groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
         fused = torch.cuda.is_available() and self.device.type == "cuda"
         optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), fused=fused or None)
-        total = int(cfg.get("decay_steps") or self.trainer.max_steps)  # fixed decay_steps: chunked runs share one schedule
+        total = int(
+            cfg.get("decay_steps") or self.trainer.max_steps
+        )  # fixed decay_steps: chunked runs share one schedule
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lr_lambda(cfg.warmup_steps, total, cfg.schedule, cfg.min_lr_ratio)
         )
@@ -182,7 +187,9 @@ def lr_lambda(warmup: int, total: int, schedule: str, min_ratio: float):
     if not 0 <= min_ratio <= 1:
         raise ConfigError(f"train.min_lr_ratio={min_ratio}: use a ratio in [0, 1]")
     if warmup < 0 or total < 1:
-        raise ConfigError(f"train.warmup_steps={warmup}, decay over {total} steps: use warmup >= 0 and a positive length")
+        raise ConfigError(
+            f"train.warmup_steps={warmup}, decay over {total} steps: use warmup >= 0 and a positive length"
+        )
 
     def f(step: int) -> float:
         if step < warmup:

@@ -22,19 +22,28 @@ import json
 import sys
 import time
 from collections import deque
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 from tqdm import tqdm
 
 from penwright import copies, schema
-from penwright.log import get_logger
 from penwright.corpus import CorpusSpec, Source, iter_documents, scan
 from penwright.fsutil import staged_dir
-from penwright.tokenizer import (BYTES_VOCAB, BatchEncoder, byte_tokenizer, check_config, fast_encoder,
-                                 limit_bytes, load_pretrained_tokenizer, tokenizers_batch, train_bpe)
+from penwright.log import get_logger
+from penwright.tokenizer import (
+    BYTES_VOCAB,
+    BatchEncoder,
+    byte_tokenizer,
+    check_config,
+    fast_encoder,
+    limit_bytes,
+    load_pretrained_tokenizer,
+    tokenizers_batch,
+    train_bpe,
+)
 
 META_VERSION = 1
 TOKENIZER_DIR = "tokenizer"
@@ -178,8 +187,7 @@ def prepare(cfg: schema.Config) -> dict:
                 "bytes": total_bytes,
                 "md5": _md5_lines(f"{s.path.as_posix()} {s.md5}" for s in sources),
             },
-            "split": {"by": "tokens" if single else "documents", "val_fraction": val_fraction,
-                      "seed": data.split_seed},
+            "split": {"by": "tokens" if single else "documents", "val_fraction": val_fraction, "seed": data.split_seed},
             **{s: vars(stats[s]) for s in SPLITS},
         }
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
@@ -236,8 +244,16 @@ def _tokenize(sources, spec, encode, eos, is_val, writers, total_bytes) -> dict[
     texts: list[str] = []
     in_flight: deque = deque()  # (entries, wait for their ids) of batches sent to the encoder, oldest first
     pending = 0
-    bar = tqdm(total=total_bytes, unit="B", unit_scale=True, unit_divisor=1024, desc="tokenize",
-               mininterval=0.5, file=sys.stderr, dynamic_ncols=True)
+    bar = tqdm(
+        total=total_bytes,
+        unit="B",
+        unit_scale=True,
+        unit_divisor=1024,
+        desc="tokenize",
+        mininterval=0.5,
+        file=sys.stderr,
+        dynamic_ncols=True,
+    )
 
     last = {s: None for s in SPLITS}  # the last id written to each split
 
@@ -294,7 +310,7 @@ def _split_tokens(tmp: Path, dtype: np.dtype, val_fraction: float, stats, tokeni
     if n_val == 0:
         return
     tokens = np.memmap(train_path, dtype=dtype, mode="r")
-    tail = np.array(tokens[n - n_val:])
+    tail = np.array(tokens[n - n_val :])
     del tokens
     tail.tofile(val_path)
     with open(train_path, "r+b") as f:

@@ -16,9 +16,9 @@ CPU: ``Generator.provider`` says what actually ran.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Mapping
 
 import numpy as np
 
@@ -52,18 +52,23 @@ def read_beside_graph(path: Path, session) -> tuple[dict, object]:
         config = read_json(path / "config.json", fix)  # a damaged file: one line naming it
         tokenizer = load_tokenizer(path, fix)
     except (OSError, ValueError) as err:
-        raise PenwrightError(f"{path}: the tokenizer or config.json beside the graph cannot be read "
-                             f"({short(err, 300)}); re-export with `penwright export`") from None
+        raise PenwrightError(
+            f"{path}: the tokenizer or config.json beside the graph cannot be read "
+            f"({short(err, 300)}); re-export with `penwright export`"
+        ) from None
     vocab = session.get_outputs()[0].shape[-1]
     if isinstance(vocab, int) and len(tokenizer) > vocab:
-        raise PenwrightError(f"{path}: the tokenizer has {len(tokenizer)} tokens but the graph's vocab is {vocab}: "
-                             f"they come from different models; re-export with `penwright export`")
+        raise PenwrightError(
+            f"{path}: the tokenizer has {len(tokenizer)} tokens but the graph's vocab is {vocab}: "
+            f"they come from different models; re-export with `penwright export`"
+        )
     return config, tokenizer
 
 
 class Generator:
-    def __init__(self, session, tokenizer, config: dict, provider: str, device_id: int = 0,
-                 io_binding: bool | None = None):
+    def __init__(
+        self, session, tokenizer, config: dict, provider: str, device_id: int = 0, io_binding: bool | None = None
+    ):
         self.session = session
         self.tokenizer = tokenizer
         self.config = config
@@ -87,8 +92,15 @@ class Generator:
     # -- loading ----------------------------------------------------------------------------------
 
     @classmethod
-    def load(cls, path: str | Path, provider: str = "cpu", threads: int = 0, graph: str = GRAPH,
-             device_id: int = 0, io_binding: bool | None = None) -> "Generator":
+    def load(
+        cls,
+        path: str | Path,
+        provider: str = "cpu",
+        threads: int = 0,
+        graph: str = GRAPH,
+        device_id: int = 0,
+        io_binding: bool | None = None,
+    ) -> Generator:
         import onnxruntime as ort
 
         path = Path(path)
@@ -102,17 +114,22 @@ class Generator:
         if threads:
             options.intra_op_num_threads = int(threads)
         options.log_severity_level = 3
-        wanted = ([("CUDAExecutionProvider", {"device_id": device_id})] if provider == "cuda" else []) + \
-            ["CPUExecutionProvider"]
+        wanted = ([("CUDAExecutionProvider", {"device_id": device_id})] if provider == "cuda" else []) + [
+            "CPUExecutionProvider"
+        ]
         try:
             session = ort.InferenceSession(str(file), sess_options=options, providers=wanted)
         except Exception as err:  # onnxruntime raises its own types for a truncated or foreign file
-            raise PenwrightError(f"{file}: cannot be loaded by onnxruntime ({type(err).__name__}: "
-                                 f"{str(err).splitlines()[0][:300]}). Re-export it with `penwright export`") from None
+            raise PenwrightError(
+                f"{file}: cannot be loaded by onnxruntime ({type(err).__name__}: "
+                f"{str(err).splitlines()[0][:300]}). Re-export it with `penwright export`"
+            ) from None
         ran = "cuda" if session.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
         if provider == "cuda" and ran != "cuda":
-            get_logger("runtime").info("CUDA was asked for but onnxruntime fell back to CPU (no GPU, or CUDA/cuDNN "
-                                       "libraries missing): running on CPU")
+            get_logger("runtime").info(
+                "CUDA was asked for but onnxruntime fell back to CPU (no GPU, or CUDA/cuDNN "
+                "libraries missing): running on CPU"
+            )
         config, tokenizer = read_beside_graph(path, session)
         return cls(session, tokenizer, config, ran, device_id, io_binding)
 
@@ -157,17 +174,29 @@ class Generator:
     def encode(self, prompts: list[str]) -> tuple[np.ndarray, np.ndarray]:
         """Left-padded ids and mask; an empty prompt starts from <|endoftext|> (an unconditional sample)."""
         if not prompts:
-            raise ConfigError("no prompts: give at least one (\"\" for an unconditional sample)")
+            raise ConfigError('no prompts: give at least one ("" for an unconditional sample)')
         texts = [p if p else self.tokenizer.eos_token for p in prompts]
         enc = self.tokenizer(texts, return_tensors="np", padding=True, add_special_tokens=False)
         return enc["input_ids"].astype(np.int64), enc["attention_mask"].astype(np.int64)
 
-    def generate_ids(self, ids: np.ndarray, mask: np.ndarray, max_new_tokens: int, do_sample: bool = True,
-                     temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0,
-                     min_new_tokens: int = 0, seed: int | None = None, stop_at_eos: bool = True,
-                     use_cache: bool = True, stop: Callable[[int, np.ndarray], bool] | None = None,
-                     on_step: Callable[[np.ndarray], None] | None = None,
-                     keys: Mapping[str, str] | None = None) -> np.ndarray:
+    def generate_ids(
+        self,
+        ids: np.ndarray,
+        mask: np.ndarray,
+        max_new_tokens: int,
+        do_sample: bool = True,
+        temperature: float = 1.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        repetition_penalty: float = 1.0,
+        min_new_tokens: int = 0,
+        seed: int | None = None,
+        stop_at_eos: bool = True,
+        use_cache: bool = True,
+        stop: Callable[[int, np.ndarray], bool] | None = None,
+        on_step: Callable[[np.ndarray], None] | None = None,
+        keys: Mapping[str, str] | None = None,
+    ) -> np.ndarray:
         """New token ids [batch, n]; a finished row is padded with EOS.
 
         ``stop(row, new_ids)`` may end a row early (stop strings); ``on_step(tokens)`` sees each step's
@@ -227,9 +256,15 @@ class Generator:
                 step = self.forward(all_ids, mask, self.empty_past(batch))
         return out
 
-    def generate(self, prompts: list[str], max_new_tokens: int = 64, seed: int | None = None,
-                 stop_strings: list[str] | None = None, on_step: Callable[[np.ndarray], None] | None = None,
-                 **sampling) -> list[str]:
+    def generate(
+        self,
+        prompts: list[str],
+        max_new_tokens: int = 64,
+        seed: int | None = None,
+        stop_strings: list[str] | None = None,
+        on_step: Callable[[np.ndarray], None] | None = None,
+        **sampling,
+    ) -> list[str]:
         """The new text for each prompt (cut at EOS and before the first stop string)."""
         ids, mask = self.encode(prompts)
         stops = [s for s in (stop_strings or []) if s]
@@ -237,8 +272,9 @@ class Generator:
         def stop(row: int, new: np.ndarray) -> bool:
             return any(s in self.tokenizer.decode(new[-32:]) for s in stops)
 
-        new = self.generate_ids(ids, mask, max_new_tokens, seed=seed, stop=stop if stops else None,
-                                on_step=on_step, **sampling)
+        new = self.generate_ids(
+            ids, mask, max_new_tokens, seed=seed, stop=stop if stops else None, on_step=on_step, **sampling
+        )
         texts = []
         for row in new:
             row = row.tolist()

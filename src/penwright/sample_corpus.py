@@ -51,9 +51,7 @@ def read_bible(db: Path) -> list[tuple[str, list[tuple[int, int, str]]]]:
     """[(book title, [(chapter, verse, text), ...]), ...] in canonical order."""
     con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
     try:
-        books = con.execute(
-            "SELECT TestamentID, BookID, ShortName FROM Books ORDER BY TestamentID, BookID"
-        ).fetchall()
+        books = con.execute("SELECT TestamentID, BookID, ShortName FROM Books ORDER BY TestamentID, BookID").fetchall()
         out = []
         for testament, book, name in books:
             rows = con.execute(
@@ -62,7 +60,7 @@ def read_bible(db: Path) -> list[tuple[str, list[tuple[int, int, str]]]]:
                 (testament, book),
             ).fetchall()
             verses: list[tuple[int, int, str]] = []
-            for chapter, verse, p1, p2 in rows:
+            for _chapter, _verse, p1, p2 in rows:
                 text = " ".join(t.strip() for t in (p1, p2) if t and t.strip())
                 marks = list(_VERSE.finditer(text))
                 if not marks:  # a row without verse numbers: it continues the verse before it
@@ -72,7 +70,7 @@ def read_bible(db: Path) -> list[tuple[str, list[tuple[int, int, str]]]]:
                     continue
                 for i, m in enumerate(marks):
                     end = marks[i + 1].start() if i + 1 < len(marks) else len(text)
-                    body = " ".join(text[m.end():end].split())
+                    body = " ".join(text[m.end() : end].split())
                     if body:
                         verses.append((int(m.group(1)), int(m.group(2)), body))
             out.append((name, verses))
@@ -145,9 +143,7 @@ def materialize(data_dir: str | Path = "data", commit: bool = True) -> Path:
 def _dvc_commit(dvc_file: Path) -> None:
     """Put data/ into the DVC cache, but only when it is exactly what ``data.dvc`` records."""
     cwd = dvc_file.parent
-    status = subprocess.run(
-        ["dvc", "status", "--json", dvc_file.name], cwd=cwd, capture_output=True, text=True
-    )
+    status = subprocess.run(["dvc", "status", "--json", dvc_file.name], cwd=cwd, capture_output=True, text=True)
     if status.returncode != 0:
         raise PenwrightError(f"dvc status {dvc_file} failed: {status.stderr.strip()}")
     import json
@@ -155,10 +151,14 @@ def _dvc_commit(dvc_file: Path) -> None:
     report = json.loads(status.stdout or "{}")
     changes = [c for entry in report.get(dvc_file.name, []) for c in entry.get("changed outs", {}).values()]
     if any(c != "not in cache" for c in changes):
-        log(f"{dvc_file.parent / 'data'} differs from {dvc_file} (your own files are in data/?): "
-            f"not committing; run `dvc add data` when you mean to version it")
+        log(
+            f"{dvc_file.parent / 'data'} differs from {dvc_file} (your own files are in data/?): "
+            f"not committing; run `dvc add data` when you mean to version it"
+        )
         return
-    done = subprocess.run(["dvc", "commit", "--force", "--quiet", dvc_file.name], cwd=cwd, capture_output=True, text=True)
+    done = subprocess.run(
+        ["dvc", "commit", "--force", "--quiet", dvc_file.name], cwd=cwd, capture_output=True, text=True
+    )
     if done.returncode != 0:
         raise PenwrightError(f"dvc commit {dvc_file} failed: {done.stderr.strip()}")
     log(f"data/ matches {dvc_file.name} and is in the DVC cache")

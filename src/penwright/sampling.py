@@ -6,8 +6,8 @@ penalty, then temperature, top-k, top-p.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Mapping
 
 import numpy as np
 
@@ -34,7 +34,9 @@ class SamplingConfig:
             return config_key(self.keys, name)
 
         if self.do_sample and not self.temperature > 0:
-            raise ConfigError(f"{key('temperature')}={self.temperature}: must be > 0 when sampling (greedy: do_sample=false)")
+            raise ConfigError(
+                f"{key('temperature')}={self.temperature}: must be > 0 when sampling (greedy: do_sample=false)"
+            )
         if not 0 < self.top_p <= 1:
             raise ConfigError(f"{key('top_p')}={self.top_p}: must be in (0, 1]")
         if self.top_k < 0:
@@ -92,8 +94,9 @@ def _penalized(logits: np.ndarray, cfg: SamplingConfig, seen: np.ndarray | None)
     return apply_repetition_penalty(logits, seen, cfg.repetition_penalty) if seen is not None else logits
 
 
-def next_tokens(logits: np.ndarray, cfg: SamplingConfig, rng: np.random.Generator,
-                seen: np.ndarray | None = None) -> np.ndarray:
+def next_tokens(
+    logits: np.ndarray, cfg: SamplingConfig, rng: np.random.Generator, seen: np.ndarray | None = None
+) -> np.ndarray:
     """One token per row of ``logits`` [batch, vocab] (fp32), all rows drawing from ``rng``."""
     logits = _penalized(logits, cfg, seen)
     if not cfg.do_sample:
@@ -103,8 +106,9 @@ def next_tokens(logits: np.ndarray, cfg: SamplingConfig, rng: np.random.Generato
     return (cdf <= u).sum(axis=-1)  # the first token whose cdf passes u: never one of zero probability
 
 
-def next_tokens_per_row(logits: np.ndarray, cfg: SamplingConfig, rngs: list[np.random.Generator],
-                        seen: np.ndarray | None = None) -> np.ndarray:
+def next_tokens_per_row(
+    logits: np.ndarray, cfg: SamplingConfig, rngs: list[np.random.Generator], seen: np.ndarray | None = None
+) -> np.ndarray:
     """Like ``next_tokens``, but row ``i`` draws one number from ``rngs[i]``, and every step of the
     draw works row by row: each row gets exactly the token it would get sampled alone, so the rows of
     several requests share one batched call. With ``top_k``, only the k candidates (in token-id
@@ -114,7 +118,7 @@ def next_tokens_per_row(logits: np.ndarray, cfg: SamplingConfig, rngs: list[np.r
         return logits.argmax(axis=-1)
     ids = None
     if 0 < cfg.top_k < logits.shape[-1]:
-        ids = np.sort(np.argpartition(logits, -cfg.top_k, axis=-1)[:, -cfg.top_k:], axis=-1)
+        ids = np.sort(np.argpartition(logits, -cfg.top_k, axis=-1)[:, -cfg.top_k :], axis=-1)
         logits = np.take_along_axis(logits, ids, axis=-1)
     logits = filter_top_p(logits / cfg.temperature, cfg.top_p)
     cdf = np.cumsum(_softmax(logits).astype(np.float64), axis=-1)

@@ -14,7 +14,7 @@ result works the same whichever process composed it.
 from __future__ import annotations
 
 import re
-from typing import Annotated, Literal, Union
+from typing import Annotated, Literal
 
 from annotated_types import Ge, Gt, Le, Lt
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -101,7 +101,7 @@ class Model(Group):
     tokenizer: Tokenizer
 
     @model_validator(mode="after")
-    def _sizes(self) -> "Model":
+    def _sizes(self) -> Model:
         if self.name_or_path is None:
             for key in ("n_layer", "n_head", "n_embd", "n_positions"):
                 if getattr(self, key) is None:
@@ -109,8 +109,11 @@ class Model(Group):
             if self.n_embd % self.n_head:
                 raise _KeyError("model.n_embd", self.n_embd, f"not divisible by model.n_head={self.n_head}")
         if self.tokenizer.type == "pretrained" and not self.tokenizer.name_or_path:
-            raise _KeyError("model.tokenizer.name_or_path", None,
-                            "tokenizer type pretrained needs a hub name or local dir (or type bpe / bytes)")
+            raise _KeyError(
+                "model.tokenizer.name_or_path",
+                None,
+                "tokenizer type pretrained needs a hub name or local dir (or type bpe / bytes)",
+            )
         if self.tokenizer.type == "bpe":
             for key in ("vocab_size", "min_frequency", "train_max_bytes"):
                 if getattr(self.tokenizer, key) is None:
@@ -126,7 +129,7 @@ class Fsdp(Group):
 
 class Trainer(Group):
     accelerator: Literal["cpu", "gpu", "cuda", "mps", "auto"]
-    devices: Union[int, str]  # a count of devices, or auto
+    devices: int | str  # a count of devices, or auto
     num_nodes: Annotated[int, Field(ge=1, le=100_000)]
     strategy: Literal["auto", "ddp", "ddp_spawn", "ddp_find_unused_parameters_true", "fsdp"]
     precision: Literal["32-true", "32", "bf16-mixed", "bf16-true", "16-mixed", "16-true", "64-true"]
@@ -139,8 +142,11 @@ class Trainer(Group):
     @field_validator("devices")
     @classmethod
     def _devices(cls, value):
-        if isinstance(value, bool) or (isinstance(value, int) and not 1 <= value <= 4096) or \
-                (isinstance(value, str) and value != "auto"):
+        if (
+            isinstance(value, bool)
+            or (isinstance(value, int) and not 1 <= value <= 4096)
+            or (isinstance(value, str) and value != "auto")
+        ):
             raise ValueError("not a device count (allowed: 1 <= value <= 4096, or auto)")
         return value
 
@@ -306,7 +312,7 @@ class Config(Group):
     model: Model
     trainer: Trainer
     train: Train
-    logger: Annotated[Union[WandbLogger, NoLogger], Field(discriminator="kind")]
+    logger: Annotated[WandbLogger | NoLogger, Field(discriminator="kind")]
     sample: Sample
     export: Export
     generate: Generate
@@ -315,13 +321,16 @@ class Config(Group):
     chain: Chain | None = None  # experiment=wp_responses / wp_prompts only
 
     @model_validator(mode="after")
-    def _across_groups(self) -> "Config":
+    def _across_groups(self) -> Config:
         if self.trainer.strategy == "fsdp" and self.trainer.fsdp is None:
             raise _KeyError("trainer.fsdp", None, "strategy fsdp needs the fsdp block: use trainer=fsdp")
         if self.model.name_or_path is None and self.train.block_size > self.model.n_positions:
-            raise _KeyError("train.block_size", self.train.block_size,
-                            f"more than the model's context, model.n_positions={self.model.n_positions}: "
-                            f"set train.block_size={self.model.n_positions} or less")
+            raise _KeyError(
+                "train.block_size",
+                self.train.block_size,
+                f"more than the model's context, model.n_positions={self.model.n_positions}: "
+                f"set train.block_size={self.model.n_positions} or less",
+            )
         return self
 
 
@@ -390,12 +399,21 @@ def _one(e: dict, key: str, values: dict, item: int | None = None) -> str:
     allowed = allowed_values(key)
     shown = _lookup(values, key, value)
     reason = {
-        "greater_than": "out of range", "greater_than_equal": "out of range",
-        "less_than": "out of range", "less_than_equal": "out of range",
-        "literal_error": "not one of the choices", "union_tag_invalid": "not one of the choices",
-        "int_type": "not an integer", "int_from_float": "not an integer", "float_type": "not a number",
-        "bool_type": "not true or false", "string_type": "not a string", "list_type": "not a list",
-        "too_short": "too few items", "too_long": "too many items", "value_error": None,
+        "greater_than": "out of range",
+        "greater_than_equal": "out of range",
+        "less_than": "out of range",
+        "less_than_equal": "out of range",
+        "literal_error": "not one of the choices",
+        "union_tag_invalid": "not one of the choices",
+        "int_type": "not an integer",
+        "int_from_float": "not an integer",
+        "float_type": "not a number",
+        "bool_type": "not true or false",
+        "string_type": "not a string",
+        "list_type": "not a list",
+        "too_short": "too few items",
+        "too_long": "too many items",
+        "value_error": None,
     }.get(kind, None)
     if reason is None:
         return f"{key}={shown!r}: {e['msg'].removeprefix('Value error, ')}"

@@ -9,10 +9,9 @@ saved with ``save_pretrained`` so that ``AutoTokenizer.from_pretrained(dir)`` lo
 
 from __future__ import annotations
 
-from typing import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import numpy as np
-
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from penwright.errors import ConfigError, PenwrightError
@@ -55,8 +54,13 @@ def check_config(tok_cfg) -> None:
 
 def load_pretrained_tokenizer(name_or_path: str) -> PreTrainedTokenizerFast:
     """GPT-2's tokenizer (or any fast tokenizer) from a hub name or a local directory."""
-    tok = load_pretrained(name_or_path, AutoTokenizer.from_pretrained, "tokenizer", "model.tokenizer.name_or_path",
-                          extra=" (or model.name_or_path=DIR, which sets the model and its tokenizer)")
+    tok = load_pretrained(
+        name_or_path,
+        AutoTokenizer.from_pretrained,
+        "tokenizer",
+        "model.tokenizer.name_or_path",
+        extra=" (or model.name_or_path=DIR, which sets the model and its tokenizer)",
+    )
     if not getattr(tok, "is_fast", False):
         raise PenwrightError(f"model.tokenizer.name_or_path={name_or_path}: a fast (Rust) tokenizer is needed")
     if tok.eos_token_id is None:
@@ -156,7 +160,7 @@ class BatchEncoder:
     def close(self) -> None:
         self.pool.shutdown(wait=True, cancel_futures=True)
 
-    def __enter__(self) -> "BatchEncoder":
+    def __enter__(self) -> BatchEncoder:
         return self
 
     def __exit__(self, *exc) -> None:

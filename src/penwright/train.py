@@ -40,32 +40,44 @@ def train(cfg: schema.Config, *, untimed_steps: int = 0) -> dict:
     meta = load_meta(prepared)
     tokenizer = PreparedData.load_tokenizer(prepared)  # same files online or off; a damaged one: a one-line error
     L.seed_everything(cfg.seed, workers=True, verbose=False)
-    data = PreparedData(prepared, tcfg.block_size, tcfg.batch_size, cfg.seed, tcfg.val_batches,
-                        cfg.trainer.accumulate_grad_batches)
+    data = PreparedData(
+        prepared, tcfg.block_size, tcfg.batch_size, cfg.seed, tcfg.val_batches, cfg.trainer.accumulate_grad_batches
+    )
     model = build_model(cfg.model, len(tokenizer), int(tokenizer.eos_token_id), tcfg.block_size)
     module = LitGPT2(model, tcfg, data.bytes_per_token)
-    log(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
+    log(
+        f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
         f"{'from ' + cfg.model.name_or_path if cfg.model.name_or_path else 'from scratch'}; "
-        f"train split {data.train_tokens.size:,} tokens")
+        f"train split {data.train_tokens.size:,} tokens"
+    )
     check_run(cfg, data)  # every check runs before any file is touched
     strategy = build_strategy(cfg.trainer)
 
     resume_from = resume_point(ckpt_dir, _fingerprint(cfg, meta)) if tcfg.resume else None
     if global_rank() == 0:  # other ranks start while rank 0 trains: they must not touch its files
-        prepare_ckpt_dir(ckpt_dir, _fingerprint(cfg, meta), fresh=resume_from is None,
-                         stale=[reports / "samples", reports / "curves"])
+        prepare_ckpt_dir(
+            ckpt_dir,
+            _fingerprint(cfg, meta),
+            fresh=resume_from is None,
+            stale=[reports / "samples", reports / "curves"],
+        )
     if tcfg.auto_batch_size:
         choose_micro_batch(cfg, module, data, ckpt_dir, resuming=resume_from is not None)
 
     periodic, best = checkpoints(ckpt_dir, tcfg.ckpt_every_n_steps, tcfg.keep_all_checkpoints)
-    callbacks = Callbacks(throughput=Throughput(skip_steps=untimed_steps), periodic=periodic, best=best,
-                          samples=SampleCallback(cfg.sample, tokenizer, data.val_tokens, reports / "samples"),
-                          curves=CurveWriter(reports / "curves", cfg.trainer.log_every_n_steps))
+    callbacks = Callbacks(
+        throughput=Throughput(skip_steps=untimed_steps),
+        periodic=periodic,
+        best=best,
+        samples=SampleCallback(cfg.sample, tokenizer, data.val_tokens, reports / "samples"),
+        curves=CurveWriter(reports / "curves", cfg.trainer.log_every_n_steps),
+    )
     loggers = build_loggers(cfg, ckpt_dir, resume_from is not None)
     if tcfg.auto_batch_size:
         for logger in loggers:  # the run's config says which split ran
-            logger.log_hyperparams({"auto_batch_size": {"micro_batch": data.batch_size,
-                                                        "accumulate_grad_batches": data.accumulate}})
+            logger.log_hyperparams(
+                {"auto_batch_size": {"micro_batch": data.batch_size, "accumulate_grad_batches": data.accumulate}}
+            )
     trainer = build_trainer(cfg, strategy, callbacks, loggers, data.accumulate)
     if tcfg.compile:
         module.model = torch.compile(module.model)
@@ -95,9 +107,11 @@ def check_run(cfg: schema.Config, data: PreparedData) -> None:
         )
     lr_lambda(tcfg.warmup_steps, tcfg.decay_steps or cfg.trainer.max_steps, tcfg.schedule, tcfg.min_lr_ratio)
     if tcfg.auto_batch_size and (str(cfg.trainer.devices) not in ("1", "auto") or cfg.trainer.num_nodes > 1):
-        raise ConfigError(f"train.auto_batch_size=true with trainer.devices={cfg.trainer.devices}, trainer.num_nodes="
-                          f"{cfg.trainer.num_nodes}: Lightning's batch-size finder runs on one device; find the "
-                          f"micro-batch with trainer.devices=1, then set train.batch_size to it")
+        raise ConfigError(
+            f"train.auto_batch_size=true with trainer.devices={cfg.trainer.devices}, trainer.num_nodes="
+            f"{cfg.trainer.num_nodes}: Lightning's batch-size finder runs on one device; find the "
+            f"micro-batch with trainer.devices=1, then set train.batch_size to it"
+        )
 
 
 def damaged(path: Path) -> str | None:
@@ -131,8 +145,10 @@ def resume_point(ckpt_dir: Path, fingerprint: dict) -> Path | None:
         if damaged(candidate) is None:
             log(f"{last} is damaged ({why}): resuming from {candidate.name}, the newest intact periodic checkpoint")
             return candidate
-    raise PenwrightError(f"{last}: damaged ({why}), and no intact periodic checkpoint in {ckpt_dir} to resume "
-                         f"from. Start fresh with train.resume=false")
+    raise PenwrightError(
+        f"{last}: damaged ({why}), and no intact periodic checkpoint in {ckpt_dir} to resume "
+        f"from. Start fresh with train.resume=false"
+    )
 
 
 def prepare_ckpt_dir(ckpt_dir: Path, fingerprint: dict, fresh: bool, stale: list[Path]) -> None:
@@ -149,8 +165,12 @@ def prepare_ckpt_dir(ckpt_dir: Path, fingerprint: dict, fresh: bool, stale: list
 
 def _fingerprint(cfg: schema.Config, meta: dict) -> dict:
     """What a checkpoint must share with this run to be resumed."""
-    return {"model": cfg.model.to_dict(), "block_size": cfg.train.block_size,
-            "tokenizer_md5": meta["tokenizer"]["md5"], "vocab_size": meta["vocab_size"]}
+    return {
+        "model": cfg.model.to_dict(),
+        "block_size": cfg.train.block_size,
+        "tokenizer_md5": meta["tokenizer"]["md5"],
+        "vocab_size": meta["vocab_size"],
+    }
 
 
 # -- trainer, strategy and batch size ------------------------------------------------------------------
@@ -196,9 +216,11 @@ def choose_micro_batch(cfg: schema.Config, module, data: PreparedData, ckpt_dir:
         if global_rank() == 0:
             atomic_write_text(batch_file, json.dumps(chosen, indent=2) + "\n")
     data.batch_size, data.accumulate = chosen["micro_batch"], chosen["accumulate_grad_batches"]
-    log(f"auto batch size: micro-batch {data.batch_size} x {data.accumulate} accumulated = "
+    log(
+        f"auto batch size: micro-batch {data.batch_size} x {data.accumulate} accumulated = "
         f"{data.batch_size * data.accumulate} windows a step (asked for {requested}; "
-        f"{chosen['fits']} fit) -> {batch_file}")
+        f"{chosen['fits']} fit) -> {batch_file}"
+    )
 
 
 def build_strategy(tr: schema.Trainer):
@@ -207,15 +229,20 @@ def build_strategy(tr: schema.Trainer):
     if name != "fsdp":
         return name
     if tr.accelerator == "cpu":
-        raise ConfigError("trainer.strategy=fsdp runs on GPUs only (Lightning's FSDP needs CUDA): use trainer=fsdp on "
-                          "a GPU machine, or trainer=ddp trainer.accelerator=cpu to test several processes on CPU")
+        raise ConfigError(
+            "trainer.strategy=fsdp runs on GPUs only (Lightning's FSDP needs CUDA): use trainer=fsdp on "
+            "a GPU machine, or trainer=ddp trainer.accelerator=cpu to test several processes on CPU"
+        )
     from lightning.pytorch.strategies import FSDPStrategy
     from transformers.models.gpt2.modeling_gpt2 import GPT2Block
 
     f = tr.fsdp  # the schema requires it with strategy fsdp
-    return FSDPStrategy(auto_wrap_policy={GPT2Block},
-                        activation_checkpointing_policy={GPT2Block} if f.activation_checkpointing else None,
-                        sharding_strategy=f.sharding, cpu_offload=f.cpu_offload)
+    return FSDPStrategy(
+        auto_wrap_policy={GPT2Block},
+        activation_checkpointing_policy={GPT2Block} if f.activation_checkpointing else None,
+        sharding_strategy=f.sharding,
+        cpu_offload=f.cpu_offload,
+    )
 
 
 def split_batch(requested: int, fits: int) -> tuple[int, int]:
@@ -234,12 +261,29 @@ def find_micro_batch(cfg: schema.Config, module, data, workdir: Path) -> int:
     tr = cfg.trainer
     requested = data.batch_size * data.accumulate
     workdir.mkdir(parents=True, exist_ok=True)
-    trainer = L.Trainer(accelerator=tr.accelerator, devices=tr.devices, num_nodes=tr.num_nodes,
-                        strategy=build_strategy(tr), precision=tr.precision, max_steps=10, logger=False,
-                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                        num_sanity_val_steps=0, limit_val_batches=0, default_root_dir=str(workdir))
-    found = Tuner(trainer).scale_batch_size(module, datamodule=data, mode="power", init_val=1, steps_per_trial=2,
-                                            max_trials=math.ceil(math.log2(requested)) + 1)  # 1, 2, 4, ... >= requested
+    trainer = L.Trainer(
+        accelerator=tr.accelerator,
+        devices=tr.devices,
+        num_nodes=tr.num_nodes,
+        strategy=build_strategy(tr),
+        precision=tr.precision,
+        max_steps=10,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        default_root_dir=str(workdir),
+    )
+    found = Tuner(trainer).scale_batch_size(
+        module,
+        datamodule=data,
+        mode="power",
+        init_val=1,
+        steps_per_trial=2,
+        max_trials=math.ceil(math.log2(requested)) + 1,
+    )  # 1, 2, 4, ... >= requested
     return int(found or 1)
 
 
@@ -261,8 +305,10 @@ def _finish(cfg, trainer, module, tokenizer, data, final, callbacks: Callbacks, 
     seconds = before.get("wall_seconds", 0.0) + time.perf_counter() - start
     step_seconds = before.get("train_seconds", 0.0) + throughput.seconds
     step_tokens = before.get("timed_tokens", 0) + throughput.tokens
-    atomic_write_text(progress_file, json.dumps({"wall_seconds": seconds, "train_seconds": step_seconds,
-                                                 "timed_tokens": step_tokens}) + "\n")
+    atomic_write_text(
+        progress_file,
+        json.dumps({"wall_seconds": seconds, "train_seconds": step_seconds, "timed_tokens": step_tokens}) + "\n",
+    )
     steps = trainer.global_step
     tokens = steps * data.batch_size * cfg.train.block_size * data.accumulate * trainer.world_size
     best = best_ckpt.best_model_score
@@ -270,8 +316,9 @@ def _finish(cfg, trainer, module, tokenizer, data, final, callbacks: Callbacks, 
         "val_loss": round(float(final["val/loss"]), 5),
         "val_ppl": round(float(final["val/ppl"]), 3),
         "val_bpb": round(float(final.get("val/bpb", math.nan)), 5),
-        "best_val_loss": round(min(float(best), float(final["val/loss"])) if best is not None
-                               else float(final["val/loss"]), 5),  # the final validation counts too
+        "best_val_loss": round(
+            min(float(best), float(final["val/loss"])) if best is not None else float(final["val/loss"]), 5
+        ),  # the final validation counts too
         "steps": steps,
         "tokens": tokens,
         "tokens_per_sec": round(step_tokens / step_seconds, 1) if step_seconds else 0.0,
@@ -286,6 +333,8 @@ def _finish(cfg, trainer, module, tokenizer, data, final, callbacks: Callbacks, 
     if data.bytes_per_token:
         metrics["best_val_bpb"] = round(best_val / math.log(2) / data.bytes_per_token, 5)
     report = atomic_write_text(Path(cfg.paths.reports) / "train.json", json.dumps(metrics, indent=2) + "\n")
-    log(f"{steps} steps on {metrics['device']}, val loss {metrics['val_loss']} (bpb {metrics['val_bpb']}) "
-        f"in {seconds:.0f} s; model -> {out}/, metrics -> {report}")
+    log(
+        f"{steps} steps on {metrics['device']}, val loss {metrics['val_loss']} (bpb {metrics['val_bpb']}) "
+        f"in {seconds:.0f} s; model -> {out}/, metrics -> {report}"
+    )
     return metrics

@@ -23,9 +23,9 @@ import torch
 from tqdm import tqdm
 
 from penwright import schema
-from penwright.log import get_logger
 from penwright.errors import ConfigError, PenwrightError
 from penwright.fsutil import atomic_write_text
+from penwright.log import get_logger
 
 SENTENCE_END = re.compile(r"(?<=[.!?])[\"')\]]*\s+")
 
@@ -47,7 +47,7 @@ def passages(text: str, sentences: int) -> list[tuple[int, str]]:
     result = []
     for number, paragraph in enumerate(p for p in re.split(r"\n\s*\n", text) if p.strip()):
         parts = split_sentences(paragraph)
-        result += [(number, " ".join(parts[i:i + sentences])) for i in range(0, len(parts), sentences)]
+        result += [(number, " ".join(parts[i : i + sentences])) for i in range(0, len(parts), sentences)]
     return result
 
 
@@ -102,14 +102,28 @@ class Verbosifier:
         return float(loss.detach())
 
     @torch.no_grad()
-    def continue_passage(self, ids: torch.Tensor, candidates: int, max_new_tokens: int, temperature: float,
-                         top_k: int, max_sentences: int) -> tuple[str, float | None]:
+    def continue_passage(
+        self,
+        ids: torch.Tensor,
+        candidates: int,
+        max_new_tokens: int,
+        temperature: float,
+        top_k: int,
+        max_sentences: int,
+    ) -> tuple[str, float | None]:
         """Sample ``candidates`` continuations; keep whole sentences; return the likeliest."""
-        out = self.model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True, temperature=temperature,
-                                  top_k=top_k, max_new_tokens=max_new_tokens, num_return_sequences=candidates,
-                                  pad_token_id=self.tokenizer.eos_token_id)
+        out = self.model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            do_sample=True,
+            temperature=temperature,
+            top_k=top_k,
+            max_new_tokens=max_new_tokens,
+            num_return_sequences=candidates,
+            pad_token_id=self.tokenizer.eos_token_id,
+        )
         best, best_score = "", None
-        for row in out[:, ids.shape[1]:]:
+        for row in out[:, ids.shape[1] :]:
             text = whole_sentences(self.tokenizer.decode(row, skip_special_tokens=True), max_sentences)
             if not text:
                 continue
@@ -121,9 +135,9 @@ class Verbosifier:
     @torch.no_grad()
     def mean_logprob(self, prompt: torch.Tensor, text: str) -> float:
         cont = torch.tensor([self.tokenizer.encode(text)], device=self.device)
-        ids = torch.cat([prompt, cont], dim=1)[:, -self.n_positions:]
-        logits = self.model(input_ids=ids).logits[0, -cont.shape[1] - 1:-1].float()
-        return float(torch.log_softmax(logits, -1).gather(1, ids[0, -cont.shape[1]:, None]).mean())
+        ids = torch.cat([prompt, cont], dim=1)[:, -self.n_positions :]
+        logits = self.model(input_ids=ids).logits[0, -cont.shape[1] - 1 : -1].float()
+        return float(torch.log_softmax(logits, -1).gather(1, ids[0, -cont.shape[1] :, None]).mean())
 
 
 def expand(v: Verbosifier, text: str, cfg: schema.Verbosify, progress: bool = True) -> list[Expansion]:
@@ -131,23 +145,27 @@ def expand(v: Verbosifier, text: str, cfg: schema.Verbosify, progress: bool = Tr
     steps, candidates = cfg.steps, cfg.candidates
     max_new = cfg.max_new_tokens
     if max_new >= v.n_positions:
-        raise ConfigError(f"verbosify.max_new_tokens={max_new}: the model's context is {v.n_positions} tokens; "
-                          f"leave room for the passage")
+        raise ConfigError(
+            f"verbosify.max_new_tokens={max_new}: the model's context is {v.n_positions} tokens; "
+            f"leave room for the passage"
+        )
     chunks = passages(text, cfg.sentences)
     result = []
-    for index, (paragraph, passage) in enumerate(tqdm(chunks, desc="verbosify", unit="passage",
-                                                      disable=not progress, file=sys.stderr)):
+    for index, (paragraph, passage) in enumerate(
+        tqdm(chunks, desc="verbosify", unit="passage", disable=not progress, file=sys.stderr)
+    ):
         if words(passage) < cfg.min_words:  # a heading, a signature: kept as it is
             result.append(Expansion(paragraph, passage, "", None))
             continue
-        ids = v.tokenizer.encode(passage)[-(v.n_positions - max_new):]  # the passage's end, if it is too long
+        ids = v.tokenizer.encode(passage)[-(v.n_positions - max_new) :]  # the passage's end, if it is too long
         ids = torch.tensor([ids], device=v.device)
         torch.manual_seed(cfg.seed + index)
         v.reset()
         if steps:
             v.finetune(ids, steps, cfg.lr)
-        continuation, score = v.continue_passage(ids, candidates, max_new, cfg.temperature, cfg.top_k,
-                                                 cfg.max_sentences)
+        continuation, score = v.continue_passage(
+            ids, candidates, max_new, cfg.temperature, cfg.top_k, cfg.max_sentences
+        )
         result.append(Expansion(paragraph, passage, continuation, score))
     v.reset()
     return result
@@ -189,6 +207,8 @@ def verbosify(cfg: schema.Config) -> dict:
     }
     out = atomic_write_text(Path(vc.output), expanded)
     atomic_write_text(Path(vc.report), json.dumps(report, indent=2) + "\n")
-    log(f"{report['passages']} passages ({report['expanded_passages']} expanded), {report['words_in']} -> "
-        f"{report['words_out']} words (x{report['word_ratio']}) on {device} in {report['seconds']} s -> {out}")
+    log(
+        f"{report['passages']} passages ({report['expanded_passages']} expanded), {report['words_in']} -> "
+        f"{report['words_out']} words (x{report['word_ratio']}) on {device} in {report['seconds']} s -> {out}"
+    )
     return report

@@ -12,8 +12,8 @@
 from __future__ import annotations
 
 import ast
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 SRC = Path(__file__).resolve().parents[2] / "src" / "penwright"
 WHOLE = ("to_dict", "model_dump", "items", "keys", "values", "copy", "model_copy")  # a group used as a whole
@@ -39,8 +39,12 @@ def imports(module: str) -> set[str]:
     """The penwright modules (and subpackages) ``module`` imports directly."""
     found = set()
     for node in ast.walk(_tree(module)):
-        if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module \
-                and node.module.split(".")[0] == "penwright":
+        if (
+            isinstance(node, ast.ImportFrom)
+            and node.level == 0
+            and node.module
+            and node.module.split(".")[0] == "penwright"
+        ):
             parts = node.module.split(".")
             found |= {parts[1]} if len(parts) > 1 else {a.name for a in node.names}
         elif isinstance(node, ast.Import):
@@ -131,8 +135,14 @@ class _Reads:
         if isinstance(node, ast.Attribute) and node.attr not in WHOLE + ("get",):
             base = self._path(node.value, env)
             return None if base is None else base + (node.attr,)
-        if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "get"
-                and node.args and isinstance(node.args[0], ast.Constant) and isinstance(node.args[0].value, str)):
+        if (
+            isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Attribute)
+            and node.func.attr == "get"
+            and node.args
+            and isinstance(node.args[0], ast.Constant)
+            and isinstance(node.args[0].value, str)
+        ):
             base = self._path(node.func.value, env)
             return None if base is None else base + (node.args[0].value,)
         return None
@@ -146,8 +156,12 @@ class _Reads:
         if path is not None:
             self.found.add(path)
             return
-        if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name) \
-                and self._path(node.value, env) is not None:
+        if (
+            isinstance(node, ast.Assign)
+            and len(node.targets) == 1
+            and isinstance(node.targets[0], ast.Name)
+            and self._path(node.value, env) is not None
+        ):
             return  # an alias: its uses are what counts
         if isinstance(node, ast.Call):
             callees = self._callees(node, owner)

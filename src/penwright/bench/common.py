@@ -10,9 +10,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from penwright.log import get_logger
 from penwright.errors import PenwrightError
 from penwright.fsutil import atomic_write_text
+from penwright.log import get_logger
 
 BENCH_DIR = Path("artifacts") / "bench"  # scratch space (each benchmark removes what it made)
 ROUNDS = 5  # interleaved rounds of the timed engines: the run with the median tokens/s counts
@@ -38,8 +38,9 @@ def require_export(onnx_dir: str | Path) -> Path:
     return onnx_dir
 
 
-def run_child(module: str, function: str, *args, env: dict | None = None, progress: bool = False,
-              fresh: bool = True) -> dict:
+def run_child(
+    module: str, function: str, *args, env: dict | None = None, progress: bool = False, fresh: bool = True
+) -> dict:
     """``module.function(*args)`` in a fresh Python process (its peak RSS and threads are its own); its JSON
     result. ``progress``: its stderr goes to ours. ``fresh=False`` (tests): in this process instead, arguments
     and result through JSON all the same; a call with ``env`` still gets its own process (only a new process
@@ -50,8 +51,13 @@ def run_child(module: str, function: str, *args, env: dict | None = None, progre
         f = getattr(import_module(module), function)
         return json.loads(json.dumps(f(*json.loads(json.dumps(list(args))))))
     code = f"import json, sys; from {module} import {function} as f; print(json.dumps(f(*json.loads(sys.argv[1]))))"
-    done = subprocess.run([sys.executable, "-c", code, json.dumps(list(args))], stdout=subprocess.PIPE,
-                          stderr=None if progress else subprocess.PIPE, text=True, env={**os.environ, **(env or {})})
+    done = subprocess.run(
+        [sys.executable, "-c", code, json.dumps(list(args))],
+        stdout=subprocess.PIPE,
+        stderr=None if progress else subprocess.PIPE,
+        text=True,
+        env={**os.environ, **(env or {})},
+    )
     if done.returncode != 0:
         raise PenwrightError(f"bench child {function} failed:\n{(done.stderr or '(its output is above)')[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -78,8 +84,9 @@ def random_gpt2(shape: tuple[int, int, int] = SHAPE_124M, seed: int = 0):
 
     n_layer, n_head, n_embd = shape
     torch.manual_seed(seed)
-    return GPT2LMHeadModel(GPT2Config(n_layer=n_layer, n_head=n_head, n_embd=n_embd, vocab_size=50257,
-                                      n_positions=1024)).eval()
+    return GPT2LMHeadModel(
+        GPT2Config(n_layer=n_layer, n_head=n_head, n_embd=n_embd, vocab_size=50257, n_positions=1024)
+    ).eval()
 
 
 def save_fused(model, tokenizer, out_dir: Path) -> Path:

@@ -18,8 +18,19 @@ from pathlib import Path
 
 import numpy as np
 
-from penwright.bench.common import (BENCH_DIR, ROUNDS, SHAPE_124M, fresh_dir, interleaved, log, random_gpt2,
-                                    require_export, run_child, save_fused, write_report)
+from penwright.bench.common import (
+    BENCH_DIR,
+    ROUNDS,
+    SHAPE_124M,
+    fresh_dir,
+    interleaved,
+    log,
+    random_gpt2,
+    require_export,
+    run_child,
+    save_fused,
+    write_report,
+)
 from penwright.errors import PenwrightError
 from penwright.export import GRAPH, QUANTIZED
 
@@ -31,11 +42,21 @@ INT8 = QUANTIZED["int8"]  # dynamic int8 (export.quantize=[int8])
 def _time_runtime(gen, ids, mask, new_tokens: int, use_cache: bool) -> dict:
     first = []
     start = time.perf_counter()
-    out = gen.generate_ids(ids, mask, new_tokens, do_sample=False, stop_at_eos=False, use_cache=use_cache,
-                           on_step=lambda tokens: first.append(time.perf_counter()) if not first else None)
+    out = gen.generate_ids(
+        ids,
+        mask,
+        new_tokens,
+        do_sample=False,
+        stop_at_eos=False,
+        use_cache=use_cache,
+        on_step=lambda tokens: first.append(time.perf_counter()) if not first else None,
+    )
     seconds = time.perf_counter() - start
-    return {"tokens_per_sec": round(out.size / seconds, 1), "first_token_ms": round((first[0] - start) * 1000, 1),
-            "seconds": round(seconds, 3)}, out
+    return {
+        "tokens_per_sec": round(out.size / seconds, 1),
+        "first_token_ms": round((first[0] - start) * 1000, 1),
+        "seconds": round(seconds, 3),
+    }, out
 
 
 def _time_torch(model, ids, mask, new_tokens: int, eos: int) -> dict:
@@ -44,15 +65,24 @@ def _time_torch(model, ids, mask, new_tokens: int, eos: int) -> dict:
     kwargs = dict(do_sample=False, eos_token_id=None, pad_token_id=eos, use_cache=True)
     with torch.no_grad():
         start = time.perf_counter()
-        model.generate(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask), max_new_tokens=1, **kwargs)
+        model.generate(
+            input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask), max_new_tokens=1, **kwargs
+        )
         first = time.perf_counter() - start
         start = time.perf_counter()
-        out = model.generate(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask),
-                             max_new_tokens=new_tokens, min_new_tokens=new_tokens, **kwargs)[:, ids.shape[1]:].numpy()
+        out = model.generate(
+            input_ids=torch.from_numpy(ids),
+            attention_mask=torch.from_numpy(mask),
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            **kwargs,
+        )[:, ids.shape[1] :].numpy()
         seconds = time.perf_counter() - start
-    return {"tokens_per_sec": round(out.size / seconds, 1), "first_token_ms": round(first * 1000, 1),
-            "seconds": round(seconds, 3)}, out
-
+    return {
+        "tokens_per_sec": round(out.size / seconds, 1),
+        "first_token_ms": round(first * 1000, 1),
+        "seconds": round(seconds, 3),
+    }, out
 
 
 def _variants(model, onnx_dir: Path) -> None:
@@ -100,8 +130,11 @@ def _weights_floor(model, rounds: int = 5) -> dict:
     parameter), so memory bandwidth bounds them; no fp32 engine decodes a token at batch 1 faster."""
     import torch
 
-    mats = [p.detach().float() for n, p in model.named_parameters()
-            if p.dim() == 2 and not n.endswith(("wte.weight", "wpe.weight")) and not n.startswith("lm_head")]
+    mats = [
+        p.detach().float()
+        for n, p in model.named_parameters()
+        if p.dim() == 2 and not n.endswith(("wte.weight", "wpe.weight")) and not n.startswith("lm_head")
+    ]
     mats.append(model.lm_head.weight.detach().float().t().contiguous())  # [embd, vocab] like the graph's, once
     arrays = [m.numpy() for m in mats]
     inputs = [np.ones((1, a.shape[0]), np.float32) for a in arrays]
@@ -125,9 +158,14 @@ def _weights_floor(model, rounds: int = 5) -> dict:
             chain()
             best[name] = min(best[name], time.perf_counter() - start)
     fastest = min(best.values())
-    return {"weights_mb": round(size / 1e6, 1), "matrices": len(arrays),
-            "read_gb_per_s": round(size / fastest / 1e9, 1), "ms_per_token": round(fastest * 1000, 2),
-            "ms_per_token_numpy": round(best["numpy"] * 1000, 2), "ms_per_token_torch": round(best["torch"] * 1000, 2)}
+    return {
+        "weights_mb": round(size / 1e6, 1),
+        "matrices": len(arrays),
+        "read_gb_per_s": round(size / fastest / 1e9, 1),
+        "ms_per_token": round(fastest * 1000, 2),
+        "ms_per_token_numpy": round(best["numpy"] * 1000, 2),
+        "ms_per_token_torch": round(best["torch"] * 1000, 2),
+    }
 
 
 # -- against llama.cpp ---------------------------------------------------------------------------------
@@ -144,9 +182,11 @@ def llama_tools(path: str | Path) -> dict[str, Path]:
     tools = {t: Path(path) / t for t in LLAMA_TOOLS}
     missing = [t for t, p in tools.items() if not (p.is_file() and os.access(p, os.X_OK))]
     if missing:
-        raise PenwrightError(f"{path}: llama.cpp's {', '.join(missing)} not found. Build them with "
-                             "`scripts/build_llama_cpp.sh` (about 10 min on 2 cores), point --llama-cpp at a llama.cpp "
-                             "build's bin/ folder, or leave llama.cpp out with --without-llama-cpp")
+        raise PenwrightError(
+            f"{path}: llama.cpp's {', '.join(missing)} not found. Build them with "
+            "`scripts/build_llama_cpp.sh` (about 10 min on 2 cores), point --llama-cpp at a llama.cpp "
+            "build's bin/ folder, or leave llama.cpp out with --without-llama-cpp"
+        )
     return tools
 
 
@@ -160,15 +200,37 @@ def _run_tool(args: list) -> str:
 
 def _llama_tg(tools: dict, gguf: Path, n: int, threads: int) -> dict:
     """llama-bench's decoding test: ``n`` tokens one at a time from an empty context (one repetition)."""
-    rows = json.loads(_run_tool([tools["llama-bench"], "-m", gguf, "-p", 0, "-n", n, "-t", threads, "-r", 1, "-o", "json"]))
+    rows = json.loads(
+        _run_tool([tools["llama-bench"], "-m", gguf, "-p", 0, "-n", n, "-t", threads, "-r", 1, "-o", "json"])
+    )
     return {"tokens_per_sec": round(float(rows[0]["avg_ts"]), 1)}
 
 
 def _llama_batched(tools: dict, gguf: Path, prompt: int, n: int, batches: list[int], threads: int) -> dict:
     """llama-batched-bench: ``batch`` sequences of ``prompt`` tokens decoding ``n`` tokens together: decode tokens/s."""
-    out = _run_tool([tools["llama-batched-bench"], "-m", gguf, "-c", max(batches) * (prompt + n), "-b", 2048,
-                     "-ub", 512, "-npp", prompt, "-ntg", n, "-npl", ",".join(map(str, batches)), "-t", threads,
-                     "--output-format", "jsonl"])
+    out = _run_tool(
+        [
+            tools["llama-batched-bench"],
+            "-m",
+            gguf,
+            "-c",
+            max(batches) * (prompt + n),
+            "-b",
+            2048,
+            "-ub",
+            512,
+            "-npp",
+            prompt,
+            "-ntg",
+            n,
+            "-npl",
+            ",".join(map(str, batches)),
+            "-t",
+            threads,
+            "--output-format",
+            "jsonl",
+        ]
+    )
     rows = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
     return {int(r["pl"]): round(float(r["speed_tg"]), 1) for r in rows}
 
@@ -207,8 +269,15 @@ def _child_llama_cpp(tools_dir: str, name: str, hf_dir: str, onnx_dir: str, prep
     return _llama_cpp_cases(llama_tools(tools_dir), {name: (Path(hf_dir), Path(onnx_dir))}, Path(prepared), block)
 
 
-def _llama_cpp_cases(tools: dict, models: dict, prepared: Path, block: int, new_tokens: int = 200,
-                     batched_tokens: int = 128, rounds: int = ROUNDS) -> dict:
+def _llama_cpp_cases(
+    tools: dict,
+    models: dict,
+    prepared: Path,
+    block: int,
+    new_tokens: int = 200,
+    batched_tokens: int = 128,
+    rounds: int = ROUNDS,
+) -> dict:
     """penwright against llama.cpp on the same weights (GGUF written by export.gguf): batch 1 at each precision,
     batched decoding (fp32), and each quantization's top-1 agreement with fp32 on validation windows."""
     from transformers import GPT2LMHeadModel
@@ -218,31 +287,41 @@ def _llama_cpp_cases(tools: dict, models: dict, prepared: Path, block: int, new_
     from penwright.llamacpp import export_gguf
 
     threads = os.cpu_count() or 1
-    results: dict = {"threads": threads, "new_tokens": new_tokens, "llama_cpp": str(tools["llama-bench"].parent),
-                     "measured": "batch 1: greedy decoding of new_tokens from a one-token prompt; llama.cpp: llama-bench "
-                                 "-p 0 -n new_tokens (decode only, its own timer); penwright: its serving engine, wall time of the "
-                                 f"whole loop (sampling and detokenization included); {rounds} interleaved rounds, "
-                                 "medians; batched: llama-batched-bench decode tokens/s against penwright's wall time"}
+    results: dict = {
+        "threads": threads,
+        "new_tokens": new_tokens,
+        "llama_cpp": str(tools["llama-bench"].parent),
+        "measured": "batch 1: greedy decoding of new_tokens from a one-token prompt; llama.cpp: llama-bench "
+        "-p 0 -n new_tokens (decode only, its own timer); penwright: its serving engine, wall time of the "
+        f"whole loop (sampling and detokenization included); {rounds} interleaved rounds, "
+        "medians; batched: llama-batched-bench decode tokens/s against penwright's wall time",
+    }
     for name, (hf_dir, onnx_dir) in models.items():
         model = GPT2LMHeadModel.from_pretrained(hf_dir).eval()
         for _, graph, _ in PRECISIONS[1:]:
             if not (onnx_dir / graph).is_file():
                 quantize(onnx_dir / GRAPH, graph.split(".")[1])  # its QUANTIZED key
-        ggufs = {g["type"]: onnx_dir / g["file"] for g in export_gguf(model, hf_dir, onnx_dir, [t for *_, t in PRECISIONS])}
+        ggufs = {
+            g["type"]: onnx_dir / g["file"] for g in export_gguf(model, hf_dir, onnx_dir, [t for *_, t in PRECISIONS])
+        }
         eos = int(model.config.eos_token_id if model.config.eos_token_id is not None else 0)
         n = min(new_tokens, model.config.n_positions - 1)
         for precision, graph, qtype in PRECISIONS:
             # penwright's serving engine (what generate and serve run), alone in this process: a second onnxruntime
             # session run right before it was measured to cost it ~15% (its worker threads keep the cores busy)
             engine = Engine.load(onnx_dir, slots=1, graph=graph)
-            engines = {"penwright": lambda: _time_engine(engine, [eos], 1, n),
-                       "llama_cpp": lambda: (_llama_tg(tools, ggufs[qtype], n, threads), None)}
+            engines = {
+                "penwright": lambda: _time_engine(engine, [eos], 1, n),
+                "llama_cpp": lambda: (_llama_tg(tools, ggufs[qtype], n, threads), None),
+            }
             log(f"{name} batch 1 {precision}: penwright vs llama.cpp {qtype}, {n} tokens, {rounds} rounds")
             timed = interleaved(engines, rounds)
             results[f"{name}/batch1/{precision}"] = {
-                "penwright": timed["penwright"][0], f"llama_cpp_{qtype}": timed["llama_cpp"][0],
-                "penwright_over_llama_cpp": round(timed["penwright"][0]["tokens_per_sec"]
-                                                  / timed["llama_cpp"][0]["tokens_per_sec"], 2),
+                "penwright": timed["penwright"][0],
+                f"llama_cpp_{qtype}": timed["llama_cpp"][0],
+                "penwright_over_llama_cpp": round(
+                    timed["penwright"][0]["tokens_per_sec"] / timed["llama_cpp"][0]["tokens_per_sec"], 2
+                ),
                 "gguf_mb": round(ggufs[qtype].stat().st_size / 1e6, 2),
                 "onnx_mb": round((onnx_dir / graph).stat().st_size / 1e6, 2),
             }
@@ -252,38 +331,66 @@ def _llama_cpp_cases(tools: dict, models: dict, prepared: Path, block: int, new_
             ids_w = batch[:, :-1]
             fp32 = graph_logits(onnx_dir, GRAPH, ids_w).argmax(-1)
             llama_f32 = _llama_top1(ggufs["f32"], ids_w)
-            agree = {"tokens": int(ids_w.size), "llama_cpp_f32_vs_penwright_fp32": round(float((llama_f32 == fp32).mean()), 4)}
-            for precision, graph, qtype in PRECISIONS[1:]:
-                agree[f"penwright_{graph.split('.')[1]}"] = round(float((graph_logits(onnx_dir, graph, ids_w).argmax(-1) == fp32).mean()), 4)
+            agree = {
+                "tokens": int(ids_w.size),
+                "llama_cpp_f32_vs_penwright_fp32": round(float((llama_f32 == fp32).mean()), 4),
+            }
+            for _precision, graph, qtype in PRECISIONS[1:]:
+                agree[f"penwright_{graph.split('.')[1]}"] = round(
+                    float((graph_logits(onnx_dir, graph, ids_w).argmax(-1) == fp32).mean()), 4
+                )
                 agree[f"llama_cpp_{qtype}"] = round(float((_llama_top1(ggufs[qtype], ids_w) == fp32).mean()), 4)
             results[f"{name}/top1_agreement_with_fp32"] = agree
         else:  # batched decoding, fp32
             prompt = [eos] * 8
             for batch in (8, 32):
                 engine = Engine.load(onnx_dir, slots=batch)
-                engines = {"penwright": lambda: _time_engine(engine, prompt, batch, batched_tokens),
-                           "llama_cpp": lambda: ({"tokens_per_sec": _llama_batched(
-                               tools, ggufs["f32"], len(prompt), batched_tokens, [batch], threads)[batch]}, None)}
+                engines = {
+                    "penwright": lambda: _time_engine(engine, prompt, batch, batched_tokens),
+                    "llama_cpp": lambda: (
+                        {
+                            "tokens_per_sec": _llama_batched(
+                                tools, ggufs["f32"], len(prompt), batched_tokens, [batch], threads
+                            )[batch]
+                        },
+                        None,
+                    ),
+                }
                 log(f"{name} batch {batch} fp32: {batched_tokens} tokens, 3 rounds")
                 timed = interleaved(engines, 3)
                 results[f"{name}/batch{batch}/fp32"] = {
                     "penwright": timed["penwright"][0],
                     "llama_cpp_f32_decode_tokens_per_sec": timed["llama_cpp"][0]["tokens_per_sec"],
-                    "penwright_over_llama_cpp": round(timed["penwright"][0]["tokens_per_sec"]
-                                                      / timed["llama_cpp"][0]["tokens_per_sec"], 2)}
+                    "penwright_over_llama_cpp": round(
+                        timed["penwright"][0]["tokens_per_sec"] / timed["llama_cpp"][0]["tokens_per_sec"], 2
+                    ),
+                }
                 del engine, engines
             floor = _weights_floor(model)
             b1 = results[f"{name}/batch1/fp32"]
             ms = {k: round(1000 / b1[k]["tokens_per_sec"], 2) for k in ("penwright", "llama_cpp_f32")}
-            results["memory_floor_124m_fp32"] = {**floor, "ms_per_token": ms,
-                                                 "floor_over_engine": {k: round(floor["ms_per_token"] / v, 2) for k, v in ms.items()}}
+            results["memory_floor_124m_fp32"] = {
+                **floor,
+                "ms_per_token": ms,
+                "floor_over_engine": {k: round(floor["ms_per_token"] / v, 2) for k, v in ms.items()},
+            }
     return results
 
 
-def bench_generate(output: str | None = None, quick_dir: str = "artifacts/model", quick_onnx: str = "artifacts/onnx",
-                   new_tokens: int = 256, long_tokens: int = 512, llama_cpp: str | None = str(LLAMA_CPP),
-                   prepared: str = "artifacts/prepared", only_llama_cpp: bool = False, *, rounds: int = ROUNDS,
-                   big_shape: tuple[int, int, int] = SHAPE_124M, work_dir: str | Path | None = None) -> dict:
+def bench_generate(
+    output: str | None = None,
+    quick_dir: str = "artifacts/model",
+    quick_onnx: str = "artifacts/onnx",
+    new_tokens: int = 256,
+    long_tokens: int = 512,
+    llama_cpp: str | None = str(LLAMA_CPP),
+    prepared: str = "artifacts/prepared",
+    only_llama_cpp: bool = False,
+    *,
+    rounds: int = ROUNDS,
+    big_shape: tuple[int, int, int] = SHAPE_124M,
+    work_dir: str | Path | None = None,
+) -> dict:
     """This runtime vs transformers generate (PyTorch, cached) vs this runtime re-feeding, side by side; then
     penwright vs llama.cpp (its binaries in ``llama_cpp``; None leaves it out) at each precision.
     ``only_llama_cpp``: only the llama.cpp comparison, replacing that section of the existing report.
@@ -301,10 +408,14 @@ def bench_generate(output: str | None = None, quick_dir: str = "artifacts/model"
     quick_onnx = require_export(quick_onnx)
     work = fresh_dir(work_dir or BENCH_DIR / "generate")
     results: dict = {
-        "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "python": platform.python_version()},
+        "machine": {
+            "cpus": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+            "python": platform.python_version(),
+        },
         "measured": "greedy decoding, no early stop, same prompt and number of new tokens for every engine; "
-                    "tokens/s = new tokens (all rows) / wall seconds; first token = prefill + first choice; "
-                    f"cached engines: median of {rounds} interleaved rounds; no-cache: one run",
+        "tokens/s = new tokens (all rows) / wall seconds; first token = prefill + first choice; "
+        f"cached engines: median of {rounds} interleaved rounds; no-cache: one run",
         "goals": "(a)/(b) >= 4x quickstart batch 1; >= 2x gpt2-124M-shape batch 1 and 8; (a)/(c) >= 8x at 512 tokens",
         "cases": {},
     }
@@ -325,20 +436,28 @@ def bench_generate(output: str | None = None, quick_dir: str = "artifacts/model"
                 prompts = ["And it came to pass"] * batch
                 ids, mask = gen.encode(prompts)
                 n = min(new_tokens, gen.n_positions - ids.shape[1])
-                engines = {"a": lambda: _time_runtime(gen, ids, mask, n, use_cache=True),
-                           "b": lambda: _time_torch(ref, ids, mask, n, gen.eos),
-                           "l": lambda: _time_runtime(lean, ids, mask, n, use_cache=True),
-                           "t": lambda: _time_runtime(traced, ids, mask, n, use_cache=True)}
+                engines = {
+                    "a": lambda: _time_runtime(gen, ids, mask, n, use_cache=True),
+                    "b": lambda: _time_torch(ref, ids, mask, n, gen.eos),
+                    "l": lambda: _time_runtime(lean, ids, mask, n, use_cache=True),
+                    "t": lambda: _time_runtime(traced, ids, mask, n, use_cache=True),
+                }
                 if int8 is not None:
                     engines["q"] = lambda: _time_runtime(int8, ids, mask, n, use_cache=True)
-                log(f"{name} batch {batch}: {n} new tokens x {len(engines) + 1} engines, cached ones "
-                    f"{rounds} rounds interleaved")
+                log(
+                    f"{name} batch {batch}: {n} new tokens x {len(engines) + 1} engines, cached ones "
+                    f"{rounds} rounds interleaved"
+                )
                 timed = interleaved(engines, rounds)
                 (a, a_ids), (b, b_ids), (t, t_ids), (lg, l_ids) = timed["a"], timed["b"], timed["t"], timed["l"]
                 c, _ = _time_runtime(gen, ids, mask, n, use_cache=False)  # slow: once
                 case = {
-                    "new_tokens": n, "runtime": a, "transformers_generate": b, "runtime_no_cache": c,
-                    "runtime_lean_graph": lg, "runtime_traced_graph": t,
+                    "new_tokens": n,
+                    "runtime": a,
+                    "transformers_generate": b,
+                    "runtime_no_cache": c,
+                    "runtime_lean_graph": lg,
+                    "runtime_traced_graph": t,
                     "runtime_over_transformers": round(a["tokens_per_sec"] / b["tokens_per_sec"], 2),
                     "runtime_over_no_cache": round(a["tokens_per_sec"] / c["tokens_per_sec"], 2),
                     "graph_over_lean_graph": round(a["tokens_per_sec"] / lg["tokens_per_sec"], 2),
@@ -359,7 +478,9 @@ def bench_generate(output: str | None = None, quick_dir: str = "artifacts/model"
                 b1 = results["cases"][f"{name}/batch1"]
                 torch_ms = 1000 / b1["transformers_generate"]["tokens_per_sec"]
                 results["memory_floor"] = {
-                    "model": name, **floor, "transformers_ms_per_token_batch1": round(torch_ms, 2),
+                    "model": name,
+                    **floor,
+                    "transformers_ms_per_token_batch1": round(torch_ms, 2),
                     "runtime_ms_per_token_batch1": round(1000 / b1["runtime"]["tokens_per_sec"], 2),
                     "most_runtime_over_transformers_fp32_batch1": round(torch_ms / floor["ms_per_token"], 2),
                 }
@@ -371,25 +492,52 @@ def bench_generate(output: str | None = None, quick_dir: str = "artifacts/model"
             a, _ = _time_runtime(gen, ids, mask, n, use_cache=True)
             c, _ = _time_runtime(gen, ids, mask, n, use_cache=False)
             results["cases"][f"gpt2-124m-shape/batch1/{long_tokens}-tokens"] = {
-                "new_tokens": n, "runtime": a, "runtime_no_cache": c,
+                "new_tokens": n,
+                "runtime": a,
+                "runtime_no_cache": c,
                 "runtime_over_no_cache": round(a["tokens_per_sec"] / c["tokens_per_sec"], 2),
             }
             del gen
         if tools:  # each model in a fresh process: none of the sessions above (or their threads) is alive there
             results["llama_cpp"] = {}
             for name, (hf_dir, onnx_dir) in models.items():
-                results["llama_cpp"].update(run_child(__name__, "_child_llama_cpp", str(llama_cpp), name, str(hf_dir),
-                                                      str(onnx_dir), prepared, 256, progress=True))
+                results["llama_cpp"].update(
+                    run_child(
+                        __name__,
+                        "_child_llama_cpp",
+                        str(llama_cpp),
+                        name,
+                        str(hf_dir),
+                        str(onnx_dir),
+                        prepared,
+                        256,
+                        progress=True,
+                    )
+                )
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    summary = {k: {m: v[m] for m in ("runtime_over_transformers", "runtime_over_no_cache", "graph_over_lean_graph",
-                                     "graph_over_traced_graph",
-                                     "runtime_int8_over_transformers") if m in v}
-               for k, v in results["cases"].items()}
+    summary = {
+        k: {
+            m: v[m]
+            for m in (
+                "runtime_over_transformers",
+                "runtime_over_no_cache",
+                "graph_over_lean_graph",
+                "graph_over_traced_graph",
+                "runtime_int8_over_transformers",
+            )
+            if m in v
+        }
+        for k, v in results["cases"].items()
+    }
     if "llama_cpp" in results:
-        summary["llama_cpp"] = {k: v["penwright_over_llama_cpp"] for k, v in results["llama_cpp"].items()
-                                if isinstance(v, dict) and "penwright_over_llama_cpp" in v}
+        summary["llama_cpp"] = {
+            k: v["penwright_over_llama_cpp"]
+            for k, v in results["llama_cpp"].items()
+            if isinstance(v, dict) and "penwright_over_llama_cpp" in v
+        }
         summary["top1_agreement_with_fp32"] = results["llama_cpp"].get("quickstart/top1_agreement_with_fp32")
-    write_report(results, output, "reports/bench_generate.json",
-                 {**summary, "memory_floor": results.get("memory_floor")})
+    write_report(
+        results, output, "reports/bench_generate.json", {**summary, "memory_floor": results.get("memory_floor")}
+    )
     return results

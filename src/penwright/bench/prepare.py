@@ -21,8 +21,8 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from penwright.bench.common import BENCH_DIR, fresh_dir, log, run_child, write_report
 from penwright.errors import PenwrightError
@@ -82,8 +82,10 @@ def _child_encoders(tokenizer_dir: str, corpus: str, baseline: bool = True) -> d
 
 def _baseline_rss() -> float:
     """Peak RSS of a process that only imports what prepare imports (the floor under every figure)."""
-    code = ("import resource, penwright.prepare, penwright.config, transformers, splintr; "
-            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)")
+    code = (
+        "import resource, penwright.prepare, penwright.config, transformers, splintr; "
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)"
+    )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return round(float(done.stdout.strip()), 1)
 
@@ -113,9 +115,16 @@ def generate_corpus(source_csv: Path, out_dir: Path, size_mb: float, seed: int =
     return out_dir
 
 
-def bench_prepare(size_mb: float = 200, output: str | None = None, sample: str = "data/kjv/books", *,
-                  base_mb: float = 20, overrides: Sequence[str] = (), work_dir: str | Path | None = None,
-                  isolate: bool = True) -> dict:
+def bench_prepare(
+    size_mb: float = 200,
+    output: str | None = None,
+    sample: str = "data/kjv/books",
+    *,
+    base_mb: float = 20,
+    overrides: Sequence[str] = (),
+    work_dir: str | Path | None = None,
+    isolate: bool = True,
+) -> dict:
     """The measurements above. ``base_mb``: the smaller generated corpus (20 MB; the summary's ``20mb``);
     ``overrides``: Hydra overrides for every prepare run (before the benchmark's own); ``work_dir``: scratch
     space (default artifacts/bench/prepare), removed at the end. ``isolate=False`` (tests: seconds less a run)
@@ -136,17 +145,20 @@ def bench_prepare(size_mb: float = 200, output: str | None = None, sample: str =
 
         log(f"prepare on the sample corpus ({sample_dir}, quickstart BPE trained)")
         sample_out = work / "sample"
-        results["sample"] = run_child(HERE, "_child_prepare", [*overrides, f"data.path={sample_dir}",
-                                                                f"data.out_dir={sample_out}"], fresh=isolate)
+        results["sample"] = run_child(
+            HERE, "_child_prepare", [*overrides, f"data.path={sample_dir}", f"data.out_dir={sample_out}"], fresh=isolate
+        )
         tokenizer = sample_out / "tokenizer"
 
         log("encoders side by side on the sample corpus")
-        results["encoders_on_sample"] = run_child(HERE, "_child_encoders", str(tokenizer), str(sample_dir),
-                                                  fresh=isolate)
+        results["encoders_on_sample"] = run_child(
+            HERE, "_child_encoders", str(tokenizer), str(sample_dir), fresh=isolate
+        )
         one = run_child(HERE, "_child_encoders", str(tokenizer), str(sample_dir), False, env={"RAYON_NUM_THREADS": "1"})
         results["encoders_on_sample"]["splintr_1_thread"] = one["splintr"]
         results["encoders_on_sample"]["splintr_threads_over_1_thread"] = round(
-            one["splintr"]["seconds"] / results["encoders_on_sample"]["splintr"]["seconds"], 2)
+            one["splintr"]["seconds"] / results["encoders_on_sample"]["splintr"]["seconds"], 2
+        )
 
         pretrained = ["model.tokenizer.type=pretrained", f"model.tokenizer.name_or_path={tokenizer}"]
         for mb in sorted({base_mb, size_mb}):
@@ -154,13 +166,24 @@ def bench_prepare(size_mb: float = 200, output: str | None = None, sample: str =
             corpus = generate_corpus(verses, work / f"corpus-{mb}mb", mb)
             log(f"prepare on {mb} MB (quickstart tokenizer, splintr encoder)")
             results[f"generated_{mb}mb"] = run_child(
-                HERE, "_child_prepare", [*overrides, f"data.path={corpus}", f"data.out_dir={work / f'out-{mb}'}",
-                                         *pretrained], fresh=isolate)
+                HERE,
+                "_child_prepare",
+                [*overrides, f"data.path={corpus}", f"data.out_dir={work / f'out-{mb}'}", *pretrained],
+                fresh=isolate,
+            )
             log(f"prepare on {mb} MB (baseline: tokenizers batch API)")
             results[f"generated_{mb}mb_tokenizers"] = run_child(
-                HERE, "_child_prepare",
-                [*overrides, f"data.path={corpus}", f"data.out_dir={work / f'out-{mb}-hf'}", "data.fast_encode=false",
-                 *pretrained], fresh=isolate)
+                HERE,
+                "_child_prepare",
+                [
+                    *overrides,
+                    f"data.path={corpus}",
+                    f"data.out_dir={work / f'out-{mb}-hf'}",
+                    "data.fast_encode=false",
+                    *pretrained,
+                ],
+                fresh=isolate,
+            )
             shutil.rmtree(corpus, ignore_errors=True)
             shutil.rmtree(work / f"out-{mb}", ignore_errors=True)
             shutil.rmtree(work / f"out-{mb}-hf", ignore_errors=True)
@@ -168,11 +191,15 @@ def bench_prepare(size_mb: float = 200, output: str | None = None, sample: str =
         results["summary"] = {
             f"mb_per_s_{size_mb}mb": big["mb_per_s"],
             f"speedup_vs_tokenizers_{size_mb}mb": round(
-                results[f"generated_{size_mb}mb_tokenizers"]["seconds"] / big["seconds"], 2),
+                results[f"generated_{size_mb}mb_tokenizers"]["seconds"] / big["seconds"], 2
+            ),
             "encoder_alone_mb_per_s_sample": results["encoders_on_sample"]["splintr"]["mb_per_s"],
             "encoder_threads_over_1_thread": results["encoders_on_sample"]["splintr_threads_over_1_thread"],
-            "peak_rss_mb_sample_vs_20mb_vs_big": [results["sample"]["peak_rss_mb"],
-                                                  results[f"generated_{base_mb}mb"]["peak_rss_mb"], big["peak_rss_mb"]],
+            "peak_rss_mb_sample_vs_20mb_vs_big": [
+                results["sample"]["peak_rss_mb"],
+                results[f"generated_{base_mb}mb"]["peak_rss_mb"],
+                big["peak_rss_mb"],
+            ],
         }
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -27,8 +27,18 @@ import numpy as np
 from penwright.bench.common import BENCH_DIR, SHAPE_124M, log, random_gpt2, require_export, save_fused, write_report
 from penwright.errors import PenwrightError
 
-PROMPTS = ["And it came to pass", "The LORD said unto", "In the beginning", "Blessed are they", "And he said",
-           "Now these are the generations of", "Behold,", "Then answered", "For God so", "Thus saith the"]
+PROMPTS = [
+    "And it came to pass",
+    "The LORD said unto",
+    "In the beginning",
+    "Blessed are they",
+    "And he said",
+    "Now these are the generations of",
+    "Behold,",
+    "Then answered",
+    "For God so",
+    "Thus saith the",
+]
 LEVELS = (1, 4, 16, 64)
 
 
@@ -46,15 +56,21 @@ class _Server:
     def __init__(self, model_dir: Path, slots: int, context: int | None, log_path: Path, extra: tuple[str, ...] = ()):
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        overrides = [f"serve.model_dir={model_dir}", f"serve.port={self.port}", f"serve.max_sequences={slots}",
-                     "serve.queue_size=4096", "serve.request_timeout=900"]
+        overrides = [
+            f"serve.model_dir={model_dir}",
+            f"serve.port={self.port}",
+            f"serve.max_sequences={slots}",
+            "serve.queue_size=4096",
+            "serve.request_timeout=900",
+        ]
         if context:
             overrides.append(f"serve.context={context}")
         overrides += list(extra)
         self.log_path = log_path
         self.log = log_path.open("w")
-        self.proc = subprocess.Popen([sys.executable, "-m", "penwright.cli", "serve", *overrides],
-                                     stdout=self.log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "penwright.cli", "serve", *overrides], stdout=self.log, stderr=subprocess.STDOUT
+        )
         self.terminated = False
 
     def wait(self) -> None:
@@ -88,8 +104,16 @@ class _Server:
 
 
 async def _one(session, url: str, prompt: str, new_tokens: int, seed: int) -> dict:
-    body = {"prompt": prompt, "max_tokens": new_tokens, "min_tokens": new_tokens, "temperature": 0.8, "top_k": 40,
-            "seed": seed, "stream": True, "stream_options": {"include_usage": True}}
+    body = {
+        "prompt": prompt,
+        "max_tokens": new_tokens,
+        "min_tokens": new_tokens,
+        "temperature": 0.8,
+        "top_k": 40,
+        "seed": seed,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
     start = time.perf_counter()
     first, tokens, error = None, 0, None
     try:
@@ -109,8 +133,12 @@ async def _one(session, url: str, prompt: str, new_tokens: int, seed: int) -> di
                         first = time.perf_counter() - start
     except Exception as err:  # a refused or broken connection is a failed request, counted
         error = f"{type(err).__name__}: {err}"
-    return {"latency": time.perf_counter() - start, "ttft": first, "tokens": tokens,
-            "error": error or (None if tokens == new_tokens else f"{tokens} tokens instead of {new_tokens}")}
+    return {
+        "latency": time.perf_counter() - start,
+        "ttft": first,
+        "tokens": tokens,
+        "error": error or (None if tokens == new_tokens else f"{tokens} tokens instead of {new_tokens}"),
+    }
 
 
 async def _level(url: str, concurrency: int, requests: int, new_tokens: int) -> dict:
@@ -121,6 +149,7 @@ async def _level(url: str, concurrency: int, requests: int, new_tokens: int) -> 
     gate = asyncio.Semaphore(concurrency)
     connector = aiohttp.TCPConnector(limit=concurrency + 4)
     async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=900)) as session:
+
         async def gated(i):
             async with gate:
                 return await _one(session, url, PROMPTS[i % len(PROMPTS)], new_tokens, seed=i)
@@ -135,12 +164,20 @@ async def _level(url: str, concurrency: int, requests: int, new_tokens: int) -> 
     def pct(values, q):
         return round(float(np.percentile(values, q)), 3) if values else None
 
-    return {"concurrency": concurrency, "sent": requests, "answered": len(ok), "failed": len(results) - len(ok),
-            "errors": sorted({r["error"] for r in results if r["error"]})[:3],
-            "completion_tokens": sum(r["tokens"] for r in ok), "wall_s": round(wall, 2),
-            "tokens_per_sec": round(sum(r["tokens"] for r in ok) / wall, 1),
-            "latency_p50_s": pct(lat, 50), "latency_p95_s": pct(lat, 95),
-            "ttft_p50_s": pct(ttft, 50), "ttft_p95_s": pct(ttft, 95)}
+    return {
+        "concurrency": concurrency,
+        "sent": requests,
+        "answered": len(ok),
+        "failed": len(results) - len(ok),
+        "errors": sorted({r["error"] for r in results if r["error"]})[:3],
+        "completion_tokens": sum(r["tokens"] for r in ok),
+        "wall_s": round(wall, 2),
+        "tokens_per_sec": round(sum(r["tokens"] for r in ok) / wall, 1),
+        "latency_p50_s": pct(lat, 50),
+        "latency_p95_s": pct(lat, 95),
+        "ttft_p50_s": pct(ttft, 50),
+        "ttft_p95_s": pct(ttft, 95),
+    }
 
 
 def _random_124m_onnx(workdir: Path, tokenizer_dir: Path, shape: tuple[int, int, int] = SHAPE_124M) -> Path:
@@ -152,16 +189,24 @@ def _random_124m_onnx(workdir: Path, tokenizer_dir: Path, shape: tuple[int, int,
     model = random_gpt2(shape)
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     with torch.no_grad():  # ids past the borrowed tokenizer's vocab get zero logits (the head is tied to wte): the
-        model.transformer.wte.weight[len(tokenizer):] = 0  # sampled tokens are text, so time to first text is real
+        model.transformer.wte.weight[len(tokenizer) :] = 0  # sampled tokens are text, so time to first text is real
     return save_fused(model, tokenizer, workdir / "gpt2-124m-random-onnx")
 
 
 MODELS = ("quickstart", "gpt2-124m-shape")
 
 
-def bench_serve(output: str | None = None, quick_onnx: str = "artifacts/onnx", slots: int = 64,
-                levels: tuple[int, ...] = LEVELS, *, models: tuple[str, ...] = MODELS, new_tokens: int | None = None,
-                big_shape: tuple[int, int, int] = SHAPE_124M, work_dir: str | Path | None = None) -> dict:
+def bench_serve(
+    output: str | None = None,
+    quick_onnx: str = "artifacts/onnx",
+    slots: int = 64,
+    levels: tuple[int, ...] = LEVELS,
+    *,
+    models: tuple[str, ...] = MODELS,
+    new_tokens: int | None = None,
+    big_shape: tuple[int, int, int] = SHAPE_124M,
+    work_dir: str | Path | None = None,
+) -> dict:
     """The measurements above. ``models``: which of the two (both); ``new_tokens``: tokens a request (default
     128 for the quickstart, 64 for the 124M shape); ``big_shape``: (n_layer, n_head, n_embd) of the random
     model (GPT-2 124M's); ``work_dir``: scratch space and the servers' logs (default artifacts/bench/serve)."""
@@ -175,10 +220,10 @@ def bench_serve(output: str | None = None, quick_onnx: str = "artifacts/onnx", s
     results: dict = {
         "machine": {"cpus": os.cpu_count()},
         "measured": "the real server (uvicorn) on loopback, streamed completions with min_tokens = max_tokens so "
-                    "every request generates the same number of tokens; at each concurrency level the same requests "
-                    "go to the batching server, then to the one-slot server (one at a time, in arrival order); "
-                    "tokens/s = completion tokens of answered requests / the level's wall time; "
-                    "ttft = time to the first streamed text",
+        "every request generates the same number of tokens; at each concurrency level the same requests "
+        "go to the batching server, then to the one-slot server (one at a time, in arrival order); "
+        "tokens/s = completion tokens of answered requests / the level's wall time; "
+        "ttft = time to the first streamed text",
         "goals": "concurrency 16: batching >= 4x one-at-a-time tokens/s and p95 ttft < 1 s; every request answered",
         "models": {},
     }
@@ -186,8 +231,10 @@ def bench_serve(output: str | None = None, quick_onnx: str = "artifacts/onnx", s
         # (model, new tokens a request, serve.context, server overrides): each model on the thread count that
         # served it best here (measured: the quickstart 4.5x with 1 thread vs 3.8-4.1x with both cores, the
         # Python side needing the other core; the 124M shape 46.8 vs 28.2 tokens/s at concurrency 1 with both)
-        cases = {"quickstart": (quick, 128, None, ("serve.threads=1",)),
-                 "gpt2-124m-shape": (None, 64, 256, ("serve.threads=0",))}
+        cases = {
+            "quickstart": (quick, 128, None, ("serve.threads=1",)),
+            "gpt2-124m-shape": (None, 64, 256, ("serve.threads=0",)),
+        }
         for name, (model_dir, tokens, context, extra) in cases.items():
             if name not in models:
                 continue
@@ -197,8 +244,7 @@ def bench_serve(output: str | None = None, quick_onnx: str = "artifacts/onnx", s
                 model_dir = _random_124m_onnx(work, quick, big_shape)
             batching = _Server(model_dir, slots, context, work / f"{name}-batching.log", extra)
             single = _Server(model_dir, 1, context, work / f"{name}-single.log", extra)
-            entry = {"new_tokens_per_request": tokens, "slots": slots, "server_overrides": list(extra),
-                     "levels": {}}
+            entry = {"new_tokens_per_request": tokens, "slots": slots, "server_overrides": list(extra), "levels": {}}
             try:
                 batching.wait()
                 single.wait()
@@ -209,11 +255,14 @@ def bench_serve(output: str | None = None, quick_onnx: str = "artifacts/onnx", s
                         log(f"{name}: {n} requests at concurrency {c} -> {label}")
                         row[label] = asyncio.run(_level(server.url, c, n, tokens))
                     row["batching_over_one_at_a_time"] = round(
-                        row["batching"]["tokens_per_sec"] / max(row["one_at_a_time"]["tokens_per_sec"], 1e-9), 2)
+                        row["batching"]["tokens_per_sec"] / max(row["one_at_a_time"]["tokens_per_sec"], 1e-9), 2
+                    )
                     entry["levels"][str(c)] = row
-                    log(f"  batching {row['batching']['tokens_per_sec']} tok/s, one at a time "
+                    log(
+                        f"  batching {row['batching']['tokens_per_sec']} tok/s, one at a time "
                         f"{row['one_at_a_time']['tokens_per_sec']} tok/s: {row['batching_over_one_at_a_time']}x; "
-                        f"p95 ttft {row['batching']['ttft_p95_s']} s")
+                        f"p95 ttft {row['batching']['ttft_p95_s']} s"
+                    )
                 entry["server_rss_mb"] = {"batching": batching.rss_mb(), "one_at_a_time": single.rss_mb()}
             finally:
                 batching.terminate()  # both stop at once
@@ -222,9 +271,17 @@ def bench_serve(output: str | None = None, quick_onnx: str = "artifacts/onnx", s
             results["models"][name] = entry
     finally:
         shutil.rmtree(work / "gpt2-124m-random-onnx", ignore_errors=True)
-    summary = {m: {c: {"x": r["batching_over_one_at_a_time"], "tok/s": r["batching"]["tokens_per_sec"],
-                       "p95_ttft": r["batching"]["ttft_p95_s"],
-                       "failed": r["batching"]["failed"] + r["one_at_a_time"]["failed"]}
-                   for c, r in e["levels"].items()} for m, e in results["models"].items()}
+    summary = {
+        m: {
+            c: {
+                "x": r["batching_over_one_at_a_time"],
+                "tok/s": r["batching"]["tokens_per_sec"],
+                "p95_ttft": r["batching"]["ttft_p95_s"],
+                "failed": r["batching"]["failed"] + r["one_at_a_time"]["failed"],
+            }
+            for c, r in e["levels"].items()
+        }
+        for m, e in results["models"].items()
+    }
     write_report(results, output, "reports/bench_serve.json", summary)
     return results

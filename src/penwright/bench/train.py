@@ -47,10 +47,20 @@ def _steps_per_second_lightning(cfg, data, model_state, steps: int, warmup: int)
             self.t1 = time.perf_counter()
 
     timer = WallClock()
-    trainer = L.Trainer(accelerator="cpu", devices=1, precision=str(cfg.trainer.precision), max_steps=steps + warmup,
-                        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                        limit_val_batches=0, callbacks=[timer], gradient_clip_val=float(cfg.train.grad_clip) or None,
-                        use_distributed_sampler=False)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        precision=str(cfg.trainer.precision),
+        max_steps=steps + warmup,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        callbacks=[timer],
+        gradient_clip_val=float(cfg.train.grad_clip) or None,
+        use_distributed_sampler=False,
+    )
     trainer.fit(module, train_dataloaders=data.train_dataloader())
     tokens = steps * data.batch_size * data.block_size
     return {"tokens_per_sec": round(tokens / (timer.t1 - timer.t0), 1), "steps": steps}
@@ -68,8 +78,15 @@ def _steps_per_second_plain(cfg, data, model_state, steps: int, warmup: int) -> 
     model.train()
     module = LitGPT2(model, cfg.train, data.bytes_per_token)
     # a Trainer that never runs: the schedule's length is its max_steps (unless train.decay_steps fixes it)
-    module.trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=steps + warmup, logger=False,
-                               enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    module.trainer = L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_steps=steps + warmup,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     optimizers = module.configure_optimizers()
     opt, sched = optimizers["optimizer"], optimizers["lr_scheduler"]["scheduler"]
     clip = float(cfg.train.grad_clip)
@@ -91,7 +108,9 @@ def _steps_per_second_plain(cfg, data, model_state, steps: int, warmup: int) -> 
     return {"tokens_per_sec": round(tokens / (time.perf_counter() - start), 1), "steps": steps}
 
 
-def bench_train(steps: int = 30, rounds: int = 3, output: str | None = None, overrides: list[str] | None = None) -> dict:
+def bench_train(
+    steps: int = 30, rounds: int = 3, output: str | None = None, overrides: list[str] | None = None
+) -> dict:
     """Lightning's training step vs a plain PyTorch loop: same model, batch and data, alternating in one run."""
     import torch
 
@@ -99,8 +118,13 @@ def bench_train(steps: int = 30, rounds: int = 3, output: str | None = None, ove
     from penwright.data import PreparedData
 
     cfg = compose(list(overrides or []))
-    data = PreparedData(cfg.data.out_dir, int(cfg.train.block_size), int(cfg.train.batch_size), int(cfg.seed),
-                        int(cfg.train.val_batches))
+    data = PreparedData(
+        cfg.data.out_dir,
+        int(cfg.train.block_size),
+        int(cfg.train.batch_size),
+        int(cfg.seed),
+        int(cfg.train.val_batches),
+    )
     torch.manual_seed(int(cfg.seed))
     state = _model(cfg, data, None).state_dict()
     runs: dict[str, list[float]] = {"lightning": [], "plain": []}
@@ -112,8 +136,12 @@ def bench_train(steps: int = 30, rounds: int = 3, output: str | None = None, ove
     lightning, plain = max(runs["lightning"]), max(runs["plain"])
     median = {k: statistics.median(v) for k, v in runs.items()}
     results = {
-        "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "device": "cpu",
-                    "python": platform.python_version()},
+        "machine": {
+            "cpus": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+            "device": "cpu",
+            "python": platform.python_version(),
+        },
         "model": {k: cfg.model.get(k) for k in ("name_or_path", "n_layer", "n_head", "n_embd")},
         "batch": {"batch_size": int(cfg.train.batch_size), "block_size": int(cfg.train.block_size)},
         "tokens_per_sec": runs,
@@ -125,15 +153,27 @@ def bench_train(steps: int = 30, rounds: int = 3, output: str | None = None, ove
         "round_to_round_spread_pct": round(100 * max((max(v) - min(v)) / max(v) for v in runs.values()), 2),
         "goal": "Lightning overhead <= 3% of the plain loop's tokens/s",
         "measured": f"wall clock from the first timed step to the end of the last, data loading included, "
-                    f"after {WARMUP} untimed warmup steps; best of the rounds; same init, batches, optimizer, schedule, "
-                    f"clipping",
+        f"after {WARMUP} untimed warmup steps; best of the rounds; same init, batches, optimizer, schedule, "
+        f"clipping",
     }
     quick = Path(cfg.paths.reports) / "train.json"
     if quick.is_file():
         q = json.loads(quick.read_text())
-        results["quickstart_from_reports_train_json"] = {k: q.get(k) for k in
-                                                         ("wall_seconds", "steps", "val_bpb", "val_loss", "tokens_per_sec")}
-    write_report(results, output, "reports/bench_train.json",
-                 {k: results[k] for k in ("best_tokens_per_sec", "lightning_overhead_pct",
-                                          "lightning_overhead_pct_median", "round_to_round_spread_pct")})
+        results["quickstart_from_reports_train_json"] = {
+            k: q.get(k) for k in ("wall_seconds", "steps", "val_bpb", "val_loss", "tokens_per_sec")
+        }
+    write_report(
+        results,
+        output,
+        "reports/bench_train.json",
+        {
+            k: results[k]
+            for k in (
+                "best_tokens_per_sec",
+                "lightning_overhead_pct",
+                "lightning_overhead_pct_median",
+                "round_to_round_spread_pct",
+            )
+        },
+    )
     return results

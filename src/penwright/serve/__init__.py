@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import signal
 
-
 from penwright.log import get_logger
 from penwright.schema import Config, Serve
 
@@ -35,11 +34,20 @@ def settings_from(s: Serve):
     from penwright.serve.app import Settings
 
     key = s.api_key or os.environ.get("PENWRIGHT_API_KEY") or None
-    return Settings(model_name=s.model_name, queue_size=s.queue_size, request_timeout=s.request_timeout,
-                    max_body_bytes=s.max_body_bytes, max_n=s.max_n, max_prompts=s.max_prompts,
-                    api_key=str(key) if key else None, max_tokens=s.max_tokens,
-                    stream_interval=s.stream_interval, temperature=s.temperature,
-                    top_k=s.top_k, top_p=s.top_p)
+    return Settings(
+        model_name=s.model_name,
+        queue_size=s.queue_size,
+        request_timeout=s.request_timeout,
+        max_body_bytes=s.max_body_bytes,
+        max_n=s.max_n,
+        max_prompts=s.max_prompts,
+        api_key=str(key) if key else None,
+        max_tokens=s.max_tokens,
+        stream_interval=s.stream_interval,
+        temperature=s.temperature,
+        top_k=s.top_k,
+        top_p=s.top_p,
+    )
 
 
 def build_app(cfg: Config):
@@ -51,10 +59,13 @@ def build_app(cfg: Config):
     settings = settings_from(s)
 
     def load() -> Engine:
-        engine = Engine.load(s.model_dir, slots=s.max_sequences, threads=s.threads, graph=s.graph,
-                             context=s.context, spin=s.spin)
-        get_logger("serve").info(f"{s.model_dir}/{s.graph}: {engine.slots} slots x {engine.context} tokens "
-                                 f"({engine.cache_bytes() / 2**20:.0f} MiB of KV buffer at most)")
+        engine = Engine.load(
+            s.model_dir, slots=s.max_sequences, threads=s.threads, graph=s.graph, context=s.context, spin=s.spin
+        )
+        get_logger("serve").info(
+            f"{s.model_dir}/{s.graph}: {engine.slots} slots x {engine.context} tokens "
+            f"({engine.cache_bytes() / 2**20:.0f} MiB of KV buffer at most)"
+        )
         return engine
 
     return create_app(load, settings)

@@ -27,9 +27,9 @@ import traceback
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Union
 
-from fastapi import FastAPI, Request as HttpRequest
+from fastapi import FastAPI
+from fastapi import Request as HttpRequest
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -60,8 +60,14 @@ class Settings:
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, message: str, param: str | None = None, kind: str = "invalid_request_error",
-                 headers: dict | None = None):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        param: str | None = None,
+        kind: str = "invalid_request_error",
+        headers: dict | None = None,
+    ):
         super().__init__(message)
         self.status, self.message, self.param, self.kind, self.headers = status, message, param, kind, headers
 
@@ -80,12 +86,12 @@ class CompletionBody(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     model: str | None = None
-    prompt: Union[str, list[str]] = ""
+    prompt: str | list[str] = ""
     max_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0)
     top_p: float | None = Field(None, gt=0, le=1)
     n: int = Field(1, ge=1)
-    stop: Union[str, list[str], None] = None
+    stop: str | list[str] | None = None
     seed: int | None = Field(None, ge=0)
     stream: bool = False
     echo: bool = False
@@ -161,13 +167,17 @@ def create_app(engine_factory, settings: Settings) -> FastAPI:
     @app.exception_handler(Exception)
     async def _bug(request, err: Exception):  # a bug, not the client's fault: say so in JSON, log it, keep serving
         traceback.print_exception(err)
-        return JSONResponse(error_body(f"internal error ({type(err).__name__}); see the server's log",
-                                       kind="server_error"), 500)
+        return JSONResponse(
+            error_body(f"internal error ({type(err).__name__}); see the server's log", kind="server_error"), 500
+        )
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request, err: StarletteHTTPException):  # 404, 405: in the same error shape
-        return JSONResponse(error_body(f"{request.method} {request.url.path}: {err.detail}"), err.status_code,
-                            headers=getattr(err, "headers", None))
+        return JSONResponse(
+            error_body(f"{request.method} {request.url.path}: {err.detail}"),
+            err.status_code,
+            headers=getattr(err, "headers", None),
+        )
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request, err: RequestValidationError):
@@ -177,20 +187,36 @@ def create_app(engine_factory, settings: Settings) -> FastAPI:
     async def _guard(request: HttpRequest, call_next):
         length = request.headers.get("content-length")
         if length is not None and (not length.isdigit() or int(length) > settings.max_body_bytes):
-            return JSONResponse(error_body(f"the request body is {length} bytes; the limit is "
-                                           f"{settings.max_body_bytes} (serve.max_body_bytes)", "body"), 413)
+            return JSONResponse(
+                error_body(
+                    f"the request body is {length} bytes; the limit is "
+                    f"{settings.max_body_bytes} (serve.max_body_bytes)",
+                    "body",
+                ),
+                413,
+            )
         if settings.api_key and request.url.path not in ("/health",) and not _page_request(request):
             given = request.headers.get("authorization", "")
             if not secrets.compare_digest(given.encode(), f"Bearer {settings.api_key}".encode()):
-                return JSONResponse(error_body("missing or wrong API key: send `Authorization: Bearer <key>`",
-                                               "authorization", "authentication_error"), 401)
+                return JSONResponse(
+                    error_body(
+                        "missing or wrong API key: send `Authorization: Bearer <key>`",
+                        "authorization",
+                        "authentication_error",
+                    ),
+                    401,
+                )
         return await call_next(request)
 
     def engine() -> Engine:
         thread = state["thread"]
         if state["engine"] is None or thread is None or not thread.is_alive():
-            raise ApiError(503, "the model is not being served (still loading, or stopping)", kind="server_error",
-                           headers={"Retry-After": "1"})
+            raise ApiError(
+                503,
+                "the model is not being served (still loading, or stopping)",
+                kind="server_error",
+                headers={"Retry-After": "1"},
+            )
         return state["engine"]
 
     # -- routes ------------------------------------------------------------------------------------
@@ -201,21 +227,32 @@ def create_app(engine_factory, settings: Settings) -> FastAPI:
         if state["engine"] is None or thread is None or not thread.is_alive():
             return JSONResponse({"status": "loading"}, status_code=503)
         e = state["engine"]
-        return {"status": "ok", "model": settings.model_name, "running": e.running, "waiting": e.waiting.qsize(),
-                "slots": e.slots, "context": e.context}
+        return {
+            "status": "ok",
+            "model": settings.model_name,
+            "running": e.running,
+            "waiting": e.waiting.qsize(),
+            "slots": e.slots,
+            "context": e.context,
+        }
 
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [{"id": settings.model_name, "object": "model", "created": 0,
-                                            "owned_by": "penwright"}]}
+        return {
+            "object": "list",
+            "data": [{"id": settings.model_name, "object": "model", "created": 0, "owned_by": "penwright"}],
+        }
 
     @app.post("/v1/completions")
     async def completions(http: HttpRequest):
         body = _parse(CompletionBody, await _json(http, settings.max_body_bytes))
         eng = engine()
         if body.model not in (None, settings.model_name):
-            raise ApiError(400, f"model={body.model!r} is not served here; this server serves "
-                                f"{settings.model_name!r} (GET /v1/models)", "model")
+            raise ApiError(
+                400,
+                f"model={body.model!r} is not served here; this server serves {settings.model_name!r} (GET /v1/models)",
+                "model",
+            )
         for name in ("logprobs", "suffix", "logit_bias"):
             if getattr(body, name) is not None:
                 raise ApiError(400, f"{name} is not supported by penwright's server", name)
@@ -230,46 +267,79 @@ def create_app(engine_factory, settings: Settings) -> FastAPI:
         if not prompts:
             raise ApiError(400, "prompt is an empty list: give a string or a list of strings", "prompt")
         if len(prompts) * body.n > settings.max_prompts:
-            raise ApiError(400, f"{len(prompts)} prompts x n={body.n}: at most {settings.max_prompts} choices "
-                                f"(serve.max_prompts)", "prompt")
+            raise ApiError(
+                400,
+                f"{len(prompts)} prompts x n={body.n}: at most {settings.max_prompts} choices (serve.max_prompts)",
+                "prompt",
+            )
         temperature = settings.temperature if body.temperature is None else body.temperature
         top_k = settings.top_k if body.top_k is None else max(0, body.top_k)
         greedy = temperature < GREEDY_BELOW
-        sampling = SamplingConfig(do_sample=not greedy, temperature=1.0 if greedy else temperature,
-                                  top_k=top_k, top_p=settings.top_p if body.top_p is None else body.top_p,
-                                  repetition_penalty=body.repetition_penalty or 1.0)
+        sampling = SamplingConfig(
+            do_sample=not greedy,
+            temperature=1.0 if greedy else temperature,
+            top_k=top_k,
+            top_p=settings.top_p if body.top_p is None else body.top_p,
+            repetition_penalty=body.repetition_penalty or 1.0,
+        )
         max_tokens = settings.max_tokens if body.max_tokens is None else body.max_tokens
         encoded = [eng.encode(p) for p in prompts]
         for ids in encoded:
             _check(eng, ids, max_tokens)
-        requests = [Request(encoded[i], max_tokens, sampling, min_tokens=min(body.min_tokens, max_tokens),
-                            stop=tuple(body.stop or ()), seed=None if body.seed is None else body.seed + i * body.n + j)
-                    for i in range(len(prompts)) for j in range(body.n)]
+        requests = [
+            Request(
+                encoded[i],
+                max_tokens,
+                sampling,
+                min_tokens=min(body.min_tokens, max_tokens),
+                stop=tuple(body.stop or ()),
+                seed=None if body.seed is None else body.seed + i * body.n + j,
+            )
+            for i in range(len(prompts))
+            for j in range(body.n)
+        ]
         job = _Job(eng, requests, settings)
-        head = {"id": f"cmpl-{uuid.uuid4().hex[:24]}", "object": "text_completion", "created": int(time.time()),
-                "model": settings.model_name}
+        head = {
+            "id": f"cmpl-{uuid.uuid4().hex[:24]}",
+            "object": "text_completion",
+            "created": int(time.time()),
+            "model": settings.model_name,
+        }
         prefix = [prompts[k // body.n] if body.echo else "" for k in range(len(requests))]
         usage_prompt = sum(len(ids) for ids in encoded)
 
         if not body.stream:
             await job.wait()
-            choices = [{"text": prefix[k] + r.text, "index": k, "logprobs": None, "finish_reason": r.finish_reason}
-                       for k, r in enumerate(requests)]
+            choices = [
+                {"text": prefix[k] + r.text, "index": k, "logprobs": None, "finish_reason": r.finish_reason}
+                for k, r in enumerate(requests)
+            ]
             done = sum(len(r.tokens) for r in requests)
-            return {**head, "choices": choices,
-                    "usage": {"prompt_tokens": usage_prompt, "completion_tokens": done,
-                              "total_tokens": usage_prompt + done}}
+            return {
+                **head,
+                "choices": choices,
+                "usage": {
+                    "prompt_tokens": usage_prompt,
+                    "completion_tokens": done,
+                    "total_tokens": usage_prompt + done,
+                },
+            }
 
         include_usage = bool((body.stream_options or {}).get("include_usage"))
 
         # one event per choice per engine step; when the client reads slower than the engine writes, pieces
         # already waiting are merged into one event (fewer, larger chunks: the same text)
-        opening = ('data: {"id":%s,"object":"text_completion","created":%d,"model":%s,"choices":[{"text":'
-                   % (json.dumps(head["id"]), head["created"], json.dumps(head["model"])))
+        opening = 'data: {"id":%s,"object":"text_completion","created":%d,"model":%s,"choices":[{"text":' % (  # noqa: UP031 (a template built once a request)
+            json.dumps(head["id"]),
+            head["created"],
+            json.dumps(head["model"]),
+        )
 
         def chunk(k: int, text: str, reason: str | None) -> str:
-            return (f'{opening}{json.dumps(text, ensure_ascii=False)},"index":{k},"logprobs":null,'
-                    f'"finish_reason":{json.dumps(reason)}}}]}}\n\n')
+            return (
+                f'{opening}{json.dumps(text, ensure_ascii=False)},"index":{k},"logprobs":null,'
+                f'"finish_reason":{json.dumps(reason)}}}]}}\n\n'
+            )
 
         async def events():
             try:
@@ -289,16 +359,25 @@ def create_app(engine_factory, settings: Settings) -> FastAPI:
                     yield "".join(chunk(k, text, reason) for k, (text, reason) in merged.items())
                 if include_usage:
                     done = sum(len(r.tokens) for r in requests)
-                    yield _sse({**head, "choices": [], "usage": {"prompt_tokens": usage_prompt,
-                                                                 "completion_tokens": done,
-                                                                 "total_tokens": usage_prompt + done}})
+                    yield _sse(
+                        {
+                            **head,
+                            "choices": [],
+                            "usage": {
+                                "prompt_tokens": usage_prompt,
+                                "completion_tokens": done,
+                                "total_tokens": usage_prompt + done,
+                            },
+                        }
+                    )
                 yield "data: [DONE]\n\n"
             finally:  # the client went away (or we are done): free the slots at the next step
                 job.cancel()
 
         job.start()
-        return StreamingResponse(events(), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return StreamingResponse(
+            events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+        )
 
     async def gpt2(params: dict):
         from penwright.generate import finish_text
@@ -307,8 +386,12 @@ def create_app(engine_factory, settings: Settings) -> FastAPI:
         eng = engine()
         temperature = 0.7 if body.temperature is None else body.temperature
         greedy = temperature < GREEDY_BELOW
-        sampling = SamplingConfig(do_sample=not greedy, temperature=1.0 if greedy else temperature,
-                                  top_k=body.top_k or 0, top_p=body.top_p or 1.0)
+        sampling = SamplingConfig(
+            do_sample=not greedy,
+            temperature=1.0 if greedy else temperature,
+            top_k=body.top_k or 0,
+            top_p=body.top_p or 1.0,
+        )
         ids = eng.encode(body.prefix)
         length = body.length if body.length is not None else eng.context - len(ids)
         _check(eng, ids, length, tokens="length", prompt="prefix")
@@ -330,9 +413,12 @@ def create_app(engine_factory, settings: Settings) -> FastAPI:
     async def page(http: HttpRequest):
         if http.query_params:  # gpt-2-cloud-run's GET form
             return await gpt2(dict(http.query_params))
-        return HTMLResponse(PAGE.read_text(encoding="utf-8").replace("{{model}}", settings.model_name)
-                            .replace("{{max_tokens}}", str(min(128, engine().context - 1)))
-                            .replace("{{auth}}", "true" if settings.api_key else "false"))
+        return HTMLResponse(
+            PAGE.read_text(encoding="utf-8")
+            .replace("{{model}}", settings.model_name)
+            .replace("{{max_tokens}}", str(min(128, engine().context - 1)))
+            .replace("{{auth}}", "true" if settings.api_key else "false")
+        )
 
     return app
 
@@ -360,6 +446,7 @@ class _Job:
             if not self.scheduled:
                 self.scheduled = True
                 self.loop.call_soon_threadsafe(self._wake)
+
         return emit
 
     def _wake(self) -> None:
@@ -368,9 +455,13 @@ class _Job:
 
     def start(self) -> None:
         if self.engine.waiting.qsize() + len(self.requests) > self.settings.queue_size:
-            raise ApiError(429, f"the server is busy: {self.engine.waiting.qsize()} requests are waiting "
-                                f"(serve.queue_size={self.settings.queue_size}); retry shortly",
-                           kind="rate_limit_error", headers={"Retry-After": "1"})
+            raise ApiError(
+                429,
+                f"the server is busy: {self.engine.waiting.qsize()} requests are waiting "
+                f"(serve.queue_size={self.settings.queue_size}); retry shortly",
+                kind="rate_limit_error",
+                headers={"Retry-After": "1"},
+            )
         deadline = time.monotonic() + self.settings.request_timeout
         for r in self.requests:
             r.deadline = deadline
@@ -391,10 +482,11 @@ class _Job:
         while left:
             try:
                 await asyncio.wait_for(self.ready.wait(), timeout=max(0.0, deadline - time.monotonic()))
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 self.cancel()
-                yield [(k, "", "timeout") for k, r in enumerate(self.requests) if r.finish_reason is None] or \
-                    [(0, "", "timeout")]
+                yield [(k, "", "timeout") for k, r in enumerate(self.requests) if r.finish_reason is None] or [
+                    (0, "", "timeout")
+                ]
                 return
             self.ready.clear()
             pieces = self._drain()
@@ -423,8 +515,10 @@ class _Job:
 
     def message(self, reason: str) -> str:
         if reason == "timeout":
-            return (f"the request did not finish within {self.settings.request_timeout:g} s "
-                    f"(serve.request_timeout); ask for fewer tokens or retry")
+            return (
+                f"the request did not finish within {self.settings.request_timeout:g} s "
+                f"(serve.request_timeout); ask for fewer tokens or retry"
+            )
         return "the engine failed on this request; see the server's log"
 
     def cancel(self) -> None:
@@ -444,15 +538,21 @@ def _run_engine(engine: Engine) -> None:
             engine.fail_running("error")
 
 
-def _check(engine: Engine, ids: list[int], max_tokens: int, tokens: str = "max_tokens",
-           prompt: str = "prompt") -> None:
+def _check(engine: Engine, ids: list[int], max_tokens: int, tokens: str = "max_tokens", prompt: str = "prompt") -> None:
     if max_tokens < 1:
-        raise ApiError(400, f"{tokens}={max_tokens}: nothing left to generate; the prompt has {len(ids)} tokens and "
-                            f"the context is {engine.context}", tokens if len(ids) < engine.context else prompt)
+        raise ApiError(
+            400,
+            f"{tokens}={max_tokens}: nothing left to generate; the prompt has {len(ids)} tokens and "
+            f"the context is {engine.context}",
+            tokens if len(ids) < engine.context else prompt,
+        )
     if len(ids) + max_tokens > engine.context:
-        raise ApiError(400, f"the prompt has {len(ids)} tokens and {tokens}={max_tokens}: together they exceed "
-                            f"the context of {engine.context} tokens; shorten the prompt or lower {tokens}",
-                       tokens if len(ids) < engine.context else prompt)
+        raise ApiError(
+            400,
+            f"the prompt has {len(ids)} tokens and {tokens}={max_tokens}: together they exceed "
+            f"the context of {engine.context} tokens; shorten the prompt or lower {tokens}",
+            tokens if len(ids) < engine.context else prompt,
+        )
 
 
 def _sse(payload: dict) -> str:
