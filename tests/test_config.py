@@ -81,3 +81,22 @@ def test_params_file_mode_reads_the_composed_file(repo, tmp_path):
     assert compose(["data.val_fraction=0.5"], params=out).data.val_fraction == 0.5
     with pytest.raises(ConfigError, match="no such params file"):
         compose(params=tmp_path / "missing.yaml")
+
+
+@pytest.mark.parametrize(
+    "override, words",
+    [
+        ("model=nonexistent", ["model=nonexistent", "conf/model/nonexistent.yaml", "gpt2-medium", "scratch_small"]),
+        ("data.out_dir=${nope}", ["data.out_dir", "Interpolation key 'nope' not found"]),
+        ("train.lr=[1", ["train.lr=[1", "key=value"]),
+        ("+foo=1", ["foo: not a known key"]),
+        ("train.lrr=0.1", ["train.lrr: not a known key", "train.lr"]),
+    ],
+)
+def test_every_hydra_and_omegaconf_error_is_one_line_naming_the_key(repo, override, words):
+    with pytest.raises(ConfigError) as err:
+        compose([override], config_dir=repo / "conf")
+    message = str(err.value)
+    assert "\n" not in message, message
+    for word in words:
+        assert word in message, message

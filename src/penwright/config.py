@@ -103,13 +103,31 @@ def _all_keys(cfg: object, prefix: str = "") -> Iterable[str]:
 
 
 def _explain(err: Exception, overrides: Sequence[str], source: Path) -> str:
-    """Hydra's message, plus the known keys closest to an unknown one (and the group that holds them)."""
-    message = f"{source}: {err}".strip()
+    """Hydra's or OmegaConf's error in one line, naming the key or group choice at fault; an unknown key
+    comes with the known keys closest to it (and the group that holds them)."""
     import re
 
-    unknown = re.findall(r"Could not override '([^']+)'", str(err))
-    if not unknown:
-        return message
+    text = str(err)
+    unknown = re.findall(r"Could not override '([^']+)'", text)
+    if unknown:
+        return "; ".join(_unknown_key(key, source) for key in unknown)
+    missing = re.search(r"Could not find '([^/']+)/([^']+)'", text)
+    if missing:
+        group, choice = missing.groups()
+        options = re.findall(r"^\t(\S+)$", text.split("Config search path", 1)[0], re.M)
+        return f"{group}={choice}: no such file conf/{group}/{choice}.yaml (choices: {', '.join(options) or 'none'})"
+    first = (getattr(err, "msg", None) or text or type(err).__name__).splitlines()[0]
+    key = getattr(err, "full_key", None)
+    if key:
+        return f"{key}: {first.strip()}"
+    if "override_grammar" in text or "no viable alternative" in text or "mismatched input" in text:
+        return f"{first.strip()} in the overrides {list(overrides)}: write them as key=value (Hydra's override syntax)"
+    return f"{source}: {first.strip()}"
+
+
+def _unknown_key(key: str, source: Path) -> str:
+    """``key``: not a known key, with the closest known keys."""
+    message = f"{key}: not a known key"
     try:
         from hydra import compose as hydra_compose
         from hydra import initialize_config_dir
@@ -119,23 +137,19 @@ def _explain(err: Exception, overrides: Sequence[str], source: Path) -> str:
         with initialize_config_dir(str(directory), version_base=HYDRA_VERSION_BASE):
             base = OmegaConf.to_container(hydra_compose(config_name=name), resolve=False)
     except Exception:  # the hint is a courtesy: never hide the real error behind a second one
-        return message
+        return message + "; `penwright show` prints every key"
     keys = list(_all_keys(base))
-    for key in unknown:
-        leaf = key.rsplit(".", 1)[-1]
-        near = difflib.get_close_matches(key, keys, n=3, cutoff=0.6)
-        near += [k for k in keys if k.rsplit(".", 1)[-1] == leaf and k not in near]
-        near += [
-            k
-            for k in difflib.get_close_matches(leaf, keys, n=6, cutoff=0.0)
-            if difflib.SequenceMatcher(None, leaf, k.rsplit(".", 1)[-1]).ratio() > 0.7 and k not in near
-        ]
-        if near:
-            groups = sorted({k.split(".", 1)[0] for k in near})
-            message += (
-                f"\n  '{key}' is not a known key. Did you mean: {', '.join(near[:4])}"
-                f" (group{'s' if len(groups) > 1 else ''} {', '.join(groups)})?"
-            )
-        else:
-            message += f"\n  '{key}' is not a known key; `penwright show` prints every key."
-    return message
+    leaf = key.rsplit(".", 1)[-1]
+    near = difflib.get_close_matches(key, keys, n=3, cutoff=0.6)
+    near += [k for k in keys if k.rsplit(".", 1)[-1] == leaf and k not in near]
+    near += [
+        k
+        for k in difflib.get_close_matches(leaf, keys, n=6, cutoff=0.0)
+        if difflib.SequenceMatcher(None, leaf, k.rsplit(".", 1)[-1]).ratio() > 0.7 and k not in near
+    ]
+    if not near:
+        return message + "; `penwright show` prints every key"
+    groups = sorted({k.split(".", 1)[0] for k in near})
+    return (
+        f"{message}. Did you mean: {', '.join(near[:4])} (group{'s' if len(groups) > 1 else ''} {', '.join(groups)})?"
+    )

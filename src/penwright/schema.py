@@ -65,7 +65,7 @@ class Data(Group):
     encoding_errors: Literal["strict", "replace"]
     val_fraction: Annotated[float, Field(ge=0, lt=1)]
     split_seed: Seed
-    chunk_bytes: Annotated[int, Field(ge=1024, le=2**31 - 1)]
+    chunk_bytes: Annotated[int, Field(ge=4096, le=2**31 - 1)]
     out_dir: str
     fast_encode: bool
 
@@ -364,7 +364,7 @@ def _describe(err: ValidationError, values: dict) -> list[str]:
             message = str(e["ctx"]["error"])
             key = message.split("=", 1)[0].split(":", 1)[0]
         else:
-            loc = _key_parts(e["loc"])
+            loc = list(e["loc"]) if e["type"] == "extra_forbidden" else _key_parts(e["loc"])
             item = loc.pop() if loc and isinstance(loc[-1], int) else None  # an item of a list: name the list
             key = ".".join(str(p) for p in loc)
             message = _one(e, key, values, item)
