@@ -250,3 +250,37 @@ def test_kill_during_export_leaves_the_earlier_export_and_a_rerun_equals_an_unin
     run_stage("export", [*common, f"export.out_dir={crashed}"])
     assert digest_tree(crashed) == digest_tree(straight)
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".crashed")] == []
+
+
+def test_a_missing_last_checkpoint_resumes_from_the_periodic_one(compose_train, tmp_path, capsys):
+    """A kill during the first write of last.ckpt leaves the periodic checkpoint before it: resume from it."""
+    from penwright.train import train
+
+    steps = ["train.decay_steps=12", "train.ckpt_every_n_steps=4"]
+    train(compose_train("trainer.max_steps=12", *steps, run="straight"))
+    train(compose_train("trainer.max_steps=6", *steps, run="chunked"))
+    (tmp_path / "chunked" / "ckpt" / "last.ckpt").unlink()
+    capsys.readouterr()
+    metrics = train(compose_train("trainer.max_steps=12", *steps, run="chunked"))
+    assert "last.ckpt is missing: resuming from step-000004.ckpt" in capsys.readouterr().err
+    assert metrics["resumed"] is True
+    assert same_weights(tmp_path / "straight" / "model", tmp_path / "chunked" / "model")
+
+
+def test_leftovers_of_a_killed_run_are_cleaned_and_nothing_else(tmp_path):
+    from penwright.fsutil import _HOST, staged_dir
+
+    out = tmp_path / "model"
+    dead = 2**22 + 12345  # above Linux's default pid_max: no such process
+    (tmp_path / f".model.tmp-{_HOST}-{dead}").mkdir()  # a temp dir of a killed run
+    (tmp_path / f".model.old-{_HOST}-{dead}").mkdir()  # killed between replace_dir's two renames:
+    (tmp_path / f".model.old-{_HOST}-{dead}" / "weights").write_text("the earlier output")  # out is missing
+    (tmp_path / ".model.backup-20240101").mkdir()  # the user's own: never touched
+    (tmp_path / f".model.tmp-otherhost-{dead}").mkdir()  # another machine's (shared disk): never touched
+    with staged_dir(out) as tmp:
+        assert (out / "weights").read_text() == "the earlier output"  # put back before anything else
+        (tmp / "weights").write_text("new")
+    assert (out / "weights").read_text() == "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["model", ".model.backup-20240101", f".model.tmp-otherhost-{dead}"]
+    )

@@ -143,9 +143,12 @@ FILES = {
     "train": ["${data.out_dir}"],
     "export": ["${train.out_dir}", "${data.out_dir}"],
     "generate": ["${generate.model_dir}", "${data.out_dir}/documents.json"],
-    "verbosify": ["${verbosify.model}", "${verbosify.document}"],
+    "verbosify": ["${train.out_dir}", "${verbosify.document}"],
     "pairs": ["${chain.prompts_model}", "${chain.responses_model}"],
 }
+# a file dep named by another key than the one the stage reads: verbosify.model may be a hub name (gpt2),
+# which DVC cannot track as a path; the dep is the trained model it defaults to (verbosify.model is a param)
+STANDS_FOR = {"verbosify": {"train.out_dir": "verbosify.model"}}
 
 
 @dataclass
@@ -276,7 +279,8 @@ def test_a_stage_declares_exactly_the_config_keys_it_reads(stage):
 @pytest.mark.parametrize("stage", ALL_STAGES, ids=stage_id)
 def test_a_stage_declares_the_files_it_reads(stage):
     expected = FILES[stage.name]
-    named = {k for f in expected for k in re.findall(r"\$\{([^}]+)\}", f)}
+    aliases = STANDS_FOR.get(stage.name, {})
+    named = {aliases.get(k, k) for f in expected for k in re.findall(r"\$\{([^}]+)\}", f)}
     assert named <= keys_read(stage), "FILES names a key the stage does not read"
     assert sorted(stage.resolved) == sorted(interpolate(f, stage.values()) for f in expected)
     if stage.pipeline == "main":  # through the keys, so a path changed in params.yaml changes the deps

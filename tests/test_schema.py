@@ -182,3 +182,39 @@ def test_shared_layers_name_the_callers_key():
         SamplingConfig(top_k=-1, keys={"top_k": "chain.top_k"})
     with pytest.raises(ConfigError, match=r"^generate\.top_k=-1"):
         SamplingConfig(top_k=-1)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["trainer.precision=16"],  # Lightning's short aliases
+        ["trainer.precision=bf16"],
+        ["trainer.precision=transformer-engine"],
+        ["trainer.strategy=ddp_notebook"],  # several GPUs from Jupyter / Colab
+        ["trainer.strategy=deepspeed"],  # registered with Lightning
+        ["trainer.devices=-1"],  # every GPU
+        ["trainer.devices='0,1'"],
+        ["trainer.devices=[0,1]"],
+        ["export.gguf=q8_0"],  # one type, not a list
+        ["export.gguf=null", "export.quantize=q8"],
+        ["generate.stop=null", "logger.tags=null", "data.csv_prefix=null"],
+        ["serve.api_key=123456", "generate.prompts=[1984]", "data.csv_column=2020"],  # Hydra reads these as ints
+        ["generate.do_sample=false", "generate.temperature=0"],  # greedy: the temperature is unused
+        ["experiment=wp_responses", "chain.seed=null"],
+    ],
+)
+def test_values_lightning_yaml_and_hydra_users_write_are_accepted(overrides):
+    cfg = compose(overrides, config_dir=REPO / "conf")
+    if "serve.api_key=123456" in overrides:
+        assert cfg.serve.api_key == "123456" and cfg.generate.prompts == ["1984"] and cfg.data.csv_column == "2020"
+    if "generate.stop=null" in overrides:
+        assert cfg.generate.stop == [] and cfg.logger.tags == [] and cfg.data.csv_prefix is None
+    if "export.gguf=q8_0" in overrides:
+        assert cfg.export.gguf == ["q8_0"]
+
+
+def test_chain_without_its_settings_is_one_line():
+    from penwright.chain import chain
+
+    with pytest.raises(ConfigError, match="^chain: no chain settings .* experiment=wp_responses"):
+        chain(compose([], config_dir=REPO / "conf"))

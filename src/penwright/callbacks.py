@@ -117,12 +117,22 @@ class CurveWriter(L.Callback):
         self.rows: dict[str, list[dict]] = {"train": [], "val": []}
         self.loaded = False
 
+    def state_dict(self) -> dict:
+        """The rows so far go into every checkpoint: a run resumed from any of them (the periodic one after a
+        crash too) continues exactly the curve that checkpoint had, whatever reached the files."""
+        return {"rows": self.rows}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.rows = {split: list(rows) for split, rows in state_dict["rows"].items()}
+        self.loaded = True
+
     def on_train_start(self, trainer, pl_module):
         self._load(trainer)
 
     def _load(self, trainer) -> None:
-        """Once the checkpoint is restored: a resumed run keeps the rows up to its step. (A run resumed
-        at its last step trains nothing and only validates: it must keep them too.)"""
+        """A checkpoint without rows (written by an older penwright): a resumed run keeps the rows of the
+        files up to its step. (A run resumed at its last step trains nothing and only validates: it must keep
+        them too.)"""
         if self.loaded:
             return
         self.loaded = True

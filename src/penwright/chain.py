@@ -16,6 +16,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from penwright.errors import ConfigError
 from penwright.fsutil import atomic_write_text
 from penwright.generate import finish_text
 from penwright.log import get_logger
@@ -128,6 +129,10 @@ def render(pairs: list[dict], markdown: bool, header: str) -> str:
 
 def chain(cfg: Config) -> list[dict]:
     c = cfg.chain
+    if c is None:
+        raise ConfigError(
+            "chain: no chain settings in this config; run with experiment=wp_responses (or add a chain block)"
+        )
     start = time.perf_counter()
     threads = c.threads
     prompt_gen = Generator.load(c.prompts_model, threads=threads)

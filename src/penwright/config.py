@@ -73,10 +73,14 @@ def compose(
     except yaml.YAMLError as err:  # a damaged params.yaml or conf/ file
         mark = getattr(err, "problem_mark", None)
         where = f" (line {mark.line + 1})" if mark is not None else ""
-        raise ConfigError(
-            f"{path if params is not None else directory}: not valid YAML{where}: "
-            f"{str(err).splitlines()[0]}. Rewrite it with `penwright params`"
-        ) from None
+        file = mark.name if mark is not None and mark.name and not mark.name.startswith("<") else None
+        file = file or (path if params is not None else directory)
+        fix = (
+            "rewrite it with `penwright params`"
+            if params is not None
+            else "fix that line (git diff shows what changed)"
+        )
+        raise ConfigError(f"{file}: not valid YAML{where}: {str(err).splitlines()[0]}; {fix}") from None
     return validate(values, source=str(path) if params is not None else "")
 
 
@@ -110,7 +114,7 @@ def _explain(err: Exception, overrides: Sequence[str], source: Path) -> str:
     text = str(err)
     unknown = re.findall(r"Could not override '([^']+)'", text)
     if unknown:
-        return "; ".join(_unknown_key(key, source) for key in unknown)
+        return "; ".join(_unknown_key(key, source, overrides) for key in unknown)
     missing = re.search(r"Could not find '([^/']+)/([^']+)'", text)
     if missing:
         group, choice = missing.groups()
@@ -125,9 +129,10 @@ def _explain(err: Exception, overrides: Sequence[str], source: Path) -> str:
     return f"{source}: {first.strip()}"
 
 
-def _unknown_key(key: str, source: Path) -> str:
-    """``key``: not a known key, with the closest known keys."""
-    message = f"{key}: not a known key"
+def _unknown_key(key: str, source: Path, overrides: Sequence[str] = ()) -> str:
+    """``key``: not a known key (of the groups chosen in ``overrides``), with the closest known keys."""
+    choices = [o for o in overrides if "=" in o and "." not in o.split("=", 1)[0] and not o.startswith(("+", "~"))]
+    message = f"{key}: not a known key" + (f" with {' '.join(choices)}" if choices else "")
     try:
         from hydra import compose as hydra_compose
         from hydra import initialize_config_dir
@@ -135,10 +140,10 @@ def _unknown_key(key: str, source: Path) -> str:
         directory = source if source.is_dir() else source.parent
         name = CONFIG_NAME if source.is_dir() else source.stem
         with initialize_config_dir(str(directory), version_base=HYDRA_VERSION_BASE):
-            base = OmegaConf.to_container(hydra_compose(config_name=name), resolve=False)
+            base = OmegaConf.to_container(hydra_compose(config_name=name, overrides=choices), resolve=False)
     except Exception:  # the hint is a courtesy: never hide the real error behind a second one
         return message + "; `penwright show` prints every key"
-    keys = list(_all_keys(base))
+    keys = [k for k in _all_keys(base) if k != key]
     leaf = key.rsplit(".", 1)[-1]
     near = difflib.get_close_matches(key, keys, n=3, cutoff=0.6)
     near += [k for k in keys if k.rsplit(".", 1)[-1] == leaf and k not in near]

@@ -89,7 +89,7 @@ def why_damaged(file: Path) -> str | None:
                 with zipfile.ZipFile(file) as archive:
                     if archive.testzip() is not None:
                         return "a member fails its checksum"
-            except (zipfile.BadZipFile, EOFError) as err:
+            except Exception as err:  # zipfile raises several types for a damaged archive
                 return f"not a complete torch file: {err}"
     except OSError as err:
         return f"cannot be read: {err}"

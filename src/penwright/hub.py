@@ -15,7 +15,7 @@ from typing import TypeVar
 from urllib.parse import urlparse
 
 from penwright.errors import PenwrightError
-from penwright.files import load_dir
+from penwright.files import load_dir, short
 
 T = TypeVar("T")
 
@@ -62,7 +62,7 @@ def load_pretrained(name_or_path: str, loader: Callable[..., T], what: str, key:
         try:
             return loader(str(name_or_path))
         except (OSError, ValueError) as err:
-            raise PenwrightError(f"{key}={name_or_path}: cannot load the {what} from the hub: {err}") from None
+            raise PenwrightError(f"{key}={name_or_path}: cannot load the {what} from the hub: {short(err)}") from None
     raise PenwrightError(
         f"{key}={name_or_path}: no local directory of that name, no cached copy, and the Hugging Face hub "
         f"is not reachable (offline?). Download it on a machine with network "

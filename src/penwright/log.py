@@ -19,10 +19,11 @@ def global_rank() -> int:
     rank = getattr(getattr(lightning, "rank_zero_only", None), "rank", None)
     if rank is not None:
         return int(rank)
-    for var in ("RANK", "SLURM_PROCID", "LOCAL_RANK"):
+    for var in ("RANK", "SLURM_PROCID"):
         if os.environ.get(var, "").isdigit():
             return int(os.environ[var])
-    return 0
+    local, node = os.environ.get("LOCAL_RANK", "0"), os.environ.get("NODE_RANK", "0")
+    return int(local if local.isdigit() else 0) + (1 if node.isdigit() and int(node) > 0 else 0)  # 0 only on node 0
 
 
 class _StderrHandler(logging.Handler):

@@ -14,7 +14,9 @@ result works the same whichever process composed it.
 from __future__ import annotations
 
 import re
-from typing import Annotated, Literal
+import types
+import typing
+from typing import Annotated, Literal, Union
 
 from annotated_types import Ge, Gt, Le, Lt
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -38,12 +40,55 @@ class Group(BaseModel):
 
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True, protected_namespaces=())
 
+    @model_validator(mode="before")
+    @classmethod
+    def _as_yaml_means(cls, values):
+        """What YAML and Hydra overrides write, read as meant: a number where text is expected is that text
+        (``serve.api_key=123456``, ``generate.prompts=[1984]``: Hydra parses them as ints), and null
+        where a list is expected is an empty list (``generate.stop=null``)."""
+        if not isinstance(values, dict):
+            return values
+        out = dict(values)
+        for name, info in cls.model_fields.items():
+            if name not in out:
+                continue
+            value, kind = out[name], _text_or_list(info.annotation)
+            if kind in ("list", "list[str]") and value is None:
+                out[name] = []
+            elif kind == "str" and _is_number(value):
+                out[name] = str(value)
+            elif kind == "list[str]" and isinstance(value, list):
+                out[name] = [str(v) if _is_number(v) else v for v in value]
+        return out
+
     def get(self, key: str, default=None):  # mapping-style reads, for code shared with plain dicts
         return getattr(self, key, default)
 
     def to_dict(self) -> dict:
         """The values as composed (keys a group's YAML leaves out stay out)."""
         return self.model_dump(exclude_unset=True)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _text_or_list(annotation) -> str | None:
+    """``str`` for a text field (``str``, ``str | None``), ``list[str]``, ``list`` (any other list), else None."""
+    args = typing.get_args(annotation) if typing.get_origin(annotation) in (Union, types.UnionType) else ()
+    args = [a for a in args if a is not type(None)] or [annotation]
+    if len(args) != 1:
+        return None
+    arg = args[0]
+    if typing.get_origin(arg) is Annotated:
+        arg = typing.get_args(arg)[0]
+    if arg is str:
+        return "str"
+    if typing.get_origin(arg) is list:
+        inner = typing.get_args(arg)[0]
+        inner = typing.get_args(inner)[0] if typing.get_origin(inner) is Annotated else inner
+        return "list[str]" if inner is str else "list"
+    return None
 
 
 # -- groups ------------------------------------------------------------------------------------------
@@ -59,7 +104,7 @@ class Data(Group):
     glob: str
     format: Literal["auto", "text", "csv", "jsonl"]
     csv_column: str | None
-    csv_prefix: str
+    csv_prefix: str | None  # null: none
     jsonl_field: str
     take: str | None
     encoding_errors: Literal["strict", "replace"]
@@ -127,33 +172,88 @@ class Fsdp(Group):
     cpu_offload: bool
 
 
+# Lightning's precision values (and their short aliases), and the strategies penwright knows without asking
+# Lightning's registry (any other name is checked against it: deepspeed, ...).
+PRECISIONS = (
+    "32-true",
+    "bf16-mixed",
+    "bf16-true",
+    "16-mixed",
+    "16-true",
+    "64-true",
+    "transformer-engine",
+    "transformer-engine-float16",
+    "32",
+    "16",
+    "64",
+    "bf16",
+)
+STRATEGIES = (
+    "auto",
+    "ddp",
+    "ddp_spawn",
+    "ddp_fork",
+    "ddp_notebook",
+    "ddp_find_unused_parameters_true",
+    "ddp_find_unused_parameters_false",
+    "fsdp",
+    "single_device",
+)
+
+
 class Trainer(Group):
-    accelerator: Literal["cpu", "gpu", "cuda", "mps", "auto"]
-    devices: int | str  # a count of devices, or auto
+    accelerator: Literal["cpu", "gpu", "cuda", "mps", "tpu", "auto"]
+    devices: int | str | list[int]  # how many (-1: all), which ("0,1" or [0, 1]), or auto
     num_nodes: Annotated[int, Field(ge=1, le=100_000)]
-    strategy: Literal["auto", "ddp", "ddp_spawn", "ddp_find_unused_parameters_true", "fsdp"]
-    precision: Literal["32-true", "32", "bf16-mixed", "bf16-true", "16-mixed", "16-true", "64-true"]
+    strategy: str  # one of STRATEGIES, or any strategy registered with Lightning
+    precision: str  # one of PRECISIONS
     max_steps: PosInt
     accumulate_grad_batches: Annotated[int, Field(ge=1, le=65536)]
     log_every_n_steps: PosInt
     progress_bar: bool
     fsdp: Fsdp | None = None  # trainer=fsdp only
 
-    @field_validator("devices")
+    @field_validator("devices", mode="before")
     @classmethod
     def _devices(cls, value):
-        if (
-            isinstance(value, bool)
-            or (isinstance(value, int) and not 1 <= value <= 4096)
-            or (isinstance(value, str) and value != "auto")
-        ):
-            raise ValueError("not a device count (allowed: 1 <= value <= 4096, or auto)")
+        ok = (
+            (_is_number(value) and isinstance(value, int) and (value == -1 or 1 <= value <= 4096))
+            or value == "auto"
+            or (isinstance(value, str) and re.fullmatch(r"-1|\d+(,\d+)*,?", value.strip()) is not None)
+            or (
+                isinstance(value, list)
+                and value
+                and all(_is_number(v) and isinstance(v, int) and v >= 0 for v in value)
+            )
+        )
+        if not ok:
+            raise ValueError(
+                'not devices (allowed: a count 1 <= value <= 4096, -1 for all, ids as "0,1" or [0, 1], or auto)'
+            )
         return value
 
     @field_validator("precision", mode="before")
     @classmethod
-    def _precision_as_text(cls, value):
-        return str(value) if isinstance(value, int) and not isinstance(value, bool) else value  # precision=32
+    def _precision(cls, value):
+        value = str(value) if _is_number(value) else value  # precision=32
+        if value not in PRECISIONS:
+            raise ValueError(f"not a precision Lightning knows (allowed: one of {', '.join(PRECISIONS)})")
+        return value
+
+    @field_validator("strategy")
+    @classmethod
+    def _strategy(cls, value):
+        if value in STRATEGIES:
+            return value
+        from lightning.pytorch.strategies import StrategyRegistry
+
+        known = StrategyRegistry.available_strategies()
+        if value not in known:
+            others = ", ".join(sorted(set(known) - set(STRATEGIES))[:6])
+            raise ValueError(
+                f"not a strategy Lightning knows (allowed: one of {', '.join(STRATEGIES)}, or one it registers: {others}, ...)"
+            )
+        return value
 
 
 class Train(Group):
@@ -215,6 +315,12 @@ class Export(Group):
     dtype: Literal["fp32", "fp16"]
     quantize: list[Literal["q8", "q4", "int8"]]
     gguf: list[Literal["f32", "f16", "q8_0", "q4_0"]]
+
+    @field_validator("quantize", "gguf", mode="before")
+    @classmethod
+    def _one_or_none(cls, value):
+        return [value] if isinstance(value, str) else value  # export.gguf=q8_0: one type
+
     parity_prompts: Annotated[list[str], Field(min_length=1)]
     parity_new_tokens: PosInt
     parity_atol: Annotated[float, Field(gt=0, le=10)]
@@ -232,7 +338,7 @@ class Generate(Group):
     max_new_tokens: PosInt
     min_new_tokens: NonNegInt
     do_sample: bool
-    temperature: Temperature
+    temperature: Annotated[float, Field(ge=0, le=100)]  # > 0 when sampling; greedy ignores it
     top_k: NonNegInt
     top_p: TopP
     repetition_penalty: Annotated[float, Field(gt=0, le=100)]
@@ -298,7 +404,7 @@ class Chain(Group):
     min_new_tokens: NonNegInt
     temperature: Temperature
     top_k: NonNegInt
-    seed: Seed
+    seed: Seed | None  # null: random
     threads: Threads
     output: str
 
@@ -322,6 +428,12 @@ class Config(Group):
 
     @model_validator(mode="after")
     def _across_groups(self) -> Config:
+        if self.generate.do_sample and self.generate.temperature <= 0:
+            raise _KeyError(
+                "generate.temperature",
+                self.generate.temperature,
+                "must be > 0 when sampling (greedy: generate.do_sample=false)",
+            )
         if self.trainer.strategy == "fsdp" and self.trainer.fsdp is None:
             raise _KeyError("trainer.fsdp", None, "strategy fsdp needs the fsdp block: use trainer=fsdp")
         if self.model.name_or_path is None and self.train.block_size > self.model.n_positions:

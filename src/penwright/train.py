@@ -116,20 +116,31 @@ def check_run(cfg: schema.Config, data: PreparedData) -> None:
 
 def damaged(path: Path) -> str | None:
     """Why a checkpoint cannot be read (truncated by a full disk or a bad copy, bytes changed), or None.
-    torch's checkpoint is a zip whose entries carry CRC-32s: checked without unpickling anything."""
+    torch's checkpoint is a zip whose entries carry CRC-32s: every entry is checked, then torch opens it
+    (memory-mapped: the tensors are not read again)."""
     try:
         with zipfile.ZipFile(path) as archive:
             bad = archive.testzip()
-    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as err:
-        return f"not a complete checkpoint: {err}"
-    return None if bad is None else f"{bad} fails its checksum"
+        if bad is not None:
+            return f"{bad} fails its checksum"
+        torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    except Exception as err:  # zipfile, torch and pickle raise many types for a damaged file
+        return f"not a complete checkpoint: {type(err).__name__}: {' '.join(str(err).split())[:160]}"
+    return None
+
+
+def _step(path: Path) -> int:
+    digits = path.stem.removeprefix("step-")
+    return int(digits) if digits.isdigit() else -1
 
 
 def resume_point(ckpt_dir: Path, fingerprint: dict) -> Path | None:
-    """The checkpoint a resumed run continues from: ``last.ckpt``; when that is damaged, the newest intact
-    periodic checkpoint (and the log says so); None when there is nothing to resume."""
+    """The checkpoint a resumed run continues from: ``last.ckpt``; when it is damaged or missing (a kill
+    during its first write), the newest intact periodic checkpoint (and the log says so); None when there is
+    nothing to resume."""
     last = ckpt_dir / "last.ckpt"
-    if not last.is_file():
+    periodic = sorted(ckpt_dir.glob("step-*.ckpt"), key=_step, reverse=True)  # newest first
+    if not last.is_file() and not periodic:
         return None
     fp_file = ckpt_dir / "fingerprint.json"
     if fp_file.is_file() and json.loads(fp_file.read_text()) != fingerprint:
@@ -137,16 +148,16 @@ def resume_point(ckpt_dir: Path, fingerprint: dict) -> Path | None:
             f"{last}: this checkpoint was trained with another model, block size or tokenizer. "
             f"Start fresh with train.resume=false (the old checkpoints in {ckpt_dir} are replaced)"
         )
-    why = damaged(last)
+    why = damaged(last) if last.is_file() else "missing"
     if why is None:
         return last
-    periodic = sorted(ckpt_dir.glob("step-*.ckpt"), reverse=True)  # step-NNNNNN: newest first
     for candidate in periodic:
         if damaged(candidate) is None:
-            log(f"{last} is damaged ({why}): resuming from {candidate.name}, the newest intact periodic checkpoint")
+            state = f"is damaged ({why})" if last.is_file() else "is missing"
+            log(f"{last} {state}: resuming from {candidate.name}, the newest intact periodic checkpoint")
             return candidate
     raise PenwrightError(
-        f"{last}: damaged ({why}), and no intact periodic checkpoint in {ckpt_dir} to resume "
+        f"{last}: {f'damaged ({why})' if last.is_file() else 'missing'}, and no intact periodic checkpoint in {ckpt_dir} to resume "
         f"from. Start fresh with train.resume=false"
     )
 
