@@ -27,7 +27,10 @@ from penwright import copies, schema
 from penwright.engine import Engine, UnsupportedGraph
 from penwright.errors import ConfigError
 from penwright.fsutil import atomic_write_text
+from penwright.log import get_logger
 from penwright.runtime import Generator
+
+log = get_logger("generate").info
 
 
 @dataclass
@@ -163,7 +166,7 @@ def load(g: schema.Generate | schema.Serve) -> Engine | Generator:
         try:
             return Engine.load(g.model_dir, slots=max(1, g.batch_size), threads=g.threads, graph=g.graph)
         except UnsupportedGraph as err:
-            print(f"[generate] {err}: using the runtime's batched loop instead", file=sys.stderr)
+            log(f"{err}: using the runtime's batched loop instead")
     return Generator.load(g.model_dir, provider=g.provider, threads=g.threads, graph=g.graph)
 
 
@@ -196,10 +199,9 @@ def generate(cfg: schema.Config) -> list[Sample]:
     report = {"samples": len(samples), "provider": provider, "seconds": round(seconds, 2)}
     if g.check_copies:
         report |= count_copies(samples, documents)
-        print(
-            f"[generate] {report['copies_of_train']} of {len(samples)} samples are verbatim training documents "
-            f"({report['copies_of_val']} more are validation documents)",
-            file=sys.stderr,
+        log(
+            f"{report['copies_of_train']} of {len(samples)} samples are verbatim training documents "
+            f"({report['copies_of_val']} more are validation documents)"
         )
     if g.report:
         atomic_write_text(Path(g.report), json.dumps(report, indent=2) + "\n")
@@ -212,7 +214,7 @@ def generate(cfg: schema.Config) -> list[Sample]:
         if g.check_copies:
             header += f"; {report['copies_of_train']} are verbatim copies of training documents"
         atomic_write_text(dest, render(samples, dest.suffix == ".md", g.delimiter, header))
-        print(f"[generate] {len(samples)} samples in {seconds:.1f} s on {provider} -> {dest}", file=sys.stderr)
+        log(f"{len(samples)} samples in {seconds:.1f} s on {provider} -> {dest}")
     elif not (g.stream and len(samples) == 1):  # a single streamed sample is on the screen already
         for s in samples:
             print(s.text, end=g.delimiter)
