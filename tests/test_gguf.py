@@ -183,7 +183,7 @@ def test_a_tokenizer_llama_cpp_cannot_reproduce_is_refused(tmp_path):
 
     config = GPT2Config(n_embd=64, n_head=2)
     bpe = {
-        "model": {"type": "BPE", "vocab": {}, "merges": []},
+        "model": {"type": "BPE", "vocab": {"<|endoftext|>": 50256}, "merges": []},
         "normalizer": None,
         "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": False, "use_regex": True},
     }
@@ -255,3 +255,17 @@ def test_added_tokens_stay_whole_and_mismatched_tokenizers_are_refused(tmp_path,
     (bare / "tokenizer.json").write_text(text)
     with pytest.raises(ConfigError, match="no end-of-text token"):
         export_gguf(model, bare, tmp_path / "x", ["f32"])
+
+
+def test_an_end_of_text_id_outside_the_tokenizer_is_refused_before_any_work(tmp_path, tiny_gpt2):
+    from transformers import GPT2LMHeadModel
+
+    odd = tmp_path / "odd-eos"
+    model = GPT2LMHeadModel.from_pretrained(tiny_gpt2)
+    model.config.eos_token_id = 5000  # e.g. GPT-2's config over another tokenizer
+    model.save_pretrained(odd)
+    for f in tiny_gpt2.glob("tokenizer*"):
+        (odd / f.name).write_bytes(f.read_bytes())
+    with pytest.raises(ConfigError, match=r"end-of-text id 5000 .* is not a token of its tokenizer"):
+        export_with_gguf(tmp_path, odd, "f16")
+    assert not (tmp_path / "onnx").exists()

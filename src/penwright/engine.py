@@ -373,8 +373,16 @@ class Engine:
         if row.seen is not None:
             row.seen[0, token] = True
         row.pending = token
-        # incremental detokenization (as vLLM does it): decode only the last few tokens, and only once
-        # they no longer end inside a multi-byte character
+        if (req.stop or req.emit is not None) and self._detokenize(row):  # someone reads the text as it grows
+            return  # a stop string ended it
+        if len(req.tokens) >= req.max_tokens or row.length + 1 >= self.context:
+            return self._finish(row, "length")  # (without a reader, the text is decoded once, here)
+
+    def _detokenize(self, row: _Row) -> bool:
+        """Incremental detokenization (as vLLM does it): decode only the last few tokens, and only once they
+        no longer end inside a multi-byte character; then stop strings, then stream the new text. True when a
+        stop string ended the request."""
+        req = row.request
         before = len(req.text)
         full = self._decode(req.tokens[row.prefix_offset :])
         if len(full) > row.prefix_chars and not full.endswith("\ufffd"):
@@ -391,14 +399,16 @@ class Engine:
             hits = [i for i in (req.text.find(s, start) for s in req.stop) if i >= 0]
             if hits:
                 req.text = req.text[: min(hits)]
-                return self._finish(row, "stop", final=False)
+                self._finish(row, "stop", final=False)
+                return True
         if len(req.tokens) >= req.max_tokens or row.length + 1 >= self.context:
-            return self._finish(row, "length")
+            return False  # _advance finishes it, decoding the whole text
         if req.emit is not None:
             upto = len(req.text) - row.holdback  # the end of the text may begin a stop string: wait
             if upto > row.shown:
                 req.emit(req.text[row.shown : upto], None)
                 row.shown = upto
+        return False
 
     def _finish(self, row: _Row, reason: str, final: bool = True) -> None:
         req = row.request

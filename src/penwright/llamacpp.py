@@ -73,8 +73,11 @@ def why_not(config, tokenizer_json: dict, types: list[str]) -> str | None:
             f"its tokenizer has ids up to {top} but the model's vocabulary is {config.vocab_size}: "
             "they come from different models"
         )
-    if eos_id(config, tokenizer_json) is None:
+    eos = eos_id(config, tokenizer_json)
+    if eos is None:
         return "it has no end-of-text token (no eos_token_id in config.json, no <|endoftext|> in the tokenizer)"
+    if eos not in _vocab(tokenizer_json).values():
+        return f"its end-of-text id {eos} (config.json eos_token_id) is not a token of its tokenizer"
     return None
 
 
@@ -236,9 +239,7 @@ def export_gguf(model, tokenizer_dir: Path, out_dir: Path, types: list[str]) -> 
     tokenizer_json = check_gguf(model.config, tokenizer_dir, types)
     written = [write_gguf(model, tokenizer_json, out_dir / gguf_name(t), t) for t in types]  # the same bytes every time
     eos = eos_id(model.config, tokenizer_json)
-    write_modelfile(
-        out_dir / "Modelfile", gguf_name(types[0]), next(t for t, i in _vocab(tokenizer_json).items() if i == eos)
-    )
+    write_modelfile(out_dir / "Modelfile", gguf_name(types[0]), {i: t for t, i in _vocab(tokenizer_json).items()}[eos])
     return written
 
 

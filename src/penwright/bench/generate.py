@@ -104,8 +104,9 @@ def _random_124m(workdir: Path, tokenizer_dir: Path, shape: tuple[int, int, int]
 
     model = random_gpt2(shape)
     hf_dir, onnx_dir = workdir / "gpt2-124m-random", workdir / "gpt2-124m-random-onnx"
-    model.save_pretrained(hf_dir)
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)  # ids stay below 50257: any GPT-2-style tokenizer serves
+    model.config.bos_token_id = model.config.eos_token_id = tok.eos_token_id  # its end of text is the tokenizer's
+    model.save_pretrained(hf_dir)
     tok.save_pretrained(hf_dir)
     save_fused(model, tok, onnx_dir)
     _variants(model, onnx_dir)
@@ -293,7 +294,7 @@ def _llama_cpp_cases(
         "llama_cpp": str(tools["llama-bench"].parent),
         "measured": "batch 1: greedy decoding of new_tokens from a one-token prompt; llama.cpp: llama-bench "
         "-p 0 -n new_tokens (decode only, its own timer); penwright: its serving engine, wall time of the "
-        f"whole loop (sampling and detokenization included); {rounds} interleaved rounds, "
+        f"whole loop (sampling included; the text decoded once at the end, as for any request nobody streams); {rounds} interleaved rounds, "
         "medians; batched: llama-batched-bench decode tokens/s against penwright's wall time",
     }
     for name, (hf_dir, onnx_dir) in models.items():
