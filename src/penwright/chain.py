@@ -144,7 +144,7 @@ def chain(cfg: Config) -> list[dict]:
         c.batch_size,
         c.prompt_tokens,
         c.response_tokens,
-        None if c.seed is None else c.seed,
+        c.seed,
         do_sample=True,
         temperature=c.temperature,
         top_k=c.top_k,

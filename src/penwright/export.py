@@ -29,7 +29,7 @@ from penwright import schema
 from penwright.errors import ConfigError, PenwrightError
 from penwright.files import load_model, load_tokenizer
 from penwright.fsutil import atomic_write_text, staged_dir
-from penwright.llamacpp import BLOCK, check_gguf, export_gguf, gguf_types  # BLOCK: q8/q4 use q8_0's blocks
+from penwright.llamacpp import BLOCK, check_gguf, export_gguf  # BLOCK: q8/q4 use q8_0's blocks
 from penwright.log import get_logger
 from penwright.runtime import position_ids_for
 from penwright.tokenizer import left_padded
@@ -167,18 +167,6 @@ QUANTIZED = {  # export.quantize: the graph file each writes beside model.onnx
 }
 
 
-def quantize_types(value) -> list[str]:
-    """The quantized graphs asked for, or a ConfigError naming export.quantize and the choices."""
-    kinds = [] if value is None else [value] if isinstance(value, str) else list(value)
-    for kind in kinds:
-        if kind not in QUANTIZED:
-            raise ConfigError(
-                f"export.quantize={kinds}: {kind!r} is not a quantization penwright writes; use any of "
-                f"{', '.join(QUANTIZED)} (or [] for none)"
-            )
-    return list(dict.fromkeys(kinds))
-
-
 def quantize_int8(src: Path, dst: Path) -> None:
     from onnx import TensorProto
     from onnxruntime.quantization import QuantType, quantize_dynamic
@@ -278,8 +266,8 @@ def export(cfg: schema.Config) -> dict:
     if not (src / "config.json").is_file():
         raise PenwrightError(f"{src}: no trained model here. Run the train stage first: `penwright train`")
     dtype = ecfg.dtype
-    gguf = gguf_types(ecfg.get("gguf"))
-    quantized = quantize_types(ecfg.get("quantize"))
+    gguf = list(dict.fromkeys(ecfg.gguf))  # the schema checked the choices
+    quantized = list(dict.fromkeys(ecfg.quantize))
     fix = "write the model again: rerun `penwright train`"
     model = load_model(src, fix, torch_dtype=torch.float32).eval()
     tokenizer = load_tokenizer(src, fix)

@@ -177,15 +177,15 @@ def generate(cfg: schema.Config) -> list[Sample]:
     gen = load(g)
     samples = generate_samples(
         gen,
-        [str(p) for p in g.prompts],
+        list(g.prompts),
         nsamples=g.nsamples,
         batch_size=g.batch_size,
         max_new_tokens=g.max_new_tokens,
         truncate=g.truncate,
         include_prefix=g.include_prefix,
         strip=g.strip,
-        seed=None if g.seed is None else g.seed,
-        stop=list(g.stop or []),
+        seed=g.seed,
+        stop=list(g.stop),
         stream=g.stream,
         do_sample=g.do_sample,
         temperature=g.temperature,

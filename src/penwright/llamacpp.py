@@ -31,20 +31,6 @@ TYPES = ("f32", "f16", "q8_0", "q4_0")
 BLOCK = 32  # weights per block of q8_0 and q4_0: a quantized matrix's rows must be a multiple of it
 
 
-def gguf_types(value, key: str = "export.gguf") -> list[str]:
-    """The GGUF types asked for (a list, possibly empty), or a ConfigError naming the key and the choices."""
-    if value is None:
-        return []
-    types = [value] if isinstance(value, str) else list(value)
-    for t in types:
-        if t not in TYPES:
-            raise ConfigError(
-                f"{key}={types}: {t!r} is not a GGUF type penwright writes; use any of "
-                f"{', '.join(TYPES)} (or [] for none)"
-            )
-    return list(dict.fromkeys(types))
-
-
 def gguf_name(qtype: str) -> str:
     return f"model.{qtype}.gguf"
 

@@ -23,7 +23,7 @@ from penwright.hub import load_pretrained
 
 def build_model(model_cfg: schema.Model, vocab_size: int, eos_token_id: int, block_size: int) -> GPT2LMHeadModel:
     """A GPT-2 from ``model.name_or_path`` (hub name or local dir), or a new one of the configured sizes."""
-    if model_cfg.get("name_or_path"):
+    if model_cfg.name_or_path:
         model = load_pretrained(model_cfg.name_or_path, GPT2LMHeadModel.from_pretrained, "model", "model.name_or_path")
         if vocab_size > model.config.vocab_size:
             raise ConfigError(
@@ -64,9 +64,9 @@ class LitGPT2(L.LightningModule):
         self.model = model
         self.cfg = train_cfg
         self.bytes_per_token = bytes_per_token
-        if train_cfg.get("gradient_checkpointing"):
+        if train_cfg.gradient_checkpointing:
             model.gradient_checkpointing_enable()
-        if train_cfg.get("freeze_embeddings"):  # gpt-2-simple's only_train_transformer_layers
+        if train_cfg.freeze_embeddings:  # gpt-2-simple's only_train_transformer_layers
             for p in (model.transformer.wte.weight, model.transformer.wpe.weight):
                 p.requires_grad_(False)
         self._val_sum = torch.zeros(())
@@ -171,9 +171,7 @@ class LitGPT2(L.LightningModule):
         groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
         fused = torch.cuda.is_available() and self.device.type == "cuda"
         optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), fused=fused or None)
-        total = int(
-            cfg.get("decay_steps") or self.trainer.max_steps
-        )  # fixed decay_steps: chunked runs share one schedule
+        total = int(cfg.decay_steps or self.trainer.max_steps)  # fixed decay_steps: chunked runs share one schedule
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lr_lambda(cfg.warmup_steps, total, cfg.schedule, cfg.min_lr_ratio)
         )

@@ -37,7 +37,6 @@ from penwright.tokenizer import (
     BYTES_VOCAB,
     BatchEncoder,
     byte_tokenizer,
-    check_config,
     fast_encoder,
     limit_bytes,
     load_pretrained_tokenizer,
@@ -127,7 +126,6 @@ def prepare(cfg: schema.Config) -> dict:
     data = cfg.data
     spec = CorpusSpec.from_config(data)
     tok_cfg = cfg.model.tokenizer
-    check_config(tok_cfg)
     val_fraction = data.val_fraction
     out_dir = Path(data.out_dir)
 

@@ -61,9 +61,6 @@ class Group(BaseModel):
                 out[name] = [str(v) if _is_number(v) else v for v in value]
         return out
 
-    def get(self, key: str, default=None):  # mapping-style reads, for code shared with plain dicts
-        return getattr(self, key, default)
-
     def to_dict(self) -> dict:
         """The values as composed (keys a group's YAML leaves out stay out)."""
         return self.model_dump(exclude_unset=True)

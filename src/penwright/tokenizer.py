@@ -19,7 +19,6 @@ from penwright.hub import load_pretrained
 
 EOS = "<|endoftext|>"
 BOS_TEXT = "<|startoftext|>"  # gpt-2-simple's row opener: one token in a trained BPE, plain text in GPT-2's
-TYPES = ("bpe", "bytes", "pretrained")
 BYTES_VOCAB = 258  # 256 bytes + <|endoftext|> + <|startoftext|>
 
 
@@ -34,22 +33,6 @@ def left_padded(tokenizer):
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
-
-
-def check_config(tok_cfg) -> None:
-    """Reject tokenizer settings that cannot work, naming the key."""
-    kind = tok_cfg.get("type")
-    if kind not in TYPES:
-        raise ConfigError(f"model.tokenizer.type={kind!r}: use one of {', '.join(TYPES)}")
-    if kind == "pretrained" and not tok_cfg.get("name_or_path"):
-        raise ConfigError("model.tokenizer.name_or_path is empty: give a hub name (gpt2) or a local directory")
-    if kind == "bpe":
-        vocab = tok_cfg.vocab_size
-        if vocab < 258:
-            raise ConfigError(
-                f"model.tokenizer.vocab_size={vocab}: a byte-level BPE needs at least 258 "
-                f"(256 bytes + {EOS} + {BOS_TEXT})"
-            )
 
 
 def load_pretrained_tokenizer(name_or_path: str) -> PreTrainedTokenizerFast:

@@ -142,7 +142,7 @@ def bench_train(
             "device": "cpu",
             "python": platform.python_version(),
         },
-        "model": {k: cfg.model.get(k) for k in ("name_or_path", "n_layer", "n_head", "n_embd")},
+        "model": {k: getattr(cfg.model, k) for k in ("name_or_path", "n_layer", "n_head", "n_embd")},
         "batch": {"batch_size": int(cfg.train.batch_size), "block_size": int(cfg.train.block_size)},
         "tokens_per_sec": runs,
         "best_tokens_per_sec": {"lightning": lightning, "plain": plain},
