@@ -203,3 +203,18 @@ def test_bench_serve(tmp_path, onnx_tiny):
             assert r["completion_tokens"] == 4 * r["sent"] and _positive(r["tokens_per_sec"]), (level, label, r)
             assert 0 < r["ttft_p50_s"] <= r["ttft_p95_s"] and r["latency_p50_s"] <= r["latency_p95_s"], (level, r)
         assert _positive(row["batching_over_one_at_a_time"])
+
+
+def test_onnxruntime_matmuls_alone_reads_every_weight_matrix_once(tiny_gpt2):
+    from transformers import GPT2LMHeadModel
+
+    from penwright.bench.generate import _onnxruntime_matmuls
+
+    model = GPT2LMHeadModel.from_pretrained(tiny_gpt2).eval()
+    cfg = model.config
+    timed = _onnxruntime_matmuls(model, rounds=1, steps=2)
+    assert timed["matmuls"] == 4 * cfg.n_layer + 1
+    per_layer = 3 * cfg.n_embd**2 + cfg.n_embd**2 + 2 * 4 * cfg.n_embd**2  # attention in, out; MLP in, out
+    floats = cfg.n_layer * per_layer + cfg.n_embd * cfg.vocab_size
+    assert timed["weights_mb"] == round(4 * floats / 1e6, 2)
+    assert _positive(timed["ms_per_token"])

@@ -169,6 +169,56 @@ def _weights_floor(model, rounds: int = 5) -> dict:
     }
 
 
+def _onnxruntime_matmuls(model, rounds: int = 7, steps: int = 200) -> dict:
+    """onnxruntime's share of a batch-1 fp32 step that no graph change removes: the model's own weight
+    matrices (per layer: attention in, attention out, MLP in, MLP out; then the output projection) as one
+    chain of MatMuls in one session (a Slice keeps the query's third of the attention input), nothing else.
+    Milliseconds a step, median of ``rounds`` runs of ``steps`` steps."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    sd = {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
+    e = model.config.n_embd
+    mats = []
+    for i in range(model.config.n_layer):
+        p = f"transformer.h.{i}"
+        mats += [sd[f"{p}.attn.c_attn.weight"], sd[f"{p}.attn.c_proj.weight"], sd[f"{p}.mlp.c_fc.weight"]]
+        mats.append(sd[f"{p}.mlp.c_proj.weight"])
+    mats.append(np.ascontiguousarray(sd.get("lm_head.weight", sd["transformer.wte.weight"]).T))
+    inits = [numpy_helper.from_array(np.array(v, np.int64), k) for k, v in (("lo", [0]), ("hi", [e]), ("ax", [2]))]
+    nodes, x = [], "x"
+    for j, w in enumerate(mats):
+        inits.append(numpy_helper.from_array(w, f"w{j}"))
+        nodes.append(helper.make_node("MatMul", [x, f"w{j}"], [f"y{j}"]))
+        x = f"y{j}"
+        if w.shape[1] == 3 * e:
+            nodes.append(helper.make_node("Slice", [x, "lo", "hi", "ax"], [f"q{j}"]))
+            x = f"q{j}"
+    graph = helper.make_graph(
+        nodes,
+        "matmuls",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, e])],
+        [helper.make_tensor_value_info(x, TensorProto.FLOAT, None)],
+        inits,
+    )
+    onnx_model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx_model.ir_version = 8
+    session = ort.InferenceSession(onnx_model.SerializeToString(), providers=["CPUExecutionProvider"])
+    feed = {"x": np.ones((1, 1, e), np.float32)}
+    times = []
+    for r in range(rounds + 1):
+        start = time.perf_counter()
+        for _ in range(steps):
+            session.run(None, feed)
+        if r:  # the first warms up
+            times.append((time.perf_counter() - start) / steps)
+    return {
+        "weights_mb": round(sum(w.nbytes for w in mats) / 1e6, 2),
+        "matmuls": len(mats),
+        "ms_per_token": round(sorted(times)[len(times) // 2] * 1000, 3),
+    }
+
+
 # -- against llama.cpp ---------------------------------------------------------------------------------
 
 LLAMA_CPP = Path(".llama.cpp") / "bin"  # where scripts/build_llama_cpp.sh puts llama.cpp's tools
@@ -199,16 +249,28 @@ def _run_tool(args: list) -> str:
     return done.stdout
 
 
-def _llama_tg(tools: dict, gguf: Path, n: int, threads: int) -> dict:
-    """llama-bench's decoding test: ``n`` tokens one at a time from an empty context (one repetition)."""
+def _llama_tg(tools: dict, gguf: Path, n: int, threads: int, reps: int = 4) -> dict:
+    """llama-bench's decoding test: ``n`` tokens one at a time from an empty context, ``reps`` times in one
+    process; the median of all but the first. The first repetition runs cold (1200-1700 against ~2650
+    tokens/s warm on the quickstart model, measured): penwright's engine is timed warm, so is llama.cpp."""
+    if reps < 2:
+        raise ValueError(f"reps={reps}: at least 2 (the first, cold, is dropped)")
     rows = json.loads(
-        _run_tool([tools["llama-bench"], "-m", gguf, "-p", 0, "-n", n, "-t", threads, "-r", 1, "-o", "json"])
+        _run_tool([tools["llama-bench"], "-m", gguf, "-p", 0, "-n", n, "-t", threads, "-r", reps, "-o", "json"])
     )
-    return {"tokens_per_sec": round(float(rows[0]["avg_ts"]), 1)}
+    runs = [round(float(x), 1) for x in rows[0]["samples_ts"]]
+    warm = sorted(runs[1:])
+    return {"tokens_per_sec": warm[len(warm) // 2], "first_run": runs[0], "warm_runs": runs[1:]}
 
 
-def _llama_batched(tools: dict, gguf: Path, prompt: int, n: int, batches: list[int], threads: int) -> dict:
-    """llama-batched-bench: ``batch`` sequences of ``prompt`` tokens decoding ``n`` tokens together: decode tokens/s."""
+def _llama_batched(
+    tools: dict, gguf: Path, prompt: int, n: int, batches: list[int], threads: int, reps: int = 3
+) -> dict:
+    """llama-batched-bench: ``batch`` sequences of ``prompt`` tokens decoding ``n`` tokens together: decode
+    tokens/s, each batch size ``reps`` times in one process, the median of all but the first (which runs cold:
+    5173 against ~6280 tokens/s at batch 8 on the quickstart model, measured)."""
+    if reps < 2:
+        raise ValueError(f"reps={reps}: at least 2 (the first, cold, is dropped)")
     out = _run_tool(
         [
             tools["llama-batched-bench"],
@@ -225,15 +287,19 @@ def _llama_batched(tools: dict, gguf: Path, prompt: int, n: int, batches: list[i
             "-ntg",
             n,
             "-npl",
-            ",".join(map(str, batches)),
+            ",".join(str(b) for b in batches for _ in range(reps)),
             "-t",
             threads,
             "--output-format",
             "jsonl",
         ]
     )
-    rows = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
-    return {int(r["pl"]): round(float(r["speed_tg"]), 1) for r in rows}
+    speeds: dict[int, list[float]] = {}
+    for line in out.splitlines():
+        if line.startswith("{"):
+            row = json.loads(line)
+            speeds.setdefault(int(row["pl"]), []).append(float(row["speed_tg"]))
+    return {pl: round(sorted(v[1:])[len(v[1:]) // 2], 1) for pl, v in speeds.items()}
 
 
 def _time_engine(engine, prompt: list[int], batch: int, n: int) -> tuple[dict, np.ndarray]:
@@ -293,9 +359,11 @@ def _llama_cpp_cases(
         "new_tokens": new_tokens,
         "llama_cpp": str(tools["llama-bench"].parent),
         "measured": "batch 1: greedy decoding of new_tokens from a one-token prompt; llama.cpp: llama-bench "
-        "-p 0 -n new_tokens (decode only, its own timer); penwright: its serving engine, wall time of the "
-        f"whole loop (sampling included; the text decoded once at the end, as for any request nobody streams); {rounds} interleaved rounds, "
-        "medians; batched: llama-batched-bench decode tokens/s against penwright's wall time",
+        "-p 0 -n new_tokens -r 4 (decode only, its own timer; the median of repetitions 2-4, the first runs "
+        "cold); penwright: its serving engine, wall time of the whole loop (sampling included; the text decoded "
+        f"once at the end, as for any request nobody streams); {rounds} interleaved rounds, medians; batched: "
+        "llama-batched-bench decode tokens/s (each batch size 3 times in one process, the median of the last "
+        "two) against penwright's wall time",
     }
     for name, (hf_dir, onnx_dir) in models.items():
         model = GPT2LMHeadModel.from_pretrained(hf_dir).eval()
@@ -327,6 +395,15 @@ def _llama_cpp_cases(
                 "onnx_mb": round((onnx_dir / graph).stat().st_size / 1e6, 2),
             }
             del engine, engines
+        fp32 = results[f"{name}/batch1/fp32"]
+        llama_ms = 1000 / fp32["llama_cpp_f32"]["tokens_per_sec"]
+        alone = _onnxruntime_matmuls(model)  # alone in this process, as the engine was
+        fp32["onnxruntime_matmuls_alone"] = {
+            **alone,
+            "llama_cpp_f32_ms_per_token": round(llama_ms, 3),
+            "upper_bound_over_llama_cpp": round(llama_ms / alone["ms_per_token"], 2),
+            "meaning": "the ratio penwright would reach if everything in its step but these MatMuls took no time",
+        }
         if name == "quickstart":  # a trained model: how close each quantization stays to fp32
             batch = validation_windows(prepared, min(block, model.config.n_positions - 1), windows=8)
             ids_w = batch[:, :-1]

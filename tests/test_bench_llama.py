@@ -1,0 +1,47 @@
+"""The llama.cpp side of ``penwright bench generate``, on llama.cpp's real tools.
+
+The tools come from ``scripts/build_llama_cpp.sh`` (~10 min on 2 cores, not part of the setup), so these
+tests run where that script was run and skip elsewhere. What they check: each timing is of warm runs (the
+first repetition, which runs cold, is dropped) and parses to a positive rate per batch size.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from transformers import GPT2LMHeadModel
+
+from penwright.bench.generate import LLAMA_CPP, LLAMA_TOOLS, _llama_batched, _llama_tg, llama_tools
+
+REPO = Path(__file__).resolve().parents[1]
+TOOLS = REPO / LLAMA_CPP
+pytestmark = pytest.mark.skipif(
+    not all((TOOLS / t).is_file() for t in LLAMA_TOOLS), reason="llama.cpp's tools: run scripts/build_llama_cpp.sh"
+)
+
+
+@pytest.fixture(scope="module")
+def gguf(tmp_path_factory, tiny_gpt2) -> Path:
+    from penwright.llamacpp import export_gguf
+
+    out = tmp_path_factory.mktemp("gguf")
+    (written,) = export_gguf(GPT2LMHeadModel.from_pretrained(tiny_gpt2).eval(), tiny_gpt2, out, ["f32"])
+    return out / written["file"]
+
+
+def test_llama_bench_rate_is_the_median_of_warm_repetitions(gguf):
+    timed = _llama_tg(llama_tools(TOOLS), gguf, 16, threads=1, reps=4)
+    warm = timed["warm_runs"]
+    assert len(warm) == 3 and timed["first_run"] > 0 and all(r > 0 for r in warm)
+    assert timed["tokens_per_sec"] == sorted(warm)[1]  # the first repetition is not counted
+
+
+def test_one_repetition_is_refused_since_it_would_be_the_cold_one(gguf):
+    with pytest.raises(ValueError, match="reps=1"):
+        _llama_tg(llama_tools(TOOLS), gguf, 16, threads=1, reps=1)
+
+
+def test_llama_batched_bench_gives_one_warm_rate_per_batch(gguf):
+    rates = _llama_batched(llama_tools(TOOLS), gguf, prompt=4, n=8, batches=[2, 4], threads=1, reps=2)
+    assert set(rates) == {2, 4} and all(r > 0 for r in rates.values())
