@@ -218,3 +218,22 @@ def test_onnxruntime_matmuls_alone_reads_every_weight_matrix_once(tiny_gpt2):
     floats = cfg.n_layer * per_layer + cfg.n_embd * cfg.vocab_size
     assert timed["weights_mb"] == round(4 * floats / 1e6, 2)
     assert _positive(timed["ms_per_token"])
+
+
+def test_interleaved_runs_engines_in_turn_and_keeps_every_round():
+    from penwright.bench.common import interleaved
+
+    order, speeds = [], {"a": iter([30.0, 10.0, 20.0]), "b": iter([5.0, 7.0, 6.0])}
+
+    def engine(key):
+        def run():
+            order.append(key)
+            return {"tokens_per_sec": next(speeds[key])}, key
+
+        return run
+
+    per_round: dict = {}
+    timed = interleaved({"a": engine("a"), "b": engine("b")}, rounds=3, per_round=per_round)
+    assert order == ["a", "b", "a", "b", "a", "b"]
+    assert per_round == {"a": [30.0, 10.0, 20.0], "b": [5.0, 7.0, 6.0]}
+    assert timed["a"][0]["tokens_per_sec"] == 20.0 and timed["b"][0]["tokens_per_sec"] == 6.0  # the medians

@@ -63,16 +63,19 @@ def run_child(
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def interleaved(engines: dict, rounds: int = ROUNDS) -> dict:
+def interleaved(engines: dict, rounds: int = ROUNDS, per_round: dict | None = None) -> dict:
     """Each engine ``rounds`` times, in turn (a, b, c, a, b, c, ...): the run with the median tokens/s of each.
 
     Each engine returns ``(timing, output)`` with ``timing["tokens_per_sec"]``. Interleaving keeps a machine
-    that speeds up or slows down during the benchmark from favouring one engine.
+    that speeds up or slows down during the benchmark from favouring one engine. ``per_round``: filled with
+    each engine's tokens/s in every round, in order.
     """
     runs: dict = {k: [] for k in engines}
     for _ in range(rounds):
         for key, run in engines.items():
             runs[key].append(run())
+    if per_round is not None:
+        per_round.update({k: [r[0]["tokens_per_sec"] for r in v] for k, v in runs.items()})
     return {k: sorted(v, key=lambda r: r[0]["tokens_per_sec"])[len(v) // 2] for k, v in runs.items()}
 
 

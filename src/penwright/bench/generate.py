@@ -384,13 +384,19 @@ def _llama_cpp_cases(
                 "llama_cpp": lambda: (_llama_tg(tools, ggufs[qtype], n, threads), None),
             }
             log(f"{name} batch 1 {precision}: penwright vs llama.cpp {qtype}, {n} tokens, {rounds} rounds")
-            timed = interleaved(engines, rounds)
+            per_round: dict = {}
+            timed = interleaved(engines, rounds, per_round)
+            ratios = sorted(p / q for p, q in zip(per_round["penwright"], per_round["llama_cpp"]))
             results[f"{name}/batch1/{precision}"] = {
                 "penwright": timed["penwright"][0],
                 f"llama_cpp_{qtype}": timed["llama_cpp"][0],
                 "penwright_over_llama_cpp": round(
                     timed["penwright"][0]["tokens_per_sec"] / timed["llama_cpp"][0]["tokens_per_sec"], 2
                 ),
+                "tokens_per_sec_each_round": per_round,
+                "ratio_each_round_min_median_max": [
+                    round(r, 2) for r in (ratios[0], ratios[len(ratios) // 2], ratios[-1])
+                ],
                 "gguf_mb": round(ggufs[qtype].stat().st_size / 1e6, 2),
                 "onnx_mb": round((onnx_dir / graph).stat().st_size / 1e6, 2),
             }
