@@ -15,7 +15,7 @@ from typing import TypeVar
 from urllib.parse import urlparse
 
 from penwright.errors import PenwrightError
-from penwright.files import load_dir, short
+from penwright.files import check_dir, load_dir, short
 
 T = TypeVar("T")
 
@@ -31,6 +31,16 @@ def hub_reachable(timeout: float = 3.0) -> bool:
             return True
     except OSError:
         return False
+
+
+def cached_snapshot(name: str) -> Path | None:
+    """The directory of ``name``'s copy in the Hugging Face cache, or None when there is none."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo_id=name, local_files_only=True))
+    except Exception:  # not cached, not a valid repo id, ...
+        return None
 
 
 def load_pretrained(name_or_path: str, loader: Callable[..., T], what: str, key: str, extra: str = "") -> T:
@@ -56,8 +66,16 @@ def load_pretrained(name_or_path: str, loader: Callable[..., T], what: str, key:
             ) from None
     try:
         return loader(str(name_or_path), local_files_only=True)
-    except (OSError, ValueError):
-        pass
+    except Exception as err:  # not cached (OSError), or a cached file is damaged (SafetensorError, torch, ...)
+        cached = cached_snapshot(str(name_or_path))
+        if cached is not None:  # name the damaged file of the cached copy, if one is
+            check_dir(
+                cached,
+                f"delete the cached copy ({cached.parent.parent}) and download it again, or set {key} to a local "
+                f"directory saved with save_pretrained",
+            )
+        if not isinstance(err, (OSError, ValueError)):
+            raise
     if hub_reachable():
         try:
             return loader(str(name_or_path))
