@@ -34,7 +34,7 @@ def test_llama_bench_rate_is_the_median_of_warm_repetitions(gguf):
     timed = _llama_tg(llama_tools(TOOLS), gguf, 16, threads=1, reps=4)
     warm = timed["warm_runs"]
     assert len(warm) == 3 and timed["first_run"] > 0 and all(r > 0 for r in warm)
-    assert timed["tokens_per_sec"] == sorted(warm)[1]  # the first repetition is not counted
+    assert timed["tokens_per_sec"] == sorted(warm)[1]  # the median of the warm ones: the first is not counted
 
 
 def test_one_repetition_is_refused_since_it_would_be_the_cold_one(gguf):

@@ -12,6 +12,7 @@ import json
 import os
 import platform
 import shutil
+import statistics
 import subprocess
 import time
 from pathlib import Path
@@ -259,8 +260,7 @@ def _llama_tg(tools: dict, gguf: Path, n: int, threads: int, reps: int = 4) -> d
         _run_tool([tools["llama-bench"], "-m", gguf, "-p", 0, "-n", n, "-t", threads, "-r", reps, "-o", "json"])
     )
     runs = [round(float(x), 1) for x in rows[0]["samples_ts"]]
-    warm = sorted(runs[1:])
-    return {"tokens_per_sec": warm[len(warm) // 2], "first_run": runs[0], "warm_runs": runs[1:]}
+    return {"tokens_per_sec": round(statistics.median(runs[1:]), 1), "first_run": runs[0], "warm_runs": runs[1:]}
 
 
 def _llama_batched(
@@ -299,7 +299,7 @@ def _llama_batched(
         if line.startswith("{"):
             row = json.loads(line)
             speeds.setdefault(int(row["pl"]), []).append(float(row["speed_tg"]))
-    return {pl: round(sorted(v[1:])[len(v[1:]) // 2], 1) for pl, v in speeds.items()}
+    return {pl: round(statistics.median(v[1:]), 1) for pl, v in speeds.items()}
 
 
 def _time_engine(engine, prompt: list[int], batch: int, n: int) -> tuple[dict, np.ndarray]:
