@@ -124,6 +124,19 @@ def _quickstart_variants(onnx_dir: Path, hf_dir: Path, workdir: Path) -> Path:
     return copy
 
 
+def _weight_matrices(model) -> list[np.ndarray]:
+    """The fp32 matrices one batch-1 decoding step reads whole, in the order it reads them: per layer attention
+    in, attention out, MLP in, MLP out ([in, out] each); then the output projection as [embd, vocab], once
+    (the embeddings give one row each, so they are left out)."""
+    matrices = [
+        p.detach().float().numpy()
+        for n, p in model.named_parameters()
+        if p.dim() == 2 and not n.endswith(("wte.weight", "wpe.weight")) and not n.startswith("lm_head")
+    ]
+    matrices.append(np.ascontiguousarray(model.lm_head.weight.detach().float().numpy().T))
+    return matrices
+
+
 def _weights_floor(model, rounds: int = 5) -> dict:
     """The least time this machine takes for the matrix-vector products of one batch-1 decoding step
     in fp32, and nothing else: ``x @ W`` over every weight matrix of the model in turn (attention,
@@ -132,13 +145,8 @@ def _weights_floor(model, rounds: int = 5) -> dict:
     parameter), so memory bandwidth bounds them; no fp32 engine decodes a token at batch 1 faster."""
     import torch
 
-    mats = [
-        p.detach().float()
-        for n, p in model.named_parameters()
-        if p.dim() == 2 and not n.endswith(("wte.weight", "wpe.weight")) and not n.startswith("lm_head")
-    ]
-    mats.append(model.lm_head.weight.detach().float().t().contiguous())  # [embd, vocab] like the graph's, once
-    arrays = [m.numpy() for m in mats]
+    arrays = _weight_matrices(model)
+    mats = [torch.from_numpy(a) for a in arrays]
     inputs = [np.ones((1, a.shape[0]), np.float32) for a in arrays]
     size = sum(a.nbytes for a in arrays)
 
@@ -178,14 +186,8 @@ def _onnxruntime_matmuls(model, rounds: int = 7, steps: int = 200) -> dict:
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
-    sd = {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
     e = model.config.n_embd
-    mats = []
-    for i in range(model.config.n_layer):
-        p = f"transformer.h.{i}"
-        mats += [sd[f"{p}.attn.c_attn.weight"], sd[f"{p}.attn.c_proj.weight"], sd[f"{p}.mlp.c_fc.weight"]]
-        mats.append(sd[f"{p}.mlp.c_proj.weight"])
-    mats.append(np.ascontiguousarray(sd.get("lm_head.weight", sd["transformer.wte.weight"]).T))
+    mats = _weight_matrices(model)
     inits = [numpy_helper.from_array(np.array(v, np.int64), k) for k, v in (("lo", [0]), ("hi", [e]), ("ax", [2]))]
     nodes, x = [], "x"
     for j, w in enumerate(mats):
@@ -269,7 +271,7 @@ def _llama_batched(
     """llama-batched-bench: ``batch`` sequences of ``prompt`` tokens decoding ``n`` tokens together: decode
     tokens/s, each batch size ``reps`` times in one process, the median of all but the first (which runs cold:
     5173 against ~6280 tokens/s at batch 8 on the quickstart model, measured). The tool sometimes exits 0
-    with some or all of its result rows missing (seen here in about 1 run of 20); such a run is repeated,
+    with some or all of its result rows missing (seen here in 5 runs of 60); such a run is repeated,
     up to ``tries`` times."""
     if reps < 2:
         raise ValueError(f"reps={reps}: at least 2 (the first, cold, is dropped)")
