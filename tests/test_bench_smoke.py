@@ -12,6 +12,7 @@ import json
 import math
 import random
 
+import numpy as np
 import pytest
 
 WORDS = (
@@ -218,6 +219,30 @@ def test_onnxruntime_matmuls_alone_reads_every_weight_matrix_once(tiny_gpt2):
     floats = cfg.n_layer * per_layer + cfg.n_embd * cfg.vocab_size
     assert timed["weights_mb"] == round(4 * floats / 1e6, 2)
     assert _positive(timed["ms_per_token"])
+    assert _positive(timed["plain_c"]["ms_per_token"]), timed["plain_c"]  # this machine has a C compiler
+
+
+def test_plain_matvec_chain_computes_what_numpy_does():
+    from penwright.bench.generate import _plain_matvec
+
+    rng = np.random.default_rng(1)
+    mats = [rng.standard_normal(s).astype(np.float32) for s in ((32, 96), (32, 48), (48, 32), (32, 100))]
+    run = _plain_matvec(mats)
+    assert callable(run), run
+    assert run(3) > 0
+    rows, args, x, a, b = run._keep
+    want = x
+    for w in mats:  # each next matrix reads the first rows of the last output (the query third of q, k, v)
+        want = want[: w.shape[0]] @ w
+    np.testing.assert_allclose(b[: want.size], want, rtol=1e-4, atol=1e-4)  # 4 matrices: the last output in b
+
+
+def test_plain_matvec_without_a_compiler_says_so(monkeypatch, tmp_path):
+    from penwright.bench.generate import _plain_matvec
+
+    monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.setenv("CC", "no-such-cc")
+    assert _plain_matvec([np.ones((4, 4), np.float32)]) == "no C compiler (cc or gcc) on PATH"
 
 
 def test_interleaved_runs_engines_in_turn_and_keeps_every_round():

@@ -182,7 +182,9 @@ def _onnxruntime_matmuls(model, rounds: int = 7, steps: int = 200) -> dict:
     """onnxruntime's share of a batch-1 fp32 step that no graph change removes: the model's own weight
     matrices (per layer: attention in, attention out, MLP in, MLP out; then the output projection) as one
     chain of MatMuls in one session (a Slice keeps the query's third of the attention input), nothing else.
-    Milliseconds a step, median of ``rounds`` runs of ``steps`` steps."""
+    In the same rounds, right after it, the same chain through a plain C matrix-vector loop (``plain_c``, see
+    ``_plain_matvec``): what a kernel made for these shapes does with the same bytes.
+    Milliseconds a step, median of ``rounds`` runs of ``steps`` steps each."""
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
@@ -206,20 +208,93 @@ def _onnxruntime_matmuls(model, rounds: int = 7, steps: int = 200) -> dict:
     )
     onnx_model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     onnx_model.ir_version = 8
-    session = ort.InferenceSession(onnx_model.SerializeToString(), providers=["CPUExecutionProvider"])
-    feed = {"x": np.ones((1, 1, e), np.float32)}
-    times = []
-    for r in range(rounds + 1):
+    serialized, feed = onnx_model.SerializeToString(), {"x": np.ones((1, 1, e), np.float32)}
+    plain = _plain_matvec(mats)
+
+    def timed_onnxruntime():  # a session of its own each round: its idle threads spin for a while after a run,
+        # which was measured to slow the C loop run right after it by 40-60%
+        session = ort.InferenceSession(serialized, providers=["CPUExecutionProvider"])
+        for _ in range(min(steps, 20)):
+            session.run(None, feed)
         start = time.perf_counter()
         for _ in range(steps):
             session.run(None, feed)
+        return (time.perf_counter() - start) / steps
+
+    times: dict[str, list[float]] = {"onnxruntime": [], "plain_c": []}
+    for r in range(rounds + 1):
+        spent = {"onnxruntime": timed_onnxruntime()}
+        if callable(plain):
+            spent["plain_c"] = plain(steps)
         if r:  # the first warms up
-            times.append((time.perf_counter() - start) / steps)
-    return {
+            for k, v in spent.items():
+                times[k].append(v)
+    result = {
         "weights_mb": round(sum(w.nbytes for w in mats) / 1e6, 2),
         "matmuls": len(mats),
-        "ms_per_token": round(sorted(times)[len(times) // 2] * 1000, 3),
+        "ms_per_token": round(statistics.median(times["onnxruntime"]) * 1000, 3),
     }
+    if callable(plain):
+        ms = statistics.median(times["plain_c"]) * 1000
+        result["plain_c"] = {
+            "ms_per_token": round(ms, 3),
+            "onnxruntime_over_plain_c": round(result["ms_per_token"] / ms, 2),
+            "meaning": "the same matrices through a plain C matrix-vector loop (bench/matvec.c), same threads",
+        }
+    else:
+        result["plain_c"] = {"skipped": plain}
+    return result
+
+
+def _plain_matvec(mats: list[np.ndarray]):
+    """``steps -> seconds a step`` running ``mats`` (each [in, out]) through bench/matvec.c, compiled here
+    with the system's C compiler (-O3 -march=native -fopenmp), one thread per core; its output is checked
+    against numpy's first. Where it cannot be built, a string that says why (the benchmark reports it)."""
+    import ctypes
+    import tempfile
+
+    compiler = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
+    if compiler is None:
+        return "no C compiler (cc or gcc) on PATH"
+    source = Path(__file__).with_name("matvec.c")
+    with tempfile.TemporaryDirectory() as tmp:
+        lib_path = Path(tmp) / "libmatvec.so"
+        cmd = [compiler, "-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", str(source), "-o", str(lib_path)]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode:
+            return (
+                f"{Path(compiler).name} could not build {source.name}: {(done.stderr.strip().splitlines() or ['?'])[0]}"
+            )
+        lib = ctypes.CDLL(str(lib_path))  # loaded: the file may go
+    lib.chain.restype = ctypes.c_double
+    rows = [np.ascontiguousarray(w.T) for w in mats]  # [out, in]: one contiguous row per output
+    floats = ctypes.POINTER(ctypes.c_float)
+    count = len(rows)
+    args = (
+        count,
+        (floats * count)(*[r.ctypes.data_as(floats) for r in rows]),
+        (ctypes.c_int * count)(*[r.shape[1] for r in rows]),
+        (ctypes.c_int * count)(*[r.shape[0] for r in rows]),
+    )
+    width = max(max(r.shape) for r in rows)
+    a, b = np.zeros(width, np.float32), np.zeros(width, np.float32)
+    x = np.random.default_rng(0).standard_normal(mats[0].shape[0]).astype(np.float32)
+    buffers = [v.ctypes.data_as(floats) for v in (x, a, b)]
+
+    def run(steps: int) -> float:
+        return lib.chain(*args, *buffers, steps, os.cpu_count() or 1)
+
+    run(1)
+    want = x
+    for w in mats:
+        want = (want[: w.shape[0]] @ w).astype(np.float32)
+    got = (a if count % 2 else b)[: want.size]
+    if not np.allclose(got, want, rtol=1e-3, atol=1e-3 * float(np.abs(want).max())):
+        raise PenwrightError(
+            f"{source.name}: its chain disagrees with numpy (max error {np.abs(got - want).max():.3g})"
+        )
+    run._keep = (rows, args, x, a, b)  # the buffers the C side reads
+    return run
 
 
 # -- against llama.cpp ---------------------------------------------------------------------------------
@@ -419,6 +494,12 @@ def _llama_cpp_cases(
             "upper_bound_over_llama_cpp": round(llama_ms / alone["ms_per_token"], 2),
             "meaning": "the ratio penwright would reach if everything in its step but these MatMuls took no time",
         }
+        if "ms_per_token" in alone["plain_c"]:  # an estimate, not a measurement: the engine with C's matrix time
+            engine_ms = 1000 / fp32["penwright"]["tokens_per_sec"]
+            with_c = engine_ms - alone["ms_per_token"] + alone["plain_c"]["ms_per_token"]
+            fp32["onnxruntime_matmuls_alone"]["estimate_with_plain_c_matmuls_over_llama_cpp"] = round(
+                llama_ms / with_c, 2
+            )
         if name == "quickstart":  # a trained model: how close each quantization stays to fp32
             batch = validation_windows(prepared, min(block, model.config.n_positions - 1), windows=8)
             ids_w = batch[:, :-1]
