@@ -178,13 +178,14 @@ def _weights_floor(model, rounds: int = 5) -> dict:
     }
 
 
-def _onnxruntime_matmuls(model, rounds: int = 7, steps: int = 200) -> dict:
+def _onnxruntime_matmuls(model, rounds: int = 7, steps: int = 200, threads: int | None = None) -> dict:
     """onnxruntime's share of a batch-1 fp32 step that no graph change removes: the model's own weight
     matrices (per layer: attention in, attention out, MLP in, MLP out; then the output projection) as one
-    chain of MatMuls in one session (a Slice keeps the query's third of the attention input), nothing else.
-    In the same rounds, right after it, the same chain through a plain C matrix-vector loop (``plain_c``, see
-    ``_plain_matvec``): what a kernel made for these shapes does with the same bytes.
-    Milliseconds a step, median of ``rounds`` runs of ``steps`` steps each."""
+    chain of MatMuls (a Slice keeps the query's third of the attention input), nothing else, in a session of its
+    own each round. In the same rounds, right after it, the same chain through a plain C matrix-vector loop
+    (``plain_c``, see ``_plain_matvec``): what a kernel made for these shapes does with the same bytes. Both
+    run ``threads`` threads (default: one per core). Milliseconds a step, median of ``rounds`` runs of
+    ``steps`` steps each."""
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
@@ -209,11 +210,15 @@ def _onnxruntime_matmuls(model, rounds: int = 7, steps: int = 200) -> dict:
     onnx_model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     onnx_model.ir_version = 8
     serialized, feed = onnx_model.SerializeToString(), {"x": np.ones((1, 1, e), np.float32)}
-    plain = _plain_matvec(mats)
+    del onnx_model, graph, inits  # the serialized bytes are what the sessions read (124M: ~500 MB each)
+    threads = threads or os.cpu_count() or 1
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    plain = _plain_matvec(mats, threads)
 
     def timed_onnxruntime():  # a session of its own each round: its idle threads spin for a while after a run,
         # which was measured to slow the C loop run right after it by 40-60%
-        session = ort.InferenceSession(serialized, providers=["CPUExecutionProvider"])
+        session = ort.InferenceSession(serialized, options, providers=["CPUExecutionProvider"])
         for _ in range(min(steps, 20)):
             session.run(None, feed)
         start = time.perf_counter()
@@ -239,6 +244,8 @@ def _onnxruntime_matmuls(model, rounds: int = 7, steps: int = 200) -> dict:
         result["plain_c"] = {
             "ms_per_token": round(ms, 3),
             "onnxruntime_over_plain_c": round(result["ms_per_token"] / ms, 2),
+            "threads": threads,
+            "compiler": plain.compiler,
             "meaning": "the same matrices through a plain C matrix-vector loop (bench/matvec.c), same threads",
         }
     else:
@@ -246,25 +253,34 @@ def _onnxruntime_matmuls(model, rounds: int = 7, steps: int = 200) -> dict:
     return result
 
 
-def _plain_matvec(mats: list[np.ndarray]):
-    """``steps -> seconds a step`` running ``mats`` (each [in, out]) through bench/matvec.c, compiled here
-    with the system's C compiler (-O3 -march=native -fopenmp), one thread per core; its output is checked
-    against numpy's first. Where it cannot be built, a string that says why (the benchmark reports it)."""
+def _plain_matvec(mats: list[np.ndarray], threads: int | None = None):
+    """``steps -> seconds a step`` running ``mats`` (each [in, out]) through bench/matvec.c on ``threads``
+    threads (default: one per core), compiled here with the system's C compiler ($CC, else cc or gcc; -O3
+    -march=native -fopenmp); its output is checked against numpy's first. Where it cannot be built or
+    disagrees with numpy, a string that says why instead (the benchmark reports it and goes on)."""
     import ctypes
+    import shlex
     import tempfile
 
-    compiler = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
-    if compiler is None:
-        return "no C compiler (cc or gcc) on PATH"
+    cc = shlex.split(os.environ.get("CC", "")) or [shutil.which("cc") or shutil.which("gcc") or ""]
+    if not cc[0] or shutil.which(cc[0]) is None:
+        return (
+            f"no C compiler: CC={os.environ['CC']!r} not found"
+            if os.environ.get("CC")
+            else "no C compiler (cc or gcc) on PATH"
+        )
     source = Path(__file__).with_name("matvec.c")
     with tempfile.TemporaryDirectory() as tmp:
         lib_path = Path(tmp) / "libmatvec.so"
-        cmd = [compiler, "-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", str(source), "-o", str(lib_path)]
-        done = subprocess.run(cmd, capture_output=True, text=True)
+        cmd = [*cc, "-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", str(source), "-o", str(lib_path)]
+        try:
+            done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        except (OSError, subprocess.TimeoutExpired) as err:
+            return f"{shlex.join(cc)} could not build {source.name}: {err}"
         if done.returncode:
-            return (
-                f"{Path(compiler).name} could not build {source.name}: {(done.stderr.strip().splitlines() or ['?'])[0]}"
-            )
+            lines = done.stderr.strip().splitlines() or ["(no message)"]
+            why = next((line for line in lines if "error" in line), lines[0])
+            return f"{shlex.join(cc)} could not build {source.name}: {why.strip()}"
         lib = ctypes.CDLL(str(lib_path))  # loaded: the file may go
     lib.chain.restype = ctypes.c_double
     rows = [np.ascontiguousarray(w.T) for w in mats]  # [out, in]: one contiguous row per output
@@ -281,8 +297,10 @@ def _plain_matvec(mats: list[np.ndarray]):
     x = np.random.default_rng(0).standard_normal(mats[0].shape[0]).astype(np.float32)
     buffers = [v.ctypes.data_as(floats) for v in (x, a, b)]
 
+    threads = threads or os.cpu_count() or 1
+
     def run(steps: int) -> float:
-        return lib.chain(*args, *buffers, steps, os.cpu_count() or 1)
+        return lib.chain(*args, *buffers, steps, threads)
 
     run(1)
     want = x
@@ -290,10 +308,11 @@ def _plain_matvec(mats: list[np.ndarray]):
         want = (want[: w.shape[0]] @ w).astype(np.float32)
     got = (a if count % 2 else b)[: want.size]
     if not np.allclose(got, want, rtol=1e-3, atol=1e-3 * float(np.abs(want).max())):
-        raise PenwrightError(
-            f"{source.name}: its chain disagrees with numpy (max error {np.abs(got - want).max():.3g})"
+        return (
+            f"{source.name} built by {shlex.join(cc)} disagrees with numpy (max error {np.abs(got - want).max():.3g})"
         )
     run._keep = (rows, args, x, a, b)  # the buffers the C side reads
+    run.compiler = shlex.join(cc)
     return run
 
 
@@ -487,7 +506,7 @@ def _llama_cpp_cases(
             del engine, engines
         fp32 = results[f"{name}/batch1/fp32"]
         llama_ms = 1000 / fp32["llama_cpp_f32"]["tokens_per_sec"]
-        alone = _onnxruntime_matmuls(model)  # alone in this process, as the engine was
+        alone = _onnxruntime_matmuls(model, threads=threads)  # alone in this process, as the engine was
         fp32["onnxruntime_matmuls_alone"] = {
             **alone,
             "llama_cpp_f32_ms_per_token": round(llama_ms, 3),
