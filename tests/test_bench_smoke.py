@@ -249,10 +249,10 @@ def test_plain_matvec_without_a_compiler_says_so(monkeypatch, tmp_path):
     from penwright.bench.generate import _plain_matvec
 
     monkeypatch.setenv("CC", "no-such-cc")
-    assert _plain_matvec([np.ones((4, 4), np.float32)]) == "no C compiler: CC='no-such-cc' not found"
+    assert _plain_matvec([np.ones((4, 4), np.float32)], threads=1) == "no C compiler: CC='no-such-cc' not found"
     monkeypatch.delenv("CC")
     monkeypatch.setenv("PATH", str(tmp_path))
-    assert _plain_matvec([np.ones((4, 4), np.float32)]) == "no C compiler (cc or gcc) on PATH"
+    assert _plain_matvec([np.ones((4, 4), np.float32)], threads=1) == "no C compiler (cc or gcc) on PATH"
 
 
 def test_plain_matvec_names_the_compilers_error(monkeypatch, tmp_path):
@@ -264,7 +264,7 @@ def test_plain_matvec_names_the_compilers_error(monkeypatch, tmp_path):
     )
     fake.chmod(0o755)
     monkeypatch.setenv("CC", str(fake))
-    why = _plain_matvec([np.ones((4, 4), np.float32)])
+    why = _plain_matvec([np.ones((4, 4), np.float32)], threads=1)
     assert why == f"{fake} could not build matvec.c: matvec.c:1: error: no such thing", why
 
 

@@ -253,9 +253,9 @@ def _onnxruntime_matmuls(model, rounds: int = 7, steps: int = 200, threads: int 
     return result
 
 
-def _plain_matvec(mats: list[np.ndarray], threads: int | None = None):
+def _plain_matvec(mats: list[np.ndarray], threads: int):
     """``steps -> seconds a step`` running ``mats`` (each [in, out]) through bench/matvec.c on ``threads``
-    threads (default: one per core), compiled here with the system's C compiler ($CC, else cc or gcc; -O3
+    threads, compiled here with the system's C compiler ($CC, else cc or gcc; -O3
     -march=native -fopenmp); its output is checked against numpy's first. Where it cannot be built or
     disagrees with numpy, a string that says why instead (the benchmark reports it and goes on)."""
     import ctypes
@@ -296,8 +296,6 @@ def _plain_matvec(mats: list[np.ndarray], threads: int | None = None):
     a, b = np.zeros(width, np.float32), np.zeros(width, np.float32)
     x = np.random.default_rng(0).standard_normal(mats[0].shape[0]).astype(np.float32)
     buffers = [v.ctypes.data_as(floats) for v in (x, a, b)]
-
-    threads = threads or os.cpu_count() or 1
 
     def run(steps: int) -> float:
         return lib.chain(*args, *buffers, steps, threads)
