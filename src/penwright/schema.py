@@ -253,6 +253,26 @@ class Trainer(Group):
         return value
 
 
+# GPT-2's matrices a LoRA adapter may go on (train.lora.targets); the tied wte / lm_head never get one
+LORA_TARGETS = ("c_attn", "attn.c_proj", "c_fc", "mlp.c_proj")
+
+
+class Lora(Group):
+    enabled: bool
+    rank: Annotated[int, Field(ge=1, le=4096)]
+    alpha: Annotated[float, Field(gt=0, le=65536)]
+    dropout: Annotated[float, Field(ge=0, lt=1)]
+    targets: Annotated[list[Literal[LORA_TARGETS]], Field(min_length=1)]
+    adapter: str | None  # continue from this PEFT adapter folder
+
+    @field_validator("targets")
+    @classmethod
+    def _distinct(cls, targets: list[str]) -> list[str]:
+        if len(set(targets)) != len(targets):
+            raise ValueError("a target is listed twice; list each once")
+        return targets
+
+
 class Train(Group):
     block_size: Annotated[int, Field(ge=1, le=1 << 20)]
     batch_size: Annotated[int, Field(ge=1, le=1 << 20)]
@@ -275,6 +295,7 @@ class Train(Group):
     gradient_checkpointing: bool
     freeze_embeddings: bool
     compile: bool
+    lora: Lora
 
 
 class WandbLogger(Group):
@@ -430,6 +451,13 @@ class Config(Group):
                 "generate.temperature",
                 self.generate.temperature,
                 "must be > 0 when sampling (greedy: generate.do_sample=false)",
+            )
+        if self.train.lora.enabled and self.model.name_or_path is None:
+            raise _KeyError(
+                "train.lora.enabled",
+                True,
+                "LoRA adapts a pretrained model: set model.name_or_path (a hub name, or a local folder such as the "
+                "quickstart's artifacts/model), or train.lora.enabled=false to train from scratch",
             )
         if self.trainer.strategy == "fsdp" and self.trainer.fsdp is None:
             raise _KeyError("trainer.fsdp", None, "strategy fsdp needs the fsdp block: use trainer=fsdp")

@@ -19,7 +19,7 @@ from pathlib import Path
 import lightning as L
 import torch
 
-from penwright import schema
+from penwright import lora, schema
 from penwright.callbacks import AtomicCheckpointIO, Callbacks, CurveWriter, SampleCallback, Throughput, checkpoints
 from penwright.data import PreparedData, load_meta
 from penwright.errors import ConfigError, PenwrightError
@@ -44,20 +44,30 @@ def train(cfg: schema.Config, *, untimed_steps: int = 0) -> dict:
         prepared, tcfg.block_size, tcfg.batch_size, cfg.seed, tcfg.val_batches, cfg.trainer.accumulate_grad_batches
     )
     model = build_model(cfg.model, len(tokenizer), int(tokenizer.eos_token_id), tcfg.block_size)
+    if tcfg.lora.enabled:
+        model = lora.apply(
+            model,
+            tcfg.lora,
+            source=cfg.model.name_or_path or "(from scratch)",
+            gradient_checkpointing=tcfg.gradient_checkpointing,
+        )
     module = LitGPT2(model, tcfg, data.bytes_per_token)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     log(
         f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
-        f"{'from ' + cfg.model.name_or_path if cfg.model.name_or_path else 'from scratch'}; "
+        f"{'from ' + cfg.model.name_or_path if cfg.model.name_or_path else 'from scratch'}"
+        f"{f', LoRA rank {tcfg.lora.rank}: {trainable / 1e6:.3f}M trained' if tcfg.lora.enabled else ''}; "
         f"train split {data.train_tokens.size:,} tokens"
     )
     check_run(cfg, data)  # every check runs before any file is touched
     strategy = build_strategy(cfg.trainer)
 
-    resume_from = resume_point(ckpt_dir, _fingerprint(cfg, meta)) if tcfg.resume else None
+    fingerprint = _fingerprint(cfg, meta, model)
+    resume_from = resume_point(ckpt_dir, fingerprint) if tcfg.resume else None
     if global_rank() == 0:  # other ranks start while rank 0 trains: they must not touch its files
         prepare_ckpt_dir(
             ckpt_dir,
-            _fingerprint(cfg, meta),
+            fingerprint,
             fresh=resume_from is None,
             stale=[reports / "samples", reports / "curves"],
         )
@@ -143,10 +153,28 @@ def resume_point(ckpt_dir: Path, fingerprint: dict) -> Path | None:
     if not last.is_file() and not periodic:
         return None
     fp_file = ckpt_dir / "fingerprint.json"
-    if fp_file.is_file() and json.loads(fp_file.read_text()) != fingerprint:
+    saved = json.loads(fp_file.read_text()) if fp_file.is_file() else fingerprint
+    if saved != fingerprint:
+        fresh = f"Start fresh with train.resume=false (the old checkpoints in {ckpt_dir} are replaced)"
+        was, now = saved.get("lora"), fingerprint.get("lora")
+        if (was is None) != (now is None):
+            kind = ("a full finetune", "a LoRA run (train.lora.enabled=true)")
+            raise PenwrightError(
+                f"{last}: this checkpoint is {kind[was is not None]} and this run is {kind[now is not None]}: set "
+                f"train.lora.enabled={str(was is not None).lower()} to continue it, or: {fresh}"
+            )
+        if (
+            was
+            and now
+            and was["base_digest"] != now["base_digest"]
+            and {**was, "base_digest": 0} == {**now, "base_digest": 0}
+        ):
+            raise PenwrightError(
+                f"{last}: this LoRA checkpoint was trained on other base weights than model.name_or_path="
+                f"{fingerprint['model'].get('name_or_path')} holds now; point it at the run's base, or: {fresh}"
+            )
         raise PenwrightError(
-            f"{last}: this checkpoint was trained with another model, block size or tokenizer. "
-            f"Start fresh with train.resume=false (the old checkpoints in {ckpt_dir} are replaced)"
+            f"{last}: this checkpoint was trained with another model, block size, tokenizer or LoRA shape. {fresh}"
         )
     why = damaged(last) if last.is_file() else "missing"
     if why is None:
@@ -174,14 +202,23 @@ def prepare_ckpt_dir(ckpt_dir: Path, fingerprint: dict, fresh: bool, stale: list
     atomic_write_text(ckpt_dir / "fingerprint.json", json.dumps(fingerprint, indent=2) + "\n")
 
 
-def _fingerprint(cfg: schema.Config, meta: dict) -> dict:
-    """What a checkpoint must share with this run to be resumed."""
-    return {
+def _fingerprint(cfg: schema.Config, meta: dict, model) -> dict:
+    """What a checkpoint must share with this run to be resumed (a LoRA run: its adapters' shape and base)."""
+    fingerprint = {
         "model": cfg.model.to_dict(),
         "block_size": cfg.train.block_size,
         "tokenizer_md5": meta["tokenizer"]["md5"],
         "vocab_size": meta["vocab_size"],
     }
+    if cfg.train.lora.enabled:
+        lcfg = cfg.train.lora
+        fingerprint["lora"] = {
+            "rank": lcfg.rank,
+            "alpha": lcfg.alpha,
+            "targets": list(lcfg.targets),
+            "base_digest": model.penwright_base_digest,
+        }
+    return fingerprint
 
 
 # -- trainer, strategy and batch size ------------------------------------------------------------------
@@ -306,8 +343,12 @@ def _finish(cfg, trainer, module, tokenizer, data, final, callbacks: Callbacks, 
     out = Path(cfg.train.out_dir)
     model = module.model
     model = getattr(model, "_orig_mod", model)
+    sizes = {}
     with staged_dir(out) as tmp:
-        model.save_pretrained(tmp)
+        if cfg.train.lora.enabled:  # the adapter in tmp/adapter, and merged into the weights beside it
+            sizes = lora.save(model, tmp)
+        else:
+            model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
 
     # totals over every chunk of this run (a resumed run adds to what the earlier chunks did)
@@ -338,6 +379,7 @@ def _finish(cfg, trainer, module, tokenizer, data, final, callbacks: Callbacks, 
         "device": str(module.device),
         "micro_batch": data.batch_size,
         "accumulate_grad_batches": data.accumulate,
+        **sizes,
     }
     best_val = metrics["best_val_loss"]
     metrics["best_val_ppl"] = round(math.exp(best_val), 3)
