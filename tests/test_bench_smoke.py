@@ -91,6 +91,29 @@ def test_bench_prepare(tmp_path, sample_corpus):
     assert all(_positive(v) for v in summary["peak_rss_mb_sample_vs_20mb_vs_big"])
 
 
+def test_bench_train_lora(tmp_path, prepared_tiny):
+    from penwright.bench import bench_lora
+
+    out = tmp_path / "bench_train.json"
+    out.write_text(json.dumps({"lightning_over_plain": 1.0}))  # the rest of the report is kept
+    section = bench_lora(
+        steps=4,
+        block=32,
+        batch=2,
+        output=str(out),
+        shapes={"tiny": (1, 2, 32)},
+        overrides=[f"data.out_dir={prepared_tiny}"],
+    )
+    report = json.loads(out.read_text())
+    assert report["lightning_over_plain"] == 1.0 and report["lora"] == section
+    full, lora = section["tiny"]["full"], section["tiny"]["lora"]
+    for row in (full, lora):
+        assert all(_positive(row[k]) for k in ("peak_rss_gb", "tokens_per_sec", "checkpoint_mb", "loss_last"))
+    assert lora["checkpoint_mb"] < full["checkpoint_mb"] / 10  # the adapters and their optimizer state only
+    assert lora["loss_first"] == pytest.approx(full["loss_first"], abs=1e-3)  # the same start
+    assert section["tiny"]["lora_over_full"]["checkpoint_size"] < 0.1
+
+
 def test_bench_train(tmp_path, prepared_tiny):
     from penwright.bench import bench_train
 

@@ -84,13 +84,13 @@ def same_weights(a: Path, b: Path) -> bool:
     return wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
-def train_overrides(prepared: Path, run: Path, *extra: str) -> list[str]:
+def train_overrides(prepared: Path, run: Path, *extra: str, model: list[str] = TINY_MODEL) -> list[str]:
     return [
         f"data.out_dir={prepared}",
         f"train.ckpt_dir={run}/ckpt",
         f"train.out_dir={run}/model",
         f"paths.reports={run}/reports",
-        *TINY_MODEL,
+        *model,
         *TINY_TRAIN,
         "sample.every_n_steps=0",
         *extra,
@@ -101,18 +101,22 @@ def train_overrides(prepared: Path, run: Path, *extra: str) -> list[str]:
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("method", ["full", "lora"])
 def test_kill_during_training_after_a_periodic_checkpoint_then_rerun_equals_an_uninterrupted_run(
-    tmp_path, prepared_tiny
+    tmp_path, prepared_tiny, tiny_gpt2, method
 ):
     steps = ["trainer.max_steps=40", "train.decay_steps=40"]
-    run_stage("train", train_overrides(prepared_tiny, tmp_path / "straight", *steps))
+    model = TINY_MODEL  # LoRA: on the tiny pretrained model
+    if method == "lora":
+        model = ["model=gpt2", f"model.name_or_path={tiny_gpt2}", "train.lora.enabled=true", "train.lora.rank=4"]
+    run_stage("train", train_overrides(prepared_tiny, tmp_path / "straight", *steps, model=model))
     crashed = tmp_path / "crashed"
     kill_when(
-        stage_cmd("train", train_overrides(prepared_tiny, crashed, *steps)),
+        stage_cmd("train", train_overrides(prepared_tiny, crashed, *steps, model=model)),
         lambda: any((crashed / "ckpt").glob("step-*.ckpt")),
     )
     assert not (crashed / "model").exists()  # killed before the end: no half-written model
-    run_stage("train", train_overrides(prepared_tiny, crashed, *steps))
+    run_stage("train", train_overrides(prepared_tiny, crashed, *steps, model=model))
     assert same_weights(tmp_path / "straight" / "model", crashed / "model")
     assert curve_steps(crashed / "reports") == list(range(1, 41))  # every step once
     assert not list((crashed / "ckpt").glob(".*.tmp-*"))

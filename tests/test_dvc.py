@@ -119,6 +119,29 @@ def test_pipeline_reruns_prepare_only_for_its_params_and_exp_run_composes_conf(t
     trained = [r for r in experiments if r.get("trainer.max_steps") == "4"]
     assert len(trained) == 1 and float(trained[0]["val_loss"]) == report["val_loss"]
 
+    # the LoRA preset through dvc exp run: the model just trained (artifacts/model) is its base; its own
+    # prepared verses, adapter + merged model, ONNX export and samples under artifacts/lora, reports/lora
+    lora = [t for t in tiny if not t.startswith("model.")]
+    run(
+        [
+            "dvc",
+            "exp",
+            "run",
+            "-S",
+            "experiment=lora",
+            "-S",
+            "train.lora.rank=4",
+            *[a for t in lora for a in ("-S", t)],
+        ],
+        proj,
+    )
+    report = json.loads((proj / "reports/lora/train.json").read_text())
+    assert report["steps"] == 4 and 0 < report["adapter_bytes"] < report["merged_bytes"]
+    assert json.loads((proj / "artifacts/lora/model/adapter/adapter_config.json").read_text())["r"] == 4
+    assert json.loads((proj / "artifacts/lora/prepared/meta.json").read_text())["data"]["path"] == "data/kjv/verses.csv"
+    assert (proj / "artifacts/lora/onnx/model.onnx").is_file() and (proj / "reports/lora/samples.md").is_file()
+    assert yaml.safe_load((proj / "params.yaml").read_text())["train"]["lora"]["enabled"] is True
+
 
 # -- what each stage declares: derived from its code, the same in both pipelines -------------------------
 

@@ -134,6 +134,12 @@ def test_the_gpu_checks_dry_run_covers_every_case(tmp_path):
         "gpt2-large/auto_batch_size",
         "gpt2/fsdp-1gpu",
         "generate",
+        *(
+            f"{shape}/lora/{p}/{kind}"
+            for shape in ("gpt2-large", "gpt2-xl")
+            for p in ("bf16", "fp16")
+            for kind in ("memory", "auto_batch_size")
+        ),
     }
     assert set(runs) == expected
     failed = {k: v.get("error") for k, v in runs.items() if v["ok"] is False}
@@ -147,6 +153,15 @@ def test_the_gpu_checks_dry_run_covers_every_case(tmp_path):
         == 8
     )
     assert runs["generate"]["batch16_tokens_per_sec"] > 0
+    lora = runs["gpt2-xl/lora/bf16/memory"]
+    assert (
+        lora["loss_finite"] and 0 < lora["checkpoint_mb"] < lora["params_m"] * 4
+    )  # adapters only: under the fp32 weights alone
+    assert (
+        runs["gpt2-xl/lora/fp16/auto_batch_size"]["micro_batch"]
+        * runs["gpt2-xl/lora/fp16/auto_batch_size"]["accumulate_grad_batches"]
+        == 8
+    )
     assert cases["device"]["dry"] and cases["device"]["torch"]
     summary = (tmp_path / "gpu" / "check.md").read_text()
     assert "dry run" in summary and "gpt2-large/auto_batch_size" in summary

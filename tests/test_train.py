@@ -127,18 +127,25 @@ def test_wandb_offline_run_has_tables_config_and_continues_on_resume(compose_tra
 
 
 @pytest.mark.slow
-def test_ddp_two_cpu_processes_only_rank0_samples_logs_and_saves(tmp_path, prepared_tiny, repo):
-    """Lightning DDP on gloo with 2 CPU processes, through the CLI, as a user would launch it."""
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_ddp_two_cpu_processes_only_rank0_samples_logs_and_saves(tmp_path, prepared_tiny, tiny_gpt2, repo, method):
+    """Lightning DDP on gloo with 2 CPU processes, through the CLI, as a user would launch it (full finetuning
+    of a scratch model, and LoRA on the tiny pretrained one)."""
     import subprocess
     import sys
 
     run = tmp_path / "ddp"
+    model = (
+        TINY_MODEL
+        if method == "full"
+        else ["model=gpt2", f"model.name_or_path={tiny_gpt2}", "train.lora.enabled=true", "train.lora.rank=4"]
+    )
     overrides = [
         f"data.out_dir={prepared_tiny}",
         f"train.ckpt_dir={run}/ckpt",
         f"train.out_dir={run}/model",
         f"paths.reports={run}/reports",
-        *TINY_MODEL,
+        *model,
         *TINY_TRAIN,
         "trainer=ddp",
         "trainer.accelerator=cpu",
@@ -165,3 +172,7 @@ def test_ddp_two_cpu_processes_only_rank0_samples_logs_and_saves(tmp_path, prepa
     assert sorted(p.name for p in (run / "reports" / "samples").iterdir()) == ["step-000004.md", "step-000006.md"]
     assert done.stderr.count("[samples] step 4:") == 1  # rank 0 only
     GPT2LMHeadModel.from_pretrained(run / "model")
+    if method == "lora":
+        assert (run / "model" / "adapter" / "adapter_model.safetensors").is_file()
+        state = torch.load(run / "ckpt" / "last.ckpt", map_location="cpu", weights_only=False)["state_dict"]
+        assert state and all(".lora_" in k for k in state)

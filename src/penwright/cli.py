@@ -83,6 +83,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="key=value", help="train: Hydra overrides of the benchmarked config")
     p.add_argument("--output", default=None, help="default: reports/bench_<stage>.json")
     p.add_argument(
+        "--lora",
+        action="store_true",
+        help="train: full finetuning vs LoRA on GPT-2-124M and gpt2-medium shapes (~15 min), the report's lora section",
+    )
+    p.add_argument(
         "--llama-cpp",
         default=".llama.cpp/bin",
         metavar="DIR",
@@ -128,6 +133,8 @@ def bench(args) -> None:
 
     if args.stage == "prepare":
         bench.bench_prepare(size_mb=args.size_mb, output=args.output)
+    elif args.stage == "train" and args.lora:
+        bench.bench_lora(output=args.output)
     elif args.stage == "train":
         bench.bench_train(steps=args.steps, output=args.output, overrides=args.overrides)
     elif args.stage == "serve":

@@ -9,6 +9,8 @@ shapes: nothing comes from the hub) and records what it measured, or why it coul
   and falling;
 * ``gpt2-medium`` and ``gpt2-large``: peak memory at one micro-batch with and without gradient
   checkpointing, and the micro-batch ``train.auto_batch_size`` (Lightning's finder) picks;
+* LoRA (``train.lora``) on ``gpt2-large`` and ``gpt2-xl`` bases (random weights in the real shapes, saved
+  with ``save_pretrained``), bf16 and fp16: peak memory at one micro-batch and the finder's micro-batch;
 * ``trainer=fsdp`` on one GPU (the strategy runs);
 * ``transformers`` generate on the GPU at batch 1 and 16 (the reference for a later CUDA check of
   the ONNX runtime);
@@ -37,8 +39,13 @@ from penwright.log import get_logger
 
 VOCAB = 50257
 # (n_layer, n_head, n_embd) of the GPT-2 family; the dry run's stand-ins are tiny
-SHAPES = {"gpt2": (12, 12, 768), "gpt2-medium": (24, 16, 1024), "gpt2-large": (36, 20, 1280)}
-DRY_SHAPES = {"gpt2": (2, 2, 64), "gpt2-medium": (2, 2, 96), "gpt2-large": (3, 2, 128)}
+SHAPES = {
+    "gpt2": (12, 12, 768),
+    "gpt2-medium": (24, 16, 1024),
+    "gpt2-large": (36, 20, 1280),
+    "gpt2-xl": (48, 25, 1600),
+}
+DRY_SHAPES = {"gpt2": (2, 2, 64), "gpt2-medium": (2, 2, 96), "gpt2-large": (3, 2, 128), "gpt2-xl": (3, 2, 160)}
 # dense bf16 tensor-core peak, FLOP/s (the vendors' datasheets; fp16 for cards without bf16)
 PEAKS = [
     ("H200", 989e12),
@@ -106,7 +113,24 @@ class Check:
 
     # -- one case ----------------------------------------------------------------------------------
 
-    def train(self, name: str, shape: str, *overrides: str, steps: int, untimed: int = 0, batch: int = 8) -> dict:
+    def base(self, shape: str) -> Path:
+        """A "pretrained" GPT-2 of the shape (random weights), saved once with save_pretrained: a LoRA run's base."""
+        import torch
+        from transformers import GPT2Config, GPT2LMHeadModel
+
+        folder = self.work / f"base-{shape}"
+        if not folder.is_dir():
+            n_layer, n_head, n_embd = self.shapes[shape]
+            torch.manual_seed(0)
+            config = GPT2Config(
+                vocab_size=self.vocab, n_positions=self.block, n_embd=n_embd, n_layer=n_layer, n_head=n_head
+            )
+            GPT2LMHeadModel(config).save_pretrained(folder)
+        return folder
+
+    def train(
+        self, name: str, shape: str, *overrides: str, steps: int, untimed: int = 0, batch: int = 8, lora: bool = False
+    ) -> dict:
         """One run of the real train stage; what it measured, or the error that stopped it."""
         import torch
 
@@ -115,17 +139,23 @@ class Check:
 
         n_layer, n_head, n_embd = self.shapes[shape]
         run = self.work / name
+        if lora:  # adapters on a saved base of the shape
+            model = ["model=gpt2", f"model.name_or_path={self.base(shape)}", "train.lora.enabled=true"]
+        else:
+            model = [
+                "model=scratch_small",
+                f"model.n_layer={n_layer}",
+                f"model.n_head={n_head}",
+                f"model.n_embd={n_embd}",
+                f"model.n_positions={self.block}",
+            ]
         base = [
             f"data.out_dir={self.prepared}",
             f"train.ckpt_dir={run}/ckpt",
             f"train.out_dir={run}/model",
             f"paths.reports={run}/reports",
             "logger=none",
-            "model=scratch_small",
-            f"model.n_layer={n_layer}",
-            f"model.n_head={n_head}",
-            f"model.n_embd={n_embd}",
-            f"model.n_positions={self.block}",
+            *model,
             f"train.block_size={self.block}",
             f"train.batch_size={batch}",
             f"trainer.max_steps={steps}",
@@ -175,6 +205,9 @@ class Check:
             "loss_finite": bool(losses) and all(math.isfinite(x) for x in losses),
             "loss_falling": len(losses) > 1 and losses[-1] < losses[0],
         }
+        if lora:
+            result["checkpoint_mb"] = round((run / "ckpt" / "last.ckpt").stat().st_size / 1e6, 2)
+            result["adapter_mb"] = round(metrics["adapter_bytes"] / 1e6, 2)
         if self.gpu:
             result["peak_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
             peak = self.peak_flops()
@@ -234,6 +267,21 @@ class Check:
                 steps=2,
                 batch=2 if dry else 8,
             )
+        for shape in ("gpt2-large", "gpt2-xl"):  # LoRA: what fits a small card
+            for preset, precision in (("gpu", "bf16"), ("gpu_fp16", "fp16")):
+                c[f"{shape}/lora/{precision}/memory"] = self.train(
+                    f"{shape}-lora-{precision}", shape, f"trainer={preset}", steps=2, batch=1, lora=True
+                )
+                c[f"{shape}/lora/{precision}/auto_batch_size"] = self.train(
+                    f"{shape}-lora-{precision}-auto",
+                    shape,
+                    f"trainer={preset}",
+                    "train.auto_batch_size=true",
+                    "trainer.accumulate_grad_batches=4" if dry else "trainer.accumulate_grad_batches=32",
+                    steps=2,
+                    batch=2 if dry else 1,
+                    lora=True,
+                )
         c["gpt2/fsdp-1gpu"] = (
             self.skip(gpu_only + ": Lightning's FSDP needs a CUDA accelerator")
             if dry

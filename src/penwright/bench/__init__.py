@@ -15,12 +15,13 @@ if TYPE_CHECKING:
     from penwright.bench.generate import bench_generate
     from penwright.bench.prepare import bench_prepare
     from penwright.bench.serve import bench_serve
-    from penwright.bench.train import bench_train
+    from penwright.bench.train import bench_lora, bench_train
 
-__all__ = ["bench_generate", "bench_prepare", "bench_serve", "bench_train"]
+__all__ = ["bench_generate", "bench_lora", "bench_prepare", "bench_serve", "bench_train"]
+MODULES = {"bench_lora": "train"}  # a benchmark that lives in another benchmark's module
 
 
 def __getattr__(name: str):
     if name in __all__:
-        return getattr(import_module(f"penwright.bench.{name.removeprefix('bench_')}"), name)
+        return getattr(import_module(f"penwright.bench.{MODULES.get(name, name.removeprefix('bench_'))}"), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

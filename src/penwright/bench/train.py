@@ -177,3 +177,125 @@ def bench_train(
         },
     )
     return results
+
+
+# -- full finetuning vs LoRA (penwright bench train --lora) ---------------------------------------------
+
+LORA_SHAPES = {"gpt2": (12, 12, 768), "gpt2-medium": (24, 16, 1024)}  # (n_layer, n_head, n_embd)
+LORA_LR = {"full": 6e-4, "lora": 2e-3}  # each method at its usual peak lr (the lora preset's)
+
+
+def lora_case(prepared: str, base: str, run: str, method: str, steps: int, block: int, batch: int) -> dict:
+    """One real train-stage run (full or LoRA) on a saved base, in a fresh process: what it measured."""
+    import resource
+
+    from penwright.config import compose
+    from penwright.train import train
+
+    overrides = [
+        f"data.out_dir={prepared}",
+        "model=gpt2",
+        f"model.name_or_path={base}",
+        f"train.ckpt_dir={run}/ckpt",
+        f"train.out_dir={run}/model",
+        f"paths.reports={run}/reports",
+        f"train.lora.enabled={str(method == 'lora').lower()}",
+        f"train.lr={LORA_LR[method]}",
+        f"train.block_size={block}",
+        f"train.batch_size={batch}",
+        f"trainer.max_steps={steps}",
+        "train.warmup_steps=2",
+        f"train.val_every_n_steps={steps}",
+        "train.val_batches=4",
+        f"train.ckpt_every_n_steps={steps}",
+        "train.resume=false",
+        "trainer.log_every_n_steps=1",
+        "trainer.progress_bar=false",
+        "logger=none",
+        "sample.every_n_steps=0",
+        "sample.prompts=[]",
+        "sample.unconditional=0",
+        "sample.random_prompts=0",
+        "sample.max_new_tokens=1",
+    ]
+    metrics = train(compose(overrides), untimed_steps=WARMUP)
+    losses = [float(r.split("\t")[1]) for r in (Path(run) / "reports/curves/train.tsv").read_text().splitlines()[1:]]
+    return {
+        "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
+        "tokens_per_sec": metrics["tokens_per_sec"],
+        "checkpoint_mb": round((Path(run) / "ckpt" / "last.ckpt").stat().st_size / 1e6, 2),
+        "loss_first": losses[0],
+        "loss_last": losses[-1],
+        "val_loss": metrics["val_loss"],
+        "lr": LORA_LR[method],
+    }
+
+
+def bench_lora(
+    steps: int = 10,
+    block: int = 256,
+    batch: int = 2,
+    output: str | None = None,
+    shapes: dict[str, tuple[int, int, int]] | None = None,
+    overrides: list[str] | None = None,
+) -> dict:
+    """Full finetuning vs LoRA on random bases in GPT-2's real shapes, from the same start, on the quickstart's
+    prepared sample corpus: peak RSS, tokens/s, checkpoint size, loss after the same steps. Each run is the real
+    train stage in its own process (its peak RSS is its own); full and LoRA alternate. Written into the
+    ``lora`` section of reports/bench_train.json (the rest of the report is kept)."""
+    import shutil
+
+    from penwright.bench.common import BENCH_DIR, fresh_dir, random_gpt2, run_child
+    from penwright.config import compose
+    from penwright.errors import PenwrightError
+
+    shapes = shapes or LORA_SHAPES
+    cfg = compose(list(overrides or []))
+    prepared = Path(cfg.data.out_dir)
+    if not (prepared / "train.bin").is_file():
+        raise PenwrightError(f"{prepared}/train.bin: missing; run `dvc repro` (or penwright prepare) first")
+    work = fresh_dir(BENCH_DIR / "lora")
+    results: dict = {}
+    try:
+        for shape, sizes in shapes.items():
+            base = work / f"base-{shape}"
+            random_gpt2(tuple(sizes)).save_pretrained(base)  # the same start for both methods
+            row = {}
+            for method in ("full", "lora"):
+                log(f"{shape}: {method}, {steps} steps of {batch} x {block} tokens")
+                run = work / f"{shape}-{method}"
+                row[method] = run_child(
+                    "penwright.bench.train",
+                    "lora_case",
+                    str(prepared),
+                    str(base),
+                    str(run),
+                    method,
+                    steps,
+                    block,
+                    batch,
+                )
+                shutil.rmtree(run, ignore_errors=True)
+            full, lora = row["full"], row["lora"]
+            row["lora_over_full"] = {
+                "peak_rss": round(lora["peak_rss_gb"] / full["peak_rss_gb"], 3),
+                "tokens_per_sec": round(lora["tokens_per_sec"] / full["tokens_per_sec"], 3),
+                "checkpoint_size": round(lora["checkpoint_mb"] / full["checkpoint_mb"], 4),
+            }
+            results[shape] = row
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    section = {
+        "shapes": {k: dict(zip(("n_layer", "n_head", "n_embd"), shapes[k])) for k in results},
+        "batch": {"batch_size": batch, "block_size": block, "steps": steps, "untimed_steps": WARMUP},
+        "corpus": str(prepared),
+        "measured": "one run each, full then LoRA, each the train stage in a fresh process; random weights in "
+        "the real shapes (vocabulary 50257), the same base for both; rank 8 on c_attn, attn.c_proj, c_fc, "
+        "mlp.c_proj; peak RSS of the process (ru_maxrss); tokens/s after the untimed steps",
+        **results,
+    }
+    path = Path(output or "reports/bench_train.json")
+    report = json.loads(path.read_text()) if path.is_file() else {}
+    report["lora"] = section
+    write_report(report, path, "reports/bench_train.json", {k: v["lora_over_full"] for k, v in results.items()})
+    return section
