@@ -121,20 +121,12 @@ def test_pipeline_reruns_prepare_only_for_its_params_and_exp_run_composes_conf(t
 
     # the LoRA preset through dvc exp run: the model just trained (artifacts/model) is its base; its own
     # prepared verses, adapter + merged model, ONNX export and samples under artifacts/lora, reports/lora
+    # (dvc exp run removes the default pipeline's outputs, artifacts/model among them, when the experiment's
+    # stages write elsewhere: the base is copied out of them first, as README says)
+    shutil.copytree(proj / "artifacts/model", proj / "models/quickstart")
     lora = [t for t in tiny if not t.startswith("model.")]
-    run(
-        [
-            "dvc",
-            "exp",
-            "run",
-            "-S",
-            "experiment=lora",
-            "-S",
-            "train.lora.rank=4",
-            *[a for t in lora for a in ("-S", t)],
-        ],
-        proj,
-    )
+    lora += ["train.lora.rank=4", "model.name_or_path=models/quickstart"]
+    run(["dvc", "exp", "run", "-S", "experiment=lora", *[a for t in lora for a in ("-S", t)]], proj)
     report = json.loads((proj / "reports/lora/train.json").read_text())
     assert report["steps"] == 4 and 0 < report["adapter_bytes"] < report["merged_bytes"]
     assert json.loads((proj / "artifacts/lora/model/adapter/adapter_config.json").read_text())["r"] == 4

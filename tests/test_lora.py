@@ -125,7 +125,9 @@ def test_lora_run_in_wandb_offline_has_its_tables_and_lora_config(compose_lora, 
     assert b"lora" in record and b"adapter" in record
 
 
-def test_lora_export_passes_parity_and_greedy_tokens_equal_the_unmerged_adapter(compose_lora, tiny_gpt2, tmp_path):
+def test_lora_export_passes_parity_and_greedy_tokens_in_onnx_and_llama_cpp_equal_the_unmerged_adapter(
+    compose_lora, tiny_gpt2, prepared_tiny, tmp_path
+):
     from peft import PeftModel
 
     from penwright.config import compose
@@ -138,14 +140,19 @@ def test_lora_export_passes_parity_and_greedy_tokens_equal_the_unmerged_adapter(
         compose(
             [
                 f"train.out_dir={model_dir}",
+                f"data.out_dir={prepared_tiny}",  # the quantized graph is measured on its validation windows
+                "train.block_size=32",
                 f"export.out_dir={onnx}",
                 f"paths.reports={tmp_path / 'reports'}",
                 "export.parity_prompts=[It is,The quick brown fox]",
                 "export.parity_new_tokens=8",
+                "export.quantize=[q8]",
+                "export.gguf=[f32]",
             ]
         )
     )
     assert report["parity"]["passed"] and report["parity"]["greedy_tokens_equal"]
+    assert (onnx / "model.q8.onnx").is_file() and report["quantized"]["q8"]["top1_agreement"] > 0.9
     unmerged = PeftModel.from_pretrained(GPT2LMHeadModel.from_pretrained(tiny_gpt2), model_dir / "adapter").eval()
     gen = Generator.load(onnx)
     ids, mask = gen.encode(["The quick brown fox"])
@@ -155,6 +162,12 @@ def test_lora_export_passes_parity_and_greedy_tokens_equal_the_unmerged_adapter(
         )[0, ids.shape[1] :].tolist()
     ours = gen.generate_ids(ids, mask, max_new_tokens=12, do_sample=False, stop_at_eos=False)[0].tolist()
     assert ours == ref
+    # the merged model's GGUF in llama.cpp: its tokens and greedy continuation too
+    from test_gguf import llama, llama_greedy
+
+    llm = llama(onnx / "model.f32.gguf", n_ctx=64, n_threads=2)
+    assert llm.tokenize(b"The quick brown fox", add_bos=False, special=False) == ids[0].tolist()
+    assert llama_greedy(llm, ids[0].tolist(), 12) == ref
 
 
 # -- bad input: one line, nothing written over --------------------------------------------------------

@@ -42,5 +42,5 @@ def new_project(tmp: Path, repo: Path, with_pipeline: bool) -> Path:
             shutil.copy(repo / name, proj / name)
         shutil.copytree(repo / "conf", proj / "conf")
         shutil.copytree(repo / "src", proj / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
-        (proj / ".gitignore").write_text("/data\n/artifacts\n")
+        (proj / ".gitignore").write_text("/data\n/artifacts\n/models\n")
     return proj
