@@ -4,7 +4,6 @@ and generation on the merged model, and bad input in one line with nothing writt
 
 from __future__ import annotations
 
-import csv
 import json
 from pathlib import Path
 
@@ -12,6 +11,7 @@ import pytest
 import torch
 from transformers import GPT2LMHeadModel
 
+from helpers.train_outputs import curve, weights
 from helpers.wandb_runs import wandb_record
 from penwright.errors import ConfigError, PenwrightError
 from penwright.train import train
@@ -27,15 +27,6 @@ def compose_lora(compose_train, tiny_gpt2):
         return compose_train("model=gpt2", f"model.name_or_path={tiny_gpt2}", *LORA, *overrides, run=run)
 
     return _compose
-
-
-def curve(reports: Path, split: str = "train") -> list[dict]:
-    with open(reports / "curves" / f"{split}.tsv", newline="") as f:
-        return list(csv.DictReader(f, delimiter="\t"))
-
-
-def weights(model_dir: Path) -> dict[str, torch.Tensor]:
-    return GPT2LMHeadModel.from_pretrained(model_dir).state_dict()
 
 
 def adapter_weights(run: Path) -> dict[str, torch.Tensor]:

@@ -2,28 +2,18 @@
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
 import os
-from pathlib import Path
 
 import pytest
 import torch
 from transformers import GPT2LMHeadModel
 
 from helpers.tiny import TINY_MODEL, TINY_TRAIN
+from helpers.train_outputs import curve, weights
 from helpers.wandb_runs import wandb_record, wandb_run_of
 from penwright.train import train
-
-
-def curve(reports: Path, split: str = "train") -> list[dict]:
-    with open(reports / "curves" / f"{split}.tsv", newline="") as f:
-        return list(csv.DictReader(f, delimiter="\t"))
-
-
-def weights(model_dir: Path) -> dict[str, torch.Tensor]:
-    return GPT2LMHeadModel.from_pretrained(model_dir).state_dict()
 
 
 def test_train_writes_model_metrics_curves_samples_and_checkpoints(compose_train, tmp_path):

@@ -85,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--lora",
         action="store_true",
-        help="train: full finetuning vs LoRA on GPT-2-124M and gpt2-medium shapes (~15 min), the report's lora section",
+        help="train: full finetuning vs LoRA on GPT-2-124M and gpt2-medium shapes (~12 min), the report's lora section",
     )
     p.add_argument(
         "--llama-cpp",

@@ -115,17 +115,11 @@ class Check:
 
     def base(self, shape: str) -> Path:
         """A "pretrained" GPT-2 of the shape (random weights), saved once with save_pretrained: a LoRA run's base."""
-        import torch
-        from transformers import GPT2Config, GPT2LMHeadModel
+        from penwright.bench.common import random_gpt2
 
         folder = self.work / f"base-{shape}"
         if not folder.is_dir():
-            n_layer, n_head, n_embd = self.shapes[shape]
-            torch.manual_seed(0)
-            config = GPT2Config(
-                vocab_size=self.vocab, n_positions=self.block, n_embd=n_embd, n_layer=n_layer, n_head=n_head
-            )
-            GPT2LMHeadModel(config).save_pretrained(folder)
+            random_gpt2(self.shapes[shape], vocab=self.vocab, context=self.block).save_pretrained(folder)
         return folder
 
     def train(

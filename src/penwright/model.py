@@ -68,7 +68,9 @@ class LitGPT2(L.LightningModule):
         self.cfg = train_cfg
         self.bytes_per_token = bytes_per_token
         self.lora = train_cfg.lora.enabled
-        self.strict_loading = not self.lora  # a LoRA checkpoint holds the adapters only: the base comes from its source
+        self.strict_loading = (
+            not self.lora
+        )  # a LoRA checkpoint holds the adapters only (resume_point checked its fingerprint)
         if train_cfg.gradient_checkpointing:
             model.gradient_checkpointing_enable()
         if train_cfg.freeze_embeddings:  # gpt-2-simple's only_train_transformer_layers
@@ -83,27 +85,12 @@ class LitGPT2(L.LightningModule):
             from penwright.lora import trainable_only
 
             checkpoint["state_dict"] = trainable_only(self, checkpoint["state_dict"])
-        checkpoint["penwright_lora"] = self.lora
         checkpoint["penwright_rng"] = {
             "torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
         }
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        if checkpoint.get("penwright_lora", False) != self.lora:
-            kinds = ("a full finetune", "a LoRA run")
-            raise PenwrightError(
-                f"this checkpoint is {kinds[bool(checkpoint.get('penwright_lora'))]} and this run is {kinds[self.lora]}: "
-                f"set train.lora.enabled={str(not self.lora).lower()} to continue it, or start fresh with train.resume=false"
-            )
-        if self.lora:
-            expected = {name for name, p in self.named_parameters() if p.requires_grad}
-            missing = sorted(expected - set(checkpoint["state_dict"]))
-            if missing:
-                raise PenwrightError(
-                    f"this LoRA checkpoint lacks {len(missing)} adapter tensors ({missing[0]}, ...): it was trained "
-                    f"with other train.lora settings; start fresh with train.resume=false"
-                )
         self._rng_to_restore = checkpoint.get("penwright_rng")
 
     def on_train_start(self) -> None:

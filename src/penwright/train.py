@@ -48,7 +48,7 @@ def train(cfg: schema.Config, *, untimed_steps: int = 0) -> dict:
         model = lora.apply(
             model,
             tcfg.lora,
-            source=cfg.model.name_or_path or "(from scratch)",
+            source=cfg.model.name_or_path,  # the schema refuses LoRA on a scratch model
             gradient_checkpointing=tcfg.gradient_checkpointing,
         )
     module = LitGPT2(model, tcfg, data.bytes_per_token)

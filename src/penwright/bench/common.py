@@ -79,16 +79,16 @@ def interleaved(engines: dict, rounds: int = ROUNDS, per_round: dict | None = No
     return {k: sorted(v, key=lambda r: r[0]["tokens_per_sec"])[len(v) // 2] for k, v in runs.items()}
 
 
-def random_gpt2(shape: tuple[int, int, int] = SHAPE_124M, seed: int = 0):
-    """GPT-2 with random weights (seeded): ``shape`` = (n_layer, n_head, n_embd), GPT-2's vocabulary (50257)
-    and context (1024). The default shape is GPT-2 124M's."""
+def random_gpt2(shape: tuple[int, int, int] = SHAPE_124M, seed: int = 0, vocab: int = 50257, context: int = 1024):
+    """GPT-2 with random weights (seeded): ``shape`` = (n_layer, n_head, n_embd), by default GPT-2's vocabulary
+    (50257) and context (1024). The default shape is GPT-2 124M's."""
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
     n_layer, n_head, n_embd = shape
     torch.manual_seed(seed)
     return GPT2LMHeadModel(
-        GPT2Config(n_layer=n_layer, n_head=n_head, n_embd=n_embd, vocab_size=50257, n_positions=1024)
+        GPT2Config(n_layer=n_layer, n_head=n_head, n_embd=n_embd, vocab_size=vocab, n_positions=context)
     ).eval()
 
 
