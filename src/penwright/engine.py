@@ -23,18 +23,29 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
 from penwright.errors import ConfigError, PenwrightError
-from penwright.sampling import SamplingConfig, config_key, next_tokens_per_row
+from penwright.sampling import SamplingConfig, config_key, log_softmax, next_tokens_per_row, top_logprobs
 
 GRAPH = "model.onnx"
 PREFILL_TOKENS = 8192  # the most padded prompt tokens one prefill run takes (more admitted prompts: more runs)
+SCORE_CHUNK = 256  # prompt positions log-softmaxed at once when a prompt is scored (bounds the temporary memory)
 
 
 class UnsupportedGraph(PenwrightError):
     """The graph is not one the engine can rewrite (not penwright's fused graph)."""
+
+
+class TokenScore(NamedTuple):
+    """A token, its log-probability under the model (log-softmax of the raw logits, before temperature, filters
+    or bias; None for a prompt's first token, which nothing predicts) and the most likely tokens there."""
+
+    token: int
+    logprob: float | None
+    top: list[tuple[int, float]]  # (token id, logprob), most likely first
 
 
 @dataclass(eq=False)
@@ -52,8 +63,13 @@ class Request:
     stop_at_eos: bool = True
     deadline: float | None = None  # time.monotonic() after which the request ends with "timeout"
     emit: Callable[[str, str | None], None] | None = None
+    logprobs: int | None = None  # score each generated token, with this many most likely beside it (None: off)
+    score_prompt: bool = False  # score the prompt's tokens too (its every position's logits at prefill)
+    logit_bias: Mapping[int, float] | None = None  # token id -> added to its raw logit before sampling
     # filled in by the engine
     tokens: list[int] = field(default_factory=list)
+    scores: list[TokenScore] = field(default_factory=list)  # a generated token's each (an ending EOS included)
+    prompt_scores: list[TokenScore] = field(default_factory=list)  # the prompt's, when score_prompt
     text: str = ""
     finish_reason: str | None = None
     cancelled: bool = False
@@ -80,6 +96,13 @@ class _Row:
         self.prefix_offset = self.read_offset = 0  # incremental detokenization: tokens [prefix, read) are text
         self.prefix_chars = 0  # the length of the text of tokens [prefix, read)
         self.holdback = max(map(len, request.stop), default=1) - 1
+        self.bias = None
+        if request.logit_bias:
+            self.bias = (
+                np.array(list(request.logit_bias), dtype=np.int64),
+                np.array(list(request.logit_bias.values()), dtype=np.float32),
+            )
+        self.step_logprobs: tuple[np.ndarray, list] | None = None  # this step's log-softmax and top tokens
 
 
 class Engine:
@@ -215,14 +238,15 @@ class Engine:
         of each prompt's last token [len(rows), vocab]. (A pad's keys land past its row's length, where the
         row's own tokens overwrite them and attention never reads.)"""
         n, width = len(rows), max(len(r.request.prompt_ids) for r in rows)
+        scoring = rows[0].request.score_prompt  # then it is alone in its run: every position's logits
         ids = np.full((n, width), self.eos, dtype=np.int64)
         for i, r in enumerate(rows):
             ids[i, : len(r.request.prompt_ids)] = r.request.prompt_ids
         lengths = np.array([len(r.request.prompt_ids) for r in rows])
         positions = np.broadcast_to(np.arange(width, dtype=np.int64), (n, width)).copy()
         seqlens, total = (lengths - 1).astype(np.int32), np.array([width], dtype=np.int32)
-        last = (lengths - 1).astype(np.int64)[:, None]
-        logits = np.zeros((n, 1, self.vocab), dtype=np.float32)
+        last = np.arange(width, dtype=np.int64)[None] if scoring else (lengths - 1).astype(np.int64)[:, None]
+        logits = np.zeros((n, last.shape[1], self.vocab), dtype=np.float32)
         binding = self.session.io_binding()
         for name, array in (
             ("input_ids", ids),
@@ -237,16 +261,36 @@ class Engine:
         self.session.run_with_iobinding(binding)
         for r, length in zip(rows, lengths.tolist()):
             r.length = length
+        if scoring:
+            self._score_prompt(rows[0].request, logits[0])
+            return logits[:, -1]
         return logits[:, 0]
+
+    def _score_prompt(self, request: Request, logits: np.ndarray) -> None:
+        """Each prompt token's logprob from the position before it ([prompt, vocab] logits), in chunks."""
+        ids, n = request.prompt_ids, request.logprobs or 0
+        request.prompt_scores = [TokenScore(ids[0], None, [])]
+        for lo in range(0, len(ids) - 1, SCORE_CHUNK):
+            hi = min(lo + SCORE_CHUNK, len(ids) - 1)
+            logprobs = log_softmax(logits[lo:hi])
+            chosen = logprobs[np.arange(hi - lo), ids[lo + 1 : hi + 1]].tolist()
+            for token, lp, top in zip(ids[lo + 1 : hi + 1], chosen, top_logprobs(logprobs, n)):
+                request.prompt_scores.append(TokenScore(token, lp, top))
 
     # -- requests ---------------------------------------------------------------------------------
 
-    def check(self, prompt_ids: list[int], max_tokens: int) -> None:
-        """Refuse what cannot fit before it is queued (the server turns this into a 400)."""
+    def check(self, prompt_ids: list[int], max_tokens: int, score_prompt: bool = False) -> None:
+        """Refuse what cannot fit before it is queued (the server turns this into a 400). A scored prompt
+        may ask for no new tokens."""
         if not prompt_ids:
             raise ConfigError("the prompt has no tokens")
-        if max_tokens < 1:
-            raise ConfigError(f"max_tokens={max_tokens}: must be >= 1")
+        bad = next((i for i, t in enumerate(prompt_ids) if not 0 <= t < self.vocab), None)
+        if bad is not None:
+            raise ConfigError(
+                f"prompt token {bad} is {prompt_ids[bad]}: token ids go from 0 to {self.vocab - 1} for this model"
+            )
+        if max_tokens < (0 if score_prompt else 1):
+            raise ConfigError(f"max_tokens={max_tokens}: must be >= {0 if score_prompt else 1}")
         if len(prompt_ids) + max_tokens > self.context:
             raise ConfigError(
                 f"a prompt of {len(prompt_ids)} tokens plus max_tokens={max_tokens} exceeds the "
@@ -257,8 +301,15 @@ class Engine:
         """A prompt's ids; an empty prompt starts from <|endoftext|> (an unconditional sample)."""
         return self.tokenizer.encode(prompt or self.tokenizer.eos_token, add_special_tokens=False)
 
+    def decode(self, ids: list[int]) -> str:
+        return self._decode(list(ids))
+
+    def token_texts(self, ids: list[int]) -> list[str]:
+        """Each token's own text (a piece of a multi-byte character shows as U+FFFD, as in vLLM's logprobs)."""
+        return [self._decode([t]) for t in ids]
+
     def submit(self, request: Request) -> Request:
-        self.check(request.prompt_ids, request.max_tokens)
+        self.check(request.prompt_ids, request.max_tokens, request.score_prompt)
         try:
             np.random.SeedSequence(request.seed)
         except (TypeError, ValueError):
@@ -302,7 +353,13 @@ class Engine:
             admitted.append(row)
         if admitted:
             for batch in self._prefill_batches(admitted):
-                self._sample(batch, self._prefill(batch))
+                logits = self._prefill(batch)
+                live = [i for i, r in enumerate(batch) if r.request.max_tokens > 0]
+                for r in batch:
+                    if r.request.max_tokens == 0:  # a prompt scored, nothing to generate
+                        self._finish(r, "length")
+                if live:
+                    self._sample([batch[i] for i in live], logits[live] if len(live) < len(batch) else logits)
         active = [r for r in self.rows if r is not None]  # in slot order
         if not active:
             return 0
@@ -336,7 +393,8 @@ class Engine:
         for row in sorted(rows, key=lambda r: r.slot):
             batch = batches[-1] if batches else None
             width = max([len(r.request.prompt_ids) for r in batch or []] + [len(row.request.prompt_ids)])
-            if batch and batch[-1].slot + 1 == row.slot and width * (len(batch) + 1) <= PREFILL_TOKENS:
+            alone = row.request.score_prompt or (batch and batch[0].request.score_prompt)
+            if batch and not alone and batch[-1].slot + 1 == row.slot and width * (len(batch) + 1) <= PREFILL_TOKENS:
                 batch.append(row)
             else:
                 batches.append([row])
@@ -344,8 +402,18 @@ class Engine:
 
     def _sample(self, rows: list[_Row], logits: np.ndarray) -> None:
         """Each row's next token from its logits ([len(rows), vocab]); rows with the same sampling settings
-        share one batched call, each drawing from its own stream (the token it would get alone)."""
-        for i, r in enumerate(rows):  # min_tokens: <|endoftext|> is not allowed yet (logits is the step's own buffer)
+        share one batched call, each drawing from its own stream (the token it would get alone). Rows that
+        asked for logprobs get them from the raw logits first; then bias and min_tokens change the logits
+        (the step's own buffer) in place."""
+        scored = [i for i, r in enumerate(rows) if r.request.logprobs is not None]
+        if scored:
+            logprobs = log_softmax(logits[scored])
+            tops = top_logprobs(logprobs, max(rows[i].request.logprobs for i in scored))
+            for j, i in enumerate(scored):
+                rows[i].step_logprobs = (logprobs[j], tops[j][: rows[i].request.logprobs])
+        for i, r in enumerate(rows):  # min_tokens: <|endoftext|> is not allowed yet
+            if r.bias is not None:
+                logits[i, r.bias[0]] += r.bias[1]
             if len(r.request.tokens) < r.request.min_tokens:
                 logits[i, self.eos] = -np.inf
         if all(not r.request.sampling.do_sample and r.seen is None for r in rows):  # all greedy: the argmax
@@ -367,6 +435,10 @@ class Engine:
         req = row.request
         if req.first_token_at is None:
             req.first_token_at = time.monotonic()
+        if row.step_logprobs is not None:
+            logprobs, top = row.step_logprobs
+            req.scores.append(TokenScore(token, float(logprobs[token]), top))
+            row.step_logprobs = None
         if req.stop_at_eos and token == self.eos:
             return self._finish(row, "stop")
         req.tokens.append(token)

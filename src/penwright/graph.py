@@ -236,8 +236,9 @@ def slot_graph(model: onnx.ModelProto) -> onnx.ModelProto:
     cache, this step's included, minus one) and ``total_sequence_length`` (int32 [1], the longest row)
     replace ``attention_mask``. The engine binds each ``present.*`` output to the memory of its
     ``past_key_values.*`` input, so a step appends one key and value per row and copies nothing else.
-    Logits come for one position a row only, ``last_index`` (int64 [batch, 1]; [batch, 1, vocab]): the
-    last real token of each right-padded prompt in a prefill, 0 in a decoding step.
+    Logits come only for the positions ``last_index`` picks in each row (int64 [batch, picked]; logits
+    [batch, picked, vocab]): the last real token of each right-padded prompt in a prefill, 0 in a decoding
+    step, or every position of a prompt whose tokens are scored (``echo`` with ``logprobs``).
 
     Raises ``ValueError`` (saying why) when the graph is not penwright's fused graph.
     """
@@ -288,10 +289,10 @@ def slot_graph(model: onnx.ModelProto) -> onnx.ModelProto:
                 n.input[i] = last
         nodes += replace.get(id(n), [n])
         if final in n.output:
-            picked = f"{final}_picked"  # row b's position last_index[b]: [batch, embd]
-            nodes.append(helper.make_node("GatherND", [final, "last_index"], [picked], name=picked, batch_dims=1))
-            nodes.append(helper.make_node("Unsqueeze", [picked, "axis1"], [last], name=last))
-    graph.initializer.append(numpy_helper.from_array(np.array([1], np.int64), "axis1"))
+            index = "last_index_nd"  # row b's positions last_index[b, :]: [batch, picked, 1] -> [batch, picked, embd]
+            nodes.append(helper.make_node("Unsqueeze", ["last_index", "axis_last"], [index], name=index))
+            nodes.append(helper.make_node("GatherND", [final, index], [last], name=last, batch_dims=1))
+    graph.initializer.append(numpy_helper.from_array(np.array([-1], np.int64), "axis_last"))
     del graph.node[:]
     graph.node.extend(nodes)
 
@@ -302,12 +303,12 @@ def slot_graph(model: onnx.ModelProto) -> onnx.ModelProto:
     inputs += [
         helper.make_tensor_value_info("seqlens_k", TensorProto.INT32, ["batch"]),
         helper.make_tensor_value_info("total_sequence_length", TensorProto.INT32, [1]),
-        helper.make_tensor_value_info("last_index", TensorProto.INT64, ["batch", 1]),
+        helper.make_tensor_value_info("last_index", TensorProto.INT64, ["batch", "picked"]),
     ]
     del graph.input[:]
     graph.input.extend(inputs)
     logits = graph.output[0].type.tensor_type.shape.dim[1]
     logits.Clear()
-    logits.dim_value = 1
+    logits.dim_param = "picked"
     graph.name = graph.name + "-slots"
     return model

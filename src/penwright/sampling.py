@@ -125,3 +125,22 @@ def next_tokens_per_row(
     u = np.array([rng.random() for rng in rngs])[:, None] * cdf[:, -1:]
     picked = np.minimum((cdf <= u).sum(axis=-1), cdf.shape[-1] - 1)
     return picked if ids is None else ids[np.arange(len(ids)), picked]
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    """The model's log-probabilities from raw logits [..., vocab] (before any temperature or filter), fp32."""
+    logits = logits.astype(np.float32, copy=False)
+    top = logits.max(axis=-1, keepdims=True)
+    return logits - (top + np.log(np.exp(logits - top).sum(axis=-1, keepdims=True)))
+
+
+def top_logprobs(logprobs: np.ndarray, n: int) -> list[list[tuple[int, float]]]:
+    """The ``n`` most likely (token id, logprob) per row of ``logprobs`` [rows, vocab], most likely first."""
+    if n <= 0:
+        return [[] for _ in range(len(logprobs))]
+    n = min(n, logprobs.shape[-1])
+    ids = np.argpartition(logprobs, -n, axis=-1)[:, -n:]
+    values = np.take_along_axis(logprobs, ids, axis=-1)
+    order = np.argsort(-values, axis=-1, kind="stable")
+    ids, values = np.take_along_axis(ids, order, axis=-1), np.take_along_axis(values, order, axis=-1)
+    return [list(zip(i.tolist(), v.tolist())) for i, v in zip(ids, values)]
