@@ -18,6 +18,7 @@ import time
 
 import httpx
 import pytest
+from test_serve_scoring import BAD as SCORING_BAD
 
 from helpers.net import free_port
 from helpers.paths import REPO
@@ -193,7 +194,7 @@ BAD = [
     ({"prompt": 5}, "prompt"),
     ({"prompt": []}, "prompt"),
     ({"prompt": "x", "model": "gpt-4"}, "model"),
-    ({"prompt": "x", "logprobs": 3}, "logprobs"),
+    ({"prompt": "x", "logprobs": 30}, "logprobs"),
     ({"prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, "stop"),
     ({"prompt": "x", "repetition_penalty": 0}, "repetition_penalty"),
     ({"prompt": "x", "min_tokens": -1}, "min_tokens"),
@@ -304,6 +305,9 @@ def test_hostile_traffic_then_sigterm_finishes_in_flight_requests_and_exits_0(on
         def battery():
             for body, _ in BAD:
                 assert httpx.post(f"{url}/v1/completions", json=body).status_code == 400
+            for body, _, route in SCORING_BAD:  # the scoring fields and the tokenizer routes
+                assert httpx.post(f"{url}{route}", json=body).status_code == 400
+            httpx.post(f"{url}/tokenize", content=b"\xff garbage", headers={"content-type": "application/json"})
             httpx.post(
                 f"{url}/v1/completions", content=b"\xff\xfe garbage", headers={"content-type": "application/json"}
             )

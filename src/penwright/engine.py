@@ -139,6 +139,7 @@ class Engine:
         # onnxruntime's own session type: its run is called without the Python wrapper, which checks for WebGPU
         # graph capture on every call (~6 us a step), something a CPU session never uses
         self._ort_session = type(session) if hasattr(session, "_sess") else None
+        self._token_texts: dict[int, str] = {}
         self.rows: list[_Row | None] = [None] * self.slots
         self.waiting: queue.Queue[Request] = queue.Queue()
         self._stop = threading.Event()
@@ -306,7 +307,11 @@ class Engine:
 
     def token_texts(self, ids: list[int]) -> list[str]:
         """Each token's own text (a piece of a multi-byte character shows as U+FFFD, as in vLLM's logprobs)."""
-        return [self._decode([t]) for t in ids]
+        cache = self._token_texts
+        for t in ids:
+            if t not in cache:
+                cache[t] = self._decode([t])
+        return [cache[t] for t in ids]
 
     def submit(self, request: Request) -> Request:
         self.check(request.prompt_ids, request.max_tokens, request.score_prompt)

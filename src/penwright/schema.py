@@ -403,6 +403,7 @@ class Serve(Group):
     max_body_bytes: Annotated[int, Field(ge=1024, le=1 << 30)]
     max_n: Annotated[int, Field(ge=1, le=4096)]
     max_prompts: Annotated[int, Field(ge=1, le=65536)]
+    max_logprobs: Annotated[int, Field(ge=0, le=4096)]
     threads: Threads
     spin: bool
     api_key: str | None

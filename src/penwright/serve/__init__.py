@@ -41,6 +41,7 @@ def settings_from(s: Serve):
         max_body_bytes=s.max_body_bytes,
         max_n=s.max_n,
         max_prompts=s.max_prompts,
+        max_logprobs=s.max_logprobs,
         api_key=str(key) if key else None,
         max_tokens=s.max_tokens,
         stream_interval=s.stream_interval,

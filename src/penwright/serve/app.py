@@ -3,7 +3,10 @@
 Routes:
 
 * ``POST /v1/completions``: OpenAI's completions API (``stream`` for server-sent events), plus
-  vLLM's and llama.cpp's ``top_k``, ``repetition_penalty`` and ``min_tokens``;
+  vLLM's and llama.cpp's ``top_k``, ``repetition_penalty`` and ``min_tokens``; prompts as text or
+  token ids; scoring as vLLM serves it (``logprobs``, ``echo``, ``max_tokens: 0``), ``logit_bias``,
+  ``best_of``: what lm-evaluation-harness's ``local-completions`` sends;
+* ``POST /tokenize``, ``POST /detokenize``, ``GET /tokenizer_info``: vLLM's tokenizer routes;
 * ``GET /v1/models``; ``GET /health`` (200 once the engine runs, else 503);
 * gpt-2-cloud-run's API on ``/`` (as that app had it: ``POST`` JSON, or ``GET`` with a query
   string) and on ``/generate``: ``length``, ``temperature``, ``top_k``, ``top_p``, ``prefix``,
@@ -51,6 +54,7 @@ class Settings:
     max_body_bytes: int = 65536
     max_n: int = 16
     max_prompts: int = 64
+    max_logprobs: int = 20
     api_key: str | None = None
     max_tokens: int = 16
     stream_interval: float = 0.02
@@ -80,14 +84,16 @@ def error_body(message: str, param: str | None = None, kind: str = "invalid_requ
 
 
 class CompletionBody(BaseModel):
-    """OpenAI's completion request; fields it defines that change the answer and that penwright cannot
-    honour (logprobs, suffix, best_of, logit_bias, penalties) are refused rather than ignored."""
+    """OpenAI's completion request, as vLLM serves it: a prompt as text or token ids (one or a list), scoring
+    (``logprobs``, ``echo``, ``max_tokens: 0``), ``logit_bias`` and ``best_of``. Fields it defines that change
+    the answer and that penwright cannot honour (suffix, frequency and presence penalties) are refused rather
+    than ignored."""
 
     model_config = ConfigDict(extra="ignore")
 
     model: str | None = None
-    prompt: str | list[str] = ""
-    max_tokens: int | None = Field(None, ge=1)
+    prompt: str | list[str] | list[int] | list[list[int]] = ""
+    max_tokens: int | None = Field(None, ge=0)  # 0: with echo, the prompt alone (scored, with logprobs)
     temperature: float | None = Field(None, ge=0)
     top_p: float | None = Field(None, gt=0, le=1)
     n: int = Field(1, ge=1)
@@ -100,10 +106,10 @@ class CompletionBody(BaseModel):
     min_tokens: int = Field(0, ge=0)
     stream_options: dict | None = None
     user: str | None = None
-    logprobs: int | None = None
+    logprobs: int | None = Field(None, ge=0)  # the N most likely tokens beside each token's own logprob
     suffix: str | None = None
-    best_of: int | None = None
-    logit_bias: dict | None = None
+    best_of: int | None = Field(None, ge=1)  # generate best_of per prompt, return the n of highest mean logprob
+    logit_bias: dict[str, float] | None = None  # token id (a string, as JSON keys are) -> bias, -100..100
     frequency_penalty: float | None = None
     presence_penalty: float | None = None
 
@@ -114,6 +120,25 @@ class CompletionBody(BaseModel):
         if len(stops) > 4:
             raise ValueError(f"at most 4 stop strings (got {len(stops)})")
         return [s for s in stops if s]
+
+
+class TokenizeBody(BaseModel):
+    """vLLM's ``POST /tokenize`` (the completion form): text -> token ids."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str | None = None
+    prompt: str
+    add_special_tokens: bool = True  # GPT-2's tokenizer adds none either way
+
+
+class DetokenizeBody(BaseModel):
+    """vLLM's ``POST /detokenize``: token ids -> text."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str | None = None
+    tokens: list[int]
 
 
 class Gpt2Body(BaseModel):
@@ -243,35 +268,84 @@ def create_app(engine_factory, settings: Settings) -> FastAPI:
             "data": [{"id": settings.model_name, "object": "model", "created": 0, "owned_by": "penwright"}],
         }
 
+    def check_model(name: str | None) -> None:
+        if name not in (None, settings.model_name):
+            raise ApiError(
+                400,
+                f"model={name!r} is not served here; this server serves {settings.model_name!r} (GET /v1/models)",
+                "model",
+            )
+
+    # -- the tokenizer, in vLLM's shapes (lm-evaluation-harness's tokenizer_backend=remote reads them) -----
+
+    @app.post("/tokenize")
+    async def tokenize(http: HttpRequest):
+        body = _parse(TokenizeBody, await _json(http, settings.max_body_bytes))
+        check_model(body.model)
+        eng = engine()
+        ids = eng.tokenizer.encode(body.prompt, add_special_tokens=False)
+        return {"count": len(ids), "max_model_len": eng.context, "tokens": ids, "token_strs": None}
+
+    @app.post("/detokenize")
+    async def detokenize(http: HttpRequest):
+        body = _parse(DetokenizeBody, await _json(http, settings.max_body_bytes))
+        check_model(body.model)
+        eng = engine()
+        bad = next((j for j, t in enumerate(body.tokens) if not 0 <= t < eng.vocab), None)
+        if bad is not None:
+            raise ApiError(
+                400, f"tokens[{bad}]={body.tokens[bad]}: not a token id of this model (0 to {eng.vocab - 1})", "tokens"
+            )
+        return {"prompt": eng.decode(body.tokens)}
+
+    @app.get("/tokenizer_info")
+    async def tokenizer_info():
+        tok = engine().tokenizer
+        return {
+            "tokenizer_class": type(tok).__name__,
+            "eos_token": tok.eos_token,
+            "bos_token": tok.bos_token,
+            "pad_token": tok.pad_token,
+            "unk_token": tok.unk_token,
+            "model_max_length": engine().context,
+            "vocab_size": len(tok),
+            "chat_template": None,  # a base model: no chat template
+        }
+
     @app.post("/v1/completions")
     async def completions(http: HttpRequest):
         body = _parse(CompletionBody, await _json(http, settings.max_body_bytes))
         eng = engine()
-        if body.model not in (None, settings.model_name):
-            raise ApiError(
-                400,
-                f"model={body.model!r} is not served here; this server serves {settings.model_name!r} (GET /v1/models)",
-                "model",
-            )
-        for name in ("logprobs", "suffix", "logit_bias"):
-            if getattr(body, name) is not None:
-                raise ApiError(400, f"{name} is not supported by penwright's server", name)
-        if body.best_of not in (None, 1, body.n):
-            raise ApiError(400, "best_of is not supported (leave it out, or equal to n)", "best_of")
+        check_model(body.model)
+        if body.suffix is not None:
+            raise ApiError(400, "suffix is not supported by penwright's server", "suffix")
         for name in ("frequency_penalty", "presence_penalty"):
             if getattr(body, name) not in (None, 0, 0.0):
                 raise ApiError(400, f"{name} is not supported; use repetition_penalty (> 1 discourages repeats)", name)
         if body.n > settings.max_n:
             raise ApiError(400, f"n={body.n}: at most {settings.max_n} (serve.max_n)", "n")
-        prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
-        if not prompts:
-            raise ApiError(400, "prompt is an empty list: give a string or a list of strings", "prompt")
-        if len(prompts) * body.n > settings.max_prompts:
+        best_of = body.n if body.best_of is None else body.best_of
+        if best_of < body.n:
+            raise ApiError(400, f"best_of={best_of}: must be >= n ({body.n})", "best_of")
+        if best_of > settings.max_n:
+            raise ApiError(400, f"best_of={best_of}: at most {settings.max_n} (serve.max_n)", "best_of")
+        if best_of > body.n and body.stream:
+            raise ApiError(
+                400, "best_of > n cannot be streamed (the best are known at the end): stream=false", "best_of"
+            )
+        if body.logprobs is not None and body.logprobs > settings.max_logprobs:
+            raise ApiError(
+                400, f"logprobs={body.logprobs}: at most {settings.max_logprobs} (serve.max_logprobs)", "logprobs"
+            )
+        texts, encoded = _prompts(eng, body.prompt)
+        if len(encoded) * best_of > settings.max_prompts:
             raise ApiError(
                 400,
-                f"{len(prompts)} prompts x n={body.n}: at most {settings.max_prompts} choices (serve.max_prompts)",
+                f"{len(encoded)} prompts x {'best_of' if best_of > body.n else 'n'}={best_of}: at most "
+                f"{settings.max_prompts} choices (serve.max_prompts)",
                 "prompt",
             )
+        bias = _logit_bias(eng, body.logit_bias)
         temperature = settings.temperature if body.temperature is None else body.temperature
         top_k = settings.top_k if body.top_k is None else max(0, body.top_k)
         greedy = temperature < GREEDY_BELOW
@@ -283,9 +357,14 @@ def create_app(engine_factory, settings: Settings) -> FastAPI:
             repetition_penalty=body.repetition_penalty or 1.0,
         )
         max_tokens = settings.max_tokens if body.max_tokens is None else body.max_tokens
-        encoded = [eng.encode(p) for p in prompts]
+        if max_tokens == 0 and not body.echo:
+            raise ApiError(
+                400, "max_tokens=0 asks for nothing: it needs echo=true (score the prompt alone)", "max_tokens"
+            )
+        score_prompt = body.echo and (body.logprobs is not None or max_tokens == 0)
         for ids in encoded:
-            _check(eng, ids, max_tokens)
+            _check(eng, ids, max_tokens, scoring=score_prompt)
+        logprobs = body.logprobs if body.logprobs is not None or best_of == body.n else 0  # best_of ranks by them
         requests = [
             Request(
                 encoded[i],
@@ -293,10 +372,13 @@ def create_app(engine_factory, settings: Settings) -> FastAPI:
                 sampling,
                 min_tokens=min(body.min_tokens, max_tokens),
                 stop=tuple(body.stop or ()),
-                seed=None if body.seed is None else body.seed + i * body.n + j,
+                seed=None if body.seed is None else body.seed + i * best_of + j,
+                logprobs=logprobs,
+                score_prompt=score_prompt,
+                logit_bias=bias,
             )
-            for i in range(len(prompts))
-            for j in range(body.n)
+            for i in range(len(encoded))
+            for j in range(best_of)
         ]
         job = _Job(eng, requests, settings)
         head = {
@@ -305,15 +387,28 @@ def create_app(engine_factory, settings: Settings) -> FastAPI:
             "created": int(time.time()),
             "model": settings.model_name,
         }
-        prefix = [prompts[k // body.n] if body.echo else "" for k in range(len(requests))]
+        prefix = [texts[k // best_of] if body.echo else "" for k in range(len(requests))]
         usage_prompt = sum(len(ids) for ids in encoded)
+
+        def scores(r: Request, start: int = 0) -> list:  # the choice's scored tokens from start on
+            return ((r.prompt_scores if score_prompt else []) + r.scores)[start:]
 
         if not body.stream:
             await job.wait()
-            choices = [
-                {"text": prefix[k] + r.text, "index": k, "logprobs": None, "finish_reason": r.finish_reason}
-                for k, r in enumerate(requests)
-            ]
+            picked = requests
+            if best_of > body.n:  # per prompt, the n of highest mean logprob (a tie keeps the earlier)
+                picked = []
+                for i in range(len(encoded)):
+                    group = requests[i * best_of : (i + 1) * best_of]
+                    ranked = sorted(group, key=lambda r: -sum(s.logprob for s in r.scores) / max(1, len(r.scores)))
+                    picked += [r for r in group if r in ranked[: body.n]]
+            choices = []
+            for k, r in enumerate(picked):
+                text = prefix[requests.index(r)] + r.text
+                lp = None
+                if body.logprobs is not None:
+                    lp = _logprobs_json(eng, scores(r), 0)[0]
+                choices.append({"text": text, "index": k, "logprobs": lp, "finish_reason": r.finish_reason})
             done = sum(len(r.tokens) for r in requests)
             return {
                 **head,
@@ -335,17 +430,29 @@ def create_app(engine_factory, settings: Settings) -> FastAPI:
             json.dumps(head["model"]),
         )
 
+        sent, offsets = [0] * len(requests), [0] * len(requests)  # per choice: scored tokens sent, their text
+
         def chunk(k: int, text: str, reason: str | None) -> str:
+            lp = "null"
+            if body.logprobs is not None:  # the tokens scored since the last chunk (the engine scores, then emits)
+                entries = scores(requests[k], sent[k])
+                sent[k] += len(entries)
+                lp, offsets[k] = _logprobs_json(eng, entries, offsets[k])
+                lp = json.dumps(lp, ensure_ascii=False)
+            if echo_pending[k]:  # echo: the prompt leads the choice's first chunk
+                text, echo_pending[k] = prefix[k] + text, False
             return (
-                f'{opening}{json.dumps(text, ensure_ascii=False)},"index":{k},"logprobs":null,'
+                f'{opening}{json.dumps(text, ensure_ascii=False)},"index":{k},"logprobs":{lp},'
                 f'"finish_reason":{json.dumps(reason)}}}]}}\n\n'
             )
 
+        echo_pending = [bool(p) for p in prefix]
+
         async def events():
             try:
-                if body.echo:
+                if body.echo and not score_prompt:  # scored, the prompt goes with its logprobs after the prefill
                     for k in range(len(requests)):
-                        yield chunk(k, prefix[k], None)
+                        yield chunk(k, "", None)
                 async for pieces in job.batches():
                     failed = [reason for _, _, reason in pieces if reason in ("timeout", "error")]
                     if failed:
@@ -538,7 +645,86 @@ def _run_engine(engine: Engine) -> None:
             engine.fail_running("error")
 
 
-def _check(engine: Engine, ids: list[int], max_tokens: int, tokens: str = "max_tokens", prompt: str = "prompt") -> None:
+def _prompts(engine: Engine, prompt) -> tuple[list[str], list[list[int]]]:
+    """A completion's prompts as (text, token ids) pairs: a string, strings, token ids, or lists of them."""
+    if isinstance(prompt, str):
+        prompt = [prompt]
+    if not prompt:
+        raise ApiError(400, "prompt is an empty list: give a string, strings, token ids or lists of them", "prompt")
+    if isinstance(prompt[0], str):
+        return list(prompt), [engine.encode(p) for p in prompt]
+    lists = [prompt] if isinstance(prompt[0], int) else prompt
+    for i, ids in enumerate(lists):
+        where = "prompt" if lists is not prompt else f"prompt[{i}]"
+        if not ids:
+            raise ApiError(400, f"{where} is an empty list of token ids", "prompt")
+        bad = next((j for j, t in enumerate(ids) if not 0 <= t < engine.vocab), None)
+        if bad is not None:
+            raise ApiError(
+                400,
+                f"{where}[{bad}]={ids[bad]}: not a token id of this model (0 to {engine.vocab - 1})",
+                "prompt",
+            )
+    return [engine.decode(ids) for ids in lists], [list(ids) for ids in lists]
+
+
+def _logit_bias(engine: Engine, bias: dict[str, float] | None) -> dict[int, float] | None:
+    if not bias:
+        return None
+    out = {}
+    for key, value in bias.items():
+        try:
+            token = int(key)
+        except ValueError:
+            token = -1
+        if not 0 <= token < engine.vocab:
+            raise ApiError(
+                400, f"logit_bias: {key!r} is not a token id of this model (0 to {engine.vocab - 1})", "logit_bias"
+            )
+        if not -100 <= value <= 100:
+            raise ApiError(400, f"logit_bias[{key!r}]={value}: must be in -100..100", "logit_bias")
+        out[token] = float(value)
+    return out
+
+
+def _logprobs_json(engine: Engine, entries: list, offset: int) -> tuple[dict, int]:
+    """OpenAI's legacy ``logprobs`` object for scored tokens whose text starts at ``offset`` in the choice's
+    text; ``top_logprobs`` holds the most likely tokens and the chosen one. Returns it and the next offset."""
+    texts = engine.token_texts([e.token for e in entries])
+    offsets, top = [], []
+    for e, text in zip(entries, texts):
+        offsets.append(offset)
+        offset += len(text)
+        if e.logprob is None:
+            top.append(None)
+            continue
+        pairs = dict(zip(engine.token_texts([t for t, _ in e.top]), (lp for _, lp in e.top)))
+        pairs.setdefault(text, e.logprob)
+        top.append(pairs)
+    return {
+        "tokens": texts,
+        "token_logprobs": [e.logprob for e in entries],
+        "top_logprobs": top,
+        "text_offset": offsets,
+    }, offset
+
+
+def _check(
+    engine: Engine,
+    ids: list[int],
+    max_tokens: int,
+    tokens: str = "max_tokens",
+    prompt: str = "prompt",
+    scoring: bool = False,
+) -> None:
+    if scoring and max_tokens == 0:
+        if len(ids) > engine.context:
+            raise ApiError(
+                400,
+                f"the prompt has {len(ids)} tokens: more than the context of {engine.context} tokens to score",
+                prompt,
+            )
+        return
     if max_tokens < 1:
         raise ApiError(
             400,
