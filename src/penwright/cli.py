@@ -76,6 +76,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("what", choices=["gpu"])
     p.add_argument("--dry", action="store_true", help="tiny shapes on the CPU (what CI runs)")
     p.add_argument("--output", default=None, help="default: reports/gpu (reports/gpu/dry with --dry)")
+    p = sub.add_parser("score", help="rank samples by the model's own likelihood -> FILE.scores.jsonl, best first")
+    p.add_argument("file", help="samples penwright generate wrote (.md text blocks, or plain text and --delimiter)")
+    p.add_argument("--model-dir", default="artifacts/onnx", help="the exported folder (default: artifacts/onnx)")
+    p.add_argument("--graph", default="model.onnx", help="the graph file in it (model.q8.onnx: the 8-bit one)")
+    p.add_argument("--delimiter", default=None, help="between samples in plain text (default: generate's)")
+    p.add_argument("--output", default=None, help="default: FILE.scores.jsonl")
     p = sub.add_parser("bench", help="measure a stage; writes reports/bench_<stage>.json")
     p.add_argument("stage", choices=["prepare", "train", "generate", "serve"])
     p.add_argument("--size-mb", type=int, default=200, help="prepare: size of the generated large corpus")
@@ -147,7 +153,20 @@ def bench(args) -> None:
         )
 
 
-TOOLS = {"params": params, "corpus": corpus, "check": check, "bench": bench}  # commands that are not stages
+def score(args) -> None:
+    from penwright.score import DELIMITER, score_file
+
+    delimiter = DELIMITER if args.delimiter is None else args.delimiter.encode().decode("unicode_escape")
+    score_file(args.file, args.model_dir, args.graph, delimiter, args.output)
+
+
+TOOLS = {
+    "params": params,
+    "corpus": corpus,
+    "check": check,
+    "bench": bench,
+    "score": score,
+}  # commands that are not stages
 
 
 def run(argv: list[str] | None = None) -> int:

@@ -29,6 +29,7 @@ from penwright.errors import ConfigError
 from penwright.fsutil import atomic_write_text
 from penwright.log import get_logger
 from penwright.runtime import Generator
+from penwright.score import TextScore, score_texts
 
 log = get_logger("generate").info
 
@@ -37,6 +38,7 @@ log = get_logger("generate").info
 class Sample:
     prompt: str
     text: str
+    score: TextScore | None = None  # generate.rank: the model's score of the text
 
 
 def finish_text(prompt: str, new: str, truncate: str | None, include_prefix: bool, strip: bool = False) -> str:
@@ -155,7 +157,10 @@ def render(samples: list[Sample], markdown: bool, delimiter: str, header: str) -
     lines = [f"# {header}", ""]
     for i, s in enumerate(samples, start=1):
         shown = repr(s.prompt) if s.prompt else "(unconditional)"
-        lines += [f"## {i}. prompt: {shown}", "", "```text", s.text, "```", ""]
+        score = ""
+        if s.score is not None:
+            score = f" · {s.score.mean_logprob:.3f} nats/token, {s.score.bits_per_byte:.3f} bits/byte"
+        lines += [f"## {i}. prompt: {shown}{score}", "", "```text", s.text, "```", ""]
     return "\n".join(lines)
 
 
@@ -175,6 +180,11 @@ def generate(cfg: schema.Config) -> list[Sample]:
     start = time.perf_counter()
     documents = copies.read(cfg.data.out_dir) if g.check_copies else None  # a missing file stops it before any work
     gen = load(g)
+    if g.rank and not isinstance(gen, Engine):
+        raise ConfigError(
+            f"generate.rank=true scores on the engine, which runs the fused graph on the CPU; "
+            f"this run uses {g.graph} on {g.provider}: use generate.graph=model.onnx generate.provider=cpu"
+        )
     samples = generate_samples(
         gen,
         list(g.prompts),
@@ -194,6 +204,10 @@ def generate(cfg: schema.Config) -> list[Sample]:
         repetition_penalty=g.repetition_penalty,
         min_new_tokens=g.min_new_tokens,
     )
+    if g.rank:  # best (highest mean logprob) first, on the same engine
+        for sample, score in zip(samples, score_texts(gen, [s.text for s in samples])):
+            sample.score = score
+        samples.sort(key=lambda s: -s.score.mean_logprob)
     seconds = time.perf_counter() - start
     provider = gen.provider
     report = {"samples": len(samples), "provider": provider, "seconds": round(seconds, 2)}
@@ -213,6 +227,8 @@ def generate(cfg: schema.Config) -> list[Sample]:
         )
         if g.check_copies:
             header += f"; {report['copies_of_train']} are verbatim copies of training documents"
+        if g.rank:
+            header += "; ranked by the model's mean logprob per token, best first"
         atomic_write_text(dest, render(samples, dest.suffix == ".md", g.delimiter, header))
         log(f"{len(samples)} samples in {seconds:.1f} s on {provider} -> {dest}")
     elif not (g.stream and len(samples) == 1):  # a single streamed sample is on the screen already

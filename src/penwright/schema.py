@@ -365,6 +365,7 @@ class Generate(Group):
     include_prefix: bool
     strip: bool
     check_copies: bool
+    rank: bool
     seed: Seed | None
     stream: bool
     destination: str | None
