@@ -51,7 +51,7 @@ def test_scores_equal_transformers_short_and_beyond_the_context(engine, tiny_gpt
 def test_penwright_score_ranks_a_samples_file_best_first(engine, onnx_tiny, tmp_path):
     texts = ["the word was written down", "zq xj kv wp", "In the beginning was the word"]
     plain = tmp_path / "samples.txt"
-    plain.write_text("\n====================\n".join(texts) + "\n")
+    plain.write_text("\n====================\n".join(texts))
     proc = subprocess.run(
         [sys.executable, "-m", "penwright.cli", "score", str(plain), "--model-dir", str(onnx_tiny)],
         capture_output=True,
@@ -62,11 +62,9 @@ def test_penwright_score_ranks_a_samples_file_best_first(engine, onnx_tiny, tmp_
     rows = [json.loads(line) for line in (tmp_path / "samples.txt.scores.jsonl").read_text().splitlines()]
     means = [r["mean_logprob"] for r in rows]
     assert means == sorted(means, reverse=True)
-    assert sorted(r["text"].strip() for r in rows) == sorted(texts)
-    expected = {
-        s.text.strip(): s.mean_logprob for s in score_texts(engine, [t + "\n" if t == texts[-1] else t for t in texts])
-    }
-    assert {r["text"].strip(): r["mean_logprob"] for r in rows} == pytest.approx(expected, abs=1e-6)
+    assert sorted(r["text"] for r in rows) == sorted(texts)
+    expected = {s.text: s.mean_logprob for s in score_texts(engine, texts)}
+    assert {r["text"]: r["mean_logprob"] for r in rows} == pytest.approx(expected, abs=1e-6)
 
 
 def test_generate_rank_writes_samples_best_first_with_their_scores(repo, onnx_tiny, tmp_path, engine):
