@@ -73,6 +73,7 @@ class Request:
     text: str = ""
     finish_reason: str | None = None
     cancelled: bool = False
+    queued_at: float | None = None  # time.monotonic() at submit
     first_token_at: float | None = None
 
     def cancel(self) -> None:
@@ -319,6 +320,7 @@ class Engine:
             np.random.SeedSequence(request.seed)
         except (TypeError, ValueError):
             raise ConfigError(f"seed={request.seed!r}: must be a non-negative integer") from None
+        request.queued_at = time.monotonic()
         self.waiting.put(request)
         self._work.set()
         return request

@@ -394,6 +394,7 @@ class Serve(Group):
     model_dir: str
     graph: str
     model_name: Annotated[str, Field(min_length=1)]
+    models: dict[Annotated[str, Field(min_length=1)], str] | None  # null: {model_name: model_dir}
     host: Annotated[str, Field(min_length=1)]
     port: Annotated[int, Field(ge=1, le=65535)]
     max_sequences: Annotated[int, Field(ge=1, le=4096)]

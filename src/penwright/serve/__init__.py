@@ -35,7 +35,7 @@ def settings_from(s: Serve):
 
     key = s.api_key or os.environ.get("PENWRIGHT_API_KEY") or None
     return Settings(
-        model_name=s.model_name,
+        model_name=next(iter(s.models)) if s.models else s.model_name,
         queue_size=s.queue_size,
         request_timeout=s.request_timeout,
         max_body_bytes=s.max_body_bytes,
@@ -59,15 +59,17 @@ def build_app(cfg: Config):
     s = cfg.serve
     settings = settings_from(s)
 
-    def load() -> Engine:
-        engine = Engine.load(
-            s.model_dir, slots=s.max_sequences, threads=s.threads, graph=s.graph, context=s.context, spin=s.spin
-        )
-        get_logger("serve").info(
-            f"{s.model_dir}/{s.graph}: {engine.slots} slots x {engine.context} tokens "
-            f"({engine.cache_bytes() / 2**20:.0f} MiB of KV buffer at most)"
-        )
-        return engine
+    def load() -> dict[str, Engine]:
+        engines = {}
+        for name, folder in (s.models or {s.model_name: s.model_dir}).items():
+            engines[name] = engine = Engine.load(
+                folder, slots=s.max_sequences, threads=s.threads, graph=s.graph, context=s.context, spin=s.spin
+            )
+            get_logger("serve").info(
+                f"{name}: {folder}/{s.graph}: {engine.slots} slots x {engine.context} tokens "
+                f"({engine.cache_bytes() / 2**20:.0f} MiB of KV buffer at most)"
+            )
+        return engines
 
     return create_app(load, settings)
 
@@ -78,8 +80,8 @@ def serve(cfg: Config) -> None:
 
     s = cfg.serve
     app, engine = build_app(cfg), None
-    engine = app.state.load()  # before the port opens: a missing or broken model is an error, not a 503 forever
-    app.state.load = lambda: engine
+    engines = app.state.load()  # before the port opens: a missing or broken model is an error, not a 503 forever
+    app.state.load = lambda: engines
     get_logger("serve").info(f"http://{s.host}:{s.port}/  (page)   POST /v1/completions   GET /health   Ctrl-C stops")
     # uvicorn stops on SIGTERM (letting in-flight responses finish), then re-raises the signal with the handler
     # it found: a no-op one, so a requested stop exits 0

@@ -34,7 +34,7 @@ from pathlib import Path
 from fastapi import FastAPI
 from fastapi import Request as HttpRequest
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -160,20 +160,33 @@ class Gpt2Body(BaseModel):
 
 
 def create_app(engine_factory, settings: Settings) -> FastAPI:
-    """The app; ``engine_factory()`` loads the engine when the server starts (``/health`` is 503 until then)."""
+    """The app; ``engine_factory()`` loads the engines when the server starts (``/health`` is 503 until then):
+    a ``{name: Engine}`` map, the first the default for requests that name no model (or one ``Engine``, served
+    as ``settings.model_name``). Each engine runs its own decoding loop on its own thread."""
     from contextlib import asynccontextmanager
 
-    state: dict = {"engine": None, "thread": None}
+    from penwright.serve.metrics import Metrics
+
+    state: dict = {"engine": None, "engines": {}, "threads": {}}
+    metrics = Metrics()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        engine: Engine = await asyncio.to_thread(app.state.load)
-        thread = threading.Thread(target=_run_engine, args=(engine,), name="penwright-engine", daemon=True)
-        thread.start()
-        state.update(engine=engine, thread=thread)
+        loaded = await asyncio.to_thread(app.state.load)
+        engines: dict[str, Engine] = loaded if isinstance(loaded, dict) else {settings.model_name: loaded}
+        threads = {
+            name: threading.Thread(target=_run_engine, args=(e,), name=f"penwright-engine-{name}", daemon=True)
+            for name, e in engines.items()
+        }
+        for thread in threads.values():
+            thread.start()
+        state.update(engine=next(iter(engines.values())), engines=engines, threads=threads, default=next(iter(engines)))
+        metrics.engines.update(engines)
         yield
-        engine.shutdown()  # uvicorn has already let in-flight responses finish; stop when the rows are done
-        await asyncio.to_thread(thread.join, 30)
+        for e in engines.values():  # uvicorn has already let in-flight responses finish; stop when rows are done
+            e.shutdown()
+        for thread in threads.values():
+            await asyncio.to_thread(thread.join, 30)
 
     app = FastAPI(title="penwright", lifespan=lifespan, docs_url="/docs", redoc_url=None)
     app.state.penwright = state
@@ -209,6 +222,12 @@ def create_app(engine_factory, settings: Settings) -> FastAPI:
         return _validation_response(err.errors())
 
     @app.middleware("http")
+    async def _count(request: HttpRequest, call_next):  # every answer by status, the guard's included
+        response = await call_next(request)
+        metrics.responses.labels(str(response.status_code)).inc()
+        return response
+
+    @app.middleware("http")
     async def _guard(request: HttpRequest, call_next):
         length = request.headers.get("content-length")
         if length is not None and (not length.isdigit() or int(length) > settings.max_body_bytes):
@@ -233,64 +252,75 @@ def create_app(engine_factory, settings: Settings) -> FastAPI:
                 )
         return await call_next(request)
 
-    def engine() -> Engine:
-        thread = state["thread"]
-        if state["engine"] is None or thread is None or not thread.is_alive():
+    def serving() -> bool:
+        return bool(state["threads"]) and all(t.is_alive() for t in state["threads"].values())
+
+    def engine(name: str | None = None) -> tuple[str, Engine]:
+        """The engine a request's ``model`` names (none: the default) and its name; 503 while loading."""
+        if not serving():
             raise ApiError(
                 503,
                 "the model is not being served (still loading, or stopping)",
                 kind="server_error",
                 headers={"Retry-After": "1"},
             )
-        return state["engine"]
+        name = state["default"] if name is None else name
+        if name not in state["engines"]:
+            choices = ", ".join(repr(n) for n in state["engines"])
+            raise ApiError(
+                400, f"model={name!r} is not served here; this server serves {choices} (GET /v1/models)", "model"
+            )
+        return name, state["engines"][name]
 
     # -- routes ------------------------------------------------------------------------------------
 
     @app.get("/health")
     async def health():
-        thread = state["thread"]
-        if state["engine"] is None or thread is None or not thread.is_alive():
+        if not serving():
             return JSONResponse({"status": "loading"}, status_code=503)
         e = state["engine"]
         return {
             "status": "ok",
-            "model": settings.model_name,
+            "model": state["default"],
             "running": e.running,
             "waiting": e.waiting.qsize(),
             "slots": e.slots,
             "context": e.context,
+            "models": {
+                name: {"running": m.running, "waiting": m.waiting.qsize(), "slots": m.slots, "context": m.context}
+                for name, m in state["engines"].items()
+            },
         }
+
+    @app.get("/metrics")
+    async def prometheus():
+        return Response(metrics.render(), media_type=metrics.content_type)
 
     @app.get("/v1/models")
     async def models():
+        served = state["engines"] or {settings.model_name: None}  # (names only while loading)
         return {
             "object": "list",
-            "data": [{"id": settings.model_name, "object": "model", "created": 0, "owned_by": "penwright"}],
+            "data": [
+                {"id": name, "object": "model", "created": 0, "owned_by": "penwright"}
+                | ({"max_model_len": e.context} if e is not None else {})
+                for name, e in served.items()
+            ],
         }
-
-    def check_model(name: str | None) -> None:
-        if name not in (None, settings.model_name):
-            raise ApiError(
-                400,
-                f"model={name!r} is not served here; this server serves {settings.model_name!r} (GET /v1/models)",
-                "model",
-            )
 
     # -- the tokenizer, in vLLM's shapes (lm-evaluation-harness's tokenizer_backend=remote reads them) -----
 
     @app.post("/tokenize")
     async def tokenize(http: HttpRequest):
         body = _parse(TokenizeBody, await _json(http, settings.max_body_bytes))
-        check_model(body.model)
-        eng = engine()
+        _, eng = engine(body.model)
         ids = eng.tokenizer.encode(body.prompt, add_special_tokens=False)
         return {"count": len(ids), "max_model_len": eng.context, "tokens": ids, "token_strs": None}
 
     @app.post("/detokenize")
     async def detokenize(http: HttpRequest):
         body = _parse(DetokenizeBody, await _json(http, settings.max_body_bytes))
-        check_model(body.model)
-        eng = engine()
+        _, eng = engine(body.model)
         bad = next((j for j, t in enumerate(body.tokens) if not 0 <= t < eng.vocab), None)
         if bad is not None:
             raise ApiError(
@@ -299,15 +329,16 @@ def create_app(engine_factory, settings: Settings) -> FastAPI:
         return {"prompt": eng.decode(body.tokens)}
 
     @app.get("/tokenizer_info")
-    async def tokenizer_info():
-        tok = engine().tokenizer
+    async def tokenizer_info(model: str | None = None):
+        _, eng = engine(model)
+        tok = eng.tokenizer
         return {
             "tokenizer_class": type(tok).__name__,
             "eos_token": tok.eos_token,
             "bos_token": tok.bos_token,
             "pad_token": tok.pad_token,
             "unk_token": tok.unk_token,
-            "model_max_length": engine().context,
+            "model_max_length": eng.context,
             "vocab_size": len(tok),
             "chat_template": None,  # a base model: no chat template
         }
@@ -315,8 +346,7 @@ def create_app(engine_factory, settings: Settings) -> FastAPI:
     @app.post("/v1/completions")
     async def completions(http: HttpRequest):
         body = _parse(CompletionBody, await _json(http, settings.max_body_bytes))
-        eng = engine()
-        check_model(body.model)
+        served, eng = engine(body.model)
         if body.suffix is not None:
             raise ApiError(400, "suffix is not supported by penwright's server", "suffix")
         for name in ("frequency_penalty", "presence_penalty"):
@@ -380,12 +410,12 @@ def create_app(engine_factory, settings: Settings) -> FastAPI:
             for i in range(len(encoded))
             for j in range(best_of)
         ]
-        job = _Job(eng, requests, settings)
+        job = _Job(eng, requests, settings, metrics, served)
         head = {
             "id": f"cmpl-{uuid.uuid4().hex[:24]}",
             "object": "text_completion",
             "created": int(time.time()),
-            "model": settings.model_name,
+            "model": served,
         }
         prefix = [texts[k // best_of] if body.echo else "" for k in range(len(requests))]
         usage_prompt = sum(len(ids) for ids in encoded)
@@ -490,7 +520,7 @@ def create_app(engine_factory, settings: Settings) -> FastAPI:
         from penwright.generate import finish_text
 
         body = _parse(Gpt2Body, params)
-        eng = engine()
+        name, eng = engine()
         temperature = 0.7 if body.temperature is None else body.temperature
         greedy = temperature < GREEDY_BELOW
         sampling = SamplingConfig(
@@ -503,7 +533,7 @@ def create_app(engine_factory, settings: Settings) -> FastAPI:
         length = body.length if body.length is not None else eng.context - len(ids)
         _check(eng, ids, length, tokens="length", prompt="prefix")
         request = Request(ids, length, sampling, seed=body.seed)
-        job = _Job(eng, [request], settings)
+        job = _Job(eng, [request], settings, metrics, name)
         await job.wait()
         return {"text": finish_text(body.prefix, request.text, body.truncate, body.include_prefix)}
 
@@ -520,10 +550,11 @@ def create_app(engine_factory, settings: Settings) -> FastAPI:
     async def page(http: HttpRequest):
         if http.query_params:  # gpt-2-cloud-run's GET form
             return await gpt2(dict(http.query_params))
+        name, eng = engine()
         return HTMLResponse(
             PAGE.read_text(encoding="utf-8")
-            .replace("{{model}}", settings.model_name)
-            .replace("{{max_tokens}}", str(min(128, engine().context - 1)))
+            .replace("{{model}}", name)
+            .replace("{{max_tokens}}", str(min(128, eng.context - 1)))
             .replace("{{auth}}", "true" if settings.api_key else "false")
         )
 
@@ -538,8 +569,9 @@ class _Job:
     deque and wakes the event loop at most once until the loop has taken what is there; ``batches()`` then
     hands over everything waiting, no more often than ``stream_interval`` (the first piece at once)."""
 
-    def __init__(self, engine: Engine, requests: list[Request], settings: Settings):
+    def __init__(self, engine: Engine, requests: list[Request], settings: Settings, metrics, model: str):
         self.engine, self.requests, self.settings = engine, requests, settings
+        self.metrics, self.model = metrics, model
         self.loop = asyncio.get_running_loop()
         self.pieces: collections.deque = collections.deque()
         self.ready = asyncio.Event()
@@ -549,6 +581,8 @@ class _Job:
 
     def _emitter(self, k: int):
         def emit(text: str, reason: str | None) -> None:  # on the engine's thread
+            if reason is not None:
+                self.metrics.ended(self.model, self.requests[k])
             self.pieces.append((k, text, reason))
             if not self.scheduled:
                 self.scheduled = True
@@ -573,6 +607,7 @@ class _Job:
         for r in self.requests:
             r.deadline = deadline
             self.engine.submit(r)
+            self.metrics.submitted(self.model, r)
 
     def _drain(self) -> list:
         pieces = []

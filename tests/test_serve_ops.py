@@ -1,0 +1,130 @@
+"""penwright serve's operations side: /metrics scraped under load, several models in one server."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import shutil
+
+import httpx
+import pytest
+import torch
+
+from helpers.paths import REPO
+from penwright.engine import Engine, Request
+from penwright.sampling import SamplingConfig
+
+
+def scrape(url: str) -> dict[tuple[str, tuple], float]:
+    """Every sample of /metrics: (name, sorted labels) -> value, parsed by prometheus-client's own parser."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    r = httpx.get(f"{url}/metrics", timeout=10)
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(r.text)
+        for s in family.samples
+    }
+
+
+def test_metrics_scraped_under_load_add_up(serve_tiny):
+    server = serve_tiny("serve.stream_interval=0")
+    url, model = server.url, (("model", "penwright"),)
+    before = scrape(url)
+    bodies = [{"prompt": "The quick", "max_tokens": 30, "min_tokens": 30, "seed": i, "stream": True} for i in range(8)]
+
+    def stream(body):
+        with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=60) as s:
+            return sum(1 for line in s.iter_lines() if line.startswith("data: {"))
+
+    seen_running = 0
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        futures = [pool.submit(stream, b) for b in bodies]
+        while not all(f.done() for f in futures):
+            now = scrape(url)
+            seen_running = max(seen_running, now[("penwright_requests_running", model)])
+            assert now[("penwright_slots", model)] == 16
+        [f.result() for f in futures]
+    assert httpx.post(f"{url}/v1/completions", json={"prompt": "x", "n": 99}).status_code == 400
+    after = scrape(url)
+
+    def delta(name, labels=model):
+        return after.get((name, labels), 0) - before.get((name, labels), 0)
+
+    assert seen_running >= 1
+    assert after[("penwright_requests_running", model)] == 0 and after[("penwright_requests_waiting", model)] == 0
+    prompt = len(server.engine.encode("The quick"))
+    assert delta("penwright_prompt_tokens_total") == 8 * prompt
+    assert delta("penwright_generation_tokens_total") == 8 * 30
+    assert delta("penwright_requests_finished_total", (("model", "penwright"), ("reason", "length"))) == 8
+    for histogram in ("time_to_first_token", "inter_token_latency", "e2e_request_latency"):
+        assert delta(f"penwright_{histogram}_seconds_count") == 8
+        assert delta(f"penwright_{histogram}_seconds_sum") > 0
+    assert delta("penwright_e2e_request_latency_seconds_sum") > delta("penwright_time_to_first_token_seconds_sum")
+    assert delta("penwright_http_responses_total", (("status", "200"),)) >= 8
+    assert delta("penwright_http_responses_total", (("status", "400"),)) == 1
+
+
+@pytest.fixture(scope="module")
+def other_model(tmp_path_factory, tiny_gpt2):
+    """A second exported model: the tiny GPT-2's shape with other weights."""
+    from transformers import GPT2LMHeadModel
+
+    from penwright.config import compose
+    from penwright.export import export
+
+    root = tmp_path_factory.mktemp("other-model")
+    shutil.copytree(tiny_gpt2, root / "hf")
+    torch.manual_seed(7)
+    net = GPT2LMHeadModel.from_pretrained(tiny_gpt2)
+    with torch.no_grad():
+        for p in net.parameters():
+            if p.dim() > 1:
+                p.normal_(0, 0.25)
+    net.save_pretrained(root / "hf")
+    export(
+        compose(
+            [f"train.out_dir={root / 'hf'}", f"export.out_dir={root / 'onnx'}", f"paths.reports={root / 'reports'}"],
+            config_dir=REPO / "conf",
+        )
+    )
+    return root / "onnx"
+
+
+def test_several_models_in_one_server(serve_tiny, onnx_tiny, other_model):
+    server = serve_tiny(f"serve.models={{first:{onnx_tiny},second:{other_model}}}")
+    url = server.url
+    listed = httpx.get(f"{url}/v1/models").json()["data"]
+    assert [m["id"] for m in listed] == ["first", "second"]
+    body = {"prompt": "In the beginning", "max_tokens": 10, "temperature": 0}
+
+    def alone(folder) -> str:
+        engine = Engine.load(folder, slots=1)
+        request = Request(engine.encode(body["prompt"]), 10, SamplingConfig(do_sample=False))
+        engine.submit(request)
+        while engine.step() or not engine.waiting.empty():
+            pass
+        return request.text
+
+    expected = {"first": alone(onnx_tiny), "second": alone(other_model)}
+    assert expected["first"] != expected["second"]
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:  # both at once, each on its own engine
+        answers = list(
+            pool.map(
+                lambda m: httpx.post(f"{url}/v1/completions", json={**body, "model": m}, timeout=30).json(),
+                ["first", "second", "first", "second"],
+            )
+        )
+    for answer, name in zip(answers, ["first", "second", "first", "second"]):
+        assert answer["model"] == name and answer["choices"][0]["text"] == expected[name]
+    default = httpx.post(f"{url}/v1/completions", json=body, timeout=30).json()
+    assert default["model"] == "first" and default["choices"][0]["text"] == expected["first"]
+    unknown = httpx.post(f"{url}/v1/completions", json={**body, "model": "third"}, timeout=30)
+    assert unknown.status_code == 400 and unknown.json()["error"]["param"] == "model"
+    assert "'first', 'second'" in unknown.json()["error"]["message"]
+    health = httpx.get(f"{url}/health").json()
+    assert set(health["models"]) == {"first", "second"}
+    tokens = httpx.post(f"{url}/tokenize", json={"prompt": "In", "model": "second"}).json()["tokens"]
+    assert tokens == server.engine.encode("In")
+    metrics = scrape(url)
+    assert metrics[("penwright_slots", (("model", "second"),))] == 16
