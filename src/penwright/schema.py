@@ -359,7 +359,7 @@ class Generate(Group):
     temperature: Annotated[float, Field(ge=0, le=100)]  # > 0 when sampling; greedy ignores it
     top_k: NonNegInt
     top_p: TopP
-    repetition_penalty: Annotated[float, Field(gt=0, le=100)]
+    repetition_penalty: Annotated[float, Field(ge=0.01, le=100)]  # (smaller ones overflow fp32 logits)
     stop: list[str]
     truncate: str | None
     include_prefix: bool

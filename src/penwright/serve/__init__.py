@@ -79,7 +79,7 @@ def serve(cfg: Config) -> None:
     from penwright.serve.app import serve_forever
 
     s = cfg.serve
-    app, engine = build_app(cfg), None
+    app = build_app(cfg)
     engines = app.state.load()  # before the port opens: a missing or broken model is an error, not a 503 forever
     app.state.load = lambda: engines
     get_logger("serve").info(f"http://{s.host}:{s.port}/  (page)   POST /v1/completions   GET /health   Ctrl-C stops")

@@ -41,6 +41,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from penwright.engine import Engine, Request
 from penwright.errors import PenwrightError
 from penwright.sampling import SamplingConfig
+from penwright.serve import openapi as oa
 
 PAGE = Path(__file__).with_name("page.html")
 GREEDY_BELOW = 1e-5  # a temperature below this is greedy (dividing fp32 logits by less overflows; vLLM does the same)
@@ -102,7 +103,7 @@ class CompletionBody(BaseModel):
     stream: bool = False
     echo: bool = False
     top_k: int | None = Field(None, ge=-1)  # vLLM: -1 = all tokens
-    repetition_penalty: float | None = Field(None, gt=0)
+    repetition_penalty: float | None = Field(None, ge=0.01, le=100)  # (smaller ones overflow fp32 logits)
     min_tokens: int = Field(0, ge=0)
     stream_options: dict | None = None
     user: str | None = None
@@ -139,6 +140,10 @@ class DetokenizeBody(BaseModel):
 
     model: str | None = None
     tokens: list[int]
+
+
+class ModelQuery(BaseModel):
+    model: str | None = None  # a name /v1/models lists (none: the default)
 
 
 class Gpt2Body(BaseModel):
@@ -211,10 +216,14 @@ def create_app(engine_factory, settings: Settings) -> FastAPI:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request, err: StarletteHTTPException):  # 404, 405: in the same error shape
+        headers = dict(getattr(err, "headers", None) or {})
+        if err.status_code == 405:  # every method of the path, not only those of the route that matched first
+            methods = {
+                m for route in app.routes if route.matches(request.scope)[0].name != "NONE" for m in route.methods or ()
+            }
+            headers["Allow"] = ", ".join(sorted(methods))
         return JSONResponse(
-            error_body(f"{request.method} {request.url.path}: {err.detail}"),
-            err.status_code,
-            headers=getattr(err, "headers", None),
+            error_body(f"{request.method} {request.url.path}: {err.detail}"), err.status_code, headers=headers
         )
 
     @app.exception_handler(RequestValidationError)
@@ -274,7 +283,14 @@ def create_app(engine_factory, settings: Settings) -> FastAPI:
 
     # -- routes ------------------------------------------------------------------------------------
 
-    @app.get("/health")
+    @app.get(
+        "/health",
+        responses={
+            200: {"description": "serving", "content": {"application/json": oa.ref(oa.Health)}},
+            413: {"description": oa.ERRORS[413], "content": {"application/json": oa.ref(oa.ErrorBody)}},
+            503: {"description": "still loading", "content": {"application/json": oa.ref(oa.Health)}},
+        },
+    )
     async def health():
         if not serving():
             return JSONResponse({"status": "loading"}, status_code=503)
@@ -292,11 +308,11 @@ def create_app(engine_factory, settings: Settings) -> FastAPI:
             },
         }
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=Response, **oa.describe(errors=(401, 413, 500), media={"text/plain": oa.TEXT}))
     async def prometheus():
         return Response(metrics.render(), media_type=metrics.content_type)
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", **oa.describe(oa.ModelList, errors=(401, 413, 500)))
     async def models():
         served = state["engines"] or {settings.model_name: None}  # (names only while loading)
         return {
@@ -310,14 +326,14 @@ def create_app(engine_factory, settings: Settings) -> FastAPI:
 
     # -- the tokenizer, in vLLM's shapes (lm-evaluation-harness's tokenizer_backend=remote reads them) -----
 
-    @app.post("/tokenize")
+    @app.post("/tokenize", **oa.describe(oa.Tokenized, TokenizeBody))
     async def tokenize(http: HttpRequest):
         body = _parse(TokenizeBody, await _json(http, settings.max_body_bytes))
         _, eng = engine(body.model)
         ids = eng.tokenizer.encode(body.prompt, add_special_tokens=False)
         return {"count": len(ids), "max_model_len": eng.context, "tokens": ids, "token_strs": None}
 
-    @app.post("/detokenize")
+    @app.post("/detokenize", **oa.describe(oa.Detokenized, DetokenizeBody))
     async def detokenize(http: HttpRequest):
         body = _parse(DetokenizeBody, await _json(http, settings.max_body_bytes))
         _, eng = engine(body.model)
@@ -328,9 +344,9 @@ def create_app(engine_factory, settings: Settings) -> FastAPI:
             )
         return {"prompt": eng.decode(body.tokens)}
 
-    @app.get("/tokenizer_info")
-    async def tokenizer_info(model: str | None = None):
-        _, eng = engine(model)
+    @app.get("/tokenizer_info", **oa.describe(oa.TokenizerInfo, query=ModelQuery))
+    async def tokenizer_info(http: HttpRequest):
+        _, eng = engine(http.query_params.get("model"))
         tok = eng.tokenizer
         return {
             "tokenizer_class": type(tok).__name__,
@@ -343,7 +359,15 @@ def create_app(engine_factory, settings: Settings) -> FastAPI:
             "chat_template": None,  # a base model: no chat template
         }
 
-    @app.post("/v1/completions")
+    @app.post(
+        "/v1/completions",
+        **oa.describe(
+            oa.Completion,
+            CompletionBody,
+            errors=(400, 401, 413, 429, 500, 503, 504),
+            media={"text/event-stream": oa.SSE},
+        ),
+    )
     async def completions(http: HttpRequest):
         body = _parse(CompletionBody, await _json(http, settings.max_body_bytes))
         served, eng = engine(body.model)
@@ -516,10 +540,10 @@ def create_app(engine_factory, settings: Settings) -> FastAPI:
             events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
         )
 
-    async def gpt2(params: dict):
+    async def gpt2(params: dict, query: bool = False):
         from penwright.generate import finish_text
 
-        body = _parse(Gpt2Body, params)
+        body = _parse(Gpt2Body, params, strict=not query)  # a query string's values are text: converted
         name, eng = engine()
         temperature = 0.7 if body.temperature is None else body.temperature
         greedy = temperature < GREEDY_BELOW
@@ -537,19 +561,25 @@ def create_app(engine_factory, settings: Settings) -> FastAPI:
         await job.wait()
         return {"text": finish_text(body.prefix, request.text, body.truncate, body.include_prefix)}
 
-    @app.post("/generate")
-    @app.post("/")
+    gpt2_errors = (400, 401, 413, 429, 500, 503, 504)
+
+    @app.post("/generate", **oa.describe(oa.Gpt2Text, Gpt2Body, errors=gpt2_errors))
+    @app.post("/", **oa.describe(oa.Gpt2Text, Gpt2Body, errors=gpt2_errors))
     async def gpt2_post(http: HttpRequest):
         return await gpt2(await _json(http, settings.max_body_bytes))
 
-    @app.get("/generate")
+    @app.get("/generate", **oa.describe(oa.Gpt2Text, errors=gpt2_errors, query=Gpt2Body))
     async def gpt2_get(http: HttpRequest):
-        return await gpt2(dict(http.query_params))
+        return await gpt2(dict(http.query_params), query=True)
 
-    @app.get("/")
+    @app.get(
+        "/",
+        response_class=HTMLResponse,
+        **oa.describe(oa.Gpt2Text, errors=gpt2_errors, query=Gpt2Body, media={"text/html": oa.TEXT}),
+    )
     async def page(http: HttpRequest):
         if http.query_params:  # gpt-2-cloud-run's GET form
-            return await gpt2(dict(http.query_params))
+            return JSONResponse(await gpt2(dict(http.query_params), query=True))
         name, eng = engine()
         return HTMLResponse(
             PAGE.read_text(encoding="utf-8")
@@ -558,6 +588,14 @@ def create_app(engine_factory, settings: Settings) -> FastAPI:
             .replace("{{auth}}", "true" if settings.api_key else "false")
         )
 
+    document: dict = {}
+
+    def openapi() -> dict:  # built once, on the first request for it
+        if not document:
+            document.update(oa.document(app, [CompletionBody, TokenizeBody, DetokenizeBody, Gpt2Body]))
+        return document
+
+    app.openapi = openapi
     return app
 
 
@@ -801,9 +839,11 @@ async def _json(http: HttpRequest, limit: int) -> dict:
     return data
 
 
-def _parse(model: type[BaseModel], data: dict) -> BaseModel:
+def _parse(model: type[BaseModel], data: dict, strict: bool = True) -> BaseModel:
+    """A JSON body's fields as their declared types, strictly (``"max_tokens": "5"`` is a 400, as the schema
+    says); a query string's (``strict=False``) converted from text."""
     try:
-        return model.model_validate(data)
+        return model.model_validate(data, strict=strict)
     except ValidationError as err:
         raise _ValidationFailed(err.errors()) from None
 
