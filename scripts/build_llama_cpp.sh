@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# Build llama.cpp's own benchmark tools (llama-bench, llama-batched-bench) and its plain command-line generator
-# (llama-completion) into .llama.cpp/bin, from the llama.cpp source vendored by the llama-cpp-python release
+# Build llama.cpp's own benchmark tools (llama-bench, llama-batched-bench), its plain command-line generator
+# (llama-completion) and its HTTP server (llama-server) into .llama.cpp/bin, from the llama.cpp source vendored by the llama-cpp-python release
 # pinned in constraints.txt: the same llama.cpp the tests load GGUF files with. `penwright bench
-# generate` runs these beside penwright. Needs cmake and a C++ compiler; ~10 min on 2 cores.
+# generate` and `penwright bench serve` run these beside penwright. Needs cmake and a C++ compiler; ~10 min on 2 cores.
 #
 #   scripts/build_llama_cpp.sh [DEST]      (default DEST: .llama.cpp)
 set -euo pipefail
@@ -27,10 +27,11 @@ if grep -qw amx_int8 /proc/cpuinfo 2>/dev/null; then
     done
 fi
 cmake -S "$src" -B "$work/build" "${generator[@]}" -DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=OFF \
-    -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF "${cpu[@]}" >&2
+    -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=ON "${cpu[@]}" >&2
 echo "[llama.cpp] compiling (${cpu[*]})" >&2
-cmake --build "$work/build" --config Release -j "$(nproc)" --target llama-bench llama-batched-bench llama-completion >&2
+cmake --build "$work/build" --config Release -j "$(nproc)" --target llama-bench llama-batched-bench llama-completion llama-server >&2
 mkdir -p "$dest/bin"
-cp "$work"/build/bin/llama-bench "$work"/build/bin/llama-batched-bench "$work"/build/bin/llama-completion "$dest/bin/"
+cp "$work"/build/bin/llama-bench "$work"/build/bin/llama-batched-bench "$work"/build/bin/llama-completion \
+    "$work"/build/bin/llama-server "$dest/bin/"
 echo "$version" > "$dest/VERSION"
 echo "[llama.cpp] $dest/bin: $(ls "$dest/bin" | tr '\n' ' ')" >&2
