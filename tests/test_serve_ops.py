@@ -128,3 +128,18 @@ def test_several_models_in_one_server(serve_tiny, onnx_tiny, other_model):
     assert tokens == server.engine.encode("In")
     metrics = scrape(url)
     assert metrics[("penwright_slots", (("model", "second"),))] == 16
+
+
+def test_serve_threads_auto_follows_the_models_size(onnx_tiny, tmp_path):
+    import json
+
+    from penwright.serve import SMALL_MODEL, auto_threads
+
+    assert auto_threads(onnx_tiny)[0] == 1  # the tiny model: one onnxruntime thread
+    big = tmp_path / "gpt2"
+    big.mkdir()
+    (big / "config.json").write_text(
+        json.dumps({"n_embd": 768, "n_layer": 12, "vocab_size": 50257, "n_positions": 1024})
+    )
+    threads, params = auto_threads(big)
+    assert threads == 0 and params > SMALL_MODEL and abs(params - 124e6) < 2e6  # GPT-2 124M: all cores

@@ -228,12 +228,12 @@ def bench_serve(
         "models": {},
     }
     try:
-        # (model, new tokens a request, serve.context, server overrides): each model on the thread count that
-        # served it best here (measured: the quickstart 4.5x with 1 thread vs 3.8-4.1x with both cores, the
-        # Python side needing the other core; the 124M shape 46.8 vs 28.2 tokens/s at concurrency 1 with both)
+        # (model, new tokens a request, serve.context, server overrides): the servers run serve's defaults, whose
+        # serve.threads=auto picks 1 thread for the quickstart and all cores for the 124M shape (what served each
+        # best here: the quickstart 4.5x with 1 thread vs 3.8-4.1x with both, the 124M shape 46.8 vs 28.2 tok/s)
         cases = {
-            "quickstart": (quick, 128, None, ("serve.threads=1",)),
-            "gpt2-124m-shape": (None, 64, 256, ("serve.threads=0",)),
+            "quickstart": (quick, 128, None, ()),
+            "gpt2-124m-shape": (None, 64, 256, ()),
         }
         for name, (model_dir, tokens, context, extra) in cases.items():
             if name not in models:
