@@ -101,6 +101,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--without-llama-cpp", action="store_true", help="generate: leave the llama.cpp comparison out")
     p.add_argument(
+        "--llama-server",
+        action="store_true",
+        help="serve: against llama.cpp's llama-server (in --llama-cpp) on the same weights, fp32 and q8 (~30 min), "
+        "the report's llama_server section",
+    )
+    p.add_argument(
         "--only-llama-cpp",
         action="store_true",
         help="generate: only the llama.cpp comparison (~10 min), replacing that section of the report",
@@ -143,6 +149,8 @@ def bench(args) -> None:
         bench.bench_lora(output=args.output)
     elif args.stage == "train":
         bench.bench_train(steps=args.steps, output=args.output, overrides=args.overrides)
+    elif args.stage == "serve" and args.llama_server:
+        bench.bench_serve_llama(output=args.output, llama_cpp=args.llama_cpp)
     elif args.stage == "serve":
         bench.bench_serve(output=args.output)
     else:

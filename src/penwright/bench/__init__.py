@@ -14,11 +14,11 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from penwright.bench.generate import bench_generate
     from penwright.bench.prepare import bench_prepare
-    from penwright.bench.serve import bench_serve
+    from penwright.bench.serve import bench_serve, bench_serve_llama
     from penwright.bench.train import bench_lora, bench_train
 
-__all__ = ["bench_generate", "bench_lora", "bench_prepare", "bench_serve", "bench_train"]
-MODULES = {"bench_lora": "train"}  # a benchmark that lives in another benchmark's module
+__all__ = ["bench_generate", "bench_lora", "bench_prepare", "bench_serve", "bench_serve_llama", "bench_train"]
+MODULES = {"bench_lora": "train", "bench_serve_llama": "serve"}  # a benchmark that lives in another benchmark's module
 
 
 def __getattr__(name: str):

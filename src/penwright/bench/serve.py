@@ -108,6 +108,7 @@ async def _one(session, url: str, prompt: str, new_tokens: int, seed: int) -> di
         "prompt": prompt,
         "max_tokens": new_tokens,
         "min_tokens": new_tokens,
+        "ignore_eos": True,  # llama-server's way to the same fixed length (penwright ignores the field)
         "temperature": 0.8,
         "top_k": 40,
         "seed": seed,
@@ -115,7 +116,7 @@ async def _one(session, url: str, prompt: str, new_tokens: int, seed: int) -> di
         "stream_options": {"include_usage": True},
     }
     start = time.perf_counter()
-    first, tokens, error = None, 0, None
+    first, tokens, chunks, error = None, 0, 0, None
     try:
         async with session.post(f"{url}/v1/completions", json=body) as response:
             if response.status != 200:
@@ -127,10 +128,13 @@ async def _one(session, url: str, prompt: str, new_tokens: int, seed: int) -> di
                     event = json.loads(line[6:])
                     if "error" in event:
                         error = event["error"]["message"]
-                    elif event.get("usage"):
+                    if event.get("usage"):
                         tokens = event["usage"]["completion_tokens"]
-                    elif first is None and event["choices"] and event["choices"][0]["text"]:
-                        first = time.perf_counter() - start
+                    if event.get("choices") and event["choices"][0].get("text"):
+                        chunks += 1
+                        if first is None:
+                            first = time.perf_counter() - start
+                tokens = tokens or chunks  # a server that sends no usage: one token a chunk (llama-server)
     except Exception as err:  # a refused or broken connection is a failed request, counted
         error = f"{type(err).__name__}: {err}"
     return {
@@ -285,3 +289,174 @@ def bench_serve(
     }
     write_report(results, output, "reports/bench_serve.json", summary)
     return results
+
+
+# -- against llama.cpp's server ---------------------------------------------------------------------------
+
+LLAMA_LEVELS = {"quickstart": (1, 4, 16), "gpt2-124m-shape": (1, 4, 16, 32)}
+# (precision, penwright's graph, llama.cpp's GGUF type): the same weights, as each server runs them
+LLAMA_PRECISIONS = (("fp32", "model.onnx", "f32"), ("q8", "model.q8.onnx", "q8_0"))
+
+
+class _LlamaServer(_Server):
+    """llama.cpp's ``llama-server`` on a GGUF file: ``slots`` parallel sequences (``-np``) of ``context`` tokens
+    each, continuous batching (its default), all cores."""
+
+    def __init__(self, binary: Path, gguf: Path, slots: int, context: int, log_path: Path):
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        cmd = [str(binary), "-m", str(gguf), "--host", "127.0.0.1", "--port", str(self.port)]
+        cmd += ["-np", str(slots), "-c", str(slots * context), "-t", str(os.cpu_count() or 1), "--no-webui"]
+        if _has_amx():  # llama.cpp's weight repacking crashes on AMX CPUs
+            cmd.append("--no-repack")
+        self.log_path = log_path
+        self.log = log_path.open("w")
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT)
+        self.terminated = False
+
+
+def _has_amx() -> bool:
+    try:
+        return "amx_int8" in Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+
+
+def _median_level(runs: list[dict]) -> dict:
+    """The repetitions of one level on one server: medians of tokens/s and latencies, sums of the counts."""
+
+    def med(key):
+        values = [r[key] for r in runs if r[key] is not None]
+        return round(float(np.median(values)), 3) if values else None
+
+    return {
+        "concurrency": runs[0]["concurrency"],
+        "repetitions": len(runs),
+        "sent": sum(r["sent"] for r in runs),
+        "answered": sum(r["answered"] for r in runs),
+        "failed": sum(r["failed"] for r in runs),
+        "errors": sorted({e for r in runs for e in r["errors"]})[:3],
+        "tokens_per_sec": med("tokens_per_sec"),
+        "tokens_per_sec_each": [r["tokens_per_sec"] for r in runs],
+        "ttft_p50_s": med("ttft_p50_s"),
+        "ttft_p95_s": med("ttft_p95_s"),
+        "latency_p95_s": med("latency_p95_s"),
+    }
+
+
+def bench_serve_llama(
+    output: str | None = None,
+    quick_onnx: str = "artifacts/onnx",
+    quick_hf: str = "artifacts/model",
+    llama_cpp: str | Path = ".llama.cpp/bin",
+    repetitions: int = 3,
+    *,
+    models: tuple[str, ...] = MODELS,
+    precisions: tuple[str, ...] = ("fp32", "q8"),
+    new_tokens: int = 64,
+    slots: int = 32,
+    big_shape: tuple[int, int, int] = SHAPE_124M,
+    levels: dict | None = None,
+    work_dir: str | Path | None = None,
+) -> dict:
+    """penwright serve against llama.cpp's llama-server on the same weights (penwright's GGUF export), the same
+    streamed requests, the servers taking turns at each level, ``repetitions`` times; medians. Writes the
+    ``llama_server`` section of reports/bench_serve.json (the rest of the report is kept)."""
+    import torch
+    from transformers import AutoTokenizer, GPT2LMHeadModel
+
+    from penwright.export import quantize
+    from penwright.llamacpp import export_gguf
+
+    binary = Path(llama_cpp) / "llama-server"
+    if not binary.is_file():
+        raise PenwrightError(
+            f"{binary}: not found. Build it with `scripts/build_llama_cpp.sh` (about 15 min on 2 cores) or point "
+            "--llama-cpp at a llama.cpp build's bin/ folder"
+        )
+    quick = require_export(quick_onnx)
+    work = Path(work_dir or BENCH_DIR / "serve-llama")
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    levels = levels or LLAMA_LEVELS
+    section: dict = {
+        "measured": "penwright serve (its defaults, serve.max_sequences=slots) and llama-server (-np slots, "
+        "continuous batching, -t all cores) on the same weights (penwright's GGUF export of the same model); "
+        "streamed completions of new_tokens tokens each (min_tokens and ignore_eos so none stops early), "
+        "temperature 0.8, top_k 40; at each level the servers take turns, repetitions times, alternating "
+        "which goes first; medians; loopback",
+        "goals": "124M shape, fp32: penwright/llama-server tokens/s >= 1.0 / 1.3 / 1.5 / 1.5 at 1 / 4 / 16 / 32 "
+        "and p95 ttft <= llama-server's at every level; quickstart at 1: >= 1.0",
+        "new_tokens": new_tokens,
+        "slots": slots,
+        "repetitions": repetitions,
+        "models": {},
+    }
+    try:
+        for name in models:
+            if name == "quickstart":
+                hf, onnx_dir, context = Path(quick_hf), work / "quickstart-onnx", None
+                shutil.copytree(quick, onnx_dir)
+                model = GPT2LMHeadModel.from_pretrained(hf).eval()
+                tokenizer_dir = quick
+            else:
+                tokenizer = AutoTokenizer.from_pretrained(quick)
+                model = random_gpt2(big_shape)
+                model.config.bos_token_id = model.config.eos_token_id = tokenizer.eos_token_id
+                with torch.no_grad():  # ids past the borrowed tokenizer's vocab never come up: sampled tokens are text
+                    model.transformer.wte.weight[len(tokenizer) :] = 0
+                onnx_dir, context, tokenizer_dir = save_fused(model, tokenizer, work / f"{name}-onnx"), 256, quick
+            per_slot = context or int(model.config.n_positions)
+            for precision, graph, qtype in LLAMA_PRECISIONS:
+                if precision not in precisions:
+                    continue
+                if not (onnx_dir / graph).is_file():
+                    quantize(onnx_dir / "model.onnx", graph.split(".")[1])
+                gguf = onnx_dir / export_gguf(model, tokenizer_dir, onnx_dir, [qtype])[0]["file"]
+                extra = (f"serve.graph={graph}",)
+                ours = _Server(onnx_dir, slots, context, work / f"{name}-{precision}-penwright.log", extra)
+                theirs = _LlamaServer(binary, gguf, slots, per_slot, work / f"{name}-{precision}-llama.log")
+                entry = {"gguf": gguf.name, "graph": graph, "levels": {}}
+                try:
+                    ours.wait()
+                    theirs.wait()
+                    for c in levels[name]:
+                        n = max(2 * c, 4)
+                        runs: dict = {"penwright": [], "llama_server": []}
+                        for rep in range(repetitions):
+                            order = [("penwright", ours), ("llama_server", theirs)]
+                            for label, server in order if rep % 2 == 0 else order[::-1]:
+                                log(f"{name} {precision}: {n} requests at concurrency {c} -> {label} ({rep + 1})")
+                                runs[label].append(asyncio.run(_level(server.url, c, n, new_tokens)))
+                        row = {label: _median_level(r) for label, r in runs.items()}
+                        row["penwright_over_llama_server"] = round(
+                            row["penwright"]["tokens_per_sec"] / max(row["llama_server"]["tokens_per_sec"], 1e-9), 2
+                        )
+                        entry["levels"][str(c)] = row
+                        log(
+                            f"  penwright {row['penwright']['tokens_per_sec']} tok/s (p95 ttft "
+                            f"{row['penwright']['ttft_p95_s']} s), llama-server {row['llama_server']['tokens_per_sec']} "
+                            f"tok/s ({row['llama_server']['ttft_p95_s']} s): {row['penwright_over_llama_server']}x"
+                        )
+                    entry["server_rss_mb"] = {"penwright": ours.rss_mb(), "llama_server": theirs.rss_mb()}
+                finally:
+                    ours.terminate()
+                    theirs.terminate()
+                    ours.stop()
+                    theirs.stop()
+                section["models"].setdefault(name, {})[precision] = entry
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    out = Path(output or "reports/bench_serve.json")
+    results = json.loads(out.read_text()) if out.is_file() else {}
+    results["llama_server"] = section
+    summary = {
+        f"{m}/{p}": {
+            c: [r["penwright_over_llama_server"], r["penwright"]["ttft_p95_s"], r["llama_server"]["ttft_p95_s"]]
+            for c, r in e["levels"].items()
+        }
+        for m, by in section["models"].items()
+        for p, e in by.items()
+    }
+    write_report(results, out, "reports/bench_serve.json", summary)
+    return section

@@ -1,0 +1,102 @@
+#!/usr/bin/env python3
+"""Decode speed of the engine at two commits, side by side: is a change free for requests that do not use it?
+
+    python scripts/engine_ab.py BASE_REV [--model artifacts/onnx] [--batches 1,8,32] [--rounds 7] [--output F]
+
+Each commit's ``src/`` is checked out (``git worktree``) and imported in a fresh process per measurement;
+the two alternate, round by round (which goes first alternates too). A measurement: ``batch`` plain requests
+(greedy, no logprobs, no stop strings, ``tokens`` new tokens each, one-token prompt) submitted together and
+stepped to the end, warm (one untimed run first); tokens/s over the wall time. Medians over the rounds, and
+the median of the per-round ratios (HEAD / BASE).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+CHILD = r"""
+import json, sys, time
+from penwright.engine import Engine, Request
+from penwright.sampling import SamplingConfig
+model, batch, tokens = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+engine = Engine.load(model, slots=batch)
+def run():
+    reqs = [Request([engine.eos], tokens, SamplingConfig(do_sample=False), stop_at_eos=False) for _ in range(batch)]
+    for r in reqs:
+        engine.submit(r)
+    start = time.perf_counter()
+    while engine.step() or not engine.waiting.empty():
+        pass
+    return sum(len(r.tokens) for r in reqs) / (time.perf_counter() - start)
+run()
+print(json.dumps(max(run() for _ in range(3))))
+"""
+
+
+def measure(src: Path, model: str, batch: int, tokens: int) -> float:
+    out = subprocess.run(
+        [sys.executable, "-c", CHILD, model, str(batch), str(tokens)],
+        capture_output=True,
+        text=True,
+        env={"PYTHONPATH": str(src), "PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"},
+        check=True,
+    )
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("base", help="the commit to compare HEAD (the working tree) against")
+    parser.add_argument("--model", default="artifacts/onnx")
+    parser.add_argument("--batches", default="1,8,32")
+    parser.add_argument("--tokens", type=int, default=128)
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--output", default=None)
+    args = parser.parse_args()
+    repo = Path(__file__).resolve().parent.parent
+    with tempfile.TemporaryDirectory() as tmp:
+        base_tree = Path(tmp) / "base"
+        subprocess.run(["git", "-C", str(repo), "worktree", "add", "--detach", str(base_tree), args.base], check=True)
+        try:
+            trees = {"base": base_tree / "src", "head": repo / "src"}
+            results = {}
+            for batch in [int(b) for b in args.batches.split(",")]:
+                runs: dict = {"base": [], "head": []}
+                for r in range(args.rounds):
+                    for name in ("base", "head") if r % 2 == 0 else ("head", "base"):
+                        runs[name].append(measure(trees[name], args.model, batch, args.tokens))
+                ratios = [h / b for h, b in zip(runs["head"], runs["base"])]
+                results[str(batch)] = {
+                    "base_tokens_per_sec": round(float(np.median(runs["base"])), 1),
+                    "head_tokens_per_sec": round(float(np.median(runs["head"])), 1),
+                    "head_over_base_median_ratio": round(float(np.median(ratios)), 3),
+                    "ratios_each_round": [round(x, 3) for x in ratios],
+                }
+                print(f"batch {batch}: {results[str(batch)]}", file=sys.stderr)
+        finally:
+            subprocess.run(["git", "-C", str(repo), "worktree", "remove", "--force", str(base_tree)], check=True)
+    head = subprocess.run(["git", "-C", str(repo), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    report = {
+        "base": args.base,
+        "head": head.stdout.strip() + " (working tree)",
+        "model": args.model,
+        "tokens": args.tokens,
+        "rounds": args.rounds,
+        "measured": __doc__.split("\n\n")[2].replace("\n", " "),
+        "batches": results,
+    }
+    text = json.dumps(report, indent=2) + "\n"
+    if args.output:
+        Path(args.output).write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
