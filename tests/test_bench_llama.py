@@ -45,3 +45,34 @@ def test_one_repetition_is_refused_since_it_would_be_the_cold_one(gguf):
 def test_llama_batched_bench_gives_one_warm_rate_per_batch(gguf):
     rates = _llama_batched(llama_tools(TOOLS), gguf, prompt=4, n=8, batches=[2, 4], threads=1, reps=2)
     assert set(rates) == {2, 4} and all(r > 0 for r in rates.values())
+
+
+@pytest.mark.skipif(not (TOOLS / "llama-server").is_file(), reason="llama-server: run scripts/build_llama_cpp.sh")
+def test_bench_serve_against_llama_server_answers_every_request(tmp_path, tiny_gpt2, onnx_tiny):
+    import json
+
+    from penwright.bench import bench_serve_llama
+
+    out = tmp_path / "bench_serve.json"
+    out.write_text(json.dumps({"models": {"kept": True}}))  # the rest of the serve report stays
+    section = bench_serve_llama(
+        output=str(out),
+        quick_onnx=str(onnx_tiny),
+        quick_hf=str(tiny_gpt2),
+        llama_cpp=TOOLS,
+        repetitions=2,
+        models=("quickstart",),
+        precisions=("fp32",),
+        new_tokens=8,
+        slots=2,
+        levels={"quickstart": (1, 2)},
+        work_dir=tmp_path / "work",
+    )
+    report = json.loads(out.read_text())
+    assert report["models"] == {"kept": True} and report["llama_server"] == section
+    for level in ("1", "2"):
+        row = section["models"]["quickstart"]["fp32"]["levels"][level]
+        for server in ("penwright", "llama_server"):
+            assert row[server]["failed"] == 0 and row[server]["answered"] == row[server]["sent"] > 0, row[server]
+            assert row[server]["repetitions"] == 2 and row[server]["tokens_per_sec"] > 0
+        assert row["penwright_over_llama_server"] > 0
