@@ -83,6 +83,23 @@ def test_top_k_keeps_exactly_k_and_matches_transformers():
     assert np.isfinite(filter_top_k(ties, 1)).sum() == 2  # ties at the k-th value are all kept
 
 
+@pytest.mark.parametrize("vocab,k", [(50257, 40), (50257, 1), (50257, 200), (4096, 40), (1000, 999)])
+def test_top_k_ids_are_those_of_a_whole_vocabulary_partition(vocab, k):
+    from penwright.sampling import top_k_ids
+
+    rng = np.random.default_rng(vocab + k)
+    logits = rng.standard_normal((8, vocab)).astype(np.float32)
+    logits[3] = 0.0  # a row of ties: any k of them are its top k
+    logits[4, 4096:] = 0.0  # most logits tied below the top ones (unused embedding rows of a bench model)
+    logits[5, : vocab // 2] = -np.inf
+    got = top_k_ids(logits, k)
+    want = np.sort(np.argpartition(logits, -k, axis=-1)[:, -k:], axis=-1)
+    assert got.shape == (8, k) and (np.diff(got, axis=-1) > 0).all()  # distinct ids, in id order
+    rows = [r for r in range(8) if r != 3]
+    np.testing.assert_array_equal(got[rows], want[rows])
+    np.testing.assert_array_equal(np.sort(logits[3, got[3]]), np.sort(logits[3, want[3]]))
+
+
 def test_top_p_keeps_the_smallest_set_reaching_p():
     logits = np.log(np.array([[0.5, 0.3, 0.15, 0.05]]))[:, [2, 0, 3, 1]].astype(np.float32)  # shuffled order
     prob = np.array([0.15, 0.5, 0.05, 0.3])

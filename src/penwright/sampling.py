@@ -106,6 +106,33 @@ def next_tokens(
     return (cdf <= u).sum(axis=-1)  # the first token whose cdf passes u: never one of zero probability
 
 
+BLOCK = 64  # top_k_ids: the vocabulary is read in blocks of this many logits
+
+
+def top_k_ids(logits: np.ndarray, k: int) -> np.ndarray:
+    """The ids of each row's ``k`` largest logits [rows, k], in id order: what
+    ``np.sort(np.argpartition(logits, -k)[:, -k:])`` gives, without partitioning the whole vocabulary.
+
+    The k-th largest of the blocks' maxima is at most the k-th largest logit (k blocks each hold a logit at
+    least that large), so every top-k logit is at least it: partitioning the logits that reach it is enough.
+    They are few for real logits, where a whole-vocabulary argpartition is ~15 ms for 32 rows of GPT-2's
+    50257, and ~200 ms when most logits tie (a model whose unused embedding rows are zero)."""
+    rows, vocab = logits.shape
+    if k * BLOCK * 4 > vocab:  # a small vocabulary: partition it all
+        return np.sort(np.argpartition(logits, -k, axis=-1)[:, -k:], axis=-1)
+    blocks = -(-vocab // BLOCK)
+    padded = np.full((rows, blocks * BLOCK), -np.inf, dtype=logits.dtype)
+    padded[:, :vocab] = logits
+    maxima = padded.reshape(rows, blocks, BLOCK).max(axis=-1)
+    floor = np.partition(maxima, -k, axis=-1)[:, -k]
+    out = np.empty((rows, k), dtype=np.int64)
+    for r in range(rows):
+        candidates = np.flatnonzero(logits[r] >= floor[r])
+        best = candidates[np.argpartition(logits[r, candidates], -k)[-k:]]
+        out[r] = np.sort(best)
+    return out
+
+
 def next_tokens_per_row(
     logits: np.ndarray, cfg: SamplingConfig, rngs: list[np.random.Generator], seen: np.ndarray | None = None
 ) -> np.ndarray:
@@ -118,7 +145,7 @@ def next_tokens_per_row(
         return logits.argmax(axis=-1)
     ids = None
     if 0 < cfg.top_k < logits.shape[-1]:
-        ids = np.sort(np.argpartition(logits, -cfg.top_k, axis=-1)[:, -cfg.top_k :], axis=-1)
+        ids = top_k_ids(logits, cfg.top_k)
         logits = np.take_along_axis(logits, ids, axis=-1)
     logits = filter_top_p(logits / cfg.temperature, cfg.top_p)
     cdf = np.cumsum(_softmax(logits).astype(np.float64), axis=-1)

@@ -449,6 +449,8 @@ def bench_serve_llama(
         shutil.rmtree(work, ignore_errors=True)
     out = Path(output or "reports/bench_serve.json")
     results = json.loads(out.read_text()) if out.is_file() else {}
+    earlier = results.get("llama_server", {}).get("models", {})  # models not rerun keep their last measurement
+    section["models"] = {**{m: e for m, e in earlier.items() if m not in section["models"]}, **section["models"]}
     results["llama_server"] = section
     summary = {
         f"{m}/{p}": {
