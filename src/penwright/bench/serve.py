@@ -151,7 +151,9 @@ async def _level(url: str, concurrency: int, requests: int, new_tokens: int) -> 
     import aiohttp
 
     gate = asyncio.Semaphore(concurrency)
-    connector = aiohttp.TCPConnector(limit=concurrency + 4)
+    # a connection per request: llama-server closes idle keep-alive connections, which a pooled client then
+    # writes to and fails on (measured: up to 35 of 64 requests); both servers pay the same loopback connect
+    connector = aiohttp.TCPConnector(limit=concurrency + 4, force_close=True)
     async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=900)) as session:
 
         async def gated(i):
