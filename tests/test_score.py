@@ -119,3 +119,13 @@ def test_bad_input_names_the_file_or_key(repo, onnx_tiny, tmp_path):
     with pytest.raises(ConfigError, match="generate.rank=true scores on the engine"):
         generate(cfg)
     assert dest.read_text() == "keep me"
+
+
+def test_an_empty_sample_is_ranked_last_with_null_scores(engine, onnx_tiny, tmp_path):
+    md = tmp_path / "samples.md"
+    md.write_text("# h\n\n## 1.\n\n```text\n\n```\n\n## 2.\n\n```text\nthe word\n```\n")
+    assert read_samples(md) == ["", "the word"]
+    rows = score_file(md, onnx_tiny)
+    assert [r.text for r in rows] == ["the word", ""] and rows[1].mean_logprob == float("-inf")
+    last = json.loads((tmp_path / "samples.md.scores.jsonl").read_text().splitlines()[-1])
+    assert last == {"text": "", "tokens": 0, "mean_logprob": None, "bits_per_byte": None}

@@ -143,3 +143,22 @@ def test_serve_threads_auto_follows_the_models_size(onnx_tiny, tmp_path):
     )
     threads, params = auto_threads(big)
     assert threads == 0 and params > SMALL_MODEL and abs(params - 124e6) < 2e6  # GPT-2 124M: all cores
+
+
+def test_metrics_count_the_guards_answers_too(serve_tiny):
+    server = serve_tiny("serve.api_key=sekrit")
+    key = {"Authorization": "Bearer sekrit"}
+
+    def count(status):
+        r = httpx.get(f"{server.url}/metrics", headers=key, timeout=10)
+        line = next(
+            (x for x in r.text.splitlines() if x.startswith(f'penwright_http_responses_total{{status="{status}"}}')),
+            None,
+        )
+        return float(line.split()[-1]) if line else 0.0
+
+    before401, before413 = count("401"), count("413")
+    assert httpx.post(f"{server.url}/v1/completions", json={"prompt": "x"}).status_code == 401
+    big = httpx.post(f"{server.url}/v1/completions", content=b"x" * 70_000, headers=key)
+    assert big.status_code == 413
+    assert count("401") == before401 + 1 and count("413") == before413 + 1

@@ -157,3 +157,16 @@ def test_bad_scoring_requests_get_a_400_naming_the_field(server, body, field, ro
     r = post(server, body, route)
     assert r.status_code == 400, r.text
     assert r.json()["error"]["param"] == field
+
+
+def test_an_empty_prompt_echoes_the_token_it_starts_from(server):
+    out = post(server, {"prompt": "", "echo": True, "logprobs": 1, "max_tokens": 2, "temperature": 0}).json()
+    choice = out["choices"][0]
+    lp = choice["logprobs"]
+    assert lp["tokens"][0] == "<|endoftext|>" and choice["text"].startswith("<|endoftext|>")
+    pairs = list(zip(lp["tokens"], lp["text_offset"]))
+    if choice["finish_reason"] == "stop":  # the <|endoftext|> that ended it is scored, not part of the text
+        assert pairs[-1] == ("<|endoftext|>", len(choice["text"]))
+        pairs = pairs[:-1]
+    for token, offset in pairs:
+        assert choice["text"][offset : offset + len(token)] == token

@@ -248,7 +248,7 @@ class Engine:
         positions = np.broadcast_to(np.arange(width, dtype=np.int64), (n, width)).copy()
         seqlens, total = (lengths - 1).astype(np.int32), np.array([width], dtype=np.int32)
         last = np.arange(width, dtype=np.int64)[None] if scoring else (lengths - 1).astype(np.int64)[:, None]
-        logits = np.zeros((n, last.shape[1], self.vocab), dtype=np.float32)
+        logits = np.empty((n, last.shape[1], self.vocab), dtype=np.float32)  # every row written by the run
         binding = self.session.io_binding()
         for name, array in (
             ("input_ids", ids),

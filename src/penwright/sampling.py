@@ -166,7 +166,7 @@ def top_logprobs(logprobs: np.ndarray, n: int) -> list[list[tuple[int, float]]]:
     if n <= 0:
         return [[] for _ in range(len(logprobs))]
     n = min(n, logprobs.shape[-1])
-    ids = np.argpartition(logprobs, -n, axis=-1)[:, -n:]
+    ids = top_k_ids(logprobs, n) if n < logprobs.shape[-1] else np.broadcast_to(np.arange(n), logprobs.shape).copy()
     values = np.take_along_axis(logprobs, ids, axis=-1)
     order = np.argsort(-values, axis=-1, kind="stable")
     ids, values = np.take_along_axis(ids, order, axis=-1), np.take_along_axis(values, order, axis=-1)

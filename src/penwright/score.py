@@ -57,8 +57,8 @@ def score_texts(engine: Engine, texts: list[str]) -> list[TextScore]:
         TextScore(
             text,
             n,
-            total / n if n else 0.0,
-            -total / math.log(2) / max(1, len(text.encode("utf-8"))),
+            total / n if n else -math.inf,  # an empty text: nothing to score, ranked last
+            -total / math.log(2) / len(text.encode("utf-8")) if n else math.inf,
         )
         for text, (total, n) in zip(texts, totals)
     ]
@@ -98,7 +98,11 @@ def score_file(
     engine = Engine.load(model_dir, slots=8, threads=threads, graph=graph)
     scores = sorted(score_texts(engine, samples), key=lambda s: -s.mean_logprob)
     out = Path(output) if output else path.with_name(path.name + ".scores.jsonl")
-    atomic_write_text(out, "".join(json.dumps(asdict(s), ensure_ascii=False) + "\n" for s in scores))
+    rows = [
+        {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in asdict(s).items()}
+        for s in scores
+    ]
+    atomic_write_text(out, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))  # empty: null
     log = get_logger("score").info
     for rank, s in enumerate(scores[:5], start=1):
         first = s.text.strip().splitlines()[0][:60] if s.text.strip() else ""

@@ -231,12 +231,6 @@ def create_app(engine_factory, settings: Settings) -> FastAPI:
         return _validation_response(err.errors())
 
     @app.middleware("http")
-    async def _count(request: HttpRequest, call_next):  # every answer by status, the guard's included
-        response = await call_next(request)
-        metrics.responses.labels(str(response.status_code)).inc()
-        return response
-
-    @app.middleware("http")
     async def _guard(request: HttpRequest, call_next):
         length = request.headers.get("content-length")
         if length is not None and (not length.isdigit() or int(length) > settings.max_body_bytes):
@@ -260,6 +254,16 @@ def create_app(engine_factory, settings: Settings) -> FastAPI:
                     401,
                 )
         return await call_next(request)
+
+    @app.middleware("http")
+    async def _count(request: HttpRequest, call_next):  # registered last: the outermost, the guard's answers counted
+        try:
+            response = await call_next(request)
+        except Exception:
+            metrics.responses.labels("500").inc()
+            raise
+        metrics.responses.labels(str(response.status_code)).inc()
+        return response
 
     def serving() -> bool:
         return bool(state["threads"]) and all(t.is_alive() for t in state["threads"].values())
@@ -441,7 +445,9 @@ def create_app(engine_factory, settings: Settings) -> FastAPI:
             "created": int(time.time()),
             "model": served,
         }
-        prefix = [texts[k // best_of] if body.echo else "" for k in range(len(requests))]
+        # echo: the prompt as its tokens read (an empty prompt is <|endoftext|>: the offsets index this text)
+        shown = [t or eng.decode(ids) for t, ids in zip(texts, encoded)]
+        prefix = [shown[k // best_of] if body.echo else "" for k in range(len(requests))]
         usage_prompt = sum(len(ids) for ids in encoded)
 
         def scores(r: Request, start: int = 0) -> list:  # the choice's scored tokens from start on
@@ -771,7 +777,9 @@ def _logprobs_json(engine: Engine, entries: list, offset: int) -> tuple[dict, in
         if e.logprob is None:
             top.append(None)
             continue
-        pairs = dict(zip(engine.token_texts([t for t, _ in e.top]), (lp for _, lp in e.top)))
+        pairs: dict[str, float] = {}
+        for piece, lp in zip(engine.token_texts([t for t, _ in e.top]), (lp for _, lp in e.top)):
+            pairs.setdefault(piece, lp)  # tokens of the same text (pieces of characters): the most likely one's
         pairs.setdefault(text, e.logprob)
         top.append(pairs)
     return {
