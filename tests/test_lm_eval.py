@@ -17,6 +17,7 @@ import torch
 
 from helpers.net import free_port
 from helpers.paths import ENGLISH, REPO
+from helpers.reweighted import export_reweighted
 
 pytestmark = pytest.mark.slow
 
@@ -29,28 +30,7 @@ GEN_TOKENS = 6
 def model(tmp_path_factory, tiny_gpt2):
     """The tiny GPT-2 with larger random weights (its greedy choices vary, so accuracy is neither 0 nor 1),
     exported by the export stage."""
-    from transformers import GPT2LMHeadModel
-
-    from penwright.config import compose
-    from penwright.export import export
-
-    root = tmp_path_factory.mktemp("lm-eval-model")
-    hf = root / "hf"
-    shutil.copytree(tiny_gpt2, hf)
-    torch.manual_seed(1)
-    net = GPT2LMHeadModel.from_pretrained(tiny_gpt2)
-    with torch.no_grad():
-        for p in net.parameters():
-            if p.dim() > 1:
-                p.normal_(0, 0.25)
-    net.save_pretrained(hf)
-    export(
-        compose(
-            [f"train.out_dir={hf}", f"export.out_dir={root / 'onnx'}", f"paths.reports={root / 'reports'}"],
-            config_dir=REPO / "conf",
-        )
-    )
-    return hf, root / "onnx"
+    return export_reweighted(tiny_gpt2, tmp_path_factory.mktemp("lm-eval-model"), seed=1)
 
 
 def transformers_reference(hf):

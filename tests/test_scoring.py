@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 
+from helpers.reweighted import log_softmax_of
 from penwright.engine import Engine, Request
 from penwright.errors import ConfigError
 from penwright.sampling import SamplingConfig
@@ -20,16 +20,7 @@ def engine(onnx_tiny) -> Engine:
 
 @pytest.fixture(scope="module")
 def reference(tiny_gpt2):
-    """transformers' own log_softmax of the model's logits for a list of ids: [len(ids), vocab]."""
-    from transformers import GPT2LMHeadModel
-
-    model = GPT2LMHeadModel.from_pretrained(tiny_gpt2).eval()
-
-    def logprobs(ids: list[int]) -> np.ndarray:
-        with torch.no_grad():
-            return torch.log_softmax(model(torch.tensor([ids])).logits[0].double(), -1).numpy()
-
-    return logprobs
+    return log_softmax_of(tiny_gpt2)
 
 
 def run(engine: Engine, requests: list[Request]) -> list[Request]:

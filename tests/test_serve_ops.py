@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import concurrent.futures
-import shutil
 
 import httpx
 import pytest
-import torch
 
-from helpers.paths import REPO
+from helpers.reweighted import export_reweighted
 from penwright.engine import Engine, Request
 from penwright.sampling import SamplingConfig
 
@@ -65,27 +63,7 @@ def test_metrics_scraped_under_load_add_up(serve_tiny):
 @pytest.fixture(scope="module")
 def other_model(tmp_path_factory, tiny_gpt2):
     """A second exported model: the tiny GPT-2's shape with other weights."""
-    from transformers import GPT2LMHeadModel
-
-    from penwright.config import compose
-    from penwright.export import export
-
-    root = tmp_path_factory.mktemp("other-model")
-    shutil.copytree(tiny_gpt2, root / "hf")
-    torch.manual_seed(7)
-    net = GPT2LMHeadModel.from_pretrained(tiny_gpt2)
-    with torch.no_grad():
-        for p in net.parameters():
-            if p.dim() > 1:
-                p.normal_(0, 0.25)
-    net.save_pretrained(root / "hf")
-    export(
-        compose(
-            [f"train.out_dir={root / 'hf'}", f"export.out_dir={root / 'onnx'}", f"paths.reports={root / 'reports'}"],
-            config_dir=REPO / "conf",
-        )
-    )
-    return root / "onnx"
+    return export_reweighted(tiny_gpt2, tmp_path_factory.mktemp("other-model"), seed=7)[1]
 
 
 def test_several_models_in_one_server(serve_tiny, onnx_tiny, other_model):

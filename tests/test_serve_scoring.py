@@ -8,7 +8,8 @@ import json
 import httpx
 import numpy as np
 import pytest
-import torch
+
+from helpers.reweighted import log_softmax_of
 
 PROMPT = "The quick brown fox jumps"
 
@@ -24,15 +25,7 @@ def server(serve_tiny):
 
 @pytest.fixture(scope="module")
 def reference(tiny_gpt2):
-    from transformers import GPT2LMHeadModel
-
-    model = GPT2LMHeadModel.from_pretrained(tiny_gpt2).eval()
-
-    def logprobs(ids: list[int]) -> np.ndarray:
-        with torch.no_grad():
-            return torch.log_softmax(model(torch.tensor([ids])).logits[0].double(), -1).numpy()
-
-    return logprobs
+    return log_softmax_of(tiny_gpt2)
 
 
 def test_token_id_prompts_give_what_their_text_gives(server):
