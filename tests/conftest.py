@@ -141,7 +141,7 @@ def compose_train(tmp_path, prepared_tiny):
 
 @pytest.fixture(scope="session")
 def onnx_tiny(tmp_path_factory, tiny_gpt2) -> Path:
-    """The tiny GPT-2 exported by the export stage (parity-checked): a folder Generator.load reads."""
+    """The tiny GPT-2 exported by the export stage (parity-checked): a folder Engine.load reads."""
     from penwright.config import compose
     from penwright.export import export
 

@@ -94,13 +94,12 @@ def test_export_names_a_damaged_file_of_the_trained_model_and_keeps_the_earlier_
 def test_loading_an_export_names_its_damaged_tokenizer_or_config(name, how, onnx_tiny, tmp_path):
     from penwright.engine import Engine
     from penwright.generate import generate
-    from penwright.runtime import Generator
 
     onnx_dir = tmp_path / "onnx"
     file = damaged_copy(onnx_tiny, onnx_dir, name, how)
-    for load in (Generator.load, Engine.load):
+    for padded in (False, True):
         with pytest.raises(PenwrightError) as err:
-            load(onnx_dir)
+            Engine.load(onnx_dir, padded=padded)
         check_message(err, file, "re-export with `penwright export`")
     dest = tmp_path / "samples.txt"
     with pytest.raises(PenwrightError) as err:
@@ -121,13 +120,12 @@ def test_loading_an_export_names_its_damaged_tokenizer_or_config(name, how, onnx
 def test_a_damaged_onnx_graph_is_one_line_naming_it(how, onnx_tiny, tmp_path):
     from penwright.engine import Engine
     from penwright.generate import generate
-    from penwright.runtime import Generator
 
     onnx_dir = tmp_path / "onnx"
     file = damaged_copy(onnx_tiny, onnx_dir, "model.onnx", how)
     dest = tmp_path / "samples.txt"
     runs = [
-        lambda: Generator.load(onnx_dir),
+        lambda: Engine.load(onnx_dir, padded=True),
         lambda: Engine.load(onnx_dir),
         lambda: generate(
             compose(

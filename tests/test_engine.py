@@ -1,4 +1,7 @@
-"""The continuous-batching engine against references: transformers generate, the runtime, itself alone."""
+"""The continuous-batching engine against references: transformers generate, itself alone, every graph alike.
+
+Each engine test runs on both runners: the slot runner (the fused graph, rows in place) and the padded runner
+(the graph as exported, rows left-padded into one batch: what lean and traced graphs and CUDA run)."""
 
 from __future__ import annotations
 
@@ -13,8 +16,13 @@ from penwright.sampling import SamplingConfig
 PROMPTS = ["The quick brown fox", "In the beginning", "", "Numbers like 12,345 and 2026 appear too, with"]
 
 
+@pytest.fixture(scope="module", params=["slots", "padded"])
+def engine(onnx_tiny, request) -> Engine:
+    return Engine.load(onnx_tiny, slots=16, padded=request.param == "padded")
+
+
 @pytest.fixture(scope="module")
-def engine(onnx_tiny) -> Engine:
+def slot_engine(onnx_tiny) -> Engine:
     return Engine.load(onnx_tiny, slots=16)
 
 
@@ -96,28 +104,31 @@ def test_rows_leave_when_done_and_free_their_slot_at_once(engine):
     engine.submit(late)
     engine.step()
     assert engine.rows[0] is not None and engine.rows[0].request is late  # the freed lowest slot is reused
+    if engine.runner.padded:  # the batch holds the running rows only: the one that left is out of it
+        assert [r.request for r in engine.runner.order] == [long, late]
     run(engine, [])
     assert len(long.tokens) == 30 and len(late.tokens) == 4
 
 
-def test_joining_and_leaving_copy_nothing_and_leave_other_rows_caches_alone(engine):
-    pointers = [c.ctypes.data for c in engine.cache]
+def test_joining_and_leaving_copy_nothing_and_leave_other_rows_caches_alone(slot_engine):
+    engine = slot_engine
+    pointers = [c.ctypes.data for c in engine.runner.cache]
     first = greedy(engine, "The quick brown fox", 30)
     engine.submit(first)
     for _ in range(5):
         engine.step()
     slot = next(r.slot for r in engine.rows if r is not None)
     length = engine.rows[slot].length
-    before = [c[slot, :, :length].copy() for c in engine.cache]
+    before = [c[slot, :, :length].copy() for c in engine.runner.cache]
     other = greedy(engine, "Numbers like 12,345", 2)
     engine.submit(other)
     engine.step()
     engine.step()
     engine.step()  # joins, runs, leaves
     assert other.finish_reason == "length"
-    for c, b in zip(engine.cache, before):
+    for c, b in zip(engine.runner.cache, before):
         assert np.array_equal(c[slot, :, :length], b)  # written once, never moved or re-padded
-    assert [c.ctypes.data for c in engine.cache] == pointers
+    assert [c.ctypes.data for c in engine.runner.cache] == pointers
     run(engine, [])
 
 
@@ -166,15 +177,7 @@ def test_the_context_and_bad_values_are_refused_before_queueing(engine):
     assert engine.waiting.empty()
 
 
-def test_generate_cli_path_matches_the_runtime_greedy(engine, onnx_tiny):
-    from penwright.runtime import Generator
-
-    gen = Generator.load(onnx_tiny)
-    ours = engine.generate(PROMPTS, 16, do_sample=False)
-    assert ours == [gen.generate([p], 16, do_sample=False)[0] for p in PROMPTS]
-
-
-def test_graphs_the_engine_cannot_run_get_one_clear_line(tmp_path, onnx_tiny):
+def test_a_graph_the_engine_cannot_read_gets_one_clear_line(tmp_path, onnx_tiny):
     import shutil
 
     folder = tmp_path / "onnx"
@@ -186,26 +189,70 @@ def test_graphs_the_engine_cannot_run_get_one_clear_line(tmp_path, onnx_tiny):
         Engine.load(tmp_path / "nowhere")
 
 
-def test_the_generate_stage_runs_on_the_engine_and_falls_back_for_other_graphs(onnx_tiny, tiny_gpt2, tmp_path, repo):
+@pytest.fixture(scope="module")
+def every_graph(onnx_tiny, tiny_gpt2, tmp_path_factory) -> dict:
+    """The tiny model's folder with each graph the export writes: fused (model.onnx), lean, traced, q8."""
     import shutil
 
     from transformers import GPT2LMHeadModel
 
-    from penwright.config import compose
-    from penwright.export import save_graph
-    from penwright.generate import load
+    from penwright.export import export_graph, quantize, save_graph
     from penwright.graph import build_graph
-    from penwright.runtime import Generator
 
-    folder = tmp_path / "onnx"
+    folder = tmp_path_factory.mktemp("graphs") / "onnx"
     shutil.copytree(onnx_tiny, folder)
-    save_graph(build_graph(GPT2LMHeadModel.from_pretrained(tiny_gpt2).eval(), "lean"), folder / "model.lean.onnx")
-    cfg = compose([f"generate.model_dir={folder}"], config_dir=repo / "conf")
-    assert isinstance(load(cfg.generate), Engine)
-    lean = compose([f"generate.model_dir={folder}", "generate.graph=model.lean.onnx"], config_dir=repo / "conf")
-    fallback = load(lean.generate)
-    assert isinstance(fallback, Generator)
-    assert fallback.generate(["The"], 8, do_sample=False) == load(cfg.generate).generate(["The"], 8, do_sample=False)
+    model = GPT2LMHeadModel.from_pretrained(tiny_gpt2).eval()
+    save_graph(build_graph(model, "lean"), folder / "model.lean.onnx")
+    export_graph(model, folder / "model.traced.onnx", 17)
+    quantize(folder / "model.onnx", "q8")
+    return folder
+
+
+def test_every_graph_gives_the_same_text_for_the_same_seed(every_graph, tiny_gpt2):
+    from transformers import GPT2LMHeadModel
+
+    from penwright.runner import PaddedRunner, SlotRunner
+
+    engines = {
+        "fused": Engine.load(every_graph, slots=4),
+        "fused-padded": Engine.load(every_graph, slots=4, padded=True),
+        "lean": Engine.load(every_graph, slots=4, graph="model.lean.onnx"),
+        "traced": Engine.load(every_graph, slots=4, graph="model.traced.onnx"),
+    }
+    assert isinstance(engines["fused"].runner, SlotRunner)
+    assert all(isinstance(e.runner, PaddedRunner) for k, e in engines.items() if k != "fused")
+    model = GPT2LMHeadModel.from_pretrained(tiny_gpt2).eval()
+    refs = []
+    for prompt in PROMPTS:
+        ids = torch.tensor([engines["fused"].encode(prompt)])
+        with torch.no_grad():
+            out = model.generate(ids, do_sample=False, max_new_tokens=16, eos_token_id=None, pad_token_id=0)
+        refs.append(out[0, ids.shape[1] :].tolist())
+    for name, e in engines.items():  # greedy: transformers' tokens on every graph
+        assert (
+            e.generate_ids([e.encode(p) for p in PROMPTS], 16, do_sample=False, stop_at_eos=False).tolist() == refs
+        ), name
+    sampled = {
+        name: e.generate(PROMPTS, 24, seed=7, temperature=0.9, top_k=40, min_new_tokens=24)
+        for name, e in engines.items()
+    }
+    assert len(set(map(tuple, sampled.values()))) == 1, sampled  # the same seed: the same text on every fp32 graph
+    q8 = Engine.load(every_graph, slots=4, graph="model.q8.onnx")  # another precision: it runs, on the slot runner
+    assert isinstance(q8.runner, SlotRunner) and len(q8.generate(PROMPTS, 8, seed=7)) == 4
+
+
+def test_the_generate_stage_runs_every_graph_on_the_engine(every_graph, repo):
+    from penwright.config import compose
+    from penwright.generate import load
+
+    def loaded(*overrides):
+        return load(compose([f"generate.model_dir={every_graph}", *overrides], config_dir=repo / "conf").generate)
+
+    fused = loaded()
+    for graph in ("model.lean.onnx", "model.traced.onnx"):
+        other = loaded(f"generate.graph={graph}")
+        assert isinstance(other, Engine) and other.runner.padded
+        assert other.generate(["The"], 8, do_sample=False) == fused.generate(["The"], 8, do_sample=False)
 
 
 def test_a_bad_seed_is_refused_at_submit(engine):

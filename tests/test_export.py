@@ -10,8 +10,9 @@ import pytest
 import torch
 from transformers import AutoTokenizer, GPT2LMHeadModel
 
+from penwright.engine import Engine
 from penwright.errors import PenwrightError
-from penwright.runtime import Generator, position_ids_for
+from penwright.runner import position_ids_for
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -90,30 +91,37 @@ def test_folder_is_self_contained_with_optimum_names(onnx_tiny):
     assert report["parity"]["max_abs_diff_logits_with_past"] <= 1e-4
 
 
-@pytest.mark.parametrize("io_binding", [False, True], ids=["run", "iobinding"])
 @pytest.mark.parametrize("prompts", [PROMPTS[:1], PROMPTS], ids=["batch1", "batch3-left-padded"])
-def test_logits_match_pytorch_with_empty_and_nonempty_past(graph_dir, ref, prompts, io_binding):
-    onnx_tiny = graph_dir
-    gen = Generator.load(onnx_tiny, io_binding=io_binding)  # IOBinding: what CUDA uses, run here on CPU
-    ids, mask = gen.encode(prompts)
+def test_logits_match_pytorch_with_empty_and_nonempty_past(graph_dir, ref, prompts):
+    from penwright.export import graph_runner
+    from penwright.tokenizer import left_padded
+
+    runner = graph_runner(graph_dir, "model.onnx")  # IOBinding, keys and values left as onnxruntime values: CUDA's path
+    tokenizer = left_padded(AutoTokenizer.from_pretrained(graph_dir))
+    enc = tokenizer(prompts, return_tensors="np", padding=True, add_special_tokens=False)
+    ids, mask = enc["input_ids"].astype(np.int64), enc["attention_mask"].astype(np.int64)
     full = torch_logits(ref, ids, mask)
     real = mask.astype(bool)
-    first = gen.forward(ids, mask, gen.empty_past(len(prompts)))  # past length 0: the first step
-    assert np.abs(first.logits - full)[real].max() < 1e-4
+    first, present = runner.forward(ids, mask, position_ids_for(mask, ids.shape[1]), None)  # past length 0
+    assert np.abs(first - full)[real].max() < 1e-4
     # then a step on a non-empty past: one more token per row
     nxt = full[:, -1].argmax(-1)[:, None]
     mask2 = np.concatenate([mask, np.ones((len(prompts), 1), np.int64)], 1)
-    step = gen.forward(nxt, mask2, first.present)
+    step, _ = runner.forward(nxt, mask2, position_ids_for(mask2, 1), present)
     full2 = torch_logits(ref, np.concatenate([ids, nxt], 1), mask2)
-    assert np.abs(step.logits[:, -1] - full2[:, -1]).max() < 1e-4
+    assert np.abs(step[:, -1] - full2[:, -1]).max() < 1e-4
 
 
-@pytest.mark.parametrize("io_binding", [False, True], ids=["run", "iobinding"])
-@pytest.mark.parametrize("prompts", [PROMPTS[:1], PROMPTS], ids=["batch1", "batch3-left-padded"])
-def test_greedy_tokens_equal_transformers_generate(graph_dir, ref, prompts, io_binding):
-    onnx_tiny = graph_dir
-    gen = Generator.load(onnx_tiny, io_binding=io_binding)
-    ids, mask = gen.encode(prompts)
+@pytest.mark.parametrize("padded", [False, True], ids=["engine", "padded-runner"])
+@pytest.mark.parametrize("prompts", [PROMPTS[:1], PROMPTS], ids=["batch1", "batch3"])
+def test_greedy_tokens_equal_transformers_generate(graph_dir, ref, prompts, padded):
+    from penwright.bench.generate import no_cache_ids
+    from penwright.engine import Engine
+    from penwright.tokenizer import left_padded
+
+    engine = Engine.load(graph_dir, slots=len(prompts), padded=padded)
+    enc = left_padded(engine.tokenizer)(prompts, return_tensors="np", padding=True, add_special_tokens=False)
+    ids, mask = enc["input_ids"].astype(np.int64), enc["attention_mask"].astype(np.int64)
     with torch.no_grad():
         expected = ref.generate(
             input_ids=torch.from_numpy(ids),
@@ -122,12 +130,12 @@ def test_greedy_tokens_equal_transformers_generate(graph_dir, ref, prompts, io_b
             max_new_tokens=20,
             min_new_tokens=20,
             eos_token_id=None,
-            pad_token_id=gen.eos,
+            pad_token_id=engine.eos,
         )[:, ids.shape[1] :].numpy()
-    ours = gen.generate_ids(ids, mask, 20, do_sample=False, stop_at_eos=False)
+    ours = engine.generate_ids([engine.encode(p) for p in prompts], 20, do_sample=False, stop_at_eos=False)
     assert np.array_equal(ours, expected)
-    nocache = gen.generate_ids(ids, mask, 20, do_sample=False, stop_at_eos=False, use_cache=False)
-    assert np.array_equal(nocache, expected)  # the re-feeding baseline computes the same thing
+    if not padded and len(prompts) > 1:  # the benchmark's re-feeding baseline computes the same thing
+        assert np.array_equal(no_cache_ids(graph_dir, ids, mask, 20), expected)
 
 
 def test_export_fails_when_there_is_no_model(tmp_path, repo):
@@ -176,7 +184,7 @@ def test_quantized_graphs_are_written_and_their_quality_measured(tmp_path, tiny_
 
     ops = {n.op_type for n in onnx.load(str(tmp_path / "onnx" / "model.q8.onnx")).graph.node}
     assert "MatMulNBits" in ops and "MatMul" not in ops  # every weight matrix, the output projection included
-    gen = Generator.load(tmp_path / "onnx", graph="model.q8.onnx")
+    gen = Engine.load(tmp_path / "onnx", graph="model.q8.onnx")
     assert len(gen.generate(["It is"], max_new_tokens=4, seed=0)) == 1
     from penwright.generate import generate  # the generate stage on a quantized graph
 
@@ -224,11 +232,12 @@ def test_corrupt_graph_is_a_clear_error(onnx_tiny, tmp_path):
     shutil.copytree(onnx_tiny, bad)
     data = (bad / "model.onnx").read_bytes()
     (bad / "model.onnx").write_bytes(data[: len(data) // 3])
-    with pytest.raises(PenwrightError, match="model.onnx: cannot be loaded"):
-        Generator.load(bad)
+    for padded in (False, True):
+        with pytest.raises(PenwrightError, match="model.onnx: cannot be read as an ONNX graph"):
+            Engine.load(bad, padded=padded)
     (bad / "model.onnx").unlink()
     with pytest.raises(PenwrightError, match="model.onnx: not found"):
-        Generator.load(bad)
+        Engine.load(bad)
 
 
 def test_tokenizer_that_does_not_match_the_graph(onnx_tiny, tmp_path):
@@ -243,11 +252,11 @@ def test_tokenizer_that_does_not_match_the_graph(onnx_tiny, tmp_path):
     ).save_pretrained(bad)
     assert len(AutoTokenizer.from_pretrained(bad)) > 320
     with pytest.raises(PenwrightError, match="different models"):
-        Generator.load(bad)
+        Engine.load(bad)
 
 
 def test_cuda_request_reports_what_actually_ran(onnx_tiny, capsys):
-    gen = Generator.load(onnx_tiny, provider="cuda")
+    gen = Engine.load(onnx_tiny, provider="cuda")
     import onnxruntime as ort
 
     if "CUDAExecutionProvider" in gen.session.get_providers():

@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 import torch
 
+from penwright.engine import Engine
 from penwright.errors import ConfigError, PenwrightError
 from penwright.generate import Sample, finish_text, generate, generate_samples, render
-from penwright.runtime import Generator, Step
 from penwright.sampling import SamplingConfig, apply_repetition_penalty, filter_top_k, filter_top_p, next_tokens
 
 EOS_TEXT = "<|endoftext|>"
@@ -25,8 +25,23 @@ REPLACEMENT = "\ufffd"
 
 
 @pytest.fixture(scope="module")
-def gen(onnx_tiny) -> Generator:
-    return Generator.load(onnx_tiny)
+def gen(onnx_tiny) -> Engine:
+    return Engine.load(onnx_tiny, slots=8)
+
+
+def encode(gen: Engine, prompts: list[str]) -> list[list[int]]:
+    return [gen.encode(p) for p in prompts]
+
+
+def left_padded_batch(gen: Engine, prompts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """The prompts as transformers takes a batch: left-padded ids and their mask."""
+    rows = encode(gen, prompts)
+    width = max(map(len, rows))
+    ids = np.full((len(rows), width), gen.eos, dtype=np.int64)
+    mask = np.zeros_like(ids)
+    for i, row in enumerate(rows):
+        ids[i, width - len(row) :], mask[i, width - len(row) :] = row, 1
+    return ids, mask
 
 
 @pytest.fixture(scope="module")
@@ -36,21 +51,37 @@ def ref(tiny_gpt2):
     return GPT2LMHeadModel.from_pretrained(tiny_gpt2).eval()
 
 
-def biased(monkeypatch, gen: Generator, bias: dict[int, float]) -> None:
-    """Add ``bias[token]`` to the graph's logits for the rest of the test (the model is untrained)."""
-    forward = gen.forward
+def patch_logits(monkeypatch, gen: Engine, change) -> None:
+    """Pass the graph's logits through ``change(logits)`` (in place) for the rest of the test, at prefill and at
+    every decoding step: what the runner returns, before any sampling code sees it."""
+    runner = gen.runner
+    prefill, decode = runner.prefill, runner.decode
 
-    def patched(*args):
-        step = forward(*args)
-        logits = step.logits.copy()
+    def patched_prefill(rows):
+        logits = prefill(rows)
+        change(logits)
+        return logits
+
+    def patched_decode(active):
+        rows, logits = decode(active)
+        change(logits)
+        return rows, logits
+
+    monkeypatch.setattr(runner, "prefill", patched_prefill)
+    monkeypatch.setattr(runner, "decode", patched_decode)
+
+
+def biased(monkeypatch, gen: Engine, bias: dict[int, float]) -> None:
+    """Add ``bias[token]`` to the graph's logits for the rest of the test (the model is untrained)."""
+
+    def add(logits):
         for token, value in bias.items():
             logits[..., token] += value
-        return Step(logits=logits, present=step.present)
 
-    monkeypatch.setattr(gen, "forward", patched)
+    patch_logits(monkeypatch, gen, add)
 
 
-def bos_id(gen: Generator) -> int:
+def bos_id(gen: Engine) -> int:
     token = gen.tokenizer.convert_tokens_to_ids(BOS_TEXT)
     assert gen.tokenizer.encode(BOS_TEXT, add_special_tokens=False) == [token]
     return token
@@ -240,7 +271,7 @@ def test_greedy_ignores_the_seed(gen):
 
 
 def test_repetition_penalty_in_the_loop_matches_transformers_generate(gen, ref):
-    ids, mask = gen.encode(["It is", "The dog did"])  # 4 tokens each: no padding (see the xfail below for pads)
+    ids, mask = left_padded_batch(gen, ["It is", "The dog did"])  # 4 tokens each: no padding
     assert mask.all()
     with torch.no_grad():
         expected = ref.generate(
@@ -253,36 +284,37 @@ def test_repetition_penalty_in_the_loop_matches_transformers_generate(gen, ref):
             pad_token_id=gen.eos,
             repetition_penalty=1.6,
         )[:, ids.shape[1] :].numpy()
-    ours = gen.generate_ids(ids, mask, 16, do_sample=False, repetition_penalty=1.6, stop_at_eos=False)
+    ours = gen.generate_ids(ids.tolist(), 16, do_sample=False, repetition_penalty=1.6, stop_at_eos=False)
     assert np.array_equal(ours, expected)
-    plain = gen.generate_ids(ids, mask, 16, do_sample=False, stop_at_eos=False)
+    plain = gen.generate_ids(ids.tolist(), 16, do_sample=False, stop_at_eos=False)
     assert not np.array_equal(ours, plain)  # the penalty changed something
 
 
-def test_repetition_penalty_ignores_left_padding(gen, monkeypatch):
+@pytest.mark.parametrize("padded", [False, True], ids=["slots", "left-padded"])
+def test_repetition_penalty_ignores_padding(onnx_tiny, monkeypatch, padded):
     from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
 
-    vocab = len(gen.tokenizer)
+    gen = Engine.load(onnx_tiny, slots=2, padded=padded)  # pads are EOS: right of a prompt in slots, left in a batch
 
-    def fixed_logits(ids, mask, past):  # every step: EOS 1.2, token 5 1.0, the rest 0
-        logits = np.zeros((ids.shape[0], ids.shape[1], vocab), dtype=np.float32)
+    def fixed(logits):  # every step: EOS 1.2, token 5 1.0, the rest 0
+        logits[:] = 0
         logits[..., 5], logits[..., gen.eos] = 1.0, 1.2
-        return Step(logits=logits, present=[])
 
-    monkeypatch.setattr(gen, "forward", fixed_logits)
+    patch_logits(monkeypatch, gen, fixed)
     kw = dict(do_sample=False, repetition_penalty=1.6)
-    alone = gen.generate_ids(*gen.encode(["It is"]), 3, **kw)
+    alone = gen.generate_ids(encode(gen, ["It is"]), 3, **kw)
     assert alone.tolist() == [[gen.eos]]  # "It is" has no EOS: nothing penalises it
-    ids, mask = gen.encode(["It is", "The quick brown fox"])
-    assert not mask[0].all()  # the first row is left-padded
+    ids, mask = left_padded_batch(gen, ["It is", "The quick brown fox"])
+    assert not mask[0].all()  # the first row is padded
     # transformers' processor, told about the padding as generate() tells it
-    step = fixed_logits(ids, mask, None).logits[:, -1]
+    step = np.zeros((2, len(gen.tokenizer)), dtype=np.float32)
+    fixed(step)
     pads = torch.from_numpy((mask == 0).sum(1))
     theirs = RepetitionPenaltyLogitsProcessor(1.6, prompt_ignore_length=pads)(
         torch.from_numpy(ids), torch.from_numpy(step.copy())
     )
     assert theirs.argmax(-1)[0].item() == gen.eos
-    batched = gen.generate_ids(ids, mask, 3, **kw)
+    batched = gen.generate_ids(encode(gen, ["It is", "The quick brown fox"]), 3, **kw)
     assert batched[0, 0] == gen.eos
 
 
@@ -291,35 +323,35 @@ def test_repetition_penalty_ignores_left_padding(gen, monkeypatch):
 
 def test_min_new_tokens_forbids_eos_before_n(gen, monkeypatch):
     biased(monkeypatch, gen, {gen.eos: 9.0})  # EOS now has probability ~0.96 at each step
-    ids, mask = gen.encode(["It is"] * 8)
-    free = gen.generate_ids(ids, mask, 20, seed=3)
+    ids = encode(gen, ["It is"] * 8)
+    free = gen.generate_ids(ids, 20, seed=3)
     assert (free[:, :5] == gen.eos).any(axis=1).all()  # without the floor every row ends early
     n = 5
-    out = gen.generate_ids(ids, mask, 20, seed=3, min_new_tokens=n)
+    out = gen.generate_ids(ids, 20, seed=3, min_new_tokens=n)
     assert out.shape[1] >= n
     assert not (out[:, :n] == gen.eos).any()
     assert (out == gen.eos).any(axis=1).all()  # EOS comes right after the floor
     # greedy too, and with a repetition penalty (which must not resurrect a forbidden EOS)
-    out = gen.generate_ids(ids, mask, 20, do_sample=False, min_new_tokens=n, repetition_penalty=1.3)
+    out = gen.generate_ids(ids, 20, do_sample=False, min_new_tokens=n, repetition_penalty=1.3)
     assert out.shape[1] >= n and not (out[:, :n] == gen.eos).any()
 
 
 def test_max_new_tokens_bounds_the_length(gen, monkeypatch):
-    ids, mask = gen.encode(["It is", "A"])
+    ids = encode(gen, ["It is", "A"])
     for n in (1, 7, 20):
-        out = gen.generate_ids(ids, mask, n, seed=0, stop_at_eos=False)
+        out = gen.generate_ids(ids, n, seed=0, stop_at_eos=False)
         assert out.shape == (2, n)
-        assert gen.generate_ids(ids, mask, n, seed=0).shape[1] <= n
+        assert gen.generate_ids(ids, n, seed=0).shape[1] <= n
     assert not (out == gen.eos).all(axis=1).any()
     biased(monkeypatch, gen, {gen.eos: -np.inf})  # no EOS at all: every row runs to the bound
-    assert gen.generate_ids(ids, mask, 20, seed=3).shape == (2, 20)
-    assert gen.generate_ids(ids, mask, 20, seed=3, min_new_tokens=30).shape == (2, 20)
+    assert gen.generate_ids(ids, 20, seed=3).shape == (2, 20)
+    assert gen.generate_ids(ids, 20, seed=3, min_new_tokens=30).shape == (2, 20)
 
 
 def test_each_row_finishes_on_its_own_and_is_padded_with_eos(gen, monkeypatch):
     biased(monkeypatch, gen, {gen.eos: 3.5})  # EOS ~ 9% a step: rows end at different times
-    ids, mask = gen.encode(["It is"] * 8)
-    out = gen.generate_ids(ids, mask, 40, seed=11)
+    ids = encode(gen, ["It is"] * 8)
+    out = gen.generate_ids(ids, 40, seed=11)
     firsts = [row.tolist().index(gen.eos) if gen.eos in row else None for row in out]
     ended = [f for f in firsts if f is not None]
     assert len(set(ended)) >= 2  # rows really did stop at different steps
@@ -329,7 +361,7 @@ def test_each_row_finishes_on_its_own_and_is_padded_with_eos(gen, monkeypatch):
     if all(f is not None for f in firsts):  # all finished: the loop stops at the last one
         assert out.shape[1] == max(ended) + 1
     # the rows that ended are unchanged by the others going on: same tokens as without stopping
-    cont = gen.generate_ids(ids, mask, 40, seed=11, stop_at_eos=False)
+    cont = gen.generate_ids(ids, 40, seed=11, stop_at_eos=False)
     for row, c, first in zip(out, cont, firsts):
         n = len(row) if first is None else first + 1
         assert np.array_equal(row[:n], c[:n])
@@ -378,8 +410,8 @@ def test_prefix_truncate_and_include_prefix(gen, monkeypatch):
     bare = generate_samples(gen, [BOS_TEXT], include_prefix=False, **kw)
     full = generate_samples(gen, [BOS_TEXT], include_prefix=True, **kw)
     assert len(bare) == len(full) == 4
-    ids, mask = gen.encode([BOS_TEXT] * 2)  # the first batch again: EOS was generated
-    assert (gen.generate_ids(ids, mask, 20, seed=5) == gen.eos).any()
+    ids = encode(gen, [BOS_TEXT] * 2)  # the first batch again: EOS was generated
+    assert (gen.generate_ids(ids, 20, seed=5) == gen.eos).any()
     for b, f in zip(bare, full):
         assert b.prompt == f.prompt == BOS_TEXT
         assert not b.text.startswith(BOS_TEXT)
@@ -399,13 +431,13 @@ def test_truncate_cuts_at_the_first_occurrence(gen):
 
 def test_nsamples_in_batches(gen, monkeypatch):
     calls = []
-    generate_ids = gen.generate_ids
+    real = gen.generate
 
-    def spy(ids, mask, max_new_tokens, **kw):
-        calls.append((ids.shape[0], kw["seed"]))
-        return generate_ids(ids, mask, max_new_tokens, **kw)
+    def spy(prompts, max_new_tokens, **kw):
+        calls.append((len(prompts), kw["seed"]))
+        return real(prompts, max_new_tokens, **kw)
 
-    monkeypatch.setattr(gen, "generate_ids", spy)
+    monkeypatch.setattr(gen, "generate", spy)
     samples = generate_samples(gen, ["It is", "A"], nsamples=5, batch_size=2, max_new_tokens=10, seed=3, progress=False)
     assert len(samples) == 10
     assert [s.prompt for s in samples] == ["It is"] * 5 + ["A"] * 5
@@ -505,17 +537,22 @@ def test_generate_without_destination_prints_the_samples(repo, onnx_tiny, capsys
 def stream_one(gen, monkeypatch, capsys, **kw):
     """Stream one sample; return (sample, stdout captured after each forward pass, stdout at the end)."""
     chunks = []
-    forward = gen.forward
+    prefill, decode = gen.runner.prefill, gen.runner.decode
 
-    def watching(*args):
-        chunks.append(capsys.readouterr().out)
-        return forward(*args)
+    def watching(run):
+        def run_watched(rows):
+            chunks.append(capsys.readouterr().out)
+            return run(rows)
 
-    monkeypatch.setattr(gen, "forward", watching)
+        return run_watched
+
+    monkeypatch.setattr(gen.runner, "prefill", watching(prefill))
+    monkeypatch.setattr(gen.runner, "decode", watching(decode))
     capsys.readouterr()
     sample = generate_samples(gen, ["It is"], nsamples=1, stream=True, **kw)
     chunks.append(capsys.readouterr().out)
-    monkeypatch.setattr(gen, "forward", forward)
+    monkeypatch.setattr(gen.runner, "prefill", prefill)
+    monkeypatch.setattr(gen.runner, "decode", decode)
     return sample[0], chunks
 
 
@@ -577,15 +614,15 @@ def test_streamed_text_equals_the_sample_with_a_stop_string(gen, monkeypatch, ca
 @pytest.mark.parametrize(
     "sampling,key",
     [
-        (dict(temperature=0.0), "generate.temperature"),
-        (dict(temperature=-0.5), "generate.temperature"),
-        (dict(top_p=0.0), "generate.top_p"),
-        (dict(top_p=1.5), "generate.top_p"),
-        (dict(top_k=-1), "generate.top_k"),
-        (dict(repetition_penalty=0.0), "generate.repetition_penalty"),
+        (dict(temperature=0.0), "temperature=0.0"),
+        (dict(temperature=-0.5), "temperature=-0.5"),
+        (dict(top_p=0.0), "top_p=0.0"),
+        (dict(top_p=1.5), "top_p=1.5"),
+        (dict(top_k=-1), "top_k=-1"),
+        (dict(repetition_penalty=0.0), "repetition_penalty=0.0"),
     ],
 )
-def test_bad_sampling_values_name_the_key(gen, sampling, key):
+def test_bad_sampling_values_name_the_value(gen, sampling, key):
     with pytest.raises(ConfigError, match=key):
         SamplingConfig(**sampling)
     with pytest.raises(ConfigError, match=key):
@@ -610,21 +647,26 @@ def test_bad_counts_and_lengths_name_the_key(gen):
     with pytest.raises(ConfigError, match="generate.batch_size"):
         generate_samples(gen, ["It is"], batch_size=0, progress=False)
     for n in (0, -3):
-        with pytest.raises(ConfigError, match="generate.max_new_tokens"):
+        with pytest.raises(ConfigError, match=f"max_tokens={n}"):
             gen.generate(["It is"], max_new_tokens=n)
+        with pytest.raises(ConfigError, match=f"generate.max_new_tokens={n}"):
+            generate_samples(gen, ["It is"], max_new_tokens=n, progress=False)
 
 
 def test_prompt_plus_max_new_tokens_beyond_the_context(gen):
-    ids, _ = gen.encode(["It is"])
-    room = gen.n_positions - ids.shape[1]
-    assert gen.n_positions == 64
+    ids = gen.encode("It is")
+    room = gen.context - len(ids)
+    assert gen.context == 64
     with pytest.raises(PenwrightError, match="context of 64 tokens") as err:
         gen.generate(["It is"], max_new_tokens=room + 1)
+    assert "max_tokens" in str(err.value)
+    with pytest.raises(ConfigError, match="context of 64 tokens") as err:  # the stage names its key
+        generate_samples(gen, ["It is"], max_new_tokens=room + 1, progress=False)
     assert "generate.max_new_tokens" in str(err.value)
     long = " ".join(["the quick brown fox"] * 30)
     with pytest.raises(PenwrightError, match="context"):
         gen.generate([long], max_new_tokens=1)
-    out = gen.generate_ids(*gen.encode(["It is"]), room, do_sample=False, stop_at_eos=False)  # the limit itself
+    out = gen.generate_ids([ids], room, do_sample=False, stop_at_eos=False)  # the limit itself
     assert out.shape == (1, room)
 
 
@@ -651,8 +693,8 @@ def test_bad_config_fails_before_writing(repo, onnx_tiny, tmp_path, override, ke
 
 
 def test_an_empty_prompt_is_an_unconditional_sample(gen, ref):
-    ids, mask = gen.encode([""])
-    assert ids.tolist() == [[gen.eos]] and mask.tolist() == [[1]]
+    ids = encode(gen, [""])
+    assert ids == [[gen.eos]]
     text = gen.generate([""], max_new_tokens=12, seed=0, min_new_tokens=12)[0]
     assert text and not text.startswith(EOS_TEXT)
     with torch.no_grad():
@@ -665,7 +707,7 @@ def test_an_empty_prompt_is_an_unconditional_sample(gen, ref):
             eos_token_id=None,
             pad_token_id=gen.eos,
         )[:, 1:].numpy()
-    assert np.array_equal(gen.generate_ids(ids, mask, 12, do_sample=False, stop_at_eos=False), expected)
+    assert np.array_equal(gen.generate_ids(ids, 12, do_sample=False, stop_at_eos=False), expected)
     samples = generate_samples(
         gen, ["", "It is"], nsamples=2, max_new_tokens=6, seed=0, progress=False, min_new_tokens=1
     )

@@ -134,6 +134,7 @@ def test_the_gpu_checks_dry_run_covers_every_case(tmp_path):
         "gpt2-large/auto_batch_size",
         "gpt2/fsdp-1gpu",
         "generate",
+        "engine",
         *(
             f"{shape}/lora/{p}/{kind}"
             for shape in ("gpt2-large", "gpt2-xl")
@@ -153,6 +154,8 @@ def test_the_gpu_checks_dry_run_covers_every_case(tmp_path):
         == 8
     )
     assert runs["generate"]["batch16_tokens_per_sec"] > 0
+    # the engine's CUDA path (the padded runner) on the CPU: the slot engine's greedy tokens
+    assert runs["engine"]["same_tokens_as_cpu"] and runs["engine"]["batch16_tokens_per_sec"] > 0
     lora = runs["gpt2-xl/lora/bf16/memory"]
     assert (
         lora["loss_finite"] and 0 < lora["checkpoint_mb"] < lora["params_m"] * 4
@@ -164,7 +167,7 @@ def test_the_gpu_checks_dry_run_covers_every_case(tmp_path):
     )
     assert cases["device"]["dry"] and cases["device"]["torch"]
     summary = (tmp_path / "gpu" / "check.md").read_text()
-    assert "dry run" in summary and "gpt2-large/auto_batch_size" in summary
+    assert "dry run" in summary and "gpt2-large/auto_batch_size" in summary and "penwright's engine" in summary
     assert json.loads((tmp_path / "gpu" / "check.json").read_text())["gpt2/bf16"]["ok"]
     assert not (tmp_path / "gpu" / "work").exists()
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from transformers import GPT2LMHeadModel
@@ -122,8 +123,8 @@ def test_lora_export_passes_parity_and_greedy_tokens_in_onnx_and_llama_cpp_equal
     from peft import PeftModel
 
     from penwright.config import compose
+    from penwright.engine import Engine
     from penwright.export import export
-    from penwright.runtime import Generator
 
     train(compose_lora("trainer.max_steps=8", "sample.every_n_steps=0"))
     model_dir, onnx = tmp_path / "run" / "model", tmp_path / "onnx"
@@ -145,13 +146,13 @@ def test_lora_export_passes_parity_and_greedy_tokens_in_onnx_and_llama_cpp_equal
     assert report["parity"]["passed"] and report["parity"]["greedy_tokens_equal"]
     assert (onnx / "model.q8.onnx").is_file() and report["quantized"]["q8"]["top1_agreement"] > 0.9
     unmerged = PeftModel.from_pretrained(GPT2LMHeadModel.from_pretrained(tiny_gpt2), model_dir / "adapter").eval()
-    gen = Generator.load(onnx)
-    ids, mask = gen.encode(["The quick brown fox"])
+    gen = Engine.load(onnx, slots=1)
+    ids = np.array([gen.encode("The quick brown fox")])
     with torch.no_grad():
         ref = unmerged.generate(
             input_ids=torch.tensor(ids), max_new_tokens=12, do_sample=False, eos_token_id=None, pad_token_id=0
         )[0, ids.shape[1] :].tolist()
-    ours = gen.generate_ids(ids, mask, max_new_tokens=12, do_sample=False, stop_at_eos=False)[0].tolist()
+    ours = gen.generate_ids(ids.tolist(), 12, do_sample=False, stop_at_eos=False)[0].tolist()
     assert ours == ref
     # the merged model's GGUF in llama.cpp: its tokens and greedy continuation too
     from test_gguf import llama, llama_greedy

@@ -110,13 +110,13 @@ def test_bad_input_names_the_file_or_key(repo, onnx_tiny, tmp_path):
         [
             f"generate.model_dir={onnx_tiny}",
             "generate.rank=true",
-            "generate.provider=cuda",
+            "generate.max_new_tokens=80",
             f"generate.destination={dest}",
             "generate.report=null",
         ],
         config_dir=repo / "conf",
     )
-    with pytest.raises(ConfigError, match="generate.rank=true scores on the engine"):
+    with pytest.raises(ConfigError, match="generate.max_new_tokens=80 exceeds the model's context of 64"):
         generate(cfg)
     assert dest.read_text() == "keep me"
 

@@ -45,14 +45,14 @@ def client(server):
 # -- the OpenAI API, through the official client ------------------------------------------------------
 
 
-def test_openai_client_greedy_equals_the_engine_and_the_runtime(client, server, onnx_tiny):
-    from penwright.runtime import Generator
+def test_openai_client_greedy_equals_the_engine_on_the_graph_as_exported(client, server, onnx_tiny):
+    from penwright.engine import Engine
 
     out = client.completions.create(model="penwright", prompt=PROMPT, max_tokens=12, temperature=0)
     choice = out.choices[0]
     assert out.object == "text_completion" and out.model == "penwright" and out.id.startswith("cmpl-")
     assert choice.index == 0 and choice.finish_reason in ("stop", "length")
-    expected = Generator.load(onnx_tiny).generate([PROMPT], 12, do_sample=False)[0]
+    expected = Engine.load(onnx_tiny, slots=1, padded=True).generate([PROMPT], 12, do_sample=False)[0]
     assert choice.text == expected
     prompt_tokens = len(server.engine.encode(PROMPT))
     assert out.usage.prompt_tokens == prompt_tokens

@@ -4,7 +4,7 @@
 ``chain.n`` prompts with the prompts model (rows ``<|startoftext|>prompt<|endoftext|>``), then feeds
 each to the responses model as the prefix ``<|startoftext|>[WP] prompt [RESPONSE]`` (the record
 format it learned) and writes the prompt/response pairs to ``chain.output``. Both run on the
-exported ONNX models with penwright's KV-cached runtime.
+exported ONNX models on penwright's engine (``penwright.engine``), ``chain.batch_size`` slots each.
 """
 
 from __future__ import annotations
@@ -16,16 +16,15 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from penwright.engine import Engine
 from penwright.errors import ConfigError
 from penwright.fsutil import atomic_write_text
 from penwright.generate import finish_text
 from penwright.log import get_logger
-from penwright.runtime import Generator
 from penwright.schema import Config
 from penwright.tokenizer import BOS_TEXT, EOS
 
 WP, RESPONSE = "[WP]", "[RESPONSE]"
-KEYS = {name: f"chain.{name}" for name in ("temperature", "top_k", "top_p", "min_new_tokens")}  # what errors name
 
 
 def response_prefix(prompt: str) -> str:
@@ -38,14 +37,13 @@ def _batches(items: list, size: int):
 
 
 def _texts(
-    gen: Generator,
+    gen: Engine,
     prefixes: list[str],
     max_new_tokens: int,
     batch_size: int,
     seed: int | None,
     stops: list[str],
     bar,
-    length_key: str,
     retries: int = 3,
     **sampling,
 ) -> list[str]:
@@ -60,7 +58,6 @@ def _texts(
                 max_new_tokens,
                 seed=step_seed,
                 stop_strings=stops,
-                keys={**KEYS, "max_new_tokens": length_key},
                 **sampling,
             )
             for i, text in zip(rows, out):
@@ -72,8 +69,8 @@ def _texts(
 
 
 def make_pairs(
-    prompt_gen: Generator,
-    response_gen: Generator,
+    prompt_gen: Engine,
+    response_gen: Engine,
     n: int,
     batch_size: int = 4,
     prompt_tokens: int = 40,
@@ -96,7 +93,6 @@ def make_pairs(
         seed,
         [BOS_TEXT, RESPONSE, WP],
         bar,
-        "chain.prompt_tokens",
         **sampling,
     )
     prompts = [p for p in prompts if p]
@@ -108,7 +104,6 @@ def make_pairs(
         None if seed is None else seed + 1,
         [BOS_TEXT, WP, RESPONSE],
         bar,
-        "chain.response_tokens",
         **sampling,
     )
     bar.close()
@@ -135,8 +130,8 @@ def chain(cfg: Config) -> list[dict]:
         )
     start = time.perf_counter()
     threads = c.threads
-    prompt_gen = Generator.load(c.prompts_model, threads=threads)
-    response_gen = Generator.load(c.responses_model, threads=threads)
+    prompt_gen = Engine.load(c.prompts_model, slots=c.batch_size, threads=threads)
+    response_gen = Engine.load(c.responses_model, slots=c.batch_size, threads=threads)
     pairs = make_pairs(
         prompt_gen,
         response_gen,

@@ -1,18 +1,20 @@
 """Continuous batching: one decoding loop over slots that requests enter and leave.
 
-``Engine.load("artifacts/onnx", slots=16)`` opens the exported fused graph rewritten by
-``graph.slot_graph``: attention reads and writes one preallocated key/value buffer per layer,
-[slots, heads, context, head_dim], at per-row lengths. A request takes the lowest free slot; the
-prompts admitted at one step are prefilled together, right-padded, into their consecutive slots;
-then every ``step()`` feeds one token for each running row of slots ``0..hi`` at once.
-A row leaves at EOS, a stop string, ``max_tokens``, the end of the context, a cancel or its
-deadline, freeing its slot for the next request at the next step. Nothing is copied or re-padded
-when a row enters or leaves: the buffers never move (each step binds the same memory as input and
-output), and each row keeps its own length, sampling parameters and random stream, so a seeded
-request gives the same text alone or beside others.
+``Engine.load("artifacts/onnx", slots=16)`` opens an exported graph. A request takes the lowest free
+slot; the prompts admitted at one step are prefilled together; then every ``step()`` feeds one token
+for each running row at once. A row leaves at EOS, a stop string, ``max_tokens``, the end of the
+context, a cancel or its deadline, freeing its slot for the next request at the next step. Each row
+keeps its own length, sampling parameters and random stream, so a seeded request gives the same text
+alone or beside others, on any graph.
 
-``penwright generate`` and ``penwright serve`` both run on this engine: ``Engine.generate`` is the
-synchronous form (submit, step until done); the server runs ``Engine.run_forever`` on a thread.
+The graph itself runs in a runner (``penwright.runner``): penwright's fused graph on the CPU in the
+slot runner (one key/value buffer per layer, rows in place, nothing copied as rows come and go);
+every other graph the export writes (lean, traced, fp16) and every graph on CUDA in the padded
+runner (the standard inputs, rows left-padded into one batch, the cache on the device).
+
+Everything that generates text runs here: ``penwright generate``, ``chain``, ``score``, the
+benchmarks (``Engine.generate`` / ``Engine.generate_ids``: submit, step until done) and
+``penwright serve`` (``Engine.run_forever`` on a thread).
 """
 
 from __future__ import annotations
@@ -28,15 +30,11 @@ from typing import NamedTuple
 import numpy as np
 
 from penwright.errors import ConfigError, PenwrightError
-from penwright.sampling import SamplingConfig, config_key, log_softmax, next_tokens_per_row, top_logprobs
+from penwright.runner import GRAPH, PaddedRunner, SlotRunner, open_session, read_beside_graph
+from penwright.sampling import SamplingConfig, log_softmax, next_tokens_per_row, top_logprobs
 
-GRAPH = "model.onnx"
-PREFILL_TOKENS = 8192  # the most padded prompt tokens one prefill run takes (more admitted prompts: more runs)
+__all__ = ["GRAPH", "Engine", "Request", "TokenScore"]
 SCORE_CHUNK = 256  # prompt positions log-softmaxed at once when a prompt is scored (bounds the temporary memory)
-
-
-class UnsupportedGraph(PenwrightError):
-    """The graph is not one the engine can rewrite (not penwright's fused graph)."""
 
 
 class TokenScore(NamedTuple):
@@ -107,13 +105,10 @@ class _Row:
 
 
 class Engine:
-    def __init__(self, session, tokenizer, config: dict, slots: int, context: int | None = None):
-        self.session, self.tokenizer = session, tokenizer
-        self.provider = "cpu"  # the key/value buffers are host memory: the engine runs on onnxruntime's CPU provider
-        self.n_layer, self.n_head = int(config["n_layer"]), int(config["n_head"])
-        self.head_dim = int(config["n_embd"]) // self.n_head
-        self.n_positions = int(config["n_positions"])
-        self.context = min(int(context or self.n_positions), self.n_positions)
+    def __init__(self, runner: SlotRunner | PaddedRunner, tokenizer, provider: str = "cpu"):
+        self.runner, self.tokenizer = runner, tokenizer
+        self.provider = provider  # what runs the graph: "cpu" or "cuda"
+        self.context, self.slots, self.vocab = runner.context, runner.slots, runner.vocab
         self.eos = int(tokenizer.eos_token_id)
         backend = getattr(tokenizer, "backend_tokenizer", None)
         if backend is not None and not getattr(tokenizer, "clean_up_tokenization_spaces", False):
@@ -123,23 +118,6 @@ class Engine:
         # byte-level BPE decodes token runs that end on whole characters independently: text(a + b) = text(a) + text(b)
         decoder = getattr(backend, "decoder", None) if self._decode is not tokenizer.decode else None
         self._concatenates = type(decoder).__name__ == "ByteLevel"
-        self.vocab = int(session.get_outputs()[0].shape[-1])
-        self.slots = int(slots)
-        self.past_names = [i.name for i in session.get_inputs() if i.name.startswith("past_key_values.")]
-        self.present_names = [o.name for o in session.get_outputs()][1:]
-        shape = (self.slots, self.n_head, self.context, self.head_dim)
-        self.cache = [np.zeros(shape, dtype=np.float32) for _ in self.past_names]  # pages are touched as rows fill them
-        # the step's small inputs and its logits: preallocated, so a binding made once per batch width stays valid
-        self.ids = np.zeros((self.slots, 1), dtype=np.int64)
-        self.positions = np.zeros((self.slots, 1), dtype=np.int64)
-        self.seqlens = np.zeros(self.slots, dtype=np.int32)
-        self.total = np.zeros(1, dtype=np.int32)
-        self.zeros = np.zeros((self.slots, 1), dtype=np.int64)  # last_index of a decoding step: its one position
-        self.logits = np.zeros((self.slots, 1, self.vocab), dtype=np.float32)
-        self._bindings: dict[int, object] = {}
-        # onnxruntime's own session type: its run is called without the Python wrapper, which checks for WebGPU
-        # graph capture on every call (~6 us a step), something a CPU session never uses
-        self._ort_session = type(session) if hasattr(session, "_sess") else None
         self._token_texts: dict[int, str] = {}
         self.rows: list[_Row | None] = [None] * self.slots
         self.waiting: queue.Queue[Request] = queue.Queue()
@@ -157,12 +135,17 @@ class Engine:
         graph: str = GRAPH,
         context: int | None = None,
         spin: bool = True,
+        provider: str = "cpu",
+        device_id: int = 0,
+        padded: bool = False,
     ) -> Engine:
+        """The engine on ``path/graph``: the slot runner for penwright's fused graph on the CPU, the padded
+        runner for any other graph, for CUDA (``provider="cuda"``; it falls back to the CPU when CUDA cannot
+        run, and ``Engine.provider`` says so), or when ``padded`` asks for it (the CUDA path, on the CPU)."""
         import onnx
-        import onnxruntime as ort
 
+        from penwright.files import short
         from penwright.graph import slot_graph
-        from penwright.runtime import read_beside_graph
 
         path = Path(path)
         file = path / graph
@@ -171,102 +154,48 @@ class Engine:
         if slots < 1:
             raise ConfigError(f"slots={slots}: the engine needs at least one slot")
         try:
-            model = onnx.load(str(file))
-        except Exception as err:  # protobuf's DecodeError, a truncated external data file, ...
-            from penwright.files import short
-
+            model = onnx.load(str(file), load_external_data=False)  # the nodes: is it the fused graph?
+        except Exception as err:  # protobuf's DecodeError, a truncated file, ...
             raise PenwrightError(
                 f"{file}: cannot be read as an ONNX graph ({type(err).__name__}: {short(err, 300)}); "
                 f"re-export it with `penwright export`"
             ) from None
-        try:
-            model = slot_graph(model)
-        except ValueError as err:
-            raise UnsupportedGraph(f"{file}: continuous batching cannot run this graph: {err}") from None
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.log_severity_level = 3
-        if threads:
-            options.intra_op_num_threads = int(threads)
-        if not spin:  # idle worker threads sleep instead of spinning: a server shares its cores with I/O
-            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        try:
-            session = ort.InferenceSession(
-                model.SerializeToString(), sess_options=options, providers=["CPUExecutionProvider"]
-            )
-        except Exception as err:
-            raise PenwrightError(
-                f"{file}: onnxruntime cannot load its slot graph ({type(err).__name__}: "
-                f"{str(err).splitlines()[0][:300]}); re-export it with `penwright export`"
-            ) from None
+        fused = not padded and any(n.op_type == "MultiHeadAttention" for n in model.graph.node)
+        source, ran = str(file), provider
+        if provider == "cuda":  # every graph runs padded there (the slot graph's attention is CPU-only in fp32)
+            session, ran = open_session(source, file, threads, "cuda", device_id, spin)
+        if ran == "cpu" and fused:
+            try:
+                model = onnx.load(str(file))
+                source = slot_graph(model).SerializeToString()
+            except ValueError:  # a fused graph the rewrite cannot take (a head size GroupQueryAttention lacks)
+                fused = False
+            except Exception as err:  # the external weights are missing or truncated
+                raise PenwrightError(
+                    f"{file}: cannot be read as an ONNX graph ({type(err).__name__}: {short(err, 300)}); "
+                    f"re-export it with `penwright export`"
+                ) from None
+        if ran == "cpu":
+            session, _ = open_session(source, file, threads, "cpu", 0, spin)
         config, tokenizer = read_beside_graph(path, session)
-        return cls(session, tokenizer, config, slots=slots, context=context)
+        window = min(int(context or config["n_positions"]), int(config["n_positions"]))
+        eos = int(tokenizer.eos_token_id)
+        if ran == "cpu" and fused:
+            runner = SlotRunner(session, config, slots, window, eos)
+        else:
+            runner = PaddedRunner(session, config, slots, window, eos, device=ran, device_id=device_id)
+        return cls(runner, tokenizer, provider=ran)
+
+    @property
+    def session(self):
+        return self.runner.session
+
+    @session.setter
+    def session(self, session) -> None:  # the tests wrap it (slow it down, make it fail once)
+        self.runner.session = session
 
     def cache_bytes(self) -> int:
-        return sum(c.nbytes for c in self.cache)
-
-    # -- the graph --------------------------------------------------------------------------------
-
-    def _bind(self, binding, lo: int, hi: int) -> None:
-        for names in (self.past_names, self.present_names):
-            for name, buf in zip(names, self.cache):
-                view = buf[lo:hi]  # rows lo..hi of a C-contiguous buffer: contiguous, no copy
-                if names is self.past_names:
-                    binding.bind_input(name, "cpu", 0, np.float32, view.shape, view.ctypes.data)
-                else:
-                    binding.bind_output(name, "cpu", 0, np.float32, view.shape, view.ctypes.data)
-
-    def _decode_binding(self, hi: int):
-        """The binding of a decoding step over slots 0..hi: made once per width, reused every step."""
-        binding = self._bindings.get(hi)
-        if binding is None:
-            binding = self.session.io_binding()
-            for name, array in (
-                ("input_ids", self.ids[:hi]),
-                ("position_ids", self.positions[:hi]),
-                ("seqlens_k", self.seqlens[:hi]),
-                ("total_sequence_length", self.total),
-                ("last_index", self.zeros[:hi]),
-            ):
-                binding.bind_input(name, "cpu", 0, array.dtype, array.shape, array.ctypes.data)
-            logits = self.logits[:hi]
-            binding.bind_output("logits", "cpu", 0, np.float32, logits.shape, logits.ctypes.data)
-            self._bind(binding, 0, hi)
-            self._bindings[hi] = binding
-        return binding
-
-    def _prefill(self, rows: list[_Row]) -> np.ndarray:
-        """Run the prompts of rows in consecutive slots as one right-padded batch into those slots; the logits
-        of each prompt's last token [len(rows), vocab]. (A pad's keys land past its row's length, where the
-        row's own tokens overwrite them and attention never reads.)"""
-        n, width = len(rows), max(len(r.request.prompt_ids) for r in rows)
-        scoring = rows[0].request.score_prompt  # then it is alone in its run: every position's logits
-        ids = np.full((n, width), self.eos, dtype=np.int64)
-        for i, r in enumerate(rows):
-            ids[i, : len(r.request.prompt_ids)] = r.request.prompt_ids
-        lengths = np.array([len(r.request.prompt_ids) for r in rows])
-        positions = np.broadcast_to(np.arange(width, dtype=np.int64), (n, width)).copy()
-        seqlens, total = (lengths - 1).astype(np.int32), np.array([width], dtype=np.int32)
-        last = np.arange(width, dtype=np.int64)[None] if scoring else (lengths - 1).astype(np.int64)[:, None]
-        logits = np.empty((n, last.shape[1], self.vocab), dtype=np.float32)  # every row written by the run
-        binding = self.session.io_binding()
-        for name, array in (
-            ("input_ids", ids),
-            ("position_ids", positions),
-            ("seqlens_k", seqlens),
-            ("total_sequence_length", total),
-            ("last_index", last),
-        ):
-            binding.bind_input(name, "cpu", 0, array.dtype, array.shape, array.ctypes.data)
-        binding.bind_output("logits", "cpu", 0, np.float32, logits.shape, logits.ctypes.data)
-        self._bind(binding, rows[0].slot, rows[-1].slot + 1)
-        self.session.run_with_iobinding(binding)
-        for r, length in zip(rows, lengths.tolist()):
-            r.length = length
-        if scoring:
-            self._score_prompt(rows[0].request, logits[0])
-            return logits[:, -1]
-        return logits[:, 0]
+        return self.runner.cache_bytes()
 
     def _score_prompt(self, request: Request, logits: np.ndarray) -> None:
         """Each prompt token's logprob from the position before it ([prompt, vocab] logits), in chunks."""
@@ -359,8 +288,11 @@ class Engine:
             self.rows[row.slot] = row
             admitted.append(row)
         if admitted:
-            for batch in self._prefill_batches(admitted):
-                logits = self._prefill(batch)
+            for batch in self.runner.batches(admitted):
+                logits = self.runner.prefill(batch)  # [rows, picked, vocab]
+                if batch[0].request.score_prompt:  # alone in its run: every position's logits
+                    self._score_prompt(batch[0].request, logits[0])
+                logits = logits[:, -1]
                 live = [i for i, r in enumerate(batch) if r.request.max_tokens > 0]
                 for r in batch:
                     if r.request.max_tokens == 0:  # a prompt scored, nothing to generate
@@ -370,42 +302,11 @@ class Engine:
         active = [r for r in self.rows if r is not None]  # in slot order
         if not active:
             return 0
-        hi = active[-1].slot + 1
-        ids, positions, seqlens = self.ids, self.positions, self.seqlens
-        if len(active) < hi:  # free slots among the rows: a harmless one-token step each, never read
-            seqlens[:hi] = 0
-            ids[:hi] = self.eos
-            positions[:hi] = 0
-        longest = 0
-        for r in active:
-            ids[r.slot, 0] = r.pending
-            positions[r.slot, 0] = r.length
-            seqlens[r.slot] = r.length  # tokens in the cache after this step, minus one
-            longest = max(longest, r.length)
-        self.total[0] = longest + 1
-        binding = self._decode_binding(hi)
-        if type(self.session) is self._ort_session:
-            self.session._sess.run_with_iobinding(binding._iobinding, None)
-        else:  # a session wrapped by its caller (the tests slow it down or make it fail): through its own method
-            self.session.run_with_iobinding(binding)
-        for r in active:
+        rows, logits = self.runner.decode(active)
+        for r in rows:
             r.length += 1
-        self._sample(active, self.logits[:hi, 0] if len(active) == hi else self.logits[[r.slot for r in active], 0])
+        self._sample(rows, logits)
         return self.running
-
-    def _prefill_batches(self, rows: list[_Row]) -> list[list[_Row]]:
-        """The admitted rows in runs of consecutive slots (one prefill each), at most PREFILL_TOKENS padded
-        tokens a run."""
-        batches: list[list[_Row]] = []
-        for row in sorted(rows, key=lambda r: r.slot):
-            batch = batches[-1] if batches else None
-            width = max([len(r.request.prompt_ids) for r in batch or []] + [len(row.request.prompt_ids)])
-            alone = row.request.score_prompt or (batch and batch[0].request.score_prompt)
-            if batch and not alone and batch[-1].slot + 1 == row.slot and width * (len(batch) + 1) <= PREFILL_TOKENS:
-                batch.append(row)
-            else:
-                batches.append([row])
-        return batches
 
     def _sample(self, rows: list[_Row], logits: np.ndarray) -> None:
         """Each row's next token from its logits ([len(rows), vocab]); rows with the same sampling settings
@@ -498,6 +399,7 @@ class Engine:
                 req.text, reason = req.text[: min(hits)], "stop"
         req.finish_reason = reason
         self.rows[row.slot] = None
+        self.runner.release(row)
         if req.emit is not None:
             req.emit(req.text[row.shown :], reason)
 
@@ -525,6 +427,41 @@ class Engine:
         """Stop taking steps once the running and waiting requests are done."""
         self._stop.set()
 
+    def run_until_idle(self) -> None:
+        """Step until every submitted request is done (the synchronous form of ``run_forever``)."""
+        while self.step() or not self.waiting.empty():
+            pass
+
+    def _requests(
+        self,
+        prompts: list[list[int]],
+        max_new_tokens: int,
+        seed: int | None,
+        stop_strings: list[str] | None,
+        min_new_tokens: int,
+        stop_at_eos: bool,
+        sampling: dict,
+    ) -> list[Request]:
+        if not prompts:
+            raise ConfigError('no prompts: give at least one ("" for an unconditional sample)')
+        config = SamplingConfig(**sampling)  # do_sample, temperature, top_k, top_p, repetition_penalty
+        stops = tuple(s for s in (stop_strings or []) if s)
+        requests = [
+            Request(
+                list(ids),
+                max_new_tokens,
+                config,
+                min_tokens=min_new_tokens,
+                stop=stops,
+                seed=None if seed is None else [seed, i],
+                stop_at_eos=stop_at_eos,
+            )
+            for i, ids in enumerate(prompts)
+        ]
+        for r in requests:
+            self.check(r.prompt_ids, r.max_tokens)
+        return requests
+
     def generate(
         self,
         prompts: list[str],
@@ -532,43 +469,15 @@ class Engine:
         seed: int | None = None,
         stop_strings: list[str] | None = None,
         on_step: Callable[[np.ndarray], None] | None = None,
-        do_sample: bool = True,
-        temperature: float = 1.0,
-        top_k: int = 0,
-        top_p: float = 1.0,
-        repetition_penalty: float = 1.0,
         min_new_tokens: int = 0,
-        keys: Mapping[str, str] | None = None,
+        **sampling,
     ) -> list[str]:
         """The new text for each prompt (cut at EOS and before the first stop string), run to completion
         here. Row ``i`` draws from its own stream seeded ``(seed, i)``; ``on_step`` sees the first row's
-        new tokens one at a time (streaming a single sample). ``keys`` maps parameter names to the caller's
-        config keys, which errors name (default ``generate.*``)."""
-        if not prompts:
-            raise ConfigError('no prompts: give at least one ("" for an unconditional sample)')
-        length_key = config_key(keys, "max_new_tokens")
-        if max_new_tokens < 1:
-            raise ConfigError(f"{length_key}={max_new_tokens}: must be >= 1")
-        sampling = SamplingConfig(do_sample, temperature, top_k, top_p, repetition_penalty, keys=keys)
-        stops = tuple(s for s in (stop_strings or []) if s)
-        requests = []
-        for i, prompt in enumerate(prompts):
-            ids = self.encode(prompt)
-            if len(ids) + max_new_tokens > self.context:
-                raise PenwrightError(
-                    f"a prompt of {len(ids)} tokens plus {length_key}={max_new_tokens} exceeds the model's "
-                    f"context of {self.context} tokens; shorten the prompt or lower {length_key}"
-                )
-            requests.append(
-                Request(
-                    ids,
-                    max_new_tokens,
-                    sampling,
-                    min_tokens=min_new_tokens,
-                    stop=stops,
-                    seed=None if seed is None else [seed, i],
-                )
-            )
+        new tokens one at a time (streaming a single sample). ``sampling``: ``SamplingConfig``'s fields
+        (do_sample, temperature, top_k, top_p, repetition_penalty)."""
+        ids = [self.encode(p) for p in prompts]
+        requests = self._requests(ids, max_new_tokens, seed, stop_strings, min_new_tokens, True, sampling)
         if on_step is not None:
             seen = [0]
 
@@ -581,6 +490,26 @@ class Engine:
             requests[0].emit = first_row
         for r in requests:
             self.submit(r)
-        while self.step() or not self.waiting.empty():
-            pass
+        self.run_until_idle()
         return [r.text for r in requests]
+
+    def generate_ids(
+        self,
+        prompts: list[list[int]],
+        max_new_tokens: int,
+        seed: int | None = None,
+        min_new_tokens: int = 0,
+        stop_at_eos: bool = True,
+        **sampling,
+    ) -> np.ndarray:
+        """The new token ids of each prompt (given as ids), [prompts, longest]: a row that ended at EOS has it
+        last, then EOS padding. Seeded and sampled as ``generate``."""
+        requests = self._requests(prompts, max_new_tokens, seed, None, min_new_tokens, stop_at_eos, sampling)
+        for r in requests:
+            self.submit(r)
+        self.run_until_idle()
+        rows = [r.tokens + ([self.eos] if r.finish_reason == "stop" else []) for r in requests]
+        out = np.full((len(rows), max(map(len, rows))), self.eos, dtype=np.int64)
+        for i, row in enumerate(rows):
+            out[i, : len(row)] = row
+        return out

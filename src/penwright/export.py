@@ -31,7 +31,7 @@ from penwright.files import load_model, load_tokenizer
 from penwright.fsutil import atomic_write_text, staged_dir
 from penwright.llamacpp import BLOCK, check_gguf, export_gguf  # BLOCK: q8/q4 use q8_0's blocks
 from penwright.log import get_logger
-from penwright.runtime import position_ids_for
+from penwright.runner import position_ids_for
 from penwright.tokenizer import left_padded
 
 GRAPH = "model.onnx"
@@ -210,9 +210,9 @@ def quantize(src: Path, kind: str) -> Path:
 
 def parity(model: GPT2LMHeadModel, tokenizer, onnx_dir: Path, prompts: list[str], new_tokens: int) -> dict:
     """ONNX vs PyTorch: logits on real positions (past 0 and > 0), greedy tokens vs transformers generate."""
-    from penwright.runtime import Generator
+    from penwright.engine import Engine
 
-    gen = Generator.load(onnx_dir, provider="cpu")
+    runner = graph_runner(onnx_dir, GRAPH)
     tokenizer = left_padded(tokenizer)
     enc = tokenizer(prompts, return_tensors="np", padding=True, add_special_tokens=False)
     ids, mask = enc["input_ids"].astype(np.int64), enc["attention_mask"].astype(np.int64)
@@ -228,11 +228,12 @@ def parity(model: GPT2LMHeadModel, tokenizer, onnx_dir: Path, prompts: list[str]
             .logits.float()
             .numpy()
         )
-    first = gen.forward(ids[:, :split], mask[:, :split], gen.empty_past(len(prompts)))
-    second = gen.forward(ids[:, split:], mask, first.present)
+    positions = position_ids_for(mask, ids.shape[1])
+    first, present = runner.forward(ids[:, :split], mask[:, :split], positions[:, :split], None)
+    second, _ = runner.forward(ids[:, split:], mask, positions[:, split:], present)
     real = mask.astype(bool)
-    diff_empty = float(np.abs(first.logits - full[:, :split])[real[:, :split]].max())
-    diff_past = float(np.abs(second.logits - full[:, split:])[real[:, split:]].max())
+    diff_empty = float(np.abs(first - full[:, :split])[real[:, :split]].max())
+    diff_past = float(np.abs(second - full[:, split:])[real[:, split:]].max())
 
     with torch.no_grad():
         ref = model.generate(
@@ -244,7 +245,9 @@ def parity(model: GPT2LMHeadModel, tokenizer, onnx_dir: Path, prompts: list[str]
             pad_token_id=tokenizer.pad_token_id,
             eos_token_id=None,
         )[:, ids.shape[1] :].numpy()
-    ours = gen.generate_ids(ids, mask, max_new_tokens=new_tokens, do_sample=False, stop_at_eos=False)
+    engine = Engine.load(onnx_dir, slots=len(prompts))  # the engine generate and serve run: prompts unpadded
+    prompt_ids = [row[m == 1].tolist() for row, m in zip(ids, mask)]
+    ours = engine.generate_ids(prompt_ids, new_tokens, do_sample=False, stop_at_eos=False)
     return {
         "max_abs_diff_logits_empty_past": diff_empty,
         "max_abs_diff_logits_with_past": diff_past,
@@ -252,7 +255,7 @@ def parity(model: GPT2LMHeadModel, tokenizer, onnx_dir: Path, prompts: list[str]
         "greedy_tokens_compared": int(ref.size),
         "batch": len(prompts),
         "left_padded_rows": int((mask[:, 0] == 0).sum()),
-        "provider": gen.provider,
+        "provider": engine.provider,
     }
 
 
@@ -360,12 +363,20 @@ def validation_windows(prepared: Path, block: int, windows: int = 8) -> np.ndarr
     return np.stack([w[i] for i in picks])
 
 
+def graph_runner(onnx_dir: Path, graph: str):
+    """The exported graph as it is (no rewrite), on the CPU: one forward pass at a time (``PaddedRunner.forward``)."""
+    from penwright.runner import PaddedRunner, open_session, read_beside_graph
+
+    session, _ = open_session(str(onnx_dir / graph), onnx_dir / graph)
+    config, tokenizer = read_beside_graph(onnx_dir, session)
+    n = int(config["n_positions"])
+    return PaddedRunner(session, config, slots=1, context=n, eos=int(tokenizer.eos_token_id))
+
+
 def graph_logits(onnx_dir: Path, graph: str, ids: np.ndarray) -> np.ndarray:
     """The logits [windows, block, vocab] of one graph on unpadded windows (a single prefill)."""
-    from penwright.runtime import Generator
-
-    gen = Generator.load(onnx_dir, provider="cpu", graph=graph)
-    return gen.forward(ids, np.ones_like(ids), gen.empty_past(len(ids))).logits
+    mask = np.ones_like(ids)
+    return graph_runner(onnx_dir, graph).forward(ids, mask, position_ids_for(mask, ids.shape[1]), None)[0]
 
 
 def mean_loss(logits: np.ndarray, targets: np.ndarray) -> float:

@@ -8,8 +8,8 @@ else plain text joined by ``delimiter``, as gpt-2-simple's generate_to_file), wr
 A single sample streams to the terminal token by token; bulk generation shows a progress bar.
 
 It runs on the engine ``penwright serve`` runs (``penwright.engine``: continuous batching over
-``batch_size`` slots, each sample with its own random stream seeded ``(seed + batch, row)``), or,
-for graphs that engine cannot rewrite and for CUDA, on the runtime's left-padded batched loop.
+``batch_size`` slots, each sample with its own random stream seeded ``(seed + batch, row)``), for
+every graph the export writes and on either provider: the same seed gives the same samples on any.
 """
 
 from __future__ import annotations
@@ -24,11 +24,10 @@ import numpy as np
 from tqdm import tqdm
 
 from penwright import copies, schema
-from penwright.engine import Engine, UnsupportedGraph
+from penwright.engine import Engine
 from penwright.errors import ConfigError
 from penwright.fsutil import atomic_write_text
 from penwright.log import get_logger
-from penwright.runtime import Generator
 from penwright.score import TextScore, score_texts
 
 log = get_logger("generate").info
@@ -61,7 +60,7 @@ def count_copies(samples: list[Sample], prepared: str | Path | copies.Documents)
 
 
 def generate_samples(
-    gen: Engine | Generator,
+    gen: Engine,
     prompts: list[str],
     nsamples: int = 1,
     batch_size: int = 1,
@@ -79,6 +78,14 @@ def generate_samples(
         raise ConfigError('generate.prompts is empty: give at least one prompt ("" for an unconditional sample)')
     if nsamples < 1 or batch_size < 1:
         raise ConfigError(f"generate.nsamples={nsamples}, generate.batch_size={batch_size}: both must be >= 1")
+    if max_new_tokens < 1:
+        raise ConfigError(f"generate.max_new_tokens={max_new_tokens}: must be >= 1")
+    longest = max(len(gen.encode(p)) for p in prompts)
+    if longest + max_new_tokens > gen.context:
+        raise ConfigError(
+            f"a prompt of {longest} tokens plus generate.max_new_tokens={max_new_tokens} exceeds the model's "
+            f"context of {gen.context} tokens; shorten the prompt or lower generate.max_new_tokens"
+        )
     jobs = [(p, min(batch_size, nsamples - done)) for p in prompts for done in range(0, nsamples, batch_size)]
     total = len(prompts) * nsamples
     streaming = stream and total == 1
@@ -115,7 +122,7 @@ class _Streamer:
     final text, including a trailing partial character.
     """
 
-    def __init__(self, gen: Engine | Generator, prompt: str, stops: list[str] | None = None):
+    def __init__(self, gen: Engine, prompt: str, stops: list[str] | None = None):
         self.gen, self.stops = gen, stops or []
         self.holdback = max(map(len, self.stops), default=1) - 1
         self.ids: list[int] = []
@@ -164,15 +171,9 @@ def render(samples: list[Sample], markdown: bool, delimiter: str, header: str) -
     return "\n".join(lines)
 
 
-def load(g: schema.Generate | schema.Serve) -> Engine | Generator:
-    """The engine ``penwright serve`` runs (continuous batching, ``batch_size`` slots) for penwright's fused
-    graph on CPU; the runtime's left-padded loop for the other graphs and for CUDA."""
-    if g.provider == "cpu":
-        try:
-            return Engine.load(g.model_dir, slots=max(1, g.batch_size), threads=g.threads, graph=g.graph)
-        except UnsupportedGraph as err:
-            log(f"{err}: using the runtime's batched loop instead")
-    return Generator.load(g.model_dir, provider=g.provider, threads=g.threads, graph=g.graph)
+def load(g: schema.Generate) -> Engine:
+    """The engine ``penwright serve`` runs, with ``batch_size`` slots, on ``generate.graph`` and ``generate.provider``."""
+    return Engine.load(g.model_dir, slots=g.batch_size, threads=g.threads, graph=g.graph, provider=g.provider)
 
 
 def generate(cfg: schema.Config) -> list[Sample]:
@@ -180,11 +181,6 @@ def generate(cfg: schema.Config) -> list[Sample]:
     start = time.perf_counter()
     documents = copies.read(cfg.data.out_dir) if g.check_copies else None  # a missing file stops it before any work
     gen = load(g)
-    if g.rank and not isinstance(gen, Engine):
-        raise ConfigError(
-            f"generate.rank=true scores on the engine, which runs the fused graph on the CPU; "
-            f"this run uses {g.graph} on {g.provider}: use generate.graph=model.onnx generate.provider=cpu"
-        )
     samples = generate_samples(
         gen,
         list(g.prompts),

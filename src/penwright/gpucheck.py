@@ -12,8 +12,10 @@ shapes: nothing comes from the hub) and records what it measured, or why it coul
 * LoRA (``train.lora``) on ``gpt2-large`` and ``gpt2-xl`` bases (random weights in the real shapes, saved
   with ``save_pretrained``), bf16 and fp16: peak memory at one micro-batch and the finder's micro-batch;
 * ``trainer=fsdp`` on one GPU (the strategy runs);
-* ``transformers`` generate on the GPU at batch 1 and 16 (the reference for a later CUDA check of
-  the ONNX runtime);
+* ``transformers`` generate on the GPU at batch 1 and 16;
+* penwright's engine on the exported fused graph with ``provider="cuda"`` (the padded runner, its keys and
+  values on the GPU), where onnxruntime-gpu is installed: greedy tokens equal to the CPU engine's, and
+  tokens/s at batch 1 and 16 (skipped, saying so, where onnxruntime has no CUDA provider);
 * the device, driver, torch, CUDA, Lightning and transformers versions.
 
 ``--dry`` runs the same cases with tiny shapes on the CPU (CI runs it, so the check cannot rot);
@@ -282,7 +284,44 @@ class Check:
             else self.train("gpt2-fsdp", "gpt2", "trainer=fsdp", steps=10, untimed=3, batch=8)
         )
         c["generate"] = self.generate()
+        c["engine"] = self.engine()
         return self.cases
+
+    def engine(self) -> dict:
+        """penwright's engine on CUDA (the 124M shape's fused graph, the padded runner): the CPU engine's greedy
+        tokens, and tokens/s at batch 1 and 16."""
+        import onnxruntime as ort
+        from transformers import AutoTokenizer
+
+        from penwright.bench.common import random_gpt2, save_fused
+        from penwright.engine import Engine
+
+        provider = "cpu" if self.dry else "cuda"
+        if provider == "cuda" and "CUDAExecutionProvider" not in ort.get_available_providers():
+            return self.skip(f"onnxruntime {ort.__version__} has no CUDA provider here: install onnxruntime-gpu")
+        try:
+            model = random_gpt2(self.shapes["gpt2"], vocab=self.vocab, context=self.block).eval()
+            folder = save_fused(model, AutoTokenizer.from_pretrained(self.prepared / "tokenizer"), self.work / "onnx")
+            engine = Engine.load(folder, slots=16, provider=provider, padded=True)
+            if engine.provider != provider:
+                return {"ok": False, "error": "onnxruntime fell back to the CPU: CUDA or cuDNN libraries missing"}
+            prompt = [[5, 6, 7, 8]]
+            ours = engine.generate_ids(prompt, 16, do_sample=False, stop_at_eos=False)
+            cpu = Engine.load(folder, slots=1).generate_ids(prompt, 16, do_sample=False, stop_at_eos=False)
+            out = {
+                "ok": bool((ours == cpu).all()),
+                "provider": engine.provider,
+                "same_tokens_as_cpu": bool((ours == cpu).all()),
+            }
+            new = 16 if self.dry else 128
+            for batch in (1, 16):
+                engine.generate_ids(prompt * batch, 4, do_sample=False, stop_at_eos=False)  # warmup
+                start = time.perf_counter()
+                engine.generate_ids(prompt * batch, new, do_sample=False, stop_at_eos=False)
+                out[f"batch{batch}_tokens_per_sec"] = round(batch * new / (time.perf_counter() - start), 1)
+            return out
+        except Exception as err:  # a check reports what failed and goes on
+            return {"ok": False, "error": f"{type(err).__name__}: {str(err)[:500]}"}
 
     def generate(self) -> dict:
         """transformers generate (greedy, its cache) on the 124M shape: tokens/s at batch 1 and 16."""
@@ -373,7 +412,7 @@ def summary(cases: dict) -> str:
         "|---|---|---|---|---|---|---|",
     ]
     for name, r in cases.items():
-        if name in ("device", "generate"):
+        if name in ("device", "generate", "engine"):
             continue
         status = "skipped: " + r["skipped"] if r.get("ok") is None else ("ok" if r["ok"] else "FAILED: " + r["error"])
         loss = f"{r['loss_first']:.3f} → {r['loss_last']:.3f}" if r.get("loss_first") is not None else ""
@@ -388,6 +427,17 @@ def summary(cases: dict) -> str:
         f"transformers generate ({g.get('dtype')}, {g.get('new_tokens')} new tokens): "
         f"{g.get('batch1_tokens_per_sec')} tokens/s at batch 1, {g.get('batch16_tokens_per_sec')} at batch 16",
     ]
+    e = cases.get("engine", {})
+    if e.get("ok") is None:
+        lines += ["", f"penwright's engine on CUDA: skipped: {e.get('skipped')}"]
+    elif not e.get("ok"):
+        lines += ["", f"penwright's engine on CUDA: FAILED: {e.get('error', 'not the CPU engine tokens')}"]
+    else:
+        lines += [
+            "",
+            f"penwright's engine ({e.get('provider')}, fp32, the CPU engine's greedy tokens): "
+            f"{e.get('batch1_tokens_per_sec')} tokens/s at batch 1, {e.get('batch16_tokens_per_sec')} at batch 16",
+        ]
     return "\n".join(lines) + "\n"
 
 

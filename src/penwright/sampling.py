@@ -6,18 +6,11 @@ penalty, then temperature, top-k, top-p.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
 from penwright.errors import ConfigError
-
-
-def config_key(keys: Mapping[str, str] | None, name: str) -> str:
-    """The config key an error of a shared layer names: the caller's (``keys[name]``, e.g. ``chain.top_k``),
-    else ``generate.<name>``."""
-    return (keys or {}).get(name, f"generate.{name}")
 
 
 @dataclass(frozen=True)
@@ -27,22 +20,16 @@ class SamplingConfig:
     top_k: int = 0  # 0: all tokens
     top_p: float = 1.0  # 1.0: off
     repetition_penalty: float = 1.0  # 1.0: off; > 1 discourages tokens already in the text
-    keys: Mapping[str, str] | None = field(default=None, compare=False, hash=False)  # the caller's config keys
 
     def __post_init__(self):
-        def key(name: str) -> str:
-            return config_key(self.keys, name)
-
         if self.do_sample and not self.temperature > 0:
-            raise ConfigError(
-                f"{key('temperature')}={self.temperature}: must be > 0 when sampling (greedy: do_sample=false)"
-            )
+            raise ConfigError(f"temperature={self.temperature}: must be > 0 when sampling (greedy: do_sample=false)")
         if not 0 < self.top_p <= 1:
-            raise ConfigError(f"{key('top_p')}={self.top_p}: must be in (0, 1]")
+            raise ConfigError(f"top_p={self.top_p}: must be in (0, 1]")
         if self.top_k < 0:
-            raise ConfigError(f"{key('top_k')}={self.top_k}: must be >= 0 (0 = no limit)")
+            raise ConfigError(f"top_k={self.top_k}: must be >= 0 (0 = no limit)")
         if not self.repetition_penalty > 0:
-            raise ConfigError(f"{key('repetition_penalty')}={self.repetition_penalty}: must be > 0 (1.0 = off)")
+            raise ConfigError(f"repetition_penalty={self.repetition_penalty}: must be > 0 (1.0 = off)")
 
 
 def apply_repetition_penalty(logits: np.ndarray, seen: np.ndarray, penalty: float) -> np.ndarray:

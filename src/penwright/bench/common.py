@@ -94,7 +94,7 @@ def random_gpt2(shape: tuple[int, int, int] = SHAPE_124M, seed: int = 0, vocab: 
 
 def save_fused(model, tokenizer, out_dir: Path) -> Path:
     """``model`` as the export stage writes it by default (penwright's fused graph), with its tokenizer and
-    config beside it: a folder ``Generator.load``, ``Engine.load`` and ``penwright serve`` read."""
+    config beside it: a folder ``Engine.load`` and ``penwright serve`` read."""
     from penwright.export import GRAPH, save_graph
     from penwright.graph import build_graph
 

@@ -40,24 +40,48 @@ LEAN = "model.lean.onnx"  # penwright's graph in standard ONNX ops (export.graph
 INT8 = QUANTIZED["int8"]  # dynamic int8 (export.quantize=[int8])
 
 
-def _time_runtime(gen, ids, mask, new_tokens: int, use_cache: bool) -> dict:
-    first = []
+def _time_runtime(engine, prompts: list[list[int]], new_tokens: int) -> tuple[dict, np.ndarray]:
+    """The engine (what generate and serve run): greedy rows of ``new_tokens`` each, submitted together."""
+    from penwright.engine import Request
+    from penwright.sampling import SamplingConfig
+
+    greedy = SamplingConfig(do_sample=False)
+    requests = [Request(list(p), new_tokens, greedy, stop_at_eos=False) for p in prompts]
     start = time.perf_counter()
-    out = gen.generate_ids(
-        ids,
-        mask,
-        new_tokens,
-        do_sample=False,
-        stop_at_eos=False,
-        use_cache=use_cache,
-        on_step=lambda tokens: first.append(time.perf_counter()) if not first else None,
-    )
+    for r in requests:
+        engine.submit(r)
+    engine.run_until_idle()
     seconds = time.perf_counter() - start
+    out = np.array([r.tokens for r in requests])
+    first = min(r.first_token_at for r in requests) - min(r.queued_at for r in requests)
     return {
         "tokens_per_sec": round(out.size / seconds, 1),
-        "first_token_ms": round((first[0] - start) * 1000, 1),
+        "first_token_ms": round(first * 1000, 1),
         "seconds": round(seconds, 3),
     }, out
+
+
+def no_cache_ids(onnx_dir: Path, ids: np.ndarray, mask: np.ndarray, new_tokens: int) -> np.ndarray:
+    """The baseline a KV cache is measured against: greedy decoding that re-feeds the whole left-padded sequence
+    at every step (no past), on the exported graph as it is."""
+    from penwright.export import graph_runner
+    from penwright.runner import position_ids_for
+
+    runner = graph_runner(onnx_dir, GRAPH)
+    out = np.empty((len(ids), new_tokens), dtype=np.int64)
+    for t in range(new_tokens):
+        logits, _ = runner.forward(ids, mask, position_ids_for(mask, ids.shape[1]), None)
+        out[:, t] = logits[:, -1].argmax(-1)
+        ids = np.concatenate([ids, out[:, t : t + 1]], axis=1)
+        mask = np.concatenate([mask, np.ones((len(ids), 1), dtype=np.int64)], axis=1)
+    return out
+
+
+def _time_no_cache(onnx_dir: Path, ids: np.ndarray, mask: np.ndarray, new_tokens: int) -> dict:
+    start = time.perf_counter()
+    out = no_cache_ids(onnx_dir, ids, mask, new_tokens)
+    seconds = time.perf_counter() - start
+    return {"tokens_per_sec": round(out.size / seconds, 1), "seconds": round(seconds, 3)}
 
 
 def _time_torch(model, ids, mask, new_tokens: int, eos: int) -> dict:
@@ -403,20 +427,56 @@ def _llama_batched(
     )
 
 
-def _time_engine(engine, prompt: list[int], batch: int, n: int) -> tuple[dict, np.ndarray]:
-    """penwright's serving engine (GroupQueryAttention over a preallocated cache): ``batch`` greedy rows of ``n`` tokens."""
-    from penwright.engine import Request
-    from penwright.sampling import SamplingConfig
+PROMPT = "And it came to pass"
+RUNTIME_CASES = {  # the engine's cases beside transformers: report key -> (graph file, padded runner)
+    "runtime": (GRAPH, False),  # the exported fused graph on the slot runner: what generate and serve run
+    "runtime_padded": (GRAPH, True),  # the same graph on the padded runner: the path CUDA takes, here on the CPU
+    "runtime_lean_graph": (LEAN, False),  # standard ONNX operators (export.graph=lean)
+    "runtime_traced_graph": (TRACED, False),  # transformers' module traced (export.graph=transformers)
+    "runtime_int8": (INT8, False),  # dynamic int8 (export.quantize=[int8]): another precision, other tokens
+}
 
-    requests = [Request(list(prompt), n, SamplingConfig(do_sample=False), min_tokens=n) for _ in range(batch)]
-    start = time.perf_counter()
-    for r in requests:
-        engine.submit(r)
-    while engine.step() or not engine.waiting.empty():
-        pass
-    seconds = time.perf_counter() - start
-    out = np.array([r.tokens for r in requests])
-    return {"tokens_per_sec": round(out.size / seconds, 1), "seconds": round(seconds, 3)}, out
+
+def _runtime_case(name: str, onnx_dir: Path, ref, batch: int, new_tokens: int, rounds: int) -> dict:
+    """Every runtime case and transformers generate, greedy from the same prompt, interleaved; the no-cache
+    baseline once (it is slow)."""
+    from penwright.engine import Engine
+
+    loaded = {
+        key: Engine.load(onnx_dir, slots=batch, graph=graph, padded=padded)
+        for key, (graph, padded) in RUNTIME_CASES.items()
+        if (onnx_dir / graph).is_file()
+    }
+    prompt = loaded["runtime"].encode(PROMPT)
+    n = min(new_tokens, loaded["runtime"].context - len(prompt))
+    ids = np.array([prompt] * batch)
+    mask = np.ones_like(ids)
+    engines = {key: (lambda e=e: _time_runtime(e, ids.tolist(), n)) for key, e in loaded.items()}
+    engines["transformers_generate"] = lambda: _time_torch(ref, ids, mask, n, loaded["runtime"].eos)
+    log(f"{name} batch {batch}: {n} new tokens x {len(engines) + 1} engines, cached ones {rounds} rounds interleaved")
+    timed = interleaved(engines, rounds)
+    (a, a_ids), (b, b_ids) = timed["runtime"], timed["transformers_generate"]
+    c = _time_no_cache(onnx_dir, ids, mask, n)
+    case = {"new_tokens": n, "transformers_generate": b, "runtime_no_cache": c}
+    for key in loaded:
+        case[key] = timed[key][0]
+    case |= {
+        "runtime_over_transformers": round(a["tokens_per_sec"] / b["tokens_per_sec"], 2),
+        "runtime_over_no_cache": round(a["tokens_per_sec"] / c["tokens_per_sec"], 2),
+        "runtime_over_padded": round(a["tokens_per_sec"] / timed["runtime_padded"][0]["tokens_per_sec"], 2),
+        "graph_over_lean_graph": round(a["tokens_per_sec"] / timed["runtime_lean_graph"][0]["tokens_per_sec"], 2),
+        "graph_over_traced_graph": round(a["tokens_per_sec"] / timed["runtime_traced_graph"][0]["tokens_per_sec"], 2),
+        "same_tokens_as_transformers": bool(np.array_equal(a_ids, b_ids)),
+        "padded_same_tokens": bool(np.array_equal(timed["runtime_padded"][1], b_ids)),
+        "lean_graph_same_tokens": bool(np.array_equal(timed["runtime_lean_graph"][1], b_ids)),
+        "traced_graph_same_tokens": bool(np.array_equal(timed["runtime_traced_graph"][1], b_ids)),
+        "provider": loaded["runtime"].provider,
+    }
+    if "runtime_int8" in loaded:  # another precision: faster, not the same tokens (see its agreement)
+        q, q_ids = timed["runtime_int8"]
+        case["runtime_int8_over_transformers"] = round(q["tokens_per_sec"] / b["tokens_per_sec"], 2)
+        case["int8_tokens_agreeing_with_fp32"] = round(float((q_ids == a_ids).mean()), 3)
+    return case
 
 
 def _llama_top1(gguf: Path, ids: np.ndarray) -> np.ndarray:
@@ -481,7 +541,7 @@ def _llama_cpp_cases(
             # session run right before it was measured to cost it ~15% (its worker threads keep the cores busy)
             engine = Engine.load(onnx_dir, slots=1, graph=graph)
             engines = {
-                "penwright": lambda: _time_engine(engine, [eos], 1, n),
+                "penwright": lambda: _time_runtime(engine, [[eos]], n),
                 "llama_cpp": lambda: (_llama_tg(tools, ggufs[qtype], n, threads), None),
             }
             log(f"{name} batch 1 {precision}: penwright vs llama.cpp {qtype}, {n} tokens, {rounds} rounds")
@@ -537,7 +597,7 @@ def _llama_cpp_cases(
             for batch in (8, 32):
                 engine = Engine.load(onnx_dir, slots=batch)
                 engines = {
-                    "penwright": lambda: _time_engine(engine, prompt, batch, batched_tokens),
+                    "penwright": lambda: _time_runtime(engine, [prompt] * batch, batched_tokens),
                     "llama_cpp": lambda: (
                         {
                             "tokens_per_sec": _llama_batched(
@@ -591,7 +651,7 @@ def bench_generate(
     import torch
     from transformers import GPT2LMHeadModel
 
-    from penwright.runtime import Generator
+    from penwright.engine import Engine
 
     tools = llama_tools(llama_cpp) if llama_cpp else None  # before any work: say now if llama.cpp is missing
     if only_llama_cpp and not tools:
@@ -618,52 +678,9 @@ def bench_generate(
             previous = Path(output or "reports/bench_generate.json")
             results = json.loads(previous.read_text()) if previous.is_file() else results
         for name, (hf_dir, onnx_dir) in ({} if only_llama_cpp else models).items():
-            gen = Generator.load(onnx_dir)
-            traced = Generator.load(onnx_dir, graph=TRACED)
-            lean = Generator.load(onnx_dir, graph=LEAN)
-            int8 = Generator.load(onnx_dir, graph=INT8) if (onnx_dir / INT8).is_file() else None
             ref = GPT2LMHeadModel.from_pretrained(hf_dir).eval()
             for batch in (1, 8):
-                prompts = ["And it came to pass"] * batch
-                ids, mask = gen.encode(prompts)
-                n = min(new_tokens, gen.n_positions - ids.shape[1])
-                engines = {
-                    "a": lambda: _time_runtime(gen, ids, mask, n, use_cache=True),
-                    "b": lambda: _time_torch(ref, ids, mask, n, gen.eos),
-                    "l": lambda: _time_runtime(lean, ids, mask, n, use_cache=True),
-                    "t": lambda: _time_runtime(traced, ids, mask, n, use_cache=True),
-                }
-                if int8 is not None:
-                    engines["q"] = lambda: _time_runtime(int8, ids, mask, n, use_cache=True)
-                log(
-                    f"{name} batch {batch}: {n} new tokens x {len(engines) + 1} engines, cached ones "
-                    f"{rounds} rounds interleaved"
-                )
-                timed = interleaved(engines, rounds)
-                (a, a_ids), (b, b_ids), (t, t_ids), (lg, l_ids) = timed["a"], timed["b"], timed["t"], timed["l"]
-                c, _ = _time_runtime(gen, ids, mask, n, use_cache=False)  # slow: once
-                case = {
-                    "new_tokens": n,
-                    "runtime": a,
-                    "transformers_generate": b,
-                    "runtime_no_cache": c,
-                    "runtime_lean_graph": lg,
-                    "runtime_traced_graph": t,
-                    "runtime_over_transformers": round(a["tokens_per_sec"] / b["tokens_per_sec"], 2),
-                    "runtime_over_no_cache": round(a["tokens_per_sec"] / c["tokens_per_sec"], 2),
-                    "graph_over_lean_graph": round(a["tokens_per_sec"] / lg["tokens_per_sec"], 2),
-                    "graph_over_traced_graph": round(a["tokens_per_sec"] / t["tokens_per_sec"], 2),
-                    "same_tokens_as_transformers": bool(np.array_equal(a_ids, b_ids)),
-                    "lean_graph_same_tokens": bool(np.array_equal(l_ids, b_ids)),
-                    "traced_graph_same_tokens": bool(np.array_equal(t_ids, b_ids)),
-                    "provider": gen.provider,
-                }
-                if int8 is not None:  # another precision: faster, not the same tokens (see its agreement)
-                    q, q_ids = timed["q"]
-                    case["runtime_int8"] = q
-                    case["runtime_int8_over_transformers"] = round(q["tokens_per_sec"] / b["tokens_per_sec"], 2)
-                    case["int8_tokens_agreeing_with_fp32"] = round(float((q_ids == a_ids).mean()), 3)
-                results["cases"][f"{name}/batch{batch}"] = case
+                results["cases"][f"{name}/batch{batch}"] = _runtime_case(name, onnx_dir, ref, batch, new_tokens, rounds)
             if name == "gpt2-124m-shape":  # batch 1 streams every weight once per token: memory bounds it
                 floor = _weights_floor(ref)
                 b1 = results["cases"][f"{name}/batch1"]
@@ -676,19 +693,20 @@ def bench_generate(
                     "most_runtime_over_transformers_fp32_batch1": round(torch_ms / floor["ms_per_token"], 2),
                 }
         if not only_llama_cpp:
-            gen = Generator.load(work / "gpt2-124m-random-onnx")
-            ids, mask = gen.encode(["And it came to pass"])
+            onnx_dir = work / "gpt2-124m-random-onnx"
+            engine = Engine.load(onnx_dir, slots=1)
+            ids = np.array([engine.encode(PROMPT)])
             n = long_tokens - ids.shape[1]
             log(f"gpt2-124m-shape batch 1: {n} new tokens, cache vs re-feeding")
-            a, _ = _time_runtime(gen, ids, mask, n, use_cache=True)
-            c, _ = _time_runtime(gen, ids, mask, n, use_cache=False)
+            a, _ = _time_runtime(engine, ids.tolist(), n)
+            c = _time_no_cache(onnx_dir, ids, np.ones_like(ids), n)
             results["cases"][f"gpt2-124m-shape/batch1/{long_tokens}-tokens"] = {
                 "new_tokens": n,
                 "runtime": a,
                 "runtime_no_cache": c,
                 "runtime_over_no_cache": round(a["tokens_per_sec"] / c["tokens_per_sec"], 2),
             }
-            del gen
+            del engine
         if tools:  # each model in a fresh process: none of the sessions above (or their threads) is alive there
             results["llama_cpp"] = {}
             for name, (hf_dir, onnx_dir) in models.items():
@@ -713,6 +731,7 @@ def bench_generate(
             for m in (
                 "runtime_over_transformers",
                 "runtime_over_no_cache",
+                "runtime_over_padded",
                 "graph_over_lean_graph",
                 "graph_over_traced_graph",
                 "runtime_int8_over_transformers",
