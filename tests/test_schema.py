@@ -175,12 +175,12 @@ def test_the_cli_prints_one_line_and_exits_2(tmp_path):
     assert run.returncode == 2 and run.stderr.strip() == "error: train.lr=-1: out of range (allowed: 0 < value <= 1)"
 
 
-def test_shared_layers_name_the_callers_key():
+def test_the_schema_names_the_callers_key_and_the_shared_layer_its_value():
     from penwright.sampling import SamplingConfig
 
-    with pytest.raises(ConfigError, match=r"^chain\.top_k=-1"):
-        SamplingConfig(top_k=-1, keys={"top_k": "chain.top_k"})
-    with pytest.raises(ConfigError, match=r"^generate\.top_k=-1"):
+    assert "chain.top_k" in _compose_error(["experiment=wp_responses", "chain.top_k=-1"])
+    assert "generate.top_k" in _compose_error(["generate.top_k=-1"])
+    with pytest.raises(ConfigError, match=r"^top_k=-1"):  # library code takes plain values, not key names
         SamplingConfig(top_k=-1)
 
 
