@@ -48,25 +48,12 @@ def auto_threads(folder: str | os.PathLike) -> tuple[int, int]:
     return (1 if params < SMALL_MODEL else 0), params
 
 
-def settings_from(s: Serve):
-    from penwright.serve.app import Settings
-
+def settings_from(s: Serve) -> Serve:
+    """``serve`` as the app reads it: the default model named as ``serve.models``' first, the API key from
+    ``PENWRIGHT_API_KEY`` when the config has none."""
     key = s.api_key or os.environ.get("PENWRIGHT_API_KEY") or None
-    return Settings(
-        model_name=next(iter(s.models)) if s.models else s.model_name,
-        queue_size=s.queue_size,
-        request_timeout=s.request_timeout,
-        max_body_bytes=s.max_body_bytes,
-        max_n=s.max_n,
-        max_prompts=s.max_prompts,
-        max_logprobs=s.max_logprobs,
-        api_key=str(key) if key else None,
-        max_tokens=s.max_tokens,
-        stream_interval=s.stream_interval,
-        temperature=s.temperature,
-        top_k=s.top_k,
-        top_p=s.top_p,
-    )
+    name = next(iter(s.models)) if s.models else s.model_name
+    return s.model_copy(update={"model_name": name, "api_key": str(key) if key else None})
 
 
 def build_app(cfg: Config):

@@ -28,7 +28,6 @@ import threading
 import time
 import traceback
 import uuid
-from dataclasses import dataclass
 from pathlib import Path
 
 from fastapi import FastAPI
@@ -41,27 +40,11 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from penwright.engine import Engine, Request
 from penwright.errors import PenwrightError
 from penwright.sampling import SamplingConfig
+from penwright.schema import Serve
 from penwright.serve import openapi as oa
 
 PAGE = Path(__file__).with_name("page.html")
 GREEDY_BELOW = 1e-5  # a temperature below this is greedy (dividing fp32 logits by less overflows; vLLM does the same)
-
-
-@dataclass(frozen=True)
-class Settings:
-    model_name: str = "penwright"
-    queue_size: int = 256
-    request_timeout: float = 120.0
-    max_body_bytes: int = 65536
-    max_n: int = 16
-    max_prompts: int = 64
-    max_logprobs: int = 20
-    api_key: str | None = None
-    max_tokens: int = 16
-    stream_interval: float = 0.02
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
 
 
 class ApiError(Exception):
@@ -164,7 +147,7 @@ class Gpt2Body(BaseModel):
 # -- the app ----------------------------------------------------------------------------------------
 
 
-def create_app(engine_factory, settings: Settings) -> FastAPI:
+def create_app(engine_factory, settings: Serve) -> FastAPI:
     """The app; ``engine_factory()`` loads the engines when the server starts (``/health`` is 503 until then):
     a ``{name: Engine}`` map, the first the default for requests that name no model (or one ``Engine``, served
     as ``settings.model_name``). Each engine runs its own decoding loop on its own thread."""
@@ -613,7 +596,7 @@ class _Job:
     deque and wakes the event loop at most once until the loop has taken what is there; ``batches()`` then
     hands over everything waiting, no more often than ``stream_interval`` (the first piece at once)."""
 
-    def __init__(self, engine: Engine, requests: list[Request], settings: Settings, metrics, model: str):
+    def __init__(self, engine: Engine, requests: list[Request], settings: Serve, metrics, model: str):
         self.engine, self.requests, self.settings = engine, requests, settings
         self.metrics, self.model = metrics, model
         self.loop = asyncio.get_running_loop()
