@@ -153,13 +153,17 @@ class Engine:
             raise PenwrightError(f"{file}: not found. Export a model first: `penwright export`")
         if slots < 1:
             raise ConfigError(f"slots={slots}: the engine needs at least one slot")
-        try:
-            model = onnx.load(str(file), load_external_data=False)  # the nodes: is it the fused graph?
-        except Exception as err:  # protobuf's DecodeError, a truncated file, ...
-            raise PenwrightError(
+
+        def unreadable(err: Exception) -> PenwrightError:  # protobuf's DecodeError, truncated weights, ...
+            return PenwrightError(
                 f"{file}: cannot be read as an ONNX graph ({type(err).__name__}: {short(err, 300)}); "
                 f"re-export it with `penwright export`"
-            ) from None
+            )
+
+        try:
+            model = onnx.load(str(file), load_external_data=False)  # the nodes: is it the fused graph?
+        except Exception as err:
+            raise unreadable(err) from None
         fused = not padded and any(n.op_type == "MultiHeadAttention" for n in model.graph.node)
         source, ran = str(file), provider
         if provider == "cuda":  # every graph runs padded there (the slot graph's attention is CPU-only in fp32)
@@ -171,10 +175,7 @@ class Engine:
             except ValueError:  # a fused graph the rewrite cannot take (a head size GroupQueryAttention lacks)
                 fused = False
             except Exception as err:  # the external weights are missing or truncated
-                raise PenwrightError(
-                    f"{file}: cannot be read as an ONNX graph ({type(err).__name__}: {short(err, 300)}); "
-                    f"re-export it with `penwright export`"
-                ) from None
+                raise unreadable(err) from None
         if ran == "cpu":
             session, _ = open_session(source, file, threads, "cpu", 0, spin)
         config, tokenizer = read_beside_graph(path, session)
@@ -458,7 +459,7 @@ class Engine:
             )
             for i, ids in enumerate(prompts)
         ]
-        for r in requests:
+        for r in requests:  # all of them before any is queued (submit checks each again as it queues it)
             self.check(r.prompt_ids, r.max_tokens)
         return requests
 

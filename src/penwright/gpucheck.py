@@ -308,11 +308,8 @@ class Check:
             prompt = [[5, 6, 7, 8]]
             ours = engine.generate_ids(prompt, 16, do_sample=False, stop_at_eos=False)
             cpu = Engine.load(folder, slots=1).generate_ids(prompt, 16, do_sample=False, stop_at_eos=False)
-            out = {
-                "ok": bool((ours == cpu).all()),
-                "provider": engine.provider,
-                "same_tokens_as_cpu": bool((ours == cpu).all()),
-            }
+            same = bool((ours == cpu).all())
+            out = {"ok": same, "provider": engine.provider, "same_tokens_as_cpu": same}
             new = 16 if self.dry else 128
             for batch in (1, 16):
                 engine.generate_ids(prompt * batch, 4, do_sample=False, stop_at_eos=False)  # warmup

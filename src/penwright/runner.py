@@ -109,6 +109,21 @@ class _Runner:
     def release(self, row) -> None:
         """A row left (finished, cancelled): its keys and values are no longer read."""
 
+    def batches(self, rows: list, consecutive: bool = False) -> list[list]:
+        """Admitted rows in prefill runs of at most PREFILL_TOKENS padded tokens; a row whose prompt is scored runs
+        alone; with ``consecutive``, a run also holds only consecutive slots."""
+        batches: list[list] = []
+        for row in rows:
+            batch = batches[-1] if batches else None
+            width = max([len(r.request.prompt_ids) for r in batch or []] + [len(row.request.prompt_ids)])
+            alone = row.request.score_prompt or (batch and batch[0].request.score_prompt)
+            joins = not consecutive or (batch and batch[-1].slot + 1 == row.slot)
+            if batch and not alone and joins and width * (len(batch) + 1) <= PREFILL_TOKENS:
+                batch.append(row)
+            else:
+                batches.append([row])
+        return batches
+
 
 # -- the slot runner: penwright's fused graph, one buffer per layer, rows in place ---------------------------------
 
@@ -164,18 +179,8 @@ class SlotRunner(_Runner):
         return binding
 
     def batches(self, rows: list) -> list[list]:
-        """Admitted rows in runs of consecutive slots (one prefill each), at most PREFILL_TOKENS padded tokens a
-        run; a row whose prompt is scored runs alone."""
-        batches: list[list] = []
-        for row in sorted(rows, key=lambda r: r.slot):
-            batch = batches[-1] if batches else None
-            width = max([len(r.request.prompt_ids) for r in batch or []] + [len(row.request.prompt_ids)])
-            alone = row.request.score_prompt or (batch and batch[0].request.score_prompt)
-            if batch and not alone and batch[-1].slot + 1 == row.slot and width * (len(batch) + 1) <= PREFILL_TOKENS:
-                batch.append(row)
-            else:
-                batches.append([row])
-        return batches
+        """Admitted rows in runs of consecutive slots (one prefill each; see ``_Runner.batches``)."""
+        return super().batches(sorted(rows, key=lambda r: r.slot), consecutive=True)
 
     def prefill(self, rows: list) -> np.ndarray:
         """Run the prompts of rows in consecutive slots as one right-padded batch into those slots. The logits
@@ -276,11 +281,10 @@ def _cache_graphs(count: int, dtype) -> tuple[bytes, bytes]:
         helper.make_graph(
             join,
             "join",
-            [tensor(f"a{i}") for i in range(count)] + [tensor(f"b{i}") for i in range(count)],
+            [tensor(f"{ab}{i}") for ab in "ab" for i in range(count)] + [index("pad_a"), index("pad_b")],
             out,
         ),
     )
-    graphs[1].input.extend([index("pad_a"), index("pad_b")])
     return tuple(
         helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=8).SerializeToString()
         for g in graphs
@@ -326,19 +330,6 @@ class PaddedRunner(_Runner):
         self.session.run_with_iobinding(binding)
         outputs = binding.get_outputs()
         return outputs[0].numpy().astype(np.float32, copy=False), list(outputs[1:])
-
-    def batches(self, rows: list) -> list[list]:
-        """Admitted rows in one left-padded batch (at most PREFILL_TOKENS padded tokens); a scored prompt alone."""
-        batches: list[list] = []
-        for row in rows:
-            batch = batches[-1] if batches else None
-            width = max([len(r.request.prompt_ids) for r in batch or []] + [len(row.request.prompt_ids)])
-            alone = row.request.score_prompt or (batch and batch[0].request.score_prompt)
-            if batch and not alone and width * (len(batch) + 1) <= PREFILL_TOKENS:
-                batch.append(row)
-            else:
-                batches.append([row])
-        return batches
 
     def prefill(self, rows: list) -> np.ndarray:
         """Run the rows' prompts as one left-padded batch, then add their keys and values to the running batch.
