@@ -23,8 +23,8 @@ import numpy as np
 
 CHILD = r"""
 import json, sys, time
-from penwright.engine import Engine, Request
-from penwright.sampling import SamplingConfig
+from penwright.inference.engine import Engine, Request
+from penwright.inference.sampling import SamplingConfig
 model, batch, tokens = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 engine = Engine.load(model, slots=batch)
 def run():

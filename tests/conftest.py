@@ -46,7 +46,7 @@ def tiny_gpt2(tmp_path_factory) -> Path:
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from penwright.tokenizer import train_bpe
+    from penwright.prepare.tokenizer import train_bpe
 
     torch.manual_seed(0)  # the same tiny model in every session
     path = tmp_path_factory.mktemp("tiny-gpt2")
@@ -71,7 +71,7 @@ def compose_prepare(tmp_path, tiny_gpt2):
 
     Uses the tiny pretrained tokenizer unless the overrides pick another model.
     """
-    from penwright.config import compose
+    from penwright.core.config import compose
 
     def _compose(corpus: Path, *overrides: str, out_dir: Path | None = None):
         base = [
@@ -88,8 +88,8 @@ def compose_prepare(tmp_path, tiny_gpt2):
 @pytest.fixture(scope="session")
 def prepared_tiny(tmp_path_factory, tiny_gpt2) -> Path:
     """A prepared corpus (8 short documents, the tiny tokenizer): what the train stage reads."""
-    from penwright.config import compose
-    from penwright.prepare import prepare
+    from penwright.core.config import compose
+    from penwright.prepare.stage import prepare
 
     root = tmp_path_factory.mktemp("prepared-tiny")
     corpus = root / "corpus"
@@ -118,7 +118,7 @@ def compose_train(tmp_path, prepared_tiny):
 
     A 1-layer scratch model unless the overrides pick a model group (e.g. ``model=gpt2``).
     """
-    from penwright.config import compose
+    from penwright.core.config import compose
 
     def _compose(*overrides: str, run: str = "run"):
         base = tmp_path / run
@@ -142,8 +142,8 @@ def compose_train(tmp_path, prepared_tiny):
 @pytest.fixture(scope="session")
 def onnx_tiny(tmp_path_factory, tiny_gpt2) -> Path:
     """The tiny GPT-2 exported by the export stage (parity-checked): a folder Engine.load reads."""
-    from penwright.config import compose
-    from penwright.export import export
+    from penwright.core.config import compose
+    from penwright.export.stage import export
 
     root = tmp_path_factory.mktemp("onnx-tiny")
     export(
@@ -193,7 +193,7 @@ class RunningServer:
 @pytest.fixture(scope="session")
 def serve_tiny(onnx_tiny):
     """``serve_tiny(*overrides)``: a running server on the tiny exported model (one per set of overrides)."""
-    from penwright.config import compose
+    from penwright.core.config import compose
 
     servers: dict = {}
 

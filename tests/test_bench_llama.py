@@ -23,7 +23,7 @@ pytestmark = pytest.mark.skipif(
 
 @pytest.fixture(scope="module")
 def gguf(tmp_path_factory, tiny_gpt2) -> Path:
-    from penwright.llamacpp import export_gguf
+    from penwright.export.gguf import export_gguf
 
     out = tmp_path_factory.mktemp("gguf")
     (written,) = export_gguf(GPT2LMHeadModel.from_pretrained(tiny_gpt2).eval(), tiny_gpt2, out, ["f32"])

@@ -7,8 +7,8 @@ import re
 import pytest
 import yaml
 
-from penwright.config import compose
-from penwright.errors import ConfigError
+from penwright.core.config import compose
+from penwright.core.errors import ConfigError
 
 GROUPS = ["data", "model", "trainer", "logger", "sample", "export", "generate", "verbosify", "experiment"]
 
@@ -73,7 +73,7 @@ def test_unknown_key_in_the_wrong_group_points_at_the_group_that_has_it(repo):
 
 
 def test_params_file_mode_reads_the_composed_file(repo, tmp_path):
-    from penwright.config import write_params
+    from penwright.core.config import write_params
 
     out = write_params(["data.val_fraction=0.25"], tmp_path / "params.yaml", config_dir=repo / "conf")
     cfg = compose(params=out)

@@ -7,9 +7,9 @@ import random
 
 import pytest
 
-from penwright import copies
-from penwright.errors import PenwrightError
-from penwright.generate import Sample, count_copies
+from penwright.core.errors import PenwrightError
+from penwright.generate.stage import Sample, count_copies
+from penwright.prepare import copies
 
 PREFIX = "<|startoftext|>"
 
@@ -59,7 +59,7 @@ def test_a_document_hashed_chunk_by_chunk_has_the_digest_of_its_whole_text():
 
 
 def test_prepare_writes_each_splits_document_hashes_and_generate_counts_copies_from_them(tmp_path, compose_prepare):
-    from penwright.prepare import documents_by_split, prepare
+    from penwright.prepare.stage import documents_by_split, prepare
 
     corpus = tmp_path / "corpus"
     corpus.mkdir()

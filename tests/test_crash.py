@@ -22,7 +22,7 @@ import torch
 
 from helpers.paths import ENGLISH, REPO
 from helpers.tiny import TINY_MODEL, TINY_TRAIN
-from penwright.errors import PenwrightError
+from penwright.core.errors import PenwrightError
 
 ENV = {
     **os.environ,
@@ -164,7 +164,7 @@ def _truncate(path: Path) -> None:
 
 
 def test_a_damaged_last_checkpoint_resumes_from_the_newest_intact_periodic_one(compose_train, tmp_path, capsys):
-    from penwright.train import train
+    from penwright.train.stage import train
 
     steps = ["train.decay_steps=12", "train.ckpt_every_n_steps=4"]
     train(compose_train("trainer.max_steps=12", *steps, run="straight"))
@@ -182,7 +182,7 @@ def test_a_damaged_last_checkpoint_resumes_from_the_newest_intact_periodic_one(c
 
 
 def test_a_damaged_last_checkpoint_with_no_intact_periodic_one_is_one_line(compose_train, tmp_path):
-    from penwright.train import train
+    from penwright.train.stage import train
 
     train(compose_train("trainer.max_steps=4"))
     ckpt = tmp_path / "run" / "ckpt"
@@ -199,7 +199,7 @@ def test_a_damaged_last_checkpoint_with_no_intact_periodic_one_is_one_line(compo
 
 
 def test_checksums_catch_changed_bytes_not_only_truncation(compose_train, tmp_path):
-    from penwright.train import damaged, train
+    from penwright.train.stage import damaged, train
 
     train(compose_train("trainer.max_steps=4"))
     last = tmp_path / "run" / "ckpt" / "last.ckpt"
@@ -258,7 +258,7 @@ def test_kill_during_export_leaves_the_earlier_export_and_a_rerun_equals_an_unin
 
 def test_a_missing_last_checkpoint_resumes_from_the_periodic_one(compose_train, tmp_path, capsys):
     """A kill during the first write of last.ckpt leaves the periodic checkpoint before it: resume from it."""
-    from penwright.train import train
+    from penwright.train.stage import train
 
     steps = ["train.decay_steps=12", "train.ckpt_every_n_steps=4"]
     train(compose_train("trainer.max_steps=12", *steps, run="straight"))
@@ -272,7 +272,7 @@ def test_a_missing_last_checkpoint_resumes_from_the_periodic_one(compose_train, 
 
 
 def test_leftovers_of_a_killed_run_are_cleaned_and_nothing_else(tmp_path):
-    from penwright.fsutil import _HOST, staged_dir
+    from penwright.core.atomic import _HOST, staged_dir
 
     out = tmp_path / "model"
     dead = 2**22 + 12345  # above Linux's default pid_max: no such process

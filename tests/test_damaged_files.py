@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from helpers.paths import ENGLISH, REPO
-from penwright.errors import PenwrightError
+from penwright.core.errors import PenwrightError
 
 
 def damage(file: Path, how: str) -> None:
@@ -49,7 +49,7 @@ def check_message(err: pytest.ExceptionInfo, file: Path, fix: str) -> str:
 
 
 def compose(*overrides: str):
-    from penwright.config import compose as _compose
+    from penwright.core.config import compose as _compose
 
     return _compose(list(overrides), config_dir=REPO / "conf")
 
@@ -70,7 +70,7 @@ TOKENIZER_FILES = [("tokenizer.json", "half"), ("tokenizer.json", "garbage"), ("
 def test_export_names_a_damaged_file_of_the_trained_model_and_keeps_the_earlier_export(
     name, how, tiny_gpt2, onnx_tiny, tmp_path
 ):
-    from penwright.export import export
+    from penwright.export.stage import export
 
     file = damaged_copy(tiny_gpt2, tmp_path / "model", name, how)
     out = tmp_path / "onnx"
@@ -92,8 +92,8 @@ def test_export_names_a_damaged_file_of_the_trained_model_and_keeps_the_earlier_
 
 @pytest.mark.parametrize("name,how", TOKENIZER_FILES + [("config.json", "half"), ("config.json", "garbage")])
 def test_loading_an_export_names_its_damaged_tokenizer_or_config(name, how, onnx_tiny, tmp_path):
-    from penwright.engine import Engine
-    from penwright.generate import generate
+    from penwright.generate.stage import generate
+    from penwright.inference.engine import Engine
 
     onnx_dir = tmp_path / "onnx"
     file = damaged_copy(onnx_tiny, onnx_dir, name, how)
@@ -118,8 +118,8 @@ def test_loading_an_export_names_its_damaged_tokenizer_or_config(name, how, onnx
 
 @pytest.mark.parametrize("how", ["half", "garbage"])
 def test_a_damaged_onnx_graph_is_one_line_naming_it(how, onnx_tiny, tmp_path):
-    from penwright.engine import Engine
-    from penwright.generate import generate
+    from penwright.generate.stage import generate
+    from penwright.inference.engine import Engine
 
     onnx_dir = tmp_path / "onnx"
     file = damaged_copy(onnx_tiny, onnx_dir, "model.onnx", how)
@@ -152,7 +152,7 @@ def test_a_damaged_onnx_graph_is_one_line_naming_it(how, onnx_tiny, tmp_path):
     "name,how", [(f"tokenizer/{n}", h) for n, h in TOKENIZER_FILES] + [("meta.json", "half"), ("meta.json", "garbage")]
 )
 def test_train_names_a_damaged_prepared_file(name, how, prepared_tiny, compose_train, tmp_path):
-    from penwright.train import train
+    from penwright.train.stage import train
 
     file = damaged_copy(prepared_tiny, tmp_path / "prepared", name, how)
     with pytest.raises(PenwrightError) as err:
@@ -162,7 +162,7 @@ def test_train_names_a_damaged_prepared_file(name, how, prepared_tiny, compose_t
 
 
 def test_a_meta_json_that_is_not_an_object_is_named(prepared_tiny, tmp_path):
-    from penwright.data import load_meta
+    from penwright.train.data import load_meta
 
     shutil.copytree(prepared_tiny, tmp_path / "prepared")
     (tmp_path / "prepared" / "meta.json").write_text("[1, 2")  # cut mid-way
@@ -180,7 +180,7 @@ def test_a_meta_json_that_is_not_an_object_is_named(prepared_tiny, tmp_path):
 
 @pytest.mark.parametrize("name,how", MODEL_FILES)
 def test_finetuning_from_a_damaged_local_model_names_the_file(name, how, tiny_gpt2, compose_train, tmp_path):
-    from penwright.train import train
+    from penwright.train.stage import train
 
     local = tmp_path / "gpt2"
     file = damaged_copy(tiny_gpt2, local, name, how)
@@ -193,7 +193,7 @@ def test_finetuning_from_a_damaged_local_model_names_the_file(name, how, tiny_gp
 
 @pytest.mark.parametrize("name,how", TOKENIZER_FILES)
 def test_prepare_with_a_damaged_pretrained_tokenizer_names_the_file(name, how, tiny_gpt2, compose_prepare, tmp_path):
-    from penwright.prepare import prepare
+    from penwright.prepare.stage import prepare
 
     local = tmp_path / "gpt2"
     file = damaged_copy(tiny_gpt2, local, name, how)
@@ -211,7 +211,7 @@ def test_prepare_with_a_damaged_pretrained_tokenizer_names_the_file(name, how, t
     "name,how", [("model.safetensors", "half"), ("config.json", "half"), ("tokenizer.json", "half")]
 )
 def test_verbosify_with_a_damaged_model_dir_names_the_file(name, how, tiny_gpt2, tmp_path):
-    from penwright.verbosify import verbosify
+    from penwright.generate.verbosify import verbosify
 
     local = tmp_path / "model"
     file = damaged_copy(tiny_gpt2, local, name, how)
@@ -230,7 +230,7 @@ def test_verbosify_with_a_damaged_model_dir_names_the_file(name, how, tiny_gpt2,
 
 
 def test_an_intact_dir_loads_and_a_dir_with_no_damage_keeps_the_loaders_error(tiny_gpt2, tmp_path):
-    from penwright.files import check_dir, load_model, load_tokenizer
+    from penwright.core.files import check_dir, load_model, load_tokenizer
 
     check_dir(tiny_gpt2, "unused")  # nothing damaged: no error
     assert load_model(tiny_gpt2, "unused").config.n_layer == 2

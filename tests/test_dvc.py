@@ -15,7 +15,8 @@ import yaml
 from helpers.dvc_project import new_project, run
 from helpers.paths import REPO
 from helpers.stage_reads import code_closure, config_reads, source
-from penwright.sample_corpus import materialize
+from penwright.cli import STAGES
+from penwright.prepare.kjv import materialize
 
 
 def snapshot(root: Path) -> dict[str, str]:
@@ -141,10 +142,10 @@ PIPELINES = {"main": REPO / "dvc.yaml", "writing_prompts": REPO / "pipelines" / 
 
 # read by a stage, but changing none of its output: left out of its deps and params on purpose
 NOT_CODE = {
-    "errors": "exception classes: the messages, not the output",
-    "log": "messages on stderr",
-    "schema": "the config's types: a value it refuses stops the stage before any work",
-    "loggers": "W&B (train): where the run is logged, not what it trains, as logger.* in params",
+    "core.errors": "exception classes: the messages, not the output",
+    "core.log": "messages on stderr",
+    "core.schema": "the config's types: a value it refuses stops the stage before any work",
+    "train.loggers": "W&B (train): where the run is logged, not what it trains, as logger.* in params",
 }
 NOT_OUTPUT = {
     "data.chunk_bytes": "how much text is read at a time: the same tokens and hashes",
@@ -171,12 +172,20 @@ class Stage:
     pipeline: str
     name: str  # foreach stages: one Stage per item, all with the stage's name
     item: str | None
-    module: str  # penwright <module>: the stage's code is penwright.<module>.<module>(cfg)
+    command: str  # penwright <command>: the stage's code is cli.STAGES' <module>.<function>(cfg)
     params_file: Path  # the file the stage runs on (--params), whose keys it declares
     params: list[str]
-    code: set[str]  # src/penwright/*.py deps
+    code: set[str]  # src/penwright/**/*.py deps
     files: list[str]  # the other deps, as written
     resolved: list[str]  # the other deps, interpolated
+
+    @property
+    def module(self) -> str:  # dotted, under penwright: prepare.stage
+        return STAGES[self.command][0].removeprefix("penwright.")
+
+    @property
+    def function(self) -> str:
+        return STAGES[self.command][1]
 
     def values(self) -> dict:
         return yaml.safe_load(self.params_file.read_text())
@@ -257,7 +266,7 @@ def under(key: str, group: str) -> bool:
 
 def keys_read(stage: Stage) -> set[str]:
     values = stage.values()
-    reads = {leaf(k, values) for k in config_reads(stage.module, stage.module, skip=set(NOT_OUTPUT_CODE))}
+    reads = {leaf(k, values) for k in config_reads(stage.module, stage.function, skip=set(NOT_OUTPUT_CODE))}
     return {k for k in reads if not any(under(k, n) for n in NOT_OUTPUT)}
 
 

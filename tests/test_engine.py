@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from penwright.engine import Engine, Request
-from penwright.errors import ConfigError, PenwrightError
-from penwright.sampling import SamplingConfig
+from penwright.core.errors import ConfigError, PenwrightError
+from penwright.inference.engine import Engine, Request
+from penwright.inference.sampling import SamplingConfig
 
 PROMPTS = ["The quick brown fox", "In the beginning", "", "Numbers like 12,345 and 2026 appear too, with"]
 
@@ -196,8 +196,8 @@ def every_graph(onnx_tiny, tiny_gpt2, tmp_path_factory) -> dict:
 
     from transformers import GPT2LMHeadModel
 
-    from penwright.export import export_graph, quantize, save_graph
-    from penwright.graph import build_graph
+    from penwright.export.graph import build_graph
+    from penwright.export.stage import export_graph, quantize, save_graph
 
     folder = tmp_path_factory.mktemp("graphs") / "onnx"
     shutil.copytree(onnx_tiny, folder)
@@ -211,7 +211,7 @@ def every_graph(onnx_tiny, tiny_gpt2, tmp_path_factory) -> dict:
 def test_every_graph_gives_the_same_text_for_the_same_seed(every_graph, tiny_gpt2):
     from transformers import GPT2LMHeadModel
 
-    from penwright.runner import PaddedRunner, SlotRunner
+    from penwright.inference.runner import PaddedRunner, SlotRunner
 
     engines = {
         "fused": Engine.load(every_graph, slots=4),
@@ -242,8 +242,8 @@ def test_every_graph_gives_the_same_text_for_the_same_seed(every_graph, tiny_gpt
 
 
 def test_the_generate_stage_runs_every_graph_on_the_engine(every_graph, repo):
-    from penwright.config import compose
-    from penwright.generate import load
+    from penwright.core.config import compose
+    from penwright.generate.stage import load
 
     def loaded(*overrides):
         return load(compose([f"generate.model_dir={every_graph}", *overrides], config_dir=repo / "conf").generate)

@@ -10,9 +10,9 @@ import pytest
 import torch
 from transformers import AutoTokenizer, GPT2LMHeadModel
 
-from penwright.engine import Engine
-from penwright.errors import PenwrightError
-from penwright.runner import position_ids_for
+from penwright.core.errors import PenwrightError
+from penwright.inference.engine import Engine
+from penwright.inference.runner import position_ids_for
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -35,8 +35,8 @@ def ref(tiny_gpt2):
 
 def export_as(root, tiny_gpt2, repo, graph: str):
     """The tiny GPT-2 exported with ``export.graph=<graph>`` into ``root/onnx``."""
-    from penwright.config import compose
-    from penwright.export import export
+    from penwright.core.config import compose
+    from penwright.export.stage import export
 
     report = export(
         compose(
@@ -93,8 +93,8 @@ def test_folder_is_self_contained_with_optimum_names(onnx_tiny):
 
 @pytest.mark.parametrize("prompts", [PROMPTS[:1], PROMPTS], ids=["batch1", "batch3-left-padded"])
 def test_logits_match_pytorch_with_empty_and_nonempty_past(graph_dir, ref, prompts):
-    from penwright.export import graph_runner
-    from penwright.tokenizer import left_padded
+    from penwright.export.stage import graph_runner
+    from penwright.prepare.tokenizer import left_padded
 
     runner = graph_runner(graph_dir, "model.onnx")  # IOBinding, keys and values left as onnxruntime values: CUDA's path
     tokenizer = left_padded(AutoTokenizer.from_pretrained(graph_dir))
@@ -116,8 +116,8 @@ def test_logits_match_pytorch_with_empty_and_nonempty_past(graph_dir, ref, promp
 @pytest.mark.parametrize("prompts", [PROMPTS[:1], PROMPTS], ids=["batch1", "batch3"])
 def test_greedy_tokens_equal_transformers_generate(graph_dir, ref, prompts, padded):
     from penwright.bench.generate import no_cache_ids
-    from penwright.engine import Engine
-    from penwright.tokenizer import left_padded
+    from penwright.inference.engine import Engine
+    from penwright.prepare.tokenizer import left_padded
 
     engine = Engine.load(graph_dir, slots=len(prompts), padded=padded)
     enc = left_padded(engine.tokenizer)(prompts, return_tensors="np", padding=True, add_special_tokens=False)
@@ -139,8 +139,8 @@ def test_greedy_tokens_equal_transformers_generate(graph_dir, ref, prompts, padd
 
 
 def test_export_fails_when_there_is_no_model(tmp_path, repo):
-    from penwright.config import compose
-    from penwright.export import export
+    from penwright.core.config import compose
+    from penwright.export.stage import export
 
     with pytest.raises(PenwrightError, match="penwright train"):
         export(
@@ -152,8 +152,8 @@ def test_export_fails_when_there_is_no_model(tmp_path, repo):
 
 
 def test_quantized_graphs_are_written_and_their_quality_measured(tmp_path, tiny_gpt2, prepared_tiny, repo):
-    from penwright.config import compose
-    from penwright.export import export
+    from penwright.core.config import compose
+    from penwright.export.stage import export
 
     report = export(
         compose(
@@ -186,7 +186,7 @@ def test_quantized_graphs_are_written_and_their_quality_measured(tmp_path, tiny_
     assert "MatMulNBits" in ops and "MatMul" not in ops  # every weight matrix, the output projection included
     gen = Engine.load(tmp_path / "onnx", graph="model.q8.onnx")
     assert len(gen.generate(["It is"], max_new_tokens=4, seed=0)) == 1
-    from penwright.generate import generate  # the generate stage on a quantized graph
+    from penwright.generate.stage import generate  # the generate stage on a quantized graph
 
     samples = generate(
         compose(
@@ -206,9 +206,9 @@ def test_quantized_graphs_are_written_and_their_quality_measured(tmp_path, tiny_
 
 
 def test_an_unknown_quantization_is_refused_before_any_work(tmp_path, tiny_gpt2, repo):
-    from penwright.config import compose
-    from penwright.errors import ConfigError
-    from penwright.export import export
+    from penwright.core.config import compose
+    from penwright.core.errors import ConfigError
+    from penwright.export.stage import export
 
     with pytest.raises(ConfigError, match=r"export.quantize=\['q3'\]: item 0 \('q3'\) not one of .* q8, q4, int8"):
         export(
@@ -243,7 +243,7 @@ def test_corrupt_graph_is_a_clear_error(onnx_tiny, tmp_path):
 def test_tokenizer_that_does_not_match_the_graph(onnx_tiny, tmp_path):
     import shutil
 
-    from penwright.tokenizer import train_bpe
+    from penwright.prepare.tokenizer import train_bpe
 
     bad = tmp_path / "onnx"
     shutil.copytree(onnx_tiny, bad)
@@ -268,9 +268,9 @@ def test_cuda_request_reports_what_actually_ran(onnx_tiny, capsys):
 
 
 def test_parity_prompts_too_short_for_a_past_are_a_clear_error(tiny_gpt2, tmp_path, repo):
-    from penwright.config import compose
-    from penwright.errors import ConfigError
-    from penwright.export import export
+    from penwright.core.config import compose
+    from penwright.core.errors import ConfigError
+    from penwright.export.stage import export
 
     with pytest.raises(ConfigError, match="at least 2 tokens"):
         export(
@@ -294,8 +294,8 @@ def test_fused_graph_is_the_default_and_falls_back_to_tracing_for_what_it_cannot
     import onnx
     from transformers import GPT2Config
 
-    from penwright.config import compose
-    from penwright.export import export
+    from penwright.core.config import compose
+    from penwright.export.stage import export
 
     report = json.loads((onnx_tiny.parent / "reports" / "export.json").read_text())
     lean = json.loads((onnx_lean.parent / "reports" / "export.json").read_text())
@@ -334,7 +334,7 @@ def test_the_8_bit_graph_keeps_the_quickstart_models_answers(tmp_path):
     positions (what README and the benchmark report); 4-bit stays above 90%."""
     import shutil
 
-    from penwright.export import quantize, quantized_quality
+    from penwright.export.stage import quantize, quantized_quality
 
     onnx_dir = tmp_path / "onnx"
     shutil.copytree(REPO_ROOT / "artifacts" / "onnx", onnx_dir)

@@ -14,10 +14,16 @@ import numpy as np
 import pytest
 import torch
 
-from penwright.engine import Engine
-from penwright.errors import ConfigError, PenwrightError
-from penwright.generate import Sample, finish_text, generate, generate_samples, render
-from penwright.sampling import SamplingConfig, apply_repetition_penalty, filter_top_k, filter_top_p, next_tokens
+from penwright.core.errors import ConfigError, PenwrightError
+from penwright.generate.stage import Sample, finish_text, generate, generate_samples, render
+from penwright.inference.engine import Engine
+from penwright.inference.sampling import (
+    SamplingConfig,
+    apply_repetition_penalty,
+    filter_top_k,
+    filter_top_p,
+    next_tokens,
+)
 
 EOS_TEXT = "<|endoftext|>"
 BOS_TEXT = "<|startoftext|>"
@@ -116,7 +122,7 @@ def test_top_k_keeps_exactly_k_and_matches_transformers():
 
 @pytest.mark.parametrize("vocab,k", [(50257, 40), (50257, 1), (50257, 200), (4096, 40), (1000, 999)])
 def test_top_k_ids_are_those_of_a_whole_vocabulary_partition(vocab, k):
-    from penwright.sampling import top_k_ids
+    from penwright.inference.sampling import top_k_ids
 
     rng = np.random.default_rng(vocab + k)
     logits = rng.standard_normal((8, vocab)).astype(np.float32)
@@ -464,7 +470,7 @@ def test_finish_text():
 
 
 def file_cfg(repo, onnx_tiny, dest, *extra):
-    from penwright.config import compose
+    from penwright.core.config import compose
 
     return compose(
         [
@@ -513,7 +519,7 @@ def test_generate_to_markdown(repo, onnx_tiny, tmp_path):
 
 
 def test_generate_without_destination_prints_the_samples(repo, onnx_tiny, capsys, tmp_path):
-    from penwright.config import compose
+    from penwright.core.config import compose
 
     cfg = compose(
         [

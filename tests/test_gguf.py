@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from penwright.errors import ConfigError
+from penwright.core.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
 QUICKSTART = REPO / "artifacts" / "model"
@@ -41,8 +41,8 @@ PROMPTS = ["The quick brown fox", "It is", "In the beginning"]
 
 
 def export_with_gguf(tmp_path: Path, model_dir: Path, *types: str, out: str = "onnx", extra=()) -> dict:
-    from penwright.config import compose
-    from penwright.export import export
+    from penwright.core.config import compose
+    from penwright.export.stage import export
 
     return export(
         compose(
@@ -62,7 +62,7 @@ def export_with_gguf(tmp_path: Path, model_dir: Path, *types: str, out: str = "o
 
 
 def llama(path: Path, repack: bool = True, **kwargs):
-    from penwright.llamacpp import load_llama
+    from penwright.export.gguf import load_llama
 
     return load_llama(path, repack=repack, **kwargs)
 
@@ -124,7 +124,7 @@ def test_gguf_in_llama_cpp_matches_transformers_on_the_tiny_model(tmp_path, tiny
 def test_gguf_in_llama_cpp_matches_transformers_on_the_quickstart_model(tmp_path):
     from transformers import GPT2LMHeadModel
 
-    from penwright.llamacpp import export_gguf
+    from penwright.export.gguf import export_gguf
 
     model = GPT2LMHeadModel.from_pretrained(QUICKSTART).eval()
     (written,) = export_gguf(model, QUICKSTART, tmp_path, ["f32"])
@@ -179,7 +179,7 @@ def test_a_model_llama_cpp_cannot_express_is_refused_before_any_work(tmp_path, t
 def test_a_tokenizer_llama_cpp_cannot_reproduce_is_refused(tmp_path):
     from transformers import GPT2Config
 
-    from penwright.llamacpp import why_not
+    from penwright.export.gguf import why_not
 
     config = GPT2Config(n_embd=64, n_head=2)
     bpe = {
@@ -229,7 +229,7 @@ def test_the_benchmark_says_how_to_get_llama_cpp_when_it_is_missing(tmp_path, re
 def test_added_tokens_stay_whole_and_mismatched_tokenizers_are_refused(tmp_path, tiny_gpt2):
     from transformers import AutoTokenizer, GPT2LMHeadModel
 
-    from penwright.llamacpp import export_gguf
+    from penwright.export.gguf import export_gguf
 
     tok = AutoTokenizer.from_pretrained(tiny_gpt2)
     tok.add_tokens(["<|sep|>", "foo bar"])  # added, not special: transformers matches them whole in the text

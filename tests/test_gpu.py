@@ -15,8 +15,8 @@ import json
 import pytest
 
 from helpers.paths import REPO
-from penwright.config import compose
-from penwright.errors import ConfigError
+from penwright.core.config import compose
+from penwright.core.errors import ConfigError
 
 
 @pytest.mark.parametrize(
@@ -38,14 +38,14 @@ def test_trainer_presets_compose(preset, precision, strategy):
 
 @pytest.mark.parametrize("preset", ["gpu", "gpu_fp16"])
 def test_gpu_presets_run_a_step_on_the_cpu(compose_train, preset):
-    from penwright.train import train
+    from penwright.train.stage import train
 
     metrics = train(compose_train(f"trainer={preset}", "trainer.accelerator=cpu", "trainer.max_steps=2"))
     assert metrics["steps"] == 2 and metrics["val_loss"] == metrics["val_loss"]  # finite, not NaN
 
 
 def test_fsdp_on_the_cpu_is_refused_in_one_line_before_anything_is_written(compose_train, tmp_path):
-    from penwright.train import train
+    from penwright.train.stage import train
 
     cfg = compose_train("trainer=fsdp", "trainer.accelerator=cpu")
     with pytest.raises(ConfigError, match="fsdp runs on GPUs only"):
@@ -56,7 +56,7 @@ def test_fsdp_on_the_cpu_is_refused_in_one_line_before_anything_is_written(compo
 def test_the_fsdp_preset_shards_each_block_and_checkpoints_its_activations():
     from lightning.pytorch.strategies import FSDPStrategy
 
-    from penwright.train import build_strategy
+    from penwright.train.stage import build_strategy
 
     strategy = build_strategy(compose(["trainer=fsdp"], config_dir=REPO / "conf").trainer)
     assert isinstance(strategy, FSDPStrategy)
@@ -82,7 +82,7 @@ def test_the_fsdp_preset_shards_each_block_and_checkpoints_its_activations():
     ],
 )
 def test_split_batch_keeps_the_effective_batch(requested, fits, expected):
-    from penwright.train import split_batch
+    from penwright.train.stage import split_batch
 
     micro, accumulate = split_batch(requested, fits)
     assert (micro, accumulate) == expected
@@ -90,7 +90,7 @@ def test_split_batch_keeps_the_effective_batch(requested, fits, expected):
 
 
 def test_auto_batch_size_runs_lightnings_finder_and_keeps_the_effective_batch(compose_train, tmp_path):
-    from penwright.train import train
+    from penwright.train.stage import train
 
     cfg = compose_train(
         "train.auto_batch_size=true", "train.batch_size=4", "trainer.accumulate_grad_batches=2", "trainer.max_steps=2"
@@ -118,7 +118,7 @@ def test_auto_batch_size_runs_lightnings_finder_and_keeps_the_effective_batch(co
 
 
 def test_the_gpu_checks_dry_run_covers_every_case(tmp_path):
-    from penwright.gpucheck import check_gpu
+    from penwright.bench.gpu import check_gpu
 
     cases = check_gpu(tmp_path / "gpu", dry=True, conf=REPO / "conf")
     runs = {k: v for k, v in cases.items() if isinstance(v, dict) and "ok" in v}
@@ -173,7 +173,7 @@ def test_the_gpu_checks_dry_run_covers_every_case(tmp_path):
 
 
 def test_auto_batch_size_on_several_devices_is_refused_in_one_line(compose_train):
-    from penwright.train import train
+    from penwright.train.stage import train
 
     with pytest.raises(ConfigError, match="batch-size finder runs on one device"):
         train(

@@ -21,8 +21,8 @@ COMMIT = "0123456789abcdef0123456789abcdef01234567"
 LOAD = """
 import sys
 from transformers import AutoTokenizer, GPT2LMHeadModel
-from penwright.errors import PenwrightError
-from penwright.hub import load_pretrained
+from penwright.core.errors import PenwrightError
+from penwright.core.hub import load_pretrained
 loader = GPT2LMHeadModel.from_pretrained if sys.argv[1] == "model" else AutoTokenizer.from_pretrained
 try:
     loaded = load_pretrained(sys.argv[2], loader, sys.argv[1], "model.name_or_path")

@@ -14,8 +14,8 @@ from transformers import GPT2LMHeadModel
 
 from helpers.train_outputs import curve, weights
 from helpers.wandb_runs import wandb_record
-from penwright.errors import ConfigError, PenwrightError
-from penwright.train import train
+from penwright.core.errors import ConfigError, PenwrightError
+from penwright.train.stage import train
 
 LORA = ["train.lora.enabled=true", "train.lora.rank=4", "train.lora.alpha=8", "train.lr=5e-3"]
 
@@ -122,9 +122,9 @@ def test_lora_export_passes_parity_and_greedy_tokens_in_onnx_and_llama_cpp_equal
 ):
     from peft import PeftModel
 
-    from penwright.config import compose
-    from penwright.engine import Engine
-    from penwright.export import export
+    from penwright.core.config import compose
+    from penwright.export.stage import export
+    from penwright.inference.engine import Engine
 
     train(compose_lora("trainer.max_steps=8", "sample.every_n_steps=0"))
     model_dir, onnx = tmp_path / "run" / "model", tmp_path / "onnx"
@@ -178,7 +178,7 @@ def test_lora_on_a_scratch_model_or_with_a_rank_larger_than_a_layer_is_refused(c
 
 
 def test_lora_on_a_model_without_gpt2_layers_is_one_line(compose_lora, tmp_path):
-    from penwright.lora import check
+    from penwright.train.lora import check
 
     cfg = compose_lora()
     plain = torch.nn.Module()

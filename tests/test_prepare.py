@@ -12,9 +12,9 @@ from tokenizers.pre_tokenizers import ByteLevel
 from transformers import AutoTokenizer
 
 from helpers.paths import ENGLISH
-from penwright.corpus import CorpusSpec, read_text
-from penwright.data import TokenWindows, load_tokens
-from penwright.prepare import dtype_for, prepare, split_documents
+from penwright.prepare.corpus import CorpusSpec, read_text
+from penwright.prepare.stage import dtype_for, prepare, split_documents
+from penwright.train.data import TokenWindows, load_tokens
 
 
 def _outputs(meta_dir: Path):
@@ -217,7 +217,7 @@ def test_background_encoder_gives_the_same_bytes_in_order_and_ends(tmp_path, com
         for k, o in runs.items()
     }
     assert metas["fast"]["tokenizer"]["encoder"] == "splintr" and metas["hf"]["tokenizer"]["encoder"] == "tokenizers"
-    from penwright.prepare import BATCH_CHUNKS
+    from penwright.prepare.stage import BATCH_CHUNKS
 
     assert metas["fast"]["val"]["documents"] == 6 and metas["fast"]["data"]["bytes"] > 3 * BATCH_CHUNKS * 4096
     for split in ("train", "val"):
@@ -229,7 +229,7 @@ def test_fast_encoder_only_for_tokenizers_it_encodes_alike():
     """The gate: a normalizer or a template would make splintr's ids differ, so those get no fast encoder."""
     from tokenizers import normalizers, processors
 
-    from penwright.tokenizer import fast_encoder, train_bpe
+    from penwright.prepare.tokenizer import fast_encoder, train_bpe
 
     tok = train_bpe([ENGLISH * 4], 300)
     with fast_encoder(tok) as fast:
@@ -244,9 +244,9 @@ def test_fast_encoder_only_for_tokenizers_it_encodes_alike():
 
 
 def test_an_encoder_failure_falls_back_to_tokenizers_and_ends_its_thread(monkeypatch):
-    import penwright.prepare
-    from penwright.prepare import choose_encoder
-    from penwright.tokenizer import BatchEncoder, train_bpe
+    import penwright.prepare.stage
+    from penwright.prepare.stage import choose_encoder
+    from penwright.prepare.tokenizer import BatchEncoder, train_bpe
 
     made = []
 
@@ -257,7 +257,7 @@ def test_an_encoder_failure_falls_back_to_tokenizers_and_ends_its_thread(monkeyp
         made.append(BatchEncoder(failing))
         return made[-1]
 
-    monkeypatch.setattr(penwright.prepare, "fast_encoder", failing_encoder)
+    monkeypatch.setattr(penwright.prepare.stage, "fast_encoder", failing_encoder)
     tok = train_bpe([ENGLISH * 4], 300)
     name, encode = choose_encoder(tok, [ENGLISH], fast=True)
     assert name == "tokenizers" and encode([ENGLISH])[0] == tok(ENGLISH, add_special_tokens=False)["input_ids"]

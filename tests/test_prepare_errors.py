@@ -20,8 +20,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from penwright.errors import ConfigError, CorpusError, PenwrightError
-from penwright.prepare import prepare
+from penwright.core.errors import ConfigError, CorpusError, PenwrightError
+from penwright.prepare.stage import prepare
 
 GOOD_TEXT = (
     "In the beginning was the word, and the word was written down.\n"
@@ -173,7 +173,7 @@ def test_invalid_utf8_after_the_first_chunk(compose_prepare, tmp_path, model):
 
 
 def test_scan_catches_invalid_utf8_after_the_first_chunk(tmp_path):
-    from penwright.corpus import CorpusSpec, scan
+    from penwright.prepare.corpus import CorpusSpec, scan
 
     bad = tmp_path / "late.txt"
     bad.write_bytes(LATE_INVALID)
@@ -321,7 +321,7 @@ def test_bad_config_value(compose_prepare, tmp_path, override, fragment):
 
 
 def test_unknown_override_key_suggests_the_real_one(repo, tmp_path):
-    from penwright.config import compose
+    from penwright.core.config import compose
 
     with pytest.raises(ConfigError) as info:
         compose([f"data.path={tmp_path}", "data.val_fractoin=0.1"], config_dir=repo / "conf")
@@ -418,7 +418,7 @@ def test_bom_and_crlf_give_the_same_tokens_as_lf(compose_prepare, tmp_path):
 
 def test_pretrained_tokenizer_offline_fails_fast_and_says_how_to_point_at_a_dir(tmp_path, repo):
     """No local dir, no cache, hub unreachable (HF_HUB_OFFLINE=1): one clear error, nothing written."""
-    from penwright.config import compose
+    from penwright.core.config import compose
 
     corpus = tmp_path / "c.txt"
     corpus.write_text(GOOD_TEXT)

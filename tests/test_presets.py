@@ -16,7 +16,7 @@ import pytest
 from helpers.dvc_project import new_project, run
 from helpers.paths import ENGLISH, REPO
 from helpers.wandb_runs import wandb_record, wandb_run_of
-from penwright.config import compose
+from penwright.core.config import compose
 
 TINY = [
     "model.n_layer=1",
@@ -57,8 +57,8 @@ def rows(path: Path) -> list[dict]:
 
 
 def test_char_level_tokenizes_bytes_and_samples_at_each_temperature(tmp_path):
-    from penwright.prepare import prepare
-    from penwright.train import train
+    from penwright.prepare.stage import prepare
+    from penwright.train.stage import train
 
     cfg = preset(
         "char_level",
@@ -84,8 +84,8 @@ def test_char_level_tokenizes_bytes_and_samples_at_each_temperature(tmp_path):
 
 
 def test_long_run_continues_the_same_run_in_chunks(tmp_path, monkeypatch):
-    from penwright.prepare import prepare
-    from penwright.train import train
+    from penwright.prepare.stage import prepare
+    from penwright.train.stage import train
 
     monkeypatch.setenv("WANDB_MODE", "offline")
     common = [
@@ -136,10 +136,10 @@ SHORT_ROWS = [
 
 
 def test_short_texts_gives_separate_stripped_texts_and_counts_copies_of_training_rows(tmp_path):
-    from penwright.export import export
-    from penwright.generate import Sample, count_copies, generate
-    from penwright.prepare import documents_by_split, prepare
-    from penwright.train import train
+    from penwright.export.stage import export
+    from penwright.generate.stage import Sample, count_copies, generate
+    from penwright.prepare.stage import documents_by_split, prepare
+    from penwright.train.stage import train
 
     data = tmp_path / "rows.csv"
     data.write_text("text\n" + "\n".join(SHORT_ROWS) + "\n")
@@ -198,8 +198,8 @@ DOCUMENT = (
 
 
 def test_verbosify_expands_each_passage_keeps_it_verbatim_and_writes_no_models(compose_train, tmp_path):
-    from penwright.train import train
-    from penwright.verbosify import Verbosifier, passages, verbosify
+    from penwright.generate.verbosify import Verbosifier, passages, verbosify
+    from penwright.train.stage import train
 
     train(compose_train("trainer.max_steps=40", "train.lr=1e-2", "sample.every_n_steps=0"))  # a model that writes '.'
     model_dir = tmp_path / "run" / "model"
@@ -252,8 +252,8 @@ def test_verbosify_expands_each_passage_keeps_it_verbatim_and_writes_no_models(c
 
 
 def test_verbosify_bad_input_names_the_file_or_key(tmp_path, tiny_gpt2):
-    from penwright.errors import PenwrightError
-    from penwright.verbosify import verbosify
+    from penwright.core.errors import PenwrightError
+    from penwright.generate.verbosify import verbosify
 
     with pytest.raises(PenwrightError, match="verbosify.document=.*missing.txt: no such file"):
         verbosify(preset("verbosify", tmp_path, f"verbosify.document={tmp_path}/missing.txt"))
@@ -285,8 +285,8 @@ WP_ROWS = [
 
 
 def test_data_take_keeps_one_part_of_each_row_and_names_a_row_that_lacks_it(tmp_path, compose_prepare):
-    from penwright.errors import ConfigError, CorpusError
-    from penwright.prepare import documents_by_split
+    from penwright.core.errors import ConfigError, CorpusError
+    from penwright.prepare.stage import documents_by_split
 
     rows = tmp_path / "wp.csv"
     rows.write_text("text\n" + "\n".join(WP_ROWS[:3]) + "\n")

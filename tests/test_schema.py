@@ -9,9 +9,9 @@ import pydantic
 import pytest
 
 from helpers.paths import REPO
-from penwright import schema
-from penwright.config import compose
-from penwright.errors import ConfigError
+from penwright.core import schema
+from penwright.core.config import compose
+from penwright.core.errors import ConfigError
 
 # Groups that appear only under a preset: compose with it to reach their knobs.
 REACH = {"chain": ["experiment=wp_responses"], "trainer.fsdp": ["trainer=fsdp"]}
@@ -140,7 +140,7 @@ def test_choices_types_and_cross_field_rules_name_the_key(override, words):
 
 
 def test_a_params_file_with_a_bad_value_names_the_file(tmp_path):
-    from penwright.config import write_params
+    from penwright.core.config import write_params
 
     out = write_params(["train.lr=0.5"], tmp_path / "params.yaml", config_dir=REPO / "conf")
     out.write_text(out.read_text().replace("lr: 0.5", "lr: -0.5"))
@@ -176,7 +176,7 @@ def test_the_cli_prints_one_line_and_exits_2(tmp_path):
 
 
 def test_the_schema_names_the_callers_key_and_the_shared_layer_its_value():
-    from penwright.sampling import SamplingConfig
+    from penwright.inference.sampling import SamplingConfig
 
     assert "chain.top_k" in _compose_error(["experiment=wp_responses", "chain.top_k=-1"])
     assert "generate.top_k" in _compose_error(["generate.top_k=-1"])
@@ -214,7 +214,7 @@ def test_values_lightning_yaml_and_hydra_users_write_are_accepted(overrides):
 
 
 def test_chain_without_its_settings_is_one_line():
-    from penwright.chain import chain
+    from penwright.generate.chain import chain
 
     with pytest.raises(ConfigError, match="^chain: no chain settings .* experiment=wp_responses"):
         chain(compose([], config_dir=REPO / "conf"))

@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from helpers.paths import ENGLISH, REPO
-from penwright.engine import Engine
-from penwright.errors import PenwrightError
-from penwright.score import read_samples, score_file, score_texts
+from penwright.core.errors import PenwrightError
+from penwright.generate.score import read_samples, score_file, score_texts
+from penwright.inference.engine import Engine
 
 
 @pytest.fixture(scope="module")
@@ -68,8 +68,8 @@ def test_penwright_score_ranks_a_samples_file_best_first(engine, onnx_tiny, tmp_
 
 
 def test_generate_rank_writes_samples_best_first_with_their_scores(repo, onnx_tiny, tmp_path, engine):
-    from penwright.config import compose
-    from penwright.generate import generate
+    from penwright.core.config import compose
+    from penwright.generate.stage import generate
 
     dest = tmp_path / "samples.md"
     overrides = [
@@ -94,9 +94,9 @@ def test_generate_rank_writes_samples_best_first_with_their_scores(repo, onnx_ti
 
 
 def test_bad_input_names_the_file_or_key(repo, onnx_tiny, tmp_path):
-    from penwright.config import compose
-    from penwright.errors import ConfigError
-    from penwright.generate import generate
+    from penwright.core.config import compose
+    from penwright.core.errors import ConfigError
+    from penwright.generate.stage import generate
 
     with pytest.raises(PenwrightError, match="missing.txt: not found"):
         score_file(tmp_path / "missing.txt", onnx_tiny)

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 from helpers.reweighted import log_softmax_of
-from penwright.engine import Engine, Request
-from penwright.errors import ConfigError
-from penwright.sampling import SamplingConfig
+from penwright.core.errors import ConfigError
+from penwright.inference.engine import Engine, Request
+from penwright.inference.sampling import SamplingConfig
 
 TEXTS = ["The quick brown fox jumps over the lazy dog", "In the beginning", "A"]
 

@@ -46,7 +46,7 @@ def client(server):
 
 
 def test_openai_client_greedy_equals_the_engine_on_the_graph_as_exported(client, server, onnx_tiny):
-    from penwright.engine import Engine
+    from penwright.inference.engine import Engine
 
     out = client.completions.create(model="penwright", prompt=PROMPT, max_tokens=12, temperature=0)
     choice = out.choices[0]
@@ -265,8 +265,8 @@ def test_an_api_key_is_required_when_set(serve_tiny):
 
 
 def test_bad_serve_config_fails_before_the_port_opens(onnx_tiny, tmp_path):
-    from penwright.config import compose
-    from penwright.errors import ConfigError, PenwrightError
+    from penwright.core.config import compose
+    from penwright.core.errors import ConfigError, PenwrightError
     from penwright.serve import serve
 
     with pytest.raises(ConfigError, match="serve.port=70000"):

@@ -8,8 +8,8 @@ import httpx
 import pytest
 
 from helpers.reweighted import export_reweighted
-from penwright.engine import Engine, Request
-from penwright.sampling import SamplingConfig
+from penwright.inference.engine import Engine, Request
+from penwright.inference.sampling import SamplingConfig
 
 
 def scrape(url: str) -> dict[tuple[str, tuple], float]:

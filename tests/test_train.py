@@ -13,7 +13,7 @@ from transformers import GPT2LMHeadModel
 from helpers.tiny import TINY_MODEL, TINY_TRAIN
 from helpers.train_outputs import curve, weights
 from helpers.wandb_runs import wandb_record, wandb_run_of
-from penwright.train import train
+from penwright.train.stage import train
 
 
 def test_train_writes_model_metrics_curves_samples_and_checkpoints(compose_train, tmp_path):

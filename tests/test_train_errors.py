@@ -1,6 +1,6 @@
 """The train stage refuses bad input with a PenwrightError / ConfigError that names the key and the fix.
 
-Every case is a real (seconds-long, CPU) run of ``penwright.train.train`` on the real composed config:
+Every case is a real (seconds-long, CPU) run of ``penwright.train.stage.train`` on the real composed config:
 no mocks.
 """
 
@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from penwright.data import load_meta
-from penwright.errors import ConfigError, PenwrightError
-from penwright.train import train
+from penwright.core.errors import ConfigError, PenwrightError
+from penwright.train.data import load_meta
+from penwright.train.stage import train
 
 
 def load_ckpt(path: Path) -> dict:

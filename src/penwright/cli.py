@@ -10,7 +10,7 @@ import argparse
 import os
 import sys
 
-from penwright.errors import PenwrightError
+from penwright.core.errors import PenwrightError
 
 # Quiet and deterministic by default; a user's own setting wins.
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
@@ -19,25 +19,33 @@ os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 
 # The stages: command -> (module, function, help). Each function takes the composed, validated config.
 STAGES = {
-    "prepare": ("penwright.prepare", "prepare", "corpus -> tokenizer + train/val token memmaps (artifacts/prepared)"),
-    "train": ("penwright.train", "train", "prepared tokens -> a trained GPT-2 (artifacts/model), W&B logs, samples"),
+    "prepare": (
+        "penwright.prepare.stage",
+        "prepare",
+        "corpus -> tokenizer + train/val token memmaps (artifacts/prepared)",
+    ),
+    "train": (
+        "penwright.train.stage",
+        "train",
+        "prepared tokens -> a trained GPT-2 (artifacts/model), W&B logs, samples",
+    ),
     "export": (
-        "penwright.export",
+        "penwright.export.stage",
         "export",
         "trained model -> ONNX graph with a KV cache (artifacts/onnx), parity-checked",
     ),
     "generate": (
-        "penwright.generate",
+        "penwright.generate.stage",
         "generate",
         "text from the exported model (onnxruntime, KV cache): reports/samples.md",
     ),
     "verbosify": (
-        "penwright.verbosify",
+        "penwright.generate.verbosify",
         "verbosify",
         "expand a document passage by passage (a model finetuned on each): reports/verbosify.md",
     ),
     "chain": (
-        "penwright.chain",
+        "penwright.generate.chain",
         "chain",
         "writing prompts: prompts from one model, each answered by another (experiment=wp_responses)",
     ),
@@ -122,20 +130,20 @@ def show(cfg) -> None:
 
 
 def params(args) -> None:
-    from penwright import config
+    from penwright.core import config
 
     out = config.write_params(args.overrides, args.output, config_dir=args.config_dir)
     print(f"wrote {out}", file=sys.stderr)
 
 
 def corpus(args) -> None:
-    from penwright.sample_corpus import materialize
+    from penwright.prepare.kjv import materialize
 
     materialize(args.data_dir, commit=not args.no_commit)
 
 
 def check(args) -> None:
-    from penwright.gpucheck import check_gpu
+    from penwright.bench.gpu import check_gpu
 
     check_gpu(args.output or ("reports/gpu/dry" if args.dry else "reports/gpu"), dry=args.dry)
 
@@ -162,7 +170,7 @@ def bench(args) -> None:
 
 
 def score(args) -> None:
-    from penwright.score import DELIMITER, score_file
+    from penwright.generate.score import DELIMITER, score_file
 
     delimiter = DELIMITER if args.delimiter is None else args.delimiter.encode().decode("unicode_escape")
     score_file(args.file, args.model_dir, args.graph, delimiter, args.output)
@@ -182,7 +190,7 @@ def run(argv: list[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     if args.command in STAGES:
-        from penwright import config
+        from penwright.core import config
 
         cfg = config.compose(args.overrides, params=args.params, config_dir=args.config_dir)
         module, function, _ = STAGES[args.command]

@@ -16,8 +16,8 @@ def export_reweighted(tiny_gpt2: Path, root: Path, seed: int) -> tuple[Path, Pat
     """(its Hugging Face folder, its exported folder) under ``root``: weight matrices drawn N(0, 0.25)."""
     from transformers import GPT2LMHeadModel
 
-    from penwright.config import compose
-    from penwright.export import export
+    from penwright.core.config import compose
+    from penwright.export.stage import export
 
     hf = root / "hf"
     shutil.copytree(tiny_gpt2, hf)

@@ -20,9 +20,16 @@ WHOLE = ("to_dict", "model_dump", "items", "keys", "values", "copy", "model_copy
 
 
 def source(module: str) -> Path:
-    """``src/penwright/<module>.py``, or the directory of a subpackage (``serve``)."""
-    file = SRC / f"{module}.py"
-    return file if file.is_file() else SRC / module
+    """``src/penwright/<a>/<b>.py`` for the dotted name ``a.b``, or the directory of a package (``serve``)."""
+    path = SRC.joinpath(*module.split("."))
+    return path.with_suffix(".py") if path.with_suffix(".py").is_file() else path
+
+
+def _module_of(dotted: str, names: list[str]) -> set[str]:
+    """What ``from penwright.<dotted> import <names>`` reads: the modules named, or the module / package itself."""
+    found = {f"{dotted}.{n}" if dotted else n for n in names}
+    modules = {m for m in found if source(m).with_suffix(".py").is_file()}
+    return modules or ({dotted} if dotted else found)
 
 
 def _trees(module: str) -> list[ast.Module]:
@@ -45,10 +52,9 @@ def imports(module: str) -> set[str]:
             and node.module
             and node.module.split(".")[0] == "penwright"
         ):
-            parts = node.module.split(".")
-            found |= {parts[1]} if len(parts) > 1 else {a.name for a in node.names}
+            found |= _module_of(node.module.partition(".")[2], [a.name for a in node.names])
         elif isinstance(node, ast.Import):
-            found |= {a.name.split(".")[1] for a in node.names if a.name.startswith("penwright.")}
+            found |= {a.name.partition(".")[2] for a in node.names if a.name.startswith("penwright.")}
     return {m for m in found if source(m).exists()}
 
 

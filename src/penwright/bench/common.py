@@ -10,9 +10,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from penwright.errors import PenwrightError
-from penwright.fsutil import atomic_write_text
-from penwright.log import get_logger
+from penwright.core.atomic import atomic_write_text
+from penwright.core.errors import PenwrightError
+from penwright.core.log import get_logger
 
 BENCH_DIR = Path("artifacts") / "bench"  # scratch space (each benchmark removes what it made)
 ROUNDS = 5  # interleaved rounds of the timed engines: the run with the median tokens/s counts
@@ -95,8 +95,8 @@ def random_gpt2(shape: tuple[int, int, int] = SHAPE_124M, seed: int = 0, vocab: 
 def save_fused(model, tokenizer, out_dir: Path) -> Path:
     """``model`` as the export stage writes it by default (penwright's fused graph), with its tokenizer and
     config beside it: a folder ``Engine.load`` and ``penwright serve`` read."""
-    from penwright.export import GRAPH, save_graph
-    from penwright.graph import build_graph
+    from penwright.export.graph import build_graph
+    from penwright.export.stage import GRAPH, save_graph
 
     out_dir.mkdir(parents=True, exist_ok=True)
     save_graph(build_graph(model, "fused"), out_dir / GRAPH)

@@ -32,8 +32,8 @@ from penwright.bench.common import (
     save_fused,
     write_report,
 )
-from penwright.errors import PenwrightError
-from penwright.export import GRAPH, QUANTIZED
+from penwright.core.errors import PenwrightError
+from penwright.export.stage import GRAPH, QUANTIZED
 
 TRACED = "model.traced.onnx"  # transformers' module traced (the export stage's export.graph=transformers)
 LEAN = "model.lean.onnx"  # penwright's graph in standard ONNX ops (export.graph=lean)
@@ -42,8 +42,8 @@ INT8 = QUANTIZED["int8"]  # dynamic int8 (export.quantize=[int8])
 
 def _time_runtime(engine, prompts: list[list[int]], new_tokens: int) -> tuple[dict, np.ndarray]:
     """The engine (what generate and serve run): greedy rows of ``new_tokens`` each, submitted together."""
-    from penwright.engine import Request
-    from penwright.sampling import SamplingConfig
+    from penwright.inference.engine import Request
+    from penwright.inference.sampling import SamplingConfig
 
     greedy = SamplingConfig(do_sample=False)
     requests = [Request(list(p), new_tokens, greedy, stop_at_eos=False) for p in prompts]
@@ -64,8 +64,8 @@ def _time_runtime(engine, prompts: list[list[int]], new_tokens: int) -> tuple[di
 def no_cache_ids(onnx_dir: Path, ids: np.ndarray, mask: np.ndarray, new_tokens: int) -> np.ndarray:
     """The baseline a KV cache is measured against: greedy decoding that re-feeds the whole left-padded sequence
     at every step (no past), on the exported graph as it is."""
-    from penwright.export import graph_runner
-    from penwright.runner import position_ids_for
+    from penwright.export.stage import graph_runner
+    from penwright.inference.runner import position_ids_for
 
     runner = graph_runner(onnx_dir, GRAPH)
     out = np.empty((len(ids), new_tokens), dtype=np.int64)
@@ -112,8 +112,8 @@ def _time_torch(model, ids, mask, new_tokens: int, eos: int) -> dict:
 
 def _variants(model, onnx_dir: Path) -> None:
     """The lean, traced (transformers' module, opset 17) and int8 graphs beside the exported one in ``onnx_dir``."""
-    from penwright.export import export_graph, quantize, save_graph
-    from penwright.graph import build_graph
+    from penwright.export.graph import build_graph
+    from penwright.export.stage import export_graph, quantize, save_graph
 
     save_graph(build_graph(model, "lean"), onnx_dir / LEAN)
     export_graph(model, onnx_dir / TRACED, 17)
@@ -440,7 +440,7 @@ RUNTIME_CASES = {  # the engine's cases beside transformers: report key -> (grap
 def _runtime_case(name: str, onnx_dir: Path, ref, batch: int, new_tokens: int, rounds: int) -> dict:
     """Every runtime case and transformers generate, greedy from the same prompt, interleaved; the no-cache
     baseline once (it is slow)."""
-    from penwright.engine import Engine
+    from penwright.inference.engine import Engine
 
     loaded = {
         key: Engine.load(onnx_dir, slots=batch, graph=graph, padded=padded)
@@ -481,7 +481,7 @@ def _runtime_case(name: str, onnx_dir: Path, ref, batch: int, new_tokens: int, r
 
 def _llama_top1(gguf: Path, ids: np.ndarray) -> np.ndarray:
     """llama.cpp's top-1 next token at every position of each window (one prefill a window)."""
-    from penwright.llamacpp import load_llama
+    from penwright.export.gguf import load_llama
 
     llm = load_llama(gguf, repack=False, n_ctx=ids.shape[1] + 1, n_batch=ids.shape[1] + 1, logits_all=True, n_threads=2)
     top1 = []
@@ -510,9 +510,9 @@ def _llama_cpp_cases(
     batched decoding (fp32), and each quantization's top-1 agreement with fp32 on validation windows."""
     from transformers import GPT2LMHeadModel
 
-    from penwright.engine import Engine
-    from penwright.export import graph_logits, quantize, validation_windows
-    from penwright.llamacpp import export_gguf
+    from penwright.export.gguf import export_gguf
+    from penwright.export.stage import graph_logits, quantize, validation_windows
+    from penwright.inference.engine import Engine
 
     threads = os.cpu_count() or 1
     results: dict = {
@@ -651,7 +651,7 @@ def bench_generate(
     import torch
     from transformers import GPT2LMHeadModel
 
-    from penwright.engine import Engine
+    from penwright.inference.engine import Engine
 
     tools = llama_tools(llama_cpp) if llama_cpp else None  # before any work: say now if llama.cpp is missing
     if only_llama_cpp and not tools:

@@ -25,15 +25,15 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from penwright.bench.common import BENCH_DIR, fresh_dir, log, run_child, write_report
-from penwright.errors import PenwrightError
+from penwright.core.errors import PenwrightError
 
 HERE = __name__  # the module the child processes import their function from
 
 
 def _child_prepare(overrides: list[str]) -> dict:
     """Run in a subprocess: one prepare, timed, with the process's own peak RSS."""
-    from penwright.config import compose
-    from penwright.prepare import prepare
+    from penwright.core.config import compose
+    from penwright.prepare.stage import prepare
 
     start = time.perf_counter()
     meta = prepare(compose(overrides))
@@ -53,7 +53,7 @@ def _child_encoders(tokenizer_dir: str, corpus: str, baseline: bool = True) -> d
     best of 3 each, ids compared."""
     from transformers import AutoTokenizer
 
-    from penwright.tokenizer import fast_encoder, tokenizers_batch
+    from penwright.prepare.tokenizer import fast_encoder, tokenizers_batch
 
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
     texts = [p.read_text(encoding="utf-8") for p in sorted(Path(corpus).glob("*.txt"))]
@@ -83,7 +83,7 @@ def _child_encoders(tokenizer_dir: str, corpus: str, baseline: bool = True) -> d
 def _baseline_rss() -> float:
     """Peak RSS of a process that only imports what prepare imports (the floor under every figure)."""
     code = (
-        "import resource, penwright.prepare, penwright.config, transformers, splintr; "
+        "import resource, penwright.prepare.stage, penwright.core.config, transformers, splintr; "
         "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

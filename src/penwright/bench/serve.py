@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from penwright.bench.common import BENCH_DIR, SHAPE_124M, log, random_gpt2, require_export, save_fused, write_report
-from penwright.errors import PenwrightError
+from penwright.core.errors import PenwrightError
 
 PROMPTS = [
     "And it came to pass",
@@ -367,8 +367,8 @@ def bench_serve_llama(
     import torch
     from transformers import AutoTokenizer, GPT2LMHeadModel
 
-    from penwright.export import quantize
-    from penwright.llamacpp import export_gguf
+    from penwright.export.gguf import export_gguf
+    from penwright.export.stage import quantize
 
     binary = Path(llama_cpp) / "llama-server"
     if not binary.is_file():

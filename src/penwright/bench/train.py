@@ -21,7 +21,7 @@ WARMUP = 3  # untimed steps before each timed run
 
 def _model(cfg, data, state: dict):
     """The benchmarked model, built as the train stage builds it, with the shared initial weights."""
-    from penwright.model import build_model
+    from penwright.train.model import build_model
 
     model = build_model(cfg.model, data.meta["vocab_size"], data.meta["eos_token_id"], int(cfg.train.block_size))
     if state is not None:
@@ -32,7 +32,7 @@ def _model(cfg, data, state: dict):
 def _steps_per_second_lightning(cfg, data, model_state, steps: int, warmup: int) -> dict:
     import lightning as L
 
-    from penwright.model import LitGPT2
+    from penwright.train.model import LitGPT2
 
     module = LitGPT2(_model(cfg, data, model_state), cfg.train, data.bytes_per_token)
 
@@ -72,7 +72,7 @@ def _steps_per_second_plain(cfg, data, model_state, steps: int, warmup: int) -> 
     import lightning as L
     import torch
 
-    from penwright.model import LitGPT2
+    from penwright.train.model import LitGPT2
 
     model = _model(cfg, data, model_state)
     model.train()
@@ -114,8 +114,8 @@ def bench_train(
     """Lightning's training step vs a plain PyTorch loop: same model, batch and data, alternating in one run."""
     import torch
 
-    from penwright.config import compose
-    from penwright.data import PreparedData
+    from penwright.core.config import compose
+    from penwright.train.data import PreparedData
 
     cfg = compose(list(overrides or []))
     data = PreparedData(
@@ -189,8 +189,8 @@ def lora_case(prepared: str, base: str, run: str, method: str, steps: int, block
     """One real train-stage run (full or LoRA) on a saved base, in a fresh process: what it measured."""
     import resource
 
-    from penwright.config import compose
-    from penwright.train import train
+    from penwright.core.config import compose
+    from penwright.train.stage import train
 
     overrides = [
         f"data.out_dir={prepared}",
@@ -246,8 +246,8 @@ def bench_lora(
     import shutil
 
     from penwright.bench.common import BENCH_DIR, fresh_dir, random_gpt2, run_child
-    from penwright.config import compose
-    from penwright.errors import PenwrightError
+    from penwright.core.config import compose
+    from penwright.core.errors import PenwrightError
 
     shapes = shapes or LORA_SHAPES
     cfg = compose(list(overrides or []))

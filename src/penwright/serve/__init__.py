@@ -6,8 +6,8 @@ import os
 import signal
 from pathlib import Path
 
-from penwright.log import get_logger
-from penwright.schema import Config, Serve
+from penwright.core.log import get_logger
+from penwright.core.schema import Config, Serve
 
 
 def wait_until_healthy(url: str, seconds: float, process=None) -> None:
@@ -16,7 +16,7 @@ def wait_until_healthy(url: str, seconds: float, process=None) -> None:
 
     import httpx
 
-    from penwright.errors import PenwrightError
+    from penwright.core.errors import PenwrightError
 
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
@@ -58,7 +58,7 @@ def settings_from(s: Serve) -> Serve:
 
 def build_app(cfg: Config):
     """The app for ``cfg.serve``: settings checked now, the engine loaded when the server starts."""
-    from penwright.engine import Engine
+    from penwright.inference.engine import Engine
     from penwright.serve.app import create_app
 
     s = cfg.serve

@@ -37,10 +37,10 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingRes
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from penwright.engine import Engine, Request
-from penwright.errors import PenwrightError
-from penwright.sampling import SamplingConfig
-from penwright.schema import Serve
+from penwright.core.errors import PenwrightError
+from penwright.core.schema import Serve
+from penwright.inference.engine import Engine, Request
+from penwright.inference.sampling import SamplingConfig
 from penwright.serve import openapi as oa
 
 PAGE = Path(__file__).with_name("page.html")
@@ -530,7 +530,7 @@ def create_app(engine_factory, settings: Serve) -> FastAPI:
         )
 
     async def gpt2(params: dict, query: bool = False):
-        from penwright.generate import finish_text
+        from penwright.generate.stage import finish_text
 
         body = _parse(Gpt2Body, params, strict=not query)  # a query string's values are text: converted
         name, eng = engine()

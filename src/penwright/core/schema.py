@@ -486,7 +486,7 @@ class _KeyError(ValueError):
 
 def validate(values: dict, source: str = "") -> Config:
     """``values`` (the composed, resolved YAML) as a typed ``Config``; bad values raise one ``ConfigError`` line."""
-    from penwright.errors import ConfigError
+    from penwright.core.errors import ConfigError
 
     try:
         return Config.model_validate(values)

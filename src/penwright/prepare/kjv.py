@@ -23,9 +23,9 @@ import subprocess
 from collections import defaultdict
 from pathlib import Path
 
-from penwright.errors import PenwrightError
-from penwright.fsutil import staged_dir
-from penwright.log import get_logger
+from penwright.core.atomic import staged_dir
+from penwright.core.errors import PenwrightError
+from penwright.core.log import get_logger
 
 log = get_logger("corpus").info
 

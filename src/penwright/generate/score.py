@@ -18,11 +18,11 @@ import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from penwright.engine import Engine, Request
-from penwright.errors import PenwrightError
-from penwright.fsutil import atomic_write_text
-from penwright.log import get_logger
-from penwright.sampling import SamplingConfig
+from penwright.core.atomic import atomic_write_text
+from penwright.core.errors import PenwrightError
+from penwright.core.log import get_logger
+from penwright.inference.engine import Engine, Request
+from penwright.inference.sampling import SamplingConfig
 
 DELIMITER = "\n====================\n"  # gpt-2-simple's sample_delim, generate.delimiter's default
 

@@ -23,7 +23,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from penwright.errors import CorpusError
+from penwright.core.errors import CorpusError
 
 TEXT_SUFFIXES = {".txt", ".md", ".markdown", ".text"}
 FORMATS = {"text", "csv", "jsonl"}

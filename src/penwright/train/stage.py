@@ -19,14 +19,22 @@ from pathlib import Path
 import lightning as L
 import torch
 
-from penwright import lora, schema
-from penwright.callbacks import AtomicCheckpointIO, Callbacks, CurveWriter, SampleCallback, Throughput, checkpoints
-from penwright.data import PreparedData, load_meta
-from penwright.errors import ConfigError, PenwrightError
-from penwright.fsutil import atomic_write_text, staged_dir
-from penwright.log import get_logger, global_rank
-from penwright.loggers import build_loggers
-from penwright.model import LitGPT2, build_model, lr_lambda
+from penwright.core import schema
+from penwright.core.atomic import atomic_write_text, staged_dir
+from penwright.core.errors import ConfigError, PenwrightError
+from penwright.core.log import get_logger, global_rank
+from penwright.train import lora
+from penwright.train.callbacks import (
+    AtomicCheckpointIO,
+    Callbacks,
+    CurveWriter,
+    SampleCallback,
+    Throughput,
+    checkpoints,
+)
+from penwright.train.data import PreparedData, load_meta
+from penwright.train.loggers import build_loggers
+from penwright.train.model import LitGPT2, build_model, lr_lambda
 
 log = get_logger("train").info
 

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from penwright.errors import ConfigError, PenwrightError
+from penwright.core.errors import ConfigError, PenwrightError
 
 TYPES = ("f32", "f16", "q8_0", "q4_0")
 BLOCK = 32  # weights per block of q8_0 and q4_0: a quantized matrix's rows must be a multiple of it
@@ -37,7 +37,7 @@ def gguf_name(qtype: str) -> str:
 
 def why_not(config, tokenizer_json: dict, types: list[str]) -> str | None:
     """Why llama.cpp's ``gpt2`` architecture (or its tokenizer) cannot express this model (None: it can)."""
-    from penwright.graph import supported
+    from penwright.export.graph import supported
 
     why = supported(config)  # llama.cpp's gpt2 is the same math as penwright's graphs: tanh GELU, 1/sqrt(d) scale
     if why:

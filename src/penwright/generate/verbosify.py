@@ -22,10 +22,10 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from penwright import schema
-from penwright.errors import ConfigError, PenwrightError
-from penwright.fsutil import atomic_write_text
-from penwright.log import get_logger
+from penwright.core import schema
+from penwright.core.atomic import atomic_write_text
+from penwright.core.errors import ConfigError, PenwrightError
+from penwright.core.log import get_logger
 
 SENTENCE_END = re.compile(r"(?<=[.!?])[\"')\]]*\s+")
 
@@ -77,7 +77,7 @@ class Verbosifier:
     def __init__(self, model_dir: str, device: str = "cpu"):
         from transformers import AutoTokenizer, GPT2LMHeadModel
 
-        from penwright.hub import load_pretrained
+        from penwright.core.hub import load_pretrained
 
         self.model = load_pretrained(model_dir, GPT2LMHeadModel.from_pretrained, "model", "verbosify.model").to(device)
         self.tokenizer = load_pretrained(model_dir, AutoTokenizer.from_pretrained, "tokenizer", "verbosify.model")

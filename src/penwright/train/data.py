@@ -15,9 +15,9 @@ import numpy as np
 import torch
 from torch.utils import data as torch_data
 
-from penwright.errors import PenwrightError
-from penwright.files import damaged, load_tokenizer, read_json
-from penwright.log import get_logger
+from penwright.core.errors import PenwrightError
+from penwright.core.files import damaged, load_tokenizer, read_json
+from penwright.core.log import get_logger
 
 
 def load_meta(prepared_dir: str | Path) -> dict:

@@ -228,7 +228,7 @@ def build_graph(model, kind: str = "fused", opset: int = 17) -> onnx.ModelProto:
 
 
 def slot_graph(model: onnx.ModelProto) -> onnx.ModelProto:
-    """The fused graph rewritten for a cache that rows enter and leave (``penwright.engine``).
+    """The fused graph rewritten for a cache that rows enter and leave (``penwright.inference.engine``).
 
     Each ``MultiHeadAttention`` becomes onnxruntime's ``GroupQueryAttention`` on the packed q/k/v
     (bias added first), which reads and writes a preallocated buffer [batch, heads, capacity, head_dim]

@@ -27,10 +27,10 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from penwright import schema
-from penwright.fsutil import atomic_write_text
-from penwright.log import get_logger
-from penwright.tokenizer import left_padded
+from penwright.core import schema
+from penwright.core.atomic import atomic_write_text
+from penwright.core.log import get_logger
+from penwright.prepare.tokenizer import left_padded
 
 log = get_logger("samples").info
 

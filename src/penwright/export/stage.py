@@ -25,14 +25,14 @@ import numpy as np
 import torch
 from transformers import DynamicCache, GPT2LMHeadModel
 
-from penwright import schema
-from penwright.errors import ConfigError, PenwrightError
-from penwright.files import load_model, load_tokenizer
-from penwright.fsutil import atomic_write_text, staged_dir
-from penwright.llamacpp import BLOCK, check_gguf, export_gguf  # BLOCK: q8/q4 use q8_0's blocks
-from penwright.log import get_logger
-from penwright.runner import position_ids_for
-from penwright.tokenizer import left_padded
+from penwright.core import schema
+from penwright.core.atomic import atomic_write_text, staged_dir
+from penwright.core.errors import ConfigError, PenwrightError
+from penwright.core.files import load_model, load_tokenizer
+from penwright.core.log import get_logger
+from penwright.export.gguf import BLOCK, check_gguf, export_gguf  # BLOCK: q8/q4 use q8_0's blocks
+from penwright.inference.runner import position_ids_for
+from penwright.prepare.tokenizer import left_padded
 
 GRAPH = "model.onnx"
 EXTERNAL_DATA_BYTES = 1_800_000_000  # protobuf's limit is 2 GB: bigger models keep weights beside the graph
@@ -107,7 +107,7 @@ def export_graph(model: GPT2LMHeadModel, path: Path, opset: int) -> None:
 def choose_graph(wanted: str, config, dtype: str) -> str:
     """``fused`` or ``lean`` (penwright's own graphs) when they can express the model in this dtype, else
     ``transformers`` (traced)."""
-    from penwright.graph import KINDS, supported
+    from penwright.export.graph import KINDS, supported
 
     if wanted not in (*KINDS, "transformers"):
         raise ConfigError(f"export.graph={wanted!r}: use {', '.join(KINDS)} or transformers")
@@ -210,7 +210,7 @@ def quantize(src: Path, kind: str) -> Path:
 
 def parity(model: GPT2LMHeadModel, tokenizer, onnx_dir: Path, prompts: list[str], new_tokens: int) -> dict:
     """ONNX vs PyTorch: logits on real positions (past 0 and > 0), greedy tokens vs transformers generate."""
-    from penwright.engine import Engine
+    from penwright.inference.engine import Engine
 
     runner = graph_runner(onnx_dir, GRAPH)
     tokenizer = left_padded(tokenizer)
@@ -289,7 +289,7 @@ def export(cfg: schema.Config) -> dict:
         )
         kind = choose_graph(ecfg.graph, model.config, dtype)
         if kind != "transformers":
-            from penwright.graph import build_graph
+            from penwright.export.graph import build_graph
 
             external = save_graph(build_graph(model, kind, ecfg.opset), graph)
         else:
@@ -348,7 +348,7 @@ def export(cfg: schema.Config) -> dict:
 def validation_windows(prepared: Path, block: int, windows: int = 8) -> np.ndarray:
     """``windows`` token windows of ``block`` + 1 tokens spread evenly over the validation split (the
     training split when there is none): inputs ``[:, :-1]``, targets ``[:, 1:]``."""
-    from penwright.data import TokenWindows, load_tokens
+    from penwright.train.data import TokenWindows, load_tokens
 
     if not (prepared / "meta.json").is_file():
         raise PenwrightError(
@@ -365,7 +365,7 @@ def validation_windows(prepared: Path, block: int, windows: int = 8) -> np.ndarr
 
 def graph_runner(onnx_dir: Path, graph: str):
     """The exported graph as it is (no rewrite), on the CPU: one forward pass at a time (``PaddedRunner.forward``)."""
-    from penwright.runner import PaddedRunner, open_session, read_beside_graph
+    from penwright.inference.runner import PaddedRunner, open_session, read_beside_graph
 
     session, _ = open_session(str(onnx_dir / graph), onnx_dir / graph)
     config, tokenizer = read_beside_graph(onnx_dir, session)

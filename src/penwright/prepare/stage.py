@@ -1,5 +1,5 @@
 """Stage ``prepare``: raw corpus -> ``train.bin`` / ``val.bin`` token memmaps, ``tokenizer/``, ``meta.json``,
-``documents.json`` (each split's document hashes, for ``generate.check_copies``: see ``penwright.copies``).
+``documents.json`` (each split's document hashes, for ``generate.check_copies``: see ``penwright.prepare.copies``).
 
 1. scan the corpus (every file checked and its documents counted before anything is written);
 2. split documents into train/val with a seeded draw (a single document splits by token range);
@@ -29,11 +29,12 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from penwright import copies, schema
-from penwright.corpus import CorpusSpec, Source, iter_documents, scan
-from penwright.fsutil import staged_dir
-from penwright.log import get_logger
-from penwright.tokenizer import (
+from penwright.core import schema
+from penwright.core.atomic import staged_dir
+from penwright.core.log import get_logger
+from penwright.prepare import copies
+from penwright.prepare.corpus import CorpusSpec, Source, iter_documents, scan
+from penwright.prepare.tokenizer import (
     BYTES_VOCAB,
     BatchEncoder,
     byte_tokenizer,

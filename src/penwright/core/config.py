@@ -19,8 +19,8 @@ from pathlib import Path
 import yaml
 from omegaconf import OmegaConf
 
-from penwright.errors import ConfigError
-from penwright.schema import Config, validate
+from penwright.core.errors import ConfigError
+from penwright.core.schema import Config, validate
 
 CONFIG_DIR = "conf"
 CONFIG_NAME = "config"
@@ -32,7 +32,7 @@ def find_config_dir(config_dir: str | Path | None = None) -> Path:
     """The ``conf/`` directory: the given one, else ``./conf``, else the one beside the installed source."""
     candidates = [Path(config_dir)] if config_dir else [Path.cwd() / CONFIG_DIR]
     if config_dir is None:
-        candidates.append(Path(__file__).resolve().parents[2] / CONFIG_DIR)
+        candidates.append(Path(__file__).resolve().parents[3] / CONFIG_DIR)
     for cand in candidates:
         if (cand / f"{CONFIG_NAME}.yaml").is_file():
             return cand.resolve()

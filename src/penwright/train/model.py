@@ -16,9 +16,9 @@ import torch
 import torch.nn.functional as F
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from penwright import schema
-from penwright.errors import ConfigError, PenwrightError
-from penwright.hub import load_pretrained
+from penwright.core import schema
+from penwright.core.errors import ConfigError, PenwrightError
+from penwright.core.hub import load_pretrained
 
 
 def build_model(model_cfg: schema.Model, vocab_size: int, eos_token_id: int, block_size: int) -> GPT2LMHeadModel:
@@ -82,7 +82,7 @@ class LitGPT2(L.LightningModule):
     # Exact resume: the checkpoint carries the RNG state (dropout) and the resumed run restores it.
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         if self.lora:  # only what trains: a chunked gpt2-xl LoRA run writes megabytes, not 25 GB, a checkpoint
-            from penwright.lora import trainable_only
+            from penwright.train.lora import trainable_only
 
             checkpoint["state_dict"] = trainable_only(self, checkpoint["state_dict"])
         checkpoint["penwright_rng"] = {

@@ -7,7 +7,7 @@ context, a cancel or its deadline, freeing its slot for the next request at the 
 keeps its own length, sampling parameters and random stream, so a seeded request gives the same text
 alone or beside others, on any graph.
 
-The graph itself runs in a runner (``penwright.runner``): penwright's fused graph on the CPU in the
+The graph itself runs in a runner (``penwright.inference.runner``): penwright's fused graph on the CPU in the
 slot runner (one key/value buffer per layer, rows in place, nothing copied as rows come and go);
 every other graph the export writes (lean, traced, fp16) and every graph on CUDA in the padded
 runner (the standard inputs, rows left-padded into one batch, the cache on the device).
@@ -29,9 +29,9 @@ from typing import NamedTuple
 
 import numpy as np
 
-from penwright.errors import ConfigError, PenwrightError
-from penwright.runner import GRAPH, PaddedRunner, SlotRunner, open_session, read_beside_graph
-from penwright.sampling import SamplingConfig, log_softmax, next_tokens_per_row, top_logprobs
+from penwright.core.errors import ConfigError, PenwrightError
+from penwright.inference.runner import GRAPH, PaddedRunner, SlotRunner, open_session, read_beside_graph
+from penwright.inference.sampling import SamplingConfig, log_softmax, next_tokens_per_row, top_logprobs
 
 __all__ = ["GRAPH", "Engine", "Request", "TokenScore"]
 SCORE_CHUNK = 256  # prompt positions log-softmaxed at once when a prompt is scored (bounds the temporary memory)
@@ -144,8 +144,8 @@ class Engine:
         run, and ``Engine.provider`` says so), or when ``padded`` asks for it (the CUDA path, on the CPU)."""
         import onnx
 
-        from penwright.files import short
-        from penwright.graph import slot_graph
+        from penwright.core.files import short
+        from penwright.export.graph import slot_graph
 
         path = Path(path)
         file = path / graph

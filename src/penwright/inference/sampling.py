@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from penwright.errors import ConfigError
+from penwright.core.errors import ConfigError
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from penwright.errors import PenwrightError
+from penwright.core.errors import PenwrightError
 
 DOCUMENTS_FILE = "documents.json"
 FORMAT_VERSION = 1

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-from penwright.errors import PenwrightError
+from penwright.core.errors import PenwrightError
 
 T = TypeVar("T")
 

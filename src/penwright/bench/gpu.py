@@ -36,8 +36,8 @@ from pathlib import Path
 
 import numpy as np
 
-from penwright.fsutil import atomic_write_text
-from penwright.log import get_logger
+from penwright.core.atomic import atomic_write_text
+from penwright.core.log import get_logger
 
 VOCAB = 50257
 # (n_layer, n_head, n_embd) of the GPT-2 family; the dry run's stand-ins are tiny
@@ -130,8 +130,8 @@ class Check:
         """One run of the real train stage; what it measured, or the error that stopped it."""
         import torch
 
-        from penwright.config import compose
-        from penwright.train import train
+        from penwright.core.config import compose
+        from penwright.train.stage import train
 
         n_layer, n_head, n_embd = self.shapes[shape]
         run = self.work / name
@@ -294,7 +294,7 @@ class Check:
         from transformers import AutoTokenizer
 
         from penwright.bench.common import random_gpt2, save_fused
-        from penwright.engine import Engine
+        from penwright.inference.engine import Engine
 
         provider = "cpu" if self.dry else "cuda"
         if provider == "cuda" and "CUDAExecutionProvider" not in ort.get_available_providers():
@@ -442,7 +442,7 @@ def check_gpu(out_dir: str | Path = "reports/gpu", dry: bool = False, conf: str 
     import torch
 
     if not dry and not torch.cuda.is_available():
-        from penwright.errors import PenwrightError
+        from penwright.core.errors import PenwrightError
 
         raise PenwrightError("no CUDA GPU is visible to torch: run `penwright check gpu --dry` for the CPU dry run")
     start = time.perf_counter()

@@ -12,8 +12,8 @@ import subprocess
 from pathlib import Path
 from urllib.parse import urlparse
 
-from penwright import schema
-from penwright.log import get_logger, global_rank
+from penwright.core import schema
+from penwright.core.log import get_logger, global_rank
 
 log = get_logger("train").info
 

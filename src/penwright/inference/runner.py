@@ -1,6 +1,6 @@
 """What runs the graph for the engine: one forward pass over its rows, and the key/value cache between passes.
 
-``penwright.engine.Engine`` schedules requests into slots, samples and detokenizes; a runner owns the
+``penwright.inference.engine.Engine`` schedules requests into slots, samples and detokenizes; a runner owns the
 onnxruntime session and the cache, and answers two calls: ``prefill(rows)`` (run new prompts, keep
 their keys and values) and ``decode(rows)`` (one token for every running row). Two runners exist:
 
@@ -26,8 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
-from penwright.errors import PenwrightError
-from penwright.log import get_logger
+from penwright.core.errors import PenwrightError
+from penwright.core.log import get_logger
 
 GRAPH = "model.onnx"
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
@@ -73,7 +73,7 @@ def open_session(source, file: Path, threads: int = 0, provider: str = "cpu", de
 
 def read_beside_graph(path: Path, session) -> tuple[dict, object]:
     """The model config and tokenizer an export wrote beside its graph, checked against the graph's vocab."""
-    from penwright.files import load_tokenizer, read_json, short
+    from penwright.core.files import load_tokenizer, read_json, short
 
     fix = "re-export with `penwright export`"
     try:

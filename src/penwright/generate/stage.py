@@ -7,7 +7,7 @@ prompt in front when ``include_prefix``. All samples go to ``destination`` (mark
 else plain text joined by ``delimiter``, as gpt-2-simple's generate_to_file), written atomically.
 A single sample streams to the terminal token by token; bulk generation shows a progress bar.
 
-It runs on the engine ``penwright serve`` runs (``penwright.engine``: continuous batching over
+It runs on the engine ``penwright serve`` runs (``penwright.inference.engine``: continuous batching over
 ``batch_size`` slots, each sample with its own random stream seeded ``(seed + batch, row)``), for
 every graph the export writes and on either provider: the same seed gives the same samples on any.
 """
@@ -23,12 +23,13 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from penwright import copies, schema
-from penwright.engine import Engine
-from penwright.errors import ConfigError
-from penwright.fsutil import atomic_write_text
-from penwright.log import get_logger
-from penwright.score import TextScore, score_texts
+from penwright.core import schema
+from penwright.core.atomic import atomic_write_text
+from penwright.core.errors import ConfigError
+from penwright.core.log import get_logger
+from penwright.generate.score import TextScore, score_texts
+from penwright.inference.engine import Engine
+from penwright.prepare import copies
 
 log = get_logger("generate").info
 
@@ -53,7 +54,7 @@ def count_copies(samples: list[Sample], prepared: str | Path | copies.Documents)
 
     gpt-2-simple's users checked by hand whether generated short texts were memorized training rows.
     Whitespace is collapsed on both sides; the row prefix (``<|startoftext|>``) is ignored. The documents
-    are the hashes ``prepare`` wrote to ``<data.out_dir>/documents.json`` (``penwright.copies``), not the corpus.
+    are the hashes ``prepare`` wrote to ``<data.out_dir>/documents.json`` (``penwright.prepare.copies``), not the corpus.
     """
     documents = prepared if isinstance(prepared, copies.Documents) else copies.read(prepared)
     return documents.count([s.text for s in samples])

@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import TypeVar
 from urllib.parse import urlparse
 
-from penwright.errors import PenwrightError
-from penwright.files import check_dir, load_dir, short
+from penwright.core.errors import PenwrightError
+from penwright.core.files import check_dir, load_dir, short
 
 T = TypeVar("T")
 

@@ -4,7 +4,7 @@
 ``chain.n`` prompts with the prompts model (rows ``<|startoftext|>prompt<|endoftext|>``), then feeds
 each to the responses model as the prefix ``<|startoftext|>[WP] prompt [RESPONSE]`` (the record
 format it learned) and writes the prompt/response pairs to ``chain.output``. Both run on the
-exported ONNX models on penwright's engine (``penwright.engine``), ``chain.batch_size`` slots each.
+exported ONNX models on penwright's engine (``penwright.inference.engine``), ``chain.batch_size`` slots each.
 """
 
 from __future__ import annotations
@@ -16,13 +16,13 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from penwright.engine import Engine
-from penwright.errors import ConfigError
-from penwright.fsutil import atomic_write_text
-from penwright.generate import finish_text
-from penwright.log import get_logger
-from penwright.schema import Config
-from penwright.tokenizer import BOS_TEXT, EOS
+from penwright.core.atomic import atomic_write_text
+from penwright.core.errors import ConfigError
+from penwright.core.log import get_logger
+from penwright.core.schema import Config
+from penwright.generate.stage import finish_text
+from penwright.inference.engine import Engine
+from penwright.prepare.tokenizer import BOS_TEXT, EOS
 
 WP, RESPONSE = "[WP]", "[RESPONSE]"
 

@@ -18,9 +18,9 @@ from pathlib import Path
 
 import torch
 
-from penwright import schema
-from penwright.errors import ConfigError
-from penwright.fsutil import atomic_write_text
+from penwright.core import schema
+from penwright.core.atomic import atomic_write_text
+from penwright.core.errors import ConfigError
 
 # train.lora.targets -> the module-name suffix peft matches (``transformer.h.N.<suffix>``)
 MODULES = {"c_attn": "attn.c_attn", "attn.c_proj": "attn.c_proj", "c_fc": "mlp.c_fc", "mlp.c_proj": "mlp.c_proj"}

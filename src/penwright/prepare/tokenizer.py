@@ -14,8 +14,8 @@ from collections.abc import Callable, Iterable, Iterator
 import numpy as np
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-from penwright.errors import ConfigError, PenwrightError
-from penwright.hub import load_pretrained
+from penwright.core.errors import ConfigError, PenwrightError
+from penwright.core.hub import load_pretrained
 
 EOS = "<|endoftext|>"
 BOS_TEXT = "<|startoftext|>"  # gpt-2-simple's row opener: one token in a trained BPE, plain text in GPT-2's

@@ -1,0 +1,1 @@
+"""What every stage shares: the config and its schema, errors, logging, atomic writes, reading files."""

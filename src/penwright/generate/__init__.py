@@ -1,0 +1,1 @@
+"""The stages that write text on the engine: ``generate``, ``chain``, ``score``, and ``verbosify`` (PyTorch)."""

@@ -1,0 +1,1 @@
+"""Stage ``prepare``: a corpus -> a tokenizer and train/val token memmaps (``stage.prepare``)."""

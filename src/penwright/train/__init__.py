@@ -1,0 +1,1 @@
+"""Stage ``train``: Lightning finetuning of GPT-2 on the prepared tokens (``stage.train``)."""
