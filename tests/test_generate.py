@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from penwright.core.errors import ConfigError, PenwrightError
-from penwright.generate.stage import Sample, finish_text, generate, generate_samples, render
+from penwright.generate.stage import Sample, generate, generate_samples, render
 from penwright.inference.engine import Engine
 from penwright.inference.sampling import (
     SamplingConfig,
@@ -24,6 +24,7 @@ from penwright.inference.sampling import (
     filter_top_p,
     next_tokens,
 )
+from penwright.inference.text import finish_text
 
 EOS_TEXT = "<|endoftext|>"
 BOS_TEXT = "<|startoftext|>"

@@ -20,8 +20,8 @@ from penwright.core.atomic import atomic_write_text
 from penwright.core.errors import ConfigError
 from penwright.core.log import get_logger
 from penwright.core.schema import Config
-from penwright.generate.stage import finish_text
 from penwright.inference.engine import Engine
+from penwright.inference.text import finish_text
 from penwright.prepare.tokenizer import BOS_TEXT, EOS
 
 WP, RESPONSE = "[WP]", "[RESPONSE]"

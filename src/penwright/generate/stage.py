@@ -20,7 +20,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 from tqdm import tqdm
 
 from penwright.core import schema
@@ -29,6 +28,7 @@ from penwright.core.errors import ConfigError
 from penwright.core.log import get_logger
 from penwright.generate.score import TextScore, score_texts
 from penwright.inference.engine import Engine
+from penwright.inference.text import finish_text
 from penwright.prepare import copies
 
 log = get_logger("generate").info
@@ -39,14 +39,6 @@ class Sample:
     prompt: str
     text: str
     score: TextScore | None = None  # generate.rank: the model's score of the text
-
-
-def finish_text(prompt: str, new: str, truncate: str | None, include_prefix: bool, strip: bool = False) -> str:
-    """gpt-2-simple's post-processing: cut at ``truncate``, keep or drop the prompt; strip whitespace."""
-    if truncate and truncate in new:
-        new = new[: new.index(truncate)]
-    text = prompt + new if include_prefix else new
-    return text.strip() if strip else text
 
 
 def count_copies(samples: list[Sample], prepared: str | Path | copies.Documents) -> dict:
@@ -93,21 +85,20 @@ def generate_samples(
     bar = tqdm(
         total=total, unit="sample", desc="generate", file=sys.stderr, disable=streaming or not progress or total == 1
     )
+    stops = [s for s in [*(stop or []), truncate] if s]  # truncate ends a sample where it would be cut anyway
     samples: list[Sample] = []
     for index, (prompt, size) in enumerate(jobs):
-        stops = [s for s in (stop or []) if s]
-        streamer = _Streamer(gen, prompt if include_prefix else "", stops) if streaming else None
+        if streaming:  # the prompt, then the text as it grows (the engine holds back what may begin a stop string)
+            _show(prompt if include_prefix else "")
         texts = gen.generate(
             [prompt] * size,
             max_new_tokens,
             seed=None if seed is None else seed + index,
             stop_strings=stops,
-            on_step=streamer.on_step if streamer else None,
+            on_text=(lambda piece, _: _show(piece)) if streaming else None,
             **sampling,
         )
         samples += [Sample(prompt, finish_text(prompt, text, truncate, include_prefix, strip)) for text in texts]
-        if streamer:
-            streamer.finish(finish_text("", texts[0], truncate, include_prefix=False))
         bar.update(size)
     bar.close()
     if streaming:
@@ -115,48 +106,9 @@ def generate_samples(
     return samples
 
 
-class _Streamer:
-    """Print the prompt, then the text as its tokens arrive (one sample).
-
-    Text is cut before a stop string, and the last ``len(stop) - 1`` characters wait for the next
-    token (they may begin one), so a stop string is never shown; ``finish`` prints the rest of the
-    final text, including a trailing partial character.
-    """
-
-    def __init__(self, gen: Engine, prompt: str, stops: list[str] | None = None):
-        self.gen, self.stops = gen, stops or []
-        self.holdback = max(map(len, self.stops), default=1) - 1
-        self.ids: list[int] = []
-        self.shown = ""
-        self.ended = False
-        sys.stdout.write(prompt)
-        sys.stdout.flush()
-
-    def on_step(self, tokens: np.ndarray) -> None:
-        token = int(tokens[0])
-        if token == self.gen.eos or self.ended:
-            self.ended = True
-            return
-        self.ids.append(token)
-        text = self.gen.tokenizer.decode(self.ids)
-        hits = [text.index(s) for s in self.stops if s in text]
-        if hits:
-            self.ended = True
-            self._show(text[: min(hits)])
-            return
-        if text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
-            return
-        self._show(text[: max(len(self.shown), len(text) - self.holdback)])
-
-    def finish(self, final: str) -> None:
-        if final.startswith(self.shown):
-            self._show(final)
-
-    def _show(self, text: str) -> None:
-        if len(text) > len(self.shown):
-            sys.stdout.write(text[len(self.shown) :])
-            sys.stdout.flush()
-            self.shown = text
+def _show(text: str) -> None:
+    sys.stdout.write(text)
+    sys.stdout.flush()
 
 
 def render(samples: list[Sample], markdown: bool, delimiter: str, header: str) -> str:

@@ -32,6 +32,7 @@ import numpy as np
 from penwright.core.errors import ConfigError, PenwrightError
 from penwright.inference.runner import GRAPH, PaddedRunner, SlotRunner, open_session, read_beside_graph
 from penwright.inference.sampling import SamplingConfig, log_softmax, next_tokens_per_row, top_logprobs
+from penwright.inference.text import Decoder, RowText
 
 __all__ = ["GRAPH", "Engine", "Request", "TokenScore"]
 SCORE_CHUNK = 256  # prompt positions log-softmaxed at once when a prompt is scored (bounds the temporary memory)
@@ -80,9 +81,9 @@ class Request:
 
 
 class _Row:
-    """A request in its slot: its length in the cache, the token to feed next, its sampler state."""
+    """A request in its slot: its length in the cache, the token to feed next, its sampler state, its text."""
 
-    def __init__(self, request: Request, slot: int, vocab: int):
+    def __init__(self, request: Request, slot: int, vocab: int, decoder: Decoder):
         self.request, self.slot = request, slot
         self.length = 0  # tokens in the slot's cache
         self.pending = -1  # sampled, not yet fed
@@ -91,10 +92,7 @@ class _Row:
         if request.sampling.repetition_penalty != 1.0:
             self.seen = np.zeros((1, vocab), dtype=bool)
             self.seen[0, request.prompt_ids] = True
-        self.shown = 0  # characters of text already emitted
-        self.prefix_offset = self.read_offset = 0  # incremental detokenization: tokens [prefix, read) are text
-        self.prefix_chars = 0  # the length of the text of tokens [prefix, read)
-        self.holdback = max(map(len, request.stop), default=1) - 1
+        self.text = RowText(decoder, request.stop)
         self.bias = None
         if request.logit_bias:
             self.bias = (
@@ -110,15 +108,7 @@ class Engine:
         self.provider = provider  # what runs the graph: "cpu" or "cuda"
         self.context, self.slots, self.vocab = runner.context, runner.slots, runner.vocab
         self.eos = int(tokenizer.eos_token_id)
-        backend = getattr(tokenizer, "backend_tokenizer", None)
-        if backend is not None and not getattr(tokenizer, "clean_up_tokenization_spaces", False):
-            self._decode = lambda ids: backend.decode(ids, skip_special_tokens=False)  # the same text, less overhead
-        else:
-            self._decode = tokenizer.decode
-        # byte-level BPE decodes token runs that end on whole characters independently: text(a + b) = text(a) + text(b)
-        decoder = getattr(backend, "decoder", None) if self._decode is not tokenizer.decode else None
-        self._concatenates = type(decoder).__name__ == "ByteLevel"
-        self._token_texts: dict[int, str] = {}
+        self.decoder = Decoder(tokenizer)
         self.rows: list[_Row | None] = [None] * self.slots
         self.waiting: queue.Queue[Request] = queue.Queue()
         self._stop = threading.Event()
@@ -234,15 +224,11 @@ class Engine:
         return self.tokenizer.encode(prompt or self.tokenizer.eos_token, add_special_tokens=False)
 
     def decode(self, ids: list[int]) -> str:
-        return self._decode(list(ids))
+        return self.decoder.decode(list(ids))
 
     def token_texts(self, ids: list[int]) -> list[str]:
         """Each token's own text (a piece of a multi-byte character shows as U+FFFD, as in vLLM's logprobs)."""
-        cache = self._token_texts
-        for t in ids:
-            if t not in cache:
-                cache[t] = self._decode([t])
-        return [cache[t] for t in ids]
+        return self.decoder.token_texts(ids)
 
     def submit(self, request: Request) -> Request:
         self.check(request.prompt_ids, request.max_tokens, request.score_prompt)
@@ -280,7 +266,7 @@ class Engine:
                     request.emit("", request.finish_reason)
                 continue
             try:
-                row = _Row(request, self.rows.index(None), self.vocab)
+                row = _Row(request, self.rows.index(None), self.vocab, self.decoder)
             except Exception:  # a request the engine cannot start ends alone; the others run on
                 request.finish_reason = "error"
                 if request.emit is not None:
@@ -360,49 +346,32 @@ class Engine:
             return self._finish(row, "length")  # (without a reader, the text is decoded once, here)
 
     def _detokenize(self, row: _Row) -> bool:
-        """Incremental detokenization (as vLLM does it): decode only the last few tokens, and only once they
-        no longer end inside a multi-byte character; then stop strings, then stream the new text. True when a
-        stop string ended the request."""
+        """The text the new token completes (``penwright.inference.text``), then stream what is safe to show.
+        True when a stop string ended the request."""
         req = row.request
-        before = len(req.text)
-        full = self._decode(req.tokens[row.prefix_offset :])
-        if len(full) > row.prefix_chars and not full.endswith("\ufffd"):
-            req.text += full[row.prefix_chars :]
-            row.prefix_offset, row.read_offset = row.read_offset, len(req.tokens)
-            # the new prefix is the piece just added: byte-level decoding of whole characters concatenates
-            row.prefix_chars = (
-                len(full) - row.prefix_chars
-                if self._concatenates
-                else len(self._decode(req.tokens[row.prefix_offset : row.read_offset]))
-            )
-        if req.stop and len(req.text) > before:
-            start = max(0, before - row.holdback)
-            hits = [i for i in (req.text.find(s, start) for s in req.stop) if i >= 0]
-            if hits:
-                req.text = req.text[: min(hits)]
-                self._finish(row, "stop", final=False)
-                return True
+        stopped = row.text.grow(req.tokens)
+        req.text = row.text.text
+        if stopped:
+            self._finish(row, "stop", final=False)
+            return True
         if len(req.tokens) >= req.max_tokens or row.length + 1 >= self.context:
             return False  # _advance finishes it, decoding the whole text
         if req.emit is not None:
-            upto = len(req.text) - row.holdback  # the end of the text may begin a stop string: wait
-            if upto > row.shown:
-                req.emit(req.text[row.shown : upto], None)
-                row.shown = upto
+            piece = row.text.showable()
+            if piece:
+                req.emit(piece, None)
         return False
 
     def _finish(self, row: _Row, reason: str, final: bool = True) -> None:
         req = row.request
-        if final:  # the whole text, decoded at once (a trailing partial character included)
-            req.text = self._decode(req.tokens)
-            hits = [i for i in (req.text.find(s, max(0, row.shown - row.holdback)) for s in req.stop) if i >= 0]
-            if hits:  # a stop string completed by the last bytes, which incremental decoding had held back
-                req.text, reason = req.text[: min(hits)], "stop"
+        if final and row.text.final(req.tokens):  # the whole text, decoded at once
+            reason = "stop"  # a stop string completed by the last bytes, which incremental decoding held back
+        req.text = row.text.text
         req.finish_reason = reason
         self.rows[row.slot] = None
         self.runner.release(row)
         if req.emit is not None:
-            req.emit(req.text[row.shown :], reason)
+            req.emit(row.text.rest(), reason)
 
     def fail_running(self, reason: str = "error") -> None:
         """End every running row with ``reason`` (after a failed step: their caches cannot be trusted)."""
@@ -469,26 +438,17 @@ class Engine:
         max_new_tokens: int = 64,
         seed: int | None = None,
         stop_strings: list[str] | None = None,
-        on_step: Callable[[np.ndarray], None] | None = None,
+        on_text: Callable[[str, str | None], None] | None = None,
         min_new_tokens: int = 0,
         **sampling,
     ) -> list[str]:
         """The new text for each prompt (cut at EOS and before the first stop string), run to completion
-        here. Row ``i`` draws from its own stream seeded ``(seed, i)``; ``on_step`` sees the first row's
-        new tokens one at a time (streaming a single sample). ``sampling``: ``SamplingConfig``'s fields
-        (do_sample, temperature, top_k, top_p, repetition_penalty)."""
+        here. Row ``i`` draws from its own stream seeded ``(seed, i)``; ``on_text(piece, finish_reason)`` gets
+        the first row's text as it grows (``Request.emit``: streaming a single sample). ``sampling``:
+        ``SamplingConfig``'s fields (do_sample, temperature, top_k, top_p, repetition_penalty)."""
         ids = [self.encode(p) for p in prompts]
         requests = self._requests(ids, max_new_tokens, seed, stop_strings, min_new_tokens, True, sampling)
-        if on_step is not None:
-            seen = [0]
-
-            def first_row(text: str, reason: str | None) -> None:
-                tokens = requests[0].tokens
-                for token in tokens[seen[0] :]:
-                    on_step(np.array([token]))
-                seen[0] = len(tokens)
-
-            requests[0].emit = first_row
+        requests[0].emit = on_text
         for r in requests:
             self.submit(r)
         self.run_until_idle()

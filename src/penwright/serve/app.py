@@ -530,7 +530,7 @@ def create_app(engine_factory, settings: Serve) -> FastAPI:
         )
 
     async def gpt2(params: dict, query: bool = False):
-        from penwright.generate.stage import finish_text
+        from penwright.inference.text import finish_text
 
         body = _parse(Gpt2Body, params, strict=not query)  # a query string's values are text: converted
         name, eng = engine()
