@@ -13,18 +13,20 @@ the median of the per-round ratios (HEAD / BASE).
 from __future__ import annotations
 
 import argparse
-import json
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
-import numpy as np
+from ab import REPO, base_tree, order, report, summary
 
 CHILD = r"""
 import json, sys, time
-from penwright.inference.engine import Engine, Request
-from penwright.inference.sampling import SamplingConfig
+try:
+    from penwright.inference.engine import Engine, Request
+    from penwright.inference.sampling import SamplingConfig
+except ImportError:  # a commit before the package was laid out by stage
+    from penwright.engine import Engine, Request
+    from penwright.sampling import SamplingConfig
 model, batch, tokens = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 engine = Engine.load(model, slots=batch)
 def run():
@@ -60,42 +62,17 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--output", default=None)
     args = parser.parse_args()
-    repo = Path(__file__).resolve().parent.parent
-    with tempfile.TemporaryDirectory() as tmp:
-        base_tree = Path(tmp) / "base"
-        subprocess.run(["git", "-C", str(repo), "worktree", "add", "--detach", str(base_tree), args.base], check=True)
-        try:
-            trees = {"base": base_tree / "src", "head": repo / "src"}
-            results = {}
-            for batch in [int(b) for b in args.batches.split(",")]:
-                runs: dict = {"base": [], "head": []}
-                for r in range(args.rounds):
-                    for name in ("base", "head") if r % 2 == 0 else ("head", "base"):
-                        runs[name].append(measure(trees[name], args.model, batch, args.tokens))
-                ratios = [h / b for h, b in zip(runs["head"], runs["base"])]
-                results[str(batch)] = {
-                    "base_tokens_per_sec": round(float(np.median(runs["base"])), 1),
-                    "head_tokens_per_sec": round(float(np.median(runs["head"])), 1),
-                    "head_over_base_median_ratio": round(float(np.median(ratios)), 3),
-                    "ratios_each_round": [round(x, 3) for x in ratios],
-                }
-                print(f"batch {batch}: {results[str(batch)]}", file=sys.stderr)
-        finally:
-            subprocess.run(["git", "-C", str(repo), "worktree", "remove", "--force", str(base_tree)], check=True)
-    head = subprocess.run(["git", "-C", str(repo), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
-    report = {
-        "base": args.base,
-        "head": head.stdout.strip() + " (working tree)",
-        "model": args.model,
-        "tokens": args.tokens,
-        "rounds": args.rounds,
-        "measured": __doc__.split("\n\n")[2].replace("\n", " "),
-        "batches": results,
-    }
-    text = json.dumps(report, indent=2) + "\n"
-    if args.output:
-        Path(args.output).write_text(text)
-    print(text)
+    results = {}
+    with base_tree(args.base) as (tree, _):
+        trees = {"base": tree / "src", "head": REPO / "src"}
+        for batch in [int(b) for b in args.batches.split(",")]:
+            runs: dict = {"base": [], "head": []}
+            for r in range(args.rounds):
+                for name in order(r):
+                    runs[name].append(measure(trees[name], args.model, batch, args.tokens))
+            results[str(batch)] = summary(runs)
+            print(f"batch {batch}: {results[str(batch)]}", file=sys.stderr)
+    report(args.base, __doc__, args.output, model=args.model, tokens=args.tokens, rounds=args.rounds, batches=results)
 
 
 if __name__ == "__main__":

@@ -183,7 +183,8 @@ class RunningServer:
 
     @property
     def engine(self):
-        return self.app.state.penwright["engine"]
+        served = self.app.state.penwright
+        return served.engines[served.default]
 
     def stop(self) -> None:
         self.server.should_exit = True
