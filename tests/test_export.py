@@ -138,6 +138,37 @@ def test_greedy_tokens_equal_transformers_generate(graph_dir, ref, prompts, padd
         assert np.array_equal(no_cache_ids(graph_dir, ids, mask, 20), expected)
 
 
+@pytest.mark.parametrize("graph", ["fused", "lean", "transformers"])
+def test_an_fp16_export_runs_on_the_engine_with_an_fp16_cache(tmp_path, tiny_gpt2, repo, ref, graph):
+    """export.dtype=fp16: the fp32 graph converted (weights, activations, keys and values; logits stay fp32),
+    parity-checked, and run by the engine's padded runner with an fp16 cache, on the CPU as on CUDA."""
+    import onnx
+
+    from penwright.core.config import compose
+    from penwright.export.stage import export
+    from penwright.inference.runner import PaddedRunner
+
+    out = tmp_path / "onnx"
+    overrides = [f"train.out_dir={tiny_gpt2}", f"export.out_dir={out}", f"paths.reports={tmp_path / 'reports'}"]
+    report = export(compose([*overrides, "export.dtype=fp16", f"export.graph={graph}"], config_dir=repo / "conf"))
+    assert report["dtype"] == "fp16" and report["graph"] == graph and report["parity"]["passed"]
+    assert 0 < report["parity"]["max_abs_diff_logits_with_past"] <= report["parity"]["atol"]  # (0: still fp32)
+    model = onnx.load(str(out / "model.onnx"))
+    types = {v.name: v.type.tensor_type.elem_type for v in [*model.graph.input, *model.graph.output]}
+    assert types["past_key_values.0.key"] == types["present.0.value"] == onnx.TensorProto.FLOAT16
+    assert types["logits"] == onnx.TensorProto.FLOAT
+    engine = Engine.load(out, slots=len(PROMPTS))
+    assert isinstance(engine.runner, PaddedRunner) and engine.runner.dtype == np.float16
+    ids = [engine.encode(p) for p in PROMPTS]
+    ours = engine.generate_ids(ids, 12, do_sample=False, stop_at_eos=False)
+    for row, prompt in zip(ours, ids):  # one prompt at a time: transformers' own greedy tokens, fp32
+        with torch.no_grad():
+            expected = ref.generate(
+                torch.tensor([prompt]), do_sample=False, max_new_tokens=12, min_new_tokens=12, eos_token_id=None
+            )
+        assert row.tolist() == expected[0, len(prompt) :].tolist()
+
+
 def test_export_fails_when_there_is_no_model(tmp_path, repo):
     from penwright.core.config import compose
     from penwright.export.stage import export

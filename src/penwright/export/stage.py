@@ -104,15 +104,15 @@ def export_graph(model: GPT2LMHeadModel, path: Path, opset: int) -> None:
         )
 
 
-def choose_graph(wanted: str, config, dtype: str) -> str:
-    """``fused`` or ``lean`` (penwright's own graphs) when they can express the model in this dtype, else
-    ``transformers`` (traced)."""
+def choose_graph(wanted: str, config) -> str:
+    """``fused`` or ``lean`` (penwright's own graphs) when they can express the model, else ``transformers``
+    (traced)."""
     from penwright.export.graph import KINDS, supported
 
     if wanted not in (*KINDS, "transformers"):
         raise ConfigError(f"export.graph={wanted!r}: use {', '.join(KINDS)} or transformers")
     if wanted in KINDS:
-        why = "it is fp32 only" if dtype != "fp32" else supported(config)
+        why = supported(config)
         if why is None:
             return wanted
         log(f"export.graph={wanted} cannot express this model ({why}): tracing transformers' module instead")
@@ -140,6 +140,14 @@ def _node_count(path: Path) -> int:
     import onnx
 
     return len(onnx.load(str(path), load_external_data=False).graph.node)
+
+
+def half(graph):
+    """``export.dtype=fp16``: the fp32 graph with its weights, activations, keys and values in fp16 and its logits
+    kept fp32 (onnxruntime's own float16 converter, which leaves the ops fp16 cannot run safely in fp32)."""
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    return convert_float_to_float16(graph, keep_io_types=["logits"])
 
 
 def save_with_external_data_if_large(path: Path) -> bool:
@@ -287,14 +295,22 @@ def export(cfg: schema.Config) -> dict:
         log(
             f"exporting {src} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params, {dtype}) -> {out}/{GRAPH}"
         )
-        kind = choose_graph(ecfg.graph, model.config, dtype)
+        kind = choose_graph(ecfg.graph, model.config)
         if kind != "transformers":
             from penwright.export.graph import build_graph
 
-            external = save_graph(build_graph(model, kind, ecfg.opset), graph)
+            built = build_graph(model, kind, ecfg.opset)
+            external = save_graph(half(built) if dtype == "fp16" else built, graph)
+        elif dtype == "fp16":  # traced in fp32, then converted: tracing a half model mixes fp32 into its graph
+            import onnx
+
+            export_graph(model, graph, ecfg.opset)
+            traced = onnx.load(str(graph))  # (with any external weights the exporter wrote beside it)
+            for f in tmp.iterdir():
+                f.unlink()
+            external = save_graph(half(traced), graph)
         else:
-            export_graph(model.half() if dtype == "fp16" else model, graph, ecfg.opset)
-            model = model.float()
+            export_graph(model, graph, ecfg.opset)
             external = save_with_external_data_if_large(graph)
         tokenizer.save_pretrained(tmp)
         model.config.save_pretrained(tmp)

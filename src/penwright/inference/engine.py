@@ -154,7 +154,9 @@ class Engine:
             model = onnx.load(str(file), load_external_data=False)  # the nodes: is it the fused graph?
         except Exception as err:
             raise unreadable(err) from None
-        fused = not padded and any(n.op_type == "MultiHeadAttention" for n in model.graph.node)
+        half = any(i.type.tensor_type.elem_type == onnx.TensorProto.FLOAT16 for i in model.graph.input)
+        # the slot runner's buffers are fp32: an fp16 graph runs padded, as every graph does on CUDA
+        fused = not padded and not half and any(n.op_type == "MultiHeadAttention" for n in model.graph.node)
         source, ran = str(file), provider
         if provider == "cuda":  # every graph runs padded there (the slot graph's attention is CPU-only in fp32)
             session, ran = open_session(source, file, threads, "cuda", device_id, spin)
