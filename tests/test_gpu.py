@@ -156,6 +156,10 @@ def test_the_gpu_checks_dry_run_covers_every_case(tmp_path):
     assert runs["generate"]["batch16_tokens_per_sec"] > 0
     # the engine's CUDA path (the padded runner) on the CPU: the slot engine's greedy tokens
     assert runs["engine"]["same_tokens_as_cpu"] and runs["engine"]["batch16_tokens_per_sec"] > 0
+    assert (
+        0 <= runs["engine"]["fp16"]["same_tokens_as_cpu_fp32"] <= 1
+        and runs["engine"]["fp16"]["batch16_tokens_per_sec"] > 0
+    )
     lora = runs["gpt2-xl/lora/bf16/memory"]
     assert (
         lora["loss_finite"] and 0 < lora["checkpoint_mb"] < lora["params_m"] * 4

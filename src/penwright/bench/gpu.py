@@ -290,10 +290,14 @@ class Check:
     def engine(self) -> dict:
         """penwright's engine on CUDA (the 124M shape's fused graph, the padded runner): the CPU engine's greedy
         tokens, and tokens/s at batch 1 and 16."""
+        import shutil
+
+        import onnx
         import onnxruntime as ort
         from transformers import AutoTokenizer
 
         from penwright.bench.common import random_gpt2, save_fused
+        from penwright.export.stage import half, save_graph
         from penwright.inference.engine import Engine
 
         provider = "cpu" if self.dry else "cuda"
@@ -311,11 +315,23 @@ class Check:
             same = bool((ours == cpu).all())
             out = {"ok": same, "provider": engine.provider, "same_tokens_as_cpu": same}
             new = 16 if self.dry else 128
-            for batch in (1, 16):
-                engine.generate_ids(prompt * batch, 4, do_sample=False, stop_at_eos=False)  # warmup
+
+            def rate(e: Engine, batch: int) -> float:
+                e.generate_ids(prompt * batch, 4, do_sample=False, stop_at_eos=False)  # warmup
                 start = time.perf_counter()
-                engine.generate_ids(prompt * batch, new, do_sample=False, stop_at_eos=False)
-                out[f"batch{batch}_tokens_per_sec"] = round(batch * new / (time.perf_counter() - start), 1)
+                e.generate_ids(prompt * batch, new, do_sample=False, stop_at_eos=False)
+                return round(batch * new / (time.perf_counter() - start), 1)
+
+            for batch in (1, 16):
+                out[f"batch{batch}_tokens_per_sec"] = rate(engine, batch)
+            # export.dtype=fp16: the same graph converted, its cache in fp16 (tokens may differ: fp16 rounding)
+            half_dir = self.work / "onnx-fp16"
+            shutil.copytree(folder, half_dir, ignore=shutil.ignore_patterns("model.onnx*"), dirs_exist_ok=True)
+            save_graph(half(onnx.load(str(folder / "model.onnx"))), half_dir / "model.onnx")
+            fp16 = Engine.load(half_dir, slots=16, provider=provider)
+            tokens = fp16.generate_ids(prompt, 16, do_sample=False, stop_at_eos=False)
+            out["fp16"] = {"same_tokens_as_cpu_fp32": round(float((tokens == cpu).mean()), 3)}
+            out["fp16"] |= {f"batch{b}_tokens_per_sec": rate(fp16, b) for b in (1, 16)}
             return out
         except Exception as err:  # a check reports what failed and goes on
             return {"ok": False, "error": f"{type(err).__name__}: {str(err)[:500]}"}
@@ -434,6 +450,12 @@ def summary(cases: dict) -> str:
             "",
             f"penwright's engine ({e.get('provider')}, fp32, the CPU engine's greedy tokens): "
             f"{e.get('batch1_tokens_per_sec')} tokens/s at batch 1, {e.get('batch16_tokens_per_sec')} at batch 16",
+        ]
+        h = e.get("fp16", {})
+        lines += [
+            f"the same graph in fp16 (export.dtype=fp16; {h.get('same_tokens_as_cpu_fp32')} of its greedy tokens "
+            f"equal fp32's): {h.get('batch1_tokens_per_sec')} tokens/s at batch 1, {h.get('batch16_tokens_per_sec')} "
+            "at batch 16",
         ]
     return "\n".join(lines) + "\n"
 
