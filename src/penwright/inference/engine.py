@@ -62,6 +62,7 @@ class Request:
     stop_at_eos: bool = True
     deadline: float | None = None  # time.monotonic() after which the request ends with "timeout"
     emit: Callable[[str, str | None], None] | None = None
+    stream: bool = True  # emit the text as it grows (False: once, at the end, with all of it)
     logprobs: int | None = None  # score each generated token, with this many most likely beside it (None: off)
     score_prompt: bool = False  # score the prompt's tokens too (its every position's logits at prefill)
     logit_bias: Mapping[int, float] | None = None  # token id -> added to its raw logit before sampling
@@ -342,7 +343,7 @@ class Engine:
         if row.seen is not None:
             row.seen[0, token] = True
         row.pending = token
-        if (req.stop or req.emit is not None) and self._detokenize(row):  # someone reads the text as it grows
+        if (req.stop or (req.emit is not None and req.stream)) and self._detokenize(row):  # read as it grows
             return  # a stop string ended it
         if len(req.tokens) >= req.max_tokens or row.length + 1 >= self.context:
             return self._finish(row, "length")  # (without a reader, the text is decoded once, here)
@@ -358,7 +359,7 @@ class Engine:
             return True
         if len(req.tokens) >= req.max_tokens or row.length + 1 >= self.context:
             return False  # _advance finishes it, decoding the whole text
-        if req.emit is not None:
+        if req.emit is not None and req.stream:
             piece = row.text.showable()
             if piece:
                 req.emit(piece, None)

@@ -27,6 +27,8 @@ class Job:
         self.loop = asyncio.get_running_loop()
         self.pieces: collections.deque = collections.deque()
         self.ready = asyncio.Event()
+        self.ended = asyncio.Event()  # a choice ended: a pause between chunks stops short for it
+        self.endings = self.endings_taken = 0  # choices ended on the engine's thread / taken by batches()
         self.scheduled = False
         for k, r in enumerate(requests):
             r.emit = self._emitter(k)
@@ -36,6 +38,8 @@ class Job:
             if reason is not None:
                 self.metrics.ended(self.model, self.requests[k])
             self.pieces.append((k, text, reason))
+            if reason is not None:
+                self.endings += 1
             if not self.scheduled:
                 self.scheduled = True
                 self.loop.call_soon_threadsafe(self._wake)
@@ -45,6 +49,8 @@ class Job:
     def _wake(self) -> None:
         self.scheduled = False
         self.ready.set()
+        if self.endings > self.endings_taken:
+            self.ended.set()
 
     def start(self) -> None:
         if self.engine.waiting.qsize() + len(self.requests) > self.settings.queue_size:
@@ -87,16 +93,25 @@ class Job:
             ending = any(reason is not None for _, _, reason in pieces)
             if pieces and last is not None and self.settings.stream_interval > 0 and not ending:
                 pause = self.settings.stream_interval - (time.monotonic() - last)  # a last piece goes at once
-                if pause > 0:
-                    await asyncio.sleep(pause)
-                    pieces += self._drain()
+                if pause > 0 and self.endings == self.endings_taken:
+                    self.ended.clear()
+                    try:  # (and a choice that ends meanwhile ends its pause: its last piece goes at once)
+                        await asyncio.wait_for(self.ended.wait(), pause)
+                    except TimeoutError:
+                        pass
+                pieces += self._drain()
             if not pieces:
                 continue
             last = time.monotonic()
-            left -= sum(reason is not None for _, _, reason in pieces)
+            done = sum(reason is not None for _, _, reason in pieces)
+            left -= done
+            self.endings_taken += done
             yield pieces
 
     async def wait(self) -> None:
+        """Run the job to its end (a non-streamed answer: the engine hands over each choice's text once)."""
+        for r in self.requests:
+            r.stream = False
         self.start()
         try:
             async for pieces in self.batches():
