@@ -321,3 +321,21 @@ def test_the_writing_prompts_stages_declare_what_the_main_pipeline_does(stage):
     assert stage.params == twin.params
     assert stage.code == twin.code
     assert sorted(stage.resolved) == sorted(interpolate(f, stage.values()) for f in twin.files)
+
+
+@pytest.mark.parametrize("pipeline", PIPELINES)
+def test_each_lock_file_records_the_code_as_committed(pipeline):
+    """dvc.lock holds the hash of every src/ file a stage depends on: a code change committed without rerunning
+    the stage (or `dvc commit`) would make `dvc repro` on a fresh clone rerun it."""
+    lock = yaml.safe_load((PIPELINES[pipeline].parent / "dvc.lock").read_text())
+    stale = sorted(
+        f"{stage}: {dep['path']}"
+        for stage, body in lock["stages"].items()
+        for dep in body.get("deps", [])
+        if dep["path"].startswith("src/")
+        and (
+            not (REPO / dep["path"]).is_file()
+            or hashlib.md5((REPO / dep["path"]).read_bytes()).hexdigest() != dep["md5"]
+        )
+    )
+    assert not stale, f"rerun these stages (dvc repro) or `dvc commit` them: {stale}"
