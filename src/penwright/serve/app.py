@@ -81,8 +81,53 @@ def create_app(engine_factory, settings: Serve) -> FastAPI:
     async def _invalid(request, err: RequestValidationError):
         return validation_response(err.errors())
 
-    @app.middleware("http")
-    async def _guard(request: HttpRequest, call_next):
+    app.add_middleware(Guard, settings=settings, metrics=metrics)
+
+    for r in ROUTERS:
+        app.include_router(r)
+    document: dict = {}
+
+    def openapi() -> dict:  # built once, on the first request for it
+        if not document:
+            bodies = [completions.CompletionBody, completions.TokenizeBody, completions.DetokenizeBody, gpt2.Gpt2Body]
+            document.update(oa.document(app, bodies))
+        return document
+
+    app.openapi = openapi
+    return app
+
+
+class Guard:
+    """Every HTTP request's gate, as plain ASGI middleware (Starlette's ``BaseHTTPMiddleware`` would re-stream
+    each response through a task of its own, a cost on every streamed chunk): a body over
+    ``serve.max_body_bytes`` is a 413, a missing or wrong API key a 401 (not for ``/health`` and the page), and
+    every answer's status is counted for ``/metrics``."""
+
+    def __init__(self, app, settings: Serve, metrics):
+        self.app, self.settings, self.metrics = app, settings, metrics
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        status = None
+
+        async def counted(message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            refused = self.refuse(HttpRequest(scope))
+            await (refused or self.app)(scope, receive, counted)
+        except Exception:
+            self.metrics.responses.labels("500").inc()
+            raise
+        if status is not None:
+            self.metrics.responses.labels(str(status)).inc()
+
+    def refuse(self, request: HttpRequest) -> JSONResponse | None:
+        settings = self.settings
         length = request.headers.get("content-length")
         if length is not None and (not length.isdigit() or int(length) > settings.max_body_bytes):
             return JSONResponse(
@@ -104,30 +149,7 @@ def create_app(engine_factory, settings: Serve) -> FastAPI:
                     ),
                     401,
                 )
-        return await call_next(request)
-
-    @app.middleware("http")
-    async def _count(request: HttpRequest, call_next):  # registered last: the outermost, the guard's answers counted
-        try:
-            response = await call_next(request)
-        except Exception:
-            metrics.responses.labels("500").inc()
-            raise
-        metrics.responses.labels(str(response.status_code)).inc()
-        return response
-
-    for r in ROUTERS:
-        app.include_router(r)
-    document: dict = {}
-
-    def openapi() -> dict:  # built once, on the first request for it
-        if not document:
-            bodies = [completions.CompletionBody, completions.TokenizeBody, completions.DetokenizeBody, gpt2.Gpt2Body]
-            document.update(oa.document(app, bodies))
-        return document
-
-    app.openapi = openapi
-    return app
+        return None
 
 
 @router.get(
