@@ -169,6 +169,27 @@ def test_an_fp16_export_runs_on_the_engine_with_an_fp16_cache(tmp_path, tiny_gpt
         assert row.tolist() == expected[0, len(prompt) :].tolist()
 
 
+def test_an_fp16_export_past_2_gb_infers_shapes_from_a_file_and_refuses_quantization(
+    tmp_path, tiny_gpt2, repo, monkeypatch
+):
+    """A graph past protobuf's 2 GB (gpt2-large and up: here the limit is lowered to a byte) is typed by shape
+    inference on the graph saved with external weights, not in memory; and fp16 with export.quantize is refused
+    before any work (quantization starts from the fp32 graph)."""
+    import penwright.export.stage as stage
+    from penwright.core.config import compose
+    from penwright.core.errors import ConfigError
+
+    monkeypatch.setattr(stage, "EXTERNAL_DATA_BYTES", 1)
+    out = tmp_path / "onnx"
+    overrides = [f"train.out_dir={tiny_gpt2}", f"export.out_dir={out}", f"paths.reports={tmp_path / 'reports'}"]
+    report = stage.export(compose([*overrides, "export.dtype=fp16"], config_dir=repo / "conf"))
+    assert report["dtype"] == "fp16" and report["external_data"] and report["parity"]["passed"]
+    assert sorted(p.name for p in out.glob("model.onnx*")) == ["model.onnx", "model.onnx.data"]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith("tmp")]  # the scratch graph is gone
+    with pytest.raises(ConfigError, match=r"export.quantize=\['q8'\].*export.dtype=fp16"):
+        stage.export(compose([*overrides, "export.dtype=fp16", "export.quantize=[q8]"], config_dir=repo / "conf"))
+
+
 def test_export_fails_when_there_is_no_model(tmp_path, repo):
     from penwright.core.config import compose
     from penwright.export.stage import export

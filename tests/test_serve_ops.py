@@ -137,3 +137,20 @@ def test_metrics_count_the_guards_answers_too(serve_tiny):
     big = httpx.post(f"{server.url}/v1/completions", content=b"x" * 70_000, headers=key)
     assert big.status_code == 413
     assert count("401") == before401 + 1 and count("413") == before413 + 1
+
+
+def test_a_stream_ends_with_its_last_token_not_at_the_next_stream_interval(serve_tiny):
+    """serve.stream_interval merges the pieces that arrive between two chunks; a request that ends during that
+    pause ends it, its last chunk sent at once (a 30 s interval here, for a request of a few milliseconds)."""
+    import json
+    import time
+
+    server = serve_tiny("serve.stream_interval=30")
+    body = {"prompt": "The quick", "max_tokens": 20, "min_tokens": 20, "temperature": 0}
+    start = time.monotonic()
+    with httpx.stream("POST", f"{server.url}/v1/completions", json=body | {"stream": True}, timeout=60) as s:
+        events = [json.loads(line[6:]) for line in s.iter_lines() if line.startswith("data: {")]
+    assert time.monotonic() - start < 15  # well inside one interval: the end did not wait for it
+    assert events[-1]["choices"][0]["finish_reason"] == "length"
+    whole = httpx.post(f"{server.url}/v1/completions", json=body, timeout=60).json()["choices"][0]["text"]
+    assert "".join(e["choices"][0]["text"] for e in events) == whole

@@ -327,7 +327,7 @@ class Check:
             # export.dtype=fp16: the same graph converted, its cache in fp16 (tokens may differ: fp16 rounding)
             half_dir = self.work / "onnx-fp16"
             shutil.copytree(folder, half_dir, ignore=shutil.ignore_patterns("model.onnx*"), dirs_exist_ok=True)
-            save_graph(half(onnx.load(str(folder / "model.onnx"))), half_dir / "model.onnx")
+            save_graph(half(onnx.load(str(folder / "model.onnx")), self.work), half_dir / "model.onnx")
             fp16 = Engine.load(half_dir, slots=16, provider=provider)
             tokens = fp16.generate_ids(prompt, 16, do_sample=False, stop_at_eos=False)
             out["fp16"] = {"same_tokens_as_cpu_fp32": round(float((tokens == cpu).mean()), 3)}

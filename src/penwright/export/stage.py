@@ -18,6 +18,7 @@ only) with an empty and a non-empty past, and greedy tokens of the runtime equal
 from __future__ import annotations
 
 import json
+import tempfile
 import time
 from pathlib import Path
 
@@ -142,12 +143,22 @@ def _node_count(path: Path) -> int:
     return len(onnx.load(str(path), load_external_data=False).graph.node)
 
 
-def half(graph):
+def half(graph, scratch: Path):
     """``export.dtype=fp16``: the fp32 graph with its weights, activations, keys and values in fp16 and its logits
-    kept fp32 (onnxruntime's own float16 converter, which leaves the ops fp16 cannot run safely in fp32)."""
+    kept fp32 (onnxruntime's own float16 converter, which leaves the ops fp16 cannot run safely in fp32). Past
+    protobuf's 2 GB (gpt2-large and up) the converter's shape inference cannot take the graph in memory: it runs
+    on the graph saved in ``scratch`` with external weights instead."""
+    import onnx
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
-    return convert_float_to_float16(graph, keep_io_types=["logits"])
+    if sum(t.ByteSize() for t in graph.graph.initializer) < EXTERNAL_DATA_BYTES:
+        return convert_float_to_float16(graph, keep_io_types=["logits"])
+    with tempfile.TemporaryDirectory(dir=scratch) as tmp:
+        fp32, typed = Path(tmp) / "fp32.onnx", Path(tmp) / "typed.onnx"
+        onnx.save_model(graph, str(fp32), save_as_external_data=True, location="fp32.onnx.data", size_threshold=1024)
+        onnx.shape_inference.infer_shapes_path(str(fp32), str(typed))
+        graph = onnx.load(str(typed))  # (its weights read into memory from fp32.onnx.data)
+    return convert_float_to_float16(graph, keep_io_types=["logits"], disable_shape_infer=True)
 
 
 def save_with_external_data_if_large(path: Path) -> bool:
@@ -283,6 +294,11 @@ def export(cfg: schema.Config) -> dict:
     model = load_model(src, fix, torch_dtype=torch.float32).eval()
     tokenizer = load_tokenizer(src, fix)
     check_gguf(model.config, src, gguf)  # before any work: llama.cpp must be able to run what is asked for
+    if dtype == "fp16" and quantized:
+        raise ConfigError(
+            f"export.quantize={quantized} quantizes the fp32 graph: it cannot be combined with export.dtype=fp16; "
+            "export fp32 with export.quantize, or fp16 with export.quantize=[]"
+        )
     longest = max((len(tokenizer.encode(str(p))) for p in ecfg.parity_prompts), default=0)
     if longest < 2:
         raise ConfigError(
@@ -300,7 +316,7 @@ def export(cfg: schema.Config) -> dict:
             from penwright.export.graph import build_graph
 
             built = build_graph(model, kind, ecfg.opset)
-            external = save_graph(half(built) if dtype == "fp16" else built, graph)
+            external = save_graph(half(built, tmp.parent) if dtype == "fp16" else built, graph)
         elif dtype == "fp16":  # traced in fp32, then converted: tracing a half model mixes fp32 into its graph
             import onnx
 
@@ -308,7 +324,7 @@ def export(cfg: schema.Config) -> dict:
             traced = onnx.load(str(graph))  # (with any external weights the exporter wrote beside it)
             for f in tmp.iterdir():
                 f.unlink()
-            external = save_graph(half(traced), graph)
+            external = save_graph(half(traced, tmp.parent), graph)
         else:
             export_graph(model, graph, ecfg.opset)
             external = save_with_external_data_if_large(graph)

@@ -355,7 +355,8 @@ class Engine:
         stopped = row.text.grow(req.tokens)
         req.text = row.text.text
         if stopped:
-            self._finish(row, "stop", final=False)
+            # (a decoder whose pieces need not add up to the whole, e.g. one cleaning up spaces: decode it whole)
+            self._finish(row, "stop", final=not self.decoder.concatenates)
             return True
         if len(req.tokens) >= req.max_tokens or row.length + 1 >= self.context:
             return False  # _advance finishes it, decoding the whole text
@@ -367,7 +368,7 @@ class Engine:
 
     def _finish(self, row: _Row, reason: str, final: bool = True) -> None:
         req = row.request
-        if final and row.text.final(req.tokens):  # the whole text, decoded at once
+        if final and row.text.final(req.tokens) and reason == "length":  # the whole text, decoded at once
             reason = "stop"  # a stop string completed by the last bytes, which incremental decoding held back
         req.text = row.text.text
         req.finish_reason = reason

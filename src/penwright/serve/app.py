@@ -111,20 +111,20 @@ class Guard:
             return await self.app(scope, receive, send)
         status = None
 
-        async def counted(message) -> None:
+        async def counted(message) -> None:  # counted when the answer starts (a stream: before its body)
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
+                self.metrics.responses.labels(str(status)).inc()
             await send(message)
 
         try:
             refused = self.refuse(HttpRequest(scope))
             await (refused or self.app)(scope, receive, counted)
         except Exception:
-            self.metrics.responses.labels("500").inc()
+            if status is None:  # the error handler answers 500
+                self.metrics.responses.labels("500").inc()
             raise
-        if status is not None:
-            self.metrics.responses.labels(str(status)).inc()
 
     def refuse(self, request: HttpRequest) -> JSONResponse | None:
         settings = self.settings
