@@ -120,12 +120,13 @@ def choose_graph(wanted: str, config) -> str:
     return "transformers"
 
 
-def save_graph(model, path: Path) -> bool:
-    """Write a built graph; its weights go to ``model.onnx.data`` past protobuf's 2 GB limit."""
+def save_graph(model, path: Path, external: bool | None = None) -> bool:
+    """Write a graph; its weights go to ``<name>.data`` beside it past protobuf's 2 GB limit (or as ``external``
+    says). Returns whether they did."""
     import onnx
 
-    weights = sum(t.ByteSize() for t in model.graph.initializer)
-    external = weights >= EXTERNAL_DATA_BYTES
+    if external is None:
+        external = sum(t.ByteSize() for t in model.graph.initializer) >= EXTERNAL_DATA_BYTES
     onnx.save_model(
         model,
         str(path),
@@ -155,7 +156,7 @@ def half(graph, scratch: Path):
         return convert_float_to_float16(graph, keep_io_types=["logits"])
     with tempfile.TemporaryDirectory(dir=scratch) as tmp:
         fp32, typed = Path(tmp) / "fp32.onnx", Path(tmp) / "typed.onnx"
-        onnx.save_model(graph, str(fp32), save_as_external_data=True, location="fp32.onnx.data", size_threshold=1024)
+        save_graph(graph, fp32, external=True)
         onnx.shape_inference.infer_shapes_path(str(fp32), str(typed))
         graph = onnx.load(str(typed))  # (its weights read into memory from fp32.onnx.data)
     return convert_float_to_float16(graph, keep_io_types=["logits"], disable_shape_infer=True)
@@ -167,16 +168,7 @@ def save_with_external_data_if_large(path: Path) -> bool:
 
     if path.stat().st_size < EXTERNAL_DATA_BYTES:
         return False
-    model = onnx.load(str(path))
-    onnx.save_model(
-        model,
-        str(path),
-        save_as_external_data=True,
-        all_tensors_to_one_file=True,
-        location=path.name + ".data",
-        size_threshold=1024,
-    )
-    return True
+    return save_graph(onnx.load(str(path)), path, external=True)
 
 
 QUANTIZED = {  # export.quantize: the graph file each writes beside model.onnx
