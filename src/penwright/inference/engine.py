@@ -246,7 +246,7 @@ class Engine:
 
     @property
     def running(self) -> int:
-        return sum(r is not None for r in self.rows)
+        return self.slots - self.rows.count(None)
 
     # -- one step ---------------------------------------------------------------------------------
 
@@ -309,22 +309,26 @@ class Engine:
             tops = top_logprobs(logprobs, max(rows[i].request.logprobs for i in scored))
             for j, i in enumerate(scored):
                 rows[i].step_logprobs = (logprobs[j], tops[j][: rows[i].request.logprobs])
-        for i, r in enumerate(rows):  # min_tokens: <|endoftext|> is not allowed yet
-            if r.bias is not None:
-                logits[i, r.bias[0]] += r.bias[1]
-            if len(r.request.tokens) < r.request.min_tokens:
-                logits[i, self.eos] = -np.inf
-        if all(not r.request.sampling.do_sample and r.seen is None for r in rows):  # all greedy: the argmax
-            for row, token in zip(rows, logits.argmax(axis=-1).tolist()):
-                self._advance(row, token)
-            return
         groups: dict[tuple, list[int]] = {}
         for i, r in enumerate(rows):
-            groups.setdefault((r.request.sampling, r.seen is not None), []).append(i)
-        tokens = np.empty(len(rows), dtype=np.int64)
-        for (cfg, penalized), idx in groups.items():
-            seen = np.concatenate([rows[i].seen for i in idx]) if penalized else None
-            tokens[idx] = next_tokens_per_row(logits[idx], cfg, [rows[i].rng for i in idx], seen)
+            req = r.request
+            if r.bias is not None:
+                logits[i, r.bias[0]] += r.bias[1]
+            if len(req.tokens) < req.min_tokens:  # min_tokens: <|endoftext|> is not allowed yet
+                logits[i, self.eos] = -np.inf
+            groups.setdefault((req.sampling, r.seen is not None), []).append(i)
+        if len(groups) == 1:  # one group (the usual case): the step's logits as they are, no copy
+            cfg, penalized = next(iter(groups))
+            if not cfg.do_sample and not penalized:  # all greedy: the argmax
+                tokens = logits.argmax(axis=-1)
+            else:
+                seen = np.concatenate([r.seen for r in rows]) if penalized else None
+                tokens = next_tokens_per_row(logits, cfg, [r.rng for r in rows], seen)
+        else:
+            tokens = np.empty(len(rows), dtype=np.int64)
+            for (cfg, penalized), idx in groups.items():
+                seen = np.concatenate([rows[i].seen for i in idx]) if penalized else None
+                tokens[idx] = next_tokens_per_row(logits[idx], cfg, [rows[i].rng for i in idx], seen)
         for row, token in zip(rows, tokens.tolist()):
             self._advance(row, token)
 
