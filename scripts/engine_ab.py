@@ -79,7 +79,16 @@ def main() -> None:
                     runs[name].append(measure(trees[name], args.model, batch, args.tokens, args.sample))
             results[str(batch)] = summary(runs)
             print(f"batch {batch}: {results[str(batch)]}", file=sys.stderr)
-    report(args.base, __doc__, args.output, model=args.model, tokens=args.tokens, sample=args.sample, rounds=args.rounds, batches=results)
+    report(
+        args.base,
+        __doc__,
+        args.output,
+        model=args.model,
+        tokens=args.tokens,
+        sample=args.sample,
+        rounds=args.rounds,
+        batches=results,
+    )
 
 
 if __name__ == "__main__":

@@ -60,3 +60,21 @@ def test_final_cuts_a_stop_string_that_growing_had_not_seen(tokenizer):
     assert not stopped
     assert row.final(ids) and row.text == TEXT[: TEXT.index("🙂")]
     assert "".join(shown) + row.rest() == row.text
+
+
+def test_random_token_runs_grow_into_their_whole_decode(tokenizer):
+    """Any ids, lone continuation bytes and cut characters included: the text shown as it grows is a prefix of
+    the whole decode, and the rest after ``final`` completes it."""
+    import random
+
+    rng = random.Random(0)
+    decoder = Decoder(tokenizer)
+    vocab = len(tokenizer)
+    for _ in range(300):
+        ids = [rng.randrange(vocab) for _ in range(rng.randrange(1, 24))]
+        whole = decoder.decode(ids)
+        row = RowText(decoder)
+        shown, _ = grow_all(row, ids)
+        assert whole.startswith("".join(shown)), ids
+        row.final(ids)
+        assert "".join(shown) + row.rest() == whole == row.text, ids

@@ -30,11 +30,13 @@ class Decoder:
 
     def token_texts(self, ids: list[int]) -> list[str]:
         """Each token's own text (a piece of a multi-byte character shows as U+FFFD, as in vLLM's logprobs)."""
-        cache = self._token_texts
-        for t in ids:
-            if t not in cache:
-                cache[t] = self.decode([t])
-        return [cache[t] for t in ids]
+        return [self.token_text(t) for t in ids]
+
+    def token_text(self, token: int) -> str:
+        text = self._token_texts.get(token)
+        if text is None:
+            text = self._token_texts[token] = self.decode([token])
+        return text
 
 
 class RowText:
@@ -52,6 +54,12 @@ class RowText:
     def grow(self, tokens: list[int]) -> bool:
         """Add the text the newest tokens complete. True when a stop string ended it (the text is cut before it)."""
         before = len(self.text)
+        if self.decoder.concatenates and self.read_offset == len(tokens) - 1:  # only the newest token is unread
+            piece = self.decoder.token_text(tokens[-1])
+            if piece and "\ufffd" not in piece:  # whole characters: what decoding the last piece with it would add
+                self.text += piece
+                self.prefix_offset, self.read_offset, self.prefix_chars = self.read_offset, len(tokens), len(piece)
+                return self._cut(max(0, before - self.holdback))
         decode = self.decoder.decode
         full = decode(tokens[self.prefix_offset :])
         if len(full) > self.prefix_chars and not full.endswith("\ufffd"):

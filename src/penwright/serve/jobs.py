@@ -2,7 +2,8 @@
 the event loop.
 
 The engine's thread calls each request's ``emit`` with a piece of text; ``Job`` appends it to a deque and
-wakes the event loop at most once until the loop has taken what is there. ``batches()`` then hands over
+wakes the event loop when the loop is listening for one (not while it pauses between chunks: then only a
+choice's end wakes it), at most once until the loop has taken what is there. ``batches()`` then hands over
 everything waiting, no more often than ``serve.stream_interval`` (the first piece at once); ``wait()`` runs
 the job to its end (non-streamed answers). A full queue is a 429, an engine gone silent a 504.
 """
@@ -30,6 +31,7 @@ class Job:
         self.ended = asyncio.Event()  # a choice ended: a pause between chunks stops short for it
         self.endings = self.endings_taken = 0  # choices ended on the engine's thread / taken by batches()
         self.scheduled = False
+        self.listening = True  # batches() waits for the next piece (False while it pauses between chunks)
         for k, r in enumerate(requests):
             r.emit = self._emitter(k)
 
@@ -40,7 +42,9 @@ class Job:
             self.pieces.append((k, text, reason))
             if reason is not None:
                 self.endings += 1
-            if not self.scheduled:
+            # a wake costs the engine's thread a syscall and the event loop a turn under the GIL: none while the
+            # loop pauses between chunks, for pieces it takes when the pause ends anyway
+            if (self.listening or reason is not None) and not self.scheduled:
                 self.scheduled = True
                 self.loop.call_soon_threadsafe(self._wake)
 
@@ -80,14 +84,17 @@ class Job:
         left, last = len(self.requests), None
         deadline = time.monotonic() + self.settings.request_timeout + 5.0
         while left:
+            self.listening = True  # (set before the deque is read: a piece appended after it wakes the loop)
             try:
-                await asyncio.wait_for(self.ready.wait(), timeout=max(0.0, deadline - time.monotonic()))
+                if not self.pieces:
+                    await asyncio.wait_for(self.ready.wait(), timeout=max(0.0, deadline - time.monotonic()))
             except TimeoutError:
                 self.cancel()
                 yield [(k, "", "timeout") for k, r in enumerate(self.requests) if r.finish_reason is None] or [
                     (0, "", "timeout")
                 ]
                 return
+            self.listening = False
             self.ready.clear()
             pieces = self._drain()
             ending = any(reason is not None for _, _, reason in pieces)
