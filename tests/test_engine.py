@@ -259,3 +259,52 @@ def test_a_bad_seed_is_refused_at_submit(engine):
     with pytest.raises(ConfigError, match="seed=-1"):
         engine.submit(greedy(engine, "The", 3, seed=-1))
     assert engine.waiting.empty()
+
+
+def _rows(lengths, slots=None, scored=()):
+    from types import SimpleNamespace
+
+    return [
+        SimpleNamespace(slot=s, request=SimpleNamespace(prompt_ids=[0] * n, score_prompt=i in scored))
+        for i, (n, s) in enumerate(zip(lengths, slots or range(len(lengths))))
+    ]
+
+
+def test_prefill_runs_split_where_padding_costs_more_than_a_run(slot_engine):
+    from penwright.inference.runner import PREFILL_TOKENS, RUN_COST
+
+    batches = slot_engine.runner.batches
+
+    def widths(rows):
+        return [[len(r.request.prompt_ids) for r in run] for run in batches(rows)]
+
+    assert widths(_rows([4] * 30)) == [[4] * 30]  # like lengths: one run
+    assert widths(_rows([3, 4, 4, 5])) == [[3, 4, 4, 5]]  # a little padding is cheaper than a second run
+    short, long = [2] * 20, [2 + RUN_COST] * 4  # joined, the 20 short ones would pad 20 * RUN_COST tokens
+    assert widths(_rows(short + long)) == [short, long]
+    assert widths(_rows([4, 4, 4], slots=[0, 1, 5])) == [[4, 4], [4]]  # consecutive slots only
+    assert widths(_rows([4, 4, 4], scored={1})) == [[4], [4], [4]]  # a scored prompt runs alone
+    n = PREFILL_TOKENS // 64 + 3
+    assert all(len(run) * 64 <= PREFILL_TOKENS for run in batches(_rows([64] * n)))
+    assert widths(_rows([PREFILL_TOKENS + 1])) == [[PREFILL_TOKENS + 1]]  # a prompt past the limit runs alone
+
+
+def test_a_burst_of_unlike_prompts_prefills_in_several_runs_and_gives_each_its_alone_tokens(engine):
+    from penwright.inference.runner import RUN_COST
+
+    short = ["The"] * 6
+    text = "In the beginning"  # long enough that padding the six short prompts to it costs more than a run
+    while len(engine.encode(text)) < len(engine.encode("The")) + RUN_COST // 6 + 2:
+        text += " was the word"
+    long = [text] * 2
+    prompts = long[:1] + short + long[1:]  # arrival order mixes them; the engine sorts them into its slots
+    alone = [run(engine, [greedy(engine, p, 6)])[0].tokens for p in prompts]
+    runs = []
+    prefill = engine.runner.prefill
+    engine.runner.prefill = lambda rows: runs.append(len(rows)) or prefill(rows)
+    try:
+        together = run(engine, [greedy(engine, p, 6) for p in prompts])
+    finally:
+        del engine.runner.prefill
+    assert sorted(runs) == [2, 6]  # the short prompts apart from the long ones
+    assert [r.tokens for r in together] == alone

@@ -251,14 +251,33 @@ class Engine:
     # -- one step ---------------------------------------------------------------------------------
 
     def step(self) -> int:
-        """Admit waiting requests into free slots (prefill), then one decoding step for every running row.
-        Returns the number of rows running after the step."""
+        """Admit waiting requests into free slots and prefill them, again while more arrive meanwhile (a burst
+        of requests gets its first tokens before the running rows take their next step), then one decoding step
+        for every running row. Returns the number of rows running after the step."""
         now = time.monotonic()
         for row in self.rows:  # cancelled or late rows leave before the step
             if row is not None and (row.request.cancelled or (row.request.deadline and now > row.request.deadline)):
                 self._finish(row, "cancelled" if row.request.cancelled else "timeout")
-        admitted: list[_Row] = []
-        while None in self.rows:
+        admissions = 0
+        while admissions < self.slots and (admitted := self._admit(now)):  # (bounded: prompts scored alone end at
+            self._prefill(admitted)  # prefill and free their slots, and must not keep the running rows waiting)
+            admissions += len(admitted)
+            now = time.monotonic()
+        active = [r for r in self.rows if r is not None]  # in slot order
+        if not active:
+            return 0
+        rows, logits = self.runner.decode(active)
+        for r in rows:
+            r.length += 1
+        self._sample(rows, logits)
+        return self.running
+
+    def _admit(self, now: float) -> list[_Row]:
+        """Waiting requests into the free slots: the shortest prompts in the lowest slots, so that prompts of
+        similar length share a prefill run (fewer padded tokens)."""
+        free = [i for i, r in enumerate(self.rows) if r is None]
+        taken: list[Request] = []
+        while len(taken) < len(free):
             try:
                 request = self.waiting.get_nowait()
             except queue.Empty:
@@ -268,35 +287,34 @@ class Engine:
                 if request.emit is not None:
                     request.emit("", request.finish_reason)
                 continue
+            taken.append(request)
+        taken.sort(key=lambda q: len(q.prompt_ids))
+        admitted: list[_Row] = []
+        for slot, request in zip(free, taken):
             try:
-                row = _Row(request, self.rows.index(None), self.vocab, self.decoder)
+                row = _Row(request, slot, self.vocab, self.decoder)
             except Exception:  # a request the engine cannot start ends alone; the others run on
                 request.finish_reason = "error"
                 if request.emit is not None:
                     request.emit("", "error")
                 continue
-            self.rows[row.slot] = row
+            self.rows[slot] = row
             admitted.append(row)
-        if admitted:
-            for batch in self.runner.batches(admitted):
-                logits = self.runner.prefill(batch)  # [rows, picked, vocab]
-                if batch[0].request.score_prompt:  # alone in its run: every position's logits
-                    self._score_prompt(batch[0].request, logits[0])
-                logits = logits[:, -1]
-                live = [i for i, r in enumerate(batch) if r.request.max_tokens > 0]
-                for r in batch:
-                    if r.request.max_tokens == 0:  # a prompt scored, nothing to generate
-                        self._finish(r, "length")
-                if live:
-                    self._sample([batch[i] for i in live], logits[live] if len(live) < len(batch) else logits)
-        active = [r for r in self.rows if r is not None]  # in slot order
-        if not active:
-            return 0
-        rows, logits = self.runner.decode(active)
-        for r in rows:
-            r.length += 1
-        self._sample(rows, logits)
-        return self.running
+        return admitted
+
+    def _prefill(self, admitted: list[_Row]) -> None:
+        """Run the admitted prompts (in the runner's prefill runs) and sample each row's first token."""
+        for batch in self.runner.batches(admitted):
+            logits = self.runner.prefill(batch)  # [rows, picked, vocab]
+            if batch[0].request.score_prompt:  # alone in its run: every position's logits
+                self._score_prompt(batch[0].request, logits[0])
+            logits = logits[:, -1]
+            live = [i for i, r in enumerate(batch) if r.request.max_tokens > 0]
+            for r in batch:
+                if r.request.max_tokens == 0:  # a prompt scored, nothing to generate
+                    self._finish(r, "length")
+            if live:
+                self._sample([batch[i] for i in live], logits[live] if len(live) < len(batch) else logits)
 
     def _sample(self, rows: list[_Row], logits: np.ndarray) -> None:
         """Each row's next token from its logits ([len(rows), vocab]); rows with the same sampling settings
