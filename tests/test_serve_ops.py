@@ -105,19 +105,21 @@ def test_several_models_in_one_server(serve_tiny, onnx_tiny, other_model):
     assert metrics[("penwright_slots", (("model", "second"),))] == 16
 
 
-def test_serve_threads_auto_follows_the_models_size(onnx_tiny, tmp_path):
-    import json
+def test_serve_threads_auto_gives_onnxruntime_every_core(onnx_tiny):
+    from helpers.paths import REPO
+    from penwright.core.config import compose
+    from penwright.serve import build_app
 
-    from penwright.serve import SMALL_MODEL, auto_threads
-
-    assert auto_threads(onnx_tiny)[0] == 1  # the tiny model: one onnxruntime thread
-    big = tmp_path / "gpt2"
-    big.mkdir()
-    (big / "config.json").write_text(
-        json.dumps({"n_embd": 768, "n_layer": 12, "vocab_size": 50257, "n_positions": 1024})
-    )
-    threads, params = auto_threads(big)
-    assert threads == 0 and params > SMALL_MODEL and abs(params - 124e6) < 2e6  # GPT-2 124M: all cores
+    cfg = compose([f"serve.model_dir={onnx_tiny}"], config_dir=REPO / "conf")
+    assert cfg.serve.threads == "auto" and cfg.serve.spin
+    engine = next(iter(build_app(cfg).state.load().values()))
+    options = engine.session.get_session_options()
+    assert options.intra_op_num_threads == 0  # onnxruntime's default: one thread a core
+    try:
+        spinning = options.get_session_config_entry("session.intra_op.allow_spinning") != "0"
+    except RuntimeError:  # not set: onnxruntime's default, spinning
+        spinning = True
+    assert spinning
 
 
 def test_metrics_count_the_guards_answers_too(serve_tiny):

@@ -234,9 +234,8 @@ def bench_serve(
         "models": {},
     }
     try:
-        # (model, new tokens a request, serve.context, server overrides): the servers run serve's defaults, whose
-        # serve.threads=auto picks 1 thread for the quickstart and all cores for the 124M shape (what served each
-        # best here: the quickstart 4.5x with 1 thread vs 3.8-4.1x with both, the 124M shape 46.8 vs 28.2 tok/s)
+        # (model, new tokens a request, serve.context, server overrides): the servers run serve's defaults
+        # (serve.threads=auto: all cores, spinning; what served both models fastest at concurrency 1-32)
         cases = {
             "quickstart": (quick, 128, None, ()),
             "gpt2-124m-shape": (None, 64, 256, ()),

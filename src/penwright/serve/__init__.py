@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-from pathlib import Path
 
 from penwright.core.log import get_logger
 from penwright.core.schema import Config, Serve
@@ -31,23 +30,6 @@ def wait_until_healthy(url: str, seconds: float, process=None) -> None:
     raise PenwrightError(f"the server at {url} did not become healthy in {seconds:g} s")
 
 
-SMALL_MODEL = 10_000_000  # parameters: below it, serve.threads=auto gives onnxruntime one thread
-
-
-def auto_threads(folder: str | os.PathLike) -> tuple[int, int]:
-    """serve.threads=auto for the exported model in ``folder``: (threads, its parameter count). Measured on 2
-    cores: the quickstart (2.6M) served more tokens/s with one onnxruntime thread (the event loop, the JSON and
-    the sampling need the other core), the GPT-2-124M shape with both (46.8 vs 28.2 tokens/s alone). Where
-    between the two the best flips is not measured; 10M is the boundary taken."""
-    import json
-    from pathlib import Path
-
-    config = json.loads((Path(folder) / "config.json").read_text())
-    d, layers = int(config["n_embd"]), int(config["n_layer"])
-    params = 12 * layers * d * d + (int(config["vocab_size"]) + int(config["n_positions"])) * d
-    return (1 if params < SMALL_MODEL else 0), params
-
-
 def settings_from(s: Serve) -> Serve:
     """``serve`` as the app reads it: the default model named as ``serve.models``' first, the API key from
     ``PENWRIGHT_API_KEY`` when the config has none."""
@@ -67,21 +49,17 @@ def build_app(cfg: Config):
     def load() -> dict[str, Engine]:
         engines = {}
         for name, folder in (s.models or {s.model_name: s.model_dir}).items():
-            threads, why = s.threads, ""
-            if threads == "auto" and (Path(folder) / "config.json").is_file():  # (no config: Engine.load says so)
-                threads, params = auto_threads(folder)
-                why = f", serve.threads=auto: {threads or 'all cores'} for {params / 1e6:.1f}M parameters"
             engines[name] = engine = Engine.load(
                 folder,
                 slots=s.max_sequences,
-                threads=threads if threads != "auto" else 0,
+                threads=0 if s.threads == "auto" else s.threads,
                 graph=s.graph,
                 context=s.context,
                 spin=s.spin,
             )
             get_logger("serve").info(
                 f"{name}: {folder}/{s.graph}: {engine.slots} slots x {engine.context} tokens "
-                f"({engine.cache_bytes() / 2**20:.0f} MiB of KV buffer at most{why})"
+                f"({engine.cache_bytes() / 2**20:.0f} MiB of KV buffer at most)"
             )
         return engines
 
