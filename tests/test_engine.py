@@ -154,6 +154,23 @@ def test_stop_strings_eos_min_tokens_and_cancel(engine):
     assert cancelled.finish_reason == "cancelled" and engine.running == 0
 
 
+def test_a_request_past_its_deadline_is_a_timeout_even_once_cancelled(engine):
+    """A server cancels what it stopped waiting for: a request whose deadline passed first ends ``timeout``,
+    running or still waiting (the metrics count it by that reason)."""
+    import time
+
+    running, waiting = greedy(engine, "The", 30), greedy(engine, "The", 30)
+    engine.submit(running)
+    engine.step()
+    assert running.finish_reason is None
+    running.deadline = waiting.deadline = time.monotonic() - 1
+    engine.submit(waiting)
+    running.cancel()
+    waiting.cancel()
+    engine.step()
+    assert (running.finish_reason, waiting.finish_reason) == ("timeout", "timeout") and engine.running == 0
+
+
 def test_streamed_pieces_add_up_to_the_text(engine):
     pieces, reasons = [], []
     r = Request(

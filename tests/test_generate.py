@@ -138,6 +138,28 @@ def test_top_k_ids_are_those_of_a_whole_vocabulary_partition(vocab, k):
     np.testing.assert_array_equal(np.sort(logits[3, got[3]]), np.sort(logits[3, want[3]]))
 
 
+def test_a_lone_row_draws_the_token_it_draws_among_others():
+    """The lone top-k row's own path (``_one_top_k``) against the batched one, same streams: random logits,
+    ties, -inf, and rows that are all NaN (a broken model: both then pick the first id of the top k)."""
+    from penwright.inference.sampling import next_tokens_per_row
+
+    rng = np.random.default_rng(7)
+    for case in range(300):
+        vocab, k = (50257, 40) if case % 3 == 0 else (int(rng.integers(300, 5000)), int(rng.integers(1, 60)))
+        logits = (rng.standard_normal((4, vocab)) * rng.uniform(0.5, 6)).astype(np.float32)
+        logits[1, : vocab // 3] = -np.inf
+        logits[2] = np.round(logits[2])  # many ties
+        if case % 10 == 0:
+            logits[3] = np.nan
+        cfg = SamplingConfig(do_sample=True, temperature=float(rng.uniform(0.3, 1.5)), top_k=k)
+        seeds = rng.integers(0, 2**31, size=4)
+        batched = next_tokens_per_row(logits, cfg, [np.random.default_rng(s) for s in seeds])
+        alone = [
+            next_tokens_per_row(logits[i : i + 1], cfg, [np.random.default_rng(s)])[0] for i, s in enumerate(seeds)
+        ]
+        assert batched.tolist() == [int(t) for t in alone], case
+
+
 def test_top_p_keeps_the_smallest_set_reaching_p():
     logits = np.log(np.array([[0.5, 0.3, 0.15, 0.05]]))[:, [2, 0, 3, 1]].astype(np.float32)  # shuffled order
     prob = np.array([0.15, 0.5, 0.05, 0.3])

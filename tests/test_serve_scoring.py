@@ -105,9 +105,10 @@ def test_logit_bias_and_best_of(server):
     means = [np.mean(c["logprobs"]["token_logprobs"]) for c in candidates]
     best = post(server, {**four, "n": 1, "best_of": 4}).json()["choices"]
     assert len(best) == 1 and best[0]["text"] == candidates[int(np.argmax(means))]["text"]
-    two = post(server, {**four, "n": 2, "best_of": 4}).json()["choices"]
-    order = np.argsort(means)[::-1][:2]
-    assert [c["text"] for c in two] == [candidates[i]["text"] for i in sorted(order)]
+    three = post(server, {**four, "n": 3, "best_of": 4}).json()["choices"]  # the best first, as vLLM orders them
+    order = np.argsort(-np.array(means), kind="stable")[:3]
+    assert [c["text"] for c in three] == [candidates[i]["text"] for i in order], means
+    assert [c["index"] for c in three] == [0, 1, 2]
 
 
 def test_tokenizer_routes_in_vllms_shapes(server):

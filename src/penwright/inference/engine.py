@@ -80,6 +80,13 @@ class Request:
         """Ask the engine to free this request's slot at its next step (thread-safe: one flag)."""
         self.cancelled = True
 
+    def given_up(self, now: float) -> str | None:
+        """``timeout`` once the deadline has passed (even if the caller cancelled it after that, as a server
+        does when it stops waiting), else ``cancelled`` if cancelled, else None: the request goes on."""
+        if self.deadline and now > self.deadline:
+            return "timeout"
+        return "cancelled" if self.cancelled else None
+
 
 class _Row:
     """A request in its slot: its length in the cache, the token to feed next, its sampler state, its text."""
@@ -256,8 +263,8 @@ class Engine:
         for every running row. Returns the number of rows running after the step."""
         now = time.monotonic()
         for row in self.rows:  # cancelled or late rows leave before the step
-            if row is not None and (row.request.cancelled or (row.request.deadline and now > row.request.deadline)):
-                self._finish(row, "cancelled" if row.request.cancelled else "timeout")
+            if row is not None and (reason := row.request.given_up(now)):
+                self._finish(row, reason)
         admissions = 0
         while admissions < self.slots and (admitted := self._admit(now)):  # (bounded: prompts scored alone end at
             self._prefill(admitted)  # prefill and free their slots, and must not keep the running rows waiting)
@@ -282,8 +289,8 @@ class Engine:
                 request = self.waiting.get_nowait()
             except queue.Empty:
                 break
-            if request.cancelled or (request.deadline and now > request.deadline):  # gave up while waiting
-                request.finish_reason = "cancelled" if request.cancelled else "timeout"
+            if reason := request.given_up(now):  # gave up while waiting
+                request.finish_reason = reason
                 if request.emit is not None:
                     request.emit("", request.finish_reason)
                 continue

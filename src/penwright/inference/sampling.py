@@ -119,6 +119,8 @@ def top_k_ids(logits: np.ndarray, k: int) -> np.ndarray:
     out = np.empty((rows, k), dtype=np.int64)
     for r in range(rows):
         candidates = np.flatnonzero(logits[r] >= floor[r])
+        if len(candidates) < k:  # NaN logits (a broken model) compare false: the whole row, as argpartition does
+            candidates = np.arange(vocab)
         best = candidates[np.argpartition(logits[r, candidates], -k)[-k:]]
         best.sort()
         out[r] = best
@@ -156,7 +158,7 @@ def _one_top_k(x: np.ndarray, k: int, temperature: float, rng: np.random.Generat
     v = x[ids] / temperature
     e = np.exp(v - v.max())
     cdf = np.cumsum(e / e.sum(), dtype=np.float64)
-    picked = int(np.searchsorted(cdf, rng.random() * cdf[-1], side="right"))  # = (cdf <= u).sum(): cdf is sorted
+    picked = int((cdf <= rng.random() * cdf[-1]).sum())  # the batched rule, NaN included (then: the first id)
     return int(ids[min(picked, k - 1)])
 
 

@@ -233,12 +233,12 @@ async def completions(http: HttpRequest, served: ServedDep):
     if not body.stream:
         await job.wait()
         picked = requests
-        if best_of > body.n:  # per prompt, the n of highest mean logprob (a tie keeps the earlier)
+        if best_of > body.n:  # per prompt, the n of highest mean logprob, best first (a tie keeps the earlier)
             picked = []
             for i in range(len(encoded)):
                 group = requests[i * best_of : (i + 1) * best_of]
                 ranked = sorted(group, key=lambda r: -sum(s.logprob for s in r.scores) / max(1, len(r.scores)))
-                picked += [r for r in group if r in ranked[: body.n]]
+                picked += ranked[: body.n]
         choices = []
         for k, r in enumerate(picked):
             text = prefix[requests.index(r)] + r.text
