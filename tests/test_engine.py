@@ -5,6 +5,8 @@ Each engine test runs on both runners: the slot runner (the fused graph, rows in
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 import torch
@@ -157,8 +159,6 @@ def test_stop_strings_eos_min_tokens_and_cancel(engine):
 def test_a_request_past_its_deadline_is_a_timeout_even_once_cancelled(engine):
     """A server cancels what it stopped waiting for: a request whose deadline passed first ends ``timeout``,
     running or still waiting (the metrics count it by that reason)."""
-    import time
-
     running, waiting = greedy(engine, "The", 30), greedy(engine, "The", 30)
     engine.submit(running)
     engine.step()
