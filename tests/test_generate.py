@@ -10,6 +10,8 @@ biased for that test (``biased``), never the code under test.
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -158,6 +160,23 @@ def test_a_lone_row_draws_the_token_it_draws_among_others():
             next_tokens_per_row(logits[i : i + 1], cfg, [np.random.default_rng(s)])[0] for i, s in enumerate(seeds)
         ]
         assert batched.tolist() == [int(t) for t in alone], case
+
+
+def test_a_temperature_beyond_fp32_samples_uniformly_without_a_warning():
+    """A temperature numpy would cast to inf (the server takes any number >= 0): every path draws as from
+    fp32's largest temperature, uniform over the candidates, with no overflow warning."""
+    from penwright.inference.sampling import next_tokens_per_row
+
+    logits = np.random.default_rng(0).standard_normal((3, 64)).astype(np.float32) * 5
+    huge = SamplingConfig(do_sample=True, temperature=8.5e307, top_k=8)
+    picks = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # an overflow warning fails the test
+        for seed in range(400):
+            picks += next_tokens_per_row(logits, huge, [np.random.default_rng(seed + i) for i in range(3)]).tolist()
+            picks += next_tokens_per_row(logits[:1], huge, [np.random.default_rng(seed)]).tolist()
+            picks += next_tokens(logits, SamplingConfig(do_sample=True, temperature=1e300), np.random.default_rng(seed)).tolist()
+    assert len(set(picks)) > 48  # not the argmax: (nearly) every token of the 64 gets drawn
 
 
 def test_top_p_keeps_the_smallest_set_reaching_p():

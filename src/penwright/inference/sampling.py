@@ -68,9 +68,18 @@ def _softmax(x: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=-1, keepdims=True)
 
 
+FP32_MAX = float(np.finfo(np.float32).max)
+
+
+def _tempered(logits: np.ndarray, temperature: float) -> np.ndarray:
+    """fp32 logits divided by the temperature; one above fp32's range divides as fp32's largest (any such
+    temperature is uniform sampling), where numpy would first cast it to inf, warning of an overflow."""
+    return logits / min(temperature, FP32_MAX)
+
+
 def _cdf(logits: np.ndarray, cfg: SamplingConfig, seen: np.ndarray | None) -> np.ndarray:
     """The cumulative distribution to draw from, per row (float64), after every filter."""
-    logits = logits / cfg.temperature
+    logits = _tempered(logits, cfg.temperature)
     logits = filter_top_k(logits, cfg.top_k)
     logits = filter_top_p(logits, cfg.top_p)
     return np.cumsum(_softmax(logits).astype(np.float64), axis=-1)
@@ -144,7 +153,7 @@ def next_tokens_per_row(
     if top_k:
         ids = top_k_ids(logits, top_k)
         logits = logits[np.arange(len(ids))[:, None], ids]
-    logits = filter_top_p(logits / cfg.temperature, cfg.top_p)
+    logits = filter_top_p(_tempered(logits, cfg.temperature), cfg.top_p)
     cdf = np.cumsum(_softmax(logits).astype(np.float64), axis=-1)
     u = np.array([rng.random() for rng in rngs])[:, None] * cdf[:, -1:]
     picked = np.minimum((cdf <= u).sum(axis=-1), cdf.shape[-1] - 1)
@@ -155,7 +164,7 @@ def _one_top_k(x: np.ndarray, k: int, temperature: float, rng: np.random.Generat
     """``next_tokens_per_row`` for one row with top-k (and no top-p): the same operations on a 1-D row, in half
     the numpy calls (a lone request's step, where each call's overhead is what counts), the same token."""
     ids = top_k_ids(x[None], k)[0]
-    v = x[ids] / temperature
+    v = _tempered(x[ids], temperature)
     e = np.exp(v - v.max())
     cdf = np.cumsum(e / e.sum(), dtype=np.float64)
     picked = int((cdf <= rng.random() * cdf[-1]).sum())  # the batched rule, NaN included (then: the first id)
