@@ -175,7 +175,9 @@ def test_a_temperature_beyond_fp32_samples_uniformly_without_a_warning():
         for seed in range(400):
             picks += next_tokens_per_row(logits, huge, [np.random.default_rng(seed + i) for i in range(3)]).tolist()
             picks += next_tokens_per_row(logits[:1], huge, [np.random.default_rng(seed)]).tolist()
-            picks += next_tokens(logits, SamplingConfig(do_sample=True, temperature=1e300), np.random.default_rng(seed)).tolist()
+            picks += next_tokens(
+                logits, SamplingConfig(do_sample=True, temperature=1e300), np.random.default_rng(seed)
+            ).tolist()
     assert len(set(picks)) > 48  # not the argmax: (nearly) every token of the 64 gets drawn
 
 
