@@ -111,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--llama-server",
         action="store_true",
-        help="serve: against llama.cpp's llama-server (in --llama-cpp) on the same weights, fp32 and q8 (~30 min), "
+        help="serve: against llama.cpp's llama-server (in --llama-cpp) on the same weights, fp32 and q8 (~7 min on 2 cores), "
         "the report's llama_server section",
     )
     p.add_argument(
