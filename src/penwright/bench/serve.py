@@ -372,7 +372,7 @@ def bench_serve_llama(
     binary = Path(llama_cpp) / "llama-server"
     if not binary.is_file():
         raise PenwrightError(
-            f"{binary}: not found. Build it with `scripts/build_llama_cpp.sh` (about 15 min on 2 cores) or point "
+            f"{binary}: not found. Build it with `scripts/build_llama_cpp.sh` (about 10 min on 2 cores) or point "
             "--llama-cpp at a llama.cpp build's bin/ folder"
         )
     quick = require_export(quick_onnx)
