@@ -308,3 +308,29 @@ def test_interleaved_runs_engines_in_turn_and_keeps_every_round():
     assert order == ["a", "b", "a", "b", "a", "b"]
     assert per_round == {"a": [30.0, 10.0, 20.0], "b": [5.0, 7.0, 6.0]}
     assert timed["a"][0]["tokens_per_sec"] == 20.0 and timed["b"][0]["tokens_per_sec"] == 6.0  # the medians
+
+
+def test_a_partial_llama_server_run_replaces_only_what_it_reran():
+    from penwright.bench.serve import _kept_and_rerun
+
+    earlier = {"quickstart": {"fp32": "q-fp32", "q8": "q-q8"}, "gpt2-124m-shape": {"fp32": "old", "q8": "b-q8"}}
+    merged = _kept_and_rerun(earlier, {"gpt2-124m-shape": {"fp32": "new"}})
+    assert merged == {"quickstart": {"fp32": "q-fp32", "q8": "q-q8"}, "gpt2-124m-shape": {"fp32": "new", "q8": "b-q8"}}
+    assert earlier["gpt2-124m-shape"]["fp32"] == "old"  # (the report read in is not changed in place)
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "message"),
+    [
+        ("--models", "gpt2", "--models 'gpt2': choose from quickstart, gpt2-124m-shape"),
+        ("--precisions", "fp16", "--precisions 'fp16': choose from fp32, q8"),
+        ("--precisions", ",", "--precisions ',': choose from fp32, q8"),
+        ("--repetitions", "0", "--repetitions 0: give at least 1"),
+    ],
+)
+def test_bench_serve_llama_server_refuses_an_unknown_model_precision_or_count(capsys, tmp_path, flag, value, message):
+    from penwright.cli import main
+
+    with pytest.raises(SystemExit) as exit:
+        main(["bench", "serve", "--llama-server", "--llama-cpp", str(tmp_path), flag, value])
+    assert exit.value.code == 2 and message in capsys.readouterr().err

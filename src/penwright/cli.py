@@ -10,7 +10,7 @@ import argparse
 import os
 import sys
 
-from penwright.core.errors import PenwrightError
+from penwright.core.errors import ConfigError, PenwrightError
 
 # Quiet and deterministic by default; a user's own setting wins.
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
@@ -115,6 +115,15 @@ def build_parser() -> argparse.ArgumentParser:
         "the report's llama_server section",
     )
     p.add_argument(
+        "--repetitions", type=int, default=3, help="serve --llama-server: rounds at each level, medians (default 3)"
+    )
+    p.add_argument(
+        "--models",
+        default="quickstart,gpt2-124m-shape",
+        help="serve --llama-server: which, comma-separated; the others keep their last measurement in the report",
+    )
+    p.add_argument("--precisions", default="fp32,q8", help="serve --llama-server: fp32, q8 or both (comma-separated)")
+    p.add_argument(
         "--only-llama-cpp",
         action="store_true",
         help="generate: only the llama.cpp comparison (~10 min), replacing that section of the report",
@@ -158,7 +167,17 @@ def bench(args) -> None:
     elif args.stage == "train":
         bench.bench_train(steps=args.steps, output=args.output, overrides=args.overrides)
     elif args.stage == "serve" and args.llama_server:
-        bench.bench_serve_llama(output=args.output, llama_cpp=args.llama_cpp)
+        from penwright.bench.serve import LLAMA_PRECISIONS, MODELS
+
+        if args.repetitions < 1:
+            raise ConfigError(f"--repetitions {args.repetitions}: give at least 1 (the medians of that many rounds)")
+        bench.bench_serve_llama(
+            output=args.output,
+            llama_cpp=args.llama_cpp,
+            repetitions=args.repetitions,
+            models=_names(args.models, "--models", MODELS),
+            precisions=_names(args.precisions, "--precisions", tuple(p for p, _, _ in LLAMA_PRECISIONS)),
+        )
     elif args.stage == "serve":
         bench.bench_serve(output=args.output)
     else:
@@ -167,6 +186,15 @@ def bench(args) -> None:
             llama_cpp=None if args.without_llama_cpp else args.llama_cpp,
             only_llama_cpp=args.only_llama_cpp,
         )
+
+
+def _names(value: str, flag: str, choices: tuple[str, ...]) -> tuple[str, ...]:
+    """A comma-separated list of some of ``choices``; anything else is refused, naming the flag and the choices."""
+    names = tuple(n.strip() for n in value.split(",") if n.strip())
+    unknown = [n for n in names if n not in choices]
+    if unknown or not names:
+        raise ConfigError(f"{flag} {value!r}: choose from {', '.join(choices)} (comma-separated)")
+    return names
 
 
 def score(args) -> None:

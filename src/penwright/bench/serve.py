@@ -345,6 +345,15 @@ def _median_level(runs: list[dict]) -> dict:
     }
 
 
+def _kept_and_rerun(earlier: dict, rerun: dict) -> dict:
+    """The report's ``models`` after a run of some of them: a model or precision not rerun keeps its last
+    measurement (each entry has its date, each level its repetitions); a rerun one is replaced."""
+    merged = {model: dict(by) for model, by in earlier.items()}
+    for model, by in rerun.items():
+        merged.setdefault(model, {}).update(by)
+    return merged
+
+
 def bench_serve_llama(
     output: str | None = None,
     quick_onnx: str = "artifacts/onnx",
@@ -385,7 +394,8 @@ def bench_serve_llama(
         "continuous batching, -t all cores) on the same weights (penwright's GGUF export of the same model); "
         "streamed completions of new_tokens tokens each (min_tokens and ignore_eos so none stops early), "
         "temperature 0.8, top_k 40; at each level the servers take turns, repetitions times, alternating "
-        "which goes first; medians; loopback",
+        "which goes first; medians; loopback. repetitions: this run's; each level records its own, and each "
+        "model and precision its date (one not rerun keeps its last measurement)",
         "goals": "124M shape, fp32: penwright/llama-server tokens/s >= 1.0 / 1.3 / 1.5 / 1.5 at 1 / 4 / 16 / 32 "
         "and p95 ttft <= llama-server's at every level; quickstart at 1: >= 1.0",
         "new_tokens": new_tokens,
@@ -417,7 +427,7 @@ def bench_serve_llama(
                 extra = (f"serve.graph={graph}",)
                 ours = _Server(onnx_dir, slots, context, work / f"{name}-{precision}-penwright.log", extra)
                 theirs = _LlamaServer(binary, gguf, slots, per_slot, work / f"{name}-{precision}-llama.log")
-                entry = {"gguf": gguf.name, "graph": graph, "levels": {}}
+                entry = {"gguf": gguf.name, "graph": graph, "date": time.strftime("%Y-%m-%d"), "levels": {}}
                 try:
                     ours.wait()
                     theirs.wait()
@@ -450,8 +460,7 @@ def bench_serve_llama(
         shutil.rmtree(work, ignore_errors=True)
     out = Path(output or "reports/bench_serve.json")
     results = json.loads(out.read_text()) if out.is_file() else {}
-    earlier = results.get("llama_server", {}).get("models", {})  # models not rerun keep their last measurement
-    section["models"] = {**{m: e for m, e in earlier.items() if m not in section["models"]}, **section["models"]}
+    section["models"] = _kept_and_rerun(results.get("llama_server", {}).get("models", {}), section["models"])
     results["llama_server"] = section
     summary = {
         f"{m}/{p}": {
