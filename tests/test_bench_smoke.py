@@ -317,6 +317,23 @@ def test_a_partial_llama_server_run_replaces_only_what_it_reran():
     merged = _kept_and_rerun(earlier, {"gpt2-124m-shape": {"fp32": "new"}})
     assert merged == {"quickstart": {"fp32": "q-fp32", "q8": "q-q8"}, "gpt2-124m-shape": {"fp32": "new", "q8": "b-q8"}}
     assert earlier["gpt2-124m-shape"]["fp32"] == "old"  # (the report read in is not changed in place)
+    assert _kept_and_rerun({}, {"quickstart": {"q8": "first"}}) == {"quickstart": {"q8": "first"}}
+
+
+def test_bench_serve_llama_server_flags_default_to_every_model_and_precision(monkeypatch, tmp_path):
+    from penwright import bench
+    from penwright.bench.serve import LLAMA_PRECISIONS, MODELS
+    from penwright.cli import main
+
+    calls = []
+    monkeypatch.setattr(bench, "bench_serve_llama", lambda **kw: calls.append(kw), raising=False)
+    for extra in ([], ["--models", "quickstart,quickstart", "--precisions", "q8", "--repetitions", "5"]):
+        with pytest.raises(SystemExit) as exit:
+            main(["bench", "serve", "--llama-server", "--llama-cpp", str(tmp_path), *extra])
+        assert exit.value.code == 0
+    assert calls[0]["models"] == MODELS and calls[0]["precisions"] == tuple(p for p, _, _ in LLAMA_PRECISIONS)
+    assert calls[0]["repetitions"] == 3 and calls[0]["llama_cpp"] == str(tmp_path)
+    assert calls[1]["models"] == ("quickstart",) and calls[1]["precisions"] == ("q8",) and calls[1]["repetitions"] == 5
 
 
 @pytest.mark.parametrize(

@@ -190,7 +190,7 @@ def bench(args) -> None:
 
 def _names(value: str, flag: str, choices: tuple[str, ...]) -> tuple[str, ...]:
     """A comma-separated list of some of ``choices``; anything else is refused, naming the flag and the choices."""
-    names = tuple(n.strip() for n in value.split(",") if n.strip())
+    names = tuple(dict.fromkeys(n.strip() for n in value.split(",") if n.strip()))  # each once, in order
     unknown = [n for n in names if n not in choices]
     if unknown or not names:
         raise ConfigError(f"{flag} {value!r}: choose from {', '.join(choices)} (comma-separated)")
