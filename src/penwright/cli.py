@@ -119,10 +119,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--models",
-        default="quickstart,gpt2-124m-shape",
-        help="serve --llama-server: which, comma-separated; the others keep their last measurement in the report",
+        help="serve --llama-server: quickstart, gpt2-124m-shape or both (comma-separated; default both); "
+        "the others keep their last measurement in the report",
     )
-    p.add_argument("--precisions", default="fp32,q8", help="serve --llama-server: fp32, q8 or both (comma-separated)")
+    p.add_argument("--precisions", help="serve --llama-server: fp32, q8 or both (comma-separated; default both)")
     p.add_argument(
         "--only-llama-cpp",
         action="store_true",
@@ -188,8 +188,11 @@ def bench(args) -> None:
         )
 
 
-def _names(value: str, flag: str, choices: tuple[str, ...]) -> tuple[str, ...]:
-    """A comma-separated list of some of ``choices``; anything else is refused, naming the flag and the choices."""
+def _names(value: str | None, flag: str, choices: tuple[str, ...]) -> tuple[str, ...]:
+    """A comma-separated list of some of ``choices`` (None: all of them); anything else is refused, naming the flag
+    and the choices."""
+    if value is None:
+        return choices
     names = tuple(dict.fromkeys(n.strip() for n in value.split(",") if n.strip()))  # each once, in order
     unknown = [n for n in names if n not in choices]
     if unknown or not names:
