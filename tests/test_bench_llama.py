@@ -1,4 +1,4 @@
-"""The llama.cpp side of ``penwright bench generate``, on llama.cpp's real tools.
+"""The llama.cpp side of ``python -m benchmarks generate``, on llama.cpp's real tools.
 
 The tools come from ``scripts/build_llama_cpp.sh`` (~10 min on 2 cores, not part of the setup), so these
 tests run where that script was run and skip elsewhere. What they check: each timing is of warm runs (the
@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from transformers import GPT2LMHeadModel
 
-from penwright.bench.generate import LLAMA_CPP, LLAMA_TOOLS, _llama_batched, _llama_tg, llama_tools
+from benchmarks.generate import LLAMA_CPP, LLAMA_TOOLS, _llama_batched, _llama_tg, llama_tools
 
 REPO = Path(__file__).resolve().parents[1]
 TOOLS = REPO / LLAMA_CPP
@@ -51,7 +51,7 @@ def test_llama_batched_bench_gives_one_warm_rate_per_batch(gguf):
 def test_bench_serve_against_llama_server_answers_every_request(tmp_path, tiny_gpt2, onnx_tiny):
     import json
 
-    from penwright.bench import bench_serve_llama
+    from benchmarks import bench_serve_llama
 
     out = tmp_path / "bench_serve.json"
     out.write_text(json.dumps({"models": {"kept": True}}))  # the rest of the serve report stays

@@ -1,4 +1,4 @@
-"""Each ``penwright bench`` benchmark end to end on tiny inputs (seconds, not the real runs' minutes).
+"""Each ``python -m benchmarks`` benchmark end to end on tiny inputs (seconds, not the real runs' minutes).
 
 What a benchmark measures cannot be checked here, but its code path can: every stage function it
 calls, its child processes and servers, and the report it writes (the keys README and its table read,
@@ -50,7 +50,7 @@ def sample_corpus(tmp_path):
 
 
 def test_bench_prepare(tmp_path, sample_corpus):
-    from penwright.bench import bench_prepare
+    from benchmarks import bench_prepare
 
     out = tmp_path / "bench_prepare.json"
     # one generated size (the real run's 20 MB and --size-mb are the same code), the runs in this process (seconds
@@ -92,7 +92,7 @@ def test_bench_prepare(tmp_path, sample_corpus):
 
 
 def test_bench_train_lora(tmp_path, prepared_tiny):
-    from penwright.bench import bench_lora
+    from benchmarks import bench_lora
 
     out = tmp_path / "bench_train.json"
     out.write_text(json.dumps({"lightning_over_plain": 1.0}))  # the rest of the report is kept
@@ -115,7 +115,7 @@ def test_bench_train_lora(tmp_path, prepared_tiny):
 
 
 def test_bench_train(tmp_path, prepared_tiny):
-    from penwright.bench import bench_train
+    from benchmarks import bench_train
 
     out = tmp_path / "bench_train.json"
     overrides = [
@@ -142,7 +142,7 @@ def test_bench_train(tmp_path, prepared_tiny):
 
 
 def test_bench_generate(tmp_path, tiny_gpt2, onnx_tiny):
-    from penwright.bench import bench_generate
+    from benchmarks import bench_generate
 
     out = tmp_path / "bench_generate.json"
     results = _report(
@@ -199,7 +199,7 @@ def test_bench_generate(tmp_path, tiny_gpt2, onnx_tiny):
 
 
 def test_bench_serve(tmp_path, onnx_tiny):
-    from penwright.bench import bench_serve
+    from benchmarks import bench_serve
 
     out = tmp_path / "bench_serve.json"
     results = _report(
@@ -232,7 +232,7 @@ def test_bench_serve(tmp_path, onnx_tiny):
 def test_onnxruntime_matmuls_alone_reads_every_weight_matrix_once(tiny_gpt2):
     from transformers import GPT2LMHeadModel
 
-    from penwright.bench.generate import _onnxruntime_matmuls
+    from benchmarks.generate import _onnxruntime_matmuls
 
     model = GPT2LMHeadModel.from_pretrained(tiny_gpt2).eval()
     cfg = model.config
@@ -250,7 +250,7 @@ def test_onnxruntime_matmuls_alone_reads_every_weight_matrix_once(tiny_gpt2):
 
 @pytest.mark.parametrize("count, last_in", [(1, "a"), (2, "b"), (3, "a"), (4, "b")])
 def test_plain_matvec_chain_computes_what_numpy_does(count, last_in):
-    from penwright.bench.generate import _plain_matvec
+    from benchmarks.generate import _plain_matvec
 
     rng = np.random.default_rng(count)
     shapes = ((32, 96), (32, 48), (48, 32), (32, 100))[:count]
@@ -269,7 +269,7 @@ def test_plain_matvec_chain_computes_what_numpy_does(count, last_in):
 
 
 def test_plain_matvec_without_a_compiler_says_so(monkeypatch, tmp_path):
-    from penwright.bench.generate import _plain_matvec
+    from benchmarks.generate import _plain_matvec
 
     monkeypatch.setenv("CC", "no-such-cc")
     assert _plain_matvec([np.ones((4, 4), np.float32)], threads=1) == "no C compiler: CC='no-such-cc' not found"
@@ -279,7 +279,7 @@ def test_plain_matvec_without_a_compiler_says_so(monkeypatch, tmp_path):
 
 
 def test_plain_matvec_names_the_compilers_error(monkeypatch, tmp_path):
-    from penwright.bench.generate import _plain_matvec
+    from benchmarks.generate import _plain_matvec
 
     fake = tmp_path / "fakecc"
     fake.write_text(
@@ -292,7 +292,7 @@ def test_plain_matvec_names_the_compilers_error(monkeypatch, tmp_path):
 
 
 def test_interleaved_runs_engines_in_turn_and_keeps_every_round():
-    from penwright.bench.common import interleaved
+    from benchmarks.common import interleaved
 
     order, speeds = [], {"a": iter([30.0, 10.0, 20.0]), "b": iter([5.0, 7.0, 6.0])}
 
@@ -311,7 +311,7 @@ def test_interleaved_runs_engines_in_turn_and_keeps_every_round():
 
 
 def test_a_partial_llama_server_run_replaces_only_what_it_reran():
-    from penwright.bench.serve import _kept_and_rerun
+    from benchmarks.serve import _kept_and_rerun
 
     earlier = {"quickstart": {"fp32": "q-fp32", "q8": "q-q8"}, "gpt2-124m-shape": {"fp32": "old", "q8": "b-q8"}}
     merged = _kept_and_rerun(earlier, {"gpt2-124m-shape": {"fp32": "new"}})
@@ -321,15 +321,15 @@ def test_a_partial_llama_server_run_replaces_only_what_it_reran():
 
 
 def test_bench_serve_llama_server_flags_default_to_every_model_and_precision(monkeypatch, tmp_path):
-    from penwright import bench
-    from penwright.bench.serve import LLAMA_PRECISIONS, MODELS
-    from penwright.cli import main
+    import benchmarks as bench
+    from benchmarks.__main__ import main
+    from benchmarks.serve import LLAMA_PRECISIONS, MODELS
 
     calls = []
     monkeypatch.setattr(bench, "bench_serve_llama", lambda **kw: calls.append(kw), raising=False)
     for extra in ([], ["--models", "quickstart,quickstart", "--precisions", "q8", "--repetitions", "5"]):
         with pytest.raises(SystemExit) as exit:
-            main(["bench", "serve", "--llama-server", "--llama-cpp", str(tmp_path), *extra])
+            main(["serve", "--llama-server", "--llama-cpp", str(tmp_path), *extra])
         assert exit.value.code == 0
     assert calls[0]["models"] == MODELS and calls[0]["precisions"] == tuple(p for p, _, _ in LLAMA_PRECISIONS)
     assert calls[0]["repetitions"] == 3 and calls[0]["llama_cpp"] == str(tmp_path)
@@ -346,8 +346,8 @@ def test_bench_serve_llama_server_flags_default_to_every_model_and_precision(mon
     ],
 )
 def test_bench_serve_llama_server_refuses_an_unknown_model_precision_or_count(capsys, tmp_path, flag, value, message):
-    from penwright.cli import main
+    from benchmarks.__main__ import main
 
     with pytest.raises(SystemExit) as exit:
-        main(["bench", "serve", "--llama-server", "--llama-cpp", str(tmp_path), flag, value])
+        main(["serve", "--llama-server", "--llama-cpp", str(tmp_path), flag, value])
     assert exit.value.code == 2 and message in capsys.readouterr().err

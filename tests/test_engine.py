@@ -214,7 +214,9 @@ def every_graph(onnx_tiny, tiny_gpt2, tmp_path_factory) -> dict:
     from transformers import GPT2LMHeadModel
 
     from penwright.export.graph import build_graph
-    from penwright.export.stage import export_graph, quantize, save_graph
+    from penwright.export.quantize import quantize
+    from penwright.export.save import save_graph
+    from penwright.export.trace import export_graph
 
     folder = tmp_path_factory.mktemp("graphs") / "onnx"
     shutil.copytree(onnx_tiny, folder)

@@ -93,7 +93,7 @@ def test_folder_is_self_contained_with_optimum_names(onnx_tiny):
 
 @pytest.mark.parametrize("prompts", [PROMPTS[:1], PROMPTS], ids=["batch1", "batch3-left-padded"])
 def test_logits_match_pytorch_with_empty_and_nonempty_past(graph_dir, ref, prompts):
-    from penwright.export.stage import graph_runner
+    from penwright.export.parity import graph_runner
     from penwright.prepare.tokenizer import left_padded
 
     runner = graph_runner(graph_dir, "model.onnx")  # IOBinding, keys and values left as onnxruntime values: CUDA's path
@@ -115,7 +115,7 @@ def test_logits_match_pytorch_with_empty_and_nonempty_past(graph_dir, ref, promp
 @pytest.mark.parametrize("padded", [False, True], ids=["engine", "padded-runner"])
 @pytest.mark.parametrize("prompts", [PROMPTS[:1], PROMPTS], ids=["batch1", "batch3"])
 def test_greedy_tokens_equal_transformers_generate(graph_dir, ref, prompts, padded):
-    from penwright.bench.generate import no_cache_ids
+    from benchmarks.generate import no_cache_ids
     from penwright.inference.engine import Engine
     from penwright.prepare.tokenizer import left_padded
 
@@ -175,11 +175,12 @@ def test_an_fp16_export_past_2_gb_infers_shapes_from_a_file_and_refuses_quantiza
     """A graph past protobuf's 2 GB (gpt2-large and up: here the limit is lowered to a byte) is typed by shape
     inference on the graph saved with external weights, not in memory; and fp16 with export.quantize is refused
     before any work (quantization starts from the fp32 graph)."""
+    import penwright.export.save
     import penwright.export.stage as stage
     from penwright.core.config import compose
     from penwright.core.errors import ConfigError
 
-    monkeypatch.setattr(stage, "EXTERNAL_DATA_BYTES", 1)
+    monkeypatch.setattr(penwright.export.save, "EXTERNAL_DATA_BYTES", 1)
     out = tmp_path / "onnx"
     overrides = [f"train.out_dir={tiny_gpt2}", f"export.out_dir={out}", f"paths.reports={tmp_path / 'reports'}"]
     report = stage.export(compose([*overrides, "export.dtype=fp16"], config_dir=repo / "conf"))
@@ -386,7 +387,7 @@ def test_the_8_bit_graph_keeps_the_quickstart_models_answers(tmp_path):
     positions (what README and the benchmark report); 4-bit stays above 90%."""
     import shutil
 
-    from penwright.export.stage import quantize, quantized_quality
+    from penwright.export.quantize import quantize, quantized_quality
 
     onnx_dir = tmp_path / "onnx"
     shutil.copytree(REPO_ROOT / "artifacts" / "onnx", onnx_dir)

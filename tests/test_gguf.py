@@ -196,7 +196,7 @@ def test_a_tokenizer_llama_cpp_cannot_reproduce_is_refused(tmp_path):
 
 
 def test_the_benchmark_says_how_to_get_llama_cpp_when_it_is_missing(tmp_path, repo):
-    """`penwright bench generate` compares with llama.cpp's own tools: without them it stops at once, in one
+    """`python -m benchmarks generate` compares with llama.cpp's own tools: without them it stops at once, in one
     line that says how to build them or leave llama.cpp out, and writes nothing."""
     import subprocess
     import sys
@@ -206,8 +206,7 @@ def test_the_benchmark_says_how_to_get_llama_cpp_when_it_is_missing(tmp_path, re
         [
             sys.executable,
             "-m",
-            "penwright.cli",
-            "bench",
+            "benchmarks",
             "generate",
             "--llama-cpp",
             str(tmp_path / "no-llama"),

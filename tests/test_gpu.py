@@ -118,7 +118,7 @@ def test_auto_batch_size_runs_lightnings_finder_and_keeps_the_effective_batch(co
 
 
 def test_the_gpu_checks_dry_run_covers_every_case(tmp_path):
-    from penwright.bench.gpu import check_gpu
+    from penwright.gpu_check import check_gpu
 
     cases = check_gpu(tmp_path / "gpu", dry=True, conf=REPO / "conf")
     runs = {k: v for k, v in cases.items() if isinstance(v, dict) and "ok" in v}

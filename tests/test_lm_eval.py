@@ -151,7 +151,7 @@ def test_lm_eval_harness_accuracy_equals_transformers_on_the_same_items(model, t
         env={**os.environ, "PENWRIGHT_API_KEY": ""},
     )
     try:
-        from penwright.serve import wait_until_healthy
+        from benchmarks.common import wait_until_healthy
 
         wait_until_healthy(url, 60, server)
         hf_run = run_lm_eval(url, onnx, tasks, tmp_path / "out-hf", "huggingface", ["penwright_mc", "penwright_gen"])

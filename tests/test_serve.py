@@ -296,7 +296,7 @@ def test_hostile_traffic_then_sigterm_finishes_in_flight_requests_and_exits_0(on
         env=env,
     )
     try:
-        from penwright.serve import wait_until_healthy
+        from benchmarks.common import wait_until_healthy
 
         wait_until_healthy(url, 60, proc)
         normal = {"prompt": PROMPT, "max_tokens": 10, "temperature": 0}

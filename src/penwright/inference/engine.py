@@ -143,7 +143,7 @@ class Engine:
         import onnx
 
         from penwright.core.files import short
-        from penwright.export.graph import slot_graph
+        from penwright.inference.slot_graph import slot_graph
 
         path = Path(path)
         file = path / graph

@@ -5,7 +5,7 @@ onnxruntime session and the cache, and answers two calls: ``prefill(rows)`` (run
 their keys and values) and ``decode(rows)`` (one token for every running row). Two runners exist:
 
 * ``SlotRunner``, for penwright's fused graph (``export.graph=fused``, the default, and its q8/q4/int8
-  forms) on the CPU: the graph rewritten by ``graph.slot_graph`` reads and writes one preallocated
+  forms) on the CPU: the graph rewritten by ``slot_graph.slot_graph`` reads and writes one preallocated
   buffer per layer, [slots, heads, context, head_dim], in place at per-row lengths. Rows enter and
   leave without anything being copied; the binding of each batch width is made once and reused.
 * ``PaddedRunner``, for every other decoder graph the export writes (``lean``, the traced

@@ -172,7 +172,7 @@ def _splintr_batch(encoding) -> Callable[[list[str]], list[np.ndarray]]:
 def fast_encoder(tokenizer: PreTrainedTokenizerFast) -> BatchEncoder | None:
     """splintr with ``tokenizer``'s vocab and merges, or None when it cannot express it (see
     ``_fast_encoding``). ``prepare`` still checks that it gives the tokenizers ids on the corpus
-    before using it; ``penwright bench prepare`` has its rate beside the tokenizers API."""
+    before using it; ``python -m benchmarks prepare`` has its rate beside the tokenizers API."""
     encoding = _fast_encoding(tokenizer.backend_tokenizer.to_str())
     return None if encoding is None else BatchEncoder(_splintr_batch(encoding))
 

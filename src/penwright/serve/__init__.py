@@ -9,27 +9,6 @@ from penwright.core.log import get_logger
 from penwright.core.schema import Config, Serve
 
 
-def wait_until_healthy(url: str, seconds: float, process=None) -> None:
-    """Poll ``url``/health until it answers 200; raise (saying why) after ``seconds`` or if ``process`` exits."""
-    import time
-
-    import httpx
-
-    from penwright.core.errors import PenwrightError
-
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if process is not None and process.poll() is not None:
-            raise PenwrightError(f"the server at {url} exited with {process.returncode} before it was healthy")
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.05)
-    raise PenwrightError(f"the server at {url} did not become healthy in {seconds:g} s")
-
-
 def settings_from(s: Serve) -> Serve:
     """``serve`` as the app reads it: the default model named as ``serve.models``' first, the API key from
     ``PENWRIGHT_API_KEY`` when the config has none."""

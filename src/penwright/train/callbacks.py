@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import csv
 import os
+import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -87,11 +88,13 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 
 class Throughput(L.Callback):
-    """``tokens_per_sec`` of the training steps alone (first in the callback list: sampling is not timed)."""
+    """``tokens_per_sec`` of the training steps alone (first in the callback list: sampling is not timed), and
+    each step's own rate: their median is the steady rate, whatever the first steps spent warming up (the
+    allocator, thread pools, ``torch.compile``'s compilation)."""
 
-    def __init__(self, skip_steps: int = 0):
+    def __init__(self):
         self.tokens, self.seconds, self._tick = 0, 0.0, None
-        self.skip_steps = skip_steps  # not timed: allocator and thread-pool warmup (benchmarks)
+        self.step_rates: list[float] = []
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         self._tick = time.perf_counter()
@@ -99,14 +102,18 @@ class Throughput(L.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         seconds = time.perf_counter() - self._tick
         tokens = batch.shape[0] * (batch.shape[1] - 1) * trainer.world_size
-        if trainer.global_step > self.skip_steps:
-            self.tokens += tokens
-            self.seconds += seconds
+        self.tokens += tokens
+        self.seconds += seconds
+        self.step_rates.append(tokens / seconds)
         pl_module.log("tokens_per_sec", tokens / seconds, on_step=True, on_epoch=False, rank_zero_only=True)
 
     @property
     def rate(self) -> float:
         return self.tokens / self.seconds if self.seconds else 0.0
+
+    @property
+    def median_step_rate(self) -> float:
+        return statistics.median(self.step_rates) if self.step_rates else 0.0
 
 
 class CurveWriter(L.Callback):

@@ -39,9 +39,8 @@ from penwright.train.model import LitGPT2, build_model, lr_lambda
 log = get_logger("train").info
 
 
-def train(cfg: schema.Config, *, untimed_steps: int = 0) -> dict:
-    """Train as configured. ``untimed_steps``: the first steps are left out of ``tokens_per_sec`` (warmup and
-    ``torch.compile``'s compilation; the GPU check and benchmarks set it)."""
+def train(cfg: schema.Config) -> dict:
+    """Train as configured; the metrics (also in ``reports/train.json``)."""
     start = time.perf_counter()
     tcfg, reports, ckpt_dir = cfg.train, Path(cfg.paths.reports), Path(cfg.train.ckpt_dir)
     prepared = Path(cfg.data.out_dir)
@@ -84,7 +83,7 @@ def train(cfg: schema.Config, *, untimed_steps: int = 0) -> dict:
 
     periodic, best = checkpoints(ckpt_dir, tcfg.ckpt_every_n_steps, tcfg.keep_all_checkpoints)
     callbacks = Callbacks(
-        throughput=Throughput(skip_steps=untimed_steps),
+        throughput=Throughput(),
         periodic=periodic,
         best=best,
         samples=SampleCallback(cfg.sample, tokenizer, data.val_tokens, reports / "samples"),
@@ -382,6 +381,7 @@ def _finish(cfg, trainer, module, tokenizer, data, final, callbacks: Callbacks, 
         "steps": steps,
         "tokens": tokens,
         "tokens_per_sec": round(step_tokens / step_seconds, 1) if step_seconds else 0.0,
+        "tokens_per_sec_median_step": round(throughput.median_step_rate, 1),  # this run's steady rate
         "wall_seconds": round(seconds, 1),
         "resumed": resumed,
         "device": str(module.device),

@@ -1,4 +1,4 @@
-"""``penwright bench generate``: measure the runtime side by side with its baselines, write reports/bench_generate.json.
+"""``python -m benchmarks generate``: measure the runtime side by side with its baselines, write benchmarks/results/bench_generate.json.
 
 generate (see ``bench_generate``): this runtime against ``transformers`` generate and against itself
 without a cache; then against llama.cpp (its own ``llama-bench`` and ``llama-batched-bench``, built by
@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from penwright.bench.common import (
+from benchmarks.common import (
     BENCH_DIR,
     ROUNDS,
     SHAPE_124M,
@@ -33,7 +33,8 @@ from penwright.bench.common import (
     write_report,
 )
 from penwright.core.errors import PenwrightError
-from penwright.export.stage import GRAPH, QUANTIZED
+from penwright.export.quantize import QUANTIZED
+from penwright.export.save import GRAPH
 
 TRACED = "model.traced.onnx"  # transformers' module traced (the export stage's export.graph=transformers)
 LEAN = "model.lean.onnx"  # penwright's graph in standard ONNX ops (export.graph=lean)
@@ -64,7 +65,7 @@ def _time_runtime(engine, prompts: list[list[int]], new_tokens: int) -> tuple[di
 def no_cache_ids(onnx_dir: Path, ids: np.ndarray, mask: np.ndarray, new_tokens: int) -> np.ndarray:
     """The baseline a KV cache is measured against: greedy decoding that re-feeds the whole left-padded sequence
     at every step (no past), on the exported graph as it is."""
-    from penwright.export.stage import graph_runner
+    from penwright.export.parity import graph_runner
     from penwright.inference.runner import position_ids_for
 
     runner = graph_runner(onnx_dir, GRAPH)
@@ -113,7 +114,9 @@ def _time_torch(model, ids, mask, new_tokens: int, eos: int) -> dict:
 def _variants(model, onnx_dir: Path) -> None:
     """The lean, traced (transformers' module, opset 17) and int8 graphs beside the exported one in ``onnx_dir``."""
     from penwright.export.graph import build_graph
-    from penwright.export.stage import export_graph, quantize, save_graph
+    from penwright.export.quantize import quantize
+    from penwright.export.save import save_graph
+    from penwright.export.trace import export_graph
 
     save_graph(build_graph(model, "lean"), onnx_dir / LEAN)
     export_graph(model, onnx_dir / TRACED, 17)
@@ -270,7 +273,7 @@ def _onnxruntime_matmuls(model, rounds: int = 7, steps: int = 200, threads: int 
             "onnxruntime_over_plain_c": round(result["ms_per_token"] / ms, 2),
             "threads": threads,
             "compiler": plain.compiler,
-            "meaning": "the same matrices through a plain C matrix-vector loop (bench/matvec.c), same threads",
+            "meaning": "the same matrices through a plain C matrix-vector loop (benchmarks/matvec.c), same threads",
         }
     else:
         result["plain_c"] = {"skipped": plain}
@@ -278,7 +281,7 @@ def _onnxruntime_matmuls(model, rounds: int = 7, steps: int = 200, threads: int 
 
 
 def _plain_matvec(mats: list[np.ndarray], threads: int):
-    """``steps -> seconds a step`` running ``mats`` (each [in, out]) through bench/matvec.c on ``threads``
+    """``steps -> seconds a step`` running ``mats`` (each [in, out]) through benchmarks/matvec.c on ``threads``
     threads, compiled here with the system's C compiler ($CC, else cc or gcc; -O3
     -march=native -fopenmp); its output is checked against numpy's first. Where it cannot be built or
     disagrees with numpy, a string that says why instead (the benchmark reports it and goes on)."""
@@ -511,7 +514,8 @@ def _llama_cpp_cases(
     from transformers import GPT2LMHeadModel
 
     from penwright.export.gguf import export_gguf
-    from penwright.export.stage import graph_logits, quantize, validation_windows
+    from penwright.export.parity import graph_logits
+    from penwright.export.quantize import quantize, validation_windows
     from penwright.inference.engine import Engine
 
     threads = os.cpu_count() or 1
@@ -675,7 +679,7 @@ def bench_generate(
         quick = _quickstart_variants(quick_onnx, Path(quick_dir), work)
         models = {"quickstart": (Path(quick_dir), quick), "gpt2-124m-shape": (big_hf, work / "gpt2-124m-random-onnx")}
         if only_llama_cpp:  # the rest of the report stays as it was
-            previous = Path(output or "reports/bench_generate.json")
+            previous = Path(output or "benchmarks/results/bench_generate.json")
             results = json.loads(previous.read_text()) if previous.is_file() else results
         for name, (hf_dir, onnx_dir) in ({} if only_llama_cpp else models).items():
             ref = GPT2LMHeadModel.from_pretrained(hf_dir).eval()
@@ -748,6 +752,9 @@ def bench_generate(
         }
         summary["top1_agreement_with_fp32"] = results["llama_cpp"].get("quickstart/top1_agreement_with_fp32")
     write_report(
-        results, output, "reports/bench_generate.json", {**summary, "memory_floor": results.get("memory_floor")}
+        results,
+        output,
+        "benchmarks/results/bench_generate.json",
+        {**summary, "memory_floor": results.get("memory_floor")},
     )
     return results

@@ -1,4 +1,4 @@
-"""``penwright bench serve``: the real server under concurrent load, continuous batching vs one at a time.
+"""``python -m benchmarks serve``: the real server under concurrent load, continuous batching vs one at a time.
 
 Two ``penwright serve`` processes run on the same exported model, side by side on loopback: one
 with ``serve.max_sequences`` slots (continuous batching) and one with a single slot (each request
@@ -7,7 +7,7 @@ served alone, in arrival order: what gpt-2-cloud-run did). At each concurrency l
 request stops early) go to one server then the other. For each: completion tokens/s over the
 level's wall time, p50/p95 latency, p50/p95 time to first token, and requests sent / answered /
 failed. Models: the quickstart (``artifacts/onnx``) and a GPT-2-124M-shaped one with random
-weights. Results: ``reports/bench_serve.json``.
+weights. Results: ``benchmarks/results/bench_serve.json``.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from penwright.bench.common import BENCH_DIR, SHAPE_124M, log, random_gpt2, require_export, save_fused, write_report
+from benchmarks.common import BENCH_DIR, SHAPE_124M, log, random_gpt2, require_export, save_fused, write_report
 from penwright.core.errors import PenwrightError
 
 PROMPTS = [
@@ -74,7 +74,7 @@ class _Server:
         self.terminated = False
 
     def wait(self) -> None:
-        from penwright.serve import wait_until_healthy
+        from benchmarks.common import wait_until_healthy
 
         try:
             wait_until_healthy(self.url, 180, self.proc)
@@ -288,7 +288,7 @@ def bench_serve(
         }
         for m, e in results["models"].items()
     }
-    write_report(results, output, "reports/bench_serve.json", summary)
+    write_report(results, output, "benchmarks/results/bench_serve.json", summary)
     return results
 
 
@@ -371,12 +371,12 @@ def bench_serve_llama(
 ) -> dict:
     """penwright serve against llama.cpp's llama-server on the same weights (penwright's GGUF export), the same
     streamed requests, the servers taking turns at each level, ``repetitions`` times; medians. Writes the
-    ``llama_server`` section of reports/bench_serve.json (the rest of the report is kept)."""
+    ``llama_server`` section of benchmarks/results/bench_serve.json (the rest of the report is kept)."""
     import torch
     from transformers import AutoTokenizer, GPT2LMHeadModel
 
     from penwright.export.gguf import export_gguf
-    from penwright.export.stage import quantize
+    from penwright.export.quantize import quantize
 
     binary = Path(llama_cpp) / "llama-server"
     if not binary.is_file():
@@ -458,7 +458,7 @@ def bench_serve_llama(
                 section["models"].setdefault(name, {})[precision] = entry
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    out = Path(output or "reports/bench_serve.json")
+    out = Path(output or "benchmarks/results/bench_serve.json")
     results = json.loads(out.read_text()) if out.is_file() else {}
     section["models"] = _kept_and_rerun(results.get("llama_server", {}).get("models", {}), section["models"])
     results["llama_server"] = section
@@ -470,5 +470,5 @@ def bench_serve_llama(
         for m, by in section["models"].items()
         for p, e in by.items()
     }
-    write_report(results, out, "reports/bench_serve.json", summary)
+    write_report(results, out, "benchmarks/results/bench_serve.json", summary)
     return section

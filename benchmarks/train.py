@@ -1,4 +1,4 @@
-"""``penwright bench train``: Lightning's training step against a plain PyTorch loop -> reports/bench_train.json.
+"""``python -m benchmarks train``: Lightning's training step against a plain PyTorch loop -> benchmarks/results/bench_train.json.
 
 The same model (one init), batches, optimizer, schedule and clipping in both: the plain loop takes
 the optimizer, the schedule and the loss from the train stage's own ``LitGPT2``, and runs them
@@ -14,7 +14,7 @@ import statistics
 import time
 from pathlib import Path
 
-from penwright.bench.common import log, write_report
+from benchmarks.common import log, write_report
 
 WARMUP = 3  # untimed steps before each timed run
 
@@ -165,7 +165,7 @@ def bench_train(
     write_report(
         results,
         output,
-        "reports/bench_train.json",
+        "benchmarks/results/bench_train.json",
         {
             k: results[k]
             for k in (
@@ -179,7 +179,7 @@ def bench_train(
     return results
 
 
-# -- full finetuning vs LoRA (penwright bench train --lora) ---------------------------------------------
+# -- full finetuning vs LoRA (python -m benchmarks train --lora) ---------------------------------------------
 
 LORA_SHAPES = {"gpt2": (12, 12, 768), "gpt2-medium": (24, 16, 1024)}  # (n_layer, n_head, n_embd)
 LORA_LR = {"full": 6e-4, "lora": 2e-3}  # each method at its usual peak lr (the lora preset's)
@@ -218,11 +218,11 @@ def lora_case(prepared: str, base: str, run: str, method: str, steps: int, block
         "sample.random_prompts=0",
         "sample.max_new_tokens=1",
     ]
-    metrics = train(compose(overrides), untimed_steps=WARMUP)
+    metrics = train(compose(overrides))
     losses = [float(r.split("\t")[1]) for r in (Path(run) / "reports/curves/train.tsv").read_text().splitlines()[1:]]
     return {
         "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
-        "tokens_per_sec": metrics["tokens_per_sec"],
+        "tokens_per_sec": metrics["tokens_per_sec_median_step"],
         "checkpoint_mb": round((Path(run) / "ckpt" / "last.ckpt").stat().st_size / 1e6, 2),
         "loss_first": losses[0],
         "loss_last": losses[-1],
@@ -242,10 +242,10 @@ def bench_lora(
     """Full finetuning vs LoRA on random bases in GPT-2's real shapes, from the same start, on the quickstart's
     prepared sample corpus: peak RSS, tokens/s, checkpoint size, loss after the same steps. Each run is the real
     train stage in its own process (its peak RSS is its own); full and LoRA alternate. Written into the
-    ``lora`` section of reports/bench_train.json (the rest of the report is kept)."""
+    ``lora`` section of benchmarks/results/bench_train.json (the rest of the report is kept)."""
     import shutil
 
-    from penwright.bench.common import BENCH_DIR, fresh_dir, random_gpt2, run_child
+    from benchmarks.common import BENCH_DIR, fresh_dir, random_gpt2, run_child
     from penwright.core.config import compose
     from penwright.core.errors import PenwrightError
 
@@ -265,7 +265,7 @@ def bench_lora(
                 log(f"{shape}: {method}, {steps} steps of {batch} x {block} tokens")
                 run = work / f"{shape}-{method}"
                 row[method] = run_child(
-                    "penwright.bench.train",
+                    "benchmarks.train",
                     "lora_case",
                     str(prepared),
                     str(base),
@@ -287,15 +287,17 @@ def bench_lora(
         shutil.rmtree(work, ignore_errors=True)
     section = {
         "shapes": {k: dict(zip(("n_layer", "n_head", "n_embd"), shapes[k])) for k in results},
-        "batch": {"batch_size": batch, "block_size": block, "steps": steps, "untimed_steps": WARMUP},
+        "batch": {"batch_size": batch, "block_size": block, "steps": steps, "timed": "the median step"},
         "corpus": str(prepared),
         "measured": "one run each, full then LoRA, each the train stage in a fresh process; random weights in "
         "the real shapes (vocabulary 50257), the same base for both; rank 8 on c_attn, attn.c_proj, c_fc, "
-        "mlp.c_proj; peak RSS of the process (ru_maxrss); tokens/s after the untimed steps",
+        "mlp.c_proj; peak RSS of the process (ru_maxrss); tokens/s of the median step",
         **results,
     }
-    path = Path(output or "reports/bench_train.json")
+    path = Path(output or "benchmarks/results/bench_train.json")
     report = json.loads(path.read_text()) if path.is_file() else {}
     report["lora"] = section
-    write_report(report, path, "reports/bench_train.json", {k: v["lora_over_full"] for k, v in results.items()})
+    write_report(
+        report, path, "benchmarks/results/bench_train.json", {k: v["lora_over_full"] for k, v in results.items()}
+    )
     return section

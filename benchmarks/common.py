@@ -1,5 +1,5 @@
 """What the benchmarks share: scratch folders, fresh child processes, interleaved timing, the random
-GPT-2-124M-shaped model, and writing a report."""
+GPT-2-124M-shaped model (the GPT-2 check's), waiting for a server, and writing a report."""
 
 from __future__ import annotations
 
@@ -13,10 +13,11 @@ from pathlib import Path
 from penwright.core.atomic import atomic_write_text
 from penwright.core.errors import PenwrightError
 from penwright.core.log import get_logger
+from penwright.export.save import save_fused  # noqa: F401 (the benchmarks' folders are written as the export writes them)
+from penwright.gpu_check import SHAPE_124M, random_gpt2  # noqa: F401 (the GPU check's random GPT-2, shared)
 
 BENCH_DIR = Path("artifacts") / "bench"  # scratch space (each benchmark removes what it made)
 ROUNDS = 5  # interleaved rounds of the timed engines: the run with the median tokens/s counts
-SHAPE_124M = (12, 12, 768)  # (n_layer, n_head, n_embd) of GPT-2 124M
 
 
 log = get_logger("bench").info
@@ -79,34 +80,27 @@ def interleaved(engines: dict, rounds: int = ROUNDS, per_round: dict | None = No
     return {k: sorted(v, key=lambda r: r[0]["tokens_per_sec"])[len(v) // 2] for k, v in runs.items()}
 
 
-def random_gpt2(shape: tuple[int, int, int] = SHAPE_124M, seed: int = 0, vocab: int = 50257, context: int = 1024):
-    """GPT-2 with random weights (seeded): ``shape`` = (n_layer, n_head, n_embd), by default GPT-2's vocabulary
-    (50257) and context (1024). The default shape is GPT-2 124M's."""
-    import torch
-    from transformers import GPT2Config, GPT2LMHeadModel
+def wait_until_healthy(url: str, seconds: float, process=None) -> None:
+    """Poll ``url``/health until it answers 200; raise (saying why) after ``seconds`` or if ``process`` exits."""
+    import time
 
-    n_layer, n_head, n_embd = shape
-    torch.manual_seed(seed)
-    return GPT2LMHeadModel(
-        GPT2Config(n_layer=n_layer, n_head=n_head, n_embd=n_embd, vocab_size=vocab, n_positions=context)
-    ).eval()
+    import httpx
 
-
-def save_fused(model, tokenizer, out_dir: Path) -> Path:
-    """``model`` as the export stage writes it by default (penwright's fused graph), with its tokenizer and
-    config beside it: a folder ``Engine.load`` and ``penwright serve`` read."""
-    from penwright.export.graph import build_graph
-    from penwright.export.stage import GRAPH, save_graph
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    save_graph(build_graph(model, "fused"), out_dir / GRAPH)
-    tokenizer.save_pretrained(out_dir)
-    model.config.save_pretrained(out_dir)
-    return out_dir
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise PenwrightError(f"the server at {url} exited with {process.returncode} before it was healthy")
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.05)
+    raise PenwrightError(f"the server at {url} did not become healthy in {seconds:g} s")
 
 
 def write_report(results: dict, output: str | Path | None, default: str, summary) -> Path:
-    """``results`` as JSON at ``output`` (else ``default``, e.g. reports/bench_train.json); ``summary`` on stdout."""
+    """``results`` as JSON at ``output`` (else ``default``, e.g. benchmarks/results/bench_train.json); ``summary`` on stdout."""
     out = atomic_write_text(output or default, json.dumps(results, indent=2) + "\n")
     print(json.dumps(summary, indent=2))
     log(f"wrote {out}")

@@ -65,6 +65,22 @@ PEAKS = [
 log = get_logger("check").info
 
 
+SHAPE_124M = SHAPES["gpt2"]
+
+
+def random_gpt2(shape: tuple[int, int, int] = SHAPE_124M, seed: int = 0, vocab: int = 50257, context: int = 1024):
+    """GPT-2 with random weights (seeded): ``shape`` = (n_layer, n_head, n_embd), by default GPT-2's vocabulary
+    (50257) and context (1024). The default shape is GPT-2 124M's."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    n_layer, n_head, n_embd = shape
+    torch.manual_seed(seed)
+    return GPT2LMHeadModel(
+        GPT2Config(n_layer=n_layer, n_head=n_head, n_embd=n_embd, vocab_size=vocab, n_positions=context)
+    ).eval()
+
+
 def synthetic_prepared(root: Path, vocab: int, tokens: int, seed: int = 0) -> Path:
     """A prepared corpus as ``prepare`` writes it: 256 random 32-token phrases in random order (learnable),
     a word-level tokenizer of ``vocab`` entries (t0 t1 ...; the last is <|endoftext|>), meta.json."""
@@ -117,16 +133,12 @@ class Check:
 
     def base(self, shape: str) -> Path:
         """A "pretrained" GPT-2 of the shape (random weights), saved once with save_pretrained: a LoRA run's base."""
-        from penwright.bench.common import random_gpt2
-
         folder = self.work / f"base-{shape}"
         if not folder.is_dir():
             random_gpt2(self.shapes[shape], vocab=self.vocab, context=self.block).save_pretrained(folder)
         return folder
 
-    def train(
-        self, name: str, shape: str, *overrides: str, steps: int, untimed: int = 0, batch: int = 8, lora: bool = False
-    ) -> dict:
+    def train(self, name: str, shape: str, *overrides: str, steps: int, batch: int = 8, lora: bool = False) -> dict:
         """One run of the real train stage; what it measured, or the error that stopped it."""
         import torch
 
@@ -177,7 +189,7 @@ class Check:
             torch.cuda.reset_peak_memory_stats()
         start = time.perf_counter()
         try:
-            metrics = train(compose([*base, *overrides], config_dir=self.conf), untimed_steps=untimed)
+            metrics = train(compose([*base, *overrides], config_dir=self.conf))
         except Exception as err:  # an out-of-memory or a GPU-only strategy is a finding, not the end of the check
             log(f"{name}: {type(err).__name__}: {str(err).splitlines()[0][:200]}")
             return {
@@ -194,7 +206,7 @@ class Check:
             "steps": metrics["steps"],
             "micro_batch": metrics["micro_batch"],
             "accumulate_grad_batches": metrics["accumulate_grad_batches"],
-            "tokens_per_sec": metrics["tokens_per_sec"],
+            "tokens_per_sec": metrics["tokens_per_sec_median_step"],  # the median step: warmup and compiling left out
             "params_m": round(params / 1e6, 1),
             "loss_first": losses[0] if losses else None,
             "loss_last": losses[-1] if losses else None,
@@ -208,7 +220,7 @@ class Check:
             result["peak_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
             peak = self.peak_flops()
             if peak:
-                result["mfu"] = round(flops_per_token * metrics["tokens_per_sec"] / peak, 3)
+                result["mfu"] = round(flops_per_token * metrics["tokens_per_sec_median_step"] / peak, 3)
         shutil.rmtree(run, ignore_errors=True)
         return result
 
@@ -225,23 +237,17 @@ class Check:
 
     def run(self) -> dict:
         dry = self.dry
-        steps, untimed = (6, 2) if dry else (40, 10)
+        steps = 6 if dry else 40
         self.cases["device"] = self.device()
         gpu_only = "GPU only (the dry run is on the CPU)"
         c = self.cases
-        c["gpt2/bf16"] = self.train(
-            "gpt2-bf16", "gpt2", "trainer=gpu", steps=steps, untimed=untimed, batch=4 if dry else 16
-        )
+        c["gpt2/bf16"] = self.train("gpt2-bf16", "gpt2", "trainer=gpu", steps=steps, batch=4 if dry else 16)
         c["gpt2/bf16+compile"] = (
             self.skip(gpu_only + "; inductor takes minutes on 2 cores")
             if dry
-            else self.train(
-                "gpt2-bf16-compile", "gpt2", "trainer=gpu", "train.compile=true", steps=steps, untimed=untimed, batch=16
-            )
+            else self.train("gpt2-bf16-compile", "gpt2", "trainer=gpu", "train.compile=true", steps=steps, batch=16)
         )
-        c["gpt2/fp16"] = self.train(
-            "gpt2-fp16", "gpt2", "trainer=gpu_fp16", steps=steps, untimed=untimed, batch=4 if dry else 16
-        )
+        c["gpt2/fp16"] = self.train("gpt2-fp16", "gpt2", "trainer=gpu_fp16", steps=steps, batch=4 if dry else 16)
         if dry:
             c["gpt2/fp16"]["note"] = "on the CPU Lightning runs 16-mixed as bf16-mixed: the fp16 path is GPU-only"
         for shape in ("gpt2-medium", "gpt2-large"):
@@ -281,7 +287,7 @@ class Check:
         c["gpt2/fsdp-1gpu"] = (
             self.skip(gpu_only + ": Lightning's FSDP needs a CUDA accelerator")
             if dry
-            else self.train("gpt2-fsdp", "gpt2", "trainer=fsdp", steps=10, untimed=3, batch=8)
+            else self.train("gpt2-fsdp", "gpt2", "trainer=fsdp", steps=10, batch=8)
         )
         c["generate"] = self.generate()
         c["engine"] = self.engine()
@@ -296,8 +302,8 @@ class Check:
         import onnxruntime as ort
         from transformers import AutoTokenizer
 
-        from penwright.bench.common import random_gpt2, save_fused
-        from penwright.export.stage import half, save_graph
+        from penwright.export.fp16 import half
+        from penwright.export.save import save_fused, save_graph
         from penwright.inference.engine import Engine
 
         provider = "cpu" if self.dry else "cuda"

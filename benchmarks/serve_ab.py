@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """The server's speed at two commits, side by side: does a change cost one-at-a-time requests anything?
 
-    python scripts/serve_ab.py BASE_REV [--model artifacts/onnx] [--requests 40] [--rounds 7] [--output F]
+    python -m benchmarks.serve_ab BASE_REV [--model artifacts/onnx] [--requests 40] [--rounds 7] [--output F]
 
 Each commit's ``src/`` is checked out (``git worktree``) and runs its own ``penwright serve`` on the same
 exported model; both servers stay up and take turns, round by round (which goes first alternates too). A
@@ -21,7 +21,8 @@ import time
 from pathlib import Path
 
 import httpx
-from ab import REPO, base_tree, order, report, summary
+
+from benchmarks.ab import REPO, base_tree, order, report, summary
 
 
 def free_port() -> int:

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Decode speed of the engine at two commits, side by side: is a change free for requests that do not use it?
 
-    python scripts/engine_ab.py BASE_REV [--model artifacts/onnx] [--batches 1,8,32] [--rounds 7] [--sample] [--output F]
+    python -m benchmarks.engine_ab BASE_REV [--model artifacts/onnx] [--batches 1,8,32] [--rounds 7] [--sample] [--output F]
 
 Each commit's ``src/`` is checked out (``git worktree``) and imported in a fresh process per measurement;
 the two alternate, round by round (which goes first alternates too). A measurement: ``batch`` plain requests
@@ -18,7 +18,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from ab import REPO, base_tree, order, report, summary
+from benchmarks.ab import REPO, base_tree, order, report, summary
 
 CHILD = r"""
 import json, sys, time

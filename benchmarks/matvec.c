@@ -1,5 +1,5 @@
 /* A plain fp32 matrix-vector chain, the measuring stick for onnxruntime's MatMuls at batch 1
-   (`penwright bench generate`: `plain_c` inside `onnxruntime_matmuls_alone`).
+   (`python -m benchmarks generate`: `plain_c` inside `onnxruntime_matmuls_alone`).
 
    chain(): from the vector `in`, for each matrix j in turn, y = W_j x, then x = the first K_{j+1} values
    of y (every step starts again from `in`, so no value shrinks towards denormals); the last y ends in

@@ -1,4 +1,4 @@
-"""``penwright bench prepare``: the prepare stage's throughput and peak RSS -> reports/bench_prepare.json.
+"""``python -m benchmarks prepare``: the prepare stage's throughput and peak RSS -> benchmarks/results/bench_prepare.json.
 
 Each measured run happens in a fresh subprocess, so its peak RSS (``ru_maxrss``) is its own:
 
@@ -24,7 +24,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from penwright.bench.common import BENCH_DIR, fresh_dir, log, run_child, write_report
+from benchmarks.common import BENCH_DIR, fresh_dir, log, run_child, write_report
 from penwright.core.errors import PenwrightError
 
 HERE = __name__  # the module the child processes import their function from
@@ -203,5 +203,5 @@ def bench_prepare(
         }
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    write_report(results, output, "reports/bench_prepare.json", results["summary"])
+    write_report(results, output, "benchmarks/results/bench_prepare.json", results["summary"])
     return results
