@@ -177,7 +177,7 @@ class RunningServer:
         self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning"))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
-        from penwright.serve import wait_until_healthy
+        from benchmarks.common import wait_until_healthy
 
         wait_until_healthy(self.url, 60)
 

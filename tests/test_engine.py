@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from penwright.core.errors import ConfigError, PenwrightError
+from penwright.core.errors import InvalidValue, PenwrightError
 from penwright.inference.engine import Engine, Request
-from penwright.inference.sampling import SamplingConfig
+from penwright.inference.sampling import GREEDY, SamplingConfig
 
 PROMPTS = ["The quick brown fox", "In the beginning", "", "Numbers like 12,345 and 2026 appear too, with"]
 
@@ -187,9 +187,9 @@ def test_streamed_pieces_add_up_to_the_text(engine):
 
 
 def test_the_context_and_bad_values_are_refused_before_queueing(engine):
-    with pytest.raises(ConfigError, match="exceeds the context of 64"):
+    with pytest.raises(InvalidValue, match="exceeds the context of 64"):
         engine.submit(greedy(engine, "The quick brown fox", 64))
-    with pytest.raises(ConfigError, match="max_tokens=0"):
+    with pytest.raises(InvalidValue, match="max_tokens=0"):
         engine.submit(greedy(engine, "The", 0))
     assert engine.waiting.empty()
 
@@ -249,10 +249,10 @@ def test_every_graph_gives_the_same_text_for_the_same_seed(every_graph, tiny_gpt
         refs.append(out[0, ids.shape[1] :].tolist())
     for name, e in engines.items():  # greedy: transformers' tokens on every graph
         assert (
-            e.generate_ids([e.encode(p) for p in PROMPTS], 16, do_sample=False, stop_at_eos=False).tolist() == refs
+            e.generate_ids([e.encode(p) for p in PROMPTS], 16, stop_at_eos=False, sampling=GREEDY).tolist() == refs
         ), name
     sampled = {
-        name: e.generate(PROMPTS, 24, seed=7, temperature=0.9, top_k=40, min_new_tokens=24)
+        name: e.generate(PROMPTS, 24, seed=7, min_new_tokens=24, sampling=SamplingConfig(temperature=0.9, top_k=40))
         for name, e in engines.items()
     }
     assert len(set(map(tuple, sampled.values()))) == 1, sampled  # the same seed: the same text on every fp32 graph
@@ -271,11 +271,11 @@ def test_the_generate_stage_runs_every_graph_on_the_engine(every_graph, repo):
     for graph in ("model.lean.onnx", "model.traced.onnx"):
         other = loaded(f"generate.graph={graph}")
         assert isinstance(other, Engine) and other.runner.padded
-        assert other.generate(["The"], 8, do_sample=False) == fused.generate(["The"], 8, do_sample=False)
+        assert other.generate(["The"], 8, sampling=GREEDY) == fused.generate(["The"], 8, sampling=GREEDY)
 
 
 def test_a_bad_seed_is_refused_at_submit(engine):
-    with pytest.raises(ConfigError, match="seed=-1"):
+    with pytest.raises(InvalidValue, match="seed=-1"):
         engine.submit(greedy(engine, "The", 3, seed=-1))
     assert engine.waiting.empty()
 

@@ -13,6 +13,7 @@ from transformers import AutoTokenizer, GPT2LMHeadModel
 from penwright.core.errors import PenwrightError
 from penwright.inference.engine import Engine
 from penwright.inference.runner import position_ids_for
+from penwright.inference.sampling import GREEDY
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -132,7 +133,7 @@ def test_greedy_tokens_equal_transformers_generate(graph_dir, ref, prompts, padd
             eos_token_id=None,
             pad_token_id=engine.eos,
         )[:, ids.shape[1] :].numpy()
-    ours = engine.generate_ids([engine.encode(p) for p in prompts], 20, do_sample=False, stop_at_eos=False)
+    ours = engine.generate_ids([engine.encode(p) for p in prompts], 20, stop_at_eos=False, sampling=GREEDY)
     assert np.array_equal(ours, expected)
     if not padded and len(prompts) > 1:  # the benchmark's re-feeding baseline computes the same thing
         assert np.array_equal(no_cache_ids(graph_dir, ids, mask, 20), expected)
@@ -160,7 +161,7 @@ def test_an_fp16_export_runs_on_the_engine_with_an_fp16_cache(tmp_path, tiny_gpt
     engine = Engine.load(out, slots=len(PROMPTS))
     assert isinstance(engine.runner, PaddedRunner) and engine.runner.dtype == np.float16
     ids = [engine.encode(p) for p in PROMPTS]
-    ours = engine.generate_ids(ids, 12, do_sample=False, stop_at_eos=False)
+    ours = engine.generate_ids(ids, 12, stop_at_eos=False, sampling=GREEDY)
     for row, prompt in zip(ours, ids):  # one prompt at a time: transformers' own greedy tokens, fp32
         with torch.no_grad():
             expected = ref.generate(

@@ -16,10 +16,11 @@ import numpy as np
 import pytest
 import torch
 
-from penwright.core.errors import ConfigError, PenwrightError
+from penwright.core.errors import ConfigError, InvalidValue, PenwrightError, config_keys
 from penwright.generate.stage import Sample, generate, generate_samples, render
 from penwright.inference.engine import Engine
 from penwright.inference.sampling import (
+    GREEDY,
     SamplingConfig,
     apply_repetition_penalty,
     filter_top_k,
@@ -305,18 +306,20 @@ def test_a_filtered_token_is_never_drawn_even_for_u_near_one():
 
 def test_the_same_seed_gives_the_same_text_and_another_seed_does_not(gen):
     prompts = ["It is", "The quick brown fox"]
-    a = gen.generate(prompts, max_new_tokens=30, seed=7, top_k=40, temperature=0.9)
-    assert a == gen.generate(prompts, max_new_tokens=30, seed=7, top_k=40, temperature=0.9)
-    b = gen.generate(prompts, max_new_tokens=30, seed=8, top_k=40, temperature=0.9)
+    a = gen.generate(prompts, max_new_tokens=30, seed=7, sampling=SamplingConfig(top_k=40, temperature=0.9))
+    assert a == gen.generate(prompts, max_new_tokens=30, seed=7, sampling=SamplingConfig(top_k=40, temperature=0.9))
+    b = gen.generate(prompts, max_new_tokens=30, seed=8, sampling=SamplingConfig(top_k=40, temperature=0.9))
     assert a[0] != b[0] and a[1] != b[1]
     assert gen.generate(prompts, max_new_tokens=30, seed=None) != gen.generate(prompts, max_new_tokens=30, seed=None)
 
 
 def test_greedy_ignores_the_seed(gen):
     prompts = ["It is", "The quick brown fox"]
-    one = gen.generate(prompts, max_new_tokens=20, seed=1, do_sample=False)
-    assert one == gen.generate(prompts, max_new_tokens=20, seed=2, do_sample=False)
-    assert one == gen.generate(prompts, max_new_tokens=20, seed=None, do_sample=False, temperature=3.0, top_k=2)
+    one = gen.generate(prompts, max_new_tokens=20, seed=1, sampling=GREEDY)
+    assert one == gen.generate(prompts, max_new_tokens=20, seed=2, sampling=GREEDY)
+    assert one == gen.generate(
+        prompts, max_new_tokens=20, seed=None, sampling=SamplingConfig(do_sample=False, temperature=3.0, top_k=2)
+    )
     assert one != gen.generate(prompts, max_new_tokens=20, seed=1)  # sampling does differ
 
 
@@ -334,9 +337,11 @@ def test_repetition_penalty_in_the_loop_matches_transformers_generate(gen, ref):
             pad_token_id=gen.eos,
             repetition_penalty=1.6,
         )[:, ids.shape[1] :].numpy()
-    ours = gen.generate_ids(ids.tolist(), 16, do_sample=False, repetition_penalty=1.6, stop_at_eos=False)
+    ours = gen.generate_ids(
+        ids.tolist(), 16, stop_at_eos=False, sampling=SamplingConfig(do_sample=False, repetition_penalty=1.6)
+    )
     assert np.array_equal(ours, expected)
-    plain = gen.generate_ids(ids.tolist(), 16, do_sample=False, stop_at_eos=False)
+    plain = gen.generate_ids(ids.tolist(), 16, stop_at_eos=False, sampling=GREEDY)
     assert not np.array_equal(ours, plain)  # the penalty changed something
 
 
@@ -351,7 +356,7 @@ def test_repetition_penalty_ignores_padding(onnx_tiny, monkeypatch, padded):
         logits[..., 5], logits[..., gen.eos] = 1.0, 1.2
 
     patch_logits(monkeypatch, gen, fixed)
-    kw = dict(do_sample=False, repetition_penalty=1.6)
+    kw = dict(sampling=SamplingConfig(do_sample=False, repetition_penalty=1.6))
     alone = gen.generate_ids(encode(gen, ["It is"]), 3, **kw)
     assert alone.tolist() == [[gen.eos]]  # "It is" has no EOS: nothing penalises it
     ids, mask = left_padded_batch(gen, ["It is", "The quick brown fox"])
@@ -382,7 +387,7 @@ def test_min_new_tokens_forbids_eos_before_n(gen, monkeypatch):
     assert not (out[:, :n] == gen.eos).any()
     assert (out == gen.eos).any(axis=1).all()  # EOS comes right after the floor
     # greedy too, and with a repetition penalty (which must not resurrect a forbidden EOS)
-    out = gen.generate_ids(ids, 20, do_sample=False, min_new_tokens=n, repetition_penalty=1.3)
+    out = gen.generate_ids(ids, 20, min_new_tokens=n, sampling=SamplingConfig(do_sample=False, repetition_penalty=1.3))
     assert out.shape[1] >= n and not (out[:, :n] == gen.eos).any()
 
 
@@ -672,34 +677,34 @@ def test_streamed_text_equals_the_sample_with_a_stop_string(gen, monkeypatch, ca
         (dict(repetition_penalty=0.0), "repetition_penalty=0.0"),
     ],
 )
-def test_bad_sampling_values_name_the_value(gen, sampling, key):
-    with pytest.raises(ConfigError, match=key):
+def test_bad_sampling_values_name_the_value(sampling, key):
+    """The library names the value it was given; inside ``config_keys`` (what the stages run it in) the error
+    names the config key."""
+    with pytest.raises(InvalidValue, match=key):
         SamplingConfig(**sampling)
-    with pytest.raises(ConfigError, match=key):
-        gen.generate(["It is"], max_new_tokens=4, seed=0, **sampling)
-    with pytest.raises(ConfigError, match=key):
-        generate_samples(gen, ["It is"], max_new_tokens=4, seed=0, progress=False, **sampling)
+    with pytest.raises(ConfigError, match=f"generate.{key}"), config_keys("generate"):
+        SamplingConfig(**sampling)
 
 
 def test_temperature_zero_is_fine_for_greedy(gen):
-    assert gen.generate(["It is"], max_new_tokens=4, do_sample=False, temperature=0.0) == gen.generate(
-        ["It is"], max_new_tokens=4, do_sample=False
-    )
+    assert gen.generate(
+        ["It is"], max_new_tokens=4, sampling=SamplingConfig(do_sample=False, temperature=0.0)
+    ) == gen.generate(["It is"], max_new_tokens=4, sampling=GREEDY)
 
 
-def test_bad_counts_and_lengths_name_the_key(gen):
-    with pytest.raises(ConfigError, match="generate.prompts"):
+def test_bad_counts_and_lengths_name_the_value(gen):
+    with pytest.raises(InvalidValue, match="prompts"):
         generate_samples(gen, [], progress=False)
-    with pytest.raises(ConfigError, match="prompt"):
+    with pytest.raises(InvalidValue, match="prompt"):
         gen.generate([], max_new_tokens=4)
-    with pytest.raises(ConfigError, match="generate.nsamples"):
+    with pytest.raises(InvalidValue, match="nsamples=0"):
         generate_samples(gen, ["It is"], nsamples=0, progress=False)
-    with pytest.raises(ConfigError, match="generate.batch_size"):
+    with pytest.raises(InvalidValue, match="batch_size=0"):
         generate_samples(gen, ["It is"], batch_size=0, progress=False)
     for n in (0, -3):
-        with pytest.raises(ConfigError, match=f"max_tokens={n}"):
+        with pytest.raises(InvalidValue, match=f"max_tokens={n}"):
             gen.generate(["It is"], max_new_tokens=n)
-        with pytest.raises(ConfigError, match=f"generate.max_new_tokens={n}"):
+        with pytest.raises(InvalidValue, match=f"^max_new_tokens={n}"):
             generate_samples(gen, ["It is"], max_new_tokens=n, progress=False)
 
 
@@ -710,13 +715,13 @@ def test_prompt_plus_max_new_tokens_beyond_the_context(gen):
     with pytest.raises(PenwrightError, match="context of 64 tokens") as err:
         gen.generate(["It is"], max_new_tokens=room + 1)
     assert "max_tokens" in str(err.value)
-    with pytest.raises(ConfigError, match="context of 64 tokens") as err:  # the stage names its key
-        generate_samples(gen, ["It is"], max_new_tokens=room + 1, progress=False)
-    assert "generate.max_new_tokens" in str(err.value)
+    with pytest.raises(ConfigError, match="context of 64 tokens") as err, config_keys("generate"):
+        generate_samples(gen, ["It is"], max_new_tokens=room + 1, progress=False)  # (as the stage runs it)
+    assert str(err.value).startswith(f"generate.max_new_tokens={room + 1}:")
     long = " ".join(["the quick brown fox"] * 30)
     with pytest.raises(PenwrightError, match="context"):
         gen.generate([long], max_new_tokens=1)
-    out = gen.generate_ids([ids], room, do_sample=False, stop_at_eos=False)  # the limit itself
+    out = gen.generate_ids([ids], room, stop_at_eos=False, sampling=GREEDY)  # the limit itself
     assert out.shape == (1, room)
 
 
@@ -757,7 +762,7 @@ def test_an_empty_prompt_is_an_unconditional_sample(gen, ref):
             eos_token_id=None,
             pad_token_id=gen.eos,
         )[:, 1:].numpy()
-    assert np.array_equal(gen.generate_ids(ids, 12, do_sample=False, stop_at_eos=False), expected)
+    assert np.array_equal(gen.generate_ids(ids, 12, stop_at_eos=False, sampling=GREEDY), expected)
     samples = generate_samples(
         gen, ["", "It is"], nsamples=2, max_new_tokens=6, seed=0, progress=False, min_new_tokens=1
     )

@@ -15,6 +15,7 @@ from transformers import GPT2LMHeadModel
 from helpers.train_outputs import curve, weights
 from helpers.wandb_runs import wandb_record
 from penwright.core.errors import ConfigError, PenwrightError
+from penwright.inference.sampling import GREEDY
 from penwright.train.stage import train
 
 LORA = ["train.lora.enabled=true", "train.lora.rank=4", "train.lora.alpha=8", "train.lr=5e-3"]
@@ -152,7 +153,7 @@ def test_lora_export_passes_parity_and_greedy_tokens_in_onnx_and_llama_cpp_equal
         ref = unmerged.generate(
             input_ids=torch.tensor(ids), max_new_tokens=12, do_sample=False, eos_token_id=None, pad_token_id=0
         )[0, ids.shape[1] :].tolist()
-    ours = gen.generate_ids(ids.tolist(), 12, do_sample=False, stop_at_eos=False)[0].tolist()
+    ours = gen.generate_ids(ids.tolist(), 12, stop_at_eos=False, sampling=GREEDY)[0].tolist()
     assert ours == ref
     # the merged model's GGUF in llama.cpp: its tokens and greedy continuation too
     from test_gguf import llama, llama_greedy

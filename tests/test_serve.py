@@ -22,6 +22,7 @@ from test_serve_scoring import BAD as SCORING_BAD
 
 from helpers.net import free_port
 from helpers.paths import REPO
+from penwright.inference.sampling import GREEDY
 
 PROMPT = "The quick brown fox"
 
@@ -52,7 +53,7 @@ def test_openai_client_greedy_equals_the_engine_on_the_graph_as_exported(client,
     choice = out.choices[0]
     assert out.object == "text_completion" and out.model == "penwright" and out.id.startswith("cmpl-")
     assert choice.index == 0 and choice.finish_reason in ("stop", "length")
-    expected = Engine.load(onnx_tiny, slots=1, padded=True).generate([PROMPT], 12, do_sample=False)[0]
+    expected = Engine.load(onnx_tiny, slots=1, padded=True).generate([PROMPT], 12, sampling=GREEDY)[0]
     assert choice.text == expected
     prompt_tokens = len(server.engine.encode(PROMPT))
     assert out.usage.prompt_tokens == prompt_tokens

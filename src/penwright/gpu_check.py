@@ -305,6 +305,7 @@ class Check:
         from penwright.export.fp16 import half
         from penwright.export.save import save_fused, save_graph
         from penwright.inference.engine import Engine
+        from penwright.inference.sampling import GREEDY
 
         provider = "cpu" if self.dry else "cuda"
         if provider == "cuda" and "CUDAExecutionProvider" not in ort.get_available_providers():
@@ -316,16 +317,16 @@ class Check:
             if engine.provider != provider:
                 return {"ok": False, "error": "onnxruntime fell back to the CPU: CUDA or cuDNN libraries missing"}
             prompt = [[5, 6, 7, 8]]
-            ours = engine.generate_ids(prompt, 16, do_sample=False, stop_at_eos=False)
-            cpu = Engine.load(folder, slots=1).generate_ids(prompt, 16, do_sample=False, stop_at_eos=False)
+            ours = engine.generate_ids(prompt, 16, stop_at_eos=False, sampling=GREEDY)
+            cpu = Engine.load(folder, slots=1).generate_ids(prompt, 16, stop_at_eos=False, sampling=GREEDY)
             same = bool((ours == cpu).all())
             out = {"ok": same, "provider": engine.provider, "same_tokens_as_cpu": same}
             new = 16 if self.dry else 128
 
             def rate(e: Engine, batch: int) -> float:
-                e.generate_ids(prompt * batch, 4, do_sample=False, stop_at_eos=False)  # warmup
+                e.generate_ids(prompt * batch, 4, stop_at_eos=False, sampling=GREEDY)  # warmup
                 start = time.perf_counter()
-                e.generate_ids(prompt * batch, new, do_sample=False, stop_at_eos=False)
+                e.generate_ids(prompt * batch, new, stop_at_eos=False, sampling=GREEDY)
                 return round(batch * new / (time.perf_counter() - start), 1)
 
             for batch in (1, 16):
@@ -335,7 +336,7 @@ class Check:
             shutil.copytree(folder, half_dir, ignore=shutil.ignore_patterns("model.onnx*"), dirs_exist_ok=True)
             save_graph(half(onnx.load(str(folder / "model.onnx")), self.work), half_dir / "model.onnx")
             fp16 = Engine.load(half_dir, slots=16, provider=provider)
-            tokens = fp16.generate_ids(prompt, 16, do_sample=False, stop_at_eos=False)
+            tokens = fp16.generate_ids(prompt, 16, stop_at_eos=False, sampling=GREEDY)
             out["fp16"] = {"same_tokens_as_cpu_fp32": round(float((tokens == cpu).mean()), 3)}
             out["fp16"] |= {f"batch{b}_tokens_per_sec": rate(fp16, b) for b in (1, 16)}
             return out

@@ -18,6 +18,7 @@ from penwright.prepare.tokenizer import left_padded
 def parity(model: GPT2LMHeadModel, tokenizer, onnx_dir: Path, prompts: list[str], new_tokens: int) -> dict:
     """ONNX vs PyTorch: logits on real positions (past 0 and > 0), greedy tokens vs transformers generate."""
     from penwright.inference.engine import Engine
+    from penwright.inference.sampling import GREEDY
 
     runner = graph_runner(onnx_dir, GRAPH)
     tokenizer = left_padded(tokenizer)
@@ -54,7 +55,7 @@ def parity(model: GPT2LMHeadModel, tokenizer, onnx_dir: Path, prompts: list[str]
         )[:, ids.shape[1] :].numpy()
     engine = Engine.load(onnx_dir, slots=len(prompts))  # the engine generate and serve run: prompts unpadded
     prompt_ids = [row[m == 1].tolist() for row, m in zip(ids, mask)]
-    ours = engine.generate_ids(prompt_ids, new_tokens, do_sample=False, stop_at_eos=False)
+    ours = engine.generate_ids(prompt_ids, new_tokens, stop_at_eos=False, sampling=GREEDY)
     return {
         "max_abs_diff_logits_empty_past": diff_empty,
         "max_abs_diff_logits_with_past": diff_past,

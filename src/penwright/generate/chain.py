@@ -17,10 +17,11 @@ from pathlib import Path
 from tqdm import tqdm
 
 from penwright.core.atomic import atomic_write_text
-from penwright.core.errors import ConfigError
+from penwright.core.errors import ConfigError, config_keys
 from penwright.core.log import get_logger
 from penwright.core.schema import Config
 from penwright.inference.engine import Engine
+from penwright.inference.sampling import SamplingConfig
 from penwright.inference.text import finish_text
 from penwright.prepare.tokenizer import BOS_TEXT, EOS
 
@@ -44,8 +45,9 @@ def _texts(
     seed: int | None,
     stops: list[str],
     bar,
+    sampling: SamplingConfig,
+    min_new_tokens: int,
     retries: int = 3,
-    **sampling,
 ) -> list[str]:
     """One finished text per prefix; a row that came out empty is sampled again (new seed), ``retries`` times."""
     texts = [""] * len(prefixes)
@@ -58,7 +60,8 @@ def _texts(
                 max_new_tokens,
                 seed=step_seed,
                 stop_strings=stops,
-                **sampling,
+                sampling=sampling,
+                min_new_tokens=min_new_tokens,
             )
             for i, text in zip(rows, out):
                 texts[i] = finish_text("", text, EOS, include_prefix=False, strip=True)
@@ -72,12 +75,14 @@ def make_pairs(
     prompt_gen: Engine,
     response_gen: Engine,
     n: int,
+    *,
+    sampling: SamplingConfig,
     batch_size: int = 4,
     prompt_tokens: int = 40,
     response_tokens: int = 160,
+    min_new_tokens: int = 0,
     seed: int | None = 4,
     progress: bool = True,
-    **sampling,
 ) -> list[dict]:
     """``n`` prompts from ``prompt_gen``, each answered by ``response_gen``: ``[{"prompt", "response"}]``.
 
@@ -93,7 +98,8 @@ def make_pairs(
         seed,
         [BOS_TEXT, RESPONSE, WP],
         bar,
-        **sampling,
+        sampling,
+        min_new_tokens,
     )
     prompts = [p for p in prompts if p]
     responses = _texts(
@@ -104,7 +110,8 @@ def make_pairs(
         None if seed is None else seed + 1,
         [BOS_TEXT, WP, RESPONSE],
         bar,
-        **sampling,
+        sampling,
+        min_new_tokens,
     )
     bar.close()
     pairs = [{"prompt": p, "response": r} for p, r in zip(prompts, responses) if r]
@@ -132,19 +139,19 @@ def chain(cfg: Config) -> list[dict]:
     threads = c.threads
     prompt_gen = Engine.load(c.prompts_model, slots=c.batch_size, threads=threads)
     response_gen = Engine.load(c.responses_model, slots=c.batch_size, threads=threads)
-    pairs = make_pairs(
-        prompt_gen,
-        response_gen,
-        c.n,
-        c.batch_size,
-        c.prompt_tokens,
-        c.response_tokens,
-        c.seed,
-        do_sample=True,
-        temperature=c.temperature,
-        top_k=c.top_k,
-        min_new_tokens=c.min_new_tokens,
-    )
+    with config_keys("chain"):
+        sampling = SamplingConfig(do_sample=True, temperature=c.temperature, top_k=c.top_k)
+        pairs = make_pairs(
+            prompt_gen,
+            response_gen,
+            c.n,
+            sampling=sampling,
+            batch_size=c.batch_size,
+            prompt_tokens=c.prompt_tokens,
+            response_tokens=c.response_tokens,
+            min_new_tokens=c.min_new_tokens,
+            seed=c.seed,
+        )
     out = Path(c.output)
     header = (
         f"{len(pairs)} writing prompts from {c.prompts_model}, answered by {c.responses_model} "

@@ -22,7 +22,7 @@ from penwright.core.atomic import atomic_write_text
 from penwright.core.errors import PenwrightError
 from penwright.core.log import get_logger
 from penwright.inference.engine import Engine, Request
-from penwright.inference.sampling import SamplingConfig
+from penwright.inference.sampling import GREEDY
 
 DELIMITER = "\n====================\n"  # gpt-2-simple's sample_delim, generate.delimiter's default
 
@@ -43,7 +43,7 @@ def score_texts(engine: Engine, texts: list[str]) -> list[TextScore]:
         step = engine.context - 1
         for start in range(1, max(2, len(ids)), step):  # window: one token of context, then up to step scored
             window = ids[start - 1 : start + step]
-            windows.append((i, Request(window, 0, SamplingConfig(do_sample=False), logprobs=0, score_prompt=True)))
+            windows.append((i, Request(window, 0, GREEDY, logprobs=0, score_prompt=True)))
     for _, request in windows:
         engine.submit(request)
     while engine.step() or not engine.waiting.empty():

@@ -24,10 +24,11 @@ from tqdm import tqdm
 
 from penwright.core import schema
 from penwright.core.atomic import atomic_write_text
-from penwright.core.errors import ConfigError
+from penwright.core.errors import InvalidValue, config_keys
 from penwright.core.log import get_logger
 from penwright.generate.score import TextScore, score_texts
 from penwright.inference.engine import Engine
+from penwright.inference.sampling import SAMPLED, SamplingConfig
 from penwright.inference.text import finish_text
 from penwright.prepare import copies
 
@@ -55,9 +56,12 @@ def count_copies(samples: list[Sample], prepared: str | Path | copies.Documents)
 def generate_samples(
     gen: Engine,
     prompts: list[str],
+    *,
+    sampling: SamplingConfig = SAMPLED,
     nsamples: int = 1,
     batch_size: int = 1,
     max_new_tokens: int = 64,
+    min_new_tokens: int = 0,
     truncate: str | None = None,
     include_prefix: bool = True,
     strip: bool = False,
@@ -65,19 +69,22 @@ def generate_samples(
     stop: list[str] | None = None,
     stream: bool = False,
     progress: bool = True,
-    **sampling,
 ) -> list[Sample]:
+    """``nsamples`` samples of each prompt, ``batch_size`` at a time, each finished as gpt-2-simple did
+    (``truncate``, ``include_prefix``, ``strip``). A value it cannot use is an ``InvalidValue`` naming the
+    argument (the stage says which key)."""
     if not prompts:
-        raise ConfigError('generate.prompts is empty: give at least one prompt ("" for an unconditional sample)')
-    if nsamples < 1 or batch_size < 1:
-        raise ConfigError(f"generate.nsamples={nsamples}, generate.batch_size={batch_size}: both must be >= 1")
-    if max_new_tokens < 1:
-        raise ConfigError(f"generate.max_new_tokens={max_new_tokens}: must be >= 1")
+        raise InvalidValue("prompts", [], 'give at least one prompt ("" for an unconditional sample)')
+    for name, value in (("nsamples", nsamples), ("batch_size", batch_size), ("max_new_tokens", max_new_tokens)):
+        if value < 1:
+            raise InvalidValue(name, value, "must be >= 1")
     longest = max(len(gen.encode(p)) for p in prompts)
     if longest + max_new_tokens > gen.context:
-        raise ConfigError(
-            f"a prompt of {longest} tokens plus generate.max_new_tokens={max_new_tokens} exceeds the model's "
-            f"context of {gen.context} tokens; shorten the prompt or lower generate.max_new_tokens"
+        raise InvalidValue(
+            "max_new_tokens",
+            max_new_tokens,
+            f"with a prompt of {longest} tokens it exceeds the model's context of {gen.context} tokens; "
+            "shorten the prompt or lower it",
         )
     jobs = [(p, min(batch_size, nsamples - done)) for p in prompts for done in range(0, nsamples, batch_size)]
     total = len(prompts) * nsamples
@@ -96,7 +103,8 @@ def generate_samples(
             seed=None if seed is None else seed + index,
             stop_strings=stops,
             on_text=(lambda piece, _: _show(piece)) if streaming else None,
-            **sampling,
+            sampling=sampling,
+            min_new_tokens=min_new_tokens,
         )
         samples += [Sample(prompt, finish_text(prompt, text, truncate, include_prefix, strip)) for text in texts]
         bar.update(size)
@@ -124,6 +132,18 @@ def render(samples: list[Sample], markdown: bool, delimiter: str, header: str) -
     return "\n".join(lines)
 
 
+def sampling_of(g: schema.Generate) -> SamplingConfig:
+    """``generate``'s sampling keys as the one object the engine takes."""
+    with config_keys("generate"):
+        return SamplingConfig(
+            do_sample=g.do_sample,
+            temperature=g.temperature,
+            top_k=g.top_k,
+            top_p=g.top_p,
+            repetition_penalty=g.repetition_penalty,
+        )
+
+
 def load(g: schema.Generate) -> Engine:
     """The engine ``penwright serve`` runs, with ``batch_size`` slots, on ``generate.graph`` and ``generate.provider``."""
     return Engine.load(g.model_dir, slots=g.batch_size, threads=g.threads, graph=g.graph, provider=g.provider)
@@ -133,26 +153,24 @@ def generate(cfg: schema.Config) -> list[Sample]:
     g = cfg.generate
     start = time.perf_counter()
     documents = copies.read(cfg.data.out_dir) if g.check_copies else None  # a missing file stops it before any work
-    gen = load(g)
-    samples = generate_samples(
-        gen,
-        list(g.prompts),
-        nsamples=g.nsamples,
-        batch_size=g.batch_size,
-        max_new_tokens=g.max_new_tokens,
-        truncate=g.truncate,
-        include_prefix=g.include_prefix,
-        strip=g.strip,
-        seed=g.seed,
-        stop=list(g.stop),
-        stream=g.stream,
-        do_sample=g.do_sample,
-        temperature=g.temperature,
-        top_k=g.top_k,
-        top_p=g.top_p,
-        repetition_penalty=g.repetition_penalty,
-        min_new_tokens=g.min_new_tokens,
-    )
+    sampling = sampling_of(g)  # built once, checked before the model loads
+    with config_keys("generate", {"slots": "batch_size"}):  # a value the engine refuses, named by its key
+        gen = load(g)
+        samples = generate_samples(
+            gen,
+            list(g.prompts),
+            sampling=sampling,
+            nsamples=g.nsamples,
+            batch_size=g.batch_size,
+            max_new_tokens=g.max_new_tokens,
+            min_new_tokens=g.min_new_tokens,
+            truncate=g.truncate,
+            include_prefix=g.include_prefix,
+            strip=g.strip,
+            seed=g.seed,
+            stop=list(g.stop),
+            stream=g.stream,
+        )
     if g.rank:  # best (highest mean logprob) first, on the same engine
         for sample, score in zip(samples, score_texts(gen, [s.text for s in samples])):
             sample.score = score

@@ -29,9 +29,9 @@ from typing import NamedTuple
 
 import numpy as np
 
-from penwright.core.errors import ConfigError, PenwrightError
+from penwright.core.errors import InvalidValue, PenwrightError
 from penwright.inference.runner import GRAPH, PaddedRunner, SlotRunner, open_session, read_beside_graph
-from penwright.inference.sampling import SamplingConfig, log_softmax, next_tokens_per_row, top_logprobs
+from penwright.inference.sampling import SAMPLED, SamplingConfig, log_softmax, next_tokens_per_row, top_logprobs
 from penwright.inference.text import Decoder, RowText
 
 __all__ = ["GRAPH", "Engine", "Request", "TokenScore"]
@@ -150,7 +150,7 @@ class Engine:
         if not file.is_file():
             raise PenwrightError(f"{file}: not found. Export a model first: `penwright export`")
         if slots < 1:
-            raise ConfigError(f"slots={slots}: the engine needs at least one slot")
+            raise InvalidValue("slots", slots, "the engine needs at least one slot")
 
         def unreadable(err: Exception) -> PenwrightError:  # protobuf's DecodeError, truncated weights, ...
             return PenwrightError(
@@ -215,18 +215,20 @@ class Engine:
         """Refuse what cannot fit before it is queued (the server turns this into a 400). A scored prompt
         may ask for no new tokens."""
         if not prompt_ids:
-            raise ConfigError("the prompt has no tokens")
+            raise InvalidValue("prompt", [], "the prompt has no tokens")
         bad = next((i for i, t in enumerate(prompt_ids) if not 0 <= t < self.vocab), None)
         if bad is not None:
-            raise ConfigError(
-                f"prompt token {bad} is {prompt_ids[bad]}: token ids go from 0 to {self.vocab - 1} for this model"
+            raise InvalidValue(
+                f"prompt[{bad}]", prompt_ids[bad], f"token ids go from 0 to {self.vocab - 1} for this model"
             )
         if max_tokens < (0 if score_prompt else 1):
-            raise ConfigError(f"max_tokens={max_tokens}: must be >= {0 if score_prompt else 1}")
+            raise InvalidValue("max_tokens", max_tokens, f"must be >= {0 if score_prompt else 1}")
         if len(prompt_ids) + max_tokens > self.context:
-            raise ConfigError(
-                f"a prompt of {len(prompt_ids)} tokens plus max_tokens={max_tokens} exceeds the "
-                f"context of {self.context} tokens; shorten the prompt or lower max_tokens"
+            raise InvalidValue(
+                "max_tokens",
+                max_tokens,
+                f"with a prompt of {len(prompt_ids)} tokens it exceeds the context of {self.context} tokens; "
+                "shorten the prompt or lower it",
             )
 
     def encode(self, prompt: str) -> list[int]:
@@ -245,7 +247,7 @@ class Engine:
         try:
             np.random.SeedSequence(request.seed)
         except (TypeError, ValueError):
-            raise ConfigError(f"seed={request.seed!r}: must be a non-negative integer") from None
+            raise InvalidValue("seed", request.seed, "must be a non-negative integer") from None
         request.queued_at = time.monotonic()
         self.waiting.put(request)
         self._work.set()
@@ -443,17 +445,16 @@ class Engine:
         stop_strings: list[str] | None,
         min_new_tokens: int,
         stop_at_eos: bool,
-        sampling: dict,
+        sampling: SamplingConfig,
     ) -> list[Request]:
         if not prompts:
-            raise ConfigError('no prompts: give at least one ("" for an unconditional sample)')
-        config = SamplingConfig(**sampling)  # do_sample, temperature, top_k, top_p, repetition_penalty
+            raise InvalidValue("prompts", [], 'give at least one ("" for an unconditional sample)')
         stops = tuple(s for s in (stop_strings or []) if s)
         requests = [
             Request(
                 list(ids),
                 max_new_tokens,
-                config,
+                sampling,
                 min_tokens=min_new_tokens,
                 stop=stops,
                 seed=None if seed is None else [seed, i],
@@ -469,16 +470,16 @@ class Engine:
         self,
         prompts: list[str],
         max_new_tokens: int = 64,
+        *,
+        sampling: SamplingConfig = SAMPLED,
         seed: int | None = None,
         stop_strings: list[str] | None = None,
         on_text: Callable[[str, str | None], None] | None = None,
         min_new_tokens: int = 0,
-        **sampling,
     ) -> list[str]:
         """The new text for each prompt (cut at EOS and before the first stop string), run to completion
         here. Row ``i`` draws from its own stream seeded ``(seed, i)``; ``on_text(piece, finish_reason)`` gets
-        the first row's text as it grows (``Request.emit``: streaming a single sample). ``sampling``:
-        ``SamplingConfig``'s fields (do_sample, temperature, top_k, top_p, repetition_penalty)."""
+        the first row's text as it grows (``Request.emit``: streaming a single sample)."""
         ids = [self.encode(p) for p in prompts]
         requests = self._requests(ids, max_new_tokens, seed, stop_strings, min_new_tokens, True, sampling)
         requests[0].emit = on_text
@@ -491,10 +492,11 @@ class Engine:
         self,
         prompts: list[list[int]],
         max_new_tokens: int,
+        *,
+        sampling: SamplingConfig = SAMPLED,
         seed: int | None = None,
         min_new_tokens: int = 0,
         stop_at_eos: bool = True,
-        **sampling,
     ) -> np.ndarray:
         """The new token ids of each prompt (given as ids), [prompts, longest]: a row that ended at EOS has it
         last, then EOS padding. Seeded and sampled as ``generate``."""

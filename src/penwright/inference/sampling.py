@@ -10,11 +10,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from penwright.core.errors import ConfigError
+from penwright.core.errors import InvalidValue
 
 
 @dataclass(frozen=True)
 class SamplingConfig:
+    """How the next token is chosen: built once (from a stage's config or a request's body) and passed whole."""
+
     do_sample: bool = True
     temperature: float = 1.0
     top_k: int = 0  # 0: all tokens
@@ -23,13 +25,17 @@ class SamplingConfig:
 
     def __post_init__(self):
         if self.do_sample and not self.temperature > 0:
-            raise ConfigError(f"temperature={self.temperature}: must be > 0 when sampling (greedy: do_sample=false)")
+            raise InvalidValue("temperature", self.temperature, "must be > 0 when sampling (greedy: do_sample=false)")
         if not 0 < self.top_p <= 1:
-            raise ConfigError(f"top_p={self.top_p}: must be in (0, 1]")
+            raise InvalidValue("top_p", self.top_p, "must be in (0, 1]")
         if self.top_k < 0:
-            raise ConfigError(f"top_k={self.top_k}: must be >= 0 (0 = no limit)")
+            raise InvalidValue("top_k", self.top_k, "must be >= 0 (0 = no limit)")
         if not self.repetition_penalty > 0:
-            raise ConfigError(f"repetition_penalty={self.repetition_penalty}: must be > 0 (1.0 = off)")
+            raise InvalidValue("repetition_penalty", self.repetition_penalty, "must be > 0 (1.0 = off)")
+
+
+GREEDY = SamplingConfig(do_sample=False)  # the most likely token at every step
+SAMPLED = SamplingConfig()  # drawn from the whole distribution at temperature 1 (the default)
 
 
 def apply_repetition_penalty(logits: np.ndarray, seen: np.ndarray, penalty: float) -> np.ndarray:
