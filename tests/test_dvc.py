@@ -160,7 +160,7 @@ FILES = {
     "export": ["${train.out_dir}", "${data.out_dir}"],
     "generate": ["${generate.model_dir}", "${data.out_dir}/documents.json"],
     "verbosify": ["${train.out_dir}", "${verbosify.document}"],
-    "pairs": ["${chain.prompts_model}", "${chain.responses_model}"],
+    "chain": ["${chain.prompts_model}", "${chain.responses_model}"],
 }
 # a file dep named by another key than the one the stage reads: verbosify.model may be a hub name (gpt2),
 # which DVC cannot track as a path; the dep is the trained model it defaults to (verbosify.model is a param)
@@ -268,6 +268,12 @@ def keys_read(stage: Stage) -> set[str]:
     values = stage.values()
     reads = {leaf(k, values) for k in config_reads(stage.module, stage.function, skip=set(NOT_OUTPUT_CODE))}
     return {k for k in reads if not any(under(k, n) for n in NOT_OUTPUT)}
+
+
+@pytest.mark.parametrize("stage", ALL_STAGES, ids=stage_id)
+def test_a_stage_is_named_for_the_command_it_runs(stage):
+    """`dvc repro <file>:chain` runs `penwright chain`: one name for one step, in the pipeline and the CLI."""
+    assert stage.name == stage.command, f"{stage.pipeline}: stage {stage.name!r} runs `penwright {stage.command}`"
 
 
 @pytest.mark.parametrize("stage", ALL_STAGES, ids=stage_id)

@@ -340,7 +340,7 @@ def test_writing_prompts_pipeline_trains_both_models_in_one_wandb_group_and_writ
     run(["git", "add", "-A"], proj)
     run(["git", "commit", "-qm", "init"], proj)
     done = run(["dvc", "repro", "pipelines/writing_prompts/dvc.yaml"], proj)
-    for stage in ("prepare@prompts", "train@responses", "export@prompts", "pairs"):
+    for stage in ("prepare@prompts", "train@responses", "export@prompts", "chain"):
         assert f"pipelines/writing_prompts/dvc.yaml:{stage}" in done.stdout, stage
     meta = json.loads((proj / "artifacts/writing_prompts/prompts/prepared/meta.json").read_text())
     assert meta["train"]["documents"] + meta["val"]["documents"] == len(WP_ROWS)

@@ -1,7 +1,7 @@
 """The HTTP app: OpenAI-compatible completions, gpt-2-cloud-run's API and a playground page, on the engines.
 
-``create_app`` puts together what the routers (``completions``: OpenAI's and vLLM's routes; ``gpt2``:
-gpt-2-cloud-run's API and the page) share through one dependency (``deps.Served``: the engines, the
+``create_app`` puts together what the routers (``completions``: OpenAI's and vLLM's routes; ``cloud_run``:
+gpt-2-cloud-run's API; ``page``: the playground page) share through one dependency (``deps.Served``: the engines, the
 settings, the metrics): the lifespan that loads the engines and runs each on its own thread, the errors in
 OpenAI's shape (a 400 naming the field, a 401 for a missing or wrong API key, a 413 for a body over the
 limit, a 429 with ``Retry-After`` when the queue is full), and ``GET /health`` and ``GET /metrics`` (below).
@@ -22,13 +22,13 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from penwright.core.errors import PenwrightError
 from penwright.core.schema import Serve
-from penwright.serve import completions, gpt2
+from penwright.serve import cloud_run, completions, page
 from penwright.serve import openapi as oa
 from penwright.serve.deps import ApiError, Served, ServedDep, error_body, validation_response
-from penwright.serve.gpt2 import is_page_request
+from penwright.serve.page import is_page_request
 
 router = APIRouter()  # the server's own routes: /health, /metrics
-ROUTERS = (router, completions.router, gpt2.router)
+ROUTERS = (router, completions.router, cloud_run.router, page.router)
 
 
 def create_app(engine_factory, settings: Serve) -> FastAPI:
@@ -89,7 +89,12 @@ def create_app(engine_factory, settings: Serve) -> FastAPI:
 
     def openapi() -> dict:  # built once, on the first request for it
         if not document:
-            bodies = [completions.CompletionBody, completions.TokenizeBody, completions.DetokenizeBody, gpt2.Gpt2Body]
+            bodies = [
+                completions.CompletionBody,
+                completions.TokenizeBody,
+                completions.DetokenizeBody,
+                cloud_run.CloudRunBody,
+            ]
             document.update(oa.document(app, bodies))
         return document
 

@@ -105,11 +105,11 @@ class TokenizerInfo(BaseModel):
     chat_template: str | None
 
 
-class Gpt2Text(BaseModel):
+class CloudRunText(BaseModel):
     text: str
 
 
-ANSWERS = [ErrorBody, Completion, ModelList, Health, Tokenized, Detokenized, TokenizerInfo, Gpt2Text]
+ANSWERS = [ErrorBody, Completion, ModelList, Health, Tokenized, Detokenized, TokenizerInfo, CloudRunText]
 
 ERRORS = {
     400: "a bad request: the message names the field (`param`)",

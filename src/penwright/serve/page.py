@@ -1,0 +1,39 @@
+"""The playground page: ``GET /`` without a query string (one HTML file, no external resources); with one, it is
+gpt-2-cloud-run's GET form (``cloud_run``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from fastapi import APIRouter
+from fastapi import Request as HttpRequest
+from fastapi.responses import HTMLResponse, JSONResponse
+
+from penwright.serve import openapi as oa
+from penwright.serve.cloud_run import ERRORS, CloudRunBody, generate
+from penwright.serve.deps import ServedDep
+
+router = APIRouter()
+PAGE = Path(__file__).with_name("page.html")
+
+
+@router.get(
+    "/",
+    response_class=HTMLResponse,
+    **oa.describe(oa.CloudRunText, errors=ERRORS, query=CloudRunBody, media={"text/html": oa.TEXT}),
+)
+async def page(http: HttpRequest, served: ServedDep):
+    if http.query_params:  # gpt-2-cloud-run's GET form
+        return JSONResponse(await generate(served, dict(http.query_params), query=True))
+    name, eng = served.engine()
+    return HTMLResponse(
+        PAGE.read_text(encoding="utf-8")
+        .replace("{{model}}", name)
+        .replace("{{max_tokens}}", str(min(128, eng.context - 1)))
+        .replace("{{auth}}", "true" if served.settings.api_key else "false")
+    )
+
+
+def is_page_request(request: HttpRequest) -> bool:
+    return request.method == "GET" and request.url.path == "/" and not request.query_params
