@@ -52,7 +52,8 @@ def _declared() -> dict[str, set[str]]:
 def imported_modules(root: Path) -> dict[str, set[str]]:
     """Top-level module -> the files under ``root`` that import it (relative imports and the stdlib left out)."""
     found: dict[str, set[str]] = {}
-    local = {p.stem for p in root.rglob("*.py")}  # a test module importing another
+    local = {p.stem for folder in ("tests", "docs") for p in (REPO / folder).rglob("*.py")}  # the repo's own modules
+    local |= {p.stem for p in root.rglob("*.py")}
     for path in sorted(root.rglob("*.py")):
         if ".venv" in path.parts:
             continue

@@ -337,8 +337,10 @@ class Check:
             save_graph(half(onnx.load(str(folder / "model.onnx")), self.work), half_dir / "model.onnx")
             fp16 = Engine.load(half_dir, slots=16, provider=provider)
             tokens = fp16.generate_ids(prompt, 16, stop_at_eos=False, sampling=GREEDY)
-            out["fp16"] = {"same_tokens_as_cpu_fp32": round(float((tokens == cpu).mean()), 3)}
-            out["fp16"] |= {f"batch{b}_tokens_per_sec": rate(fp16, b) for b in (1, 16)}
+            out["fp16"] = {
+                "same_tokens_as_cpu_fp32": round(float((tokens == cpu).mean()), 3),
+                **{f"batch{b}_tokens_per_sec": rate(fp16, b) for b in (1, 16)},
+            }
             return out
         except Exception as err:  # a check reports what failed and goes on
             return {"ok": False, "error": f"{type(err).__name__}: {str(err)[:500]}"}
@@ -360,7 +362,7 @@ class Check:
         if self.gpu:
             model = model.to(torch.bfloat16)
         new = 16 if self.dry else 128
-        out = {"dtype": "bf16" if self.gpu else "fp32", "new_tokens": new}
+        out: dict[str, object] = {"dtype": "bf16" if self.gpu else "fp32", "new_tokens": new}
         for batch in (1, 16):
             ids = torch.randint(0, self.vocab, (batch, 16), device=device)
             kw = dict(

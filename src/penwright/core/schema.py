@@ -16,7 +16,8 @@ from __future__ import annotations
 import re
 import types
 import typing
-from typing import Annotated, Literal, Union
+from collections.abc import Mapping
+from typing import Annotated, Any, Literal, Union
 
 from annotated_types import Ge, Gt, Le, Lt
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -73,10 +74,10 @@ def _is_number(value) -> bool:
 def _text_or_list(annotation) -> str | None:
     """``str`` for a text field (``str``, ``str | None``), ``list[str]``, ``list`` (any other list), else None."""
     args = typing.get_args(annotation) if typing.get_origin(annotation) in (Union, types.UnionType) else ()
-    args = [a for a in args if a is not type(None)] or [annotation]
-    if len(args) != 1:
+    members = [a for a in args if a is not type(None)] or [annotation]
+    if len(members) != 1:
         return None
-    arg = args[0]
+    arg = members[0]
     if typing.get_origin(arg) is Annotated:
         arg = typing.get_args(arg)[0]
     if arg is str:
@@ -148,7 +149,7 @@ class Model(Group):
             for key in ("n_layer", "n_head", "n_embd", "n_positions"):
                 if getattr(self, key) is None:
                     raise _KeyError(f"model.{key}", None, "a from-scratch model (model.name_or_path=null) needs a size")
-            if self.n_embd % self.n_head:
+            if self.n_embd is not None and self.n_head is not None and self.n_embd % self.n_head:
                 raise _KeyError("model.n_embd", self.n_embd, f"not divisible by model.n_head={self.n_head}")
         if self.tokenizer.type == "pretrained" and not self.tokenizer.name_or_path:
             raise _KeyError(
@@ -262,7 +263,7 @@ class Lora(Group):
     rank: Annotated[int, Field(ge=1, le=4096)]
     alpha: Annotated[float, Field(gt=0, le=65536)]
     dropout: Annotated[float, Field(ge=0, lt=1)]
-    targets: Annotated[list[Literal[LORA_TARGETS]], Field(min_length=1)]
+    targets: Annotated[list[Literal[LORA_TARGETS]], Field(min_length=1)]  # type: ignore[valid-type]  # (pydantic reads a tuple there)
     adapter: str | None  # continue from this PEFT adapter folder
 
     @field_validator("targets")
@@ -464,7 +465,8 @@ class Config(Group):
             )
         if self.trainer.strategy == "fsdp" and self.trainer.fsdp is None:
             raise _KeyError("trainer.fsdp", None, "strategy fsdp needs the fsdp block: use trainer=fsdp")
-        if self.model.name_or_path is None and self.train.block_size > self.model.n_positions:
+        n_positions = self.model.n_positions
+        if self.model.name_or_path is None and n_positions is not None and self.train.block_size > n_positions:
             raise _KeyError(
                 "train.block_size",
                 self.train.block_size,
@@ -505,7 +507,7 @@ def _describe(err: ValidationError, values: dict) -> list[str]:
             key = message.split("=", 1)[0].split(":", 1)[0]
         else:
             loc = list(e["loc"]) if e["type"] == "extra_forbidden" else _key_parts(e["loc"])
-            item = loc.pop() if loc and isinstance(loc[-1], int) else None  # an item of a list: name the list
+            item = int(loc.pop()) if loc and isinstance(loc[-1], int) else None  # an item of a list: name the list
             key = ".".join(str(p) for p in loc)
             message = _one(e, key, values, item)
         if key not in seen:
@@ -517,7 +519,8 @@ def _describe(err: ValidationError, values: dict) -> list[str]:
 def _key_parts(loc: tuple) -> list:
     """The parts of an error's location that are keys or list indices: pydantic also puts the union member or
     discriminator value it tried there (``int``, ``wandb``, ``function-after[...]``), which are not keys."""
-    parts, models = [], [Config]
+    parts: list = []
+    models: list[type[BaseModel]] = [Config]
     for part in loc:
         if isinstance(part, int):
             parts.append(part)
@@ -530,7 +533,7 @@ def _key_parts(loc: tuple) -> list:
     return parts
 
 
-def _one(e: dict, key: str, values: dict, item: int | None = None) -> str:
+def _one(e: Mapping[str, Any], key: str, values: dict, item: int | None = None) -> str:
     kind, value = e["type"], e.get("input")
     if kind == "missing":
         return f"{key}: missing; add it to the group's YAML in conf/ (or pass {key}=...)"
@@ -576,7 +579,8 @@ def _lookup(values: dict, key: str, fallback):
 
 def field_at(key: str):
     """The schema's ``FieldInfo`` for a dotted key (list indices skipped), or None."""
-    model, info = Config, None
+    model: Any = Config
+    info = None
     for part in key.split("."):
         if part.isdigit():
             continue

@@ -119,8 +119,8 @@ def tokenizer_metadata(tok: dict, vocab_size: int) -> dict:
     special = {t["id"] for t in tok.get("added_tokens", []) if t.get("special")}
     size = max(vocab_size, max(vocab.values()) + 1)
     tokens: list[str | None] = [None] * size
-    for text, i in vocab.items():
-        tokens[i] = text
+    for piece, i in vocab.items():
+        tokens[i] = piece
     types = []
     for i, text in enumerate(tokens):
         if text is None:
@@ -225,6 +225,7 @@ def export_gguf(model, tokenizer_dir: Path, out_dir: Path, types: list[str]) -> 
     tokenizer_json = check_gguf(model.config, tokenizer_dir, types)
     written = [write_gguf(model, tokenizer_json, out_dir / gguf_name(t), t) for t in types]  # the same bytes every time
     eos = eos_id(model.config, tokenizer_json)
+    assert eos is not None  # check_gguf refuses a model without one
     write_modelfile(out_dir / "Modelfile", gguf_name(types[0]), {i: t for t, i in _vocab(tokenizer_json).items()}[eos])
     return written
 

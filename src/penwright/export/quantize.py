@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -91,7 +92,7 @@ def quantized_quality(model, onnx_dir: Path, kinds: list[str], prepared: Path, b
     ids, targets = batch[:, :-1], batch[:, 1:]
     logits = graph_logits(onnx_dir, GRAPH, ids)
     top1 = logits.argmax(-1)
-    result = {
+    result: dict[str, Any] = {
         "windows": len(ids),
         "tokens": int(ids.size),
         "fp32_loss": mean_loss(logits, targets),

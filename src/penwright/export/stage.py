@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -64,8 +65,8 @@ def export(cfg: schema.Config) -> dict:
     if not (src / "config.json").is_file():
         raise PenwrightError(f"{src}: no trained model here. Run the train stage first: `penwright train`")
     dtype = ecfg.dtype
-    gguf = list(dict.fromkeys(ecfg.gguf))  # the schema checked the choices
-    quantized = list(dict.fromkeys(ecfg.quantize))
+    gguf: list[str] = list(dict.fromkeys(ecfg.gguf))  # the schema checked the choices
+    quantized: list[str] = list(dict.fromkeys(ecfg.quantize))
     fix = "write the model again: rerun `penwright train`"
     model = load_model(src, fix, torch_dtype=torch.float32).eval()
     tokenizer = load_tokenizer(src, fix)
@@ -107,7 +108,7 @@ def export(cfg: schema.Config) -> dict:
         tokenizer.save_pretrained(tmp)
         model.config.save_pretrained(tmp)
         model.generation_config.save_pretrained(tmp)
-        report = {
+        report: dict[str, Any] = {
             "graph": kind,
             "nodes": node_count(graph),
             "dtype": dtype,

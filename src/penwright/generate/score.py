@@ -48,11 +48,12 @@ def score_texts(engine: Engine, texts: list[str]) -> list[TextScore]:
         engine.submit(request)
     while engine.step() or not engine.waiting.empty():
         pass
-    totals = [[0.0, 0] for _ in texts]
+    totals = [0.0] * len(texts)  # per text: its tokens' logprobs summed, and how many
+    counts = [0] * len(texts)
     for i, request in windows:
-        scored = request.prompt_scores[1:]
-        totals[i][0] += sum(s.logprob for s in scored)
-        totals[i][1] += len(scored)
+        scored = request.prompt_scores[1:]  # (every token after the first has a logprob)
+        totals[i] += sum(s.logprob or 0.0 for s in scored)
+        counts[i] += len(scored)
     return [
         TextScore(
             text,
@@ -60,7 +61,7 @@ def score_texts(engine: Engine, texts: list[str]) -> list[TextScore]:
             total / n if n else -math.inf,  # an empty text: nothing to score, ranked last
             -total / math.log(2) / len(text.encode("utf-8")) if n else math.inf,
         )
-        for text, (total, n) in zip(texts, totals)
+        for text, total, n in zip(texts, totals, counts)
     ]
 
 

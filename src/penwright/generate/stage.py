@@ -174,11 +174,11 @@ def generate(cfg: schema.Config) -> list[Sample]:
     if g.rank:  # best (highest mean logprob) first, on the same engine
         for sample, score in zip(samples, score_texts(gen, [s.text for s in samples])):
             sample.score = score
-        samples.sort(key=lambda s: -s.score.mean_logprob)
+        samples.sort(key=lambda s: -s.score.mean_logprob if s.score else 0.0)
     seconds = time.perf_counter() - start
     provider = gen.provider
     report = {"samples": len(samples), "provider": provider, "seconds": round(seconds, 2)}
-    if g.check_copies:
+    if documents is not None:
         report |= count_copies(samples, documents)
         log(
             f"{report['copies_of_train']} of {len(samples)} samples are verbatim training documents "

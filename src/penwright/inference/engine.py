@@ -181,6 +181,7 @@ class Engine:
         config, tokenizer = read_beside_graph(path, session)
         window = min(int(context or config["n_positions"]), int(config["n_positions"]))
         eos = int(tokenizer.eos_token_id)
+        runner: SlotRunner | PaddedRunner
         if ran == "cpu" and fused:
             runner = SlotRunner(session, config, slots, window, eos)
         else:
@@ -333,7 +334,7 @@ class Engine:
         scored = [i for i, r in enumerate(rows) if r.request.logprobs is not None]
         if scored:
             logprobs = log_softmax(logits[scored])
-            tops = top_logprobs(logprobs, max(rows[i].request.logprobs for i in scored))
+            tops = top_logprobs(logprobs, max(rows[i].request.logprobs or 0 for i in scored))
             for j, i in enumerate(scored):
                 rows[i].step_logprobs = (logprobs[j], tops[j][: rows[i].request.logprobs])
         groups: dict[tuple, list[int]] = {}

@@ -23,6 +23,7 @@ CPU: ``open_session`` says which ran.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -75,7 +76,7 @@ def open_session(source, file: Path, threads: int = 0, provider: str = "cpu", de
     return session, ran
 
 
-def read_beside_graph(path: Path, session) -> tuple[dict, object]:
+def read_beside_graph(path: Path, session) -> tuple[dict, Any]:
     """The model config and tokenizer an export wrote beside its graph, checked against the graph's vocab."""
     from penwright.core.files import load_tokenizer, read_json, short
 
@@ -202,8 +203,9 @@ class SlotRunner(_Runner):
             self._bindings[hi] = binding
         return binding
 
-    def batches(self, rows: list) -> list[list]:
-        """Admitted rows in runs of consecutive slots (one prefill each; see ``_Runner.batches``)."""
+    def batches(self, rows: list, consecutive: bool = True) -> list[list]:
+        """Admitted rows in runs of consecutive slots (one prefill each; see ``_Runner.batches``): a slot
+        runner's prefill writes into the slots it runs, so its runs are always consecutive."""
         return super().batches(sorted(rows, key=lambda r: r.slot), consecutive=True)
 
     def prefill(self, rows: list) -> np.ndarray:
@@ -327,7 +329,7 @@ class PaddedRunner(_Runner):
         self.past: list | None = None  # onnxruntime values [rows, heads, columns, head_dim] on the device
         self.mask = np.zeros((0, 0), dtype=np.int64)  # [rows, columns]: 1 where a row has a token
         self.gone: set = set()
-        self._ops = None
+        self._ops: list | None = None
 
     def cache_bytes(self) -> int:
         """The cache at its largest: every slot at the full context."""
@@ -420,6 +422,7 @@ class PaddedRunner(_Runner):
             return
         mask = self.mask[keep]
         start = int(mask.any(axis=0).argmax())  # the first column a remaining row uses
+        assert self.past is not None  # rows are in the batch: so is their cache
         self.past = self._run_ops(
             0, self.past, {"keep": np.array(keep, dtype=np.int64), "start": np.array([start], dtype=np.int64)}
         )
@@ -433,6 +436,7 @@ class PaddedRunner(_Runner):
         a, b = self.mask.shape[1], mask.shape[1]
         width = max(a, b)
         pads = [np.array([0, 0, width - w, 0, 0, 0, 0, 0], dtype=np.int64) for w in (a, b)]
+        assert self.past is not None  # rows are in the batch: so is their cache
         self.past = self._run_ops(1, [*self.past, *present], {"pad_a": pads[0], "pad_b": pads[1]})
         self.mask = np.concatenate(
             [np.pad(self.mask, ((0, 0), (width - a, 0))), np.pad(mask, ((0, 0), (width - b, 0)))]

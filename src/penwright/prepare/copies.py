@@ -22,9 +22,10 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -103,7 +104,7 @@ class DocumentHasher:
     def __init__(self, prefix: str = ""):
         self.prefix = prefix or ""
         self.held = ""  # the text so far, while it is short
-        self.hash = None  # once it is not: the digest so far
+        self.hash: Any = None  # once it is not: the digest so far (a hashlib object)
         self.started = False  # some text is hashed
         self.space = False  # whitespace came after it: a space goes before the next text
 
@@ -122,6 +123,7 @@ class DocumentHasher:
         return digest(self.held, self.prefix) if self.hash is None else self.hash.digest()
 
     def _feed(self, chunk: str) -> None:
+        assert self.hash is not None  # (update makes it before it feeds)
         lead, text, trail = _pieces(chunk)
         if text:
             if self.started and (self.space or lead):
@@ -132,7 +134,7 @@ class DocumentHasher:
             self.space = True
 
 
-def write(directory: Path, digests: dict[str, Iterable[bytes]], prefix: str) -> Path:
+def write(directory: Path, digests: Mapping[str, Iterable[bytes]], prefix: str) -> Path:
     """``documents.json`` in ``directory``: each split's distinct digests, sorted."""
     splits = {}
     for split in SPLITS:

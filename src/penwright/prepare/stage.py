@@ -140,14 +140,16 @@ def prepare(cfg: schema.Config) -> dict:
     with staged_dir(out_dir) as tmp:  # an error or a kill leaves an earlier prepared dir as it was
         if tok_cfg.type == "bpe":
             log(f"training a byte-level BPE of {tok_cfg.vocab_size:,} tokens on the training split")
-            limit = tok_cfg.train_max_bytes
+            limit, vocab, min_frequency = tok_cfg.train_max_bytes, tok_cfg.vocab_size, tok_cfg.min_frequency
+            assert limit is not None and vocab is not None and min_frequency is not None  # the schema requires them
             single_limit = int(total_bytes * (1 - val_fraction)) if single else None
             texts = limit_bytes(_training_text(sources, spec, is_val, single_limit), limit)
-            tokenizer = train_bpe(texts, tok_cfg.vocab_size, tok_cfg.min_frequency)
+            tokenizer = train_bpe(texts, vocab, min_frequency)
         elif tok_cfg.type == "bytes":
             log(f"byte-level tokenizer: one token per byte, {BYTES_VOCAB} tokens")
             tokenizer = byte_tokenizer()
         else:
+            assert tok_cfg.name_or_path  # the schema requires it for a pretrained tokenizer
             tokenizer = load_pretrained_tokenizer(tok_cfg.name_or_path)
         tokenizer.save_pretrained(tmp / TOKENIZER_DIR)
 
@@ -254,7 +256,7 @@ def _tokenize(sources, spec, encode, eos, is_val, writers, total_bytes) -> dict[
         dynamic_ncols=True,
     )
 
-    last = {s: None for s in SPLITS}  # the last id written to each split
+    last: dict[str, int | None] = {s: None for s in SPLITS}  # the last id written to each split
 
     def write(batch, wait) -> None:
         encodings = iter(wait())

@@ -10,6 +10,7 @@ limit, a 429 with ``Retry-After`` when the queue is full), and ``GET /health`` a
 from __future__ import annotations
 
 import asyncio
+import math
 import secrets
 import traceback
 from contextlib import asynccontextmanager
@@ -18,6 +19,7 @@ from fastapi import APIRouter, FastAPI
 from fastapi import Request as HttpRequest
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from penwright.core.errors import PenwrightError
@@ -79,7 +81,7 @@ def create_app(engine_factory, settings: Serve) -> FastAPI:
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request, err: RequestValidationError):
-        return validation_response(err.errors())
+        return validation_response(list(err.errors()))
 
     app.add_middleware(Guard, settings=settings, metrics=metrics)
 
@@ -89,7 +91,7 @@ def create_app(engine_factory, settings: Serve) -> FastAPI:
 
     def openapi() -> dict:  # built once, on the first request for it
         if not document:
-            bodies = [
+            bodies: list[type[BaseModel]] = [
                 completions.CompletionBody,
                 completions.TokenizeBody,
                 completions.DetokenizeBody,
@@ -98,7 +100,7 @@ def create_app(engine_factory, settings: Serve) -> FastAPI:
             document.update(oa.document(app, bodies))
         return document
 
-    app.openapi = openapi
+    app.openapi = openapi  # type: ignore[method-assign]  # FastAPI documents this way of replacing it
     return app
 
 
@@ -191,4 +193,6 @@ async def prometheus(served: ServedDep):
 def serve_forever(app: FastAPI, host: str, port: int, graceful: float) -> None:
     import uvicorn
 
-    uvicorn.run(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=graceful, access_log=False)
+    uvicorn.run(
+        app, host=host, port=port, log_level="info", timeout_graceful_shutdown=math.ceil(graceful), access_log=False
+    )

@@ -146,7 +146,7 @@ class CompletionCall:
         out = []
         for i in range(len(self.encoded)):
             group = self.requests[i * best_of : (i + 1) * best_of]
-            out += sorted(group, key=lambda r: -sum(s.logprob for s in r.scores) / max(1, len(r.scores)))[:n]
+            out += sorted(group, key=mean_logprob, reverse=True)[:n]
         return out
 
     async def answer(self) -> dict:
@@ -226,6 +226,11 @@ class CompletionCall:
 # -- the parts of a body that need the model ------------------------------------------------------------
 
 
+def mean_logprob(r: Request) -> float:
+    """A choice's mean logprob a token (``best_of`` ranks by it; a choice with no tokens scores 0)."""
+    return sum(s.logprob or 0.0 for s in r.scores) / max(1, len(r.scores))
+
+
 def prompts_of(engine: Engine, prompt) -> tuple[list[str], list[list[int]]]:
     """A completion's prompts as (text, token ids) pairs: a string, strings, token ids, or lists of them."""
     if isinstance(prompt, str):
@@ -272,7 +277,8 @@ def logprobs_json(engine: Engine, entries: list, offset: int) -> tuple[dict, int
     """OpenAI's legacy ``logprobs`` object for scored tokens whose text starts at ``offset`` in the choice's
     text; ``top_logprobs`` holds the most likely tokens and the chosen one. Returns it and the next offset."""
     texts = engine.token_texts([e.token for e in entries])
-    offsets, top = [], []
+    offsets: list[int] = []
+    top: list[dict[str, float] | None] = []
     for e, text in zip(entries, texts):
         offsets.append(offset)
         offset += len(text)

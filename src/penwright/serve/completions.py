@@ -14,6 +14,7 @@ from fastapi import APIRouter
 from fastapi import Request as HttpRequest
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from penwright.inference.engine import Engine
 from penwright.serve import openapi as oa
 from penwright.serve.calls import CompletionCall
 from penwright.serve.deps import ApiError, ServedDep, read_body
@@ -91,7 +92,9 @@ class ModelQuery(BaseModel):
 
 @router.get("/v1/models", **oa.describe(oa.ModelList, errors=(401, 413, 500)))
 async def models(served: ServedDep):
-    listed = served.engines or {served.settings.model_name: None}  # (names only while loading)
+    listed: dict[str, Engine | None] = {**served.engines} or {
+        served.settings.model_name: None
+    }  # (names only while loading)
     return {
         "object": "list",
         "data": [

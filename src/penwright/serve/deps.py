@@ -13,7 +13,7 @@ import json
 import threading
 import traceback
 from dataclasses import dataclass, field
-from typing import Annotated
+from typing import Annotated, TypeVar
 
 from fastapi import Depends
 from fastapi import Request as HttpRequest
@@ -25,6 +25,7 @@ from penwright.inference.engine import Engine
 from penwright.inference.sampling import SamplingConfig
 from penwright.serve.metrics import Metrics
 
+Body = TypeVar("Body", bound=BaseModel)  # a route's request body model
 GREEDY_BELOW = 1e-5  # a temperature below this is greedy (dividing fp32 logits by less overflows; vLLM does the same)
 
 
@@ -168,13 +169,14 @@ def check_fits(
 
 async def read_json(http: HttpRequest, limit: int) -> dict:
     """The body as a JSON object, counted as it arrives (a chunked body has no Content-Length to check)."""
-    raw, size = [], 0
+    chunks: list[bytes] = []
+    size = 0
     async for chunk in http.stream():
         size += len(chunk)
         if size > limit:
             raise ApiError(413, f"the request body is over {limit} bytes (serve.max_body_bytes)", "body")
-        raw.append(chunk)
-    raw = b"".join(raw)
+        chunks.append(chunk)
+    raw = b"".join(chunks)
     try:
         data = json.loads(raw or b"{}")
     except (ValueError, UnicodeDecodeError) as err:
@@ -184,7 +186,7 @@ async def read_json(http: HttpRequest, limit: int) -> dict:
     return data
 
 
-def parse(model: type[BaseModel], data: dict, strict: bool = True) -> BaseModel:
+def parse(model: type[Body], data: dict, strict: bool = True) -> Body:
     """A JSON body's fields as their declared types, strictly (``"max_tokens": "5"`` is a 400, as the schema
     says); a query string's (``strict=False``) converted from text."""
     try:
@@ -193,7 +195,7 @@ def parse(model: type[BaseModel], data: dict, strict: bool = True) -> BaseModel:
         raise ValidationFailed(err.errors()) from None
 
 
-async def read_body(http: HttpRequest, model: type[BaseModel], served: Served) -> BaseModel:
+async def read_body(http: HttpRequest, model: type[Body], served: Served) -> Body:
     return parse(model, await read_json(http, served.settings.max_body_bytes))
 
 

@@ -109,7 +109,16 @@ class CloudRunText(BaseModel):
     text: str
 
 
-ANSWERS = [ErrorBody, Completion, ModelList, Health, Tokenized, Detokenized, TokenizerInfo, CloudRunText]
+ANSWERS: list[type[BaseModel]] = [
+    ErrorBody,
+    Completion,
+    ModelList,
+    Health,
+    Tokenized,
+    Detokenized,
+    TokenizerInfo,
+    CloudRunText,
+]
 
 ERRORS = {
     400: "a bad request: the message names the field (`param`)",

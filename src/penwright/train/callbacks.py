@@ -93,7 +93,7 @@ class Throughput(L.Callback):
     allocator, thread pools, ``torch.compile``'s compilation)."""
 
     def __init__(self):
-        self.tokens, self.seconds, self._tick = 0, 0.0, None
+        self.tokens, self.seconds, self._tick = 0, 0.0, 0.0
         self.step_rates: list[float] = []
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):

@@ -27,7 +27,7 @@ def wandb_mode() -> str:
         return "online"
     host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname
     try:
-        if netrc.netrc().authenticators(host):
+        if host and netrc.netrc().authenticators(host):
             return "online"
     except (FileNotFoundError, netrc.NetrcParseError):
         pass
@@ -39,7 +39,7 @@ def wandb_mode() -> str:
 
 def run_metadata(cfg: schema.Config) -> dict:
     """What the W&B run config holds beside the resolved config: git commit, data version."""
-    meta = {"config": cfg.to_dict()}
+    meta: dict[str, object] = {"config": cfg.to_dict()}
     try:
         meta["git_commit"] = subprocess.run(
             ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True

@@ -103,7 +103,8 @@ def load_adapter(peft_model, folder: Path, cfg: schema.Lora, digest: str) -> Non
     keys = {"r": "rank", "lora_alpha": "alpha", "target_modules": "targets"}
     for key, value in wanted.items():
         have = sorted(saved.get(key) or []) if key == "target_modules" else saved.get(key)
-        if have != value and not (key == "lora_alpha" and have is not None and float(have) == float(value)):
+        same_alpha = key == "lora_alpha" and isinstance(have, int | float) and float(have) == float(cfg.alpha)
+        if have != value and not same_alpha:
             raise ConfigError(
                 f"train.lora.{keys[key]}: {config_file} was trained with {key}={have!r}, this run asks for "
                 f"{value!r}; set train.lora.{keys[key]} to match the adapter"

@@ -173,7 +173,8 @@ class LitGPT2(L.LightningModule):
 
     def configure_optimizers(self):
         cfg = self.cfg
-        decay, no_decay = [], []
+        decay: list = []
+        no_decay: list = []
         for name, p in self.model.named_parameters():
             if not p.requires_grad:
                 continue

@@ -55,7 +55,7 @@ def train(cfg: schema.Config) -> dict:
         model = lora.apply(
             model,
             tcfg.lora,
-            source=cfg.model.name_or_path,  # the schema refuses LoRA on a scratch model
+            source=str(cfg.model.name_or_path),  # the schema refuses LoRA on a scratch model
             gradient_checkpointing=tcfg.gradient_checkpointing,
         )
     module = LitGPT2(model, tcfg, data.bytes_per_token)
@@ -291,7 +291,8 @@ def build_strategy(tr: schema.Trainer):
     from lightning.pytorch.strategies import FSDPStrategy
     from transformers.models.gpt2.modeling_gpt2 import GPT2Block
 
-    f = tr.fsdp  # the schema requires it with strategy fsdp
+    f = tr.fsdp
+    assert f is not None  # the schema requires it with strategy fsdp
     return FSDPStrategy(
         auto_wrap_policy={GPT2Block},
         activation_checkpointing_policy={GPT2Block} if f.activation_checkpointing else None,
