@@ -200,8 +200,13 @@ def render_train_lora(load: Callable[[str], dict]) -> str:
         [
             provenance(d, name),
             "",
-            f"{num(batch.get('steps'))} steps of {num(batch.get('batch_size'))} x {num(batch.get('block_size'))} tokens "
-            f"after {num(batch.get('untimed_steps'))} untimed ones; random weights in the real shapes.",
+            f"{num(batch.get('steps'))} steps of {num(batch.get('batch_size'))} x {num(batch.get('block_size'))} tokens, "
+            + (
+                f"timed after {num(batch['untimed_steps'])} untimed ones"
+                if "untimed_steps" in batch
+                else "tokens/s of the median step"
+            )
+            + "; random weights in the real shapes.",
             "",
             table(
                 ["shape", "peak RSS full / LoRA", "tokens/s full / LoRA", "checkpoint full / LoRA", "loss full / LoRA"],
