@@ -27,8 +27,9 @@ def test_train_writes_model_metrics_curves_samples_and_checkpoints(compose_train
     assert json.loads((run / "model" / "tokenizer.json").read_text())["padding"] is None
     report = json.loads((run / "reports" / "train.json").read_text())
     assert report == metrics and report["steps"] == 8 and report["tokens"] == 8 * 4 * 32
-    for key in ("val_loss", "val_ppl", "val_bpb", "best_val_loss", "tokens_per_sec", "wall_seconds"):
+    for key in ("val_loss", "val_ppl", "val_bpb", "best_val_loss", "tokens_per_sec", "tokens_per_sec_median_step"):
         assert report[key] > 0, key
+    assert report["wall_seconds"] > 0
     assert abs(report["val_ppl"] - torch.exp(torch.tensor(report["val_loss"])).item()) < 0.01 * report["val_ppl"]
     assert [int(r["step"]) for r in curve(run / "reports")] == list(range(1, 9))
     assert [int(r["step"]) for r in curve(run / "reports", "val")] == [4, 8]
@@ -54,6 +55,7 @@ def test_resumed_training_equals_uninterrupted_training(compose_train, tmp_path)
     val_curve = curve(tmp_path / "chunked" / "reports", "val")
     again = train(compose_train("trainer.max_steps=12", *common, run="chunked"))  # done already: nothing to train
     assert again["steps"] == 12 and curve(tmp_path / "chunked" / "reports") == chunked_curve
+    assert again["tokens_per_sec_median_step"] is None and again["tokens_per_sec"] > 0  # no step ran this time
     assert [r["step"] for r in curve(tmp_path / "chunked" / "reports", "val")] == [r["step"] for r in val_curve]
 
 

@@ -113,7 +113,7 @@ class Throughput(L.Callback):
 
     @property
     def median_step_rate(self) -> float:
-        return statistics.median(self.step_rates) if self.step_rates else 0.0
+        return statistics.median(self.step_rates)
 
 
 class CurveWriter(L.Callback):

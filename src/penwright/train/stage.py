@@ -382,7 +382,8 @@ def _finish(cfg, trainer, module, tokenizer, data, final, callbacks: Callbacks, 
         "steps": steps,
         "tokens": tokens,
         "tokens_per_sec": round(step_tokens / step_seconds, 1) if step_seconds else 0.0,
-        "tokens_per_sec_median_step": round(throughput.median_step_rate, 1),  # this run's steady rate
+        # this run's steady rate (warmup and compiling left out); None when it trained no step (resumed at the end)
+        "tokens_per_sec_median_step": round(throughput.median_step_rate, 1) if throughput.step_rates else None,
         "wall_seconds": round(seconds, 1),
         "resumed": resumed,
         "device": str(module.device),
