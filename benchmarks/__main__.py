@@ -7,9 +7,9 @@ Run from a checkout (the benchmarks are not part of the installed package) with 
 from __future__ import annotations
 
 import argparse
-import sys
 
-from penwright.core.errors import ConfigError, PenwrightError
+from penwright.cli import exit_after
+from penwright.core.errors import ConfigError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -99,16 +99,7 @@ def _names(value: str | None, flag: str, choices: tuple[str, ...]) -> tuple[str,
 
 
 def main(argv: list[str] | None = None) -> None:
-    code = 0
-    try:
-        run(build_parser().parse_args(argv))
-    except PenwrightError as err:
-        print(f"error: {err}", file=sys.stderr)
-        code = 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        code = 130
-    sys.exit(code)
+    exit_after(lambda: run(build_parser().parse_args(argv)))  # bad input: one line, exit 2, as penwright's CLI
 
 
 if __name__ == "__main__":

@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from collections.abc import Callable
+from typing import NoReturn
 
 from penwright.core.errors import PenwrightError
 
@@ -150,8 +152,13 @@ def run(argv: list[str] | None = None) -> int:
 
 
 def main(argv: list[str] | None = None) -> None:
+    exit_after(lambda: run(argv))
+
+
+def exit_after(work: Callable[[], int | None]) -> NoReturn:
+    """Run a command and exit with its code: bad input is one line (``error: ...``, exit 2), not a traceback."""
     try:
-        code = run(argv)
+        code = work() or 0
     except PenwrightError as err:
         print(f"error: {err}", file=sys.stderr)
         code = 2
