@@ -176,11 +176,12 @@ def test_the_cli_prints_one_line_and_exits_2(tmp_path):
 
 
 def test_the_schema_names_the_callers_key_and_the_shared_layer_its_value():
+    from penwright.core.errors import InvalidValue
     from penwright.inference.sampling import SamplingConfig
 
     assert "chain.top_k" in _compose_error(["experiment=wp_responses", "chain.top_k=-1"])
     assert "generate.top_k" in _compose_error(["generate.top_k=-1"])
-    with pytest.raises(ConfigError, match=r"^top_k=-1"):  # library code takes plain values, not key names
+    with pytest.raises(InvalidValue, match=r"^top_k=-1"):  # library code takes plain values, not key names
         SamplingConfig(top_k=-1)
 
 

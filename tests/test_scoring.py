@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from helpers.reweighted import log_softmax_of
-from penwright.core.errors import ConfigError
+from penwright.core.errors import InvalidValue
 from penwright.inference.engine import Engine, Request
 from penwright.inference.sampling import SamplingConfig
 
@@ -105,10 +105,10 @@ def test_logit_bias_forces_and_bans_tokens(engine):
 
 
 def test_bad_scoring_input_is_refused_naming_the_value(engine):
-    with pytest.raises(ConfigError, match="prompt token 1 is 99999"):
+    with pytest.raises(InvalidValue, match=r"prompt\[1\]=99999: token ids go from 0"):
         engine.check([1, 99999], 1)
-    with pytest.raises(ConfigError, match="max_tokens=0: must be >= 1"):
+    with pytest.raises(InvalidValue, match="max_tokens=0: must be >= 1"):
         engine.check([1, 2], 0)
     engine.check([1, 2], 0, score_prompt=True)
-    with pytest.raises(ConfigError, match="exceeds the context"):
+    with pytest.raises(InvalidValue, match="exceeds the context"):
         engine.check([1] * (engine.context + 1), 0, score_prompt=True)
