@@ -414,6 +414,7 @@ class Serve(Group):
     temperature: Annotated[float, Field(ge=0, le=100)]  # 0: greedy (OpenAI's convention)
     top_k: NonNegInt
     top_p: TopP
+    chat_template: str | None  # null: the tokenizer's own
 
 
 class Chain(Group):

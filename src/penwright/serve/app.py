@@ -24,13 +24,13 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from penwright.core.errors import PenwrightError
 from penwright.core.schema import Serve
-from penwright.serve import cloud_run, completions, page
+from penwright.serve import chat, cloud_run, completions, page
 from penwright.serve import openapi as oa
 from penwright.serve.deps import ApiError, Served, ServedDep, error_body, validation_response
 from penwright.serve.page import is_page_request
 
 router = APIRouter()  # the server's own routes: /health, /metrics
-ROUTERS = (router, completions.router, cloud_run.router, page.router)
+ROUTERS = (router, completions.router, chat.router, cloud_run.router, page.router)
 
 
 def create_app(engine_factory, settings: Serve) -> FastAPI:
@@ -93,6 +93,7 @@ def create_app(engine_factory, settings: Serve) -> FastAPI:
         if not document:
             bodies: list[type[BaseModel]] = [
                 completions.CompletionBody,
+                chat.ChatBody,
                 completions.TokenizeBody,
                 completions.DetokenizeBody,
                 cloud_run.CloudRunBody,

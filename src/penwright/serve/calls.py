@@ -27,6 +27,7 @@ class CompletionCall:
     same sampling and limit fields); ``texts`` / ``encoded``: its prompts as text and token ids."""
 
     object = "text_completion"
+    chunk_object = "text_completion"  # a streamed event's object
     id_prefix = "cmpl"
 
     def __init__(
@@ -186,7 +187,7 @@ class CompletionCall:
         if not hasattr(self, "_opening"):
             h = self.head
             self._opening = (
-                f'data: {{"id":{json.dumps(h["id"])},"object":{json.dumps(h["object"])},"created":{h["created"]},'
+                f'data: {{"id":{json.dumps(h["id"])},"object":{json.dumps(self.chunk_object)},"created":{h["created"]},'
                 f'"model":{json.dumps(h["model"])},"choices":[{{"text":'
             )
         return self._opening
@@ -217,7 +218,7 @@ class CompletionCall:
                     entry[1] = reason or entry[1]
                 yield "".join(self.chunk_json(k, text, reason) for k, (text, reason) in merged.items())
             if (self.body.stream_options or {}).get("include_usage"):
-                yield sse({**self.head, "choices": [], "usage": self.usage()})
+                yield sse({**self.head, "object": self.chunk_object, "choices": [], "usage": self.usage()})
             yield "data: [DONE]\n\n"
         finally:  # the client went away (or we are done): free the slots at the next step
             self.job.cancel()

@@ -140,7 +140,7 @@ async def tokenizer_info(http: HttpRequest, served: ServedDep):
         "unk_token": tok.unk_token,
         "model_max_length": eng.context,
         "vocab_size": len(tok),
-        "chat_template": None,  # a base model: no chat template
+        "chat_template": served.settings.chat_template or getattr(tok, "chat_template", None),
     }
 
 

@@ -53,6 +53,41 @@ class Completion(BaseModel):
     usage: Usage
 
 
+class ChatTopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int]
+
+
+class ChatTokenLogprob(ChatTopLogprob):
+    top_logprobs: list[ChatTopLogprob]
+
+
+class ChatLogprobs(BaseModel):
+    content: list[ChatTokenLogprob]
+
+
+class ChatMessageOut(BaseModel):
+    role: str
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: ChatMessageOut
+    logprobs: ChatLogprobs | None
+    finish_reason: str | None
+
+
+class ChatCompletion(BaseModel):
+    id: str
+    object: str
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+
+
 class ModelCard(BaseModel):
     id: str
     object: str
@@ -112,6 +147,7 @@ class CloudRunText(BaseModel):
 ANSWERS: list[type[BaseModel]] = [
     ErrorBody,
     Completion,
+    ChatCompletion,
     ModelList,
     Health,
     Tokenized,
