@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Build llama.cpp's own benchmark tools (llama-bench, llama-batched-bench), its plain command-line generator
 # (llama-completion) and its HTTP server (llama-server) into .llama.cpp/bin, from the llama.cpp source vendored by the llama-cpp-python release
-# pinned in constraints.txt: the same llama.cpp the tests load GGUF files with. `penwright bench
+# pinned in constraints.txt: the same llama.cpp the tests load GGUF files with. `python -m benchmarks
 # generate` and `python -m benchmarks serve` run these beside penwright. Needs cmake and a C++ compiler; ~10 min on 2 cores.
 #
 #   scripts/build_llama_cpp.sh [DEST]      (default DEST: .llama.cpp)

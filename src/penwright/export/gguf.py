@@ -262,8 +262,8 @@ def load_llama(path: Path, *, repack: bool = True, **kwargs):
         import llama_cpp.llama as module
     except ImportError as e:
         raise PenwrightError(
-            f"llama-cpp-python is not installed ({e}); install the dev extras: "
-            "pip install -c constraints.txt -e '.[dev]'"
+            f"llama-cpp-python is not installed ({e}); install it (it compiles llama.cpp: minutes): "
+            "pip install -c constraints.txt -e '.[llama]'"
         ) from None
     kwargs.setdefault("verbose", False)
     if repack:
