@@ -17,11 +17,12 @@ from typing import Literal
 
 from fastapi import APIRouter
 from fastapi import Request as HttpRequest
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field
 
 from penwright.inference.engine import Engine, Request
 from penwright.serve import openapi as oa
 from penwright.serve.calls import CompletionCall
+from penwright.serve.completions import GenerationBody
 from penwright.serve.deps import ApiError, Served, ServedDep, read_body
 
 router = APIRouter()
@@ -35,42 +36,17 @@ class ChatMessage(BaseModel):
     name: str | None = None  # the speaker, in a group chat
 
 
-class ChatBody(BaseModel):
-    """OpenAI's chat completion request (vLLM's fields too: ``top_k``, ``repetition_penalty``, ``min_tokens``).
-    Fields that change the answer and that penwright cannot honour (tools, penalties, response formats) are
-    refused rather than ignored."""
+class ChatBody(GenerationBody):
+    """OpenAI's chat completion request, as vLLM serves it. Fields that change the answer and that penwright
+    cannot honour (tools, penalties, response formats) are refused rather than ignored."""
 
-    model_config = ConfigDict(extra="ignore")
-
-    model: str | None = None
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)  # OpenAI's newer name for max_tokens
-    temperature: float | None = Field(None, ge=0)
-    top_p: float | None = Field(None, gt=0, le=1)
-    n: int = Field(1, ge=1)
-    stop: str | list[str] | None = None
-    seed: int | None = Field(None, ge=0)
-    stream: bool = False
-    stream_options: dict | None = None
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0)
-    top_k: int | None = Field(None, ge=-1)
-    repetition_penalty: float | None = Field(None, ge=0.01, le=100)
-    min_tokens: int = Field(0, ge=0)
-    user: str | None = None
-    frequency_penalty: float | None = None
-    presence_penalty: float | None = None
     tools: list | None = None
     response_format: dict | None = None
-
-    @field_validator("stop")
-    @classmethod
-    def _stops(cls, v):
-        stops = [v] if isinstance(v, str) else list(v or [])
-        if len(stops) > 4:
-            raise ValueError(f"at most 4 stop strings (got {len(stops)})")
-        return [s for s in stops if s]
 
 
 class ChatCall(CompletionCall):

@@ -25,34 +25,25 @@ router = APIRouter()
 # -- request bodies ---------------------------------------------------------------------------------
 
 
-class CompletionBody(BaseModel):
-    """OpenAI's completion request, as vLLM serves it: a prompt as text or token ids (one or a list), scoring
-    (``logprobs``, ``echo``, ``max_tokens: 0``), ``logit_bias`` and ``best_of``. Fields it defines that change
-    the answer and that penwright cannot honour (suffix, frequency and presence penalties) are refused rather
-    than ignored."""
+class GenerationBody(BaseModel):
+    """What OpenAI's completion and chat requests share (with vLLM's and llama.cpp's ``top_k``,
+    ``repetition_penalty`` and ``min_tokens``)."""
 
     model_config = ConfigDict(extra="ignore")
 
     model: str | None = None
-    prompt: str | list[str] | list[int] | list[list[int]] = ""
-    max_tokens: int | None = Field(None, ge=0)  # 0: with echo, the prompt alone (scored, with logprobs)
     temperature: float | None = Field(None, ge=0)
     top_p: float | None = Field(None, gt=0, le=1)
     n: int = Field(1, ge=1)
     stop: str | list[str] | None = None
     seed: int | None = Field(None, ge=0)
     stream: bool = False
-    echo: bool = False
+    stream_options: dict | None = None
     top_k: int | None = Field(None, ge=-1)  # vLLM: -1 = all tokens
     repetition_penalty: float | None = Field(None, ge=0.01, le=100)  # (smaller ones overflow fp32 logits)
     min_tokens: int = Field(0, ge=0)
-    stream_options: dict | None = None
     user: str | None = None
-    logprobs: int | None = Field(None, ge=0)  # the N most likely tokens beside each token's own logprob
-    suffix: str | None = None
-    best_of: int | None = Field(None, ge=1)  # generate best_of per prompt, return the n of highest mean logprob
-    logit_bias: dict[str, float] | None = None  # token id (a string, as JSON keys are) -> bias, -100..100
-    frequency_penalty: float | None = None
+    frequency_penalty: float | None = None  # (refused unless 0: use repetition_penalty)
     presence_penalty: float | None = None
 
     @field_validator("stop")
@@ -62,6 +53,21 @@ class CompletionBody(BaseModel):
         if len(stops) > 4:
             raise ValueError(f"at most 4 stop strings (got {len(stops)})")
         return [s for s in stops if s]
+
+
+class CompletionBody(GenerationBody):
+    """OpenAI's completion request, as vLLM serves it: a prompt as text or token ids (one or a list), scoring
+    (``logprobs``, ``echo``, ``max_tokens: 0``), ``logit_bias`` and ``best_of``. Fields it defines that change
+    the answer and that penwright cannot honour (suffix, frequency and presence penalties) are refused rather
+    than ignored."""
+
+    prompt: str | list[str] | list[int] | list[list[int]] = ""
+    max_tokens: int | None = Field(None, ge=0)  # 0: with echo, the prompt alone (scored, with logprobs)
+    echo: bool = False
+    logprobs: int | None = Field(None, ge=0)  # the N most likely tokens beside each token's own logprob
+    suffix: str | None = None
+    best_of: int | None = Field(None, ge=1)  # generate best_of per prompt, return the n of highest mean logprob
+    logit_bias: dict[str, float] | None = None  # token id (a string, as JSON keys are) -> bias, -100..100
 
 
 class TokenizeBody(BaseModel):
