@@ -85,12 +85,13 @@ SCOPES = {  # the code, and the dependencies it may use
 
 @pytest.mark.parametrize("folder", list(SCOPES))
 def test_every_import_is_declared(folder):
-    allowed = _declared()[SCOPES[folder]]
+    declared = _declared()
+    allowed = declared[SCOPES[folder]]
     providers = importlib.metadata.packages_distributions()
     undeclared = {}
     for module, files in imported_modules(REPO / folder).items():
         dists = {_name(d) for d in providers.get(module, [])}
-        extra = _declared()[OPTIONAL[module]] if module in OPTIONAL else set()
+        extra = declared[OPTIONAL[module]] if module in OPTIONAL else set()
         if not dists & (allowed | extra):
             undeclared[module] = (sorted(dists) or ["(not installed)"], sorted(files)[:3])
     assert not undeclared, (

@@ -59,12 +59,12 @@ class Chat:
 def read_chat(path: str | Path, format: str = "auto") -> list[Chat]:
     """The chats in one export file."""
     path = Path(path)
+    if not path.is_file() or path.stat().st_size == 0:
+        raise CorpusError(f"{path}: the export is empty or missing; export the chat again")
     if format == "auto":
         format = detect_format(path)
     if format not in FORMATS:
         raise CorpusError(f"{path}: data.format={format!r} is not a chat format ({', '.join(FORMATS)})")
-    if not path.is_file() or path.stat().st_size == 0:
-        raise CorpusError(f"{path}: the export is empty or missing; export the chat again")
     chats = {"whatsapp": _whatsapp, "telegram": _telegram, "messages": _messages, "sms": _sms}[format](path)
     if not any(c.messages for c in chats):
         dropped = sum((c.dropped for c in chats), Counter())
@@ -98,6 +98,7 @@ def detect_format(path: Path) -> str:
 
 # -- WhatsApp ------------------------------------------------------------------------------------------
 
+DATE_ORDERS = ("dmy", "mdy", "ymd")  # day-first, month-first, year-first
 _MARKS = "\u200e\u200f\u202a\u202c\ufeff"  # invisible direction marks iOS puts around names and system text
 _HEADER = re.compile(
     r"^[" + _MARKS + r"]*\[?(?P<date>\d{1,4}[./-]\d{1,2}[./-]\d{1,4}),?\s+"
@@ -160,7 +161,7 @@ def _whatsapp_times(path: Path, raw: list) -> list[datetime]:
     """Each header's time, reading the dates day-first or month-first: the order under which every date
     parses and time goes back least (phones write one order per export)."""
     best: tuple[int, list[datetime]] | None = None
-    for order in ("dmy", "mdy", "ymd"):
+    for order in DATE_ORDERS:
         try:
             times = [_when(d, t, a, order) for _, d, t, a, _ in raw]
         except ValueError:
@@ -178,7 +179,7 @@ def _whatsapp_times(path: Path, raw: list) -> list[datetime]:
 
 
 def _parses(date: str, time: str, ampm: str | None) -> bool:
-    for order in ("dmy", "mdy", "ymd"):
+    for order in DATE_ORDERS:
         try:
             _when(date, time, ampm, order)
             return True

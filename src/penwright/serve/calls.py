@@ -55,7 +55,8 @@ class CompletionCall:
         self.best_of = best_of
         if encoded is None:
             texts, encoded = prompts_of(self.engine, body.prompt)
-        self.texts, self.encoded = texts or [], encoded
+        assert texts is not None  # (a caller that gives the ids gives their texts too)
+        self.texts, self.encoded = texts, encoded
         if len(encoded) * best_of > settings.max_prompts:
             raise ApiError(
                 400,
@@ -102,10 +103,15 @@ class CompletionCall:
             "model": self.model,
         }
         # echo: the prompt as its tokens read (an empty prompt is <|endoftext|>: the offsets index this text)
-        shown = [t or self.engine.decode(ids) for t, ids in zip(self.texts or [""] * len(encoded), encoded)]
+        shown = [t or self.engine.decode(ids) for t, ids in zip(texts, encoded)]
         self.prefix = [shown[k // best_of] if body.echo else "" for k in range(len(self.requests))]
         self.sent = [0] * len(self.requests)  # per choice: scored tokens sent so far, and their text's length
         self.offsets = [0] * len(self.requests)
+        h = self.head  # every streamed event starts the same, up to its choice: built once a call
+        self.stream_prefix = (
+            f'data: {{"id":{json.dumps(h["id"])},"object":{json.dumps(self.chunk_object)},"created":{h["created"]},'
+            f'"model":{json.dumps(h["model"])},"choices":['
+        )
 
     def check_unsupported(self) -> None:
         """Fields OpenAI defines that change the answer and that penwright cannot honour: refused, not ignored."""
@@ -161,14 +167,17 @@ class CompletionCall:
         lp = logprobs_json(self.engine, self.scores(r), 0)[0] if self.body.logprobs is not None else None
         return {"text": text, "index": index, "logprobs": lp, "finish_reason": r.finish_reason}
 
-    def logprobs_since(self, k: int) -> dict | None:
-        """The tokens of choice ``k`` scored since its last chunk (the engine scores, then emits) as OpenAI's
-        logprobs object; None when the request asked for none."""
-        if self.body.logprobs is None:
-            return None
+    def scored_since(self, k: int) -> list:
+        """The tokens of choice ``k`` scored since its last chunk (the engine scores, then emits)."""
         entries = self.scores(self.requests[k], self.sent[k])
         self.sent[k] += len(entries)
-        lp, self.offsets[k] = logprobs_json(self.engine, entries, self.offsets[k])
+        return entries
+
+    def logprobs_since(self, k: int) -> dict | None:
+        """``scored_since`` as OpenAI's logprobs object; None when the request asked for none."""
+        if self.body.logprobs is None:
+            return None
+        lp, self.offsets[k] = logprobs_json(self.engine, self.scored_since(k), self.offsets[k])
         return lp
 
     def chunk_json(self, k: int, text: str, reason: str | None) -> str:
@@ -177,20 +186,9 @@ class CompletionCall:
             text, self.echo_pending[k] = self.prefix[k] + text, False
         lp = json.dumps(self.logprobs_since(k), ensure_ascii=False)
         return (
-            f"{self.opening}{json.dumps(text, ensure_ascii=False)},"
+            f'{self.stream_prefix}{{"text":{json.dumps(text, ensure_ascii=False)},'
             f'"index":{k},"logprobs":{lp},"finish_reason":{json.dumps(reason)}}}]}}\n\n'
         )
-
-    @property
-    def opening(self) -> str:
-        """A chunk's text up to its choice (built once a call: every chunk starts the same)."""
-        if not hasattr(self, "_opening"):
-            h = self.head
-            self._opening = (
-                f'data: {{"id":{json.dumps(h["id"])},"object":{json.dumps(self.chunk_object)},"created":{h["created"]},'
-                f'"model":{json.dumps(h["model"])},"choices":[{{"text":'
-            )
-        return self._opening
 
     def opening_chunks(self) -> list[str]:
         """Events before the first piece of text: the echoed prompt when it is not scored (a scored prompt goes

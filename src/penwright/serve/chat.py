@@ -84,22 +84,10 @@ class ChatCall(CompletionCall):
         message = {"role": "assistant", "content": r.text}
         return {"index": index, "message": message, "logprobs": lp, "finish_reason": r.finish_reason}
 
-    @property
-    def opening(self) -> str:
-        h = self.head
-        return (
-            f'data: {{"id":{json.dumps(h["id"])},"object":{json.dumps(self.chunk_object)},"created":{h["created"]},'
-            f'"model":{json.dumps(h["model"])},"choices":['
-        )
-
     def chunk_json(self, k: int, text: str, reason: str | None) -> str:
         """The choice's role in its first chunk, then its new text; the finish reason in a chunk of its own."""
         out = []
-        lp = None
-        if self.body.logprobs is not None:
-            entries = self.scores(self.requests[k], self.sent[k])
-            self.sent[k] += len(entries)
-            lp = self.chat_logprobs(entries)
+        lp = self.chat_logprobs(self.scored_since(k)) if self.body.logprobs is not None else None
         delta: dict = {}
         if not self.role_sent[k]:
             delta["role"], self.role_sent[k] = "assistant", True
@@ -111,10 +99,7 @@ class ChatCall(CompletionCall):
             out.append({"index": k, "delta": delta, "logprobs": lp, "finish_reason": None})
         if reason is not None:
             out.append({"index": k, "delta": {}, "logprobs": None, "finish_reason": reason})
-        return "".join(f"{self.opening}{json.dumps(c, ensure_ascii=False)}]}}\n\n" for c in out)
-
-    def opening_chunks(self) -> list[str]:
-        return []
+        return "".join(f"{self.stream_prefix}{json.dumps(c, ensure_ascii=False)}]}}\n\n" for c in out)
 
     def chat_logprobs(self, entries: list) -> dict:
         """OpenAI's chat ``logprobs``: ``{"content": [{token, logprob, bytes, top_logprobs}]}``."""
