@@ -41,6 +41,11 @@ STAGES = {
         "generate",
         "text from the exported model (onnxruntime, KV cache): reports/samples.md",
     ),
+    "chat": (
+        "penwright.generate.chat",
+        "chat",
+        "talk with the exported chat model in the terminal, the reply streaming (no server)",
+    ),
     "verbosify": (
         "penwright.generate.verbosify",
         "verbosify",

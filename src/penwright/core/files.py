@@ -131,3 +131,9 @@ def load_tokenizer(directory: str | Path, fix: str, **kwargs):
     from transformers import AutoTokenizer
 
     return load_dir(directory, AutoTokenizer.from_pretrained, fix, local_files_only=True, **kwargs)
+
+
+def save_tokenizer(tokenizer, directory: str | Path) -> None:
+    """``save_pretrained`` with the chat template inline in ``tokenizer_config.json`` (not a separate
+    ``chat_template.jinja``): transformers.js and every copy of the folder read it from there."""
+    tokenizer.save_pretrained(directory, save_jinja_files=False)

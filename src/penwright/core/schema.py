@@ -97,10 +97,22 @@ class Paths(Group):
     reports: str
 
 
+class ChatData(Group):
+    speaker: str | None  # null: the format's own (sms: "me", messages: "assistant")
+    gap_hours: PosFloat
+    merge_turns: bool
+    scrub: bool
+    loss_on: Literal["persona", "all"]
+    openings: NonNegInt
+
+
+CHAT_FORMATS = ("whatsapp", "telegram", "messages", "sms")
+
+
 class Data(Group):
     path: str
     glob: str
-    format: Literal["auto", "text", "csv", "jsonl"]
+    format: Literal["auto", "text", "csv", "jsonl", "whatsapp", "telegram", "messages", "sms"]
     csv_column: str | None
     csv_prefix: str | None  # null: none
     jsonl_field: str
@@ -111,6 +123,7 @@ class Data(Group):
     chunk_bytes: Annotated[int, Field(ge=4096, le=2**31 - 1)]
     out_dir: str
     fast_encode: bool
+    chat: ChatData
 
     @field_validator("take")
     @classmethod

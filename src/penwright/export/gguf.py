@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from penwright.core.errors import ConfigError, PenwrightError
+from penwright.prepare.chat_format import ChatFormat
 
 TYPES = ("f32", "f16", "q8_0", "q4_0")
 BLOCK = 32  # weights per block of q8_0 and q4_0: a quantized matrix's rows must be a multiple of it
@@ -135,8 +136,10 @@ def tokenizer_metadata(tok: dict, vocab_size: int) -> dict:
     return {"tokens": tokens, "types": types, "merges": merges}
 
 
-def write_gguf(model, tokenizer_json: dict, path: Path, qtype: str, name: str = "penwright") -> dict:
-    """``model`` (a GPT2LMHeadModel) and its tokenizer as one GGUF file of type ``qtype``."""
+def write_gguf(
+    model, tokenizer_json: dict, path: Path, qtype: str, chat_template: str | None = None, name: str = "penwright"
+) -> dict:
+    """``model`` (a GPT2LMHeadModel) and its tokenizer (and chat template) as one GGUF file of type ``qtype``."""
     import gguf
 
     cfg = model.config
@@ -175,6 +178,8 @@ def write_gguf(model, tokenizer_json: dict, path: Path, qtype: str, name: str = 
     writer.add_bos_token_id(cfg.bos_token_id if cfg.bos_token_id is not None else eos)
     writer.add_eos_token_id(eos)
     writer.add_add_bos_token(False)  # GPT-2 starts from the text itself
+    if chat_template:
+        writer.add_chat_template(chat_template)  # tokenizer.chat_template: llama-server --jinja renders it
 
     state = {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
     tied = "lm_head.weight" not in state or np.array_equal(state["lm_head.weight"], state["transformer.wte.weight"])
@@ -223,20 +228,35 @@ def export_gguf(model, tokenizer_dir: Path, out_dir: Path, types: list[str]) -> 
     if not types:
         return []
     tokenizer_json = check_gguf(model.config, tokenizer_dir, types)
-    written = [write_gguf(model, tokenizer_json, out_dir / gguf_name(t), t) for t in types]  # the same bytes every time
+    template = chat_template_of(tokenizer_dir)
+    written = [
+        write_gguf(model, tokenizer_json, out_dir / gguf_name(t), t, template) for t in types
+    ]  # same bytes each time
     eos = eos_id(model.config, tokenizer_json)
     assert eos is not None  # check_gguf refuses a model without one
-    write_modelfile(out_dir / "Modelfile", gguf_name(types[0]), {i: t for t, i in _vocab(tokenizer_json).items()}[eos])
+    eos_text = {i: t for t, i in _vocab(tokenizer_json).items()}[eos]
+    write_modelfile(out_dir / "Modelfile", gguf_name(types[0]), eos_text, ChatFormat.parse(template))
     return written
 
 
-def write_modelfile(path: Path, gguf_file: str, eos: str) -> None:
-    """An Ollama Modelfile beside the GGUF: the prompt goes in as plain text (GPT-2 has no chat template)
-    and generation stops at the end-of-text token. ``ollama create <name> -f Modelfile`` in that folder."""
+def chat_template_of(tokenizer_dir: Path) -> str | None:
+    """The ``chat_template`` saved inline in ``tokenizer_config.json`` (a chat model's), else None."""
+    path = Path(tokenizer_dir) / "tokenizer_config.json"
+    config = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    template = config.get("chat_template")
+    return template if isinstance(template, str) else None
+
+
+def write_modelfile(path: Path, gguf_file: str, eos: str, chat: ChatFormat | None = None) -> None:
+    """An Ollama Modelfile beside the GGUF; ``ollama create <name> -f Modelfile`` in that folder. A chat model's
+    TEMPLATE is its chat template in Go's syntax (``ChatFormat.ollama_template``); any other model takes the
+    prompt as plain text. Generation stops at the end-of-text token (the end of the persona's turn)."""
+    template = chat.ollama_template() if chat else "{{ .Prompt }}"
+    usage = "ollama run <name>   (then talk)" if chat else 'ollama run <name> "Your prompt"'
     path.write_text(
-        f'# ollama create <name> -f Modelfile   (in this folder), then: ollama run <name> "Your prompt"\n'
+        f"# ollama create <name> -f Modelfile   (in this folder), then: {usage}\n"
         f"FROM ./{gguf_file}\n"
-        'TEMPLATE """{{ .Prompt }}"""\n'
+        f'TEMPLATE """{template}"""\n'
         f'PARAMETER stop "{eos}"\n'
         "PARAMETER temperature 0.8\n",
         encoding="utf-8",

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from penwright.core.files import save_tokenizer
+
 GRAPH = "model.onnx"
 
 EXTERNAL_DATA_BYTES = 1_800_000_000  # protobuf's limit is 2 GB: bigger models keep weights beside the graph
@@ -52,6 +54,6 @@ def save_fused(model, tokenizer, out_dir: Path) -> Path:
 
     out_dir.mkdir(parents=True, exist_ok=True)
     save_graph(build_graph(model, "fused"), out_dir / GRAPH)
-    tokenizer.save_pretrained(out_dir)
+    save_tokenizer(tokenizer, out_dir)
     model.config.save_pretrained(out_dir)
     return out_dir

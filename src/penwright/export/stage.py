@@ -31,7 +31,7 @@ import torch
 from penwright.core import schema
 from penwright.core.atomic import atomic_write_text, staged_dir
 from penwright.core.errors import ConfigError, PenwrightError
-from penwright.core.files import load_model, load_tokenizer
+from penwright.core.files import load_model, load_tokenizer, save_tokenizer
 from penwright.core.log import get_logger
 from penwright.export.fp16 import half
 from penwright.export.gguf import check_gguf, export_gguf
@@ -39,8 +39,10 @@ from penwright.export.parity import parity
 from penwright.export.quantize import quantize, quantized_quality
 from penwright.export.save import GRAPH, node_count, save_graph, save_with_external_data_if_large
 from penwright.export.trace import export_graph
+from penwright.prepare.chat_format import ChatFormat
 
 log = get_logger("export").info
+warn = get_logger("export").warning
 
 
 def choose_graph(wanted: str, config) -> str:
@@ -71,6 +73,13 @@ def export(cfg: schema.Config) -> dict:
     model = load_model(src, fix, torch_dtype=torch.float32).eval()
     tokenizer = load_tokenizer(src, fix)
     check_gguf(model.config, src, gguf)  # before any work: llama.cpp must be able to run what is asked for
+    chat = ChatFormat.parse(getattr(tokenizer, "chat_template", None))
+    if chat:
+        warn(
+            f"this is a chat model (persona {chat.persona!r}): it may repeat what was said in the chats it learned "
+            f"from, and its chat template names {chat.persona!r} and {chat.other!r}. Read its samples before you "
+            "share the exported files"
+        )
     if dtype == "fp16" and quantized:
         raise ConfigError(
             f"export.quantize={quantized} quantizes the fp32 graph: it cannot be combined with export.dtype=fp16; "
@@ -105,7 +114,7 @@ def export(cfg: schema.Config) -> dict:
         else:
             export_graph(model, graph, ecfg.opset)
             external = save_with_external_data_if_large(graph)
-        tokenizer.save_pretrained(tmp)
+        save_tokenizer(tokenizer, tmp)
         model.config.save_pretrained(tmp)
         model.generation_config.save_pretrained(tmp)
         report: dict[str, Any] = {

@@ -53,7 +53,8 @@ class Chat:
     dropped: Counter = field(default_factory=Counter)  # reason -> messages left out
 
     def speakers(self) -> Counter:
-        return Counter(m.sender for m in self.messages)
+        """Messages per speaker (a messages file's system prompts are nobody's)."""
+        return Counter(m.sender for m in self.messages if m.role != "system")
 
 
 def read_chat(path: str | Path, format: str = "auto") -> list[Chat]:
@@ -78,7 +79,7 @@ def read_chat(path: str | Path, format: str = "auto") -> list[Chat]:
 def detect_format(path: Path) -> str:
     """The chat format of a file, from its name and first bytes; a file that fits none is refused, naming them."""
     try:
-        head = path.read_bytes()[:4096].decode("utf-8", errors="replace").lstrip("\ufeff\u200e \n")
+        head = _head(path)
     except OSError as err:
         raise CorpusError(f"{path}: cannot be read ({err})") from None
     if head.startswith("<?xml") or head.startswith("<smses"):
@@ -94,6 +95,26 @@ def detect_format(path: Path) -> str:
         "(WhatsApp's exported .txt, Telegram Desktop's result.json, messages JSONL, SMS Backup & Restore XML): "
         "set data.format if the file is one of them"
     )
+
+
+def _head(path: Path) -> str:
+    with path.open("rb") as f:
+        return f.read(4096).decode("utf-8", errors="replace").lstrip("\ufeff\u200e \n")
+
+
+def is_whatsapp(path: Path) -> bool:
+    """A text file whose first line is a WhatsApp export's date line."""
+    return bool(_HEADER.match(_head(path).split("\n", 1)[0]))
+
+
+def is_messages(path: Path) -> bool:
+    """A JSONL file whose first record is ``{"messages": [...]}``."""
+    with path.open(encoding="utf-8-sig", errors="replace") as f:
+        first = next((line for line in f if line.strip()), "")
+    try:
+        return isinstance(record := json.loads(first), dict) and isinstance(record.get("messages"), list)
+    except json.JSONDecodeError:
+        return False
 
 
 # -- WhatsApp ------------------------------------------------------------------------------------------
@@ -345,21 +366,23 @@ def scrub(text: str, counts: Counter | None = None) -> str:
 class Turn:
     speaker: str
     text: str
+    role: str | None = None  # messages JSONL: the messages' role
 
 
-def conversations(chat: Chat, gap_hours: float = 6.0) -> Iterator[list[Turn]]:
+def conversations(chat: Chat, gap_hours: float = 6.0, merge: bool = True) -> Iterator[list[Turn]]:
     """The chat cut into conversations after a silence of more than ``gap_hours`` (no cut where the format
-    has no times), each a list of turns: one speaker's consecutive messages joined by newlines."""
+    has no times), each a list of turns: one speaker's consecutive messages joined by newlines (``merge``),
+    else one turn per message."""
     turns: list[Turn] = []
     last: datetime | None = None
     for m in chat.messages:
         if turns and m.time is not None and last is not None and m.time - last > timedelta(hours=gap_hours):
             yield turns
             turns = []
-        if turns and turns[-1].speaker == m.sender:
+        if merge and turns and turns[-1].speaker == m.sender and turns[-1].role == m.role:
             turns[-1].text += "\n" + m.text
         else:
-            turns.append(Turn(m.sender, m.text))
+            turns.append(Turn(m.sender, m.text, m.role))
         last = m.time or last
     if turns:
         yield turns

@@ -5,7 +5,11 @@ A corpus is a file or a directory (recursive, sorted, filtered by a glob) of:
 * ``.txt`` / ``.md``: one document per file, read in chunks;
 * ``.csv``: one document per row of a single-column CSV (or a chosen column), header skipped;
   each row is prefixed with ``csv_prefix`` (``<|startoftext|>``) as gpt-2-simple did;
-* ``.jsonl``: one document per record, its text in ``jsonl_field``.
+* ``.jsonl``: one document per record, its text in ``jsonl_field``;
+* chat exports (``whatsapp``, ``telegram``, ``messages``, ``sms``: ``prepare.chats``), told apart from documents
+  by their content where that is unambiguous (a ``.txt`` that starts with a WhatsApp date line, a ``.json``
+  Telegram export, an ``.xml`` SMS backup, a ``.jsonl`` of ``{"messages": [...]}`` records); ``prepare`` turns
+  them into conversations (``prepare.chat_corpus``).
 
 Text is UTF-8; a leading BOM is dropped and CRLF (or a lone CR) becomes LF. Every problem is a
 ``CorpusError`` naming the file, and the line or byte where it applies.
@@ -24,9 +28,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from penwright.core.errors import CorpusError
+from penwright.prepare import chats
 
 TEXT_SUFFIXES = {".txt", ".md", ".markdown", ".text"}
 FORMATS = {"text", "csv", "jsonl"}
+CHAT_FORMATS = set(chats.FORMATS)
 
 csv.field_size_limit(sys.maxsize)
 
@@ -100,14 +106,16 @@ def _format_of(path: Path, spec: CorpusSpec) -> str:
         return spec.format
     suffix = path.suffix.lower()
     if suffix in TEXT_SUFFIXES:
-        return "text"
+        return "whatsapp" if chats.is_whatsapp(path) else "text"
     if suffix == ".csv":
         return "csv"
     if suffix in (".jsonl", ".ndjson"):
-        return "jsonl"
+        return "messages" if chats.is_messages(path) else "jsonl"
+    if suffix in (".json", ".xml"):
+        return chats.detect_format(path)
     raise CorpusError(
-        f"{path}: cannot tell the format from the suffix {suffix or '(none)'!r}. Name it .txt/.md/.csv/.jsonl, "
-        f"set data.format=text|csv|jsonl, or narrow data.glob"
+        f"{path}: cannot tell the format from the suffix {suffix or '(none)'!r}. Name it .txt/.md/.csv/.jsonl "
+        f"(or a chat export: .json, .xml), set data.format=text|csv|jsonl|{'|'.join(chats.FORMATS)}, or narrow data.glob"
     )
 
 
@@ -131,7 +139,9 @@ def scan(spec: CorpusSpec) -> list[Source]:
                     )
                 md5.update(block)
                 offset += len(block)
-        if fmt == "text":
+        if fmt in CHAT_FORMATS:
+            count = len(chats.read_chat(path, fmt))  # reads it all: a damaged export is refused before any work
+        elif fmt == "text":
             count = 1
             nonblank = False
             for piece in read_text(path, spec):  # decodes it all: bad UTF-8 is caught before any work

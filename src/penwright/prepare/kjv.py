@@ -7,7 +7,12 @@ shapes of corpus gpt-2-simple users bring:
 * ``data/kjv/books/NN-<book>.txt``: long documents, one file per book, one paragraph per chapter;
 * ``data/kjv/verses.csv``: short texts, a single-column CSV with one verse per row;
 * ``data/kjv/writing_prompts.csv``: records ``[WP] <prompt> [RESPONSE] <response>``, one per chapter
-  (its first verse is the prompt, the next verses the response), for the two-model writing-prompts preset.
+  (its first verse is the prompt, the next verses the response), for the two-model writing-prompts preset;
+* ``data/kjv/job-whatsapp.txt`` and ``data/kjv/job-messages.jsonl``: the Book of Job's dialogue (3:1 to 42:6)
+  as a chat, written as WhatsApp's Android export and as a messages JSONL: Job, his three friends, Elihu and
+  the LORD, one verse a message. Speeches are cut into chunks of ``CHAT_CHUNK`` verses, a day apart, except
+  that a speech's first chunk follows the one before it the same day, so that each conversation is one
+  speaker's passage or the end of a speech and the start of the reply (the chat preset's persona is Job).
 
 Their hash is the one committed in ``data.dvc``; the command then records them in the DVC cache
 (``dvc commit``) so that ``dvc status`` is clean and ``dvc push`` works.
@@ -117,6 +122,70 @@ def render_writing_prompts(books) -> str:
     return buf.getvalue()
 
 
+CHAT_CHUNK = 8  # verses per conversation chunk of the Job chat
+_SPEAKER = re.compile(
+    r"^(?:After this|And|But|Then|Moreover|Furthermore)?\s*(?:answered\s+)?(?:the\s+)?"
+    r"(?P<who>Job|Eliphaz|Bildad|Zophar|Elihu|LORD)\b.*?\bsaid,\s*(?P<rest>.*)$"
+)
+_NAMES = {"LORD": "The LORD"}
+
+
+def job_dialogue(books) -> list[tuple[str, list[str]]]:
+    """The speeches of Job 3:1 to 42:6 as (speaker, verses), the narrator's "X answered and said," dropped."""
+    (verses,) = [v for name, v in books if name.startswith("Job")]
+    speeches: list[tuple[str, list[str]]] = []
+    for chapter, verse, text in verses:
+        if chapter < 3 or (chapter, verse) == (3, 1) or (chapter == 32 and verse < 6) or (chapter, verse) > (42, 6):
+            continue
+        m = _SPEAKER.match(text)
+        if m and ("answered" in text or "spake" in text or "continued" in text or "proceeded" in text):
+            speeches.append((_NAMES.get(m["who"], m["who"]), []))
+            text = m["rest"]
+        if text:
+            speeches[-1][1].append(text)
+    return speeches
+
+
+def job_conversations(books) -> list[list[tuple[str, str]]]:
+    """The dialogue as conversations of (speaker, verse) messages (see the module's docstring)."""
+    conversations: list[list[tuple[str, str]]] = []
+    for speaker, verses in job_dialogue(books):
+        for start in range(0, len(verses), CHAT_CHUNK):
+            chunk = [(speaker, v) for v in verses[start : start + CHAT_CHUNK]]
+            if start == 0 and conversations and conversations[-1][-1][0] != speaker:
+                conversations[-1] = conversations[-1] + chunk  # the reply joins the end of the speech it answers
+            else:
+                conversations.append(chunk)
+    return conversations
+
+
+def render_whatsapp(conversations) -> str:
+    """WhatsApp's Android export: ``3/1/24, 9:00 AM - Name: text``, a minute a message, a day between conversations."""
+    from datetime import datetime, timedelta
+
+    day, lines = datetime(2024, 3, 1, 9, 0), []
+    for conversation in conversations:
+        for i, (speaker, text) in enumerate(conversation):
+            t = day + timedelta(minutes=i)
+            lines.append(f"{t.month}/{t.day}/{t:%y}, {t.hour % 12 or 12}:{t:%M} {t:%p} - {speaker}: {text}")
+        day += timedelta(days=1)
+    return "\n".join(lines) + "\n"
+
+
+def render_messages(conversations, persona: str = "Job") -> str:
+    """One ``{"messages": [...]}`` line per conversation, each message named: the persona's are the assistant's."""
+    import json
+
+    rows = []
+    for conversation in conversations:
+        messages = [
+            {"role": "assistant" if speaker == persona else "user", "name": speaker, "content": text}
+            for speaker, text in conversation
+        ]
+        rows.append(json.dumps({"messages": messages}, ensure_ascii=False))
+    return "\n".join(rows) + "\n"
+
+
 def _slug(name: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
 
@@ -132,8 +201,11 @@ def materialize(data_dir: str | Path = "data", commit: bool = True) -> Path:
             (tmp / "books" / f"{number:02d}-{_slug(name)}.txt").write_bytes(render_book(name, verses).encode("utf-8"))
         (tmp / "verses.csv").write_bytes(render_csv(books).encode("utf-8"))
         (tmp / "writing_prompts.csv").write_bytes(render_writing_prompts(books).encode("utf-8"))
+        job = job_conversations(books)
+        (tmp / "job-whatsapp.txt").write_bytes(render_whatsapp(job).encode("utf-8"))
+        (tmp / "job-messages.jsonl").write_bytes(render_messages(job).encode("utf-8"))
     size = sum(p.stat().st_size for p in target.rglob("*") if p.is_file())
-    log(f"wrote {target}/: {len(books)} books + verses.csv + writing_prompts.csv, {size / 1e6:.1f} MB")
+    log(f"wrote {target}/: {len(books)} books + verses.csv + writing_prompts.csv + the Job chat, {size / 1e6:.1f} MB")
     dvc_file = data_dir.parent / f"{data_dir.name}.dvc"
     if commit and dvc_file.is_file():
         _dvc_commit(dvc_file)

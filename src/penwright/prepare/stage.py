@@ -22,7 +22,7 @@ import json
 import sys
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,9 +31,13 @@ from tqdm import tqdm
 
 from penwright.core import schema
 from penwright.core.atomic import staged_dir
+from penwright.core.errors import CorpusError
+from penwright.core.files import save_tokenizer
 from penwright.core.log import get_logger
 from penwright.prepare import copies
-from penwright.prepare.corpus import CorpusSpec, Source, iter_documents, scan
+from penwright.prepare.chat_corpus import openings, read_corpus, split_one
+from penwright.prepare.chat_format import EOS
+from penwright.prepare.corpus import CHAT_FORMATS, CorpusSpec, Source, iter_documents, scan
 from penwright.prepare.tokenizer import (
     BYTES_VOCAB,
     BatchEncoder,
@@ -131,6 +135,8 @@ def prepare(cfg: schema.Config) -> dict:
     out_dir = Path(data.out_dir)
 
     sources = scan(spec)
+    if any(s.format in CHAT_FORMATS for s in sources):
+        return prepare_chats(cfg, spec, sources, start)
     n_docs = sum(s.documents for s in sources)
     total_bytes = sum(s.size for s in sources)
     log(f"{spec.path}: {len(sources)} file(s), {n_docs:,} document(s), {total_bytes / 1e6:.2f} MB")
@@ -138,20 +144,9 @@ def prepare(cfg: schema.Config) -> dict:
     is_val = split_documents(n_docs, val_fraction, data.split_seed)
 
     with staged_dir(out_dir) as tmp:  # an error or a kill leaves an earlier prepared dir as it was
-        if tok_cfg.type == "bpe":
-            log(f"training a byte-level BPE of {tok_cfg.vocab_size:,} tokens on the training split")
-            limit, vocab, min_frequency = tok_cfg.train_max_bytes, tok_cfg.vocab_size, tok_cfg.min_frequency
-            assert limit is not None and vocab is not None and min_frequency is not None  # the schema requires them
-            single_limit = int(total_bytes * (1 - val_fraction)) if single else None
-            texts = limit_bytes(_training_text(sources, spec, is_val, single_limit), limit)
-            tokenizer = train_bpe(texts, vocab, min_frequency)
-        elif tok_cfg.type == "bytes":
-            log(f"byte-level tokenizer: one token per byte, {BYTES_VOCAB} tokens")
-            tokenizer = byte_tokenizer()
-        else:
-            assert tok_cfg.name_or_path  # the schema requires it for a pretrained tokenizer
-            tokenizer = load_pretrained_tokenizer(tok_cfg.name_or_path)
-        tokenizer.save_pretrained(tmp / TOKENIZER_DIR)
+        single_limit = int(total_bytes * (1 - val_fraction)) if single else None
+        tokenizer = make_tokenizer(tok_cfg, lambda: _training_text(sources, spec, is_val, single_limit))
+        save_tokenizer(tokenizer, tmp / TOKENIZER_DIR)
 
         vocab_size = len(tokenizer)
         eos = int(tokenizer.eos_token_id)
@@ -169,38 +164,198 @@ def prepare(cfg: schema.Config) -> dict:
         if single and val_fraction > 0:
             _split_tokens(tmp, dtype, val_fraction, stats, tokenizer)
 
-        meta = {
-            "format_version": META_VERSION,
-            "dtype": dtype.name,
-            "vocab_size": vocab_size,
-            "eos_token_id": eos,
-            "tokenizer": {
-                "type": tok_cfg.type,
-                "name_or_path": None if tok_cfg.type in ("bpe", "bytes") else tok_cfg.name_or_path,
-                "md5": _md5_file(tmp / TOKENIZER_DIR / "tokenizer.json"),
-                "encoder": encoder_name,
-            },
-            "data": {
-                "path": spec.path,
-                "glob": spec.glob,
-                "files": len(sources),
-                "documents": n_docs,
-                "bytes": total_bytes,
-                "md5": _md5_lines(f"{s.path.as_posix()} {s.md5}" for s in sources),
-            },
-            "split": {"by": "tokens" if single else "documents", "val_fraction": val_fraction, "seed": data.split_seed},
-            **{s: vars(stats[s]) for s in SPLITS},
-        }
+        split = {"by": "tokens" if single else "documents", "val_fraction": val_fraction, "seed": data.split_seed}
+        meta = _meta(tmp, tokenizer, tok_cfg, encoder_name, split, spec, sources, n_docs, total_bytes, stats)
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
         copies.write(tmp, digests, spec.csv_prefix)  # what generate.check_copies compares samples with
 
+    _done(out_dir, stats, dtype, vocab_size, start, total_bytes)
+    return meta
+
+
+def _done(
+    out_dir: Path, stats: dict, dtype: np.dtype, vocab_size: int, start: float, total_bytes: int, extra=""
+) -> None:
     seconds = time.perf_counter() - start
     log(
         f"wrote {out_dir}/: train {stats['train'].tokens:,} tokens ({stats['train'].documents:,} docs), "
         f"val {stats['val'].tokens:,} tokens ({stats['val'].documents:,} docs), {dtype.name}, "
-        f"vocab {vocab_size:,}, in {seconds:.1f} s ({total_bytes / 1e6 / seconds:.1f} MB/s)"
+        f"vocab {vocab_size:,}, in {seconds:.1f} s ({total_bytes / 1e6 / seconds:.1f} MB/s){extra}"
     )
+
+
+def _meta(tmp: Path, tokenizer, tok_cfg, encoder: str, split: dict, spec, sources, n_docs, total_bytes, stats) -> dict:
+    """meta.json: what train reads (dtype, vocabulary, EOS, the token counts) and what the corpus was."""
+    return {
+        "format_version": META_VERSION,
+        "dtype": dtype_for(len(tokenizer)).name,
+        "vocab_size": len(tokenizer),
+        "eos_token_id": int(tokenizer.eos_token_id),
+        "tokenizer": {
+            "type": tok_cfg.type,
+            "name_or_path": None if tok_cfg.type in ("bpe", "bytes") else tok_cfg.name_or_path,
+            "md5": _md5_file(tmp / TOKENIZER_DIR / "tokenizer.json"),
+            "encoder": encoder,
+        },
+        "data": {
+            "path": spec.path,
+            "glob": spec.glob,
+            "files": len(sources),
+            "documents": n_docs,
+            "bytes": total_bytes,
+            "md5": _md5_lines(f"{s.path.as_posix()} {s.md5}" for s in sources),
+        },
+        "split": split,
+        **{s: vars(stats[s]) for s in SPLITS},
+    }
+
+
+def prepare_chats(cfg: schema.Config, spec: CorpusSpec, sources: list[Source], start: float) -> dict:
+    """The stage on chat exports: one document per conversation, written in the chat template
+    (``prepare.chat_format``), which is saved inline in the tokenizer's config. Beside each ``<split>.bin`` a
+    ``<split>.mask`` (one uint8 per token) marks what the loss counts: the persona's turns, each up to and
+    including its end-of-text token (``data.chat.loss_on=all``: every token, and no mask is written).
+    ``openings.json`` holds the val contexts the training samples answer."""
+    data = cfg.data
+    chat = data.chat
+    tok_cfg = cfg.model.tokenizer
+    out_dir = Path(data.out_dir)
+    documents_too = [str(s.path) for s in sources if s.format not in CHAT_FORMATS]
+    if documents_too:
+        raise CorpusError(
+            f"{spec.path}: chat exports and documents together ({', '.join(documents_too[:3])} are documents): "
+            "prepare them apart (data.path), or narrow data.glob"
+        )
+    corpus = read_corpus([(str(s.path), s.format) for s in sources], chat, spec.path)
+    fmt, documents = corpus.format, corpus.documents
+    if not documents:
+        raise CorpusError(f"{spec.path}: {fmt.persona!r} speaks in no conversation: choose another data.chat.speaker")
+    if len(documents) == 1:
+        documents = split_one(documents, data.val_fraction)
+        is_val = np.array([False, True][: len(documents)])
+    else:
+        is_val = split_documents(len(documents), data.val_fraction, data.split_seed)
+    val_docs = [d for d, v in zip(documents, is_val) if v]
+    persona_in_val = any(m["role"] == "assistant" for d in val_docs for m in d)
+    if val_docs and chat.loss_on == "persona" and not persona_in_val:
+        raise CorpusError(
+            f"{spec.path}: {fmt.persona!r} has no turns in the val split ({len(val_docs)} conversation(s)), so "
+            "validation would measure nothing: raise data.val_fraction, change data.split_seed or add conversations"
+        )
+    total_bytes = sum(s.size for s in sources)
+    summary = corpus.summary()
+    log(
+        f"{spec.path}: {len(sources)} chat export(s), {len(documents):,} conversation(s), persona {fmt.persona!r} "
+        f"({summary['persona_turns']:,} turns) answering {fmt.other!r} and {len(corpus.speakers) - 2} more; "
+        f"left out: {_counts(corpus.dropped) or 'nothing'}; scrubbed: {_counts(corpus.scrubbed) or 'nothing'}"
+    )
+    rendered = [fmt.render(d) for d in documents]
+    masked = chat.loss_on == "persona"
+
+    with staged_dir(out_dir) as tmp:
+        tokenizer = make_tokenizer(
+            tok_cfg, lambda: (t.replace(EOS, "\n") for (t, _), v in zip(rendered, is_val) if not v)
+        )
+        tokenizer.chat_template = fmt.jinja()
+        save_tokenizer(tokenizer, tmp / TOKENIZER_DIR)
+        eos, dtype = int(tokenizer.eos_token_id), dtype_for(len(tokenizer))
+        writers = {s: _Writer(tmp / f"{s}.bin", dtype) for s in SPLITS}
+        masks = {s: open(tmp / f"{s}.mask", "wb") for s in SPLITS} if masked else {}
+        loss = {s: {"loss_tokens": 0, "loss_bytes": 0} for s in SPLITS}
+        digests: dict[str, set[bytes]] = {s: set() for s in SPLITS}
+        try:
+            for first in range(0, len(documents), 256):  # a chat corpus is small: no progress bar
+                batch = list(zip(documents, rendered, is_val))[first : first + 256]
+                texts = [text for _, (text, _), _ in batch]
+                encoded = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
+                for (doc, (text, spans), val), ids, offsets in zip(
+                    batch, encoded["input_ids"], encoded["offset_mapping"]
+                ):
+                    if tokenizer.apply_chat_template(doc, tokenize=False) != text:  # the one template, everywhere
+                        raise RuntimeError(
+                            f"the chat template renders a conversation otherwise than prepare: {doc[:2]}"
+                        )
+                    part = "val" if val else "train"
+                    hasher = copies.DocumentHasher(spec.csv_prefix)
+                    hasher.update(text)
+                    digests[part].add(hasher.digest())
+                    mask = _loss_mask(offsets, spans) if masked else np.ones(len(ids), dtype=np.uint8)
+                    if not ids or ids[-1] != eos:  # each conversation ends with one EOS (the loss skips it)
+                        ids, mask = [*ids, eos], np.append(mask, np.uint8(0))
+                    writers[part].write(ids)
+                    writers[part].stats.documents += 1
+                    writers[part].stats.bytes += len(text.encode("utf-8"))
+                    loss[part]["loss_tokens"] += int(mask.sum())
+                    counted = [text[a : b - len(EOS)] for a, b in spans] if masked else [text]
+                    loss[part]["loss_bytes"] += sum(len(t.encode("utf-8")) for t in counted)
+                    if masked:
+                        masks[part].write(mask.tobytes())
+        finally:
+            for w in writers.values():
+                w.close()
+            for f in masks.values():
+                f.close()
+        stats = {s: writers[s].stats for s in SPLITS}
+        split = {"by": "documents", "val_fraction": data.val_fraction, "seed": data.split_seed}
+        meta = _meta(tmp, tokenizer, tok_cfg, "tokenizers", split, spec, sources, len(documents), total_bytes, stats)
+        for name in SPLITS:
+            meta[name].update(loss[name])
+        meta["chat"] = {
+            "format": sorted({s.format for s in sources}),
+            "loss_on": chat.loss_on,
+            "mask": masked,
+            **summary,
+        }
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+        (tmp / "openings.json").write_text(
+            json.dumps(
+                [
+                    {
+                        **o,
+                        "prompt": tokenizer.apply_chat_template(
+                            o["context"], tokenize=False, add_generation_prompt=True
+                        ),
+                    }
+                    for o in openings(val_docs, chat.openings)
+                ],
+                indent=1,
+                ensure_ascii=False,
+            )
+            + "\n"
+        )
+        copies.write(tmp, digests, spec.csv_prefix)
+
+    left_out = _counts(corpus.dropped)
+    _done(out_dir, stats, dtype, len(tokenizer), start, total_bytes, f"; left out: {left_out or 'nothing'}")
     return meta
+
+
+def _loss_mask(offsets: list[tuple[int, int]], spans: list[tuple[int, int]]) -> np.ndarray:
+    """1 for each token that starts inside one of ``spans`` (character ranges), else 0."""
+    starts = np.fromiter((a for a, _ in offsets), dtype=np.int64, count=len(offsets))
+    mask = np.zeros(len(offsets), dtype=np.uint8)
+    for a, b in spans:
+        mask[(starts >= a) & (starts < b)] = 1
+    return mask
+
+
+def _counts(counter) -> str:
+    return ", ".join(f"{n:,} {what}" for what, n in counter.most_common())
+
+
+def make_tokenizer(tok_cfg: schema.Tokenizer, training_text: Callable[[], Iterable[str]]):
+    """The tokenizer ``model.tokenizer`` asks for: a byte-level BPE trained on ``training_text()``, bytes, or a
+    pretrained one."""
+    if tok_cfg.type == "bpe":
+        log(f"training a byte-level BPE of {tok_cfg.vocab_size:,} tokens on the training split")
+        limit, vocab, min_frequency = tok_cfg.train_max_bytes, tok_cfg.vocab_size, tok_cfg.min_frequency
+        assert limit is not None and vocab is not None and min_frequency is not None  # the schema requires them
+        return train_bpe(limit_bytes(training_text(), limit), vocab, min_frequency)
+    if tok_cfg.type == "bytes":
+        log(f"byte-level tokenizer: one token per byte, {BYTES_VOCAB} tokens")
+        return byte_tokenizer()
+    assert tok_cfg.name_or_path  # the schema requires it for a pretrained tokenizer
+    return load_pretrained_tokenizer(tok_cfg.name_or_path)
 
 
 def choose_encoder(tokenizer, sample: list[str], fast: bool) -> tuple[str, BatchEncoder]:

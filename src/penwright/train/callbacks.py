@@ -101,7 +101,7 @@ class Throughput(L.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         seconds = time.perf_counter() - self._tick
-        tokens = batch.shape[0] * (batch.shape[1] - 1) * trainer.world_size
+        tokens = batch.shape[0] * (batch.shape[-1] - 1) * trainer.world_size
         self.tokens += tokens
         self.seconds += seconds
         self.step_rates.append(tokens / seconds)
@@ -194,11 +194,23 @@ class CurveWriter(L.Callback):
 
 
 class SampleCallback(L.Callback):
-    def __init__(self, cfg: schema.Sample, tokenizer, prompt_source: np.ndarray, out_dir: str | Path):
+    """A chat corpus's samples are also the persona's replies (kind ``reply``) to ``openings``: contexts from the
+    val conversations rendered by the chat template with the generation prompt (``prepare`` wrote them), each
+    reply cut where the persona's turn ends. A prompt longer than the context keeps its end."""
+
+    def __init__(
+        self,
+        cfg: schema.Sample,
+        tokenizer,
+        prompt_source: np.ndarray,
+        out_dir: str | Path,
+        openings: list[dict] | None = None,
+    ):
         self.cfg, self.every, self.temperatures = cfg, cfg.every_n_steps, list(cfg.temperatures)
         self.tokenizer = left_padded(tokenizer)  # a copy: the tokenizer train saves stays as it was
+        self.tokenizer.truncation_side = "left"
         self.out_dir = Path(out_dir)
-        self.prompts = self._prompts(prompt_source)
+        self.prompts = self._prompts(prompt_source) + [("reply", o["prompt"]) for o in openings or []]
         self.last_step = -1
 
     def _prompts(self, source: np.ndarray) -> list[tuple[str, str]]:
@@ -227,7 +239,10 @@ class SampleCallback(L.Callback):
     def generate(self, model, temperature: float, step: int) -> list[str]:
         tok = self.tokenizer
         texts = [p for _, p in self.prompts]
-        enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
+        longest = model.config.n_positions - self.cfg.max_new_tokens
+        enc = tok(
+            texts, return_tensors="pt", padding=True, add_special_tokens=False, truncation=True, max_length=longest
+        ).to(model.device)
         out = model.generate(
             **enc,
             do_sample=True,
@@ -239,7 +254,8 @@ class SampleCallback(L.Callback):
             pad_token_id=tok.pad_token_id,
             eos_token_id=None,  # show the full length: an <|endoftext|> stays visible in the text
         )
-        return [tok.decode(row[enc["input_ids"].shape[1] :], skip_special_tokens=False) for row in out]
+        texts = [tok.decode(row[enc["input_ids"].shape[1] :], skip_special_tokens=False) for row in out]
+        return [t.split(tok.eos_token)[0] if kind == "reply" else t for (kind, _), t in zip(self.prompts, texts)]
 
     def sample(self, trainer: L.Trainer, pl_module) -> None:
         step = trainer.global_step

@@ -4,6 +4,10 @@ A window is ``block_size + 1`` consecutive tokens (inputs and next-token targets
 shorter than that (gpt-2-simple users finetuned on a three-sentence passage and had to paste it
 until it filled 1024 tokens) is repeated end to end, each copy still closed by its EOS, until it
 fills one window: no error, and a notice that says so.
+
+A chat corpus (``prepare.chat_corpus``) has a loss mask beside each split (``<split>.mask``, one uint8 a token:
+1 where the persona writes): its windows are ``(2, block_size + 1)``, the ids and the targets, which are the
+ids with ``IGNORE`` where the mask is 0, so the loss counts the persona's turns only.
 """
 
 from __future__ import annotations
@@ -18,6 +22,8 @@ from torch.utils import data as torch_data
 from penwright.core.errors import PenwrightError
 from penwright.core.files import damaged, load_tokenizer, read_json
 from penwright.core.log import get_logger
+
+IGNORE = -100  # a target the loss skips (torch's cross_entropy ignore_index)
 
 
 def load_meta(prepared_dir: str | Path) -> dict:
@@ -49,10 +55,35 @@ def load_tokens(prepared_dir: str | Path, split: str) -> np.memmap | np.ndarray:
     return tokens
 
 
-class TokenWindows:
-    """Windows of ``block_size + 1`` tokens starting every ``stride`` tokens (a torch-style dataset)."""
+def load_mask(prepared_dir: str | Path, split: str) -> np.ndarray | None:
+    """The ``split``'s loss mask (a chat corpus's), or None where every token counts."""
+    meta = load_meta(prepared_dir)
+    if not meta.get("chat", {}).get("mask"):
+        return None
+    path = Path(prepared_dir) / f"{split}.mask"
+    if not path.is_file() or path.stat().st_size != meta[split]["tokens"]:
+        raise PenwrightError(f"{path}: missing, or not one byte per token of {split}.bin; rerun `penwright prepare`")
+    return np.memmap(path, dtype=np.uint8, mode="r") if meta[split]["tokens"] else np.zeros(0, dtype=np.uint8)
 
-    def __init__(self, tokens: np.ndarray, block_size: int, stride: int | None = None, name: str = "split"):
+
+def load_openings(prepared_dir: str | Path) -> list[dict]:
+    """A chat corpus's openings for training samples (``openings.json``: val contexts and the persona's reply)."""
+    path = Path(prepared_dir) / "openings.json"
+    return read_json(path, fix="rerun `penwright prepare`") if path.is_file() else []
+
+
+class TokenWindows:
+    """Windows of ``block_size + 1`` tokens starting every ``stride`` tokens (a torch-style dataset); with a loss
+    ``mask``, each window is ``(ids, targets)``: shape ``(2, block_size + 1)``."""
+
+    def __init__(
+        self,
+        tokens: np.ndarray,
+        block_size: int,
+        stride: int | None = None,
+        name: str = "split",
+        mask: np.ndarray | None = None,
+    ):
         if block_size < 1:
             raise PenwrightError(f"block_size={block_size}: must be at least 1")
         if tokens.size == 0:
@@ -66,7 +97,8 @@ class TokenWindows:
                 f"it is repeated {copies}x to fill one"
             )
             tokens = np.tile(np.asarray(tokens), copies)
-        self.tokens = tokens
+            mask = None if mask is None else np.tile(np.asarray(mask), copies)
+        self.tokens, self.mask = tokens, mask
         self.block_size = block_size
         self.stride = stride or block_size
         self.count = (tokens.size - need) // self.stride + 1
@@ -78,7 +110,10 @@ class TokenWindows:
         if not 0 <= i < self.count:
             raise IndexError(i)
         start = i * self.stride
-        return np.asarray(self.tokens[start : start + self.block_size + 1], dtype=np.int64)
+        ids = np.asarray(self.tokens[start : start + self.block_size + 1], dtype=np.int64)
+        if self.mask is None:
+            return ids
+        return np.stack([ids, np.where(self.mask[start : start + self.block_size + 1] != 0, ids, IGNORE)])
 
 
 class RandomWindows(torch_data.IterableDataset):
@@ -89,8 +124,17 @@ class RandomWindows(torch_data.IterableDataset):
     Ranks of a distributed run take interleaved sample indices.
     """
 
-    def __init__(self, tokens: np.ndarray, block_size: int, seed: int, start: int = 0, rank: int = 0, world: int = 1):
-        self.windows = TokenWindows(tokens, block_size, stride=1, name="train")
+    def __init__(
+        self,
+        tokens: np.ndarray,
+        block_size: int,
+        seed: int,
+        start: int = 0,
+        rank: int = 0,
+        world: int = 1,
+        mask: np.ndarray | None = None,
+    ):
+        self.windows = TokenWindows(tokens, block_size, stride=1, name="train", mask=mask)
         self.seed, self.start, self.rank, self.world = seed, start, rank, world
 
     def window(self, index: int) -> np.ndarray:
@@ -127,11 +171,12 @@ class PreparedData(L.LightningDataModule):
         self.meta = load_meta(self.prepared_dir)
         self.train_tokens = load_tokens(self.prepared_dir, "train")
         self.val_tokens = load_tokens(self.prepared_dir, "val")
+        self.train_mask, self.val_mask = load_mask(self.prepared_dir, "train"), load_mask(self.prepared_dir, "val")
         if self.train_tokens.size == 0:
             raise PenwrightError(f"{self.prepared_dir}/train.bin is empty: add text or lower data.val_fraction")
         if self.val_tokens.size == 0:
             get_logger("data").info("no validation split (data.val_fraction=0): validating on training windows")
-            self.val_tokens = self.train_tokens
+            self.val_tokens, self.val_mask = self.train_tokens, self.train_mask
 
     @staticmethod
     def load_tokenizer(prepared_dir: str | Path):
@@ -141,8 +186,10 @@ class PreparedData(L.LightningDataModule):
 
     @property
     def bytes_per_token(self) -> float | None:
+        """Bytes of text per token the val loss counts (a chat's: the persona's turns only)."""
         split = self.meta["val"] if self.meta["val"]["tokens"] else self.meta["train"]
-        return split["bytes"] / split["tokens"] if split["tokens"] else None
+        tokens, size = split.get("loss_tokens", split["tokens"]), split.get("loss_bytes", split["bytes"])
+        return size / tokens if tokens else None
 
     def train_dataloader(self):
         trainer = self.trainer
@@ -150,11 +197,11 @@ class PreparedData(L.LightningDataModule):
         world = trainer.world_size if trainer is not None else 1
         rank = trainer.global_rank if trainer is not None else 0
         start = step * self.batch_size * self.accumulate * world
-        dataset = RandomWindows(self.train_tokens, self.block_size, self.seed, start, rank, world)
+        dataset = RandomWindows(self.train_tokens, self.block_size, self.seed, start, rank, world, self.train_mask)
         return torch_data.DataLoader(dataset, batch_size=self.batch_size, num_workers=0)
 
     def val_dataloader(self):
-        windows = TokenWindows(self.val_tokens, self.block_size, stride=self.block_size, name="val")
+        windows = TokenWindows(self.val_tokens, self.block_size, stride=self.block_size, name="val", mask=self.val_mask)
         count = min(len(windows), self.val_batches * self.batch_size)
         picks = np.linspace(0, len(windows) - 1, num=count).round().astype(int)
         batch = np.stack([windows[i] for i in picks])

@@ -19,6 +19,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 from penwright.core import schema
 from penwright.core.errors import ConfigError, PenwrightError
 from penwright.core.hub import load_pretrained
+from penwright.train.data import IGNORE
 
 
 def build_model(model_cfg: schema.Model, vocab_size: int, eos_token_id: int, block_size: int) -> GPT2LMHeadModel:
@@ -121,9 +122,14 @@ class LitGPT2(L.LightningModule):
         return self.model(input_ids=input_ids, use_cache=False).logits
 
     def _loss(self, batch: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
-        inputs, targets = batch[:, :-1], batch[:, 1:]
+        """Next-token cross-entropy of a batch of windows; masked windows (``(B, 2, T + 1)``: ids and targets, a
+        chat's) count only the targets that are not ``IGNORE`` (a batch with none gives 0, not NaN)."""
+        inputs, targets = _split(batch)
         logits = self(inputs)
-        return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1), reduction=reduction)
+        flat = logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1)
+        if batch.dim() == 2 or reduction == "none":
+            return F.cross_entropy(*flat, reduction=reduction, ignore_index=IGNORE)
+        return F.cross_entropy(*flat, reduction="sum", ignore_index=IGNORE) / (targets != IGNORE).sum().clamp(min=1)
 
     def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
         loss = self._loss(batch)
@@ -157,7 +163,7 @@ class LitGPT2(L.LightningModule):
     def validation_step(self, batch: torch.Tensor, batch_idx: int) -> None:
         losses = self._loss(batch, reduction="none")
         self._val_sum += losses.double().sum()
-        self._val_count += losses.numel()
+        self._val_count += (_split(batch)[1] != IGNORE).sum()
 
     def on_validation_epoch_end(self):
         total = self.all_gather(self._val_sum).sum()
@@ -188,6 +194,13 @@ class LitGPT2(L.LightningModule):
             optimizer, lr_lambda(cfg.warmup_steps, total, cfg.schedule, cfg.min_lr_ratio)
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def _split(batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(inputs, targets) of a batch of windows: ``(B, T + 1)`` ids, or ``(B, 2, T + 1)`` ids and masked targets."""
+    if batch.dim() == 3:
+        return batch[:, 0, :-1], batch[:, 1, 1:]
+    return batch[:, :-1], batch[:, 1:]
 
 
 def lr_lambda(warmup: int, total: int, schedule: str, min_ratio: float):

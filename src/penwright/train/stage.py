@@ -22,6 +22,7 @@ import torch
 from penwright.core import schema
 from penwright.core.atomic import atomic_write_text, staged_dir
 from penwright.core.errors import ConfigError, PenwrightError
+from penwright.core.files import save_tokenizer
 from penwright.core.log import get_logger, global_rank
 from penwright.train import lora
 from penwright.train.callbacks import (
@@ -32,7 +33,7 @@ from penwright.train.callbacks import (
     Throughput,
     checkpoints,
 )
-from penwright.train.data import PreparedData, load_meta
+from penwright.train.data import PreparedData, load_meta, load_openings
 from penwright.train.loggers import build_loggers
 from penwright.train.model import LitGPT2, build_model, lr_lambda
 
@@ -86,7 +87,7 @@ def train(cfg: schema.Config) -> dict:
         throughput=Throughput(),
         periodic=periodic,
         best=best,
-        samples=SampleCallback(cfg.sample, tokenizer, data.val_tokens, reports / "samples"),
+        samples=SampleCallback(cfg.sample, tokenizer, data.val_tokens, reports / "samples", load_openings(prepared)),
         curves=CurveWriter(reports / "curves", cfg.trainer.log_every_n_steps),
     )
     loggers = build_loggers(cfg, ckpt_dir, resume_from is not None)
@@ -357,7 +358,7 @@ def _finish(cfg, trainer, module, tokenizer, data, final, callbacks: Callbacks, 
             sizes = lora.save(model, tmp)
         else:
             model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+        save_tokenizer(tokenizer, tmp)
 
     # totals over every chunk of this run (a resumed run adds to what the earlier chunks did)
     progress_file = Path(cfg.train.ckpt_dir) / "progress.json"
