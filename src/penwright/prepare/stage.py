@@ -237,10 +237,10 @@ def prepare_chats(cfg: schema.Config, spec: CorpusSpec, sources: list[Source], s
         is_val = split_documents(len(documents), data.val_fraction, data.split_seed)
     val_docs = [d for d, v in zip(documents, is_val) if v]
     persona_in_val = any(m["role"] == "assistant" for d in val_docs for m in d)
-    if val_docs and chat.loss_on == "persona" and not persona_in_val:
+    if val_docs and not persona_in_val:
         raise CorpusError(
             f"{spec.path}: {fmt.persona!r} has no turns in the val split ({len(val_docs)} conversation(s)), so "
-            "validation would measure nothing: raise data.val_fraction, change data.split_seed or add conversations"
+            "validation cannot measure the persona: raise data.val_fraction, change data.split_seed or add conversations"
         )
     total_bytes = sum(s.size for s in sources)
     summary = corpus.summary()
