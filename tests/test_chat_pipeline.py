@@ -22,11 +22,11 @@ from helpers.go_template import render_go
 from helpers.paths import REPO
 from helpers.tiny import TINY_MODEL, TINY_TRAIN
 from helpers.train_outputs import curve, weights
+from penwright.core.chat_format import EOS, ChatFormat
 from penwright.core.config import compose
 from penwright.core.errors import CorpusError
 from penwright.prepare import kjv
 from penwright.prepare.chat_corpus import read_corpus
-from penwright.prepare.chat_format import EOS, ChatFormat
 from penwright.prepare.stage import prepare, split_documents
 
 QUESTION = [{"role": "user", "content": "What is man?"}]
@@ -399,3 +399,54 @@ def test_the_modelfile_template_writes_what_the_chat_template_writes(chat_model,
         assert render_go(template, messages) == tok.apply_chat_template(
             messages, tokenize=False, add_generation_prompt=True
         )
+
+
+@pytest.mark.slow
+def test_the_page_talks_with_the_persona_in_chat_mode(chat_model, browser):
+    """Headless Chromium on the page of a chat model: chat mode by default, each reply streamed from
+    /v1/chat/completions is what the API answers to the whole conversation (greedy)."""
+    from selenium.webdriver.common.by import By
+    from test_serve_page import assert_same_origin, generate, open_page, set_field, text_of
+
+    driver = browser
+    server = RunningServer(compose([f"serve.model_dir={chat_model['onnx']}"], config_dir=REPO / "conf"))
+    try:
+        client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+        open_page(driver, server)
+        assert_same_origin(driver, server.url)
+        assert (
+            driver.find_element(By.ID, "transcript").is_displayed()
+            and not driver.find_element(By.ID, "output").is_displayed()
+        )
+        assert "Talk with Job" in text_of(driver.find_element(By.ID, "about"))
+        for field, value in (("length", "10"), ("temperature", "0"), ("top_k", "40"), ("top_p", "1")):
+            set_field(driver, field, value)
+        conversation: list[dict] = []
+        for said in ("What is man?", "Hear."):
+            set_field(driver, "prompt", said)
+            status, _ = generate(driver)
+            assert status.startswith("done"), status
+            conversation.append({"role": "user", "content": said})
+            reply = client.chat.completions.create(
+                model="penwright",
+                messages=conversation,
+                max_tokens=10,
+                temperature=0,
+                top_p=1,
+                extra_body={"top_k": 40},
+            )
+            expected = reply.choices[0].message.content
+            assert text_of(driver.find_element(By.ID, "reply")) == expected
+            conversation.append({"role": "assistant", "content": expected.strip()})
+        turns = driver.find_elements(By.CSS_SELECTOR, "#transcript .turn")
+        assert [t.get_attribute("class") for t in turns] == ["turn user", "turn assistant"] * 2
+        assert text_of(turns[0]) == "You: What is man?" and text_of(turns[1]).startswith("Job: ")
+        driver.find_element(By.ID, "mode-complete").click()  # the other mode: a text continued, as before
+        assert (
+            driver.find_element(By.ID, "output").is_displayed()
+            and not driver.find_element(By.ID, "transcript").is_displayed()
+        )
+        errors = [e for e in driver.get_log("browser") if e["level"] == "SEVERE" and "favicon.ico" not in e["message"]]
+        assert not errors, f"the page logged errors: {errors}"
+    finally:
+        server.stop()

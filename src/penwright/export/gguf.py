@@ -25,8 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
+from penwright.core.chat_format import ChatFormat
 from penwright.core.errors import ConfigError, PenwrightError
-from penwright.prepare.chat_format import ChatFormat
 
 TYPES = ("f32", "f16", "q8_0", "q4_0")
 BLOCK = 32  # weights per block of q8_0 and q4_0: a quantized matrix's rows must be a multiple of it

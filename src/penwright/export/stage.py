@@ -30,6 +30,7 @@ import torch
 
 from penwright.core import schema
 from penwright.core.atomic import atomic_write_text, staged_dir
+from penwright.core.chat_format import ChatFormat
 from penwright.core.errors import ConfigError, PenwrightError
 from penwright.core.files import load_model, load_tokenizer, save_tokenizer
 from penwright.core.log import get_logger
@@ -39,7 +40,6 @@ from penwright.export.parity import parity
 from penwright.export.quantize import quantize, quantized_quality
 from penwright.export.save import GRAPH, node_count, save_graph, save_with_external_data_if_large
 from penwright.export.trace import export_graph
-from penwright.prepare.chat_format import ChatFormat
 
 log = get_logger("export").info
 warn = get_logger("export").warning

@@ -2,7 +2,7 @@
 
 Each line you type is a ``user`` message; the model's reply streams as it is written and ends where the
 persona's turn ends (its end-of-text token). The conversation is rendered by the chat template saved with
-the model's tokenizer (``prepare.chat_format``), the same prompt ``/v1/chat/completions`` builds; when it
+the model's tokenizer (``core.chat_format``), the same prompt ``/v1/chat/completions`` builds; when it
 outgrows the context, the oldest turns are left out. ``generate``'s keys choose the model and the sampling
 (``generate.model_dir``, ``generate.temperature``, ``generate.max_new_tokens``, ``generate.seed``).
 An empty line, ``/quit`` or end of input ends the chat; ``/reset`` starts a new conversation.
@@ -13,10 +13,10 @@ from __future__ import annotations
 import sys
 
 from penwright.core import schema
+from penwright.core.chat_format import ChatFormat
 from penwright.core.errors import PenwrightError, config_keys
 from penwright.generate.stage import load, sampling_of
 from penwright.inference.engine import Engine
-from penwright.prepare.chat_format import ChatFormat
 
 
 def chat(cfg: schema.Config, lines=None, out=None) -> list[dict]:

@@ -14,8 +14,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from penwright.core import schema
+from penwright.core.chat_format import ChatFormat
 from penwright.core.errors import CorpusError
-from penwright.prepare.chat_format import ChatFormat
 from penwright.prepare.chats import OWNER, Chat, Message, check_speaker, conversations, read_chat, scrub, speaker_counts
 
 DEFAULT_SPEAKER = {"sms": OWNER, "messages": "assistant"}  # formats whose persona needs no name

@@ -31,12 +31,12 @@ from tqdm import tqdm
 
 from penwright.core import schema
 from penwright.core.atomic import staged_dir
+from penwright.core.chat_format import EOS
 from penwright.core.errors import CorpusError
 from penwright.core.files import save_tokenizer
 from penwright.core.log import get_logger
 from penwright.prepare import copies
 from penwright.prepare.chat_corpus import openings, read_corpus, split_one
-from penwright.prepare.chat_format import EOS
 from penwright.prepare.corpus import CHAT_FORMATS, CorpusSpec, Source, iter_documents, scan
 from penwright.prepare.tokenizer import (
     BYTES_VOCAB,
@@ -212,7 +212,7 @@ def _meta(tmp: Path, tokenizer, tok_cfg, encoder: str, split: dict, spec, source
 
 def prepare_chats(cfg: schema.Config, spec: CorpusSpec, sources: list[Source], start: float) -> dict:
     """The stage on chat exports: one document per conversation, written in the chat template
-    (``prepare.chat_format``), which is saved inline in the tokenizer's config. Beside each ``<split>.bin`` a
+    (``core.chat_format``), which is saved inline in the tokenizer's config. Beside each ``<split>.bin`` a
     ``<split>.mask`` (one uint8 per token) marks what the loss counts: the persona's turns, each up to and
     including its end-of-text token (``data.chat.loss_on=all``: every token, and no mask is written).
     ``openings.json`` holds the val contexts the training samples answer."""
