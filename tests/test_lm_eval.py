@@ -99,17 +99,20 @@ def write_tasks(root, loglikelihood, greedy) -> tuple[dict, dict]:
     return {"mc": expected_mc, "gen": expected_gen}, {"mc": mc, "gen": gen}
 
 
-def run_lm_eval(url, onnx, tasks, out, backend, names) -> dict:
+def run_lm_eval(url, onnx, tasks, out, backend, names, chat: bool = False) -> dict:
     args = [
         f"model=penwright,base_url={url}/v1/completions,tokenizer_backend={backend},max_length=64,num_concurrent=2",
     ]
     if backend == "huggingface":
         args[0] += f",tokenizer={onnx}"
+    if chat:  # the chat route, the prompt sent as messages (lm-eval's --apply_chat_template)
+        args = [f"model=penwright,base_url={url}/v1/chat/completions,tokenizer_backend=none,num_concurrent=2"]
     cmd = [
         shutil.which("lm_eval") or "lm_eval",
         "run",
         "--model",
-        "local-completions",
+        "local-chat-completions" if chat else "local-completions",
+        *(["--apply_chat_template"] if chat else []),
         "--model_args",
         args[0],
         "--tasks",
@@ -131,15 +134,8 @@ def run_lm_eval(url, onnx, tasks, out, backend, names) -> dict:
     return {"results": results["results"], "samples": samples}
 
 
-def test_lm_eval_harness_accuracy_equals_transformers_on_the_same_items(model, tmp_path):
-    hf, onnx = model
-    loglikelihood, greedy = transformers_reference(hf)
-    tasks = tmp_path / "tasks"
-    tasks.mkdir()
-    expected, docs = write_tasks(tasks, loglikelihood, greedy)
-    assert 0 < np.mean(expected["mc"]) < 1, "the items do not tell a right model from a wrong one"
-    assert np.mean(expected["gen"]) == 0.5
-
+def serving(onnx, tmp_path):
+    """``penwright serve`` on ``onnx`` in its own process, as a user starts it; yields its URL."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     log = (tmp_path / "serve.log").open("w")
@@ -154,12 +150,25 @@ def test_lm_eval_harness_accuracy_equals_transformers_on_the_same_items(model, t
         from benchmarks.common import wait_until_healthy
 
         wait_until_healthy(url, 60, server)
-        hf_run = run_lm_eval(url, onnx, tasks, tmp_path / "out-hf", "huggingface", ["penwright_mc", "penwright_gen"])
-        remote = run_lm_eval(url, onnx, tasks, tmp_path / "out-remote", "remote", ["penwright_mc"])
+        yield url
     finally:
         server.terminate()
         server.wait(30)
         log.close()
+
+
+def test_lm_eval_harness_accuracy_equals_transformers_on_the_same_items(model, tmp_path):
+    hf, onnx = model
+    loglikelihood, greedy = transformers_reference(hf)
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    expected, docs = write_tasks(tasks, loglikelihood, greedy)
+    assert 0 < np.mean(expected["mc"]) < 1, "the items do not tell a right model from a wrong one"
+    assert np.mean(expected["gen"]) == 0.5
+
+    for url in serving(onnx, tmp_path):
+        hf_run = run_lm_eval(url, onnx, tasks, tmp_path / "out-hf", "huggingface", ["penwright_mc", "penwright_gen"])
+        remote = run_lm_eval(url, onnx, tasks, tmp_path / "out-remote", "remote", ["penwright_mc"])
 
     for run in (hf_run, remote):
         mc = run["samples"]["penwright_mc"]
@@ -172,3 +181,42 @@ def test_lm_eval_harness_accuracy_equals_transformers_on_the_same_items(model, t
     assert [bool(s["exact_match"]) for s in gen] == expected["gen"]
     assert [s["filtered_resps"][0] for s in gen] == [greedy(d["prompt"]) for d in docs["gen"]]
     assert hf_run["results"]["penwright_gen"]["exact_match,none"] == pytest.approx(0.5)
+
+
+def test_lm_eval_local_chat_completions_equals_transformers_replies(tiny_gpt2, tmp_path):
+    """lm-eval's ``local-chat-completions`` with ``--apply_chat_template`` on a generate_until task: each prompt goes
+    as a user message to /v1/chat/completions; the replies are transformers' greedy replies under the chat template."""
+    from transformers import AutoTokenizer, GPT2LMHeadModel
+
+    from penwright.core.chat_format import ChatFormat
+
+    hf, onnx = export_reweighted(tiny_gpt2, tmp_path / "model", seed=2, chat_template=ChatFormat("Job", "Ann").jinja())
+    tok = AutoTokenizer.from_pretrained(hf)
+    net = GPT2LMHeadModel.from_pretrained(hf).eval()
+
+    def reply(prompt: str) -> str:
+        ids = tok.apply_chat_template(
+            [{"role": "user", "content": prompt}], add_generation_prompt=True, return_dict=False
+        )
+        with torch.no_grad():
+            out = net.generate(
+                torch.tensor([ids]),
+                attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                do_sample=False,
+                max_new_tokens=GEN_TOKENS,
+                eos_token_id=tok.eos_token_id,
+                pad_token_id=tok.eos_token_id,
+            )
+        return tok.decode(out[0, len(ids) :], skip_special_tokens=True).split(UNTIL)[0]
+
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    _, docs = write_tasks(tasks, lambda context, continuation: 0.0, reply)
+    expected = [reply(d["prompt"]) for d in docs["gen"]]
+    assert len(set(expected)) > 1, "the replies do not depend on the prompt"
+    for url in serving(onnx, tmp_path):
+        run = run_lm_eval(url, onnx, tasks, tmp_path / "out-chat", "none", ["penwright_gen"], chat=True)
+    gen = run["samples"]["penwright_gen"]
+    assert [s["filtered_resps"][0] for s in gen] == expected
+    assert [bool(s["exact_match"]) for s in gen] == [e == d["target"] for e, d in zip(expected, docs["gen"])]
+    assert run["results"]["penwright_gen"]["exact_match,none"] == pytest.approx(0.5)

@@ -12,8 +12,9 @@ import torch
 from helpers.paths import REPO
 
 
-def export_reweighted(tiny_gpt2: Path, root: Path, seed: int) -> tuple[Path, Path]:
-    """(its Hugging Face folder, its exported folder) under ``root``: weight matrices drawn N(0, 0.25)."""
+def export_reweighted(tiny_gpt2: Path, root: Path, seed: int, chat_template: str | None = None) -> tuple[Path, Path]:
+    """(its Hugging Face folder, its exported folder) under ``root``: weight matrices drawn N(0, 0.25); with
+    ``chat_template`` saved with its tokenizer."""
     from transformers import GPT2LMHeadModel
 
     from penwright.core.config import compose
@@ -28,6 +29,14 @@ def export_reweighted(tiny_gpt2: Path, root: Path, seed: int) -> tuple[Path, Pat
             if p.dim() > 1:
                 p.normal_(0, 0.25)
     net.save_pretrained(hf)
+    if chat_template:
+        from transformers import AutoTokenizer
+
+        from penwright.core.files import save_tokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(hf)
+        tokenizer.chat_template = chat_template
+        save_tokenizer(tokenizer, hf)
     export(
         compose(
             [f"train.out_dir={hf}", f"export.out_dir={root / 'onnx'}", f"paths.reports={root / 'reports'}"],
