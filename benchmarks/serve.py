@@ -103,9 +103,12 @@ class _Server:
             self.log.close()
 
 
-async def _one(session, url: str, prompt: str, new_tokens: int, seed: int) -> dict:
+async def _one(session, url: str, prompt: str | list[dict], new_tokens: int, seed: int) -> dict:
+    """One streamed request of ``new_tokens`` tokens: a completion of a text ``prompt``, or a chat completion
+    of ``prompt`` given as messages."""
+    chat = isinstance(prompt, list)
     body = {
-        "prompt": prompt,
+        "messages" if chat else "prompt": prompt,
         "max_tokens": new_tokens,
         "min_tokens": new_tokens,
         "ignore_eos": True,  # llama-server's way to the same fixed length (penwright ignores the field)
@@ -118,7 +121,7 @@ async def _one(session, url: str, prompt: str, new_tokens: int, seed: int) -> di
     start = time.perf_counter()
     first, tokens, chunks, error = None, 0, 0, None
     try:
-        async with session.post(f"{url}/v1/completions", json=body) as response:
+        async with session.post(f"{url}/v1/{'chat/completions' if chat else 'completions'}", json=body) as response:
             if response.status != 200:
                 error = f"HTTP {response.status}"
             else:
@@ -130,7 +133,8 @@ async def _one(session, url: str, prompt: str, new_tokens: int, seed: int) -> di
                         error = event["error"]["message"]
                     if event.get("usage"):
                         tokens = event["usage"]["completion_tokens"]
-                    if event.get("choices") and event["choices"][0].get("text"):
+                    choice = (event.get("choices") or [{}])[0]
+                    if choice.get("text") or (choice.get("delta") or {}).get("content"):
                         chunks += 1
                         if first is None:
                             first = time.perf_counter() - start
@@ -145,9 +149,11 @@ async def _one(session, url: str, prompt: str, new_tokens: int, seed: int) -> di
     }
 
 
-async def _level(url: str, concurrency: int, requests: int, new_tokens: int) -> dict:
-    """``requests`` streamed completions, at most ``concurrency`` at a time (aiohttp: a light client, so the
-    load generator takes little of the cores the server runs on)."""
+async def _level(url: str, concurrency: int, requests: int, new_tokens: int, prompts: list | None = None) -> dict:
+    """``requests`` streamed completions of ``prompts`` (default ``PROMPTS``; a list of messages is a chat
+    completion), at most ``concurrency`` at a time (aiohttp: a light client, so the load generator takes little of
+    the cores the server runs on)."""
+    prompts = prompts or PROMPTS
     import aiohttp
 
     gate = asyncio.Semaphore(concurrency)
@@ -158,7 +164,7 @@ async def _level(url: str, concurrency: int, requests: int, new_tokens: int) -> 
 
         async def gated(i):
             async with gate:
-                return await _one(session, url, PROMPTS[i % len(PROMPTS)], new_tokens, seed=i)
+                return await _one(session, url, prompts[i % len(prompts)], new_tokens, seed=i)
 
         start = time.perf_counter()
         results = await asyncio.gather(*(gated(i) for i in range(requests)))

@@ -529,6 +529,34 @@ def render_lora_quality(load: Callable[[str], dict]) -> str:
     )
 
 
+def render_chat(load: Callable[[str], dict]) -> str:
+    name = "chat_vs_completions.json"
+    d = load(name)
+    rows = [
+        [str(i), num(r.get("chat")), num(r.get("completions")), ratio(r.get("ratio"))]
+        for i, r in enumerate(d.get("rounds", []), start=1)
+    ]
+    rows.append(
+        [
+            "median",
+            num(d.get("chat_tokens_per_sec_median")),
+            num(d.get("completions_tokens_per_sec_median")),
+            ratio(d.get("ratio_median")),
+        ]
+    )
+    return "\n".join(
+        [
+            provenance(d, name, d.get("date")),
+            "",
+            f"{d.get('what', '')}: concurrency {num(d.get('concurrency'))}, {num(d.get('requests_per_round'))} "
+            f"requests of {num(d.get('tokens_per_request'))} tokens per kind a round; model: {d.get('model', '–')}.",
+            "",
+            table(["round", "chat tokens/s", "completions tokens/s", "chat / completions"], rows),
+            *(["", f"Note: {d['note']}"] if d.get("note") else []),
+        ]
+    )
+
+
 def _ab_rows(d: dict, group: str) -> list[list[str]]:
     """Every measurement in an A/B file: the main ``batches`` / ``levels`` and any extra run beside them."""
     rows: list[tuple[str, dict]] = []
@@ -599,6 +627,7 @@ def renderers(results: Path) -> dict[str, Callable[[Callable[[str], dict]], str]
             load, _glob(results, "bench_serve_llama_*.json")
         ),
         "lora-quality": render_lora_quality,
+        "chat": render_chat,
         "engine-ab": lambda load: render_ab(load, _glob(results, "engine_ab_*.json")),
         "serve-ab": lambda load: render_ab(load, _glob(results, "serve_ab_*.json")),
     }
