@@ -212,6 +212,55 @@ def test_scrub_replaces_numbers_addresses_and_links_and_counts_them(tmp_path, ti
     assert meta["chat"]["dropped"] == {"media": 1}
 
 
+def test_telegram_and_sms_exports_prepare_with_their_speakers(tmp_path, tiny_gpt2):
+    telegram = tmp_path / "result.json"
+    telegram.write_text(
+        json.dumps(
+            {
+                "name": "Ann",
+                "type": "personal_chat",
+                "messages": [
+                    {"id": 1, "type": "service", "action": "phone_call", "date": "2024-03-01T09:00:00"},
+                    {"id": 2, "type": "message", "from": "Ann", "date": "2024-03-01T09:01:00", "text": "hello"},
+                    {
+                        "id": 3,
+                        "type": "message",
+                        "from": "Bob",
+                        "date": "2024-03-01T09:02:00",
+                        "text": ["see ", {"type": "bold", "text": "this"}],
+                    },
+                    {
+                        "id": 4,
+                        "type": "message",
+                        "from": "Bob",
+                        "date": "2024-03-01T09:03:00",
+                        "text": "",
+                        "photo": "x.jpg",
+                    },
+                ],
+            }
+        )
+    )
+    out = tmp_path / "telegram"
+    meta = prepare(chat_config(telegram, out, tiny_gpt2, "data.chat.speaker=Bob", "data.val_fraction=0"))
+    text = AutoTokenizer.from_pretrained(out / "tokenizer").decode(np.fromfile(out / "train.bin", dtype=np.uint16))
+    assert text == f"Ann: hello\nBob: see this{EOS}" and meta["chat"]["dropped"] == {"system": 1, "media": 1}
+    sms = tmp_path / "sms.xml"
+    sms.write_text(
+        "<?xml version='1.0' encoding='UTF-8'?>\n<smses count='4'>\n"
+        '<sms address="+15551234567" contact_name="Ann" date="1709283600000" type="1" body="are you up?" />\n'
+        '<sms address="+15551234567" contact_name="Ann" date="1709283660000" type="2" body="yes" />\n'
+        '<sms address="+15557654321" contact_name="Cy" date="1709283720000" type="1" body="lunch?" />\n'
+        '<sms address="+15557654321" contact_name="Cy" date="1709283780000" type="2" body="sure" />\n'
+        "</smses>\n"
+    )
+    out = tmp_path / "sms"
+    meta = prepare(chat_config(sms, out, tiny_gpt2, "data.chat.speaker=null", "data.val_fraction=0.5"))
+    assert meta["chat"]["persona"] == "me" and meta["chat"]["conversations"] == 2  # one per contact
+    config = json.loads((out / "tokenizer" / "tokenizer_config.json").read_text())
+    assert ChatFormat.parse(config["chat_template"]).persona == "me"
+
+
 def test_formats_are_told_apart_by_their_content(tmp_path):
     from penwright.prepare.corpus import CorpusSpec, find_files
 

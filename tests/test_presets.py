@@ -364,3 +364,44 @@ def test_writing_prompts_pipeline_trains_both_models_in_one_wandb_group_and_writ
         b"wp-responses",
     }
     assert json.loads(run(["dvc", "status", "--json", "pipelines/writing_prompts/dvc.yaml"], proj).stdout) == {}
+
+
+def test_chat_prepares_the_job_chat_trains_job_and_talks(tmp_path):
+    """experiment=chat on the sample chat (the Book of Job as a WhatsApp export): the persona's mask, reply samples,
+    an export whose Modelfile speaks the template, and `penwright chat`'s function answering as Job."""
+    import io
+
+    from penwright.export.stage import export
+    from penwright.generate.chat import chat
+    from penwright.prepare import kjv
+    from penwright.prepare.stage import prepare
+    from penwright.train.stage import train
+
+    export_file = tmp_path / "job-whatsapp.txt"
+    export_file.write_text(kjv.render_whatsapp(kjv.job_conversations(kjv.read_bible(kjv.database_path()))))
+    cfg = preset(
+        "chat",
+        tmp_path,
+        f"data.path={export_file}",
+        "model.tokenizer.vocab_size=512",
+        "trainer.max_steps=4",
+        "sample.every_n_steps=4",
+        "sample.prompts=[]",
+        "sample.max_new_tokens=8",
+        "generate.max_new_tokens=8",
+        "export.parity_prompts=[Job said,Eliphaz said unto]",
+        "logger=none",
+    )
+    assert cfg.data.chat.speaker == "Job" and cfg.data.chat.loss_on == "persona"
+    meta = prepare(cfg)
+    assert meta["chat"]["persona"] == "Job" and (tmp_path / "artifacts" / "prepared" / "train.mask").is_file()
+    train(cfg)
+    samples = (tmp_path / "reports" / "samples" / "step-000004.md").read_text()
+    assert "**reply:**" in samples and "**unconditional:**" not in samples  # the persona's replies, nothing else
+    export(cfg)
+    modelfile = (tmp_path / "artifacts" / "onnx" / "Modelfile").read_text()
+    assert 'else if eq .Role "assistant" }}Job: {{ .Content }}<|endoftext|>' in modelfile
+    out = io.StringIO()
+    talk = chat(cfg, lines=io.StringIO("What is man?\nAnswer me.\n"), out=out)
+    assert [m["role"] for m in talk] == ["user", "assistant", "user", "assistant"]
+    assert out.getvalue().count("Job:") == 2
