@@ -20,7 +20,7 @@ import asyncio
 import os
 import platform
 import statistics
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from benchmarks.common import BENCH_DIR, log, require_export, write_report
@@ -74,7 +74,7 @@ def run(model: Path, concurrency: int, requests: int, tokens: int, rounds: int, 
         "what": "chat completions vs completions of the same rendered prompts, streamed, one server",
         "model": str(model),
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
-        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
+        "date": datetime.now(UTC).strftime("%Y-%m-%d"),
         "concurrency": concurrency,
         "requests_per_round": requests,
         "tokens_per_request": tokens,
@@ -96,7 +96,9 @@ def main() -> None:
     args = p.parse_args()
     model = require_export(args.model)
     results = run(model, args.concurrency, args.requests, args.tokens, args.rounds, Path(BENCH_DIR) / "chat_ab")
-    summary = {k: results[k] for k in ("chat_tokens_per_sec_median", "completions_tokens_per_sec_median", "ratio_median")}
+    summary = {
+        k: results[k] for k in ("chat_tokens_per_sec_median", "completions_tokens_per_sec_median", "ratio_median")
+    }
     write_report(results, args.output, "benchmarks/results/chat_vs_completions.json", summary)
 
 

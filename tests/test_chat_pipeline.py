@@ -499,3 +499,57 @@ def test_the_page_talks_with_the_persona_in_chat_mode(chat_model, browser):
         assert not errors, f"the page logged errors: {errors}"
     finally:
         server.stop()
+
+
+LLAMA_SERVER = REPO / ".llama.cpp" / "bin" / "llama-server"
+
+
+@pytest.mark.skipif(not LLAMA_SERVER.is_file(), reason="llama-server: run scripts/build_llama_cpp.sh")
+def test_llama_server_with_jinja_answers_chat_completions_as_penwright_does(chat_model, tmp_path):
+    """llama.cpp's own server on the exported GGUF, started with --jinja (the GGUF's template, not its ChatML
+    fallback): its rendering of the messages (/apply-template) is transformers', and its greedy chat reply, byte for
+    byte (logprobs' raw bytes: a random-weighted model's reply is not always whole UTF-8), is penwright's."""
+    import httpx
+
+    from helpers.net import free_port
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    cmd = [str(LLAMA_SERVER), "-m", str(chat_model["onnx"] / "model.f32.gguf"), "--jinja", "--port", str(port)]
+    cmd += ["--host", "127.0.0.1", "-np", "1", "-c", "64", "-t", "2", "--no-webui"]
+    if "amx_int8" in Path("/proc/cpuinfo").read_text():
+        cmd.append("--no-repack")  # llama.cpp's weight repacking crashes on AMX CPUs
+    log = (tmp_path / "llama-server.log").open("w")
+    server = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+    penwright = RunningServer(compose([f"serve.model_dir={chat_model['onnx']}"], config_dir=REPO / "conf"))
+    try:
+        from benchmarks.common import wait_until_healthy
+
+        wait_until_healthy(url, 120, server)
+        tok = AutoTokenizer.from_pretrained(chat_model["model"])
+        model = GPT2LMHeadModel.from_pretrained(chat_model["model"]).eval()
+        for messages in (QUESTION, GROUP):
+            rendered = httpx.post(f"{url}/apply-template", json={"messages": messages}, timeout=60).json()["prompt"]
+            assert rendered == tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            body = {"messages": messages, "max_tokens": 10, "temperature": 0, "logprobs": True}
+            theirs = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=60).json()["choices"][0]
+            ours = httpx.post(f"{penwright.url}/v1/chat/completions", json=body, timeout=60).json()["choices"][0]
+            ids = tok.apply_chat_template(messages, add_generation_prompt=True, return_dict=False)
+            reply = [t for t in greedy_ids(model, ids, 10, stop=tok.eos_token_id) if t != tok.eos_token_id]
+            expected = raw_bytes(tok, reply)
+            assert b"".join(bytes(t["bytes"]) for t in theirs["logprobs"]["content"]) == expected
+            assert ours["message"]["content"] == tok.decode(reply)
+            assert theirs["finish_reason"] == ours["finish_reason"]
+    finally:
+        penwright.stop()
+        server.terminate()
+        server.wait(30)
+        log.close()
+
+
+def raw_bytes(tok, ids: list[int]) -> bytes:
+    """The bytes byte-level BPE tokens stand for (GPT-2's printable stand-ins for bytes, undone)."""
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    byte_of = {char: byte for byte, char in bytes_to_unicode().items()}
+    return bytes(byte_of[c] for t in tok.convert_ids_to_tokens(ids) for c in t)
