@@ -14,8 +14,13 @@ from penwright.core.errors import ConfigError
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n\n")[0])
-    p.add_argument("stage", choices=["prepare", "train", "generate", "serve"])
+    p.add_argument("stage", choices=["prepare", "train", "generate", "serve", "copies"])
     p.add_argument("--size-mb", type=int, default=200, help="prepare: size of the generated large corpus")
+    p.add_argument(
+        "--sizes-mb",
+        default="10,100,1000",
+        help="copies: sizes of text (MB) to index, comma-separated (default 10,100,1000)",
+    )
     p.add_argument("--steps", type=int, default=30, help="train: timed steps per run")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="train: Hydra overrides of the benchmarked config")
     p.add_argument("--output", default=None, help="default: benchmarks/results/bench_<stage>.json")
@@ -60,6 +65,16 @@ def run(args: argparse.Namespace) -> None:
 
     if args.stage == "prepare":
         bench.bench_prepare(size_mb=args.size_mb, output=args.output)
+    elif args.stage == "copies":
+        from benchmarks.copies import bench_copies
+
+        try:
+            sizes = [int(s) for s in args.sizes_mb.split(",") if s.strip()]
+        except ValueError:
+            sizes = []
+        if not sizes or min(sizes) < 1:
+            raise ConfigError(f"--sizes-mb {args.sizes_mb!r}: give sizes in MB, e.g. 10,100,1000")
+        bench_copies(sizes_mb=sizes, output=args.output)
     elif args.stage == "train" and args.lora:
         bench.bench_lora(output=args.output)
     elif args.stage == "train":

@@ -150,6 +150,7 @@ NOT_CODE = {
 NOT_OUTPUT = {
     "data.chunk_bytes": "how much text is read at a time: the same tokens and hashes",
     "data.fast_encode": "splintr or tokenizers: the same ids (checked on a probe before it is used)",
+    "data.copy_index_max_gib": "a memory budget: the same index, or none and an error",
 }
 NOT_OUTPUT_CODE = {"build_loggers": "logger.*: where the run is logged, not what it trains"}  # functions, by name
 
@@ -158,7 +159,7 @@ FILES = {
     "prepare": ["${data.path}"],
     "train": ["${data.out_dir}"],
     "export": ["${train.out_dir}", "${data.out_dir}"],
-    "generate": ["${generate.model_dir}", "${data.out_dir}/documents.json"],
+    "generate": ["${generate.model_dir}", "${data.out_dir}"],  # documents.json, the copy index, the val split
     "verbosify": ["${train.out_dir}", "${verbosify.document}"],
     "chain": ["${chain.prompts_model}", "${chain.responses_model}"],
 }

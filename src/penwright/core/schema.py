@@ -123,6 +123,8 @@ class Data(Group):
     chunk_bytes: Annotated[int, Field(ge=4096, le=2**31 - 1)]
     out_dir: str
     fast_encode: bool
+    copy_index: bool
+    copy_index_max_gib: PosFloat
     chat: ChatData
 
     @field_validator("take")
@@ -379,6 +381,7 @@ class Generate(Group):
     include_prefix: bool
     strip: bool
     check_copies: bool
+    copy_min_span: NonNegInt
     rank: bool
     seed: Seed | None
     stream: bool

@@ -15,6 +15,7 @@ every graph the export writes and on either provider: the same seed gives the sa
 from __future__ import annotations
 
 import json
+import statistics
 import sys
 import time
 from dataclasses import dataclass
@@ -26,11 +27,13 @@ from penwright.core import schema
 from penwright.core.atomic import atomic_write_text
 from penwright.core.errors import InvalidValue, config_keys
 from penwright.core.log import get_logger
+from penwright.generate.copied import Copies, summary
 from penwright.generate.score import TextScore, score_texts
 from penwright.inference.engine import Engine
 from penwright.inference.sampling import SAMPLED, SamplingConfig
 from penwright.inference.text import finish_text
 from penwright.prepare import copies
+from penwright.prepare.copy_index import CopyMeasures
 
 log = get_logger("generate").info
 
@@ -40,6 +43,8 @@ class Sample:
     prompt: str
     text: str
     score: TextScore | None = None  # generate.rank: the model's score of the text
+    copies: CopyMeasures | None = None  # how much of the generated text is copied from the training split
+    marked: str | None = None  # the text with its copied spans between ⟦ and ⟧
 
 
 def count_copies(samples: list[Sample], prepared: str | Path | copies.Documents) -> dict:
@@ -119,6 +124,26 @@ def _show(text: str) -> None:
     sys.stdout.flush()
 
 
+def measure_copies(copied: Copies, samples: list[Sample]) -> dict:
+    """Each sample's copy measures (of the text it generated, the prompt left out) and their summary beside the
+    val split's baseline."""
+    for s in samples:
+        prompt = s.prompt if s.prompt and s.text.startswith(s.prompt) else ""
+        s.copies = copied.measure(s.text[len(prompt) :])
+        s.marked = prompt + copied.mark(s.text[len(prompt) :])
+    measured = [s.copies for s in samples if s.copies is not None]
+    length = int(statistics.median(m.tokens for m in measured)) if measured else 0
+    result = {"min_span": copied.min_span, **summary(measured), "val_baseline": copied.baseline(max(length, 1))}
+    base = result["val_baseline"]
+    if measured and base:
+        log(
+            f"copies: longest copied span median {result['longest_tokens_median']} tokens (val text: "
+            f"{base['longest_tokens_median']}), tokens in copied spans of >= {copied.min_span}: median "
+            f"{result['copied_share_median']:.0%} (val text: {base['copied_share_median']:.0%})"
+        )
+    return result
+
+
 def render(samples: list[Sample], markdown: bool, delimiter: str, header: str) -> str:
     if not markdown:
         return delimiter.join(s.text for s in samples) + "\n"
@@ -128,7 +153,16 @@ def render(samples: list[Sample], markdown: bool, delimiter: str, header: str) -
         score = ""
         if s.score is not None:
             score = f" · {s.score.mean_logprob:.3f} nats/token, {s.score.bits_per_byte:.3f} bits/byte"
-        lines += [f"## {i}. prompt: {shown}{score}", "", "```text", s.text, "```", ""]
+        lines += [f"## {i}. prompt: {shown}{score}", ""]
+        if s.copies is not None:
+            c = s.copies
+            where = f" (training document {c.document}, token {c.offset})" if c.document is not None else ""
+            lines += [
+                f"copied: longest span {c.longest} tokens / {c.longest_chars} characters{where}; "
+                f"{c.copied_share:.0%} of its {c.tokens} tokens in copied spans of >= {c.min_span} (marked ⟦…⟧)",
+                "",
+            ]
+        lines += ["```text", s.marked if s.marked is not None else s.text, "```", ""]
     return "\n".join(lines)
 
 
@@ -178,6 +212,9 @@ def generate(cfg: schema.Config) -> list[Sample]:
     seconds = time.perf_counter() - start
     provider = gen.provider
     report = {"samples": len(samples), "provider": provider, "seconds": round(seconds, 2)}
+    copied = Copies.open(cfg.data.out_dir, gen.tokenizer, g.copy_min_span) if g.copy_min_span else None
+    if copied is not None:
+        report["copies"] = measure_copies(copied, samples)
     if documents is not None:
         report |= count_copies(samples, documents)
         log(

@@ -35,7 +35,7 @@ from penwright.core.chat_format import EOS
 from penwright.core.errors import CorpusError
 from penwright.core.files import save_tokenizer
 from penwright.core.log import get_logger
-from penwright.prepare import copies
+from penwright.prepare import copies, copy_index
 from penwright.prepare.chat_corpus import openings, read_corpus, split_one
 from penwright.prepare.corpus import CHAT_FORMATS, CorpusSpec, Source, iter_documents, scan
 from penwright.prepare.tokenizer import (
@@ -166,6 +166,8 @@ def prepare(cfg: schema.Config) -> dict:
 
         split = {"by": "tokens" if single else "documents", "val_fraction": val_fraction, "seed": data.split_seed}
         meta = _meta(tmp, tokenizer, tok_cfg, encoder_name, split, spec, sources, n_docs, total_bytes, stats)
+        if data.copy_index:
+            meta["copy_index"] = _index(tmp, dtype, eos, vocab_size, data.copy_index_max_gib)
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
         copies.write(tmp, digests, spec.csv_prefix)  # what generate.check_copies compares samples with
 
@@ -300,6 +302,8 @@ def prepare_chats(cfg: schema.Config, spec: CorpusSpec, sources: list[Source], s
         meta = _meta(tmp, tokenizer, tok_cfg, "tokenizers", split, spec, sources, len(documents), total_bytes, stats)
         for name in SPLITS:
             meta[name].update(loss[name])
+        if data.copy_index:
+            meta["copy_index"] = _index(tmp, dtype, eos, len(tokenizer), data.copy_index_max_gib)
         meta["chat"] = {
             "format": sorted({s.format for s in sources}),
             "loss_on": chat.loss_on,
@@ -328,6 +332,15 @@ def prepare_chats(cfg: schema.Config, spec: CorpusSpec, sources: list[Source], s
     left_out = _counts(corpus.dropped)
     _done(out_dir, stats, dtype, len(tokenizer), start, total_bytes, f"; left out: {left_out or 'nothing'}")
     return meta
+
+
+def _index(tmp: Path, dtype: np.dtype, eos: int, vocab_size: int, max_gib: float) -> dict:
+    """The copy index of the training split (``prepare.copy_index``), beside the token files."""
+    path = tmp / "train.bin"
+    tokens = np.memmap(path, dtype=dtype, mode="r") if path.stat().st_size else np.zeros(0, dtype=dtype)
+    info = copy_index.build(tmp, tokens, eos, vocab_size, max_gib)
+    log(f"copy index: {tokens.size:,} training tokens in {info['seconds']:.1f} s")
+    return {"tokens": info["tokens"], "train_md5": info["train_md5"]}
 
 
 def _loss_mask(offsets: list[tuple[int, int]], spans: list[tuple[int, int]]) -> np.ndarray:

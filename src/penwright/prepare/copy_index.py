@@ -1,0 +1,245 @@
+"""An index of the training tokens that answers, for any token sequence, the longest spans of it that occur
+verbatim in the training split, and where (document, offset): what the copy measures of every sample are
+made of (``copy_measures``).
+
+It is a suffix array, built by libdivsufsort (the ``pydivsufsort`` package) and searched with its
+``sa_search``. Each token id is written as three bytes, ``0x80 | id >> 14``, ``id >> 7 & 0x7f``,
+``id & 0x7f``: only a token's first byte has its top bit set, so a byte pattern made of whole tokens can
+only match at a token's start, and the byte suffix array kept at token starts (every third position) is a
+suffix array over tokens. (pydivsufsort's own 16-bit mode views ids as byte pairs and filters the odd
+positions in the same way, but its ``sa_search`` needs the unfiltered array, 2.5x the size.)
+
+Files, in ``<prepared>/index/`` (beside the token files, written by ``prepare`` when ``data.copy_index``):
+``tokens.u8`` (the encoded training split), ``sa.i32`` or ``sa.i64`` (byte offsets of the sorted suffixes),
+``documents.i64`` (where each training document starts, in tokens) and ``index.json`` (sizes and the
+md5 of the ``train.bin`` it indexes: a stale or foreign index is refused). All are memory-mapped.
+
+The index holds the training text: it stays in the prepared folder and is never exported or shared.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from penwright.core.errors import PenwrightError
+
+DIR = "index"
+BYTES_PER_TOKEN = 3
+MAX_ID = (1 << 21) - 1  # 7 + 7 + 7 bits
+FORMAT = 1
+
+
+def encode(ids: np.ndarray) -> np.ndarray:
+    """Token ids as 3 bytes each (see the module's docstring)."""
+    ids = np.asarray(ids, dtype=np.int64)
+    out = np.empty((ids.size, BYTES_PER_TOKEN), dtype=np.uint8)
+    out[:, 0] = 0x80 | (ids >> 14)
+    out[:, 1] = (ids >> 7) & 0x7F
+    out[:, 2] = ids & 0x7F
+    return out.reshape(-1)
+
+
+def peak_bytes(tokens: int) -> int:
+    """What building the index of ``tokens`` tokens holds at its peak (the encoded text, libdivsufsort's byte
+    suffix array, the mask that keeps token starts, the kept array)."""
+    n = tokens * BYTES_PER_TOKEN
+    width = 4 if n < 2**31 else 8
+    return n + n * width + n + tokens * width
+
+
+def build(prepared: Path, tokens: np.ndarray, eos: int, vocab_size: int, max_gib: float) -> dict:
+    """Write the index of the training ``tokens`` into ``prepared/index``; refuses, before any work, a corpus
+    whose build would need more than ``max_gib`` GiB."""
+    from pydivsufsort import divsufsort
+
+    if vocab_size - 1 > MAX_ID:
+        raise PenwrightError(f"a vocabulary of {vocab_size:,} tokens: the copy index holds ids up to {MAX_ID:,}")
+    need = peak_bytes(tokens.size)
+    if need > max_gib * 2**30:
+        raise PenwrightError(
+            f"the copy index of {tokens.size:,} training tokens needs about {need / 2**30:.1f} GiB at its peak, "
+            f"more than data.copy_index_max_gib={max_gib}: raise it, or set data.copy_index=false (no copy measures)"
+        )
+    start = time.perf_counter()
+    out = prepared / DIR
+    out.mkdir()
+    with open(out / "tokens.u8", "wb") as f:  # encoded in chunks: the text is never held twice
+        for at in range(0, tokens.size, 1 << 24):
+            f.write(encode(tokens[at : at + (1 << 24)]).tobytes())
+    size = (out / "tokens.u8").stat().st_size
+    text = np.memmap(out / "tokens.u8", dtype=np.uint8, mode="c") if size else np.zeros(0, np.uint8)  # (never written)
+    if text.size:
+        sa = divsufsort(text)
+        sa = sa[sa % BYTES_PER_TOKEN == 0]  # token starts: a suffix array over tokens
+    else:
+        sa = np.zeros(0, dtype=np.int32)
+    sa.tofile(out / f"sa.{_suffix(sa.dtype)}")
+    starts = np.concatenate([[0], np.flatnonzero(np.asarray(tokens) == eos) + 1]).astype(np.int64)
+    starts[starts < tokens.size].tofile(out / "documents.i64")
+    info = {
+        "format": FORMAT,
+        "tokens": int(tokens.size),
+        "sa_dtype": sa.dtype.name,
+        "train_md5": md5_of(prepared / "train.bin"),
+        "seconds": round(time.perf_counter() - start, 2),
+    }
+    (out / "index.json").write_text(json.dumps(info, indent=2) + "\n")
+    return info
+
+
+def md5_of(path: Path) -> str:
+    md5 = hashlib.md5()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            md5.update(block)
+    return md5.hexdigest()
+
+
+def _suffix(dtype: np.dtype) -> str:
+    return {"int32": "i32", "int64": "i64"}[np.dtype(dtype).name]
+
+
+class CopyIndex:
+    """The index of a prepared folder, memory-mapped; ``matches(ids)`` gives, for each position of ``ids``, the
+    longest span starting there that occurs in the training split."""
+
+    def __init__(self, prepared: str | Path, check: bool = True):
+        from pydivsufsort.dll import libdivsufsort, libdivsufsort64
+
+        prepared = Path(prepared)
+        folder = prepared / DIR
+        fix = f"rebuild it: `penwright prepare` (data.copy_index=true) for {prepared}"
+        if not (folder / "index.json").is_file():
+            raise PenwrightError(f"{folder}: no copy index here; {fix}")
+        self.info = json.loads((folder / "index.json").read_text())
+        if check and self.info.get("train_md5") != md5_of(prepared / "train.bin"):
+            raise PenwrightError(f"{folder}: built from another train.bin than the one beside it; {fix}")
+        dtype = np.dtype(self.info["sa_dtype"])
+        self.tokens = self.info["tokens"]
+        self.text = _map(folder / "tokens.u8", np.uint8)
+        self.sa = _map(folder / f"sa.{_suffix(dtype)}", dtype)
+        self.documents = _map(folder / "documents.i64", np.int64)
+        wide = dtype == np.int64
+        integer = ctypes.c_int64 if wide else ctypes.c_int32
+        self._search = libdivsufsort64.sa_search64 if wide else libdivsufsort.sa_search
+        # sa_search(text, text size, pattern, pattern size, suffix array, its size, &left) -> count
+        self._search.argtypes = [
+            ctypes.c_void_p,
+            integer,
+            ctypes.c_void_p,
+            integer,
+            ctypes.c_void_p,
+            integer,
+            ctypes.c_void_p,
+        ]
+        self._search.restype = integer
+        self._left = integer()
+        self._left_p = ctypes.addressof(self._left)
+        self._text = self.text.ctypes.data if self.text.size else None
+        self._sa_p = self.sa.ctypes.data if self.sa.size else None
+
+    def _count(self, pattern: np.ndarray, start: int, length: int) -> int:
+        """How often tokens ``[start, start + length)`` of an encoded ``pattern`` occur (``self._left``: the first
+        suffix-array row of them)."""
+        count = self._search(
+            self._text,
+            self.text.size,
+            pattern.ctypes.data + start * BYTES_PER_TOKEN,
+            length * BYTES_PER_TOKEN,
+            self._sa_p,
+            self.sa.size,
+            self._left_p,
+        )
+        if count < 0:
+            raise PenwrightError(f"libdivsufsort's sa_search failed ({count})")
+        return count
+
+    def matches(self, ids) -> np.ndarray:
+        """For each position ``i`` of ``ids``, the length of the longest span ``ids[i:i + L]`` found in the training
+        split (matching statistics: each length is at least the one before it less one, so each position costs a
+        few searches)."""
+        ids = _checked(ids)
+        lengths = np.zeros(ids.size, dtype=np.int64)
+        if not self.sa.size:
+            return lengths
+        pattern = encode(ids)
+        known = 0  # ids[i:i + known] occurs (the span found at i - 1, less its first token)
+        for i in range(ids.size):
+            low, high, step = max(0, known - 1), ids.size - i, 1  # low occurs; find the longest length that does
+            while low < high:  # gallop up; after a miss, step again from 1
+                probe = min(high, low + step)
+                if self._count(pattern, i, probe):
+                    low, step = probe, step * 2
+                else:
+                    high, step = probe - 1, 1
+            lengths[i] = known = low
+        return lengths
+
+    def locate(self, ids, start: int, length: int) -> int:
+        """A token position of the training split where ``ids[start:start + length]`` occurs, or -1."""
+        ids = _checked(ids)
+        if length <= 0 or start < 0 or start + length > ids.size or not self.sa.size:
+            return -1
+        if not self._count(encode(ids), start, length):
+            return -1
+        return int(self.sa[self._left.value]) // BYTES_PER_TOKEN
+
+    def document_of(self, position: int) -> tuple[int, int]:
+        """(training document, token offset in it) of a token position of the training split."""
+        doc = int(np.searchsorted(self.documents, position, side="right")) - 1
+        return doc, int(position - self.documents[doc])
+
+
+def _checked(ids) -> np.ndarray:
+    ids = np.asarray(ids, dtype=np.int64)
+    if ids.size and (ids.min() < 0 or ids.max() > MAX_ID):
+        raise PenwrightError(f"token ids outside the vocabulary: {int(ids.min())}..{int(ids.max())}")
+    return ids
+
+
+def _map(path: Path, dtype) -> np.ndarray:
+    if not path.is_file():
+        raise PenwrightError(f"{path}: missing; rebuild the index with `penwright prepare`")
+    if path.stat().st_size == 0:
+        return np.zeros(0, dtype=dtype)
+    return np.memmap(path, dtype=dtype, mode="r")
+
+
+@dataclass
+class CopyMeasures:
+    """How much of one text is copied from the training split."""
+
+    tokens: int  # the text's tokens
+    longest: int  # the longest span found verbatim in the training split, in tokens
+    longest_chars: int  # ... and in characters
+    longest_text: str  # the span itself
+    document: int | None  # the training document (its index in the train split) it is found in
+    offset: int | None  # its token offset in that document
+    copied_share: float  # the share of the text's tokens inside found spans of at least min_span tokens
+    min_span: int
+
+    def as_dict(self) -> dict:
+        return {k: v for k, v in vars(self).items() if k != "longest_text"}
+
+
+def copy_measures(index: CopyIndex, ids, decode, min_span: int) -> CopyMeasures:
+    """The copy measures of a text's ``ids`` (``decode`` turns ids back into text)."""
+    ids = np.asarray(ids, dtype=np.int64)
+    lengths = index.matches(ids)
+    covered = np.zeros(ids.size, dtype=bool)
+    for i in np.flatnonzero(lengths >= min_span):
+        covered[i : i + lengths[i]] = True
+    if not ids.size or not lengths.max():
+        return CopyMeasures(int(ids.size), 0, 0, "", None, None, 0.0, min_span)
+    best = int(np.argmax(lengths))
+    span = decode(ids[best : best + lengths[best]].tolist())
+    doc, offset = index.document_of(index.locate(ids, best, int(lengths[best])))
+    share = float(covered.mean())
+    return CopyMeasures(int(ids.size), int(lengths[best]), len(span), span, doc, offset, round(share, 4), min_span)

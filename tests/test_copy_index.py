@@ -1,0 +1,130 @@
+"""The copy index (prepare/copy_index.py) against brute force: on many random small corpora, the longest span found
+at every position of a query, and where it is found, equal a direct search; a stale index is refused."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from penwright.core.errors import PenwrightError
+from penwright.prepare.copy_index import CopyIndex, build, copy_measures
+
+
+def index_of(root: Path, tokens: np.ndarray, eos: int = 0) -> CopyIndex:
+    root.mkdir(parents=True, exist_ok=True)
+    tokens.astype(np.uint16).tofile(root / "train.bin")
+    build(root, tokens.astype(np.uint16), eos=eos, vocab_size=int(tokens.max(initial=0)) + 1, max_gib=1)
+    return CopyIndex(root)
+
+
+def brute_force(corpus: list[int], query: list[int]) -> list[int]:
+    """For each position of query, the longest prefix of query[i:] that occurs in corpus."""
+    out = []
+    for i in range(len(query)):
+        best = 0
+        for start in range(len(corpus)):
+            n = 0
+            while i + n < len(query) and start + n < len(corpus) and corpus[start + n] == query[i + n]:
+                n += 1
+            best = max(best, n)
+        out.append(best)
+    return out
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    corpus=st.lists(st.integers(0, 4), min_size=0, max_size=60),
+    query=st.lists(st.integers(0, 5), min_size=0, max_size=25),
+    big=st.booleans(),
+)
+def test_longest_spans_and_their_places_equal_brute_force(tmp_path_factory, corpus, query, big):
+    shift = 70_000 if big else 0  # ids past 16 bits use all three bytes of each token
+    c = np.array(corpus, dtype=np.int64) + shift
+    q = np.array(query, dtype=np.int64) + shift
+    root = tmp_path_factory.mktemp("idx")
+    c.astype(np.uint32).tofile(root / "train.bin")
+    build(root, c, eos=-1, vocab_size=shift + 8, max_gib=1)
+    index = CopyIndex(root)
+    lengths = index.matches(q)
+    assert lengths.tolist() == brute_force(corpus, query)
+    for i, n in enumerate(lengths):
+        at = index.locate(q, i, int(n))
+        if n:
+            assert c[at : at + n].tolist() == q[i : i + n].tolist()
+        else:
+            assert at == -1
+        assert index.locate(q, i, int(n) + 1) == -1  # n is the longest
+
+
+def test_a_pasted_passage_reports_its_length_and_document(tmp_path):
+    rng = np.random.default_rng(0)
+    docs = [rng.integers(1, 500, size=n) for n in (200, 300, 250)]
+    tokens = np.concatenate([np.append(d, 0) for d in docs])  # each document ends with EOS (0)
+    index = index_of(tmp_path / "p", tokens)
+    pasted = np.concatenate([rng.integers(500, 600, size=10), docs[1][40:90], rng.integers(500, 600, size=10)])
+    m = copy_measures(index, pasted, lambda ids: " ".join(map(str, ids)), min_span=8)
+    assert (m.longest, m.document, m.offset) == (50, 1, 40)
+    assert m.copied_share == pytest.approx(50 / 70, abs=1e-4)
+    assert m.longest_text == " ".join(map(str, docs[1][40:90]))
+
+
+def test_a_stale_index_is_refused_and_bad_ids_are_named(tmp_path):
+    tokens = np.arange(1, 50, dtype=np.int64)
+    index_of(tmp_path / "s", tokens)
+    (tmp_path / "s" / "train.bin").write_bytes(np.arange(2, 60, dtype=np.uint16).tobytes())
+    with pytest.raises(PenwrightError, match="built from another train.bin.*penwright prepare"):
+        CopyIndex(tmp_path / "s")
+    with pytest.raises(PenwrightError, match="no copy index here"):
+        CopyIndex(tmp_path)
+    with pytest.raises(PenwrightError, match="outside the vocabulary"):
+        CopyIndex(tmp_path / "s", check=False).matches([-1, 3])
+
+
+def test_a_corpus_too_large_for_the_budget_is_refused_before_any_work(tmp_path):
+    with pytest.raises(PenwrightError, match=r"needs about .* GiB .*data.copy_index_max_gib"):
+        build(tmp_path, np.zeros(10_000_000, dtype=np.uint16), eos=0, vocab_size=10, max_gib=0.01)
+    assert not (tmp_path / "index").exists()
+
+
+def test_generate_reports_each_samples_copies_beside_the_val_baseline(tmp_path, prepared_tiny, onnx_tiny, tiny_gpt2):
+    """The generate stage on the tiny model with the tiny corpus's index: every sample carries its measures,
+    generate.json their summary and the val split's, the markdown marks copied spans; a pasted training
+    passage is found whole."""
+    import json
+
+    from transformers import AutoTokenizer
+
+    from helpers.paths import ENGLISH, REPO
+    from penwright.core.config import compose
+    from penwright.generate.copied import Copies
+    from penwright.generate.stage import generate
+
+    cfg = compose(
+        [
+            f"generate.model_dir={onnx_tiny}",
+            f"data.out_dir={prepared_tiny}",
+            f"generate.destination={tmp_path / 'samples.md'}",
+            f"generate.report={tmp_path / 'generate.json'}",
+            "generate.prompts=[The]",
+            "generate.max_new_tokens=16",
+            "generate.copy_min_span=4",
+        ],
+        config_dir=REPO / "conf",
+    )
+    samples = generate(cfg)
+    assert all(s.copies is not None and s.copies.tokens > 0 for s in samples)
+    report = json.loads((tmp_path / "generate.json").read_text())["copies"]
+    assert report["min_span"] == 4 and report["texts"] == len(samples)
+    assert report["val_baseline"]["texts"] == 64
+    assert "copied: longest span" in (tmp_path / "samples.md").read_text()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_gpt2)
+    copies = Copies(prepared_tiny, tokenizer, min_span=4)
+    passage = ENGLISH.strip().split("\n")[0]
+    pasted = f"zq xv {passage} vq zx"
+    m = copies.measure(pasted)
+    assert m.longest >= len(tokenizer.encode(" " + passage)) - 1 and passage.strip() in m.longest_text
+    assert "⟦" in copies.mark(pasted) and passage.split()[2] in copies.mark(pasted).split("⟦", 1)[1]
