@@ -196,7 +196,7 @@ def _meta(tmp: Path, tokenizer, tok_cfg, encoder: str, split: dict, spec, source
         "tokenizer": {
             "type": tok_cfg.type,
             "name_or_path": None if tok_cfg.type in ("bpe", "bytes") else tok_cfg.name_or_path,
-            "md5": _md5_file(tmp / TOKENIZER_DIR / "tokenizer.json"),
+            "md5": copy_index.md5_of(tmp / TOKENIZER_DIR / "tokenizer.json"),
             "encoder": encoder,
         },
         "data": {
@@ -488,14 +488,6 @@ def _split_tokens(tmp: Path, dtype: np.dtype, val_fraction: float, stats, tokeni
     stats["val"] = SplitStats(documents=1, bytes=val_bytes, tokens=int(n_val))
     stats["train"].tokens = int(n - n_val)
     stats["train"].bytes = max(0, stats["train"].bytes - val_bytes)
-
-
-def _md5_file(path: Path) -> str:
-    md5 = hashlib.md5()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            md5.update(block)
-    return md5.hexdigest()
 
 
 def _md5_lines(lines) -> str:
