@@ -128,3 +128,19 @@ def test_generate_reports_each_samples_copies_beside_the_val_baseline(tmp_path, 
     m = copies.measure(pasted)
     assert m.longest >= len(tokenizer.encode(" " + passage)) - 1 and passage.strip() in m.longest_text
     assert "⟦" in copies.mark(pasted) and passage.split()[2] in copies.mark(pasted).split("⟦", 1)[1]
+
+
+def test_training_samples_carry_copy_measures_and_a_memorization_curve(compose_train, tmp_path):
+    import json
+
+    from helpers.train_outputs import curve
+    from penwright.train.stage import train
+
+    metrics = train(compose_train("trainer.max_steps=8", "sample.copy_min_span=4"))
+    reports = tmp_path / "run" / "reports"
+    rows = curve(reports, "copies")
+    assert [int(r["step"]) for r in rows] == [4, 8]  # each time the samples are drawn
+    assert metrics["samples_copied_share"] == float(rows[-1]["copied_share"])
+    assert metrics["samples_longest_copied"] == int(rows[-1]["longest_copied"]) > 0
+    assert "copied: longest span" in (reports / "samples" / "step-000008.md").read_text()
+    assert json.loads((reports / "train.json").read_text())["samples_longest_copied"] > 0

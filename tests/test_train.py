@@ -107,7 +107,8 @@ def test_wandb_offline_run_has_tables_config_and_continues_on_resume(compose_tra
     tables = list((runs[0] / "files" / "media" / "table").rglob("*.table.json"))
     assert len(tables) == 2  # a new table at step 4 and at step 8
     rows = json.loads(tables[0].read_text())
-    assert rows["columns"] == ["step", "kind", "prompt", "temperature", "text"] and rows["data"]
+    assert rows["columns"] == ["step", "kind", "prompt", "temperature", "text", "longest_copied", "copied_share"]
+    assert rows["data"] and all(row[5] >= 0 and 0 <= row[6] <= 1 for row in rows["data"])  # each sample's copy measures
     # offline, the run config lives in the run's protobuf log: its keys and values are stored as text
     record = wandb_record(runs[0], b"git_commit")
     dvc_md5 = hashlib.md5((repo / "data.dvc").read_bytes()).hexdigest()

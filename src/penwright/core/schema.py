@@ -340,6 +340,7 @@ class Sample(Group):
     top_k: NonNegInt
     top_p: TopP
     seed: Seed
+    copy_min_span: NonNegInt
 
 
 class Export(Group):

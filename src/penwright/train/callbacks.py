@@ -19,6 +19,7 @@ import csv
 import os
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +32,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from penwright.core import schema
 from penwright.core.atomic import atomic_write_text
 from penwright.core.log import get_logger
+from penwright.prepare.copy_index import CopyIndex, CopyMeasures, copy_measures
 from penwright.prepare.tokenizer import left_padded
 
 log = get_logger("samples").info
@@ -117,11 +119,14 @@ class Throughput(L.Callback):
 
 
 class CurveWriter(L.Callback):
-    """``reports/curves/train.tsv`` (step, loss, lr) and ``val.tsv`` (step, loss, ppl, bpb) for ``dvc plots``."""
+    """``reports/curves/train.tsv`` (step, loss, lr), ``val.tsv`` (step, loss, ppl, bpb) and ``copies.tsv`` (step,
+    the samples' median copied share and longest copied span: a curve of memorization) for ``dvc plots``."""
+
+    SPLITS = ("train", "val", "copies")
 
     def __init__(self, out_dir: str | Path, every: int):
         self.out_dir, self.every = Path(out_dir), max(1, every)
-        self.rows: dict[str, list[dict]] = {"train": [], "val": []}
+        self.rows: dict[str, list[dict]] = {split: [] for split in self.SPLITS}
         self.loaded = False
 
     def state_dict(self) -> dict:
@@ -130,8 +135,15 @@ class CurveWriter(L.Callback):
         return {"rows": self.rows}
 
     def load_state_dict(self, state_dict: dict) -> None:
-        self.rows = {split: list(rows) for split, rows in state_dict["rows"].items()}
+        self.rows = {split: list(state_dict["rows"].get(split, [])) for split in self.SPLITS}
         self.loaded = True
+
+    def add_copies(self, trainer, share: float, longest: int) -> None:
+        """The samples' copy measures at this step (``SampleCallback``)."""
+        self._load(trainer)
+        row = {"step": trainer.global_step, "copied_share": f"{share:.4f}", "longest_copied": longest}
+        self.rows["copies"] = [r for r in self.rows["copies"] if int(r["step"]) != row["step"]] + [row]
+        self.flush(trainer)
 
     def on_train_start(self, trainer, pl_module):
         self._load(trainer)
@@ -205,7 +217,10 @@ class SampleCallback(L.Callback):
         prompt_source: np.ndarray,
         out_dir: str | Path,
         openings: list[dict] | None = None,
+        copies: CopyIndex | None = None,
+        on_copies: Callable | None = None,
     ):
+        self.copies, self.on_copies = copies, on_copies  # the training split's copy index; where its measures go
         self.cfg, self.every, self.temperatures = cfg, cfg.every_n_steps, list(cfg.temperatures)
         self.tokenizer = left_padded(tokenizer)  # a copy: the tokenizer train saves stays as it was
         self.tokenizer.truncation_side = "left"
@@ -273,26 +288,40 @@ class SampleCallback(L.Callback):
                 for (kind, prompt), text in zip(self.prompts, self.generate(model, temperature, step)):
                     rows.append([step, kind, prompt, temperature, text])
         model.train(was_training)
+        columns = ["step", "kind", "prompt", "temperature", "text"]
+        if self.copies is not None:  # each sample's copy measures, and their summary as a curve
+            measures = [self._measure(row[4]) for row in rows]
+            rows = [[*row, m.longest, m.copied_share] for row, m in zip(rows, measures)]
+            columns += ["longest_copied", "copied_share"]
+            share, longest = statistics.median(m.copied_share for m in measures), max(m.longest for m in measures)
+            for logger in trainer.loggers:
+                logger.log_metrics({"samples/copied_share": share, "samples/longest_copied": longest}, step=step)
+            if self.on_copies is not None:
+                self.on_copies(trainer, share, longest)
         self._write_markdown(step, rows)
         for logger in trainer.loggers:
             if hasattr(logger, "log_table"):  # W&B: a new table each time, under one key
-                logger.log_table(
-                    key="samples", columns=["step", "kind", "prompt", "temperature", "text"], data=rows, step=step
-                )
+                logger.log_table(key="samples", columns=columns, data=rows, step=step)
         log(f"step {step}: {len(rows)} samples -> {self.out_dir}/step-{step:06d}.md")
+
+    def _measure(self, text: str) -> CopyMeasures:
+        assert self.copies is not None
+        ids = self.tokenizer.encode(text, add_special_tokens=False)
+        return copy_measures(self.copies, ids, self.tokenizer.decode, self.cfg.copy_min_span)
 
     def _write_markdown(self, step: int, rows: list) -> None:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         lines = [f"# Samples at step {step}", ""]
         for temperature in self.temperatures:
             lines += [f"## temperature {temperature}", ""]
-            for _, kind, prompt, temp, text in rows:
+            for _, kind, prompt, temp, text, *copied in rows:
                 if temp != temperature:
                     continue
                 shown = "(unconditional)" if kind == "unconditional" else prompt.replace("\n", " ")
+                lines += [f"**{kind}:** {shown}", ""]
+                if copied:
+                    lines += [f"copied: longest span {copied[0]} tokens, {copied[1]:.0%} of tokens in copied spans", ""]
                 lines += [
-                    f"**{kind}:** {shown}",
-                    "",
                     "```text",
                     (prompt if kind != "unconditional" else "") + text,
                     "```",

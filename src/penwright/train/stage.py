@@ -24,6 +24,7 @@ from penwright.core.atomic import atomic_write_text, staged_dir
 from penwright.core.errors import ConfigError, PenwrightError
 from penwright.core.files import save_tokenizer
 from penwright.core.log import get_logger, global_rank
+from penwright.prepare.copy_index import CopyIndex
 from penwright.train import lora
 from penwright.train.callbacks import (
     AtomicCheckpointIO,
@@ -83,12 +84,22 @@ def train(cfg: schema.Config) -> dict:
         choose_micro_batch(cfg, module, data, ckpt_dir, resuming=resume_from is not None)
 
     periodic, best = checkpoints(ckpt_dir, tcfg.ckpt_every_n_steps, tcfg.keep_all_checkpoints)
+    curves = CurveWriter(reports / "curves", cfg.trainer.log_every_n_steps)
+    index = CopyIndex(prepared) if cfg.sample.copy_min_span and (prepared / "index" / "index.json").is_file() else None
     callbacks = Callbacks(
         throughput=Throughput(),
         periodic=periodic,
         best=best,
-        samples=SampleCallback(cfg.sample, tokenizer, data.val_tokens, reports / "samples", load_openings(prepared)),
-        curves=CurveWriter(reports / "curves", cfg.trainer.log_every_n_steps),
+        samples=SampleCallback(
+            cfg.sample,
+            tokenizer,
+            data.val_tokens,
+            reports / "samples",
+            load_openings(prepared),
+            index,
+            curves.add_copies,
+        ),
+        curves=curves,
     )
     loggers = build_loggers(cfg, ckpt_dir, resume_from is not None)
     if tcfg.auto_batch_size:
@@ -392,6 +403,10 @@ def _finish(cfg, trainer, module, tokenizer, data, final, callbacks: Callbacks, 
         "accumulate_grad_batches": data.accumulate,
         **sizes,
     }
+    if callbacks.curves.rows["copies"]:  # the last samples' copy measures: how much the model copies now
+        last = callbacks.curves.rows["copies"][-1]
+        metrics["samples_copied_share"] = float(last["copied_share"])
+        metrics["samples_longest_copied"] = int(last["longest_copied"])
     best_val = metrics["best_val_loss"]
     metrics["best_val_ppl"] = round(math.exp(best_val), 3)
     if data.bytes_per_token:
