@@ -169,3 +169,36 @@ def test_ddp_two_cpu_processes_only_rank0_samples_logs_and_saves(tmp_path, prepa
         assert (run / "model" / "adapter" / "adapter_model.safetensors").is_file()
         state = torch.load(run / "ckpt" / "last.ckpt", map_location="cpu", weights_only=False)["state_dict"]
         assert state and all(".lora_" in k for k in state)
+
+
+def test_early_stopping_keeps_the_best_step_of_the_val_curve_and_warns_of_overfitting(compose_train, tmp_path, caplog):
+    """On the tiny corpus a high learning rate overfits within a few dozen steps: early stopping ends the run, the
+    saved weights are those of the val curve's minimum (best.ckpt's), train.json names that step, and a warning
+    says since when it overfits. A resumed run with a higher max_steps keeps the early-stopping count."""
+    import logging
+
+    overrides = ["train.lr=0.02", "train.warmup_steps=0", "train.val_every_n_steps=2", "train.ckpt_every_n_steps=2"]
+    overrides += [
+        "train.early_stop_patience=3",
+        "train.schedule=constant",
+        "model.dropout=0.0",
+        "sample.every_n_steps=0",
+    ]
+    with caplog.at_level(logging.WARNING, logger="penwright"):
+        metrics = train(compose_train("trainer.max_steps=200", *overrides))
+    val = [(int(r["step"]), float(r["loss"])) for r in curve(tmp_path / "run" / "reports", "val")]
+    best_step = min(val, key=lambda r: r[1])[0]
+    assert metrics["early_stopped"] is True and metrics["steps"] < 200
+    assert metrics["best_step"] == best_step == metrics["saved_step"] < metrics["steps"]
+    best = torch.load(tmp_path / "run" / "ckpt" / "best.ckpt", map_location="cpu", weights_only=False)
+    assert best["global_step"] == best_step
+    saved = weights(tmp_path / "run" / "model")
+    matched = [k for k in saved if f"model.{k}" in best["state_dict"]]
+    assert len(matched) >= len(saved) - 1  # (lm_head is tied to the embeddings)
+    assert all(torch.equal(saved[k], best["state_dict"][f"model.{k}"]) for k in matched)
+    assert any(
+        "overfitting since step" in r.getMessage() and f"best step {best_step}" in r.getMessage()
+        for r in caplog.records
+    )
+    again = train(compose_train("trainer.max_steps=300", *overrides))  # resumed: the count goes on, it stops at once
+    assert again["steps"] <= metrics["steps"] + 2 * 3 and again["best_step"] == best_step

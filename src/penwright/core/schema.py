@@ -308,6 +308,8 @@ class Train(Group):
     ckpt_dir: str
     out_dir: str
     resume: bool
+    early_stop_patience: NonNegInt
+    save: Literal["best", "last"]
     gradient_checkpointing: bool
     freeze_embeddings: bool
     compile: bool

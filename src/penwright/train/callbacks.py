@@ -26,7 +26,7 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from penwright.core import schema
@@ -48,9 +48,12 @@ class Callbacks:
     best: ModelCheckpoint
     samples: SampleCallback
     curves: CurveWriter
+    overfit: OverfitWatch
+    early_stop: EarlyStopping | None = None  # train.early_stop_patience
 
     def all(self) -> list[L.Callback]:
-        return [self.throughput, self.periodic, self.best, self.samples, self.curves]
+        out = [self.throughput, self.periodic, self.best, self.samples, self.curves, self.overfit]
+        return out + ([self.early_stop] if self.early_stop is not None else [])
 
 
 def checkpoints(ckpt_dir: Path, every_n_steps: int, keep_all: bool) -> tuple[ModelCheckpoint, ModelCheckpoint]:
@@ -116,6 +119,49 @@ class Throughput(L.Callback):
     @property
     def median_step_rate(self) -> float:
         return statistics.median(self.step_rates)
+
+
+def early_stopping(patience: int) -> EarlyStopping | None:
+    """Lightning's early stopping on val loss (its state goes into every checkpoint, so a resumed run keeps
+    counting), or None for ``patience`` 0."""
+    if not patience:
+        return None
+    return EarlyStopping(
+        monitor="val/loss", mode="min", patience=patience, check_on_train_epoch_end=False, verbose=False
+    )
+
+
+class OverfitWatch(L.Callback):
+    """One warning when val loss has risen for ``evaluations`` validations in a row while train loss fell:
+    "overfitting since step S; best step B" (from the val curve, so a resumed run sees its whole history)."""
+
+    def __init__(self, curves: CurveWriter, evaluations: int = 2):
+        self.curves, self.evaluations, self.warned = curves, evaluations, False
+
+    def on_validation_end(self, trainer, pl_module):
+        if self.warned or trainer.sanity_checking or not trainer.is_global_zero:
+            return
+        val = [(int(r["step"]), float(r["loss"])) for r in self.curves.rows["val"]]
+        train = {int(r["step"]): float(r["loss"]) for r in self.curves.rows["train"]}
+        k = self.evaluations
+        if len(val) <= k:
+            return
+        recent = val[-(k + 1) :]
+        rising = all(b[1] > a[1] for a, b in zip(recent, recent[1:]))
+        before, now = _loss_at(train, recent[0][0]), _loss_at(train, recent[-1][0])
+        if rising and before is not None and now is not None and now < before:
+            best_step, best_loss = min(val, key=lambda r: r[1])
+            get_logger("train").warning(
+                f"overfitting since step {recent[0][0]}: val loss rose for {k} validations while train loss fell; "
+                f"best step {best_step} (val loss {best_loss:.4f}). train.early_stop_patience stops such a run"
+            )
+            self.warned = True
+
+
+def _loss_at(rows: dict[int, float], step: int) -> float | None:
+    """The train loss logged at ``step``, else at the last step before it."""
+    steps = [s for s in rows if s <= step]
+    return rows[max(steps)] if steps else None
 
 
 class CurveWriter(L.Callback):

@@ -30,9 +30,11 @@ from penwright.train.callbacks import (
     AtomicCheckpointIO,
     Callbacks,
     CurveWriter,
+    OverfitWatch,
     SampleCallback,
     Throughput,
     checkpoints,
+    early_stopping,
 )
 from penwright.train.data import PreparedData, load_meta, load_openings
 from penwright.train.loggers import build_loggers
@@ -100,6 +102,8 @@ def train(cfg: schema.Config) -> dict:
             curves.add_copies,
         ),
         curves=curves,
+        overfit=OverfitWatch(curves),
+        early_stop=early_stopping(tcfg.early_stop_patience),
     )
     loggers = build_loggers(cfg, ckpt_dir, resume_from is not None)
     if tcfg.auto_batch_size:
@@ -355,12 +359,37 @@ def find_micro_batch(cfg: schema.Config, module, data, workdir: Path) -> int:
     return int(found or 1)
 
 
+def _keep_best(module, best_ckpt, best_step: int) -> int:
+    """Load the weights of ``best_step`` (``best.ckpt``) into the module, unless they are the ones it has; the step
+    whose weights it holds."""
+    step = module.trainer.global_step
+    path = Path(best_ckpt.best_model_path or "")
+    if best_step == step or not path.is_file():
+        return step
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    if state.get("global_step") != best_step:
+        log(f"{path} holds step {state.get('global_step')}, not the best step {best_step}: saving the last weights")
+        return step
+    module.load_state_dict(state["state_dict"], strict=not module.lora)  # a LoRA checkpoint holds the adapters only
+    log(f"saving the weights of step {best_step} (the lowest val loss; train.save=best), not of step {step}")
+    return best_step
+
+
 # -- the end of a run -----------------------------------------------------------------------------------
 
 
 def _finish(cfg, trainer, module, tokenizer, data, final, callbacks: Callbacks, start, resumed) -> dict:
     throughput, best_ckpt = callbacks.throughput, callbacks.best
     out = Path(cfg.train.out_dir)
+    val = [(int(r["step"]), float(r["loss"])) for r in callbacks.curves.rows["val"]]
+    best_step = min(val, key=lambda r: r[1])[0] if val else trainer.global_step  # the minimum of the val curve
+    saved_step = _keep_best(module, best_ckpt, best_step) if cfg.train.save == "best" else trainer.global_step
+    early = callbacks.early_stop is not None and trainer.global_step < trainer.max_steps
+    if early:
+        log(
+            f"early stop at step {trainer.global_step}: val loss has not improved for "
+            f"{cfg.train.early_stop_patience} validations; best step {best_step}"
+        )
     model = module.model
     model = getattr(model, "_orig_mod", model)
     sizes = {}
@@ -401,6 +430,9 @@ def _finish(cfg, trainer, module, tokenizer, data, final, callbacks: Callbacks, 
         "device": str(module.device),
         "micro_batch": data.batch_size,
         "accumulate_grad_batches": data.accumulate,
+        "best_step": best_step,
+        "saved_step": saved_step,  # the step whose weights are in train.out_dir (train.save)
+        "early_stopped": early,
         **sizes,
     }
     if callbacks.curves.rows["copies"]:  # the last samples' copy measures: how much the model copies now
