@@ -529,6 +529,34 @@ def render_lora_quality(load: Callable[[str], dict]) -> str:
     )
 
 
+def render_copies(load: Callable[[str], dict]) -> str:
+    name = "bench_copies.json"
+    d = load(name)
+    rows = [
+        [
+            f"{num(r.get('text_mb'))} MB",
+            num(r.get("tokens")),
+            f"{num(r.get('build_seconds'))} s",
+            f"{num(r.get('build_peak_rss_gib'))} GiB",
+            f"{num(r.get('index_gib_on_disk'))} GiB",
+            f"{num(r.get('lookup_ms_p50'))} ms",
+            f"{num(r.get('lookup_ms_p95'))} ms",
+        ]
+        for r in d.get("sizes", [])
+    ]
+    header = ["text", "tokens", "build", "build peak RSS", "on disk", "lookup p50", "lookup p95"]
+    return "\n".join(
+        [
+            provenance(d, name),
+            "",
+            f"{d.get('what', '')}; {num(d.get('lookups'))} lookups of {num(d.get('window_tokens'))} tokens each. "
+            f"Goals: {d.get('goals', '–')}.",
+            "",
+            table(header, rows),
+        ]
+    )
+
+
 def render_chat(load: Callable[[str], dict]) -> str:
     name = "chat_vs_completions.json"
     d = load(name)
@@ -628,6 +656,7 @@ def renderers(results: Path) -> dict[str, Callable[[Callable[[str], dict]], str]
         ),
         "lora-quality": render_lora_quality,
         "chat": render_chat,
+        "copies": render_copies,
         "engine-ab": lambda load: render_ab(load, _glob(results, "engine_ab_*.json")),
         "serve-ab": lambda load: render_ab(load, _glob(results, "serve_ab_*.json")),
     }
