@@ -144,3 +144,32 @@ def test_training_samples_carry_copy_measures_and_a_memorization_curve(compose_t
     assert metrics["samples_longest_copied"] == int(rows[-1]["longest_copied"]) > 0
     assert "copied: longest span" in (reports / "samples" / "step-000008.md").read_text()
     assert json.loads((reports / "train.json").read_text())["samples_longest_copied"] > 0
+
+
+def test_max_copied_span_redraws_then_drops_samples_that_copy_more(tmp_path, prepared_tiny, onnx_tiny):
+    import json
+
+    from helpers.paths import REPO
+    from penwright.core.config import compose
+    from penwright.generate.stage import generate
+
+    cfg = compose(
+        [
+            f"generate.model_dir={onnx_tiny}",
+            f"data.out_dir={prepared_tiny}",
+            "generate.destination=null",
+            f"generate.report={tmp_path / 'generate.json'}",
+            "generate.prompts=[The]",
+            "generate.nsamples=6",
+            "generate.max_new_tokens=12",
+            "generate.max_copied_span=0",
+            "generate.copy_retries=2",
+        ],
+        config_dir=REPO / "conf",
+    )
+    kept = generate(cfg)
+    report = json.loads((tmp_path / "generate.json").read_text())
+    refused = report["refused_copies"]
+    assert len(kept) + refused["dropped"] == 6 and refused["redrawn"] >= 2 * refused["dropped"]
+    assert all(s.copies.longest == 0 for s in kept)
+    assert refused["redrawn"] > 0  # the tiny corpus shares short spans with most samples

@@ -385,6 +385,8 @@ class Generate(Group):
     strip: bool
     check_copies: bool
     copy_min_span: NonNegInt
+    max_copied_span: NonNegInt | None
+    copy_retries: NonNegInt
     rank: bool
     seed: Seed | None
     stream: bool

@@ -124,6 +124,43 @@ def _show(text: str) -> None:
     sys.stdout.flush()
 
 
+def refuse_copies(
+    gen: Engine, samples: list[Sample], copied: Copies, g: schema.Generate, sampling: SamplingConfig
+) -> tuple[list[Sample], dict]:
+    """``generate.max_copied_span``: a sample whose longest copied span is longer is drawn again (another seed), up
+    to ``generate.copy_retries`` times, then dropped; the counts are reported."""
+    kept, redrawn, dropped = [], 0, 0
+    for index, sample in enumerate(samples):
+        for attempt in range(g.copy_retries + 1):
+            prompt = sample.prompt if sample.prompt and sample.text.startswith(sample.prompt) else ""
+            if copied.measure(sample.text[len(prompt) :]).longest <= g.max_copied_span:
+                kept.append(sample)
+                break
+            if attempt == g.copy_retries:
+                dropped += 1
+                break
+            redrawn += 1
+            seed = None if g.seed is None else g.seed + 1_000_003 * (attempt + 1) + index
+            (sample,) = generate_samples(
+                gen,
+                [sample.prompt],
+                sampling=sampling,
+                max_new_tokens=g.max_new_tokens,
+                min_new_tokens=g.min_new_tokens,
+                truncate=g.truncate,
+                include_prefix=g.include_prefix,
+                strip=g.strip,
+                seed=seed,
+                stop=list(g.stop),
+                progress=False,
+            )
+    log(
+        f"generate.max_copied_span={g.max_copied_span}: {redrawn} redraw(s); {dropped} of {len(samples)} samples "
+        f"dropped after {g.copy_retries} redraw(s) each"
+    )
+    return kept, {"max_copied_span": g.max_copied_span, "redrawn": redrawn, "dropped": dropped}
+
+
 def measure_copies(copied: Copies, samples: list[Sample]) -> dict:
     """Each sample's copy measures (of the text it generated, the prompt left out) and their summary beside the
     val split's baseline."""
@@ -214,6 +251,8 @@ def generate(cfg: schema.Config) -> list[Sample]:
     report = {"samples": len(samples), "provider": provider, "seconds": round(seconds, 2)}
     copied = Copies.open(cfg.data.out_dir, gen.tokenizer, g.copy_min_span) if g.copy_min_span else None
     if copied is not None:
+        if g.max_copied_span is not None:
+            samples, report["refused_copies"] = refuse_copies(gen, samples, copied, g, sampling)
         report["copies"] = measure_copies(copied, samples)
     if documents is not None:
         report |= count_copies(samples, documents)
