@@ -124,16 +124,30 @@ def _show(text: str) -> None:
     sys.stdout.flush()
 
 
+def shaping(g: schema.Generate) -> dict:
+    """``generate``'s keys that shape each sample: its length, its stops, gpt-2-simple's finishing."""
+    return {
+        "max_new_tokens": g.max_new_tokens,
+        "min_new_tokens": g.min_new_tokens,
+        "truncate": g.truncate,
+        "include_prefix": g.include_prefix,
+        "strip": g.strip,
+        "stop": list(g.stop),
+    }
+
+
 def refuse_copies(
     gen: Engine, samples: list[Sample], copied: Copies, g: schema.Generate, sampling: SamplingConfig
 ) -> tuple[list[Sample], dict]:
     """``generate.max_copied_span``: a sample whose longest copied span is longer is drawn again (another seed), up
     to ``generate.copy_retries`` times, then dropped; the counts are reported."""
+    limit = g.max_copied_span
+    assert limit is not None  # the caller asks only when it is set
     kept, redrawn, dropped = [], 0, 0
     for index, sample in enumerate(samples):
         for attempt in range(g.copy_retries + 1):
             prompt = sample.prompt if sample.prompt and sample.text.startswith(sample.prompt) else ""
-            if copied.measure(sample.text[len(prompt) :]).longest <= g.max_copied_span:
+            if copied.measure(sample.text[len(prompt) :]).longest <= limit:
                 kept.append(sample)
                 break
             if attempt == g.copy_retries:
@@ -142,17 +156,7 @@ def refuse_copies(
             redrawn += 1
             seed = None if g.seed is None else g.seed + 1_000_003 * (attempt + 1) + index
             (sample,) = generate_samples(
-                gen,
-                [sample.prompt],
-                sampling=sampling,
-                max_new_tokens=g.max_new_tokens,
-                min_new_tokens=g.min_new_tokens,
-                truncate=g.truncate,
-                include_prefix=g.include_prefix,
-                strip=g.strip,
-                seed=seed,
-                stop=list(g.stop),
-                progress=False,
+                gen, [sample.prompt], sampling=sampling, seed=seed, progress=False, **shaping(g)
             )
     log(
         f"generate.max_copied_span={g.max_copied_span}: {redrawn} redraw(s); {dropped} of {len(samples)} samples "
@@ -233,13 +237,8 @@ def generate(cfg: schema.Config) -> list[Sample]:
             sampling=sampling,
             nsamples=g.nsamples,
             batch_size=g.batch_size,
-            max_new_tokens=g.max_new_tokens,
-            min_new_tokens=g.min_new_tokens,
-            truncate=g.truncate,
-            include_prefix=g.include_prefix,
-            strip=g.strip,
             seed=g.seed,
-            stop=list(g.stop),
+            **shaping(g),
             stream=g.stream,
         )
     if g.rank:  # best (highest mean logprob) first, on the same engine
