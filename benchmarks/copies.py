@@ -1,4 +1,4 @@
-"""``python -m benchmarks copies``: the copy index (``prepare.copy_index``) built and searched at 10 MB, 100 MB and
+"""``python -m benchmarks copies``: the copy index (``core.copy_index``) built and searched at 10 MB, 100 MB and
 1 GB of text.
 
 The corpora are the quickstart's training tokens (``artifacts/prepared/train.bin``) resampled to size: pieces
@@ -51,7 +51,7 @@ def resample(tokens: np.ndarray, n: int, seed: int = 0) -> np.ndarray:
 
 def _build_child(folder: str, eos: int, vocab: int) -> None:
     """In a child process: build the index of ``folder/train.bin``; print its time and peak RSS as JSON."""
-    from penwright.prepare.copy_index import build
+    from penwright.core.copy_index import build
 
     folder_path = Path(folder)
     tokens = np.memmap(folder_path / "train.bin", dtype=np.uint16, mode="r")
@@ -66,7 +66,7 @@ def _build_child(folder: str, eos: int, vocab: int) -> None:
 
 
 def bench_copies(prepared: str = "artifacts/prepared", sizes_mb=SIZES_MB, output: str | None = None) -> dict:
-    from penwright.prepare.copy_index import CopyIndex
+    from penwright.core.copy_index import CopyIndex
 
     meta = json.loads((Path(prepared) / "meta.json").read_text())
     source = np.fromfile(Path(prepared) / "train.bin", dtype=np.dtype(meta["dtype"]))

@@ -10,8 +10,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from penwright.core.copy_index import CopyIndex, build, copy_measures
 from penwright.core.errors import PenwrightError
-from penwright.prepare.copy_index import CopyIndex, build, copy_measures
 
 
 def index_of(root: Path, tokens: np.ndarray, eos: int = 0) -> CopyIndex:
@@ -100,7 +100,7 @@ def test_generate_reports_each_samples_copies_beside_the_val_baseline(tmp_path, 
 
     from helpers.paths import ENGLISH, REPO
     from penwright.core.config import compose
-    from penwright.generate.copied import Copies
+    from penwright.core.copy_index import Copies
     from penwright.generate.stage import generate
 
     cfg = compose(

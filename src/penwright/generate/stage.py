@@ -25,15 +25,14 @@ from tqdm import tqdm
 
 from penwright.core import schema
 from penwright.core.atomic import atomic_write_text
+from penwright.core.copy_index import Copies, CopyMeasures, summary
 from penwright.core.errors import InvalidValue, config_keys
 from penwright.core.log import get_logger
-from penwright.generate.copied import Copies, summary
 from penwright.generate.score import TextScore, score_texts
 from penwright.inference.engine import Engine
 from penwright.inference.sampling import SAMPLED, SamplingConfig
 from penwright.inference.text import finish_text
 from penwright.prepare import copies
-from penwright.prepare.copy_index import CopyMeasures
 
 log = get_logger("generate").info
 

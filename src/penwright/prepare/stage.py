@@ -29,13 +29,13 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from penwright.core import schema
+from penwright.core import copy_index, schema
 from penwright.core.atomic import staged_dir
 from penwright.core.chat_format import EOS
 from penwright.core.errors import CorpusError
 from penwright.core.files import save_tokenizer
 from penwright.core.log import get_logger
-from penwright.prepare import copies, copy_index
+from penwright.prepare import copies
 from penwright.prepare.chat_corpus import openings, read_corpus, split_one
 from penwright.prepare.corpus import CHAT_FORMATS, CorpusSpec, Source, iter_documents, scan
 from penwright.prepare.tokenizer import (
@@ -335,7 +335,7 @@ def prepare_chats(cfg: schema.Config, spec: CorpusSpec, sources: list[Source], s
 
 
 def _index(tmp: Path, dtype: np.dtype, eos: int, vocab_size: int, max_gib: float) -> dict:
-    """The copy index of the training split (``prepare.copy_index``), beside the token files."""
+    """The copy index of the training split (``core.copy_index``), beside the token files."""
     path = tmp / "train.bin"
     tokens = np.memmap(path, dtype=dtype, mode="r") if path.stat().st_size else np.zeros(0, dtype=dtype)
     info = copy_index.build(tmp, tokens, eos, vocab_size, max_gib)

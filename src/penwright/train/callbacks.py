@@ -31,8 +31,8 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from penwright.core import schema
 from penwright.core.atomic import atomic_write_text
+from penwright.core.copy_index import CopyIndex, CopyMeasures, copy_measures
 from penwright.core.log import get_logger
-from penwright.prepare.copy_index import CopyIndex, CopyMeasures, copy_measures
 from penwright.prepare.tokenizer import left_padded
 
 log = get_logger("samples").info

@@ -21,10 +21,10 @@ import torch
 
 from penwright.core import schema
 from penwright.core.atomic import atomic_write_text, staged_dir
+from penwright.core.copy_index import CopyIndex
 from penwright.core.errors import ConfigError, PenwrightError
 from penwright.core.files import save_tokenizer
 from penwright.core.log import get_logger, global_rank
-from penwright.prepare.copy_index import CopyIndex
 from penwright.train import lora
 from penwright.train.callbacks import (
     AtomicCheckpointIO,

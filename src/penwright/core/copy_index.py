@@ -14,6 +14,11 @@ Files, in ``<prepared>/index/`` (beside the token files, written by ``prepare`` 
 ``documents.i64`` (where each training document starts, in tokens) and ``index.json`` (sizes and the
 md5 of the ``train.bin`` it indexes: a stale or foreign index is refused). All are memory-mapped.
 
+``Copies`` measures texts (samples) with the tokenizer that made the index: their copy measures, their copied
+spans (``⟦…⟧`` in markdown, character ranges in the API), and the baseline: the same measures on windows of the
+validation split, text from the same source the model never trained on (new text shares some phrases with any
+corpus, so a sample is suspicious when it copies far more than that).
+
 The index holds the training text: it stays in the prepared folder and is never exported or shared.
 """
 
@@ -22,6 +27,7 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import json
+import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +35,10 @@ from pathlib import Path
 import numpy as np
 
 from penwright.core.errors import PenwrightError
+from penwright.core.files import load_tokenizer
+from penwright.core.log import get_logger
 
+log = get_logger("copies").info
 DIR = "index"
 BYTES_PER_TOKEN = 3
 MAX_ID = (1 << 21) - 1  # 7 + 7 + 7 bits
@@ -243,3 +252,85 @@ def copy_measures(index: CopyIndex, ids, decode, min_span: int) -> CopyMeasures:
     doc, offset = index.document_of(index.locate(ids, best, int(lengths[best])))
     share = float(covered.mean())
     return CopyMeasures(int(ids.size), int(lengths[best]), len(span), span, doc, offset, round(share, 4), min_span)
+
+
+# -- samples: their measures, their copied spans, and the val baseline ---------------------------------------
+
+BASELINE_WINDOWS = 64  # val windows measured for the baseline
+OPEN, CLOSE = "⟦", "⟧"  # around copied spans in markdown
+
+
+class Copies:
+    """The copy index of a prepared folder and the tokenizer that reads samples into its ids."""
+
+    def __init__(self, prepared: str | Path, tokenizer, min_span: int):
+        self.prepared, self.tokenizer, self.min_span = Path(prepared), tokenizer, min_span
+        self.index = CopyIndex(self.prepared)
+
+    @classmethod
+    def open(cls, prepared: str | Path, tokenizer, min_span: int) -> Copies | None:
+        """None (and a line saying why) where the folder has no index or another tokenizer than the model's."""
+        prepared = Path(prepared)
+        if not (prepared / "index" / "index.json").is_file():
+            log(f"no copy measures: {prepared} has no copy index (prepare it with data.copy_index=true)")
+            return None
+        theirs = load_tokenizer(prepared / "tokenizer", fix="rerun `penwright prepare`")
+        if theirs.get_vocab() != tokenizer.get_vocab():
+            log(f"no copy measures: {prepared} was prepared with another tokenizer than this model's (data.out_dir)")
+            return None
+        return cls(prepared, tokenizer, min_span)
+
+    def measure(self, text: str) -> CopyMeasures:
+        ids = self.tokenizer.encode(text, add_special_tokens=False)
+        return copy_measures(self.index, ids, self.tokenizer.decode, self.min_span)
+
+    def spans(self, text: str) -> list[tuple[int, int]]:
+        """The ``[start, end)`` character ranges of ``text`` inside copied spans of at least ``min_span`` tokens."""
+        enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        lengths = self.index.matches(enc["input_ids"])
+        covered = np.zeros(len(lengths), dtype=bool)
+        for i in np.flatnonzero(lengths >= self.min_span):
+            covered[i : i + lengths[i]] = True
+        offsets = enc["offset_mapping"]
+        return [(offsets[start][0], offsets[end - 1][1]) for start, end in _runs(covered)]
+
+    def mark(self, text: str) -> str:
+        """``text`` with each copied span of at least ``min_span`` tokens between ⟦ and ⟧."""
+        out, at = [], 0
+        for a, b in self.spans(text):
+            out += [text[at:a], OPEN, text[a:b], CLOSE]
+            at = b
+        return "".join(out) + text[at:]
+
+    def baseline(self, length: int) -> dict:
+        """The measures' summary over windows of ``length`` tokens of the val split (human text, never trained on)."""
+        path = self.prepared / "val.bin"
+        meta = json.loads((self.prepared / "meta.json").read_text())
+        val = np.fromfile(path, dtype=np.dtype(meta["dtype"])) if path.is_file() else np.zeros(0)
+        if val.size <= length:
+            return {}
+        starts = np.linspace(0, val.size - length - 1, num=BASELINE_WINDOWS).astype(int)
+        measures = [
+            copy_measures(self.index, val[s : s + length], self.tokenizer.decode, self.min_span) for s in starts
+        ]
+        return summary(measures)
+
+
+def summary(measures: list[CopyMeasures]) -> dict:
+    """Medians and maxima of the measures (what generate.json and the logs show)."""
+    if not measures:
+        return {}
+    longest = [m.longest for m in measures]
+    share = [m.copied_share for m in measures]
+    return {
+        "texts": len(measures),
+        "longest_tokens_median": statistics.median(longest),
+        "longest_tokens_max": max(longest),
+        "copied_share_median": round(statistics.median(share), 4),
+        "copied_share_max": round(max(share), 4),
+    }
+
+
+def _runs(mask: np.ndarray) -> list[tuple[int, int]]:
+    edges = np.diff(np.concatenate([[0], mask.astype(np.int8), [0]]))
+    return list(zip(np.flatnonzero(edges == 1).tolist(), np.flatnonzero(edges == -1).tolist()))
