@@ -3,6 +3,7 @@ at every position of a query, and where it is found, equal a direct search; a st
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -173,3 +174,60 @@ def test_max_copied_span_redraws_then_drops_samples_that_copy_more(tmp_path, pre
     assert len(kept) + refused["dropped"] == 6 and refused["redrawn"] >= 2 * refused["dropped"]
     assert all(s.copies.longest == 0 for s in kept)
     assert refused["redrawn"] > 0  # the tiny corpus shares short spans with most samples
+
+
+def test_the_server_answers_copy_measures_when_asked_and_the_page_marks_them(prepared_tiny, onnx_tiny, browser):
+    """``"copies": true`` on /v1/completions (plain and streamed) and /v1/chat/completions: each choice carries the
+    measures of its text and its copied spans; a server without an index for the model answers 400 naming
+    ``copies``; the page, asked to, marks the spans the API reports."""
+    import httpx
+    from conftest import RunningServer
+    from selenium.webdriver.common.by import By
+    from test_serve_page import generate, open_page, set_field, text_of
+
+    from helpers.paths import REPO
+    from penwright.core.config import compose
+    from penwright.core.copy_index import Copies
+
+    cfg = compose(
+        [f"serve.model_dir={onnx_tiny}", f"serve.copy_index={prepared_tiny}", "serve.copy_min_span=1"],
+        config_dir=REPO / "conf",
+    )
+    server = RunningServer(cfg)
+    try:
+        body = {"prompt": "The", "max_tokens": 12, "temperature": 0, "copies": True}
+        choice = httpx.post(f"{server.url}/v1/completions", json=body, timeout=60).json()["choices"][0]
+        copies = Copies(prepared_tiny, server.engine.tokenizer, 1)
+        expected = copies.measure(choice["text"])
+        assert {k: choice["copies"][k] for k in ("tokens", "longest", "copied_share")} == {
+            "tokens": expected.tokens,
+            "longest": expected.longest,
+            "copied_share": expected.copied_share,
+        }
+        assert (
+            choice["copies"]["spans"] == [list(s) for s in copies.spans(choice["text"])] and choice["copies"]["spans"]
+        )
+        streamed = httpx.post(f"{server.url}/v1/completions", json={**body, "stream": True}, timeout=60).text
+        last = [json.loads(line[6:]) for line in streamed.splitlines() if line.startswith("data: {")][-1]
+        assert last["choices"][0]["copies"] == choice["copies"]
+        plain = httpx.post(f"{server.url}/v1/completions", json={**body, "copies": False}, timeout=60).json()
+        assert "copies" not in plain["choices"][0]
+        open_page(browser, server)
+        set_field(browser, "prompt", "The")
+        set_field(browser, "length", "12")
+        set_field(browser, "temperature", "0")
+        browser.find_element(By.ID, "copies").click()
+        status, generated = generate(browser)
+        assert status.startswith("done") and generated == choice["text"]
+        marks = [text_of(m) for m in browser.find_elements(By.CSS_SELECTOR, "#generated mark")]
+        chars = list(choice["text"])
+        assert marks == ["".join(chars[a:b]) for a, b in choice["copies"]["spans"]]
+        assert "longest copied span" in text_of(browser.find_element(By.ID, "copied"))
+    finally:
+        server.stop()
+    other = RunningServer(compose([f"serve.model_dir={onnx_tiny}", "serve.copy_index=null"], config_dir=REPO / "conf"))
+    try:
+        refused = httpx.post(f"{other.url}/v1/completions", json=body, timeout=60)
+        assert refused.status_code == 400 and refused.json()["error"]["param"] == "copies"
+    finally:
+        other.stop()

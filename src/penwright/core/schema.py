@@ -436,6 +436,8 @@ class Serve(Group):
     top_k: NonNegInt
     top_p: TopP
     chat_template: str | None  # null: the tokenizer's own
+    copy_index: str | None  # a prepared folder; null: requests cannot ask for copy measures
+    copy_min_span: PosInt
 
 
 class Chain(Group):

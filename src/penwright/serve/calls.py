@@ -35,6 +35,7 @@ class CompletionCall:
     ):
         self.served, self.body = served, body
         self.model, self.engine = served.engine(body.model)
+        self.copies = served.copies(self.model, self.engine) if getattr(body, "copies", False) else None
         settings = served.settings
         self.check_unsupported()
         if body.n > settings.max_n:
@@ -163,9 +164,19 @@ class CompletionCall:
 
     def choice_json(self, index: int, r: Request) -> dict:
         """A whole choice: OpenAI's completion shape (text, index, logprobs, finish_reason)."""
-        text = self.prefix[self.requests.index(r)] + r.text
+        prefix = self.prefix[self.requests.index(r)]
         lp = logprobs_json(self.engine, self.scores(r), 0)[0] if self.body.logprobs is not None else None
-        return {"text": text, "index": index, "logprobs": lp, "finish_reason": r.finish_reason}
+        choice = {"text": prefix + r.text, "index": index, "logprobs": lp, "finish_reason": r.finish_reason}
+        return choice | self.copies_json(r, len(prefix))
+
+    def copies_json(self, r: Request, offset: int = 0) -> dict:
+        """``{"copies": ...}`` when the request asked: the measures of the generated text (``core.copy_index``) and
+        its copied spans as ``[start, end)`` character ranges of the choice's text (after ``offset`` echoed ones)."""
+        if self.copies is None:
+            return {}
+        measures = self.copies.measure(r.text).as_dict()
+        spans = [[a + offset, b + offset] for a, b in self.copies.spans(r.text)]
+        return {"copies": {**measures, "spans": spans}}
 
     def scored_since(self, k: int) -> list:
         """The tokens of choice ``k`` scored since its last chunk (the engine scores, then emits)."""
@@ -185,9 +196,11 @@ class CompletionCall:
         if self.echo_pending[k]:
             text, self.echo_pending[k] = self.prefix[k] + text, False
         lp = json.dumps(self.logprobs_since(k), ensure_ascii=False)
+        copies = self.copies_json(self.requests[k], len(self.prefix[k])) if reason is not None else {}
+        extra = f',"copies":{json.dumps(copies["copies"])}' if copies else ""  # with the choice's last chunk
         return (
             f'{self.stream_prefix}{{"text":{json.dumps(text, ensure_ascii=False)},'
-            f'"index":{k},"logprobs":{lp},"finish_reason":{json.dumps(reason)}}}]}}\n\n'
+            f'"index":{k},"logprobs":{lp},"finish_reason":{json.dumps(reason)}{extra}}}]}}\n\n'
         )
 
     def opening_chunks(self) -> list[str]:

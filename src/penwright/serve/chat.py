@@ -82,7 +82,8 @@ class ChatCall(CompletionCall):
     def choice_json(self, index: int, r: Request) -> dict:
         lp = self.chat_logprobs(self.scores(r)) if self.body.logprobs is not None else None
         message = {"role": "assistant", "content": r.text}
-        return {"index": index, "message": message, "logprobs": lp, "finish_reason": r.finish_reason}
+        choice = {"index": index, "message": message, "logprobs": lp, "finish_reason": r.finish_reason}
+        return choice | self.copies_json(r)
 
     def chunk_json(self, k: int, text: str, reason: str | None) -> str:
         """The choice's role in its first chunk, then its new text; the finish reason in a chunk of its own."""
@@ -98,7 +99,8 @@ class ChatCall(CompletionCall):
         if delta:
             out.append({"index": k, "delta": delta, "logprobs": lp, "finish_reason": None})
         if reason is not None:
-            out.append({"index": k, "delta": {}, "logprobs": None, "finish_reason": reason})
+            last = {"index": k, "delta": {}, "logprobs": None, "finish_reason": reason}
+            out.append(last | self.copies_json(self.requests[k]))
         return "".join(f"{self.stream_prefix}{json.dumps(c, ensure_ascii=False)}]}}\n\n" for c in out)
 
     def chat_logprobs(self, entries: list) -> dict:

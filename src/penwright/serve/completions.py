@@ -42,6 +42,7 @@ class GenerationBody(BaseModel):
     top_k: int | None = Field(None, ge=-1)  # vLLM: -1 = all tokens
     repetition_penalty: float | None = Field(None, ge=0.01, le=100)  # (smaller ones overflow fp32 logits)
     min_tokens: int = Field(0, ge=0)
+    copies: bool = False  # penwright's extension: each choice carries its copy measures and copied spans
     user: str | None = None
     frequency_penalty: float | None = None  # (refused unless 0: use repetition_penalty)
     presence_penalty: float | None = None

@@ -13,6 +13,7 @@ import json
 import threading
 import traceback
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Annotated, TypeVar
 
 from fastapi import Depends
@@ -20,6 +21,7 @@ from fastapi import Request as HttpRequest
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ValidationError
 
+from penwright.core.copy_index import Copies
 from penwright.core.schema import Serve
 from penwright.inference.engine import Engine
 from penwright.inference.sampling import SamplingConfig
@@ -54,6 +56,7 @@ class Served:
     metrics: Metrics = field(default_factory=Metrics)
     engines: dict[str, Engine] = field(default_factory=dict)  # name -> engine; the first is the default
     threads: dict[str, threading.Thread] = field(default_factory=dict)
+    measures: dict[str, Copies | None] = field(default_factory=dict)  # name -> its copy measures (opened once)
 
     @property
     def default(self) -> str:
@@ -79,6 +82,26 @@ class Served:
 
     def serving(self) -> bool:
         return bool(self.threads) and all(t.is_alive() for t in self.threads.values())
+
+    def copies(self, name: str, engine: Engine) -> Copies:
+        """The copy measures of model ``name`` (``serve.copy_index``); a 400 naming the field ``copies`` where
+        there are none for it."""
+        if name not in self.measures:
+            folder = self.settings.copy_index
+            self.measures[name] = (
+                Copies.open(folder, engine.tokenizer, self.settings.copy_min_span)
+                if folder and Path(folder).is_dir()
+                else None
+            )
+        found = self.measures[name]
+        if found is None:
+            raise ApiError(
+                400,
+                f"copies: no copy index for model {name!r} (serve.copy_index={self.settings.copy_index!r} is not a "
+                "prepared folder with an index made with this model's tokenizer)",
+                "copies",
+            )
+        return found
 
     def engine(self, name: str | None = None) -> tuple[str, Engine]:
         """The engine a request's ``model`` names (none: the default) and its name; 503 while loading."""

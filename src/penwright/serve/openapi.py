@@ -31,11 +31,26 @@ class Logprobs(BaseModel):
     text_offset: list[int]
 
 
+class Copies(BaseModel):
+    """penwright's extension (a request's ``"copies": true``): how much of the generated text is copied from the
+    training split, and where in the choice's text (``[start, end)`` character ranges)."""
+
+    tokens: int
+    longest: int
+    longest_chars: int
+    document: int | None
+    offset: int | None
+    copied_share: float
+    min_span: int
+    spans: list[list[int]]
+
+
 class Choice(BaseModel):
     text: str
     index: int
     logprobs: Logprobs | None
     finish_reason: str | None
+    copies: Copies | None = None
 
 
 class Usage(BaseModel):
@@ -77,6 +92,7 @@ class ChatChoice(BaseModel):
     message: ChatMessageOut
     logprobs: ChatLogprobs | None
     finish_reason: str | None
+    copies: Copies | None = None
 
 
 class ChatCompletion(BaseModel):

@@ -15,7 +15,7 @@ from fastapi.responses import HTMLResponse, JSONResponse
 from penwright.core.chat_format import ChatFormat
 from penwright.serve import openapi as oa
 from penwright.serve.cloud_run import ERRORS, CloudRunBody, generate
-from penwright.serve.deps import ServedDep
+from penwright.serve.deps import ApiError, ServedDep
 
 router = APIRouter()
 PAGE = Path(__file__).with_name("page.html")
@@ -33,12 +33,18 @@ async def page(http: HttpRequest, served: ServedDep):
     template = served.settings.chat_template or getattr(eng.tokenizer, "chat_template", None)
     persona = ChatFormat.parse(template)
     chat = {"persona": persona.persona if persona else "assistant"} if template else None
+    try:
+        served.copies(name, eng)
+        copies = True
+    except ApiError:  # no copy index for this model: no checkbox
+        copies = False
     return HTMLResponse(
         PAGE.read_text(encoding="utf-8")
         .replace("{{model}}", name)
         .replace("{{max_tokens}}", str(min(128, eng.context - 1)))
         .replace("{{auth}}", "true" if served.settings.api_key else "false")
         .replace("{{chat}}", json.dumps(chat).replace("<", "\\u003c"))
+        .replace("{{copies}}", "true" if copies else "false")
     )
 
 
