@@ -231,3 +231,18 @@ def test_the_server_answers_copy_measures_when_asked_and_the_page_marks_them(pre
         assert refused.status_code == 400 and refused.json()["error"]["param"] == "copies"
     finally:
         other.stop()
+
+
+def test_score_gives_each_sample_its_copy_measures(tmp_path, prepared_tiny, onnx_tiny):
+    from helpers.paths import ENGLISH
+    from penwright.generate.score import score_file
+
+    samples = tmp_path / "samples.md"
+    copied = ENGLISH.strip().split("\n")[1]
+    samples.write_text(f"# samples\n\n```text\n⟦{copied}⟧\n```\n\n```text\nzqx vvk\n```\n")
+    score_file(samples, onnx_tiny, prepared=prepared_tiny, min_span=4)
+    rows = [json.loads(line) for line in (tmp_path / "samples.md.scores.jsonl").read_text().splitlines()]
+    by_text = {r["text"]: r["copies"] for r in rows}
+    assert set(by_text) == {copied, "zqx vvk"}  # generate's marks are not part of a sample
+    assert by_text[copied]["copied_share"] == 1.0 and by_text[copied]["longest"] == by_text[copied]["tokens"]
+    assert by_text["zqx vvk"]["copied_share"] == 0.0

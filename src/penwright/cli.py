@@ -97,6 +97,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--graph", default="model.onnx", help="the graph file in it (model.q8.onnx: the 8-bit one)")
     p.add_argument("--delimiter", default=None, help="between samples in plain text (default: generate's)")
     p.add_argument("--output", default=None, help="default: FILE.scores.jsonl")
+    p.add_argument(
+        "--prepared",
+        default="artifacts/prepared",
+        help="the prepared folder of the model's corpus: each sample's copy measures from its index ('' for none)",
+    )
+    p.add_argument("--copy-min-span", type=int, default=12, help="copy measures: the shortest copied span counted")
     return parser
 
 
@@ -130,7 +136,15 @@ def score(args) -> None:
     from penwright.generate.score import DELIMITER, score_file
 
     delimiter = DELIMITER if args.delimiter is None else args.delimiter.encode().decode("unicode_escape")
-    score_file(args.file, args.model_dir, args.graph, delimiter, args.output)
+    score_file(
+        args.file,
+        args.model_dir,
+        args.graph,
+        delimiter,
+        args.output,
+        prepared=args.prepared or None,
+        min_span=args.copy_min_span,
+    )
 
 
 TOOLS = {

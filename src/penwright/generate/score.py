@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from penwright.core.atomic import atomic_write_text
+from penwright.core.copy_index import CLOSE, OPEN, Copies
 from penwright.core.errors import PenwrightError
 from penwright.core.log import get_logger
 from penwright.inference.engine import Engine, Request
@@ -74,8 +75,11 @@ def read_samples(path: Path, delimiter: str = DELIMITER) -> list[str]:
         raise PenwrightError(f"{path}: not found; give a file of samples (penwright generate writes them)") from None
     except UnicodeDecodeError as err:
         raise PenwrightError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
-    if path.suffix == ".md":
-        samples = re.findall(r"^```text\n(.*?)\n```$", text, flags=re.S | re.M)
+    if path.suffix == ".md":  # (generate marks copied spans ⟦…⟧ there: the marks are not the sample's)
+        samples = [
+            t.replace(OPEN, "").replace(CLOSE, "")
+            for t in re.findall(r"^```text\n(.*?)\n```$", text, flags=re.S | re.M)
+        ]
     else:
         samples = [s for s in text.split(delimiter) if s.strip()]
     if not samples:
@@ -92,15 +96,20 @@ def score_file(
     delimiter: str = DELIMITER,
     output: str | Path | None = None,
     threads: int = 0,
+    prepared: str | Path | None = None,
+    min_span: int = 12,
 ) -> list[TextScore]:
-    """Score the samples in ``path`` and write them, best (highest mean logprob) first, as JSON lines."""
+    """Score the samples in ``path`` and write them, best (highest mean logprob) first, as JSON lines; with the
+    ``prepared`` folder of the model's corpus, each also gets its copy measures (``core.copy_index``)."""
     path = Path(path)
     samples = read_samples(path, delimiter)
     engine = Engine.load(model_dir, slots=8, threads=threads, graph=graph)
     scores = sorted(score_texts(engine, samples), key=lambda s: -s.mean_logprob)
     out = Path(output) if output else path.with_name(path.name + ".scores.jsonl")
+    copies = Copies.open(prepared, engine.tokenizer, min_span) if prepared else None
     rows = [
         {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in asdict(s).items()}
+        | ({"copies": copies.measure(s.text).as_dict()} if copies else {})
         for s in scores
     ]
     atomic_write_text(out, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))  # empty: null
