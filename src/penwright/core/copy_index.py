@@ -153,17 +153,18 @@ class CopyIndex:
         self._left_p = ctypes.addressof(self._left)
         self._text = self.text.ctypes.data if self.text.size else None
         self._sa_p = self.sa.ctypes.data if self.sa.size else None
+        self._text_size, self._sa_size = int(self.text.size), int(self.sa.size)
 
-    def _count(self, pattern: np.ndarray, start: int, length: int) -> int:
-        """How often tokens ``[start, start + length)`` of an encoded ``pattern`` occur (``self._left``: the first
-        suffix-array row of them)."""
+    def _count(self, base: int, start: int, length: int) -> int:
+        """How often tokens ``[start, start + length)`` of an encoded pattern at address ``base`` occur
+        (``self._left``: the first suffix-array row of them)."""
         count = self._search(
             self._text,
-            self.text.size,
-            pattern.ctypes.data + start * BYTES_PER_TOKEN,
+            self._text_size,
+            base + start * BYTES_PER_TOKEN,
             length * BYTES_PER_TOKEN,
             self._sa_p,
-            self.sa.size,
+            self._sa_size,
             self._left_p,
         )
         if count < 0:
@@ -179,16 +180,19 @@ class CopyIndex:
         if not self.sa.size:
             return lengths
         pattern = encode(ids)
+        base, count, n = pattern.ctypes.data, self._count, ids.size
+        found = [0] * n
         known = 0  # ids[i:i + known] occurs (the span found at i - 1, less its first token)
-        for i in range(ids.size):
-            low, high, step = max(0, known - 1), ids.size - i, 1  # low occurs; find the longest length that does
+        for i in range(n):
+            low, high, step = max(0, known - 1), n - i, 1  # low occurs; find the longest length that does
             while low < high:  # gallop up; after a miss, step again from 1
                 probe = min(high, low + step)
-                if self._count(pattern, i, probe):
+                if count(base, i, probe):
                     low, step = probe, step * 2
                 else:
                     high, step = probe - 1, 1
-            lengths[i] = known = low
+            found[i] = known = low
+        lengths[:] = found
         return lengths
 
     def locate(self, ids, start: int, length: int) -> int:
@@ -196,7 +200,8 @@ class CopyIndex:
         ids = _checked(ids)
         if length <= 0 or start < 0 or start + length > ids.size or not self.sa.size:
             return -1
-        if not self._count(encode(ids), start, length):
+        pattern = encode(ids)
+        if not self._count(pattern.ctypes.data, start, length):
             return -1
         return int(self.sa[self._left.value]) // BYTES_PER_TOKEN
 
