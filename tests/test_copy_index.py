@@ -246,3 +246,14 @@ def test_score_gives_each_sample_its_copy_measures(tmp_path, prepared_tiny, onnx
     assert set(by_text) == {copied, "zqx vvk"}  # generate's marks are not part of a sample
     assert by_text[copied]["copied_share"] == 1.0 and by_text[copied]["longest"] == by_text[copied]["tokens"]
     assert by_text["zqx vvk"]["copied_share"] == 0.0
+
+
+def test_without_copy_measures_the_memorization_curve_is_still_written_empty(compose_train, tmp_path):
+    """copies.tsv is a DVC output of train: a run that measures nothing writes its header, not nothing."""
+    from penwright.train.stage import train
+
+    metrics = train(compose_train("trainer.max_steps=4", "sample.copy_min_span=0"))
+    assert (
+        tmp_path / "run" / "reports" / "curves" / "copies.tsv"
+    ).read_text() == "step\tcopied_share\tlongest_copied\n"
+    assert "samples_copied_share" not in metrics

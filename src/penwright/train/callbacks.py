@@ -240,12 +240,13 @@ class CurveWriter(L.Callback):
             return
         self.out_dir.mkdir(parents=True, exist_ok=True)
         for split, rows in self.rows.items():
-            if not rows:
+            if not rows and split != "copies":  # (copies.tsv is a DVC output: written even with no samples measured)
                 continue
             path = self.out_dir / f"{split}.tsv"
             tmp = path.with_name(f".{path.name}.tmp")
             with open(tmp, "w", newline="") as f:
-                writer = csv.DictWriter(f, fieldnames=list(rows[0]), delimiter="\t")
+                fields = list(rows[0]) if rows else ["step", "copied_share", "longest_copied"]
+                writer = csv.DictWriter(f, fieldnames=fields, delimiter="\t")
                 writer.writeheader()
                 writer.writerows(rows)
             tmp.replace(path)
