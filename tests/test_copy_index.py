@@ -257,3 +257,12 @@ def test_without_copy_measures_the_memorization_curve_is_still_written_empty(com
         tmp_path / "run" / "reports" / "curves" / "copies.tsv"
     ).read_text() == "step\tcopied_share\tlongest_copied\n"
     assert "samples_copied_share" not in metrics
+
+
+def test_the_index_is_the_same_bytes_every_time(tmp_path):
+    """A prepared folder is a DVC output: the same tokens give the same index files (no timings in them)."""
+    tokens = np.random.default_rng(3).integers(1, 300, size=5000)
+    index_of(tmp_path / "a", tokens)
+    index_of(tmp_path / "b", tokens)
+    for name in ("index.json", "tokens.u8", "sa.i32", "documents.i64"):
+        assert (tmp_path / "a" / "index" / name).read_bytes() == (tmp_path / "b" / "index" / name).read_bytes(), name

@@ -97,10 +97,9 @@ def build(prepared: Path, tokens: np.ndarray, eos: int, vocab_size: int, max_gib
         "tokens": int(tokens.size),
         "sa_dtype": sa.dtype.name,
         "train_md5": md5_of(prepared / "train.bin"),
-        "seconds": round(time.perf_counter() - start, 2),
     }
-    (out / "index.json").write_text(json.dumps(info, indent=2) + "\n")
-    return info
+    (out / "index.json").write_text(json.dumps(info, indent=2) + "\n")  # the same bytes for the same tokens
+    return {**info, "seconds": round(time.perf_counter() - start, 2)}
 
 
 def md5_of(path: Path) -> str:
