@@ -242,13 +242,12 @@ class CopyMeasures:
         return {k: v for k, v in vars(self).items() if k != "longest_text"}
 
 
-def copy_measures(index: CopyIndex, ids, decode, min_span: int) -> CopyMeasures:
-    """The copy measures of a text's ``ids`` (``decode`` turns ids back into text)."""
+def copy_measures(index: CopyIndex, ids, decode, min_span: int, lengths: np.ndarray | None = None) -> CopyMeasures:
+    """The copy measures of a text's ``ids`` (``decode`` turns ids back into text; ``lengths``: ``index.matches(ids)``
+    when the caller has them)."""
     ids = np.asarray(ids, dtype=np.int64)
-    lengths = index.matches(ids)
-    covered = np.zeros(ids.size, dtype=bool)
-    for i in np.flatnonzero(lengths >= min_span):
-        covered[i : i + lengths[i]] = True
+    lengths = index.matches(ids) if lengths is None else lengths
+    covered = _covered(lengths, min_span)
     if not ids.size or not lengths.max():
         return CopyMeasures(int(ids.size), 0, 0, "", None, None, 0.0, min_span)
     best = int(np.argmax(lengths))
@@ -284,27 +283,25 @@ class Copies:
             return None
         return cls(prepared, tokenizer, min_span)
 
+    def read(self, text: str) -> tuple[CopyMeasures, list[tuple[int, int]]]:
+        """``text``'s copy measures and the ``[start, end)`` character ranges of it inside copied spans of at least
+        ``min_span`` tokens, from one tokenization and one lookup."""
+        enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        ids, offsets = enc["input_ids"], enc["offset_mapping"]
+        lengths = self.index.matches(ids)
+        measures = copy_measures(self.index, ids, self.tokenizer.decode, self.min_span, lengths)
+        spans = [(offsets[start][0], offsets[end - 1][1]) for start, end in _runs(_covered(lengths, self.min_span))]
+        return measures, spans
+
     def measure(self, text: str) -> CopyMeasures:
-        ids = self.tokenizer.encode(text, add_special_tokens=False)
-        return copy_measures(self.index, ids, self.tokenizer.decode, self.min_span)
+        return self.read(text)[0]
 
     def spans(self, text: str) -> list[tuple[int, int]]:
-        """The ``[start, end)`` character ranges of ``text`` inside copied spans of at least ``min_span`` tokens."""
-        enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-        lengths = self.index.matches(enc["input_ids"])
-        covered = np.zeros(len(lengths), dtype=bool)
-        for i in np.flatnonzero(lengths >= self.min_span):
-            covered[i : i + lengths[i]] = True
-        offsets = enc["offset_mapping"]
-        return [(offsets[start][0], offsets[end - 1][1]) for start, end in _runs(covered)]
+        return self.read(text)[1]
 
     def mark(self, text: str) -> str:
         """``text`` with each copied span of at least ``min_span`` tokens between ⟦ and ⟧."""
-        out, at = [], 0
-        for a, b in self.spans(text):
-            out += [text[at:a], OPEN, text[a:b], CLOSE]
-            at = b
-        return "".join(out) + text[at:]
+        return marked(text, self.read(text)[1])
 
     def baseline(self, length: int) -> dict:
         """The measures' summary over windows of ``length`` tokens of the val split (human text, never trained on)."""
@@ -333,6 +330,23 @@ def summary(measures: list[CopyMeasures]) -> dict:
         "copied_share_median": round(statistics.median(share), 4),
         "copied_share_max": round(max(share), 4),
     }
+
+
+def marked(text: str, spans: list[tuple[int, int]]) -> str:
+    """``text`` with each of ``spans`` (character ranges) between ⟦ and ⟧."""
+    out, at = [], 0
+    for a, b in spans:
+        out += [text[at:a], OPEN, text[a:b], CLOSE]
+        at = b
+    return "".join(out) + text[at:]
+
+
+def _covered(lengths: np.ndarray, min_span: int) -> np.ndarray:
+    """Which positions lie inside a found span of at least ``min_span`` tokens (``lengths``: ``CopyIndex.matches``)."""
+    covered = np.zeros(len(lengths), dtype=bool)
+    for i in np.flatnonzero(lengths >= min_span):
+        covered[i : i + lengths[i]] = True
+    return covered
 
 
 def _runs(mask: np.ndarray) -> list[tuple[int, int]]:

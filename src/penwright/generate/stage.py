@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from penwright.core import schema
 from penwright.core.atomic import atomic_write_text
-from penwright.core.copy_index import Copies, CopyMeasures, summary
+from penwright.core.copy_index import Copies, CopyMeasures, marked, summary
 from penwright.core.errors import InvalidValue, config_keys
 from penwright.core.log import get_logger
 from penwright.generate.score import TextScore, score_texts
@@ -169,8 +169,8 @@ def measure_copies(copied: Copies, samples: list[Sample]) -> dict:
     val split's baseline."""
     for s in samples:
         prompt = s.prompt if s.prompt and s.text.startswith(s.prompt) else ""
-        s.copies = copied.measure(s.text[len(prompt) :])
-        s.marked = prompt + copied.mark(s.text[len(prompt) :])
+        s.copies, spans = copied.read(s.text[len(prompt) :])
+        s.marked = prompt + marked(s.text[len(prompt) :], spans)
     measured = [s.copies for s in samples if s.copies is not None]
     length = int(statistics.median(m.tokens for m in measured)) if measured else 0
     result = {"min_span": copied.min_span, **summary(measured), "val_baseline": copied.baseline(max(length, 1))}

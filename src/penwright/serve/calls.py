@@ -174,9 +174,8 @@ class CompletionCall:
         its copied spans as ``[start, end)`` character ranges of the choice's text (after ``offset`` echoed ones)."""
         if self.copies is None:
             return {}
-        measures = self.copies.measure(r.text).as_dict()
-        spans = [[a + offset, b + offset] for a, b in self.copies.spans(r.text)]
-        return {"copies": {**measures, "spans": spans}}
+        measures, spans = self.copies.read(r.text)
+        return {"copies": {**measures.as_dict(), "spans": [[a + offset, b + offset] for a, b in spans]}}
 
     def scored_since(self, k: int) -> list:
         """The tokens of choice ``k`` scored since its last chunk (the engine scores, then emits)."""
