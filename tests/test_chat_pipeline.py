@@ -24,6 +24,7 @@ from helpers.tiny import TINY_MODEL, TINY_TRAIN
 from helpers.train_outputs import curve, weights
 from penwright.core.chat_format import EOS, ChatFormat
 from penwright.core.config import compose
+from penwright.core.copy_index import CopyIndex
 from penwright.core.errors import CorpusError
 from penwright.prepare import kjv
 from penwright.prepare.chat_corpus import read_corpus
@@ -173,6 +174,12 @@ def test_training_ids_are_the_chat_template_ids_and_the_mask_covers_the_personas
         assert tok.decode(tokens[mask == 1].tolist()) == persona  # the loss sees Job's words and his turn's end
         assert meta[split]["loss_tokens"] == int(mask.sum())
         assert meta[split]["loss_bytes"] == len(persona.replace(EOS, "").encode())
+    index = CopyIndex(chat_prepared)  # one document a conversation, though each of Job's turns ends with EOS
+    train_docs = [k for k, v in enumerate(is_val) if not v]
+    assert index.names == [f"conversation {k + 1} of {len(corpus.documents)}" for k in train_docs]
+    doc = len(train_docs) // 2
+    ids = tok.apply_chat_template(corpus.documents[train_docs[doc]], return_dict=False)
+    assert index.document_of(index.locate(ids, 0, len(ids))) == (doc, 0)
     chat = meta["chat"]
     assert chat["persona"] == "Job" and chat["other"] == "Eliphaz" and chat["mask"] is True
     assert chat["dropped"] == {} and chat["conversations_without_persona"] > 0  # the friends' passages alone

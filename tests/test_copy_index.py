@@ -73,6 +73,41 @@ def test_a_pasted_passage_reports_its_length_and_document(tmp_path):
     assert m.longest_text == " ".join(map(str, docs[1][40:90]))
 
 
+def test_a_copied_span_names_the_file_it_comes_from(tmp_path, compose_prepare, tiny_gpt2):
+    """The index's documents are prepare's documents, named by file (and row): one holding ``<|endoftext|>`` in
+    its text does not shift the names of those after it."""
+    from transformers import AutoTokenizer
+
+    from penwright.core.copy_index import Copies
+    from penwright.prepare.stage import prepare
+
+    corpus = tmp_path / "corpus"
+    (corpus / "sub").mkdir(parents=True)
+    words = "amber basalt cedar dune ember fjord garnet heron iris jasper kelp lichen moss nectar onyx".split()
+    pieces = {f"{k:02d}.txt": [" ".join(words[k:] + words[:k]) + f" file {k}."] for k in range(8)}
+    pieces["03.txt"] = ["before <|endoftext|> after, " + pieces["03.txt"][0]]  # a document with EOS inside it
+    pieces["sub/rows.jsonl"] = ["first row of the rows file", "second row: quartz rhyolite slate and tuff"]
+    for name, texts in pieces.items():
+        lines = [json.dumps({"text": t}) for t in texts] if name.endswith(".jsonl") else texts
+        (corpus / name).write_text("\n".join(lines) + "\n")
+    cfg = compose_prepare(corpus, "data.glob=**/*", "data.val_fraction=0.2", "data.split_seed=3")
+    prepare(cfg)
+    copies = Copies(cfg.data.out_dir, AutoTokenizer.from_pretrained(tiny_gpt2), 4)
+    names = copies.index.names
+    assert names is not None and len(names) == len(copies.index.documents) and "sub/rows.jsonl#2" in names
+    checked = 0
+    for name, texts in pieces.items():
+        for row, text in enumerate(texts):
+            shown = f"{name}#{row + 1}" if len(texts) > 1 else name
+            if shown not in names:
+                continue  # (in val)
+            m = copies.measure(text.split("<|endoftext|>")[-1])
+            assert m.source == shown and names[m.document] == shown, (shown, m)
+            assert m.offset == (0 if name != "03.txt" else len(copies.tokenizer.encode("before <|endoftext|>")))
+            checked += 1
+    assert checked == len(names) == 10 - 2  # 10 documents, 2 in val
+
+
 def test_a_stale_index_is_refused_and_bad_ids_are_named(tmp_path):
     tokens = np.arange(1, 50, dtype=np.int64)
     index_of(tmp_path / "s", tokens)
@@ -229,6 +264,72 @@ def test_the_server_answers_copy_measures_when_asked_and_the_page_marks_them(pre
     try:
         refused = httpx.post(f"{other.url}/v1/completions", json=body, timeout=60)
         assert refused.status_code == 400 and refused.json()["error"]["param"] == "copies"
+    finally:
+        other.stop()
+
+
+def test_the_server_redraws_choices_that_copy_more_than_max_copied_span(prepared_tiny, onnx_tiny):
+    """``max_copied_span``: a choice over it is the one a plain request with the redraw's seed gives (the same
+    engine, so the reference is the server itself), and one still over it after ``copy_retries`` is answered empty
+    with finish_reason content_filter; streamed, or without an index, it is a 400 naming the field."""
+    import httpx
+    from conftest import RunningServer
+
+    from helpers.paths import REPO
+    from penwright.core.config import compose
+    from penwright.core.copy_index import Copies
+
+    cfg = compose(
+        [f"serve.model_dir={onnx_tiny}", f"serve.copy_index={prepared_tiny}", "serve.copy_min_span=1"],
+        config_dir=REPO / "conf",
+    )
+    template = "{% for m in messages %}{{ m.content }}\n{% endfor %}"  # (the chat route runs the same redraws)
+    server = RunningServer(cfg.model_copy(update={"serve": cfg.serve.model_copy(update={"chat_template": template})}))
+    try:
+        url = f"{server.url}/v1/completions"
+        copies = Copies(prepared_tiny, server.engine.tokenizer, 1)
+        # the random tiny model, pushed towards a few words of the corpus: its choices copy a varying few of them
+        words = server.engine.encode(" the word was written")
+        bias = {str(t): 9 for t in words}
+        body = {"prompt": "The", "max_tokens": 12, "temperature": 1.0, "seed": 5, "n": 8, "logit_bias": bias}
+        plain = httpx.post(url, json=body, timeout=60).json()["choices"]
+        longest = [copies.measure(c["text"]).longest for c in plain]
+        limit = min(longest)
+        assert 0 < sum(n > limit for n in longest) < len(longest)  # some first draws are over it, some not
+        asked = {**body, "max_copied_span": limit, "copy_retries": 2}
+        answer = httpx.post(url, json=asked, timeout=60).json()["choices"]
+        assert answer == httpx.post(url, json=asked, timeout=60).json()["choices"]  # the same seeds, the same answer
+        assert [c["copies"]["redrawn"] > 0 for c in answer] == [n > limit for n in longest]
+        for k, choice in enumerate(answer):
+            redrawn = choice["copies"]["redrawn"]
+            if choice["finish_reason"] == "content_filter":
+                assert choice["text"] == "" and redrawn == 2
+                continue
+            assert choice["copies"]["longest"] == copies.measure(choice["text"]).longest <= limit
+            seed = 5 + k + 1_000_003 * redrawn  # the draw it kept: the plain answer for that choice's seed
+            alone = {**body, "n": 1, "seed": seed}
+            assert httpx.post(url, json=alone, timeout=60).json()["choices"][0]["text"] == choice["text"]
+        never = httpx.post(url, json={**asked, "max_copied_span": 0, "copy_retries": 1}, timeout=60).json()
+        assert any(c["finish_reason"] == "content_filter" for c in never["choices"])
+        chat = httpx.post(
+            f"{server.url}/v1/chat/completions",
+            json={"messages": [{"role": "user", "content": "The"}], "max_copied_span": 0, "seed": 1, "n": 2},
+            timeout=60,
+        ).json()["choices"]
+        for choice in chat:
+            if choice["finish_reason"] == "content_filter":
+                assert choice["message"]["content"] == "" and choice["copies"]["redrawn"] == 3  # the default retries
+            else:
+                assert copies.measure(choice["message"]["content"]).longest == 0
+        assert any(c["finish_reason"] == "content_filter" for c in chat)
+        streamed = httpx.post(url, json={**asked, "stream": True}, timeout=60)
+        assert streamed.status_code == 400 and streamed.json()["error"]["param"] == "max_copied_span"
+    finally:
+        server.stop()
+    other = RunningServer(compose([f"serve.model_dir={onnx_tiny}", "serve.copy_index=null"], config_dir=REPO / "conf"))
+    try:
+        refused = httpx.post(f"{other.url}/v1/completions", json={"prompt": "The", "max_copied_span": 3}, timeout=60)
+        assert refused.status_code == 400 and refused.json()["error"]["param"] == "max_copied_span"
     finally:
         other.stop()
 

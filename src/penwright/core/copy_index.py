@@ -63,9 +63,18 @@ def peak_bytes(tokens: int) -> int:
     return n + n * width + n + tokens * width
 
 
-def build(prepared: Path, tokens: np.ndarray, eos: int, vocab_size: int, max_gib: float) -> dict:
+def build(
+    prepared: Path,
+    tokens: np.ndarray,
+    eos: int,
+    vocab_size: int,
+    max_gib: float,
+    starts: list[int] | None = None,
+    names: list[str] | None = None,
+) -> dict:
     """Write the index of the training ``tokens`` into ``prepared/index``; refuses, before any work, a corpus
-    whose build would need more than ``max_gib`` GiB."""
+    whose build would need more than ``max_gib`` GiB. ``starts``: where each training document begins (None:
+    after each ``eos``); ``names``: what each is called (its file), kept in ``documents.json``."""
     from pydivsufsort import divsufsort
 
     if vocab_size - 1 > MAX_ID:
@@ -90,8 +99,14 @@ def build(prepared: Path, tokens: np.ndarray, eos: int, vocab_size: int, max_gib
     else:
         sa = np.zeros(0, dtype=np.int32)
     sa.tofile(out / f"sa.{_suffix(sa.dtype)}")
-    starts = np.concatenate([[0], np.flatnonzero(np.asarray(tokens) == eos) + 1]).astype(np.int64)
-    starts[starts < tokens.size].tofile(out / "documents.i64")
+    if starts is None:
+        found = np.concatenate([[0], np.flatnonzero(np.asarray(tokens) == eos) + 1]).astype(np.int64)
+        starts = found[found < tokens.size].tolist()
+    if names is not None and len(names) != len(starts):
+        raise ValueError(f"{len(names)} document names for {len(starts)} documents")
+    np.asarray(starts, dtype=np.int64).tofile(out / "documents.i64")
+    if names is not None:
+        (out / "documents.json").write_text(json.dumps(names, ensure_ascii=False) + "\n")
     info = {
         "format": FORMAT,
         "tokens": int(tokens.size),
@@ -134,6 +149,8 @@ class CopyIndex:
         self.text = _map(folder / "tokens.u8", np.uint8)
         self.sa = _map(folder / f"sa.{_suffix(dtype)}", dtype)
         self.documents = _map(folder / "documents.i64", np.int64)
+        names = folder / "documents.json"  # (an index without it names documents by number)
+        self.names: list[str] | None = json.loads(names.read_text()) if names.is_file() else None
         wide = dtype == np.int64
         integer = ctypes.c_int64 if wide else ctypes.c_int32
         self._search = libdivsufsort64.sa_search64 if wide else libdivsufsort.sa_search
@@ -205,9 +222,14 @@ class CopyIndex:
         return int(self.sa[self._left.value]) // BYTES_PER_TOKEN
 
     def document_of(self, position: int) -> tuple[int, int]:
-        """(training document, token offset in it) of a token position of the training split."""
+        """(training document, token offset in it) of a token position of the training split (an empty document
+        begins where the next does: the position is the next one's)."""
         doc = int(np.searchsorted(self.documents, position, side="right")) - 1
         return doc, int(position - self.documents[doc])
+
+    def name_of(self, doc: int) -> str:
+        """What training document ``doc`` is called: its file (``#row`` within it), else its number."""
+        return self.names[doc] if self.names is not None else f"document {doc}"
 
 
 def _checked(ids) -> np.ndarray:
@@ -234,6 +256,7 @@ class CopyMeasures:
     longest_chars: int  # ... and in characters
     longest_text: str  # the span itself
     document: int | None  # the training document (its index in the train split) it is found in
+    source: str | None  # that document's name: its file (#row within it)
     offset: int | None  # its token offset in that document
     copied_share: float  # the share of the text's tokens inside found spans of at least min_span tokens
     min_span: int
@@ -249,12 +272,15 @@ def copy_measures(index: CopyIndex, ids, decode, min_span: int, lengths: np.ndar
     lengths = index.matches(ids) if lengths is None else lengths
     covered = _covered(lengths, min_span)
     if not ids.size or not lengths.max():
-        return CopyMeasures(int(ids.size), 0, 0, "", None, None, 0.0, min_span)
+        return CopyMeasures(int(ids.size), 0, 0, "", None, None, None, 0.0, min_span)
     best = int(np.argmax(lengths))
     span = decode(ids[best : best + lengths[best]].tolist())
     doc, offset = index.document_of(index.locate(ids, best, int(lengths[best])))
     share = float(covered.mean())
-    return CopyMeasures(int(ids.size), int(lengths[best]), len(span), span, doc, offset, round(share, 4), min_span)
+    source = index.name_of(doc)
+    return CopyMeasures(
+        int(ids.size), int(lengths[best]), len(span), span, doc, source, offset, round(share, 4), min_span
+    )
 
 
 # -- samples: their measures, their copied spans, and the val baseline ---------------------------------------

@@ -196,7 +196,7 @@ def render(samples: list[Sample], markdown: bool, delimiter: str, header: str) -
         lines += [f"## {i}. prompt: {shown}{score}", ""]
         if s.copies is not None:
             c = s.copies
-            where = f" (training document {c.document}, token {c.offset})" if c.document is not None else ""
+            where = f" (from {c.source}, token {c.offset})" if c.document is not None else ""
             lines += [
                 f"copied: longest span {c.longest} tokens / {c.longest_chars} characters{where}; "
                 f"{c.copied_share:.0%} of its {c.tokens} tokens in copied spans of >= {c.min_span} (marked ⟦…⟧)",

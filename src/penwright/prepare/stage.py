@@ -69,6 +69,7 @@ class _Writer:
     path: Path
     dtype: np.dtype
     stats: SplitStats = field(default_factory=SplitStats)
+    starts: list[int] = field(default_factory=list)  # where each document begins, in tokens (the copy index's)
 
     def __post_init__(self):
         self.file = open(self.path, "wb")
@@ -77,6 +78,10 @@ class _Writer:
         arr = np.asarray(ids, dtype=self.dtype)
         self.file.write(arr.tobytes())
         self.stats.tokens += arr.size
+
+    def end_document(self) -> None:
+        """The document written since the last call ends: the next one begins here."""
+        self.starts.append(self.stats.tokens)
 
     def close(self) -> None:
         self.file.close()
@@ -167,7 +172,9 @@ def prepare(cfg: schema.Config) -> dict:
         split = {"by": "tokens" if single else "documents", "val_fraction": val_fraction, "seed": data.split_seed}
         meta = _meta(tmp, tokenizer, tok_cfg, encoder_name, split, spec, sources, n_docs, total_bytes, stats)
         if data.copy_index:
-            meta["copy_index"] = _index(tmp, dtype, eos, vocab_size, data.copy_index_max_gib)
+            names = [n for n, v in zip(document_names(sources, spec), is_val) if not v or single]
+            starts = writers["train"].starts if not single else []
+            meta["copy_index"] = _index(tmp, dtype, eos, vocab_size, data.copy_index_max_gib, starts, names)
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
         copies.write(tmp, digests, spec.csv_prefix)  # what generate.check_copies compares samples with
 
@@ -285,6 +292,7 @@ def prepare_chats(cfg: schema.Config, spec: CorpusSpec, sources: list[Source], s
                     if not ids or ids[-1] != eos:  # each conversation ends with one EOS (the loss skips it)
                         ids, mask = [*ids, eos], np.append(mask, np.uint8(0))
                     writers[part].write(ids)
+                    writers[part].end_document()
                     writers[part].stats.documents += 1
                     writers[part].stats.bytes += len(text.encode("utf-8"))
                     loss[part]["loss_tokens"] += int(mask.sum())
@@ -303,7 +311,9 @@ def prepare_chats(cfg: schema.Config, spec: CorpusSpec, sources: list[Source], s
         for name in SPLITS:
             meta[name].update(loss[name])
         if data.copy_index:
-            meta["copy_index"] = _index(tmp, dtype, eos, len(tokenizer), data.copy_index_max_gib)
+            names = [f"conversation {k + 1} of {len(documents)}" for k, v in enumerate(is_val) if not v]
+            starts = writers["train"].starts
+            meta["copy_index"] = _index(tmp, dtype, eos, len(tokenizer), data.copy_index_max_gib, starts, names)
         meta["chat"] = {
             "format": sorted({s.format for s in sources}),
             "loss_on": chat.loss_on,
@@ -334,11 +344,15 @@ def prepare_chats(cfg: schema.Config, spec: CorpusSpec, sources: list[Source], s
     return meta
 
 
-def _index(tmp: Path, dtype: np.dtype, eos: int, vocab_size: int, max_gib: float) -> dict:
-    """The copy index of the training split (``core.copy_index``), beside the token files."""
+def _index(
+    tmp: Path, dtype: np.dtype, eos: int, vocab_size: int, max_gib: float, starts: list[int], names: list[str]
+) -> dict:
+    """The copy index of the training split (``core.copy_index``), beside the token files: its documents begin at
+    ``starts`` (tokens; one document split by tokens: none given, it begins at 0) and are called ``names``."""
     path = tmp / "train.bin"
     tokens = np.memmap(path, dtype=dtype, mode="r") if path.stat().st_size else np.zeros(0, dtype=dtype)
-    info = copy_index.build(tmp, tokens, eos, vocab_size, max_gib)
+    begins = [0, *starts[:-1]] if starts else [0]
+    info = copy_index.build(tmp, tokens, eos, vocab_size, max_gib, begins, names)
     log(f"copy index: {tokens.size:,} training tokens in {info['seconds']:.1f} s")
     return {"tokens": info["tokens"], "train_md5": info["train_md5"]}
 
@@ -350,6 +364,17 @@ def _loss_mask(offsets: list[tuple[int, int]], spans: list[tuple[int, int]]) -> 
     for a, b in spans:
         mask[(starts >= a) & (starts < b)] = 1
     return mask
+
+
+def document_names(sources: list[Source], spec: CorpusSpec) -> list[str]:
+    """Every document's name, in corpus order: its file (relative to ``data.path``), and ``#row`` where the file
+    holds several (rows, or pieces between delimiters)."""
+    root = Path(spec.path)
+    names = []
+    for source in sources:
+        name = str(source.path.relative_to(root)) if source.path != root and root.is_dir() else source.path.name
+        names += [name] if source.documents == 1 else [f"{name}#{k + 1}" for k in range(source.documents)]
+    return names
 
 
 def _counts(counter) -> str:
@@ -434,6 +459,7 @@ def _tokenize(sources, spec, encode, eos, is_val, writers, total_bytes) -> dict[
                 writer.stats.documents += 1
                 if last[split] != eos:  # a document that already ends in <|endoftext|> gets no second one
                     writer.write((eos,))
+                writer.end_document()
                 last[split] = eos
                 continue
             ids = next(encodings)

@@ -11,6 +11,7 @@ with another answer shape (chat) is a subclass that builds its prompt and overri
 from __future__ import annotations
 
 import json
+import math
 import time
 import uuid
 from typing import Any
@@ -35,7 +36,18 @@ class CompletionCall:
     ):
         self.served, self.body = served, body
         self.model, self.engine = served.engine(body.model)
-        self.copies = served.copies(self.model, self.engine) if getattr(body, "copies", False) else None
+        self.show_copies = getattr(body, "copies", False)
+        self.max_copied_span = getattr(body, "max_copied_span", None)
+        if self.max_copied_span is not None and body.stream:
+            raise ApiError(
+                400,
+                "max_copied_span cannot be streamed (a choice over it is drawn again, and sent text cannot be taken "
+                "back): stream=false",
+                "max_copied_span",
+            )
+        asking = "max_copied_span" if self.max_copied_span is not None else "copies" if self.show_copies else None
+        self.copies = served.copies(self.model, self.engine, asking) if asking else None
+        self.redrawn: dict[int, int] = {}  # id(request) -> how many times its choice was drawn again
         settings = served.settings
         self.check_unsupported()
         if body.n > settings.max_n:
@@ -81,21 +93,24 @@ class CompletionCall:
         for ids in encoded:
             check_fits(self.engine, ids, max_tokens, scoring=self.score_prompt)
         logprobs = body.logprobs if body.logprobs is not None or best_of == body.n else 0  # best_of ranks by them
-        self.requests = [
-            Request(
-                encoded[i],
+
+        def request(k: int, draw: int = 0) -> Request:
+            """Choice ``k``'s engine request (``draw`` > 0: drawn again, with a seed of its own)."""
+            seed = None if body.seed is None else body.seed + k + 1_000_003 * draw
+            return Request(
+                encoded[k // best_of],
                 max_tokens,
                 sampling,
                 min_tokens=min(body.min_tokens, max_tokens),
                 stop=tuple(body.stop or ()),
-                seed=None if body.seed is None else body.seed + i * best_of + j,
+                seed=seed,
                 logprobs=logprobs,
                 score_prompt=self.score_prompt,
                 logit_bias=bias,
             )
-            for i in range(len(encoded))
-            for j in range(best_of)
-        ]
+
+        self.request = request
+        self.requests = [request(k) for k in range(len(encoded) * best_of)]
         self.job = Job(self.engine, self.requests, settings, served.metrics, self.model)
         self.head = {
             "id": f"{self.id_prefix}-{uuid.uuid4().hex[:24]}",
@@ -159,6 +174,8 @@ class CompletionCall:
 
     async def answer(self) -> dict:
         await self.job.wait()
+        if self.max_copied_span is not None:
+            await self.refuse_copies()
         choices = [self.choice_json(k, r) for k, r in enumerate(self.picked())]
         return {**self.head, "choices": choices, "usage": self.usage()}
 
@@ -169,13 +186,40 @@ class CompletionCall:
         choice = {"text": prefix + r.text, "index": index, "logprobs": lp, "finish_reason": r.finish_reason}
         return choice | self.copies_json(r, len(prefix))
 
+    async def refuse_copies(self) -> None:
+        """``max_copied_span``: a choice whose longest copied span is longer is drawn again (another seed), all such
+        choices together, up to ``copy_retries`` times; one still over it is answered empty, with finish_reason
+        ``content_filter`` (OpenAI's reason for withheld text). Each choice's redraws go in its ``copies``."""
+        assert self.copies is not None and self.max_copied_span is not None
+        limit, retries = self.max_copied_span, self.body.copy_retries
+        for draw in range(1, retries + 2):
+            over = [k for k, r in enumerate(self.requests) if self.copies.measure(r.text).longest > limit]
+            if not over:
+                return
+            if draw > retries:
+                for k in over:
+                    r = self.requests[k]
+                    r.text, r.tokens, r.scores, r.finish_reason = "", [], [], "content_filter"
+                return
+            again = {k: self.request(k, draw) for k in over}
+            for k, fresh in again.items():
+                self.redrawn[id(fresh)] = self.redrawn.get(id(self.requests[k]), 0) + 1
+            self.job = Job(self.engine, list(again.values()), self.served.settings, self.served.metrics, self.model)
+            await self.job.wait()
+            for k, fresh in again.items():
+                self.requests[k] = fresh
+
     def copies_json(self, r: Request, offset: int = 0) -> dict:
-        """``{"copies": ...}`` when the request asked: the measures of the generated text (``core.copy_index``) and
-        its copied spans as ``[start, end)`` character ranges of the choice's text (after ``offset`` echoed ones)."""
+        """``{"copies": ...}`` when the request asked (``copies`` or ``max_copied_span``): the measures of the
+        generated text (``core.copy_index``) and its copied spans as ``[start, end)`` character ranges of the
+        choice's text (after ``offset`` echoed ones); with ``max_copied_span``, how many times it was redrawn."""
         if self.copies is None:
             return {}
         measures, spans = self.copies.read(r.text)
-        return {"copies": {**measures.as_dict(), "spans": [[a + offset, b + offset] for a, b in spans]}}
+        out = {**measures.as_dict(), "spans": [[a + offset, b + offset] for a, b in spans]}
+        if self.max_copied_span is not None:
+            out["redrawn"] = self.redrawn.get(id(r), 0)
+        return {"copies": out}
 
     def scored_since(self, k: int) -> list:
         """The tokens of choice ``k`` scored since its last chunk (the engine scores, then emits)."""
@@ -238,7 +282,10 @@ class CompletionCall:
 
 
 def mean_logprob(r: Request) -> float:
-    """A choice's mean logprob a token (``best_of`` ranks by it; a choice with no tokens scores 0)."""
+    """A choice's mean logprob a token (``best_of`` ranks by it; a choice with no tokens scores 0, one withheld
+    for its copies ranks last)."""
+    if r.finish_reason == "content_filter":
+        return -math.inf
     return sum(s.logprob or 0.0 for s in r.scores) / max(1, len(r.scores))
 
 

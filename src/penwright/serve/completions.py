@@ -43,6 +43,8 @@ class GenerationBody(BaseModel):
     repetition_penalty: float | None = Field(None, ge=0.01, le=100)  # (smaller ones overflow fp32 logits)
     min_tokens: int = Field(0, ge=0)
     copies: bool = False  # penwright's extension: each choice carries its copy measures and copied spans
+    max_copied_span: int | None = Field(None, ge=0)  # penwright's: a choice copying a longer span is drawn again
+    copy_retries: int = Field(3, ge=0, le=10)  # max_copied_span: draws after the first, then content_filter
     user: str | None = None
     frequency_penalty: float | None = None  # (refused unless 0: use repetition_penalty)
     presence_penalty: float | None = None

@@ -83,9 +83,9 @@ class Served:
     def serving(self) -> bool:
         return bool(self.threads) and all(t.is_alive() for t in self.threads.values())
 
-    def copies(self, name: str, engine: Engine) -> Copies:
-        """The copy measures of model ``name`` (``serve.copy_index``); a 400 naming the field ``copies`` where
-        there are none for it."""
+    def copies(self, name: str, engine: Engine, param: str = "copies") -> Copies:
+        """The copy measures of model ``name`` (``serve.copy_index``); a 400 naming the request's field ``param``
+        (``copies`` or ``max_copied_span``) where there are none for it."""
         if name not in self.measures:
             folder = self.settings.copy_index
             self.measures[name] = (
@@ -97,9 +97,9 @@ class Served:
         if found is None:
             raise ApiError(
                 400,
-                f"copies: no copy index for model {name!r} (serve.copy_index={self.settings.copy_index!r} is not a "
+                f"{param}: no copy index for model {name!r} (serve.copy_index={self.settings.copy_index!r} is not a "
                 "prepared folder with an index made with this model's tokenizer)",
-                "copies",
+                param,
             )
         return found
 

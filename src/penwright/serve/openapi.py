@@ -32,17 +32,19 @@ class Logprobs(BaseModel):
 
 
 class Copies(BaseModel):
-    """penwright's extension (a request's ``"copies": true``): how much of the generated text is copied from the
+    """penwright's extension (a request's ``"copies": true`` or ``"max_copied_span"``): how much of the generated text is copied from the
     training split, and where in the choice's text (``[start, end)`` character ranges)."""
 
     tokens: int
     longest: int
     longest_chars: int
     document: int | None
+    source: str | None
     offset: int | None
     copied_share: float
     min_span: int
     spans: list[list[int]]
+    redrawn: int | None = None  # with max_copied_span: how many times the choice was drawn again
 
 
 class Choice(BaseModel):
