@@ -14,7 +14,7 @@ from penwright.core.errors import ConfigError
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n\n")[0])
-    p.add_argument("stage", choices=["prepare", "train", "generate", "serve", "copies"])
+    p.add_argument("stage", choices=["prepare", "train", "generate", "serve", "copies", "site"])
     p.add_argument("--size-mb", type=int, default=200, help="prepare: size of the generated large corpus")
     p.add_argument(
         "--sizes-mb",
@@ -75,6 +75,10 @@ def run(args: argparse.Namespace) -> None:
         if not sizes or min(sizes) < 1:
             raise ConfigError(f"--sizes-mb {args.sizes_mb!r}: give sizes in MB, e.g. 10,100,1000")
         bench_copies(sizes_mb=sizes, output=args.output)
+    elif args.stage == "site":
+        from benchmarks.site import bench_site
+
+        bench_site(output=args.output)
     elif args.stage == "train" and args.lora:
         bench.bench_lora(output=args.output)
     elif args.stage == "train":

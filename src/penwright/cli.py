@@ -56,6 +56,11 @@ STAGES = {
         "chain",
         "writing prompts: prompts from one model, each answered by another (experiment=wp_responses)",
     ),
+    "site": (
+        "penwright.share.site",
+        "site",
+        "the exported model as a static web page that generates in the browser, no server (artifacts/site)",
+    ),
     "serve": (
         "penwright.serve",
         "serve",

@@ -362,6 +362,19 @@ class Export(Group):
     parity_new_tokens: PosInt
     parity_atol: Annotated[float, Field(gt=0, le=10)]
     parity_atol_fp16: Annotated[float, Field(gt=0, le=10)]
+    card_name: str | None
+    card_license: Annotated[str, Field(min_length=1)]
+    card_samples: NonNegInt | None
+    transformers_js: bool
+
+
+class Site(Group):
+    out_dir: str
+    model_dir: str
+    graph: Literal["q8", "q4", "fp32"]
+    web_dir: str
+    max_threads: Annotated[int, Field(ge=1, le=64)]
+    max_tokens: PosInt
 
 
 class Generate(Group):
@@ -470,6 +483,7 @@ class Config(Group):
     generate: Generate
     verbosify: Verbosify
     serve: Serve
+    site: Site
     chain: Chain | None = None  # experiment=wp_responses / wp_prompts only
 
     @model_validator(mode="after")

@@ -210,13 +210,13 @@ def build_graph(model, kind: str = "fused", opset: int = 17) -> onnx.ModelProto:
 
     f32 = TensorProto.FLOAT
     inputs = [
-        helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "seq"]),
-        helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch", "total"]),
-        helper.make_tensor_value_info("position_ids", TensorProto.INT64, ["batch", "seq"]),
+        helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch_size", "seq"]),
+        helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch_size", "total"]),
+        helper.make_tensor_value_info("position_ids", TensorProto.INT64, ["batch_size", "seq"]),
     ]
-    inputs += [helper.make_tensor_value_info(n, f32, ["batch", nh, "past", hd]) for n in past_in]
-    outputs = [helper.make_tensor_value_info("logits", f32, ["batch", "seq", cfg.vocab_size])]
-    outputs += [helper.make_tensor_value_info(n, f32, ["batch", nh, "total", hd]) for n in present_out]
+    inputs += [helper.make_tensor_value_info(n, f32, ["batch_size", nh, "past", hd]) for n in past_in]
+    outputs = [helper.make_tensor_value_info("logits", f32, ["batch_size", "seq", cfg.vocab_size])]
+    outputs += [helper.make_tensor_value_info(n, f32, ["batch_size", nh, "total", hd]) for n in present_out]
     graph = helper.make_graph(nodes, f"penwright-gpt2-{kind}", inputs, outputs, inits)
     opsets = [helper.make_opsetid("", opset)] + ([helper.make_opsetid(CONTRIB, 1)] if fused else [])
     m = helper.make_model(graph, opset_imports=opsets, producer_name="penwright")

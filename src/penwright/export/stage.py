@@ -2,9 +2,9 @@
 
 The graph (optimum's names, so tools that know them can read it):
 
-* inputs: ``input_ids`` [batch, seq], ``attention_mask`` [batch, past+seq], ``position_ids`` [batch, seq],
-  ``past_key_values.{i}.key`` / ``.value`` [batch, heads, past, head_dim] for every layer;
-* outputs: ``logits`` [batch, seq, vocab] (fp32), ``present.{i}.key`` / ``.value`` [batch, heads, past+seq, head_dim].
+* inputs: ``input_ids`` [batch_size, seq], ``attention_mask`` [batch_size, past+seq], ``position_ids`` [batch_size, seq],
+  ``past_key_values.{i}.key`` / ``.value`` [batch_size, heads, past, head_dim] for every layer;
+* outputs: ``logits`` [batch_size, seq, vocab] (fp32), ``present.{i}.key`` / ``.value`` [batch_size, heads, past+seq, head_dim].
 
 Batch, sequence and past lengths are dynamic; the first step feeds a zero-length past, so one
 graph serves prefill and decoding. Transformers 5 keeps its cache in ``DynamicCache`` objects, so
@@ -34,6 +34,7 @@ from penwright.core.chat_format import ChatFormat
 from penwright.core.errors import ConfigError, PenwrightError
 from penwright.core.files import load_model, load_tokenizer, save_tokenizer
 from penwright.core.log import get_logger
+from penwright.export.card import link_for_transformers_js, write_card
 from penwright.export.fp16 import half
 from penwright.export.gguf import check_gguf, export_gguf
 from penwright.export.parity import parity
@@ -146,6 +147,9 @@ def export(cfg: schema.Config) -> dict:
             report["quantized"] = quantized_quality(model, tmp, quantized, Path(cfg.data.out_dir), cfg.train.block_size)
         if gguf:
             report["gguf"] = export_gguf(model, tmp, tmp, gguf)
+        if ecfg.transformers_js:
+            report["transformers_js"] = link_for_transformers_js(tmp)
+        write_card(cfg, tmp, model.config, report, chat)
     report["seconds"] = round(time.perf_counter() - start, 2)
     path = atomic_write_text(Path(cfg.paths.reports) / "export.json", json.dumps(report, indent=2) + "\n")
     log(

@@ -56,13 +56,13 @@ def export_graph(model: GPT2LMHeadModel, path: Path, opset: int) -> None:
     past = [torch.zeros(batch, cfg.n_head, past_len, head_dim, dtype=dtype) for _ in range(2 * cfg.n_layer)]
     inputs, outputs = io_names(cfg.n_layer)
     axes = {
-        "input_ids": {0: "batch", 1: "seq"},
-        "attention_mask": {0: "batch", 1: "total"},
-        "position_ids": {0: "batch", 1: "seq"},
-        "logits": {0: "batch", 1: "seq"},
+        "input_ids": {0: "batch_size", 1: "seq"},
+        "attention_mask": {0: "batch_size", 1: "total"},
+        "position_ids": {0: "batch_size", 1: "seq"},
+        "logits": {0: "batch_size", 1: "seq"},
     }
-    axes |= {n: {0: "batch", 2: "past"} for n in inputs[3:]}
-    axes |= {n: {0: "batch", 2: "total"} for n in outputs[1:]}
+    axes |= {n: {0: "batch_size", 2: "past"} for n in inputs[3:]}
+    axes |= {n: {0: "batch_size", 2: "total"} for n in outputs[1:]}
     with torch.no_grad():
         torch.onnx.export(
             DecoderWithPast(model).eval(),

@@ -88,9 +88,9 @@ def slot_graph(model: onnx.ModelProto) -> onnx.ModelProto:
         if info.name.startswith(("past_key_values.", "present.")):
             info.type.tensor_type.shape.dim[2].dim_param = "capacity"
     inputs += [
-        helper.make_tensor_value_info("seqlens_k", TensorProto.INT32, ["batch"]),
+        helper.make_tensor_value_info("seqlens_k", TensorProto.INT32, ["batch_size"]),
         helper.make_tensor_value_info("total_sequence_length", TensorProto.INT32, [1]),
-        helper.make_tensor_value_info("last_index", TensorProto.INT64, ["batch", "picked"]),
+        helper.make_tensor_value_info("last_index", TensorProto.INT64, ["batch_size", "picked"]),
     ]
     del graph.input[:]
     graph.input.extend(inputs)

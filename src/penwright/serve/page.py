@@ -45,6 +45,8 @@ async def page(http: HttpRequest, served: ServedDep):
         .replace("{{auth}}", "true" if served.settings.api_key else "false")
         .replace("{{chat}}", json.dumps(chat).replace("<", "\\u003c"))
         .replace("{{copies}}", "true" if copies else "false")
+        .replace("{{site}}", "false")
+        .replace("{{where}}", "Served by this machine, nothing leaves it.")
     )
 
 

@@ -1,0 +1,161 @@
+"""``python -m benchmarks site``: the static site's generation in headless Chromium (onnxruntime-web, WASM) side
+by side with penwright's Python engine (onnxruntime) on the same graph files, on this machine.
+
+Models: the quickstart (``artifacts/onnx``) and a GPT-2-124M-shaped one with random weights (its unused
+vocabulary zeroed, so it writes text); each as fp32 and as the 8-bit graph (``model.q8.onnx``). For each: the
+page on one thread (a host without cross-origin isolation), the page on several threads (isolated, as the
+site's ``_headers`` asks), and the Python engine on one thread; greedy, ``NEW_TOKENS`` new tokens after the same
+prompt (end of text not allowed before them), rounds interleaved, medians. Reported: tokens/s after the first
+token, time to first token (prefill and one step, from the call), and the page/Python ratio on one thread.
+Goal: the page on one thread at >= 0.5x the Python engine on one thread, same graph, every model and precision.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import shutil
+import statistics
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+from benchmarks.common import BENCH_DIR, log, require_export, write_report
+
+NEW_TOKENS = 64
+ROUNDS = 5
+PROMPT = "And it came to pass"
+GOAL = 0.5
+
+
+def _browser(profile: Path):
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = "/usr/bin/chromium"
+    for flag in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        f"--user-data-dir={profile}",
+    ):
+        options.add_argument(flag)
+    return webdriver.Chrome(options=options, service=Service(executable_path="/usr/bin/chromedriver"))
+
+
+def _page_run(driver, url: str) -> dict:
+    """Load the site at ``url`` (the model loads once), then time one greedy run in the page's own engine."""
+    if driver.current_url != url:
+        driver.get(url)
+        deadline = time.time() + 300
+        while not driver.execute_script("return typeof MODEL !== 'undefined' && MODEL !== null"):
+            status = driver.execute_script("return document.getElementById('status').textContent")
+            if status.startswith("error") or time.time() > deadline:
+                raise RuntimeError(f"{url}: the site did not load its model ({status})")
+            time.sleep(0.2)
+    result = driver.execute_async_script(
+        """const done = arguments[arguments.length - 1];
+        const ids = MODEL.encode(arguments[0]);
+        MODEL.generate(ids, {maxTokens: arguments[1], minTokens: arguments[1], temperature: 0})
+          .then(r => done({tokens: r.tokens.length, seconds: r.seconds, first: r.firstTokenSeconds, threads: MODEL.threads}))
+          .catch(e => done({error: String(e)}));""",
+        PROMPT,
+        NEW_TOKENS,
+    )
+    if "error" in result:
+        raise RuntimeError(f"{url}: {result['error']}")
+    return result
+
+
+def _python_run(engine) -> dict:
+    from penwright.inference.engine import Request
+    from penwright.inference.sampling import GREEDY
+
+    ids = engine.encode(PROMPT)
+    request = Request(ids, NEW_TOKENS, GREEDY, min_tokens=NEW_TOKENS)
+    start = time.perf_counter()
+    engine.submit(request)
+    engine.run_until_idle()
+    end = time.perf_counter()
+    first = (request.first_token_at - request.queued_at) if request.first_token_at else end - start
+    return {"tokens": len(request.tokens), "seconds": end - start, "first": first, "threads": 1}
+
+
+def _speed(run: dict) -> float:
+    return (run["tokens"] - 1) / max(1e-9, run["seconds"] - run["first"])
+
+
+def bench_site(output: str | None = None, quick_dir: str = "artifacts/onnx", work_dir: str | None = None) -> dict:
+    from benchmarks.serve import _random_124m_onnx
+    from penwright.core.config import compose
+    from penwright.export.quantize import quantize_blocks
+    from penwright.inference.engine import Engine
+    from penwright.share.site import node_modules, site, static_server
+
+    quick = require_export(quick_dir)
+    work = Path(work_dir or BENCH_DIR) / "site"
+    work.mkdir(parents=True, exist_ok=True)
+    node_modules(Path("web"))
+    copy = work / "quickstart-onnx"  # (the export is a DVC output: its 8-bit graph is made in a copy)
+    shutil.rmtree(copy, ignore_errors=True)
+    shutil.copytree(quick, copy)
+    big = work / "gpt2-124m-random-onnx"
+    if not (big / "model.onnx").is_file():
+        log("exporting a GPT-2-124M-shaped model (random weights)")
+        big = _random_124m_onnx(work, quick)
+    models = {"quickstart": copy, "gpt2-124m-shape": big}
+    results: dict = {
+        "what": f"greedy, {NEW_TOKENS} new tokens after {PROMPT!r}; {ROUNDS} rounds interleaved, medians",
+        "goal": f"the page on one thread >= {GOAL}x the Python engine on one thread, same graph",
+        "machine": f"{platform.machine()}, {__import__('os').cpu_count()} cores",
+        "date": datetime.now(UTC).strftime("%Y-%m-%d"),
+        "cases": {},
+    }
+    driver = _browser(work / "chromium-profile")
+    try:
+        for name, folder in models.items():
+            if not (folder / "model.q8.onnx").is_file():
+                log(f"{name}: quantizing to model.q8.onnx")
+                quantize_blocks(folder / "model.onnx", folder / "model.q8.onnx", 8)
+            for graph in ("fp32", "q8"):
+                out = work / f"site-{name}-{graph}"
+                site(compose([f"site.model_dir={folder}", f"site.out_dir={out}", f"site.graph={graph}"]))
+                file = "model.onnx" if graph == "fp32" else "model.q8.onnx"
+                engine = Engine.load(folder, slots=1, threads=1, graph=file)
+                servers = {one: static_server(out, isolated=not one) for one in (True, False)}
+                urls = {one: f"http://127.0.0.1:{s.server_address[1]}/index.html" for one, s in servers.items()}
+                runs: dict[str, list[dict]] = {"python_1_thread": [], "page_1_thread": [], "page_threads": []}
+                try:
+                    _python_run(engine)  # (warm-up: sessions and first shapes)
+                    for one in (True, False):
+                        _page_run(driver, urls[one])
+                    for r in range(ROUNDS):
+                        log(f"{name} {graph}: round {r + 1}/{ROUNDS}")
+                        runs["python_1_thread"].append(_python_run(engine))
+                        runs["page_1_thread"].append(_page_run(driver, urls[True]))
+                        runs["page_threads"].append(_page_run(driver, urls[False]))
+                finally:
+                    for s in servers.values():
+                        s.shutdown()
+                case = {
+                    k: {
+                        "tokens_per_s": round(statistics.median(_speed(x) for x in v), 1),
+                        "first_token_s": round(statistics.median(x["first"] for x in v), 4),
+                        "threads": v[0]["threads"],
+                    }
+                    for k, v in runs.items()
+                }
+                case["page_vs_python_1_thread"] = round(
+                    case["page_1_thread"]["tokens_per_s"] / case["python_1_thread"]["tokens_per_s"], 2
+                )
+                case["graph_mib"] = round((folder / file).stat().st_size / 2**20, 1)
+                results["cases"][f"{name}/{graph}"] = case
+                log(f"{name} {graph}: {json.dumps(case)}")
+    finally:
+        driver.quit()
+    summary = {k: v["page_vs_python_1_thread"] for k, v in results["cases"].items()}
+    results["goal_met"] = all(v >= GOAL for v in summary.values())
+    write_report(results, output, "benchmarks/results/bench_site.json", summary)
+    return results
