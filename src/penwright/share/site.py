@@ -11,7 +11,6 @@ training text never go into it.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 import shutil
@@ -22,6 +21,7 @@ from typing import Any
 from penwright.core import schema
 from penwright.core.atomic import staged_dir
 from penwright.core.chat_format import ChatFormat
+from penwright.core.copy_index import md5_of
 from penwright.core.errors import PenwrightError
 from penwright.core.log import get_logger
 
@@ -45,11 +45,7 @@ HEADERS = "/*\n  Cross-Origin-Opener-Policy: same-origin\n  Cross-Origin-Embedde
 
 
 def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    return md5_of(path, "sha256")
 
 
 def node_modules(web_dir: Path) -> Path:
