@@ -508,6 +508,39 @@ def test_the_page_talks_with_the_persona_in_chat_mode(chat_model, browser):
         server.stop()
 
 
+@pytest.mark.slow
+def test_the_static_site_talks_with_the_persona_in_the_browser(chat_model, browser, tmp_path):
+    """The site of a chat model (penwright site, fp32): chat mode by default, the chat template rendered in the page
+    by @huggingface/jinja, each greedy reply what transformers replies to the whole conversation."""
+    from selenium.webdriver.common.by import By
+    from test_serve_page import generate, set_field, text_of
+    from test_site import build
+
+    from penwright.share.site import static_server
+
+    build(chat_model["onnx"], tmp_path / "site", "fp32")
+    server = static_server(tmp_path / "site", isolated=False)
+    try:
+        browser.get(f"http://127.0.0.1:{server.server_address[1]}/index.html?max_tokens=10&temperature=0")
+        from selenium.webdriver.support.ui import WebDriverWait
+
+        WebDriverWait(browser, 60).until(lambda d: text_of(d.find_element(By.ID, "status")).startswith("ready"))
+        assert "Talk with Job" in text_of(browser.find_element(By.ID, "about"))
+        conversation: list[dict] = []
+        for said in ("What is man?", "Hear."):
+            set_field(browser, "prompt", said)
+            status, _ = generate(browser)
+            assert status.startswith("done"), status
+            conversation.append({"role": "user", "content": said})
+            expected = greedy_reply(chat_model["model"], conversation, 10)
+            assert text_of(browser.find_element(By.ID, "reply")) == expected
+            conversation.append({"role": "assistant", "content": expected.strip()})
+        errors = [e for e in browser.get_log("browser") if e["level"] == "SEVERE"]
+        assert not errors, errors
+    finally:
+        server.shutdown()
+
+
 LLAMA_SERVER = REPO / ".llama.cpp" / "bin" / "llama-server"
 
 
