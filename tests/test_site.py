@@ -24,7 +24,7 @@ TOKENS = 24
 
 @pytest.fixture(scope="module")
 def export_q8(tmp_path_factory, tiny_gpt2, prepared_tiny) -> Path:
-    """The tiny GPT-2 exported with its 8-bit graph (model.q8.onnx) beside the fp32 one."""
+    """The tiny GPT-2 exported with its 8-bit graphs (model.int8.onnx, model.q8.onnx) beside the fp32 one."""
     from penwright.export.stage import export
 
     root = tmp_path_factory.mktemp("site-export")
@@ -35,7 +35,7 @@ def export_q8(tmp_path_factory, tiny_gpt2, prepared_tiny) -> Path:
                 f"export.out_dir={root / 'onnx'}",
                 f"paths.reports={root / 'reports'}",
                 f"data.out_dir={prepared_tiny}",  # (the 8-bit graph is measured on its val windows)
-                "export.quantize=[q8]",
+                "export.quantize=[int8,q8]",
                 "export.gguf=[]",
                 "export.parity_prompts=[It is,The quick brown fox]",
                 "export.parity_new_tokens=4",
@@ -116,7 +116,7 @@ def link(base: str, prompt: str, **settings) -> str:
     return f"{base}/index.html?{query}&run=1"
 
 
-@pytest.mark.parametrize("graph", ["fp32", "q8"])
+@pytest.mark.parametrize("graph", ["fp32", "int8", "q8"])
 def test_the_site_generates_what_penwright_generate_gives_from_the_same_graph(graph, export_q8, browser, tmp_path):
     info = build(export_q8, tmp_path / "site", graph)
     names = sorted(p.name for p in (tmp_path / "site").iterdir())

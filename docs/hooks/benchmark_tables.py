@@ -557,6 +557,37 @@ def render_copies(load: Callable[[str], dict]) -> str:
     )
 
 
+def render_site(load: Callable[[str], dict]) -> str:
+    name = "bench_site.json"
+    d = load(name)
+    rows = []
+    for case, c in d.get("cases", {}).items():
+        py, one, many = c.get("python_1_thread", {}), c.get("page_1_thread", {}), c.get("page_threads", {})
+        rows.append(
+            [
+                case,
+                f"{num(c.get('graph_mib'))} MiB",
+                num(py.get("tokens_per_s")),
+                num(one.get("tokens_per_s")),
+                f"{num(many.get('tokens_per_s'))} ({num(many.get('threads'))} threads)",
+                f"{num(py.get('first_token_s'))} / {num(one.get('first_token_s'))} / {num(many.get('first_token_s'))} s",
+                ratio(c.get("page_vs_python_1_thread")),
+            ]
+        )
+    header = [
+        "model / graph",
+        "graph",
+        "Python engine, 1 thread (tokens/s)",
+        "page, 1 thread",
+        "page, threads",
+        "first token: Python / page 1 / page threads",
+        "page / Python, 1 thread",
+    ]
+    return "\n".join(
+        [provenance(d, name), "", f"{d.get('what', '')}. Goal: {d.get('goal', '–')}.", "", table(header, rows)]
+    )
+
+
 def render_chat(load: Callable[[str], dict]) -> str:
     name = "chat_vs_completions.json"
     d = load(name)
@@ -657,6 +688,7 @@ def renderers(results: Path) -> dict[str, Callable[[Callable[[str], dict]], str]
         "lora-quality": render_lora_quality,
         "chat": render_chat,
         "copies": render_copies,
+        "site": render_site,
         "engine-ab": lambda load: render_ab(load, _glob(results, "engine_ab_*.json")),
         "serve-ab": lambda load: render_ab(load, _glob(results, "serve_ab_*.json")),
     }

@@ -371,7 +371,7 @@ class Export(Group):
 class Site(Group):
     out_dir: str
     model_dir: str
-    graph: Literal["q8", "q4", "fp32"]
+    graph: Literal["int8", "q8", "q4", "fp32"]
     web_dir: str
     max_threads: Annotated[int, Field(ge=1, le=64)]
     max_tokens: PosInt

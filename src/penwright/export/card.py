@@ -30,7 +30,7 @@ TRANSFORMERS_JS = {
 
 
 def link_for_transformers_js(folder: Path) -> list[str]:
-    """``onnx/<name>``: the graphs where transformers.js looks for them (fp32, ``dtype: "q8"``, ``"q4"``), hard
+    """``onnx/<name>``: the graphs where transformers.js looks for them (``dtype`` fp32, q8, q4, int8), hard
     links (a copy where the filesystem has none), so the folder loads as it is, locally or from the Hub."""
     (folder / "onnx").mkdir(exist_ok=True)
     written = []

@@ -28,7 +28,7 @@ from penwright.core.log import get_logger
 log = get_logger("site").info
 warn = get_logger("site").warning
 
-GRAPHS = {"q8": "model.q8.onnx", "q4": "model.q4.onnx", "fp32": "model.onnx"}
+GRAPHS = {"int8": "model.int8.onnx", "q8": "model.q8.onnx", "q4": "model.q4.onnx", "fp32": "model.onnx"}
 RUNTIME = {  # file in the site <- file in <web_dir>/node_modules
     "ort.wasm.bundle.min.mjs": "onnxruntime-web/dist/ort.wasm.bundle.min.mjs",
     "ort-wasm-simd-threaded.wasm": "onnxruntime-web/dist/ort-wasm-simd-threaded.wasm",
@@ -37,7 +37,7 @@ RUNTIME = {  # file in the site <- file in <web_dir>/node_modules
 }
 MODEL_FILES = ("tokenizer.json", "tokenizer_config.json", "config.json", "generation_config.json")
 MAX_GRAPH_BYTES = 2 * 10**9  # a browser tab cannot hold an ONNX buffer past ~2 GB (protobuf's limit too)
-MIN_NODE = 18
+MIN_NODE = 20  # (what the site is built and tested with here: Debian's nodejs 20)
 HERE = Path(__file__).parent
 PAGE = HERE.parent / "serve" / "page.html"
 # Hosts that read a _headers file (Netlify, Cloudflare Pages) send these: cross-origin isolation, so threads
@@ -105,17 +105,21 @@ def site(cfg: schema.Config) -> dict:
         raise PenwrightError(f"{source}: no exported graph here (site.model_dir); run `penwright export` first")
     graph = model_dir / GRAPHS[s.graph]
     quantize_here = not graph.is_file()  # export.quantize did not list it: the site makes it (the same function)
-    size = graph.stat().st_size if graph.is_file() else source.stat().st_size // (4 if s.graph == "q8" else 7)
+    size = graph.stat().st_size if graph.is_file() else source.stat().st_size // (7 if s.graph == "q4" else 3)
     size += sum(p.stat().st_size for p in model_dir.glob(f"{graph.name}.data"))
     if size > MAX_GRAPH_BYTES:
         raise PenwrightError(
             f"{graph}: {size / 1e9:.1f} GB, too large for a browser tab (about 2 GB at most): build the site from "
-            "the 8- or 4-bit graph (site.graph=q8 or q4)"
+            "the 8- or 4-bit graph (site.graph=int8, q8 or q4)"
         )
     for name in MODEL_FILES[:3]:
         if not (model_dir / name).is_file():
             raise PenwrightError(f"{model_dir / name}: missing; is {model_dir} a penwright export?")
     modules = node_modules(Path(s.web_dir))
+    if (out / "site.json").is_file():  # a site already there: say when it came from another export
+        before = json.loads((out / "site.json").read_text()).get("export_sha256")
+        if before and before != md5_of(source, "sha256"):
+            log(f"{out}: built from another export than {model_dir}; replacing it")
     tokenizer_config = json.loads((model_dir / "tokenizer_config.json").read_text(encoding="utf-8"))
     chat = ChatFormat.parse(tokenizer_config.get("chat_template"))
     if chat:
@@ -125,10 +129,13 @@ def site(cfg: schema.Config) -> dict:
         )
     with staged_dir(out) as tmp:
         if quantize_here:
-            from penwright.export.quantize import quantize_blocks
+            from penwright.export.quantize import quantize_blocks, quantize_int8
 
             log(f"{graph}: not exported (export.quantize); quantizing {source.name} for the site")
-            quantize_blocks(source, tmp / graph.name, 8 if s.graph == "q8" else 4)
+            if s.graph == "int8":
+                quantize_int8(source, tmp / graph.name)
+            else:
+                quantize_blocks(source, tmp / graph.name, 8 if s.graph == "q8" else 4)
         else:
             shutil.copyfile(graph, tmp / graph.name)
         info: dict[str, Any] = {
