@@ -8,6 +8,8 @@ site's ``_headers`` asks), and the Python engine on one thread; greedy, ``NEW_TO
 prompt (end of text not allowed before them), rounds interleaved, medians. Reported: tokens/s after the first
 token, time to first token (prefill and one step, from the call), and the page/Python ratio on one thread.
 Goal: the page on one thread at >= 0.5x the Python engine on one thread, same graph, every model and precision.
+Beside them, the page's own loop (one ``session.run`` a token, the past passed back) in native onnxruntime on
+one thread: the same work as the page, so page / native is what the WebAssembly build costs.
 """
 
 from __future__ import annotations
@@ -86,11 +88,44 @@ def _python_run(engine) -> dict:
     return {"tokens": len(request.tokens), "seconds": end - start, "first": first, "threads": 1}
 
 
+def _plain_run(session, config: dict) -> dict:
+    """The page's own loop in native onnxruntime (Python, one thread): the same graph file, one session.run a
+    token with the past it returned, greedy. Beside the page it shows what WebAssembly costs the same work."""
+    import numpy as np
+
+    layers, heads = config["n_layer"], config["n_head"]
+    dim = config["n_embd"] // heads
+    names = [o.name for o in session.get_outputs()]
+    ids, past, start, tokens = [13, 301, 260, 343], None, 0, []  # (a few tokens: the prompt's length hardly matters)
+    begin = time.perf_counter()
+    first = None
+    while len(tokens) < NEW_TOKENS:
+        total = start + len(ids)
+        feeds = {
+            "input_ids": np.array([ids], np.int64),
+            "attention_mask": np.ones((1, total), np.int64),
+            "position_ids": np.arange(start, total, dtype=np.int64)[None],
+        }
+        for layer in range(layers):
+            for kv in ("key", "value"):
+                empty = np.zeros((1, heads, 0, dim), np.float32)
+                feeds[f"past_key_values.{layer}.{kv}"] = past[f"present.{layer}.{kv}"] if past else empty
+        out = dict(zip(names, session.run(None, feeds)))
+        first = first if first is not None else time.perf_counter() - begin
+        start, past = total, out
+        token = int(out["logits"][0, -1].argmax())
+        tokens.append(token)
+        ids = [token]
+    return {"tokens": len(tokens), "seconds": time.perf_counter() - begin, "first": first, "threads": 1}
+
+
 def _speed(run: dict) -> float:
     return (run["tokens"] - 1) / max(1e-9, run["seconds"] - run["first"])
 
 
 def bench_site(output: str | None = None, quick_dir: str = "artifacts/onnx", work_dir: str | None = None) -> dict:
+    import onnxruntime as ort
+
     from benchmarks.serve import _random_124m_onnx
     from penwright.core.config import compose
     from penwright.export.quantize import quantize_blocks, quantize_int8
@@ -134,9 +169,18 @@ def bench_site(output: str | None = None, quick_dir: str = "artifacts/onnx", wor
                 site(compose([f"site.model_dir={folder}", f"site.out_dir={out}", f"site.graph={graph}"]))
                 file = GRAPHS[graph]
                 engine = Engine.load(folder, slots=1, threads=1, graph=file)
+                options = ort.SessionOptions()
+                options.intra_op_num_threads = options.inter_op_num_threads = 1
+                plain = ort.InferenceSession(str(folder / file), options, providers=["CPUExecutionProvider"])
+                config = json.loads((folder / "config.json").read_text())
                 servers = {one: static_server(out, isolated=not one) for one in (True, False)}
                 urls = {one: f"http://127.0.0.1:{s.server_address[1]}/index.html" for one, s in servers.items()}
-                runs: dict[str, list[dict]] = {"python_1_thread": [], "page_1_thread": [], "page_threads": []}
+                runs: dict[str, list[dict]] = {
+                    "python_1_thread": [],
+                    "native_plain_1_thread": [],
+                    "page_1_thread": [],
+                    "page_threads": [],
+                }
                 try:
                     _python_run(engine)  # (warm-up: sessions and first shapes)
                     for one in (True, False):
@@ -144,6 +188,7 @@ def bench_site(output: str | None = None, quick_dir: str = "artifacts/onnx", wor
                     for r in range(rounds[name]):
                         log(f"{name} {graph}: round {r + 1}/{rounds[name]}")
                         runs["python_1_thread"].append(_python_run(engine))
+                        runs["native_plain_1_thread"].append(_plain_run(plain, config))
                         runs["page_1_thread"].append(_page_run(drivers[True], urls[True]))
                         runs["page_threads"].append(_page_run(drivers[False], urls[False]))
                 finally:
@@ -159,6 +204,9 @@ def bench_site(output: str | None = None, quick_dir: str = "artifacts/onnx", wor
                 }
                 case["page_vs_python_1_thread"] = round(
                     case["page_1_thread"]["tokens_per_s"] / case["python_1_thread"]["tokens_per_s"], 2
+                )
+                case["page_vs_native_plain_1_thread"] = round(
+                    case["page_1_thread"]["tokens_per_s"] / case["native_plain_1_thread"]["tokens_per_s"], 2
                 )
                 case["graph_mib"] = round((folder / file).stat().st_size / 2**20, 1)
                 results["cases"][f"{name}/{graph}"] = case

@@ -42,6 +42,7 @@ def trained_export(tmp_path_factory, tiny_gpt2, prepared_tiny) -> dict[str, Path
         compose(
             [
                 *common,
+                *TINY_TRAIN,  # (the same config as the training: one params file in a pipeline)
                 f"export.out_dir={root / 'onnx'}",
                 "export.quantize=[q8]",
                 "export.gguf=[f32]",
@@ -75,6 +76,7 @@ def test_the_model_card_parses_and_says_what_the_model_is(trained_export):
         assert runtime in text, runtime
     assert text.count("```text") == 3 and text.count("longest span copied from the training text") == 3
     assert "model.q8.onnx" in text and "model.f32.gguf" in text
+    assert f"4 steps ({train['tokens']:,} tokens)" in text and "block 32 tokens" in text  # the training, in brief
     for line in ENGLISH.strip().splitlines():  # the card has the samples, never the training text itself
         assert line[:40] not in text.replace("```text", "")
     assert not (folder / "index").exists() and not list(folder.rglob("*.bin"))  # no copy index, no tokens

@@ -563,25 +563,30 @@ def render_site(load: Callable[[str], dict]) -> str:
     rows = []
     for case, c in d.get("cases", {}).items():
         py, one, many = c.get("python_1_thread", {}), c.get("page_1_thread", {}), c.get("page_threads", {})
+        plain = c.get("native_plain_1_thread", {})
         rows.append(
             [
                 case,
                 f"{num(c.get('graph_mib'))} MiB",
                 num(py.get("tokens_per_s")),
+                num(plain.get("tokens_per_s")),
                 num(one.get("tokens_per_s")),
                 f"{num(many.get('tokens_per_s'))} ({num(many.get('threads'))} threads)",
                 f"{num(py.get('first_token_s'))} / {num(one.get('first_token_s'))} / {num(many.get('first_token_s'))} s",
                 ratio(c.get("page_vs_python_1_thread")),
+                ratio(c.get("page_vs_native_plain_1_thread")),
             ]
         )
     header = [
         "model / graph",
         "graph",
         "Python engine, 1 thread (tokens/s)",
+        "the page's loop in native onnxruntime, 1 thread",
         "page, 1 thread",
         "page, threads",
         "first token: Python / page 1 / page threads",
         "page / Python, 1 thread",
+        "page / native loop",
     ]
     return "\n".join(
         [provenance(d, name), "", f"{d.get('what', '')}. Goal: {d.get('goal', '–')}.", "", table(header, rows)]

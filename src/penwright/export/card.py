@@ -111,7 +111,7 @@ def write_card(cfg: schema.Config, folder: Path, model_config, report: dict, cha
         "",
         (
             f"A GPT-2 ({model_config.n_layer} layers, {model_config.n_head} heads, width {model_config.n_embd}, "
-            f"context {model_config.n_positions} tokens, {params / 1e6:.1f}M parameters) "
+            f"context {model_config.n_positions} tokens, {f'{params / 1e6:.1f}M' if params >= 1e6 else f'{params:,}'} parameters) "
             + (f"finetuned from `{base}`" if base else "trained from scratch")
             + " with penwright (reproducible GPT-2 finetuning)."
         ),
@@ -126,6 +126,17 @@ def write_card(cfg: schema.Config, folder: Path, model_config, report: dict, cha
         ),
         "",
     ]
+    t = cfg.train
+    if train:
+        lines += [
+            "## Training",
+            "",
+            f"{train.get('steps', '?')} steps ({train.get('tokens', 0):,} tokens) on {train.get('device', '?')}: "
+            f"micro-batch {train.get('micro_batch', '?')} x {train.get('accumulate_grad_batches', 1)}, block "
+            f"{t.block_size} tokens, AdamW at lr {t.lr:g} ({t.schedule}, {t.warmup_steps} warmup steps), weight "
+            f"decay {t.weight_decay:g}" + (f", LoRA rank {t.lora.rank}" if t.lora.enabled else "") + ".",
+            "",
+        ]
     if chat:
         lines += [
             f"**A chat model**: it talks as {chat.persona!r}, from chat exports. It may repeat what was said in "
