@@ -22,6 +22,7 @@ ALLOWED = {  # package -> the penwright packages it may import
     "export": {"core", "prepare", "train", "inference"},
     "generate": {"core", "prepare", "inference"},
     "serve": {"core", "inference"},
+    "share": {"core", "export"},  # the site: an export's graph (quantized when export did not), in a page
     "gpu_check": {"core", "train", "export", "inference"},
     "cli": {"core", "prepare", "generate", "gpu_check"},  # (the stages themselves it imports by name, lazily)
 }
