@@ -14,7 +14,8 @@ from penwright.core.errors import ConfigError
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n\n")[0])
-    p.add_argument("stage", choices=["prepare", "train", "generate", "serve", "copies", "site"])
+    p.add_argument("stage", choices=["prepare", "train", "generate", "serve", "copies", "site", "cold"])
+    p.add_argument("--starts", type=int, default=5, help="cold: fresh starts of each server (default 5)")
     p.add_argument("--size-mb", type=int, default=200, help="prepare: size of the generated large corpus")
     p.add_argument(
         "--sizes-mb",
@@ -75,6 +76,12 @@ def run(args: argparse.Namespace) -> None:
         if not sizes or min(sizes) < 1:
             raise ConfigError(f"--sizes-mb {args.sizes_mb!r}: give sizes in MB, e.g. 10,100,1000")
         bench_copies(sizes_mb=sizes, output=args.output)
+    elif args.stage == "cold":
+        from benchmarks.cold_start import bench_cold
+
+        if args.starts < 1:
+            raise ConfigError(f"--starts {args.starts}: give at least 1")
+        bench_cold(output=args.output, starts=args.starts, llama_cpp=args.llama_cpp)
     elif args.stage == "site":
         from benchmarks.site import bench_site
 

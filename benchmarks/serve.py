@@ -149,7 +149,9 @@ async def _one(session, url: str, prompt: str | list[dict], new_tokens: int, see
     }
 
 
-async def _level(url: str, concurrency: int, requests: int, new_tokens: int, prompts: list | None = None) -> dict:
+async def _level(
+    url: str, concurrency: int, requests: int, new_tokens: int, prompts: list | None = None, keep: bool = False
+) -> dict:
     """``requests`` streamed completions of ``prompts`` (default ``PROMPTS``; a list of messages is a chat
     completion), at most ``concurrency`` at a time (aiohttp: a light client, so the load generator takes little of
     the cores the server runs on)."""
@@ -177,6 +179,7 @@ async def _level(url: str, concurrency: int, requests: int, new_tokens: int, pro
         return round(float(np.percentile(values, q)), 3) if values else None
 
     return {
+        **({"ttfts": sorted(ttft)} if keep else {}),  # (keep: every first-token time, for pooling and deciles)
         "concurrency": concurrency,
         "sent": requests,
         "answered": len(ok),
@@ -322,6 +325,20 @@ class _LlamaServer(_Server):
         self.terminated = False
 
 
+def text_gpt2(tokenizer_dir: Path, shape: tuple[int, int, int] = SHAPE_124M):
+    """A GPT-2 of ``shape`` with random weights that writes text: the ids past the borrowed tokenizer's vocab are
+    zeroed (they never come up) and its end of text is the tokenizer's. Returns (model, tokenizer)."""
+    import torch
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    model = random_gpt2(shape)
+    model.config.bos_token_id = model.config.eos_token_id = tokenizer.eos_token_id
+    with torch.no_grad():
+        model.transformer.wte.weight[len(tokenizer) :] = 0
+    return model, tokenizer
+
+
 def _has_amx() -> bool:
     try:
         return "amx_int8" in Path("/proc/cpuinfo").read_text()
@@ -378,8 +395,7 @@ def bench_serve_llama(
     """penwright serve against llama.cpp's llama-server on the same weights (penwright's GGUF export), the same
     streamed requests, the servers taking turns at each level, ``repetitions`` times; medians. Writes the
     ``llama_server`` section of benchmarks/results/bench_serve.json (the rest of the report is kept)."""
-    import torch
-    from transformers import AutoTokenizer, GPT2LMHeadModel
+    from transformers import GPT2LMHeadModel
 
     from penwright.export.gguf import export_gguf
     from penwright.export.quantize import quantize
@@ -417,11 +433,7 @@ def bench_serve_llama(
                 model = GPT2LMHeadModel.from_pretrained(hf).eval()
                 tokenizer_dir = quick
             else:
-                tokenizer = AutoTokenizer.from_pretrained(quick)
-                model = random_gpt2(big_shape)
-                model.config.bos_token_id = model.config.eos_token_id = tokenizer.eos_token_id
-                with torch.no_grad():  # ids past the borrowed tokenizer's vocab never come up: sampled tokens are text
-                    model.transformer.wte.weight[len(tokenizer) :] = 0
+                model, tokenizer = text_gpt2(quick, big_shape)
                 onnx_dir, context, tokenizer_dir = save_fused(model, tokenizer, work / f"{name}-onnx"), 256, quick
             per_slot = context or int(model.config.n_positions)
             for precision, graph, qtype in LLAMA_PRECISIONS:

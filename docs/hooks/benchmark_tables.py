@@ -593,6 +593,48 @@ def render_site(load: Callable[[str], dict]) -> str:
     )
 
 
+def render_cold(load: Callable[[str], dict]) -> str:
+    name = "bench_cold.json"
+    d = load(name)
+    out = [provenance(d, name), "", f"{d.get('what', '')}", ""]
+    for model, e in d.get("models", {}).items():
+        ours, theirs = e.get("penwright", {}), e.get("llama_server", {})
+        out += [
+            f"**{model}**: start-up {num(ours.get('startup_s'))} s (llama-server {num(theirs.get('startup_s'))} s); "
+            f"the very first request's first token {num(ours.get('first_request_ttft_s'))} s "
+            f"(llama-server {num(theirs.get('first_request_ttft_s'))} s).",
+            "",
+        ]
+        rows = []
+        for c, levels in ours.get("levels", {}).items():
+            for phase in ("cold", "warm"):
+                a, b = levels.get(phase, {}), theirs.get("levels", {}).get(c, {}).get(phase, {})
+                rows.append(
+                    [
+                        c,
+                        phase,
+                        num(a.get("tokens_per_sec")),
+                        num(b.get("tokens_per_sec")),
+                        ratio(e.get("ratios", {}).get(c, {}).get(phase)),
+                        f"{num(a.get('ttft_p95_s'))} / {num(b.get('ttft_p95_s'))} s",
+                        " ".join(f"{1000 * v:.0f}" for v in a.get("ttft_deciles_s", [])),
+                        " ".join(f"{1000 * v:.0f}" for v in b.get("ttft_deciles_s", [])),
+                    ]
+                )
+        header = [
+            "clients",
+            "round",
+            "penwright tokens/s",
+            "llama-server tokens/s",
+            "ratio",
+            "p95 first token, penwright / llama-server",
+            "first-token deciles (ms), penwright",
+            "llama-server",
+        ]
+        out += [table(header, rows), ""]
+    return "\n".join(out)
+
+
 def render_chat(load: Callable[[str], dict]) -> str:
     name = "chat_vs_completions.json"
     d = load(name)
@@ -694,6 +736,7 @@ def renderers(results: Path) -> dict[str, Callable[[Callable[[str], dict]], str]
         "chat": render_chat,
         "copies": render_copies,
         "site": render_site,
+        "cold": render_cold,
         "engine-ab": lambda load: render_ab(load, _glob(results, "engine_ab_*.json")),
         "serve-ab": lambda load: render_ab(load, _glob(results, "serve_ab_*.json")),
     }
