@@ -95,14 +95,15 @@ def test_a_chat_models_card_has_no_samples_unless_asked_and_warns(tmp_path, trai
         [f"data.out_dir={trained_export['prepared']}", f"paths.reports={trained_export['reports']}"],
         config_dir=REPO / "conf",
     )
-    from transformers import AutoConfig
+    from transformers import AutoConfig, GPT2LMHeadModel
 
     chat = ChatFormat("Job", "Eliphaz")
-    write_card(cfg, folder, AutoConfig.from_pretrained(folder), {}, chat)
+    model = GPT2LMHeadModel(AutoConfig.from_pretrained(folder))  # (the card reads its shape and size)
+    write_card(cfg, folder, model, {}, chat)
     card = ModelCard.load(folder / "README.md")
     assert "```text" not in card.text and "may repeat what was said" in card.text and "chat" in card.data.tags
     asked = cfg.model_copy(update={"export": cfg.export.model_copy(update={"card_samples": 1})})
-    write_card(asked, folder, AutoConfig.from_pretrained(folder), {}, chat)
+    write_card(asked, folder, model, {}, chat)
     assert ModelCard.load(folder / "README.md").text.count("```text") == 1
 
 

@@ -457,12 +457,29 @@ def test_the_modelfile_template_writes_what_the_chat_template_writes(chat_model,
         )
 
 
+def talk(driver, expected_reply) -> None:
+    """Two turns said on the page in chat mode; each reply shown is ``expected_reply(conversation)`` (the whole
+    conversation so far, the user's turn last)."""
+    from selenium.webdriver.common.by import By
+    from test_serve_page import generate, set_field, text_of
+
+    conversation: list[dict] = []
+    for said in ("What is man?", "Hear."):
+        set_field(driver, "prompt", said)
+        status, _ = generate(driver)
+        assert status.startswith("done"), status
+        conversation.append({"role": "user", "content": said})
+        expected = expected_reply(conversation)
+        assert text_of(driver.find_element(By.ID, "reply")) == expected
+        conversation.append({"role": "assistant", "content": expected.strip()})
+
+
 @pytest.mark.slow
 def test_the_page_talks_with_the_persona_in_chat_mode(chat_model, browser):
     """Headless Chromium on the page of a chat model: chat mode by default, each reply streamed from
     /v1/chat/completions is what the API answers to the whole conversation (greedy)."""
     from selenium.webdriver.common.by import By
-    from test_serve_page import assert_same_origin, generate, open_page, set_field, text_of
+    from test_serve_page import assert_same_origin, open_page, set_field, text_of
 
     driver = browser
     server = RunningServer(compose([f"serve.model_dir={chat_model['onnx']}"], config_dir=REPO / "conf"))
@@ -477,23 +494,21 @@ def test_the_page_talks_with_the_persona_in_chat_mode(chat_model, browser):
         assert "Talk with Job" in text_of(driver.find_element(By.ID, "about"))
         for field, value in (("length", "10"), ("temperature", "0"), ("top_k", "40"), ("top_p", "1")):
             set_field(driver, field, value)
-        conversation: list[dict] = []
-        for said in ("What is man?", "Hear."):
-            set_field(driver, "prompt", said)
-            status, _ = generate(driver)
-            assert status.startswith("done"), status
-            conversation.append({"role": "user", "content": said})
-            reply = client.chat.completions.create(
-                model="penwright",
-                messages=conversation,
-                max_tokens=10,
-                temperature=0,
-                top_p=1,
-                extra_body={"top_k": 40},
-            )
-            expected = reply.choices[0].message.content
-            assert text_of(driver.find_element(By.ID, "reply")) == expected
-            conversation.append({"role": "assistant", "content": expected.strip()})
+        talk(
+            driver,
+            lambda conversation: (
+                client.chat.completions.create(
+                    model="penwright",
+                    messages=conversation,
+                    max_tokens=10,
+                    temperature=0,
+                    top_p=1,
+                    extra_body={"top_k": 40},
+                )
+                .choices[0]
+                .message.content
+            ),
+        )
         turns = driver.find_elements(By.CSS_SELECTOR, "#transcript .turn")
         assert [t.get_attribute("class") for t in turns] == ["turn user", "turn assistant"] * 2
         assert text_of(turns[0]) == "You: What is man?" and text_of(turns[1]).startswith("Job: ")
@@ -513,7 +528,7 @@ def test_the_static_site_talks_with_the_persona_in_the_browser(chat_model, brows
     """The site of a chat model (penwright site, fp32): chat mode by default, the chat template rendered in the page
     by @huggingface/jinja, each greedy reply what transformers replies to the whole conversation."""
     from selenium.webdriver.common.by import By
-    from test_serve_page import generate, set_field, text_of
+    from test_serve_page import text_of
     from test_site import build
 
     from penwright.share.site import static_server
@@ -526,15 +541,7 @@ def test_the_static_site_talks_with_the_persona_in_the_browser(chat_model, brows
 
         WebDriverWait(browser, 60).until(lambda d: text_of(d.find_element(By.ID, "status")).startswith("ready"))
         assert "Talk with Job" in text_of(browser.find_element(By.ID, "about"))
-        conversation: list[dict] = []
-        for said in ("What is man?", "Hear."):
-            set_field(browser, "prompt", said)
-            status, _ = generate(browser)
-            assert status.startswith("done"), status
-            conversation.append({"role": "user", "content": said})
-            expected = greedy_reply(chat_model["model"], conversation, 10)
-            assert text_of(browser.find_element(By.ID, "reply")) == expected
-            conversation.append({"role": "assistant", "content": expected.strip()})
+        talk(browser, lambda conversation: greedy_reply(chat_model["model"], conversation, 10))
         errors = [e for e in browser.get_log("browser") if e["level"] == "SEVERE"]
         assert not errors, errors
     finally:

@@ -76,15 +76,16 @@ def card_samples(cfg: schema.Config, folder: Path, chat: ChatFormat | None) -> l
     return out
 
 
-def write_card(cfg: schema.Config, folder: Path, model_config, report: dict, chat: ChatFormat | None) -> None:
-    """``folder/README.md``: the model card."""
+def write_card(cfg: schema.Config, folder: Path, model, report: dict, chat: ChatFormat | None) -> None:
+    """``folder/README.md``: the model card of ``model`` (the PyTorch model the export was made from)."""
+    model_config = model.config
     train = _json(Path(cfg.paths.reports) / "train.json")
     meta = _json(Path(cfg.data.out_dir) / "meta.json")
     data = meta.get("data", {})
     name = cfg.export.card_name or card_name(cfg.data.path)
     base = cfg.model.name_or_path
     base = base if base and not Path(base).exists() else None  # a hub name, not a local folder
-    params = sum(p for p in _param_counts(model_config))
+    params = model.num_parameters()
     numbers = {
         "data_md5": data.get("md5"),
         "val_loss": train.get("best_val_loss", train.get("val_loss")),
@@ -228,13 +229,6 @@ def _how_to_run(name: str, folder: Path) -> list[str]:
             "",
         ]
     return out
-
-
-def _param_counts(config):
-    v, d, n, c = config.vocab_size, config.n_embd, config.n_layer, config.n_positions
-    yield v * d + c * d  # embeddings (the output layer shares the token embedding)
-    yield n * (12 * d * d + 13 * d)  # blocks: attention and MLP weights, biases, layer norms
-    yield 2 * d  # the final layer norm
 
 
 def _json(path: Path) -> dict:

@@ -149,7 +149,7 @@ def export(cfg: schema.Config) -> dict:
             report["gguf"] = export_gguf(model, tmp, tmp, gguf)
         if ecfg.transformers_js:
             report["transformers_js"] = link_for_transformers_js(tmp)
-        write_card(cfg, tmp, model.config, report, chat)
+        write_card(cfg, tmp, model, report, chat)
     report["seconds"] = round(time.perf_counter() - start, 2)
     path = atomic_write_text(Path(cfg.paths.reports) / "export.json", json.dumps(report, indent=2) + "\n")
     log(

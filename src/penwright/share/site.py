@@ -116,9 +116,10 @@ def site(cfg: schema.Config) -> dict:
         if not (model_dir / name).is_file():
             raise PenwrightError(f"{model_dir / name}: missing; is {model_dir} a penwright export?")
     modules = node_modules(Path(s.web_dir))
+    export_sha256 = sha256_of(source)
     if (out / "site.json").is_file():  # a site already there: say when it came from another export
         before = json.loads((out / "site.json").read_text()).get("export_sha256")
-        if before and before != md5_of(source, "sha256"):
+        if before and before != export_sha256:
             log(f"{out}: built from another export than {model_dir}; replacing it")
     tokenizer_config = json.loads((model_dir / "tokenizer_config.json").read_text(encoding="utf-8"))
     chat = ChatFormat.parse(tokenizer_config.get("chat_template"))
@@ -143,7 +144,7 @@ def site(cfg: schema.Config) -> dict:
             "graph": graph.name,
             "graph_bytes": (tmp / graph.name).stat().st_size,
             "sha256": sha256_of(tmp / graph.name),
-            "export_sha256": sha256_of(source),
+            "export_sha256": export_sha256,
             "max_threads": s.max_threads,
             "model": model_name(model_dir),
         }
