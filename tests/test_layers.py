@@ -24,7 +24,8 @@ ALLOWED = {  # package -> the penwright packages it may import
     "serve": {"core", "inference"},
     "share": {"core", "export"},  # the site: an export's graph (quantized when export did not), in a page
     "gpu_check": {"core", "train", "export", "inference"},
-    "cli": {"core", "prepare", "generate", "gpu_check"},  # (the stages themselves it imports by name, lazily)
+    "sweep": {"core"},  # trials are `dvc exp run`s of the stages: it imports none of them
+    "cli": {"core", "prepare", "generate", "gpu_check", "sweep"},  # (the stages themselves it imports by name, lazily)
 }
 
 

@@ -108,6 +108,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="the prepared folder of the model's corpus: each sample's copy measures from its index ('' for none)",
     )
     p.add_argument("--copy-min-span", type=int, default=12, help="copy measures: the shortest copied span counted")
+    p = sub.add_parser(
+        "sweep", help="train many variants (conf/sweep/NAME.yaml): each a DVC experiment and a W&B run, ranked"
+    )
+    p.add_argument("name", help="a sweep in conf/sweep/ (its file name without .yaml), or a sweep file")
+    p.add_argument("--storage", help="optuna: the study's storage (a database URL, or a journal file every worker reaches)")
+    p.add_argument("--trials", type=int, help="optuna: trials in all, every worker together (default: the file's)")
+    p.add_argument("--jobs", type=int, help="grid: experiments DVC's queue runs at once (default: the file's)")
     return parser
 
 
@@ -152,7 +159,14 @@ def score(args) -> None:
     )
 
 
+def sweep(args) -> None:
+    from penwright.sweep.run import sweep as run_sweep
+
+    run_sweep(args.name, storage=args.storage, trials=args.trials, jobs=args.jobs)
+
+
 TOOLS = {
+    "sweep": sweep,
     "params": params,
     "corpus": corpus,
     "check": check,

@@ -50,10 +50,11 @@ class Callbacks:
     curves: CurveWriter
     overfit: OverfitWatch
     early_stop: EarlyStopping | None = None  # train.early_stop_patience
+    pruning: TrialPruning | None = None  # a sweep's trial (PENWRIGHT_TRIAL)
 
     def all(self) -> list[L.Callback]:
         out = [self.throughput, self.periodic, self.best, self.samples, self.curves, self.overfit]
-        return out + ([self.early_stop] if self.early_stop is not None else [])
+        return out + [c for c in (self.early_stop, self.pruning) if c is not None]
 
 
 def checkpoints(ckpt_dir: Path, every_n_steps: int, keep_all: bool) -> tuple[ModelCheckpoint, ModelCheckpoint]:
@@ -129,6 +130,35 @@ def early_stopping(patience: int) -> EarlyStopping | None:
     return EarlyStopping(
         monitor="val/loss", mode="min", patience=patience, check_on_train_epoch_end=False, verbose=False
     )
+
+
+class TrialPruning(L.Callback):
+    """A sweep's trial: each val loss goes to the Optuna trial at its step, and when Optuna's pruner finds the
+    trial hopeless, training stops there as an early stop does (the run ends normally, the best weights are
+    saved, ``train.json`` says ``pruned_at_step``). Optuna's own Lightning callback reports per epoch and raises,
+    which would leave no model, metrics or DVC experiment behind: this one reports per step and stops."""
+
+    def __init__(self, trial):
+        self.trial, self.pruned_at = trial, None
+
+    @classmethod
+    def from_env(cls) -> TrialPruning | None:
+        from penwright.core.trials import trial_from_env
+
+        trial = trial_from_env()
+        return None if trial is None else cls(trial)
+
+    def on_validation_end(self, trainer, pl_module):
+        if trainer.sanity_checking or trainer.state.fn != "fit" or not trainer.is_global_zero:  # not the final validate()
+            return
+        loss = trainer.callback_metrics.get("val/loss")
+        if loss is None or self.pruned_at is not None:
+            return
+        step = trainer.global_step
+        self.trial.report(float(loss), step)
+        if self.trial.should_prune():
+            self.pruned_at, trainer.should_stop = step, True
+            get_logger("train").info(f"pruned at step {step}: val loss {float(loss):.4f} is worse than the sweep's median there")
 
 
 class OverfitWatch(L.Callback):
@@ -213,11 +243,14 @@ class CurveWriter(L.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         step = trainer.global_step
         if step % self.every == 0 or step == trainer.max_steps:
-            m = trainer.callback_metrics
-            if "train/loss" in m:
-                self.rows["train"].append(
-                    {"step": step, "loss": f"{float(m['train/loss']):.5f}", "lr": f"{float(m.get('lr', 0.0)):.3e}"}
-                )
+            self._add_train_row(trainer)
+
+    def _add_train_row(self, trainer) -> None:
+        m, step = trainer.callback_metrics, trainer.global_step
+        if "train/loss" in m and not any(int(r["step"]) == step for r in self.rows["train"][-1:]):
+            self.rows["train"].append(
+                {"step": step, "loss": f"{float(m['train/loss']):.5f}", "lr": f"{float(m.get('lr', 0.0)):.3e}"}
+            )
 
     def on_validation_end(self, trainer, pl_module):
         m = trainer.callback_metrics
@@ -233,6 +266,7 @@ class CurveWriter(L.Callback):
         self.flush(trainer)
 
     def on_train_end(self, trainer, pl_module):
+        self._add_train_row(trainer)  # a run stopped early (pruned, early stop) ends its curve where it stopped
         self.flush(trainer)
 
     def flush(self, trainer) -> None:

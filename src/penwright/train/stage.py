@@ -33,6 +33,7 @@ from penwright.train.callbacks import (
     OverfitWatch,
     SampleCallback,
     Throughput,
+    TrialPruning,
     checkpoints,
     early_stopping,
 )
@@ -104,6 +105,7 @@ def train(cfg: schema.Config) -> dict:
         curves=curves,
         overfit=OverfitWatch(curves),
         early_stop=early_stopping(tcfg.early_stop_patience),
+        pruning=TrialPruning.from_env() if global_rank() == 0 else None,  # in a sweep's trial only
     )
     loggers = build_loggers(cfg, ckpt_dir, resume_from is not None)
     if tcfg.auto_batch_size:
@@ -384,7 +386,8 @@ def _finish(cfg, trainer, module, tokenizer, data, final, callbacks: Callbacks, 
     val = [(int(r["step"]), float(r["loss"])) for r in callbacks.curves.rows["val"]]
     best_step = min(val, key=lambda r: r[1])[0] if val else trainer.global_step  # the minimum of the val curve
     saved_step = _keep_best(module, best_ckpt, best_step) if cfg.train.save == "best" else trainer.global_step
-    early = callbacks.early_stop is not None and trainer.global_step < trainer.max_steps
+    pruned = callbacks.pruning is not None and callbacks.pruning.pruned_at is not None
+    early = callbacks.early_stop is not None and trainer.global_step < trainer.max_steps and not pruned
     if early:
         log(
             f"early stop at step {trainer.global_step}: val loss has not improved for "
@@ -433,6 +436,8 @@ def _finish(cfg, trainer, module, tokenizer, data, final, callbacks: Callbacks, 
         "best_step": best_step,
         "saved_step": saved_step,  # the step whose weights are in train.out_dir (train.save)
         "early_stopped": early,
+        # a sweep's trial that Optuna's pruner stopped: the step it stopped at (None: it ran its steps)
+        "pruned_at_step": callbacks.pruning.pruned_at if callbacks.pruning is not None else None,
         **sizes,
     }
     if callbacks.curves.rows["copies"]:  # the last samples' copy measures: how much the model copies now

@@ -1,0 +1,1 @@
+"""Sweeps: many trainings over a search space, each a DVC experiment and a W&B run in one group (``penwright sweep``)."""

@@ -1,0 +1,249 @@
+"""``penwright sweep``: bad sweep files refused before any trial; a real Optuna search of real ``dvc exp run``s
+(pruning, W&B groups from the offline run files, kill -9 and resume, two workers on one storage); a grid through
+DVC's queue."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from helpers.dvc_project import new_project, run
+from helpers.tiny import TINY_MODEL
+
+TINY = [
+    *TINY_MODEL,
+    "model.dropout=0.0",
+    "data.path=data/tiny",
+    "data.val_fraction=0.25",
+    "model.tokenizer.vocab_size=300",
+    "train.block_size=32",
+    "train.batch_size=4",
+    "train.warmup_steps=0",
+    "train.val_every_n_steps=4",
+    "train.val_batches=2",
+    "train.ckpt_every_n_steps=4",
+    "trainer.max_steps=12",
+    "trainer.progress_bar=false",
+    "sample.every_n_steps=0",
+    "sample.max_new_tokens=4",
+]
+
+
+def sweep_file(path: Path, **fields) -> Path:
+    body = {"metric": "best_val_bpb", "trials": 3, "overrides": TINY, "space": {"train.lr": {"low": 1e-4, "high": 0.05, "log": True}}}
+    body.update(fields)
+    path.write_text(yaml.safe_dump(body, sort_keys=False))
+    return path
+
+
+def penwright(args: list[str], cwd: Path, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "penwright.cli", *args], cwd=cwd, capture_output=True, text=True, env=_env(), **kw)
+
+
+def _env() -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"}
+    return {**env, "WANDB_MODE": "offline", "DVC_NO_ANALYTICS": "1", "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t",
+            "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
+
+
+@pytest.fixture
+def project(tmp_path, repo) -> Path:
+    """A git + DVC project with the pipeline, a small corpus and the committed reports (as a fresh clone has)."""
+    proj = new_project(tmp_path, repo, with_pipeline=True)
+    corpus = proj / "data/tiny"
+    corpus.mkdir(parents=True)
+    for i, book in enumerate(sorted((repo / "data/kjv/books").glob("*.txt"))[:8]):  # (`penwright corpus` wrote them)
+        (corpus / f"{i:02d}.txt").write_text(book.read_text()[:6000])
+    shutil.copytree(repo / "reports", proj / "reports", ignore=shutil.ignore_patterns("chat", "sweeps"))
+    run(["dvc", "add", "-q", "data"], proj)
+    run(["git", "add", "-A"], proj)
+    run(["git", "commit", "-qm", "init"], proj)
+    return proj
+
+
+# -- bad input: one line, before anything runs -------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"space": {"train.lrr": {"low": 0.001, "high": 0.01}}}, "space.train.lrr: train.lrr: not a known key"),
+        ({"space": {"train.lr": {"low": 0.001, "high": 2.0}}}, "space.train.lr: train.lr=2.0: out of range (allowed: 0 < value <= 1)"),
+        ({"space": {"train.weight_decay": {"choices": [0.1, 20.0]}}}, "space.train.weight_decay: train.weight_decay=20.0: out of range"),
+        ({"space": {"train.batch_size": {"choices": [2, 8]}}}, "space.train.batch_size: also set in overrides"),
+        ({"metric": "val_accuracy"}, "metric='val_accuracy': stage 'train' writes no such metric (it writes "),
+        ({"stage": "trian"}, "stage='trian': Stage 'trian' not found"),
+        ({"storage": "sqlite:////no/such/dir/study.db"}, "storage: 'sqlite:////no/such/dir/study.db' cannot be reached"),
+        ({"storage": "/no/such/dir/journal.log"}, "cannot be reached: OSError: no such directory /no/such/dir"),
+        ({"trials": None}, "engine optuna needs trials"),
+        ({"engine": "grid"}, "space.train.lr: a grid over a range needs step"),
+        ({"space": {"train.lr": {"low": 0.01, "high": 0.001}}}, "space.train.lr: low=0.01 must be below high=0.001"),
+    ],
+)
+def test_a_bad_sweep_is_one_line_before_any_trial(tmp_path, repo, fields, message):
+    bad = sweep_file(tmp_path / "bad.yaml", **fields)
+    done = penwright(["sweep", str(bad)], cwd=repo)
+    assert done.returncode == 2, done.stderr
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith(f"error: {bad}: "), done.stderr
+    assert message in lines[0]
+    assert not (repo / "artifacts/sweeps/bad").exists()
+
+
+def test_an_unknown_sweep_names_the_ones_there_are(repo):
+    done = penwright(["sweep", "no_such_sweep"], cwd=repo)
+    assert done.returncode == 2 and "conf/sweep/no_such_sweep.yaml: no such sweep file (sweeps in conf/sweep/: " in done.stderr
+    assert "lr" in done.stderr
+
+
+# -- pruning: the train stage reports to its trial and stops when Optuna's pruner says so ---------------------
+
+
+@pytest.mark.parametrize("others", [0.01, 100.0])
+def test_a_trial_stops_at_the_validation_where_it_is_worse_than_the_median(compose_train, tmp_path, monkeypatch, others):
+    import optuna
+
+    from penwright.core.trials import ENV, open_storage, pruner, trial_env
+    from penwright.train.stage import train
+
+    journal = str(tmp_path / "journal.log")
+    study = optuna.create_study(study_name="s", storage=open_storage(journal), pruner=pruner("median", 1, 0))
+    for _ in range(2):  # two finished trials whose val loss was `others` at every validation
+        t = study.ask()
+        for step in (4, 8, 12):
+            t.report(others, step)
+        study.tell(t, others)
+    trial = study.ask()
+    monkeypatch.setenv(ENV, trial_env(journal, "s", trial._trial_id, {"kind": "median", "startup_trials": 1, "warmup_steps": 0})[ENV])
+    cfg = compose_train("trainer.max_steps=12", "trainer.log_every_n_steps=10")
+    metrics = train(cfg)
+
+    reported = optuna.load_study(study_name="s", storage=open_storage(journal)).trials[2].intermediate_values
+    curve = (tmp_path / "run/reports/curves/train.tsv").read_text().splitlines()
+    if others < 1:  # far better than this run: pruned at its first validation, which ends the run there
+        assert metrics["pruned_at_step"] == metrics["steps"] == 4 and list(reported) == [4]
+        assert metrics["early_stopped"] is False and curve[-1].split("\t")[0] == "4"  # the curve ends where it stopped
+        assert (tmp_path / "run/model/model.safetensors").is_file()  # a model, as any run leaves
+    else:  # far worse: never pruned, every validation reported
+        assert metrics["pruned_at_step"] is None and metrics["steps"] == 12 and sorted(reported) == [4, 8, 12]
+    val = {row.split("\t")[0]: row.split("\t")[1] for row in (tmp_path / "run/reports/curves/val.tsv").read_text().splitlines()[1:]}
+    assert reported[4] == pytest.approx(float(val["4"]), abs=1e-4)  # what it reported is its val loss there
+
+
+# -- optuna: a real search ----------------------------------------------------------------------------------
+
+
+def study_trials(journal: Path, name: str) -> list:
+    import optuna
+
+    from penwright.core.trials import open_storage
+
+    try:
+        return optuna.load_study(study_name=name, storage=open_storage(str(journal))).get_trials(deepcopy=False)
+    except KeyError:  # not created yet
+        return []
+
+
+def wandb_runs(proj: Path, sweep: str) -> dict[str, int]:
+    """Experiment name -> how many offline W&B runs of the project carry it as their name and ``sweep`` as their
+    group (in a run's protobuf log, a string field is its length byte and its bytes: the group is exactly ``sweep``)."""
+    from helpers.wandb_runs import wandb_record
+
+    group = bytes([len(sweep)]) + sweep.encode()
+    out: dict[str, int] = {}
+    for run_dir in sorted((proj / "wandb").glob("offline-run-*")):
+        record = wandb_record(run_dir, group)
+        if group not in record:
+            continue
+        for name in re.findall(rb"%s-(\d+)" % sweep.encode(), record):
+            out[f"{sweep}-{name.decode()}"] = out.get(f"{sweep}-{name.decode()}", 0) + 1
+            break
+    return out
+
+
+def experiment_names(proj: Path) -> list[str]:
+    rows = json.loads(run(["dvc", "exp", "show", "--json", "--no-fetch"], proj).stdout)
+    return sorted(r["name"] for b in rows for e in b.get("experiments") or [] for r in e["revs"] if r.get("name"))
+
+
+@pytest.mark.slow
+def test_optuna_sweep_prunes_groups_in_wandb_and_resumes_after_kill_9(project):
+    sweep = sweep_file(
+        project / "conf/sweep/lrsweep.yaml",
+        trials=4,
+        overrides=[*TINY, "logger=wandb"],
+        pruner={"kind": "median", "startup_trials": 1, "warmup_steps": 0},
+        space={"train.lr": {"low": 1e-5, "high": 0.05, "log": True}, "train.weight_decay": {"choices": [0.0, 0.1]}},
+    )
+    run(["git", "add", "-A"], project)
+    run(["git", "commit", "-qm", "sweep"], project)
+    journal = project / "artifacts/sweeps/lrsweep/journal.log"
+
+    # a worker, killed with SIGKILL while its second trial trains
+    worker = subprocess.Popen([sys.executable, "-m", "penwright.cli", "sweep", "lrsweep"], cwd=project, env=_env(),
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        trials = study_trials(journal, "lrsweep") if journal.is_file() else []
+        if any(t.state.name == "COMPLETE" for t in trials) and any(t.state.name == "RUNNING" and t.user_attrs.get("pgid") for t in trials):
+            break
+        assert worker.poll() is None, "the worker ended before its second trial"
+        time.sleep(0.5)
+    time.sleep(3)  # its training under way
+    killed = next(t for t in study_trials(journal, "lrsweep") if t.state.name == "RUNNING")
+    worker.send_signal(signal.SIGKILL)
+    worker.wait()
+
+    done = penwright(["sweep", "lrsweep"], cwd=project, timeout=600)  # started again: goes on where it stopped
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"trial {killed.number} (lrsweep-{killed.number}) was left running by a worker that died: run again" in done.stderr
+
+    trials = study_trials(journal, "lrsweep")
+    finished = [t for t in trials if t.state.name in ("COMPLETE", "PRUNED")]
+    assert len(finished) == 4  # no trial lost, none run twice
+    assert [t.number for t in trials if t.state.name == "FAIL"] == [killed.number]
+    retry = next(t for t in finished if t.user_attrs.get("retry_of") == killed.number)
+    assert retry.params == killed.params  # the interrupted trial ran again, with its params
+    assert min(t.number for t in finished) == 0  # the trial finished before the kill is kept
+
+    # every finished trial is a DVC experiment, with the trial's params and its metric
+    names = experiment_names(project)
+    assert {f"lrsweep-{t.number}" for t in finished} <= set(names)
+    shown = json.loads(run(["dvc", "exp", "show", "--json", "--no-fetch"], project).stdout)
+    by_name = {r["name"]: r["data"] for b in shown for e in b.get("experiments") or [] for r in e["revs"]}
+    for t in finished:
+        data = by_name[f"lrsweep-{t.number}"]
+        params = data["params"]["params.yaml"]["data"]
+        assert params["train"]["lr"] == pytest.approx(t.params["train.lr"]) and params["train"]["resume"] is False
+        metrics = data["metrics"]["reports/train.json"]["data"]
+        if t.state.name == "COMPLETE":
+            assert metrics["best_val_bpb"] == pytest.approx(t.value) and metrics.get("pruned_at_step") is None
+        else:  # pruned: stopped at an evaluation, and says where
+            assert metrics["pruned_at_step"] == metrics["steps"] < 12
+
+    # every trial is a W&B run named after its experiment, in the sweep's group
+    runs = wandb_runs(project, "lrsweep")
+    assert all(runs.get(f"lrsweep-{t.number}") == 1 for t in finished), runs
+
+    # the summary: trials by the metric, the best one's params, pruned ones marked
+    summary = json.loads((project / "reports/sweeps/lrsweep.json").read_text())
+    assert len(summary["trials"]) == 4 and summary["best"]["experiment"] in names
+    values = [r["value"] for r in summary["trials"] if r["state"] == "complete"]
+    assert values == sorted(values) and summary["best"]["value"] == values[0]
+    assert summary["best"]["value"] == min(t.value for t in finished if t.state.name == "COMPLETE")
+    report = (project / "reports/sweeps/lrsweep.md").read_text()
+    assert "Best: `" + summary["best"]["experiment"] + "`" in report
+    assert "sweep lrsweep" in done.stdout and summary["best"]["experiment"] in done.stdout
+    for t in finished:
+        if t.state.name == "PRUNED":
+            assert f"pruned at step {t.user_attrs['pruned_at_step']}" in report
