@@ -247,3 +247,72 @@ def test_optuna_sweep_prunes_groups_in_wandb_and_resumes_after_kill_9(project):
     for t in finished:
         if t.state.name == "PRUNED":
             assert f"pruned at step {t.user_attrs['pruned_at_step']}" in report
+
+
+@pytest.mark.slow
+def test_two_workers_on_one_storage_share_the_trials(project, tmp_path):
+    """Two checkouts (two machines' worth) run the same command on one journal file: every trial runs once."""
+    sweep_file(project / "conf/sweep/shared.yaml", trials=4, pruner={"kind": "none"})
+    run(["git", "add", "-A"], project)
+    run(["git", "commit", "-qm", "sweep"], project)
+    other = tmp_path / "other"
+    run(["git", "clone", "-q", str(project), str(other)], tmp_path)
+    run(["dvc", "cache", "dir", str(project / ".dvc/cache")], other)  # (a shared cache, or `dvc pull` from a remote)
+    run(["dvc", "checkout", "-q", "data.dvc"], other)
+    (tmp_path / "shared").mkdir()
+    journal = tmp_path / "shared/journal.log"
+
+    workers = [
+        subprocess.Popen([sys.executable, "-m", "penwright.cli", "sweep", "shared", "--storage", str(journal)],
+                         cwd=cwd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for cwd in (project, other)
+    ]
+    outputs = [w.communicate(timeout=900) for w in workers]
+    assert all(w.returncode == 0 for w in workers), [o[1][-2000:] for o in outputs]
+
+    trials = [t for t in study_trials(journal, "shared") if not t.user_attrs.get("skipped")]
+    assert sorted(t.state.name for t in trials) == ["COMPLETE"] * 4
+    ran = [set(experiment_names(p)) for p in (project, other)]
+    assert not ran[0] & ran[1]  # no trial ran twice
+    assert ran[0] | ran[1] == {f"shared-{t.number}" for t in trials}
+    assert all(ran), ran  # both workers took trials
+    assert {t.user_attrs["worker"].rsplit(":", 1)[1] for t in trials} == {str(w.pid) for w in workers}
+    last = max((project, other), key=lambda p: (p / "reports/sweeps/shared.json").stat().st_mtime)
+    summary = json.loads((last / "reports/sweeps/shared.json").read_text())
+    assert sorted(r["experiment"] for r in summary["trials"] if r["state"] == "complete") == sorted(ran[0] | ran[1])
+
+
+@pytest.mark.slow
+def test_grid_runs_every_combination_through_dvc_queue_once(project):
+    sweep_file(
+        project / "conf/sweep/grid.yaml",
+        engine="grid",
+        jobs=1,
+        trials=None,
+        overrides=[*TINY, "logger=wandb"],
+        space={"train.lr": {"choices": [0.001, 0.01]}, "train.min_lr_ratio": {"low": 0.0, "high": 0.5, "step": 0.5}},
+    )
+    run(["git", "add", "-A"], project)
+    run(["git", "commit", "-qm", "sweep"], project)
+    done = penwright(["sweep", "grid"], cwd=project, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "4 combinations: 4 queued" in done.stderr
+
+    rows = json.loads(run(["dvc", "exp", "show", "--json", "--no-fetch"], project).stdout)
+    by_name = {r["name"]: r["data"] for b in rows for e in b.get("experiments") or [] for r in e["revs"]}
+    combos = {(0.001, 0.0), (0.001, 0.5), (0.01, 0.0), (0.01, 0.5)}
+    seen = set()
+    for k in range(1, 5):
+        data = by_name[f"grid-{k}"]
+        params = data["params"]["params.yaml"]["data"]
+        seen.add((params["train"]["lr"], params["train"]["min_lr_ratio"]))
+        assert data["metrics"]["reports/train.json"]["data"]["steps"] == 12
+    assert seen == combos
+    assert all(wandb_runs(project, "grid").get(f"grid-{k}") == 1 for k in range(1, 5))  # the queue's temp copies logged here
+
+    summary = json.loads((project / "reports/sweeps/grid.json").read_text())
+    values = [r["value"] for r in summary["trials"]]
+    assert len(values) == 4 and values == sorted(values) and summary["best"]["value"] == values[0]
+
+    again = penwright(["sweep", "grid"], cwd=project, timeout=300)  # every combination done: nothing runs again
+    assert again.returncode == 0 and "4 combinations: 0 queued" in again.stderr, again.stderr[-2000:]
