@@ -14,7 +14,8 @@ from penwright.core.errors import ConfigError
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n\n")[0])
-    p.add_argument("stage", choices=["prepare", "train", "generate", "serve", "copies", "site", "cold"])
+    p.add_argument("stage", choices=["prepare", "train", "generate", "serve", "copies", "site", "cold", "recipe"])
+    p.add_argument("--runs", type=int, default=1, help="recipe: runs of each recipe, in turns (default 1)")
     p.add_argument("--starts", type=int, default=5, help="cold: fresh starts of each server (default 5)")
     p.add_argument("--size-mb", type=int, default=200, help="prepare: size of the generated large corpus")
     p.add_argument(
@@ -23,7 +24,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="copies: sizes of text (MB) to index, comma-separated (default 10,100,1000)",
     )
     p.add_argument("--steps", type=int, default=30, help="train: timed steps per run")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="train: Hydra overrides of the benchmarked config")
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key=value",
+        help="train: Hydra overrides of the benchmarked config; recipe: the candidate recipe",
+    )
     p.add_argument("--output", default=None, help="default: benchmarks/results/bench_<stage>.json")
     p.add_argument(
         "--lora",
@@ -82,6 +88,12 @@ def run(args: argparse.Namespace) -> None:
         if args.starts < 1:
             raise ConfigError(f"--starts {args.starts}: give at least 1")
         bench_cold(output=args.output, starts=args.starts, llama_cpp=args.llama_cpp)
+    elif args.stage == "recipe":
+        from benchmarks.recipe import bench_recipe
+
+        if args.runs < 1:
+            raise ConfigError(f"--runs {args.runs}: give at least 1")
+        bench_recipe(args.overrides, runs=args.runs, output=args.output)
     elif args.stage == "site":
         from benchmarks.site import bench_site
 

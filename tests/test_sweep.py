@@ -40,20 +40,34 @@ TINY = [
 
 
 def sweep_file(path: Path, **fields) -> Path:
-    body = {"metric": "best_val_bpb", "trials": 3, "overrides": TINY, "space": {"train.lr": {"low": 1e-4, "high": 0.05, "log": True}}}
+    body = {
+        "metric": "best_val_bpb",
+        "trials": 3,
+        "overrides": TINY,
+        "space": {"train.lr": {"low": 1e-4, "high": 0.05, "log": True}},
+    }
     body.update(fields)
     path.write_text(yaml.safe_dump(body, sort_keys=False))
     return path
 
 
 def penwright(args: list[str], cwd: Path, **kw) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "penwright.cli", *args], cwd=cwd, capture_output=True, text=True, env=_env(), **kw)
+    return subprocess.run(
+        [sys.executable, "-m", "penwright.cli", *args], cwd=cwd, capture_output=True, text=True, env=_env(), **kw
+    )
 
 
 def _env() -> dict:
     env = {k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"}
-    return {**env, "WANDB_MODE": "offline", "DVC_NO_ANALYTICS": "1", "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t",
-            "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
+    return {
+        **env,
+        "WANDB_MODE": "offline",
+        "DVC_NO_ANALYTICS": "1",
+        "GIT_AUTHOR_NAME": "t",
+        "GIT_AUTHOR_EMAIL": "t@t",
+        "GIT_COMMITTER_NAME": "t",
+        "GIT_COMMITTER_EMAIL": "t@t",
+    }
 
 
 @pytest.fixture
@@ -78,12 +92,21 @@ def project(tmp_path, repo) -> Path:
     ("fields", "message"),
     [
         ({"space": {"train.lrr": {"low": 0.001, "high": 0.01}}}, "space.train.lrr: train.lrr: not a known key"),
-        ({"space": {"train.lr": {"low": 0.001, "high": 2.0}}}, "space.train.lr: train.lr=2.0: out of range (allowed: 0 < value <= 1)"),
-        ({"space": {"train.weight_decay": {"choices": [0.1, 20.0]}}}, "space.train.weight_decay: train.weight_decay=20.0: out of range"),
+        (
+            {"space": {"train.lr": {"low": 0.001, "high": 2.0}}},
+            "space.train.lr: train.lr=2.0: out of range (allowed: 0 < value <= 1)",
+        ),
+        (
+            {"space": {"train.weight_decay": {"choices": [0.1, 20.0]}}},
+            "space.train.weight_decay: train.weight_decay=20.0: out of range",
+        ),
         ({"space": {"train.batch_size": {"choices": [2, 8]}}}, "space.train.batch_size: also set in overrides"),
         ({"metric": "val_accuracy"}, "metric='val_accuracy': stage 'train' writes no such metric (it writes "),
         ({"stage": "trian"}, "stage='trian': Stage 'trian' not found"),
-        ({"storage": "sqlite:////no/such/dir/study.db"}, "storage: 'sqlite:////no/such/dir/study.db' cannot be reached"),
+        (
+            {"storage": "sqlite:////no/such/dir/study.db"},
+            "storage: 'sqlite:////no/such/dir/study.db' cannot be reached",
+        ),
         ({"storage": "/no/such/dir/journal.log"}, "cannot be reached: OSError: no such directory /no/such/dir"),
         ({"trials": None}, "engine optuna needs trials"),
         ({"engine": "grid"}, "space.train.lr: a grid over a range needs step"),
@@ -102,7 +125,10 @@ def test_a_bad_sweep_is_one_line_before_any_trial(tmp_path, repo, fields, messag
 
 def test_an_unknown_sweep_names_the_ones_there_are(repo):
     done = penwright(["sweep", "no_such_sweep"], cwd=repo)
-    assert done.returncode == 2 and "conf/sweep/no_such_sweep.yaml: no such sweep file (sweeps in conf/sweep/: " in done.stderr
+    assert (
+        done.returncode == 2
+        and "conf/sweep/no_such_sweep.yaml: no such sweep file (sweeps in conf/sweep/: " in done.stderr
+    )
     assert "lr" in done.stderr
 
 
@@ -110,7 +136,9 @@ def test_an_unknown_sweep_names_the_ones_there_are(repo):
 
 
 @pytest.mark.parametrize("others", [0.01, 100.0])
-def test_a_trial_stops_at_the_validation_where_it_is_worse_than_the_median(compose_train, tmp_path, monkeypatch, others):
+def test_a_trial_stops_at_the_validation_where_it_is_worse_than_the_median(
+    compose_train, tmp_path, monkeypatch, others
+):
     import optuna
 
     from penwright.core.trials import ENV, open_storage, pruner, trial_env
@@ -124,7 +152,9 @@ def test_a_trial_stops_at_the_validation_where_it_is_worse_than_the_median(compo
             t.report(others, step)
         study.tell(t, others)
     trial = study.ask()
-    monkeypatch.setenv(ENV, trial_env(journal, "s", trial._trial_id, {"kind": "median", "startup_trials": 1, "warmup_steps": 0})[ENV])
+    monkeypatch.setenv(
+        ENV, trial_env(journal, "s", trial._trial_id, {"kind": "median", "startup_trials": 1, "warmup_steps": 0})[ENV]
+    )
     cfg = compose_train("trainer.max_steps=12", "trainer.log_every_n_steps=10")
     metrics = train(cfg)
 
@@ -136,7 +166,10 @@ def test_a_trial_stops_at_the_validation_where_it_is_worse_than_the_median(compo
         assert (tmp_path / "run/model/model.safetensors").is_file()  # a model, as any run leaves
     else:  # far worse: never pruned, every validation reported
         assert metrics["pruned_at_step"] is None and metrics["steps"] == 12 and sorted(reported) == [4, 8, 12]
-    val = {row.split("\t")[0]: row.split("\t")[1] for row in (tmp_path / "run/reports/curves/val.tsv").read_text().splitlines()[1:]}
+    val = {
+        row.split("\t")[0]: row.split("\t")[1]
+        for row in (tmp_path / "run/reports/curves/val.tsv").read_text().splitlines()[1:]
+    }
     assert reported[4] == pytest.approx(float(val["4"]), abs=1e-4)  # what it reported is its val loss there
 
 
@@ -178,7 +211,7 @@ def experiment_names(proj: Path) -> list[str]:
 
 @pytest.mark.slow
 def test_optuna_sweep_prunes_groups_in_wandb_and_resumes_after_kill_9(project):
-    sweep = sweep_file(
+    sweep_file(
         project / "conf/sweep/lrsweep.yaml",
         trials=4,
         overrides=[*TINY, "logger=wandb"],
@@ -190,12 +223,19 @@ def test_optuna_sweep_prunes_groups_in_wandb_and_resumes_after_kill_9(project):
     journal = project / "artifacts/sweeps/lrsweep/journal.log"
 
     # a worker, killed with SIGKILL while its second trial trains
-    worker = subprocess.Popen([sys.executable, "-m", "penwright.cli", "sweep", "lrsweep"], cwd=project, env=_env(),
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "penwright.cli", "sweep", "lrsweep"],
+        cwd=project,
+        env=_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
         trials = study_trials(journal, "lrsweep") if journal.is_file() else []
-        if any(t.state.name == "COMPLETE" for t in trials) and any(t.state.name == "RUNNING" and t.user_attrs.get("pgid") for t in trials):
+        if any(t.state.name == "COMPLETE" for t in trials) and any(
+            t.state.name == "RUNNING" and t.user_attrs.get("pgid") for t in trials
+        ):
             break
         assert worker.poll() is None, "the worker ended before its second trial"
         time.sleep(0.5)
@@ -206,7 +246,10 @@ def test_optuna_sweep_prunes_groups_in_wandb_and_resumes_after_kill_9(project):
 
     done = penwright(["sweep", "lrsweep"], cwd=project, timeout=600)  # started again: goes on where it stopped
     assert done.returncode == 0, done.stderr[-3000:]
-    assert f"trial {killed.number} (lrsweep-{killed.number}) was left running by a worker that died: run again" in done.stderr
+    assert (
+        f"trial {killed.number} (lrsweep-{killed.number}) was left running by a worker that died: run again"
+        in done.stderr
+    )
 
     trials = study_trials(journal, "lrsweep")
     finished = [t for t in trials if t.state.name in ("COMPLETE", "PRUNED")]
@@ -263,8 +306,14 @@ def test_two_workers_on_one_storage_share_the_trials(project, tmp_path):
     journal = tmp_path / "shared/journal.log"
 
     workers = [
-        subprocess.Popen([sys.executable, "-m", "penwright.cli", "sweep", "shared", "--storage", str(journal)],
-                         cwd=cwd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        subprocess.Popen(
+            [sys.executable, "-m", "penwright.cli", "sweep", "shared", "--storage", str(journal)],
+            cwd=cwd,
+            env=_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         for cwd in (project, other)
     ]
     outputs = [w.communicate(timeout=900) for w in workers]
@@ -308,7 +357,9 @@ def test_grid_runs_every_combination_through_dvc_queue_once(project):
         seen.add((params["train"]["lr"], params["train"]["min_lr_ratio"]))
         assert data["metrics"]["reports/train.json"]["data"]["steps"] == 12
     assert seen == combos
-    assert all(wandb_runs(project, "grid").get(f"grid-{k}") == 1 for k in range(1, 5))  # the queue's temp copies logged here
+    assert all(
+        wandb_runs(project, "grid").get(f"grid-{k}") == 1 for k in range(1, 5)
+    )  # the queue's temp copies logged here
 
     summary = json.loads((project / "reports/sweeps/grid.json").read_text())
     values = [r["value"] for r in summary["trials"]]

@@ -112,7 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
         "sweep", help="train many variants (conf/sweep/NAME.yaml): each a DVC experiment and a W&B run, ranked"
     )
     p.add_argument("name", help="a sweep in conf/sweep/ (its file name without .yaml), or a sweep file")
-    p.add_argument("--storage", help="optuna: the study's storage (a database URL, or a journal file every worker reaches)")
+    p.add_argument(
+        "--storage", help="optuna: the study's storage (a database URL, or a journal file every worker reaches)"
+    )
     p.add_argument("--trials", type=int, help="optuna: trials in all, every worker together (default: the file's)")
     p.add_argument("--jobs", type=int, help="grid: experiments DVC's queue runs at once (default: the file's)")
     return parser

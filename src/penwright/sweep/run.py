@@ -76,13 +76,15 @@ def trial_overrides(sweep_name: str, spec: Sweep, params: dict) -> list[str]:
 
 
 def _distributions(spec: Sweep) -> dict:
-    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+    from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
 
-    out = {}
+    out: dict[str, BaseDistribution] = {}
     for key, p in spec.space.items():
         if p.choices is not None:
             out[key] = CategoricalDistribution(p.choices)
-        elif p.integer:
+            continue
+        assert p.low is not None and p.high is not None  # (the file's check: a range has both)
+        if p.integer:
             out[key] = IntDistribution(int(p.low), int(p.high), log=p.log, step=1 if p.step is None else int(p.step))
         else:
             out[key] = FloatDistribution(float(p.low), float(p.high), log=p.log, step=p.step)
@@ -183,12 +185,18 @@ def run_optuna(sweep_name: str, spec: Sweep, metric: str, url: str, work: Path, 
             study.tell(trial, state=optuna.trial.TrialState.FAIL)
             log(f"trial {trial.number}: {shown}: not a valid config ({err}); next")
             continue
-        log(f"trial {trial.number} ({done + 1} of {spec.trials}): {shown} -> dvc exp run {spec.stage} --name {experiment}")
+        log(
+            f"trial {trial.number} ({done + 1} of {spec.trials}): {shown} -> dvc exp run {spec.stage} --name {experiment}"
+        )
         started = time.monotonic()
         try:
             code = _dvc_exp_run(
-                spec.stage, experiment, overrides, work / f"{experiment}.log",
-                trial_env(url, sweep_name, trial._trial_id, prune), trial,
+                spec.stage,
+                experiment,
+                overrides,
+                work / f"{experiment}.log",
+                trial_env(url, sweep_name, trial._trial_id, prune),
+                trial,
             )
         except KeyboardInterrupt:
             study.tell(trial, state=optuna.trial.TrialState.FAIL)
@@ -225,7 +233,9 @@ def _dvc_exp_run(stage: str, experiment: str, overrides: list[str], log_file: Pa
     # of the same names; a resumed one never reuses a number
     cmd = ["dvc", "exp", "run", stage, "--name", experiment, "-f", *(a for o in overrides for a in ("-S", o))]
     with open(log_file, "w") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **env}, start_new_session=True)
+        proc = subprocess.Popen(
+            cmd, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **env}, start_new_session=True
+        )
         trial.set_user_attr("pgid", proc.pid)
         try:
             return proc.wait()
@@ -285,7 +295,14 @@ def _exp_show() -> list[dict]:
                 metrics = {}
                 for file, m in (data.get("metrics") or {}).items():
                     metrics.update({f"{file}:{k}": v for k, v in (m.get("data") or {}).items()})
-                out.append({"name": rev.get("name"), "state": data.get("status") or "Success", "params": params, "metrics": metrics})
+                out.append(
+                    {
+                        "name": rev.get("name"),
+                        "state": data.get("status") or "Success",
+                        "params": params,
+                        "metrics": metrics,
+                    }
+                )
     return out
 
 
@@ -309,12 +326,23 @@ def run_grid(sweep_name: str, spec: Sweep, metric: str, work: Path) -> list[dict
             continue
         overrides = trial_overrides(sweep_name, spec, combo)
         overrides.append(f"logger.save_dir={root}")  # queued runs are in temp copies: W&B's files land here
-        cmd = ["dvc", "exp", "run", "--queue", spec.stage, "--name", experiment, *(a for o in overrides for a in ("-S", o))]
+        cmd = [
+            "dvc",
+            "exp",
+            "run",
+            "--queue",
+            spec.stage,
+            "--name",
+            experiment,
+            *(a for o in overrides for a in ("-S", o)),
+        ]
         done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode != 0:
             raise PenwrightError(f"queueing {experiment} failed: {done.stderr.strip()[-400:]}")
         queued += 1
-    log(f"{len(combos)} combinations: {queued} queued, {len(combos) - queued} done or queued before; dvc queue start -j {spec.jobs}")
+    log(
+        f"{len(combos)} combinations: {queued} queued, {len(combos) - queued} done or queued before; dvc queue start -j {spec.jobs}"
+    )
     subprocess.run(["dvc", "queue", "start", "-j", str(spec.jobs)], check=True, capture_output=True)
     while True:
         states = {e["name"]: e["state"] for e in _exp_show() if e["name"] in names}
@@ -371,22 +399,41 @@ def write_summary(sweep_name: str, spec: Sweep, metric: str, rows: list[dict]) -
         state = r["state"] + (f" at step {r['pruned_at_step']}" if r.get("pruned_at_step") is not None else "")
         value = "" if r["value"] is None else f"{r['value']:.5g}"
         wall = "" if r.get("wall_seconds") is None else f"{float(r['wall_seconds']):.0f}"
-        table.append([str(r["trial"]), str(r["experiment"] or ""), value, state, *(_cell(r["params"].get(k)) for k in keys), wall])
+        table.append(
+            [
+                str(r["trial"]),
+                str(r["experiment"] or ""),
+                value,
+                state,
+                *(_cell(r["params"].get(k)) for k in keys),
+                wall,
+            ]
+        )
     lines = [
         f"# Sweep `{sweep_name}`",
         "",
         f"{spec.engine}, {spec.direction} `{metric}`; {len(rows)} trials: "
         + ", ".join(f"{n} {s}" for s, n in counts.items() if n)
-        + f". `dvc exp show` lists them; each is `dvc exp apply <experiment>`-able.",
+        + ". `dvc exp show` lists them; each is `dvc exp apply <experiment>`-able.",
         "",
     ]
     if best:
-        lines += ["Best: `" + best["experiment"] + "`, " + " ".join(f"`{override(k, v)}`" for k, v in best["params"].items()), ""]
+        lines += [
+            "Best: `" + best["experiment"] + "`, " + " ".join(f"`{override(k, v)}`" for k, v in best["params"].items()),
+            "",
+        ]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(cells) + " |" for cells in table]
     out = Path("reports/sweeps")
     report = atomic_write_text(out / f"{sweep_name}.md", "\n".join(lines) + "\n")
-    summary = {"sweep": sweep_name, "engine": spec.engine, "metric": metric, "direction": spec.direction, "best": best, "trials": rows}
+    summary = {
+        "sweep": sweep_name,
+        "engine": spec.engine,
+        "metric": metric,
+        "direction": spec.direction,
+        "best": best,
+        "trials": rows,
+    }
     atomic_write_text(out / f"{sweep_name}.json", json.dumps(summary, indent=2) + "\n")
     _print_table(sweep_name, header, table, best)
     log(f"summary -> {report}")

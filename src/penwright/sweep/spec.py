@@ -17,7 +17,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from penwright.core.errors import ConfigError, PenwrightError
+from penwright.core.errors import ConfigError
 
 SWEEP_DIR = Path("conf/sweep")
 
@@ -110,7 +110,9 @@ class Sweep(_Strict):
     def combinations(self) -> list[dict[str, Any]]:
         """A grid's every combination, in the order of the file (the last key varies fastest)."""
         keys = list(self.space)
-        return [dict(zip(keys, values, strict=True)) for values in itertools.product(*(self.space[k].grid() for k in keys))]
+        return [
+            dict(zip(keys, values, strict=True)) for values in itertools.product(*(self.space[k].grid() for k in keys))
+        ]
 
 
 def path_of(name: str) -> Path:
@@ -198,7 +200,9 @@ def metric_file(metric: str, stage: str, source: str) -> str:
     if len(keys) == 1:
         return keys[0]
     if not keys:
-        known = sorted({k.split(":", 1)[1] for k in found if isinstance(found[k], (int, float)) and not isinstance(found[k], bool)})
+        known = sorted(
+            {k.split(":", 1)[1] for k in found if isinstance(found[k], (int, float)) and not isinstance(found[k], bool)}
+        )
         hint = f"it writes {', '.join(known)}" if known else f"none written yet: run `dvc repro {stage}` once first"
         raise ConfigError(f"{source}: metric={metric!r}: stage {stage!r} writes no such metric ({hint})")
     raise ConfigError(f"{source}: metric={metric!r}: in several files ({', '.join(keys)}); write it as file:key")

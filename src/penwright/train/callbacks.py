@@ -149,7 +149,9 @@ class TrialPruning(L.Callback):
         return None if trial is None else cls(trial)
 
     def on_validation_end(self, trainer, pl_module):
-        if trainer.sanity_checking or trainer.state.fn != "fit" or not trainer.is_global_zero:  # not the final validate()
+        if (
+            trainer.sanity_checking or trainer.state.fn != "fit" or not trainer.is_global_zero
+        ):  # not the final validate()
             return
         loss = trainer.callback_metrics.get("val/loss")
         if loss is None or self.pruned_at is not None:
@@ -158,7 +160,9 @@ class TrialPruning(L.Callback):
         self.trial.report(float(loss), step)
         if self.trial.should_prune():
             self.pruned_at, trainer.should_stop = step, True
-            get_logger("train").info(f"pruned at step {step}: val loss {float(loss):.4f} is worse than the sweep's median there")
+            get_logger("train").info(
+                f"pruned at step {step}: val loss {float(loss):.4f} is worse than the sweep's median there"
+            )
 
 
 class OverfitWatch(L.Callback):
