@@ -14,8 +14,11 @@ from penwright.core.errors import ConfigError
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n\n")[0])
-    p.add_argument("stage", choices=["prepare", "train", "generate", "serve", "copies", "site", "cold", "recipe"])
+    p.add_argument(
+        "stage", choices=["prepare", "train", "generate", "serve", "copies", "site", "cold", "recipe", "soak"]
+    )
     p.add_argument("--runs", type=int, default=1, help="recipe: runs of each recipe, in turns (default 1)")
+    p.add_argument("--requests", type=int, default=10_000, help="soak: requests each server takes (default 10000)")
     p.add_argument("--starts", type=int, default=5, help="cold: fresh starts of each server (default 5)")
     p.add_argument("--size-mb", type=int, default=200, help="prepare: size of the generated large corpus")
     p.add_argument(
@@ -88,6 +91,12 @@ def run(args: argparse.Namespace) -> None:
         if args.starts < 1:
             raise ConfigError(f"--starts {args.starts}: give at least 1")
         bench_cold(output=args.output, starts=args.starts, llama_cpp=args.llama_cpp)
+    elif args.stage == "soak":
+        from benchmarks.soak import bench_soak
+
+        if args.requests < 1000:
+            raise ConfigError(f"--requests {args.requests}: give at least 1000 (RSS is read every 1000)")
+        bench_soak(output=args.output, requests=args.requests)
     elif args.stage == "recipe":
         from benchmarks.recipe import bench_recipe
 

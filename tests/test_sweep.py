@@ -123,6 +123,19 @@ def test_a_bad_sweep_is_one_line_before_any_trial(tmp_path, repo, fields, messag
     assert not (repo / "artifacts/sweeps/bad").exists()
 
 
+@pytest.mark.parametrize("name", sorted(p.stem for p in (Path(__file__).parents[1] / "conf/sweep").glob("*.yaml")))
+def test_every_sweep_in_conf_passes_its_checks(repo, name, monkeypatch):
+    from penwright.sweep.spec import check_space, load, metric_file
+
+    monkeypatch.chdir(repo)
+    sweep_name, spec = load(name)
+    check_space(spec, name)  # every key a config key, every end of every range a value the schema takes
+    metric = metric_file(spec.metric, spec.stage, name)
+    assert sweep_name == name and all(
+        metric_file(k, spec.stage, name).startswith(metric.split(":")[0]) for k in spec.limits
+    )
+
+
 def test_an_unknown_sweep_names_the_ones_there_are(repo):
     done = penwright(["sweep", "no_such_sweep"], cwd=repo)
     assert (
@@ -217,6 +230,8 @@ def test_optuna_sweep_prunes_groups_in_wandb_and_resumes_after_kill_9(project):
         overrides=[*TINY, "logger=wandb"],
         pruner={"kind": "median", "startup_trials": 1, "warmup_steps": 0},
         space={"train.lr": {"low": 1e-5, "high": 0.05, "log": True}, "train.weight_decay": {"choices": [0.0, 0.1]}},
+        baseline=True,  # trial 0: the config as it is
+        limits={"wall_seconds": "1.5x"},  # of the baseline's
     )
     run(["git", "add", "-A"], project)
     run(["git", "commit", "-qm", "sweep"], project)
@@ -284,6 +299,12 @@ def test_optuna_sweep_prunes_groups_in_wandb_and_resumes_after_kill_9(project):
     values = [r["value"] for r in summary["trials"] if r["state"] == "complete"]
     assert values == sorted(values) and summary["best"]["value"] == values[0]
     assert summary["best"]["value"] == min(t.value for t in finished if t.state.name == "COMPLETE")
+    baseline = next(r for r in summary["trials"] if r["trial"] == 0)
+    assert baseline["baseline"] and baseline["params"] == {"train.lr": 0.002, "train.weight_decay": 0.1}
+    bound = 1.5 * baseline["wall_seconds"]  # (a trial's wall_seconds is in its row)
+    for r in summary["trials"]:
+        if r["state"] == "complete":
+            assert r["over_limits"] == (["wall_seconds"] if r["wall_seconds"] > bound else [])
     report = (project / "reports/sweeps/lrsweep.md").read_text()
     assert "Best: `" + summary["best"]["experiment"] + "`" in report
     assert "sweep lrsweep" in done.stdout and summary["best"]["experiment"] in done.stdout
@@ -338,8 +359,9 @@ def test_grid_runs_every_combination_through_dvc_queue_once(project):
         engine="grid",
         jobs=1,
         trials=None,
-        overrides=[*TINY, "logger=wandb"],
-        space={"train.lr": {"choices": [0.001, 0.01]}, "train.min_lr_ratio": {"low": 0.0, "high": 0.5, "step": 0.5}},
+        overrides=[o for o in TINY if not o.startswith("trainer.max_steps")] + ["logger=wandb"],
+        space={"train.lr": {"choices": [0.001, 0.01]}, "trainer.max_steps": {"low": 8, "high": 12, "step": 4}},
+        limits={"steps": 10},  # the 12-step trials are over it: ranked after the others, whatever their metric
     )
     run(["git", "add", "-A"], project)
     run(["git", "commit", "-qm", "sweep"], project)
@@ -349,21 +371,25 @@ def test_grid_runs_every_combination_through_dvc_queue_once(project):
 
     rows = json.loads(run(["dvc", "exp", "show", "--json", "--no-fetch"], project).stdout)
     by_name = {r["name"]: r["data"] for b in rows for e in b.get("experiments") or [] for r in e["revs"]}
-    combos = {(0.001, 0.0), (0.001, 0.5), (0.01, 0.0), (0.01, 0.5)}
     seen = set()
     for k in range(1, 5):
         data = by_name[f"grid-{k}"]
         params = data["params"]["params.yaml"]["data"]
-        seen.add((params["train"]["lr"], params["train"]["min_lr_ratio"]))
-        assert data["metrics"]["reports/train.json"]["data"]["steps"] == 12
-    assert seen == combos
+        seen.add((params["train"]["lr"], params["trainer"]["max_steps"]))
+        assert data["metrics"]["reports/train.json"]["data"]["steps"] == params["trainer"]["max_steps"]
+    assert seen == {(0.001, 8), (0.001, 12), (0.01, 8), (0.01, 12)}
     assert all(
         wandb_runs(project, "grid").get(f"grid-{k}") == 1 for k in range(1, 5)
     )  # the queue's temp copies logged here
 
     summary = json.loads((project / "reports/sweeps/grid.json").read_text())
-    values = [r["value"] for r in summary["trials"]]
-    assert len(values) == 4 and values == sorted(values) and summary["best"]["value"] == values[0]
+    trials = summary["trials"]
+    assert [r["params"]["trainer.max_steps"] for r in trials] == [8, 8, 12, 12]  # within the limit first
+    assert [r["over_limits"] for r in trials] == [[], [], ["steps"], ["steps"]]
+    for within in (trials[:2], trials[2:]):
+        assert within[0]["value"] <= within[1]["value"]
+    assert summary["best"] == trials[0]
+    assert "over steps" in (project / "reports/sweeps/grid.md").read_text()
 
     again = penwright(["sweep", "grid"], cwd=project, timeout=300)  # every combination done: nothing runs again
     assert again.returncode == 0 and "4 combinations: 0 queued" in again.stderr, again.stderr[-2000:]

@@ -48,6 +48,9 @@ def sweep(name: str, storage: str | None = None, trials: int | None = None, jobs
         spec = spec.model_copy(update={"jobs": jobs})
     check_space(spec, source)  # every check before the first trial
     metric = metric_file(spec.metric, spec.stage, source)
+    for key in spec.limits:  # each limit a metric the stage writes, in the metric's file
+        if metric_file(key, spec.stage, f"{source}: limits").split(":", 1)[0] != metric.split(":", 1)[0]:
+            raise PenwrightError(f"{source}: limits.{key}: not in {metric.split(':', 1)[0]}, the metric's file")
     work = Path("artifacts/sweeps") / sweep_name
     if spec.engine == "optuna":
         url = storage or spec.storage
@@ -88,6 +91,24 @@ def _distributions(spec: Sweep) -> dict:
             out[key] = IntDistribution(int(p.low), int(p.high), log=p.log, step=1 if p.step is None else int(p.step))
         else:
             out[key] = FloatDistribution(float(p.low), float(p.high), log=p.log, step=p.step)
+    return out
+
+
+def baseline_params(spec: Sweep, source: str) -> dict:
+    """The space's keys at the values the config has without the sweep (with its overrides)."""
+    from penwright.core import config
+
+    values = config.compose(spec.overrides).to_dict()
+    out: dict = {}
+    for key in spec.space:
+        node = values
+        for part in key.split("."):
+            if not isinstance(node, dict) or part not in node:
+                raise PenwrightError(f"{source}: baseline: space.{key} has no single value in the config (a group?)")
+            node = node[part]
+        if isinstance(node, dict):
+            raise PenwrightError(f"{source}: baseline: space.{key} is a group, not a value; leave baseline off")
+        out[key] = node
     return out
 
 
@@ -153,11 +174,16 @@ def run_optuna(sweep_name: str, spec: Sweep, metric: str, url: str, work: Path, 
         study_name=sweep_name,
         storage=storage,
         direction=spec.direction,
-        sampler=optuna.samplers.TPESampler(seed=spec.seed + os.getpid()),  # workers draw differently
+        sampler=optuna.samplers.TPESampler(  # workers draw differently
+            seed=spec.seed + os.getpid(),
+            constraints_func=(lambda t: t.user_attrs.get("over", [0.0])) if spec.limits else None,
+        ),
         pruner=pruner(**prune),
         load_if_exists=True,
     )
     reap(study)
+    if spec.baseline and not any(t.user_attrs.get("baseline") for t in study.get_trials(deepcopy=False)):
+        study.enqueue_trial(baseline_params(spec, source), user_attrs={"baseline": True})
     distributions = _distributions(spec)
     assert spec.trials is not None
     work.mkdir(parents=True, exist_ok=True)
@@ -213,6 +239,9 @@ def run_optuna(sweep_name: str, spec: Sweep, metric: str, url: str, work: Path, 
             if key in values:
                 trial.set_user_attr(key, values[key])
         value = values.get(metric.rsplit(":", 1)[-1])
+        if spec.limits:  # the limited metrics, and how far over each limit (<= 0: within) for TPE's constraints
+            trial.set_user_attr("limited", {k: values.get(k) for k in spec.limits})
+            trial.set_user_attr("over", _amounts_over(spec, bounds(study, spec), values))
         if values.get("pruned_at_step") is not None:
             study.tell(trial, state=optuna.trial.TrialState.PRUNED)
             state = f"pruned at step {values['pruned_at_step']}"
@@ -253,7 +282,7 @@ def _read_metrics(metric: str) -> dict:
 
 
 def optuna_rows(study, spec: Sweep) -> list[dict]:
-    rows = []
+    rows, limit = [], bounds(study, spec)
     for t in study.get_trials(deepcopy=False):
         if t.user_attrs.get("skipped"):
             continue
@@ -272,9 +301,43 @@ def optuna_rows(study, spec: Sweep) -> list[dict]:
                 "last_val_loss": t.intermediate_values[max(t.intermediate_values)] if t.intermediate_values else None,
                 "wall_seconds": t.user_attrs.get("wall_seconds"),
                 "error": t.user_attrs.get("error"),
+                "over_limits": [
+                    k
+                    for k, amount in zip(
+                        spec.limits, _amounts_over(spec, limit, t.user_attrs.get("limited", {})), strict=True
+                    )
+                    if amount > 0
+                ],
+                "baseline": bool(t.user_attrs.get("baseline")),
             }
         )
     return rows
+
+
+def bounds(study, spec: Sweep) -> dict[str, float | None]:
+    """Each limit as a number: a multiple of the baseline trial's value ("1.03x"; None until the baseline has
+    finished), or the number itself."""
+    base = next(
+        (t for t in study.get_trials(deepcopy=False) if t.user_attrs.get("baseline") and t.state.name == "COMPLETE"),
+        None,
+    )
+    limited = base.user_attrs.get("limited", {}) if base is not None else {}
+    out: dict[str, float | None] = {}
+    for key, limit in spec.limits.items():
+        if isinstance(limit, str):
+            out[key] = float(limit[:-1]) * float(limited[key]) if limited.get(key) is not None else None
+        else:
+            out[key] = float(limit)
+    return out
+
+
+def _amounts_over(spec: Sweep, limit: dict[str, float | None], values: dict) -> list[float]:
+    """How far over each limit a trial's values are (0 where the limit is not known yet)."""
+    out = []
+    for key in spec.limits:
+        bound, value = limit.get(key), values.get(key)
+        out.append(0.0 if bound is None else (math.inf if value is None else float(value)) - bound)
+    return out
 
 
 # -- grid (DVC's queue) ------------------------------------------------------------------------------------
@@ -357,7 +420,8 @@ def run_grid(sweep_name: str, spec: Sweep, metric: str, work: Path) -> list[dict
     key = metric.rsplit(":", 1)[-1]
     for k, (experiment, combo) in enumerate(zip(names, combos, strict=True)):
         e = found.get(experiment)
-        value = (e or {}).get("metrics", {}).get(metric)
+        metrics, file = (e or {}).get("metrics", {}), metric.split(":", 1)[0]
+        value = metrics.get(metric)
         ok = e is not None and e["state"] == "Success" and value is not None
         rows.append(
             {
@@ -370,6 +434,11 @@ def run_grid(sweep_name: str, spec: Sweep, metric: str, work: Path) -> list[dict
                 "last_val_loss": None,
                 "wall_seconds": (e or {}).get("metrics", {}).get(metric.rsplit(":", 1)[0] + ":wall_seconds"),
                 "error": None if ok else f"no {key}: dvc queue logs {experiment}",
+                "over_limits": [
+                    k for k, v in spec.limits.items() if float(metrics.get(f"{file}:{k}", math.inf)) > float(v)
+                ]
+                if ok
+                else [],
             }
         )
     return rows
@@ -381,7 +450,9 @@ def run_grid(sweep_name: str, spec: Sweep, metric: str, work: Path) -> list[dict
 def ranked(rows: list[dict], direction: str) -> list[dict]:
     """Finished trials by the metric (best first), then pruned ones (by their last val loss), then the rest."""
     sign = 1 if direction == "minimize" else -1
-    complete = sorted((r for r in rows if r["state"] == "complete"), key=lambda r: sign * r["value"])
+    complete = sorted(
+        (r for r in rows if r["state"] == "complete"), key=lambda r: (bool(r.get("over_limits")), sign * r["value"])
+    )
     pruned = sorted((r for r in rows if r["state"] == "pruned"), key=lambda r: r["last_val_loss"] or math.inf)
     rest = [r for r in rows if r["state"] not in ("complete", "pruned")]
     return complete + pruned + rest
@@ -391,12 +462,15 @@ def write_summary(sweep_name: str, spec: Sweep, metric: str, rows: list[dict]) -
     """``reports/sweeps/<sweep>.md`` and ``.json``, and the same table on the terminal."""
     rows = ranked(rows, spec.direction)
     keys = list(spec.space)
-    best = rows[0] if rows and rows[0]["state"] == "complete" else None
+    best = rows[0] if rows and rows[0]["state"] == "complete" and not rows[0].get("over_limits") else None
     counts = {s: sum(r["state"] == s for r in rows) for s in ("complete", "pruned", "fail", "failed", "running")}
     header = ["trial", "experiment", spec.metric, "state", *keys, "wall s"]
     table = []
     for r in rows:
         state = r["state"] + (f" at step {r['pruned_at_step']}" if r.get("pruned_at_step") is not None else "")
+        state += "".join(f", over {k}" for k in r.get("over_limits") or []) + (
+            " (baseline)" if r.get("baseline") else ""
+        )
         value = "" if r["value"] is None else f"{r['value']:.5g}"
         wall = "" if r.get("wall_seconds") is None else f"{float(r['wall_seconds']):.0f}"
         table.append(
@@ -412,7 +486,9 @@ def write_summary(sweep_name: str, spec: Sweep, metric: str, rows: list[dict]) -
     lines = [
         f"# Sweep `{sweep_name}`",
         "",
-        f"{spec.engine}, {spec.direction} `{metric}`; {len(rows)} trials: "
+        f"{spec.engine}, {spec.direction} `{metric}`"
+        + "".join(f", {k} <= {v}" for k, v in spec.limits.items())
+        + f"; {len(rows)} trials: "
         + ", ".join(f"{n} {s}" for s, n in counts.items() if n)
         + ". `dvc exp show` lists them; each is `dvc exp apply <experiment>`-able.",
         "",

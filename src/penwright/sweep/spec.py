@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -91,6 +92,12 @@ class Sweep(_Strict):
     overrides: list[str] = []  # every trial: key=value, the budget among them (trainer.max_steps=...)
     space: dict[str, Param]
     pruner: Pruner = Pruner()
+    # optuna: the first trial is the config as it is (the space's keys at their values without the sweep)
+    baseline: bool = False
+    # upper bounds on other metrics of the same file: a number (wall_seconds: 350), or with baseline, a multiple of
+    # the baseline trial's ("1.03x"); a trial over one is ranked after every trial within them, and Optuna's
+    # sampler learns to keep within them (TPE's constraints)
+    limits: dict[str, float | str] = {}
 
     @model_validator(mode="after")
     def _engine_needs(self) -> Sweep:
@@ -102,6 +109,13 @@ class Sweep(_Strict):
             for key, param in self.space.items():
                 if param.choices is None and param.step is None:
                     raise ValueError(f"space.{key}: a grid over a range needs step (or give choices)")
+        for key, limit in self.limits.items():
+            if isinstance(limit, str) and (not re.fullmatch(r"\d+(\.\d+)?x", limit) or not self.baseline):
+                raise ValueError(
+                    f"limits.{key}={limit!r}: a number, or a multiple of the baseline's (1.03x, with baseline: true)"
+                )
+        if self.baseline and self.engine != "optuna":
+            raise ValueError("baseline: true is for engine optuna (a grid lists its combinations)")
         for override in self.overrides:
             if "=" not in override:
                 raise ValueError(f"overrides: {override!r} is not key=value")
