@@ -186,6 +186,22 @@ def test_a_trial_stops_at_the_validation_where_it_is_worse_than_the_median(
     assert reported[4] == pytest.approx(float(val["4"]), abs=1e-4)  # what it reported is its val loss there
 
 
+def test_a_trial_over_the_sweeps_time_limit_stops_at_once(compose_train, tmp_path, monkeypatch):
+    import optuna
+
+    from penwright.core.trials import ENV, open_storage, trial_env
+    from penwright.train.stage import train
+
+    journal = str(tmp_path / "journal.log")
+    study = optuna.create_study(study_name="s", storage=open_storage(journal))
+    trial = study.ask()
+    prune = {"kind": "none", "startup_trials": 0, "warmup_steps": 0}
+    monkeypatch.setenv(ENV, trial_env(journal, "s", trial._trial_id, prune, stop_after=0.0)[ENV])
+    metrics = train(compose_train("trainer.max_steps=12"))
+    assert metrics["pruned_at_step"] == metrics["steps"] == 1  # over its time after its first step
+    assert (tmp_path / "run/model/model.safetensors").is_file()
+
+
 # -- optuna: a real search ----------------------------------------------------------------------------------
 
 

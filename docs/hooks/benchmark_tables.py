@@ -635,6 +635,62 @@ def render_cold(load: Callable[[str], dict]) -> str:
     return "\n".join(out)
 
 
+def render_recipe(load: Callable[[str], dict]) -> str:
+    name = "bench_recipe.json"
+    d = load(name)
+    out = [
+        provenance(d, name),
+        "",
+        f"Held out: the last 10% of the sample corpus's books in order; nanoGPT's CPU recipe at the same training wall "
+        f"time: {num(d.get('nanogpt_reference_bpb'))} bits per byte (the fixed reference); the goal: "
+        f"{num(d.get('goal_bpb'))} or less. Runs of each recipe: {d.get('runs')}, in turns.",
+        "",
+    ]
+    rows = []
+    for recipe, e in d.get("summary", {}).items():
+        rows.append(
+            [
+                recipe,
+                " ".join(f"`{o}`" for o in e.get("overrides", [])) or "(the quickstart's defaults)",
+                num(e.get("held_out_bpb")),
+                ratio(e.get("vs_nanogpt")),
+                num(e.get("wall_seconds_median")),
+                ratio(e.get("wall_vs_default")) if "wall_vs_default" in e else "",
+            ]
+        )
+    header = ["recipe", "overrides", "held-out bits per byte", "vs nanoGPT", "train wall s (median)", "wall vs default"]
+    return "\n".join([*out, table(header, rows), ""])
+
+
+def render_soak(load: Callable[[str], dict]) -> str:
+    name = "bench_soak.json"
+    d = load(name)
+    setup = d.get("setup", {})
+    out = [
+        provenance(d, name),
+        "",
+        f"{setup.get('requests')} streamed completions of {setup.get('new_tokens')} tokens, {setup.get('concurrency')} at "
+        f"a time, {setup.get('slots')} slots of {setup.get('context')} tokens; resident memory read every "
+        f"{setup.get('round')} requests. Goal: the last reading within {pct((setup.get('goal_rss_growth') or 1) - 1)} "
+        "of the first, every request answered.",
+        "",
+    ]
+    rows = []
+    for model, e in d.get("models", {}).items():
+        rows.append(
+            [
+                model,
+                num(e.get("rss_first_round_mb")),
+                num(e.get("rss_last_round_mb")),
+                ratio(e.get("rss_growth")),
+                f"{e.get('answered')} / {e.get('failed')}",
+                " ".join(num(r.get("rss_mb")) for r in e.get("rounds", [])),
+            ]
+        )
+    header = ["model", "RSS after the first round (MB)", "after the last", "growth", "answered / failed", "every reading (MB)"]
+    return "\n".join([*out, table(header, rows), ""])
+
+
 def render_chat(load: Callable[[str], dict]) -> str:
     name = "chat_vs_completions.json"
     d = load(name)
@@ -737,6 +793,8 @@ def renderers(results: Path) -> dict[str, Callable[[Callable[[str], dict]], str]
         "copies": render_copies,
         "site": render_site,
         "cold": render_cold,
+        "recipe": render_recipe,
+        "soak": render_soak,
         "engine-ab": lambda load: render_ab(load, _glob(results, "engine_ab_*.json")),
         "serve-ab": lambda load: render_ab(load, _glob(results, "serve_ab_*.json")),
     }

@@ -52,13 +52,16 @@ def pruner(kind: str, startup_trials: int, warmup_steps: int):
     return optuna.pruners.MedianPruner(n_startup_trials=startup_trials, n_warmup_steps=warmup_steps)
 
 
-def trial_env(storage: str, study: str, trial_id: int, prune: dict) -> dict[str, str]:
-    """The environment a trial's ``dvc exp run`` gets."""
-    return {ENV: json.dumps({"storage": storage, "study": study, "trial_id": trial_id, "pruner": prune})}
+def trial_env(storage: str, study: str, trial_id: int, prune: dict, stop_after: float | None = None) -> dict[str, str]:
+    """The environment a trial's ``dvc exp run`` gets (``stop_after``: seconds of training after which the trial
+    is over the sweep's time limit and stops)."""
+    info = {"storage": storage, "study": study, "trial_id": trial_id, "pruner": prune, "stop_after": stop_after}
+    return {ENV: json.dumps(info)}
 
 
 def trial_from_env():
-    """The Optuna trial this process trains for (``PENWRIGHT_TRIAL``), or None outside a sweep."""
+    """(the Optuna trial this process trains for, seconds of training it may take or None), from
+    ``PENWRIGHT_TRIAL``; None outside a sweep."""
     spec = os.environ.get(ENV)
     if not spec:
         return None
@@ -68,4 +71,4 @@ def trial_from_env():
     study = optuna.load_study(
         study_name=info["study"], storage=open_storage(info["storage"], ENV), pruner=pruner(**info["pruner"])
     )
-    return optuna.trial.Trial(study, int(info["trial_id"]))
+    return optuna.trial.Trial(study, int(info["trial_id"])), info.get("stop_after")

@@ -140,8 +140,14 @@ def reap(study) -> None:
         if pgid:
             _stop_group(int(pgid))
         study.tell(t.number, state=optuna.trial.TrialState.FAIL)
-        study.enqueue_trial(t.params, user_attrs={"retry_of": t.number})
+        study.enqueue_trial(t.params, user_attrs=_retry_attrs(t))
         log(f"trial {t.number} ({t.user_attrs.get('experiment')}) was left running by a worker that died: run again")
+
+
+def _retry_attrs(t) -> dict:
+    """What the trial that runs an interrupted one's params again carries: which one it retries, and whether
+    it is the baseline."""
+    return {"retry_of": t.number, **({"baseline": True} if t.user_attrs.get("baseline") else {})}
 
 
 def _stop_group(pgid: int, grace: float = 30.0) -> None:
@@ -174,10 +180,7 @@ def run_optuna(sweep_name: str, spec: Sweep, metric: str, url: str, work: Path, 
         study_name=sweep_name,
         storage=storage,
         direction=spec.direction,
-        sampler=optuna.samplers.TPESampler(  # workers draw differently
-            seed=spec.seed + os.getpid(),
-            constraints_func=(lambda t: t.user_attrs.get("over", [0.0])) if spec.limits else None,
-        ),
+        sampler=optuna.samplers.TPESampler(seed=spec.seed + os.getpid()),  # workers draw differently
         pruner=pruner(**prune),
         load_if_exists=True,
     )
@@ -192,11 +195,15 @@ def run_optuna(sweep_name: str, spec: Sweep, metric: str, url: str, work: Path, 
         taken = sum(s in (*FINISHED, "RUNNING") for s in states)
         if taken >= spec.trials:
             break
+        if states.count("FAIL") > 3 * spec.trials:  # every trial fails: say so rather than go on forever
+            raise PenwrightError(
+                f"{source}: {states.count('FAIL')} trials failed, {taken} finished: see the trials' logs in {work}/"
+            )
         trial = study.ask(distributions)
         ahead = [t for t in study.get_trials(deepcopy=False) if t.number < trial.number]
         if sum(t.state.name in (*FINISHED, "RUNNING") for t in ahead) >= spec.trials:  # another worker took the last
-            study.tell(trial, state=optuna.trial.TrialState.FAIL)
             trial.set_user_attr("skipped", "the sweep had its trials")
+            study.tell(trial, state=optuna.trial.TrialState.FAIL)
             break
         experiment = f"{sweep_name}-{trial.number}"
         trial.set_user_attr("experiment", experiment)
@@ -221,12 +228,12 @@ def run_optuna(sweep_name: str, spec: Sweep, metric: str, url: str, work: Path, 
                 experiment,
                 overrides,
                 work / f"{experiment}.log",
-                trial_env(url, sweep_name, trial._trial_id, prune),
+                trial_env(url, sweep_name, trial._trial_id, prune, bounds(study, spec).get("wall_seconds")),
                 trial,
             )
         except KeyboardInterrupt:
             study.tell(trial, state=optuna.trial.TrialState.FAIL)
-            study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number})
+            study.enqueue_trial(trial.params, user_attrs=_retry_attrs(study.trials[trial.number]))
             log(f"stopped: trial {trial.number} runs again when the sweep is started again")
             raise
         if code != 0:
@@ -241,7 +248,8 @@ def run_optuna(sweep_name: str, spec: Sweep, metric: str, url: str, work: Path, 
         value = values.get(metric.rsplit(":", 1)[-1])
         if spec.limits:  # the limited metrics, and how far over each limit (<= 0: within) for TPE's constraints
             trial.set_user_attr("limited", {k: values.get(k) for k in spec.limits})
-            trial.set_user_attr("over", _amounts_over(spec, bounds(study, spec), values))
+            for key, amount in zip(spec.limits, _amounts_over(spec, bounds(study, spec), values), strict=True):
+                trial.set_constraint(key, amount)
         if values.get("pruned_at_step") is not None:
             study.tell(trial, state=optuna.trial.TrialState.PRUNED)
             state = f"pruned at step {values['pruned_at_step']}"

@@ -138,15 +138,24 @@ class TrialPruning(L.Callback):
     saved, ``train.json`` says ``pruned_at_step``). Optuna's own Lightning callback reports per epoch and raises,
     which would leave no model, metrics or DVC experiment behind: this one reports per step and stops."""
 
-    def __init__(self, trial):
-        self.trial, self.pruned_at = trial, None
+    def __init__(self, trial, stop_after: float | None = None):
+        self.trial, self.stop_after, self.pruned_at, self.started = trial, stop_after, None, 0.0
 
     @classmethod
     def from_env(cls) -> TrialPruning | None:
         from penwright.core.trials import trial_from_env
 
-        trial = trial_from_env()
-        return None if trial is None else cls(trial)
+        found = trial_from_env()
+        return None if found is None else cls(*found)
+
+    def on_train_start(self, trainer, pl_module):
+        self.started = time.monotonic()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        """Over the sweep's time limit (``stop_after`` seconds of training): stopped at once, as pruned."""
+        if self.stop_after is not None and self.pruned_at is None and time.monotonic() - self.started > self.stop_after:
+            self.pruned_at, trainer.should_stop = trainer.global_step, True
+            get_logger("train").info(f"stopped at step {trainer.global_step}: over the sweep's {self.stop_after:.0f} s")
 
     def on_validation_end(self, trainer, pl_module):
         if (
