@@ -409,3 +409,8 @@ def test_grid_runs_every_combination_through_dvc_queue_once(project):
 
     again = penwright(["sweep", "grid"], cwd=project, timeout=300)  # every combination done: nothing runs again
     assert again.returncode == 0 and "4 combinations: 0 queued" in again.stderr, again.stderr[-2000:]
+
+
+def test_command_line_values_are_checked_as_the_files_are(repo):
+    done = penwright(["sweep", "lr", "--trials", "0"], cwd=repo)
+    assert done.returncode == 2 and done.stderr.strip() == "error: --trials 0: Input should be greater than or equal to 1"

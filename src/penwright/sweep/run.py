@@ -28,8 +28,10 @@ import sys
 import time
 from pathlib import Path
 
+from pydantic import ValidationError
+
 from penwright.core.atomic import atomic_write_text
-from penwright.core.errors import PenwrightError
+from penwright.core.errors import ConfigError, PenwrightError
 from penwright.core.log import get_logger
 from penwright.core.trials import open_storage, trial_env
 from penwright.sweep.spec import Sweep, check_space, load, metric_file, override, path_of
@@ -42,10 +44,12 @@ def sweep(name: str, storage: str | None = None, trials: int | None = None, jobs
     """Run (or resume) the sweep ``name`` (``conf/sweep/<name>.yaml`` or a file); the summary report's path."""
     sweep_name, spec = load(name)
     source = str(path_of(name))
-    if trials is not None:
-        spec = spec.model_copy(update={"trials": trials})
-    if jobs is not None:
-        spec = spec.model_copy(update={"jobs": jobs})
+    for flag, key, value in (("--trials", "trials", trials), ("--jobs", "jobs", jobs)):
+        if value is not None:  # checked as the file's own value is
+            try:
+                spec = Sweep.model_validate({**spec.model_dump(), key: value})
+            except ValidationError as err:
+                raise ConfigError(f"{flag} {value}: {err.errors(include_url=False)[0]['msg']}") from None
     check_space(spec, source)  # every check before the first trial
     metric = metric_file(spec.metric, spec.stage, source)
     for key in spec.limits:  # each limit a metric the stage writes, in the metric's file
