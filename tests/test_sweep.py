@@ -275,6 +275,13 @@ def test_optuna_sweep_prunes_groups_in_wandb_and_resumes_after_kill_9(project):
     worker.send_signal(signal.SIGKILL)
     worker.wait()
 
+    table = penwright(["sweep", "lrsweep", "--summary"], cwd=project)  # the trials so far, nothing run
+    assert (
+        table.returncode == 0 and not (project / f"artifacts/sweeps/lrsweep/lrsweep-{killed.number + 1}.log").exists()
+    )
+    listed = json.loads((project / "reports/sweeps/lrsweep.json").read_text())["trials"]
+    assert {r["trial"]: r["state"] for r in listed}[killed.number] == "running" and "complete" in table.stdout
+
     done = penwright(["sweep", "lrsweep"], cwd=project, timeout=600)  # started again: goes on where it stopped
     assert done.returncode == 0, done.stderr[-3000:]
     assert (
@@ -413,4 +420,6 @@ def test_grid_runs_every_combination_through_dvc_queue_once(project):
 
 def test_command_line_values_are_checked_as_the_files_are(repo):
     done = penwright(["sweep", "lr", "--trials", "0"], cwd=repo)
-    assert done.returncode == 2 and done.stderr.strip() == "error: --trials 0: Input should be greater than or equal to 1"
+    assert (
+        done.returncode == 2 and done.stderr.strip() == "error: --trials 0: Input should be greater than or equal to 1"
+    )

@@ -117,6 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--trials", type=int, help="optuna: trials in all, every worker together (default: the file's)")
     p.add_argument("--jobs", type=int, help="grid: experiments DVC's queue runs at once (default: the file's)")
+    p.add_argument("--summary", action="store_true", help="run nothing: the table of the trials so far")
     return parser
 
 
@@ -164,7 +165,7 @@ def score(args) -> None:
 def sweep(args) -> None:
     from penwright.sweep.run import sweep as run_sweep
 
-    run_sweep(args.name, storage=args.storage, trials=args.trials, jobs=args.jobs)
+    run_sweep(args.name, storage=args.storage, trials=args.trials, jobs=args.jobs, summary=args.summary)
 
 
 TOOLS = {

@@ -40,8 +40,11 @@ log = get_logger("sweep").info
 FINISHED = ("COMPLETE", "PRUNED")
 
 
-def sweep(name: str, storage: str | None = None, trials: int | None = None, jobs: int | None = None) -> Path:
-    """Run (or resume) the sweep ``name`` (``conf/sweep/<name>.yaml`` or a file); the summary report's path."""
+def sweep(
+    name: str, storage: str | None = None, trials: int | None = None, jobs: int | None = None, summary: bool = False
+) -> Path:
+    """Run (or resume) the sweep ``name`` (``conf/sweep/<name>.yaml`` or a file); the summary report's path.
+    ``summary``: no trials, only the table of the ones so far (while workers run, or after a kill)."""
     sweep_name, spec = load(name)
     source = str(path_of(name))
     for flag, key, value in (("--trials", "trials", trials), ("--jobs", "jobs", jobs)):
@@ -61,9 +64,13 @@ def sweep(name: str, storage: str | None = None, trials: int | None = None, jobs
         if url is None:  # the default: a journal file beside the trials' logs
             work.mkdir(parents=True, exist_ok=True)
             url = str(work / "journal.log")
-        rows = run_optuna(sweep_name, spec, metric, url, work, source)
+        rows = (
+            optuna_summary(sweep_name, spec, url, source)
+            if summary
+            else run_optuna(sweep_name, spec, metric, url, work, source)
+        )
     else:
-        rows = run_grid(sweep_name, spec, metric, work)
+        rows = grid_rows(sweep_name, spec, metric) if summary else run_grid(sweep_name, spec, metric, work)
     return write_summary(sweep_name, spec, metric, rows)
 
 
@@ -168,6 +175,17 @@ def _stop_group(pgid: int, grace: float = 30.0) -> None:
             except ProcessLookupError:
                 return
             time.sleep(0.2)
+
+
+def optuna_summary(sweep_name: str, spec: Sweep, url: str, source: str) -> list[dict]:
+    """The rows of the study as it stands, running nothing."""
+    import optuna
+
+    try:
+        study = optuna.load_study(study_name=sweep_name, storage=open_storage(url, f"{source}: storage"))
+    except KeyError:
+        raise PenwrightError(f"{source}: no trials yet in {url}: run `penwright sweep {sweep_name}` first") from None
+    return optuna_rows(study, spec)
 
 
 def run_optuna(sweep_name: str, spec: Sweep, metric: str, url: str, work: Path, source: str) -> list[dict]:
@@ -315,11 +333,11 @@ def optuna_rows(study, spec: Sweep) -> list[dict]:
                 "error": t.user_attrs.get("error"),
                 "over_limits": [
                     k
-                    for k, amount in zip(
-                        spec.limits, _amounts_over(spec, limit, t.user_attrs.get("limited", {})), strict=True
-                    )
+                    for k, amount in zip(spec.limits, _amounts_over(spec, limit, t.user_attrs["limited"]), strict=True)
                     if amount > 0
-                ],
+                ]
+                if "limited" in t.user_attrs  # (a trial still running has no values yet)
+                else [],
                 "baseline": bool(t.user_attrs.get("baseline")),
             }
         )
@@ -427,6 +445,13 @@ def run_grid(sweep_name: str, spec: Sweep, metric: str, work: Path) -> list[dict
         log(f"{len(names) - len(waiting)} of {len(names)} finished; waiting for {', '.join(waiting[:4])}")
         time.sleep(10)
     subprocess.run(["dvc", "queue", "stop"], capture_output=True)
+    return grid_rows(sweep_name, spec, metric)
+
+
+def grid_rows(sweep_name: str, spec: Sweep, metric: str) -> list[dict]:
+    """A grid's rows, from its experiments as ``dvc exp show`` lists them."""
+    combos = spec.combinations()
+    names = [f"{sweep_name}-{k + 1}" for k in range(len(combos))]
     rows = []
     found = {e["name"]: e for e in _exp_show() if e["name"] in names}
     key = metric.rsplit(":", 1)[-1]
@@ -541,7 +566,8 @@ def _print_table(sweep_name: str, header: list[str], table: list[list[str]], bes
         t.add_column(h)
     for cells in table:
         t.add_row(*cells)
-    console = Console(file=sys.stdout, width=max(120, shutil.get_terminal_size().columns))
+    needed = sum(max(len(h), *(len(c[i]) for c in table)) + 3 for i, h in enumerate(header)) if table else 0
+    console = Console(file=sys.stdout, width=max(needed + 1, shutil.get_terminal_size().columns))  # never squeezed
     console.print(t)
     if best:
         console.print(f"best: {best['experiment']}  " + " ".join(override(k, v) for k, v in best["params"].items()))
