@@ -57,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--models",
-        help="serve --llama-server: quickstart, gpt2-124m-shape or both (comma-separated; default both); "
+        help="serve --llama-server, soak: quickstart, gpt2-124m-shape or both (comma-separated; default both); "
         "the others keep their last measurement in the report",
     )
     p.add_argument("--precisions", help="serve --llama-server: fp32, q8 or both (comma-separated; default both)")
@@ -96,7 +96,9 @@ def run(args: argparse.Namespace) -> None:
 
         if args.requests < 1000:
             raise ConfigError(f"--requests {args.requests}: give at least 1000 (RSS is read every 1000)")
-        bench_soak(output=args.output, requests=args.requests)
+        from benchmarks.soak import MODELS as SOAK_MODELS
+
+        bench_soak(output=args.output, requests=args.requests, models=_names(args.models, "--models", SOAK_MODELS))
     elif args.stage == "recipe":
         from benchmarks.recipe import bench_recipe
 
