@@ -202,7 +202,9 @@ def run_optuna(sweep_name: str, spec: Sweep, metric: str, url: str, work: Path, 
         study_name=sweep_name,
         storage=storage,
         direction=spec.direction,
-        sampler=optuna.samplers.TPESampler(seed=spec.seed + os.getpid()),  # workers draw differently
+        sampler=optuna.samplers.TPESampler(  # workers draw differently; multivariate: keys that act together
+            seed=spec.seed + os.getpid(), n_startup_trials=spec.startup_trials, multivariate=True
+        ),
         pruner=pruner(**prune),
         load_if_exists=True,
     )

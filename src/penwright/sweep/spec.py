@@ -89,6 +89,7 @@ class Sweep(_Strict):
     stage: str = "train"  # what `dvc exp run <stage>` runs for each trial (with what it depends on)
     storage: str | None = None  # optuna: a database URL or a journal file; null: artifacts/sweeps/<name>/journal.log
     seed: Annotated[int, Field(ge=0)] = 0  # the sampler's seed
+    startup_trials: Annotated[int, Field(ge=0)] = 10  # optuna: random trials before TPE models the space
     overrides: list[str] = []  # every trial: key=value, the budget among them (trainer.max_steps=...)
     space: dict[str, Param]
     pruner: Pruner = Pruner()
