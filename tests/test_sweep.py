@@ -180,10 +180,10 @@ def test_a_trial_stops_at_the_validation_where_it_is_worse_than_the_median(
     else:  # far worse: never pruned, every validation reported
         assert metrics["pruned_at_step"] is None and metrics["steps"] == 12 and sorted(reported) == [4, 8, 12]
     val = {
-        row.split("\t")[0]: row.split("\t")[1]
+        row.split("\t")[0]: row.split("\t")[3]  # step -> bits per byte
         for row in (tmp_path / "run/reports/curves/val.tsv").read_text().splitlines()[1:]
     }
-    assert reported[4] == pytest.approx(float(val["4"]), abs=1e-4)  # what it reported is its val loss there
+    assert reported[4] == pytest.approx(float(val["4"]), abs=1e-4)  # what it reported: its bits per byte there
 
 
 def test_a_trial_over_the_sweeps_time_limit_stops_at_once(compose_train, tmp_path, monkeypatch):

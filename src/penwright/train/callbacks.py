@@ -133,9 +133,10 @@ def early_stopping(patience: int) -> EarlyStopping | None:
 
 
 class TrialPruning(L.Callback):
-    """A sweep's trial: each val loss goes to the Optuna trial at its step, and when Optuna's pruner finds the
-    trial hopeless, training stops there as an early stop does (the run ends normally, the best weights are
-    saved, ``train.json`` says ``pruned_at_step``). Optuna's own Lightning callback reports per epoch and raises,
+    """A sweep's trial: each validation's bits per byte (val loss where there is none) goes to the Optuna trial at
+    its step (bits per byte compare trials with different tokenizers), and when Optuna's pruner finds the trial
+    hopeless, training stops there as an early stop does (the run ends normally, the best weights are saved,
+    ``train.json`` says ``pruned_at_step``). Optuna's own Lightning callback reports per epoch and raises,
     which would leave no model, metrics or DVC experiment behind: this one reports per step and stops."""
 
     def __init__(self, trial, stop_after: float | None = None):
@@ -162,15 +163,17 @@ class TrialPruning(L.Callback):
             trainer.sanity_checking or trainer.state.fn != "fit" or not trainer.is_global_zero
         ):  # not the final validate()
             return
-        loss = trainer.callback_metrics.get("val/loss")
-        if loss is None or self.pruned_at is not None:
+        metrics = trainer.callback_metrics
+        name = "val/bpb" if "val/bpb" in metrics else "val/loss"  # bits per byte: comparable across tokenizers
+        value = metrics.get(name)
+        if value is None or self.pruned_at is not None:
             return
         step = trainer.global_step
-        self.trial.report(float(loss), step)
+        self.trial.report(float(value), step)
         if self.trial.should_prune():
             self.pruned_at, trainer.should_stop = step, True
             get_logger("train").info(
-                f"pruned at step {step}: val loss {float(loss):.4f} is worse than the sweep's median there"
+                f"pruned at step {step}: {name} {float(value):.4f} is worse than the sweep's median there"
             )
 
 
