@@ -687,7 +687,14 @@ def render_soak(load: Callable[[str], dict]) -> str:
                 " ".join(num(r.get("rss_mb")) for r in e.get("rounds", [])),
             ]
         )
-    header = ["model", "RSS after the first round (MB)", "after the last", "growth", "answered / failed", "every reading (MB)"]
+    header = [
+        "model",
+        "RSS after the first round (MB)",
+        "after the last",
+        "growth",
+        "answered / failed",
+        "every reading (MB)",
+    ]
     return "\n".join([*out, table(header, rows), ""])
 
 
