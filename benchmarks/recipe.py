@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import statistics
 import time
 from pathlib import Path
@@ -123,7 +124,7 @@ def bench_recipe(overrides: list[str], runs: int = 1, output: str | None = None)
             summary["candidate"]["wall_seconds_median"] / summary["default"]["wall_seconds_median"], 3
         )
     report = {
-        "machine": f"{platform.machine()}, {__import__('os').cpu_count()} cores",
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores",
         "date": time.strftime("%Y-%m-%d", time.gmtime(started)),
         "nanogpt_reference_bpb": NANOGPT_BPB,
         "goal_bpb": GOAL_BPB,

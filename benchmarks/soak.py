@@ -9,6 +9,8 @@ after the first, and every request answered.
 from __future__ import annotations
 
 import asyncio
+import os
+import shutil
 import time
 from pathlib import Path
 
@@ -74,11 +76,9 @@ def bench_soak(
             folder = quick if name == "quickstart" else _random_124m_onnx(work, quick)
             results[name] = _soak(folder, requests, work / f"{name}.log")
     finally:
-        import shutil
-
         shutil.rmtree(work, ignore_errors=True)
     report = {
-        "machine": f"{platform.machine()}, {__import__('os').cpu_count()} cores",
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores",
         "date": time.strftime("%Y-%m-%d", time.gmtime(started)),
         "setup": {
             "requests": requests,

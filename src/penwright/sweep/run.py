@@ -127,7 +127,7 @@ def _worker() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
-def _alive(pid: int) -> bool:
+def alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -146,7 +146,7 @@ def reap(study) -> None:
     for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
         worker, pgid = t.user_attrs.get("worker", ""), t.user_attrs.get("pgid")
         who, _, pid = worker.rpartition(":")
-        if who != host or not pid.isdigit() or _alive(int(pid)):
+        if who != host or not pid.isdigit() or alive(int(pid)):
             continue  # another machine's, or a live worker's
         if pgid:
             _stop_group(int(pgid))
@@ -191,7 +191,6 @@ def optuna_summary(sweep_name: str, spec: Sweep, url: str, source: str) -> list[
 def run_optuna(sweep_name: str, spec: Sweep, metric: str, url: str, work: Path, source: str) -> list[dict]:
     import optuna
 
-    from penwright.core import config
     from penwright.core.errors import ConfigError
     from penwright.core.trials import pruner
 
@@ -232,11 +231,10 @@ def run_optuna(sweep_name: str, spec: Sweep, metric: str, url: str, work: Path, 
         experiment = f"{sweep_name}-{trial.number}"
         trial.set_user_attr("experiment", experiment)
         trial.set_user_attr("worker", _worker())
-        overrides = trial_overrides(sweep_name, spec, trial.params)
         shown = " ".join(override(k, v) for k, v in trial.params.items())
         done = sum(s in FINISHED for s in states)
-        try:
-            config.compose(overrides)  # a combination the schema refuses (n_embd not a multiple of n_head)
+        try:  # (composes the trial's config: a combination the schema refuses, n_embd not a multiple of n_head)
+            overrides = trial_overrides(sweep_name, spec, trial.params)
         except ConfigError as err:
             trial.set_user_attr("error", str(err))
             study.tell(trial, state=optuna.trial.TrialState.FAIL)
@@ -315,11 +313,13 @@ def _read_metrics(metric: str) -> dict:
 
 def optuna_rows(study, spec: Sweep) -> list[dict]:
     rows, limit = [], bounds(study, spec)
-    for t in study.get_trials(deepcopy=False):
+    trials = study.get_trials(deepcopy=False)
+    retried = {t.user_attrs.get("retry_of") for t in trials}
+    for t in trials:
         if t.user_attrs.get("skipped"):
             continue
         state = t.state.name
-        if state == "FAIL" and any(u.user_attrs.get("retry_of") == t.number for u in study.get_trials(deepcopy=False)):
+        if state == "FAIL" and t.number in retried:
             continue  # interrupted and run again: its retry is its row
         value = t.value if state == "COMPLETE" else None
         rows.append(
