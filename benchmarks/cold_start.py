@@ -7,7 +7,8 @@ token, then at each level c (1, 4, 16, 32 for the GPT-2-124M shape; 1, 4, 16 for
 rounds of 2c streamed completions of 64 tokens (c clients, each sending its next request when the last ends;
 temperature 0.8, top-k 40, min_tokens / ignore_eos): the first round at a level is the cold one. Cold figures
 are pooled over the starts (one round has too few first tokens for a p95 of its own), warm ones over the other
-rounds; tokens/s are medians of rounds. Every first-token time is kept, for the distribution (deciles).
+rounds; tokens/s are medians of rounds. Every first-token time is kept, for the distribution (deciles, and
+the page's plot).
 Goals: cold within 10% (or 5 ms) of warm, p95 first token at or below llama-server's, tokens/s >= 1.5x
 llama-server's at 16 and 32, cold and warm.
 """
@@ -76,6 +77,7 @@ def _pool(rounds: list[dict]) -> dict:
         "ttft_p50_s": round(float(np.percentile(ttfts, 50)), 4) if ttfts else None,
         "ttft_p95_s": round(float(np.percentile(ttfts, 95)), 4) if ttfts else None,
         "ttft_deciles_s": [round(float(np.percentile(ttfts, q)), 4) for q in range(10, 101, 10)] if ttfts else [],
+        "ttfts_s": [round(t, 4) for t in ttfts],  # every first-token time, sorted (the page plots them)
         "first_tokens": len(ttfts),
         "failed": sum(r["failed"] for r in rounds),
     }

@@ -632,7 +632,76 @@ def render_cold(load: Callable[[str], dict]) -> str:
             "llama-server",
         ]
         out += [table(header, rows), ""]
+        panels = [
+            (f"{c} client{'s' if c != '1' else ''}", _ttfts(levels, theirs.get("levels", {}).get(c, {})))
+            for c, levels in ours.get("levels", {}).items()
+        ]
+        out += [f"First-token times, {model} (the share of first tokens within each time):", "", cdf_svg(panels), ""]
     return "\n".join(out)
+
+
+SERIES = {  # name -> (color, dash)
+    "penwright, cold": ("#1f5fbf", ""),
+    "penwright, warm": ("#1f5fbf", "5 3"),
+    "llama-server, cold": ("#d9731a", ""),
+    "llama-server, warm": ("#d9731a", "5 3"),
+}
+
+
+def _ttfts(ours: dict, theirs: dict) -> dict[str, list[float]]:
+    """A level's first-token times (s) per series: every one the file keeps, else its deciles."""
+    out = {}
+    for who, levels in (("penwright", ours), ("llama-server", theirs)):
+        for phase in ("cold", "warm"):
+            e = levels.get(phase, {})
+            out[f"{who}, {phase}"] = sorted(e.get("ttfts_s") or e.get("ttft_deciles_s") or [])
+    return out
+
+
+def cdf_svg(panels: list[tuple[str, dict[str, list[float]]]], w: int = 230, h: int = 170) -> str:
+    """Small multiples of empirical CDFs as one inline SVG: a panel per title, x the time in ms (from 0 to the
+    panel's largest), y the share of values at or below it, one line per series (colors and dashes: SERIES)."""
+    left, bottom, top, right = 34, 30, 22, 10
+    pw, ph = w - left - right, h - top - bottom
+    parts = []
+    for k, (title, series) in enumerate(panels):
+        x0, y0 = k * w + left, top
+        most = max((max(v) for v in series.values() if v), default=1.0) * 1000 or 1.0
+        parts.append(f'<text x="{x0 + pw / 2}" y="14" text-anchor="middle" font-size="12">{title}</text>')
+        parts.append(f'<rect x="{x0}" y="{y0}" width="{pw}" height="{ph}" fill="none" stroke="#999"/>')
+        for frac in (0.5,):
+            y = y0 + ph * (1 - frac)
+            parts.append(f'<line x1="{x0}" y1="{y}" x2="{x0 + pw}" y2="{y}" stroke="#ddd"/>')
+        for frac, label in ((0.0, "0"), (0.5, "0.5"), (1.0, "1")):
+            y = y0 + ph * (1 - frac)
+            parts.append(f'<text x="{x0 - 4}" y="{y + 4}" text-anchor="end" font-size="10">{label}</text>')
+        for frac in (0.0, 0.5, 1.0):
+            x = x0 + pw * frac
+            parts.append(
+                f'<text x="{x}" y="{y0 + ph + 13}" text-anchor="middle" font-size="10">{most * frac:.0f}</text>'
+            )
+        parts.append(f'<text x="{x0 + pw / 2}" y="{y0 + ph + 26}" text-anchor="middle" font-size="10">ms</text>')
+        for name, values in series.items():
+            if not values:
+                continue
+            color, dash = SERIES[name]
+            n, points = len(values), [f"{x0:.1f},{y0 + ph:.1f}"]
+            for i, v in enumerate(values):
+                x = x0 + pw * v * 1000 / most
+                points += [f"{x:.1f},{y0 + ph * (1 - i / n):.1f}", f"{x:.1f},{y0 + ph * (1 - (i + 1) / n):.1f}"]
+            style = f' stroke-dasharray="{dash}"' if dash else ""
+            parts.append(f'<polyline points="{" ".join(points)}" fill="none" stroke="{color}"{style}/>')
+    legend_y = h + 6
+    for k, (name, (color, dash)) in enumerate(SERIES.items()):
+        x = left + k * 150
+        style = f' stroke-dasharray="{dash}"' if dash else ""
+        parts.append(f'<line x1="{x}" y1="{legend_y}" x2="{x + 24}" y2="{legend_y}" stroke="{color}"{style}/>')
+        parts.append(f'<text x="{x + 28}" y="{legend_y + 4}" font-size="11">{name}</text>')
+    width, height = max(1, len(panels)) * w, h + 16
+    return (
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" viewBox="0 0 {width} {height}" '
+        f'role="img" aria-label="first-token time distributions">' + "".join(parts) + "</svg>"
+    )
 
 
 def render_recipe(load: Callable[[str], dict]) -> str:

