@@ -111,6 +111,8 @@ def project(tmp_path, repo) -> Path:
         ({"trials": None}, "engine optuna needs trials"),
         ({"engine": "grid"}, "space.train.lr: a grid over a range needs step"),
         ({"space": {"train.lr": {"low": 0.01, "high": 0.001}}}, "space.train.lr: low=0.01 must be below high=0.001"),
+        ({"enqueue": [{"train.lr": 0.01}, {"train.lrr": 0.01}]}, "enqueue[1].train.lrr: not a key of space (train.lr)"),
+        ({"enqueue": [{"train.lr": 0.5}]}, "enqueue[0].train.lr=0.5: outside space.train.lr (0.0001..0.05)"),
     ],
 )
 def test_a_bad_sweep_is_one_line_before_any_trial(tmp_path, repo, fields, message):
@@ -134,6 +136,33 @@ def test_every_sweep_in_conf_passes_its_checks(repo, name, monkeypatch):
     assert sweep_name == name and all(
         metric_file(k, spec.stage, name).startswith(metric.split(":")[0]) for k in spec.limits
     )
+
+
+def test_the_baseline_then_the_enqueued_points_come_first_and_a_resumed_sweep_queues_none_again(
+    repo, tmp_path, monkeypatch
+):
+    from penwright.sweep.run import _distributions, open_study
+    from penwright.sweep.spec import load
+
+    monkeypatch.chdir(repo)
+    points = [{"train.lr": 0.01}, {"train.lr": 0.002, "train.weight_decay": 0.05}]
+    space = {"train.lr": {"low": 1e-4, "high": 0.05, "log": True}, "train.weight_decay": {"low": 0.0, "high": 0.2}}
+    _, spec = load(str(sweep_file(tmp_path / "s.yaml", baseline=True, enqueue=points, space=space)))
+    journal = str(tmp_path / "journal.log")
+
+    study = open_study("s", spec, journal, "s.yaml")
+    first = study.ask(_distributions(spec))  # (as the sweep asks)
+    assert first.user_attrs == {"baseline": True} and first.params == {"train.lr": 0.002, "train.weight_decay": 0.1}
+    study.tell(first, 1.0)
+    second = study.ask(_distributions(spec))
+    assert second.user_attrs == {"enqueued": True} and second.params["train.lr"] == 0.01  # (the rest is drawn)
+    assert 0.0 <= second.params["train.weight_decay"] <= 0.2
+    study.tell(second, 2.0)
+
+    study = open_study("s", spec, journal, "s.yaml")  # started again: the tried point is not queued again
+    waiting = [t for t in study.get_trials(deepcopy=False) if t.state.name == "WAITING"]
+    assert [t.system_attrs["fixed_params"] for t in waiting] == [{"train.lr": 0.002, "train.weight_decay": 0.05}]
+    assert len(study.trials) == 3
 
 
 def test_an_unknown_sweep_names_the_ones_there_are(repo):

@@ -188,10 +188,11 @@ def optuna_summary(sweep_name: str, spec: Sweep, url: str, source: str) -> list[
     return optuna_rows(study, spec)
 
 
-def run_optuna(sweep_name: str, spec: Sweep, metric: str, url: str, work: Path, source: str) -> list[dict]:
+def open_study(sweep_name: str, spec: Sweep, url: str, source: str):
+    """The sweep's Optuna study in its storage (created, or loaded to resume): the dead workers' trials reaped and
+    queued again, then the baseline and the ``enqueue`` points queued where they have not been yet."""
     import optuna
 
-    from penwright.core.errors import ConfigError
     from penwright.core.trials import pruner
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -210,6 +211,18 @@ def run_optuna(sweep_name: str, spec: Sweep, metric: str, url: str, work: Path, 
     reap(study)
     if spec.baseline and not any(t.user_attrs.get("baseline") for t in study.get_trials(deepcopy=False)):
         study.enqueue_trial(baseline_params(spec, source), user_attrs={"baseline": True})
+    for point in spec.enqueue:  # (tried, queued or running already: not again)
+        study.enqueue_trial(point, user_attrs={"enqueued": True}, skip_if_exists=True)
+    return study
+
+
+def run_optuna(sweep_name: str, spec: Sweep, metric: str, url: str, work: Path, source: str) -> list[dict]:
+    import optuna
+
+    from penwright.core.errors import ConfigError
+
+    study = open_study(sweep_name, spec, url, source)
+    prune = spec.pruner.model_dump()
     distributions = _distributions(spec)
     assert spec.trials is not None
     work.mkdir(parents=True, exist_ok=True)

@@ -57,6 +57,19 @@ class Param(_Strict):
     def ends(self) -> list:
         return list(self.choices) if self.choices is not None else [self.low, self.high]
 
+    def holds(self, value) -> bool:
+        """A value this dimension can take (one of the choices; within the range, whole when it is whole)."""
+        if self.choices is not None:
+            return value in self.choices
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, (int, float))
+            or (self.integer and not isinstance(value, int))
+        ):
+            return False
+        assert self.low is not None and self.high is not None
+        return self.low <= value <= self.high
+
     def grid(self) -> list:
         """Every value a grid tries: the choices, or low..high by ``step``."""
         if self.choices is not None:
@@ -99,6 +112,9 @@ class Sweep(_Strict):
     # the baseline trial's ("1.03x"); a trial over one is ranked after every trial within them, and Optuna's
     # sampler learns to keep within them (TPE's constraints)
     limits: dict[str, float | str] = {}
+    # optuna: points to try first (after the baseline), each {space key: value} (keys left out are drawn): what
+    # earlier runs or a hunch say is good; a point already tried is not queued again when the sweep resumes
+    enqueue: list[dict[str, Any]] = []
 
     @model_validator(mode="after")
     def _engine_needs(self) -> Sweep:
@@ -117,6 +133,16 @@ class Sweep(_Strict):
                 )
         if self.baseline and self.engine != "optuna":
             raise ValueError("baseline: true is for engine optuna (a grid lists its combinations)")
+        if self.enqueue and self.engine != "optuna":
+            raise ValueError("enqueue is for engine optuna (a grid runs every combination anyway)")
+        for i, point in enumerate(self.enqueue):
+            for key, value in point.items():
+                if key not in self.space:
+                    raise ValueError(f"enqueue[{i}].{key}: not a key of space ({', '.join(self.space)})")
+                if not self.space[key].holds(value):
+                    param = self.space[key]
+                    within = param.choices if param.choices is not None else f"{param.low}..{param.high}"
+                    raise ValueError(f"enqueue[{i}].{key}={value!r}: outside space.{key} ({within})")
         for override in self.overrides:
             if "=" not in override:
                 raise ValueError(f"overrides: {override!r} is not key=value")
