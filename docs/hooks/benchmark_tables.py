@@ -12,6 +12,7 @@ lose a table. Run ``python docs/hooks/benchmark_tables.py [MARKER ...]`` to prin
 from __future__ import annotations
 
 import json
+import math
 import re
 import sys
 from collections.abc import Callable
@@ -659,14 +660,20 @@ def _ttfts(ours: dict, theirs: dict) -> dict[str, list[float]]:
 
 
 def cdf_svg(panels: list[tuple[str, dict[str, list[float]]]], w: int = 230, h: int = 170) -> str:
-    """Small multiples of empirical CDFs as one inline SVG: a panel per title, x the time in ms (from 0 to the
-    panel's largest), y the share of values at or below it, one line per series (colors and dashes: SERIES)."""
+    """Small multiples of empirical CDFs as one inline SVG: a panel per title, x the time in ms on a log scale
+    (the panel's smallest to its largest: a stall far out does not squash the rest), y the share of values at or
+    below it, one line per series (colors and dashes: SERIES)."""
     left, bottom, top, right = 34, 30, 22, 10
     pw, ph = w - left - right, h - top - bottom
     parts = []
     for k, (title, series) in enumerate(panels):
         x0, y0 = k * w + left, top
-        most = max((max(v) for v in series.values() if v), default=1.0) * 1000 or 1.0
+        values_ms = [1000 * v for vs in series.values() for v in vs if v > 0] or [1.0, 10.0]
+        lo, hi = min(values_ms) * 0.9, max(values_ms) * 1.1
+
+        def at(ms: float, x0=x0, lo=lo, hi=hi) -> float:  # x of a time in the panel
+            return x0 + pw * math.log(max(ms, lo) / lo) / math.log(hi / lo)
+
         parts.append(f'<text x="{x0 + pw / 2}" y="14" text-anchor="middle" font-size="12">{title}</text>')
         parts.append(f'<rect x="{x0}" y="{y0}" width="{pw}" height="{ph}" fill="none" stroke="#999"/>')
         for frac in (0.5,):
@@ -675,19 +682,21 @@ def cdf_svg(panels: list[tuple[str, dict[str, list[float]]]], w: int = 230, h: i
         for frac, label in ((0.0, "0"), (0.5, "0.5"), (1.0, "1")):
             y = y0 + ph * (1 - frac)
             parts.append(f'<text x="{x0 - 4}" y="{y + 4}" text-anchor="end" font-size="10">{label}</text>')
-        for frac in (0.0, 0.5, 1.0):
-            x = x0 + pw * frac
+        for ms in (lo, math.sqrt(lo * hi), hi):
+            label = f"{ms:.0f}" if ms >= 100 else f"{ms:.3g}"
             parts.append(
-                f'<text x="{x}" y="{y0 + ph + 13}" text-anchor="middle" font-size="10">{most * frac:.0f}</text>'
+                f'<text x="{at(ms):.1f}" y="{y0 + ph + 13}" text-anchor="middle" font-size="10">{label}</text>'
             )
-        parts.append(f'<text x="{x0 + pw / 2}" y="{y0 + ph + 26}" text-anchor="middle" font-size="10">ms</text>')
+        parts.append(
+            f'<text x="{x0 + pw / 2}" y="{y0 + ph + 26}" text-anchor="middle" font-size="10">ms (log scale)</text>'
+        )
         for name, values in series.items():
             if not values:
                 continue
             color, dash = SERIES[name]
             n, points = len(values), [f"{x0:.1f},{y0 + ph:.1f}"]
             for i, v in enumerate(values):
-                x = x0 + pw * v * 1000 / most
+                x = at(1000 * v)
                 points += [f"{x:.1f},{y0 + ph * (1 - i / n):.1f}", f"{x:.1f},{y0 + ph * (1 - (i + 1) / n):.1f}"]
             style = f' stroke-dasharray="{dash}"' if dash else ""
             parts.append(f'<polyline points="{" ".join(points)}" fill="none" stroke="{color}"{style}/>')
