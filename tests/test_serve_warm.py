@@ -39,14 +39,21 @@ def app_on(onnx_tiny, *overrides: str, failing: bool = False):
     return app, counted
 
 
+COUNTED = (  # /metrics' samples that requests add to
+    "penwright_requests_finished_total{",
+    "penwright_http_responses_total{",
+    "penwright_prompt_tokens_total{",
+    "penwright_generation_tokens_total{",
+    "penwright_time_to_first_token_seconds_count{",
+    "penwright_inter_token_latency_seconds_count{",
+    "penwright_e2e_request_latency_seconds_count{",
+)
+
+
 def finished(client: TestClient, headers: dict | None = None) -> list[str]:
-    """/metrics' lines that count finished sequences and HTTP answers."""
+    """/metrics' lines that count requests, tokens and latencies."""
     text = client.get("/metrics", headers=headers).text
-    return [
-        line
-        for line in text.splitlines()
-        if line.startswith(("penwright_requests_finished_total{", "penwright_http_responses_total{"))
-    ]
+    return [line for line in text.splitlines() if line.startswith(COUNTED)]
 
 
 @pytest.mark.parametrize("api_key", [None, "s3cret"])
@@ -62,6 +69,10 @@ def test_a_fresh_server_has_run_one_request_of_its_own_and_counts_none_of_it(onn
         counts = finished(client, headers)
         assert any('reason="length"' in line and line.endswith(" 1.0") for line in counts), counts
         assert any('status="200"' in line for line in counts), counts
+        assert any(line.startswith("penwright_generation_tokens_total{") and line.endswith(" 3.0") for line in counts)
+        assert any(
+            line.startswith("penwright_e2e_request_latency_seconds_count{") and line.endswith(" 1.0") for line in counts
+        )
     assert "warm-up" not in capfd.readouterr().err
 
 

@@ -112,7 +112,27 @@ def project(tmp_path, repo) -> Path:
         ({"engine": "grid"}, "space.train.lr: a grid over a range needs step"),
         ({"space": {"train.lr": {"low": 0.01, "high": 0.001}}}, "space.train.lr: low=0.01 must be below high=0.001"),
         ({"enqueue": [{"train.lr": 0.01}, {"train.lrr": 0.01}]}, "enqueue[1].train.lrr: not a key of space (train.lr)"),
-        ({"enqueue": [{"train.lr": 0.5}]}, "enqueue[0].train.lr=0.5: outside space.train.lr (0.0001..0.05)"),
+        ({"enqueue": [{"train.lr": 0.5}]}, "enqueue[0].train.lr=0.5: outside space's 0.0001..0.05"),
+        (
+            {"space": {"model.n_layer": {"choices": [1, 2]}}, "enqueue": [{"model.n_layer": True}]},
+            "enqueue[0].model.n_layer=True: not one of space's choices [1, 2]",
+        ),
+        (
+            {
+                "space": {"train.weight_decay": {"low": 0.0, "high": 0.2, "step": 0.05}},
+                "enqueue": [{"train.weight_decay": 0.07}],
+            },
+            "enqueue[0].train.weight_decay=0.07: not on space's grid (0.0..0.2 by 0.05)",
+        ),
+        (
+            {"space": {"model.n_layer": {"low": 1, "high": 6}}, "enqueue": [{"model.n_layer": 4.0}]},
+            "enqueue[0].model.n_layer=4.0: not a whole number (space: 1..6)",
+        ),
+        ({"trials": 1, "baseline": True, "enqueue": [{"train.lr": 0.01}]}, "trials=1 leaves no room for the baseline"),
+        (
+            {"engine": "grid", "space": {"train.lr": {"choices": [0.01]}}, "enqueue": [{"train.lr": 0.01}]},
+            "enqueue is for engine optuna",
+        ),
     ],
 )
 def test_a_bad_sweep_is_one_line_before_any_trial(tmp_path, repo, fields, message):

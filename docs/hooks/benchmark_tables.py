@@ -706,7 +706,7 @@ def cdf_svg(panels: list[tuple[str, dict[str, list[float]]]], w: int = 230, h: i
         style = f' stroke-dasharray="{dash}"' if dash else ""
         parts.append(f'<line x1="{x}" y1="{legend_y}" x2="{x + 24}" y2="{legend_y}" stroke="{color}"{style}/>')
         parts.append(f'<text x="{x + 28}" y="{legend_y + 4}" font-size="11">{name}</text>')
-    width, height = max(1, len(panels)) * w, h + 16
+    width, height = max(len(panels) * w, left + len(SERIES) * 150), h + 16
     return (
         f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" viewBox="0 0 {width} {height}" '
         f'role="img" aria-label="first-token time distributions">' + "".join(parts) + "</svg>"

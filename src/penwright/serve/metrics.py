@@ -81,12 +81,20 @@ class Metrics:
             registry=r,
         )
         self.responses = Counter("penwright_http_responses", "HTTP answers by status code", ["status"], registry=r)
+        self.counted = (  # every count and observation (clear() forgets them)
+            self.prompt_tokens,
+            self.generation_tokens,
+            self.finished,
+            self.ttft,
+            self.itl,
+            self.e2e,
+            self.responses,
+        )
 
     def clear(self) -> None:
         """Forget every count and observation (the server's own warm-up request)."""
-        for metric in (self.prompt_tokens, self.generation_tokens, self.finished, self.ttft, self.itl, self.e2e):
+        for metric in self.counted:
             metric.clear()
-        self.responses.clear()
 
     def submitted(self, model: str, request: Request) -> None:
         self.prompt_tokens.labels(model).inc(len(request.prompt_ids))

@@ -57,18 +57,22 @@ class Param(_Strict):
     def ends(self) -> list:
         return list(self.choices) if self.choices is not None else [self.low, self.high]
 
-    def holds(self, value) -> bool:
-        """A value this dimension can take (one of the choices; within the range, whole when it is whole)."""
+    def refuses(self, value) -> str | None:
+        """Why this dimension cannot take ``value`` (None when it can): not one of the choices (of the same type:
+        ``true`` is not ``1``), not a number, not whole on a whole-number range, outside the range, off its step."""
         if self.choices is not None:
-            return value in self.choices
-        if (
-            isinstance(value, bool)
-            or not isinstance(value, (int, float))
-            or (self.integer and not isinstance(value, int))
-        ):
-            return False
+            same = any(type(c) is type(value) and c == value for c in self.choices)
+            return None if same else f"not one of space's choices {self.choices}"
         assert self.low is not None and self.high is not None
-        return self.low <= value <= self.high
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return f"not a number (space: {self.low}..{self.high})"
+        if self.integer and not isinstance(value, int):
+            return f"not a whole number (space: {self.low}..{self.high})"
+        if not self.low <= value <= self.high:
+            return f"outside space's {self.low}..{self.high}"
+        if self.step is not None and abs((value - self.low) / self.step - round((value - self.low) / self.step)) > 1e-8:
+            return f"not on space's grid ({self.low}..{self.high} by {self.step})"
+        return None
 
     def grid(self) -> list:
         """Every value a grid tries: the choices, or low..high by ``step``."""
@@ -135,14 +139,17 @@ class Sweep(_Strict):
             raise ValueError("baseline: true is for engine optuna (a grid lists its combinations)")
         if self.enqueue and self.engine != "optuna":
             raise ValueError("enqueue is for engine optuna (a grid runs every combination anyway)")
+        if self.trials is not None and self.trials < len(self.enqueue) + self.baseline:
+            raise ValueError(
+                f"trials={self.trials} leaves no room for the baseline and the {len(self.enqueue)} enqueued points: "
+                f"give at least {len(self.enqueue) + self.baseline}"
+            )
         for i, point in enumerate(self.enqueue):
             for key, value in point.items():
                 if key not in self.space:
                     raise ValueError(f"enqueue[{i}].{key}: not a key of space ({', '.join(self.space)})")
-                if not self.space[key].holds(value):
-                    param = self.space[key]
-                    within = param.choices if param.choices is not None else f"{param.low}..{param.high}"
-                    raise ValueError(f"enqueue[{i}].{key}={value!r}: outside space.{key} ({within})")
+                if reason := self.space[key].refuses(value):
+                    raise ValueError(f"enqueue[{i}].{key}={value!r}: {reason}")
         for override in self.overrides:
             if "=" not in override:
                 raise ValueError(f"overrides: {override!r} is not key=value")
