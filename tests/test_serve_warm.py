@@ -50,7 +50,7 @@ COUNTED = (  # /metrics' samples that requests add to
 )
 
 
-def finished(client: TestClient, headers: dict | None = None) -> list[str]:
+def counted_lines(client: TestClient, headers: dict | None = None) -> list[str]:
     """/metrics' lines that count requests, tokens and latencies."""
     text = client.get("/metrics", headers=headers).text
     return [line for line in text.splitlines() if line.startswith(COUNTED)]
@@ -63,10 +63,10 @@ def test_a_fresh_server_has_run_one_request_of_its_own_and_counts_none_of_it(onn
     app, session = app_on(onnx_tiny, *overrides)
     with TestClient(app) as client:
         assert session.runs >= 2  # a prefill and a decoding step, before any client asked (with the key, when set)
-        assert finished(client, headers) == []
+        assert counted_lines(client, headers) == []
         r = client.post("/v1/completions", json={"prompt": "The", "max_tokens": 3}, headers=headers)
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3
-        counts = finished(client, headers)
+        counts = counted_lines(client, headers)
         assert any('reason="length"' in line and line.endswith(" 1.0") for line in counts), counts
         assert any('status="200"' in line for line in counts), counts
         assert any(line.startswith("penwright_generation_tokens_total{") and line.endswith(" 3.0") for line in counts)

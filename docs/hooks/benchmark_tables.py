@@ -676,9 +676,8 @@ def cdf_svg(panels: list[tuple[str, dict[str, list[float]]]], w: int = 230, h: i
 
         parts.append(f'<text x="{x0 + pw / 2}" y="14" text-anchor="middle" font-size="12">{title}</text>')
         parts.append(f'<rect x="{x0}" y="{y0}" width="{pw}" height="{ph}" fill="none" stroke="#999"/>')
-        for frac in (0.5,):
-            y = y0 + ph * (1 - frac)
-            parts.append(f'<line x1="{x0}" y1="{y}" x2="{x0 + pw}" y2="{y}" stroke="#ddd"/>')
+        middle = y0 + ph / 2  # the median's gridline
+        parts.append(f'<line x1="{x0}" y1="{middle}" x2="{x0 + pw}" y2="{middle}" stroke="#ddd"/>')
         for frac, label in ((0.0, "0"), (0.5, "0.5"), (1.0, "1")):
             y = y0 + ph * (1 - frac)
             parts.append(f'<text x="{x0 - 4}" y="{y + 4}" text-anchor="end" font-size="10">{label}</text>')
