@@ -64,7 +64,7 @@ def test_a_fresh_server_has_run_one_request_of_its_own_and_counts_none_of_it(onn
     with TestClient(app) as client:
         assert session.runs >= 2  # a prefill and a decoding step, before any client asked (with the key, when set)
         assert counted_lines(client, headers) == []
-        r = client.post("/v1/completions", json={"prompt": "The", "max_tokens": 3}, headers=headers)
+        r = client.post("/v1/completions", json={"prompt": "The", "max_tokens": 3, "min_tokens": 3}, headers=headers)
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3
         counts = counted_lines(client, headers)
         assert any('reason="length"' in line and line.endswith(" 1.0") for line in counts), counts
@@ -91,5 +91,5 @@ def test_a_warm_up_that_fails_is_logged_and_the_server_serves_on(onnx_tiny, capf
         assert "penwright: the warm-up request failed" in err and "serving anyway" in err, err
         session.failing = False
         assert client.get("/health").status_code == 200
-        r = client.post("/v1/completions", json={"prompt": "The", "max_tokens": 2})
+        r = client.post("/v1/completions", json={"prompt": "The", "max_tokens": 2, "min_tokens": 2})
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 2
