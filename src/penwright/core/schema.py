@@ -156,6 +156,7 @@ class Model(Group):
     n_embd: Annotated[int, Field(ge=1, le=65536)] | None = None
     n_positions: Annotated[int, Field(ge=2, le=1 << 20)] | None = None
     dropout: Annotated[float, Field(ge=0, lt=1)] | None = None
+    activation: Literal["gelu_new", "gelu_pytorch_tanh"] | None = None  # GELU's tanh form, as 5 ops or one
     tokenizer: Tokenizer
 
     @model_validator(mode="after")
