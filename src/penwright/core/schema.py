@@ -314,6 +314,7 @@ class Train(Group):
     gradient_checkpointing: bool
     freeze_embeddings: bool
     compile: bool
+    keep_freed_memory: bool = False
     lora: Lora
 
 
