@@ -15,7 +15,8 @@ from penwright.core.errors import ConfigError
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n\n")[0])
     p.add_argument(
-        "stage", choices=["prepare", "train", "generate", "serve", "copies", "site", "cold", "recipe", "soak"]
+        "stage",
+        choices=["prepare", "train", "step", "generate", "serve", "copies", "site", "cold", "recipe", "soak"],
     )
     p.add_argument("--runs", type=int, default=1, help="recipe: runs of each recipe, in turns (default 1)")
     p.add_argument("--requests", type=int, default=10_000, help="soak: requests each server takes (default 10000)")
@@ -26,12 +27,13 @@ def build_parser() -> argparse.ArgumentParser:
         default="10,100,1000",
         help="copies: sizes of text (MB) to index, comma-separated (default 10,100,1000)",
     )
-    p.add_argument("--steps", type=int, default=30, help="train: timed steps per run")
+    p.add_argument("--steps", type=int, default=30, help="train, step: timed steps per run")
+    p.add_argument("--rounds", type=int, default=3, help="step: rounds of the three ways, in turns (default 3)")
     p.add_argument(
         "overrides",
         nargs="*",
         metavar="key=value",
-        help="train: Hydra overrides of the benchmarked config; recipe: the candidate recipe",
+        help="train, step: Hydra overrides of the benchmarked config; recipe: the candidate recipe",
     )
     p.add_argument("--output", default=None, help="default: benchmarks/results/bench_<stage>.json")
     p.add_argument(
@@ -105,6 +107,12 @@ def run(args: argparse.Namespace) -> None:
         if args.runs < 1:
             raise ConfigError(f"--runs {args.runs}: give at least 1")
         bench_recipe(args.overrides, runs=args.runs, output=args.output)
+    elif args.stage == "step":
+        from benchmarks.step import bench_step
+
+        if args.rounds < 1 or args.steps < 1:
+            raise ConfigError(f"--rounds {args.rounds} --steps {args.steps}: give at least 1 of each")
+        bench_step(args.overrides, steps=args.steps, rounds=args.rounds, output=args.output)
     elif args.stage == "site":
         from benchmarks.site import bench_site
 

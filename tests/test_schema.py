@@ -126,7 +126,7 @@ def test_every_numeric_knob_refuses_text_in_one_line(key):
         ("trainer.devices=0", ["trainer.devices=0", "auto"]),
         ("train.resume=maybe", ["train.resume='maybe'", "not true or false"]),
         ("train.block_size=1000", ["train.block_size=1000", "model.n_positions=256"]),
-        ("model.n_head=5", ["model.n_embd=192", "not divisible by model.n_head=5"]),
+        ("model.n_head=5", ["model.n_embd=128", "not divisible by model.n_head=5"]),
         ("data.take='(a)(b)'", ["data.take='(a)(b)'", "exactly one (group)"]),
         ("train.betas=[0.9,1.5]", ["train.betas=[0.9, 1.5]", "item 1", "0 <= value < 1"]),
         ("generate.prompts=[]", ["generate.prompts=[]", "too few items"]),

@@ -172,7 +172,7 @@ def test_the_baseline_then_the_enqueued_points_come_first_and_a_resumed_sweep_qu
 
     study = open_study("s", spec, journal, "s.yaml")
     first = study.ask(_distributions(spec))  # (as the sweep asks)
-    assert first.user_attrs == {"baseline": True} and first.params == {"train.lr": 0.002, "train.weight_decay": 0.1}
+    assert first.user_attrs == {"baseline": True} and first.params == {"train.lr": 0.005, "train.weight_decay": 0.06}
     study.tell(first, 1.0)
     second = study.ask(_distributions(spec))
     assert second.user_attrs == {"enqueued": True} and second.params["train.lr"] == 0.01  # (the rest is drawn)
@@ -372,7 +372,7 @@ def test_optuna_sweep_prunes_groups_in_wandb_and_resumes_after_kill_9(project):
     assert values == sorted(values) and summary["best"]["value"] == values[0]
     assert summary["best"]["value"] == min(t.value for t in finished if t.state.name == "COMPLETE")
     baseline = next(r for r in summary["trials"] if r["trial"] == 0)
-    assert baseline["baseline"] and baseline["params"] == {"train.lr": 0.002, "train.weight_decay": 0.1}
+    assert baseline["baseline"] and baseline["params"] == {"train.lr": 0.005, "train.weight_decay": 0.06}
     bound = 1.5 * baseline["wall_seconds"]  # (a trial's wall_seconds is in its row)
     for r in summary["trials"]:
         if r["state"] == "complete":

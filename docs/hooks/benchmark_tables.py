@@ -739,6 +739,25 @@ def render_recipe(load: Callable[[str], dict]) -> str:
     return "\n".join([*out, table(header, rows), ""])
 
 
+def render_step(load: Callable[[str], dict]) -> str:
+    name = "bench_step.json"
+    d = load(name)
+    shape = d.get("shape", {})
+    what = (
+        f"One training step (forward, backward, clipping, AdamW) of a {shape.get('n_layer')}x{shape.get('n_embd')} "
+        f"GPT-2 (vocabulary {shape.get('vocab_size')}), {shape.get('batch_size')} windows of "
+        f"{shape.get('block_size')} tokens; each way in a fresh process, in turns, {d.get('rounds')} rounds of "
+        f"{d.get('steps')} steps."
+    )
+    rounds = d.get("step_ms", {})
+    rows = [
+        [way, num(e.get("step_ms_median")), ", ".join(num(m) for m in rounds.get(way, [])), ratio(e.get("vs_gelu_new"))]
+        for way, e in d.get("summary", {}).items()
+    ]
+    header = ["the step", "median ms", "each round (ms)", "vs gelu_new"]
+    return "\n".join([provenance(d, name), "", what, "", table(header, rows), ""])
+
+
 def render_soak(load: Callable[[str], dict]) -> str:
     name = "bench_soak.json"
     d = load(name)
@@ -878,6 +897,7 @@ def renderers(results: Path) -> dict[str, Callable[[Callable[[str], dict]], str]
         "site": render_site,
         "cold": render_cold,
         "recipe": render_recipe,
+        "step": render_step,
         "soak": render_soak,
         "engine-ab": lambda load: render_ab(load, _glob(results, "engine_ab_*.json")),
         "serve-ab": lambda load: render_ab(load, _glob(results, "serve_ab_*.json")),
