@@ -29,8 +29,9 @@ WAYS = {
 VOCAB = 4096  # the quickstart's BPE
 
 
-def median_step_ms(overrides: list[str], steps: int, warmup: int = 5) -> float:
-    """The median wall time of ``steps`` training steps (after ``warmup`` untimed ones), in this process."""
+def median_step_ms(overrides: list[str], steps: int, warmup: int = 5) -> tuple[float, bool]:
+    """The median wall time of ``steps`` training steps (after ``warmup`` untimed ones), in this process, and
+    whether freed memory was kept (``train.keep_freed_memory`` asked for and glibc took it)."""
     import torch
     import torch.nn.functional as F
 
@@ -39,8 +40,7 @@ def median_step_ms(overrides: list[str], steps: int, warmup: int = 5) -> float:
     from penwright.train.stage import keep_freed_memory
 
     cfg = compose(overrides)
-    if cfg.train.keep_freed_memory:
-        keep_freed_memory()
+    kept = bool(cfg.train.keep_freed_memory) and keep_freed_memory()
     torch.manual_seed(0)
     model = build_model(cfg.model, VOCAB, 0, cfg.train.block_size).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, betas=tuple(cfg.train.betas))
@@ -56,10 +56,10 @@ def median_step_ms(overrides: list[str], steps: int, warmup: int = 5) -> float:
         optimizer.zero_grad(set_to_none=True)
         if i >= warmup:
             times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1000
+    return statistics.median(times) * 1000, kept
 
 
-def apart(overrides: list[str], steps: int) -> float:
+def apart(overrides: list[str], steps: int) -> tuple[float, bool]:
     """``median_step_ms`` in a fresh interpreter."""
     import multiprocessing
 
@@ -79,10 +79,12 @@ def bench_step(overrides: list[str], steps: int = 30, rounds: int = 3, output: s
         "block_size": cfg.train.block_size,
     }
     ms: dict[str, list[float]] = {way: [] for way in WAYS}
+    kept: dict[str, bool] = {}
     names = list(WAYS)
     for r in range(rounds):
         for way in names[r % len(names) :] + names[: r % len(names)]:  # each way goes first in one round
-            ms[way].append(round(apart([*overrides, *WAYS[way]], steps), 1))
+            step_ms, kept[way] = apart([*overrides, *WAYS[way]], steps)
+            ms[way].append(round(step_ms, 1))
             log(f"round {r + 1}: {way}: {ms[way][-1]} ms a step")
     first = statistics.median(ms[names[0]])
     summary = {
@@ -97,5 +99,6 @@ def bench_step(overrides: list[str], steps: int = 30, rounds: int = 3, output: s
         "rounds": rounds,
         "summary": summary,
         "step_ms": ms,
+        "memory_kept": kept,  # False for a way that asks for it: this C library is not glibc, nothing was kept
     }
     return write_report(report, output, "benchmarks/results/bench_step.json", summary)

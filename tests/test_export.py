@@ -384,8 +384,9 @@ def test_fused_graph_is_the_default_and_falls_back_to_tracing_for_what_it_cannot
     reason="the quickstart model: run `dvc repro` first",
 )
 def test_the_8_bit_graph_keeps_the_quickstart_models_answers(tmp_path):
-    """On the trained quickstart model, the 8-bit graph's next token equals fp32's at >= 99% of validation
-    positions (what README and the benchmark report); 4-bit stays above 90%."""
+    """On the trained quickstart model, the 8-bit graph's val loss is within 0.2% of fp32's and its next token
+    equals fp32's at >= 98% of validation positions (docs/export.md: 98.3% for the 3x128 model, 99.3% for the
+    4x192 one before); 4-bit stays above 85% (87.8%, and 94.7% before)."""
     import shutil
 
     from penwright.export.quantize import quantize, quantized_quality
@@ -396,6 +397,6 @@ def test_the_8_bit_graph_keeps_the_quickstart_models_answers(tmp_path):
         quantize(onnx_dir / "model.onnx", kind)
     model = GPT2LMHeadModel.from_pretrained(REPO_ROOT / "artifacts" / "model")
     q = quantized_quality(model, onnx_dir, ["q8", "q4"], REPO_ROOT / "artifacts" / "prepared", block=256, windows=8)
-    assert q["q8"]["top1_agreement"] >= 0.99, q
+    assert q["q8"]["top1_agreement"] >= 0.98, q
     assert abs(q["q8"]["loss"] - q["fp32_loss"]) < 0.002 * q["fp32_loss"], q
-    assert 0.90 <= q["q4"]["top1_agreement"] < q["q8"]["top1_agreement"], q
+    assert 0.85 <= q["q4"]["top1_agreement"] < q["q8"]["top1_agreement"], q

@@ -728,7 +728,7 @@ def render_recipe(load: Callable[[str], dict]) -> str:
         rows.append(
             [
                 recipe,
-                " ".join(f"`{o}`" for o in e.get("overrides", [])) or "(the quickstart's defaults)",
+                " ".join(f"`{o}`" for o in e.get("overrides", [])) or "(the quickstart's defaults when it ran)",
                 num(e.get("held_out_bpb")),
                 ratio(e.get("vs_nanogpt")),
                 num(e.get("wall_seconds_median")),

@@ -17,6 +17,7 @@ TINY_TRAIN = [
     "train.val_every_n_steps=4",
     "train.val_batches=2",
     "train.ckpt_every_n_steps=4",
+    "train.keep_freed_memory=false",  # glibc's defaults in the test process (mallopt holds for a whole process)
     "trainer.log_every_n_steps=1",
     "trainer.progress_bar=false",
     "logger=none",

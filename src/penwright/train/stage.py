@@ -53,7 +53,9 @@ def train(cfg: schema.Config) -> dict:
     tokenizer = PreparedData.load_tokenizer(prepared)  # same files online or off; a damaged one: a one-line error
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     if tcfg.keep_freed_memory and not keep_freed_memory():
-        log("train.keep_freed_memory: this C library has no mallopt (not glibc): memory is allocated as usual")
+        log(
+            "train.keep_freed_memory: glibc's mallopt is not there or refused the settings: memory is allocated as usual"
+        )
     data = PreparedData(
         prepared, tcfg.block_size, tcfg.batch_size, cfg.seed, tcfg.val_batches, cfg.trainer.accumulate_grad_batches
     )
@@ -136,8 +138,8 @@ def train(cfg: schema.Config) -> dict:
 def keep_freed_memory() -> bool:
     """Have glibc's allocator keep the memory a training step frees, for the next step (``train.keep_freed_memory``).
 
-    By default glibc serves each large tensor (activations, gradients, logits) with a fresh ``mmap`` and returns it
-    to the OS when freed, so every step faults its pages in again and the kernel zeroes them: on 2 cores about a
+    By default glibc hands memory back to the OS as a step frees it (unmapping large blocks such as the logits,
+    trimming the heap), so the next step faults those pages in again while the kernel zeroes them: on 2 cores about a
     quarter of a small model's step. Serving blocks up to 32 MiB from the heap and trimming it only past 1 GiB of free memory
     keeps them mapped (the process's resident memory stays at its peak). Once set, it holds for the whole process.
     False where the C library has no ``mallopt`` (not Linux, or not glibc)."""
