@@ -56,3 +56,14 @@ def test_another_function_is_not_swapped_silently(tiny_gpt2, tmp_path):
     )
     with pytest.raises(ConfigError, match=r"model.activation=gelu_pytorch_tanh: this model's activation is relu"):
         build_model(cfg.model, vocab_size=other.config.vocab_size, eos_token_id=0, block_size=32)
+
+
+def test_a_checkpoint_resumes_under_the_other_form(compose_train):
+    """The training fingerprint leaves the activation out: the same function either way, so a run trained before
+    ``model.activation`` existed (or under the other form) continues from its checkpoint."""
+    from penwright.train.stage import train
+
+    common = ["train.decay_steps=8"]
+    train(compose_train("trainer.max_steps=4", "model.activation=gelu_new", *common))
+    resumed = train(compose_train("trainer.max_steps=8", "model.activation=gelu_pytorch_tanh", *common))
+    assert resumed["resumed"] is True and resumed["steps"] == 8
