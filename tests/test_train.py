@@ -180,6 +180,7 @@ def test_early_stopping_keeps_the_best_step_of_the_val_curve_and_warns_of_overfi
     overrides = ["train.lr=0.02", "train.warmup_steps=0", "train.val_every_n_steps=2", "train.ckpt_every_n_steps=2"]
     overrides += [
         "train.early_stop_patience=3",
+        "train.weight_decay=0.1",
         "train.schedule=constant",
         "model.dropout=0.0",
         "sample.every_n_steps=0",
