@@ -99,6 +99,15 @@ def wait_until_healthy(url: str, seconds: float, process=None) -> None:
     raise PenwrightError(f"the server at {url} did not become healthy in {seconds:g} s")
 
 
+def in_fresh_process(fn, *args):
+    """``fn(*args)`` in a fresh interpreter (spawned): what one measurement leaves in its process (imports done,
+    the allocator's settings of ``train.keep_freed_memory``) cannot speed up or slow down the next."""
+    import multiprocessing
+
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return pool.apply(fn, args)
+
+
 def write_report(results: dict, output: str | Path | None, default: str, summary) -> Path:
     """``results`` as JSON at ``output`` (else ``default``, e.g. benchmarks/results/bench_train.json); ``summary`` on stdout."""
     out = atomic_write_text(output or default, json.dumps(results, indent=2) + "\n")

@@ -10,8 +10,9 @@ The evaluation the recipe sweep is judged by, committed so anyone can rerun it:
   window of up to ``train.block_size`` tokens before it in its block, summed in nats, over the UTF-8 bytes those
   tokens decode to.
 
-With overrides, the default recipe and the given one run in turns (``--runs`` each, each run in a fresh process), so
-their wall times come from the same minutes of the same machine; train.json's ``wall_seconds`` is the time the sweep's constraint is about.
+With overrides, the default recipe and the given one run in turns (``--runs`` each, each run in a fresh
+process), so their wall times come from the same minutes of the same machine; train.json's ``wall_seconds`` is
+the time the sweep's constraint is about.
 The fixed reference is nanoGPT's CPU recipe given the same training wall time (1.975 bits per byte, measured
 once; nanoGPT is not run here).
 """
@@ -26,7 +27,7 @@ import statistics
 import time
 from pathlib import Path
 
-from benchmarks.common import fresh_dir, log, write_report
+from benchmarks.common import fresh_dir, in_fresh_process, log, write_report
 
 WORK = Path("artifacts/recipe")
 NANOGPT_BPB = 1.975  # nanoGPT's CPU recipe (char-level, 4x4x128, block 64, batch 12) at the same training wall time
@@ -102,15 +103,6 @@ def one_run(overrides: list[str], name: str) -> dict:
     return {"wall_seconds": metrics["wall_seconds"], "steps": metrics["steps"], **scored}
 
 
-def run_apart(overrides: list[str], name: str) -> dict:
-    """``one_run`` in a fresh interpreter, so what one run leaves in its process (imports already done, the
-    allocator's settings of ``train.keep_freed_memory``) cannot speed up or slow down the next."""
-    import multiprocessing
-
-    with multiprocessing.get_context("spawn").Pool(1) as pool:
-        return pool.apply(one_run, (overrides, name))
-
-
 def bench_recipe(overrides: list[str], runs: int = 1, output: str | None = None) -> Path:
     import platform
 
@@ -119,7 +111,7 @@ def bench_recipe(overrides: list[str], runs: int = 1, output: str | None = None)
     started = time.time()
     for k in range(runs):
         for name, extra in recipes.items():  # in turns: both see the same minutes of the machine
-            results[name].append(run_apart(extra, f"{name}-{k}"))
+            results[name].append(in_fresh_process(one_run, extra, f"{name}-{k}"))
     summary = {}
     for name, rows in results.items():
         summary[name] = {

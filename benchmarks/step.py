@@ -19,7 +19,7 @@ import platform
 import statistics
 import time
 
-from benchmarks.common import log, write_report
+from benchmarks.common import in_fresh_process, log, write_report
 
 WAYS = {
     "gelu_new": ["model.activation=gelu_new", "train.keep_freed_memory=false"],
@@ -59,14 +59,6 @@ def median_step_ms(overrides: list[str], steps: int, warmup: int = 5) -> tuple[f
     return statistics.median(times) * 1000, kept
 
 
-def apart(overrides: list[str], steps: int) -> tuple[float, bool]:
-    """``median_step_ms`` in a fresh interpreter."""
-    import multiprocessing
-
-    with multiprocessing.get_context("spawn").Pool(1) as pool:
-        return pool.apply(median_step_ms, (overrides, steps))
-
-
 def bench_step(overrides: list[str], steps: int = 30, rounds: int = 3, output: str | None = None):
     from penwright.core.config import compose
 
@@ -83,7 +75,7 @@ def bench_step(overrides: list[str], steps: int = 30, rounds: int = 3, output: s
     names = list(WAYS)
     for r in range(rounds):
         for way in names[r % len(names) :] + names[: r % len(names)]:  # each way goes first in one round
-            step_ms, kept[way] = apart([*overrides, *WAYS[way]], steps)
+            step_ms, kept[way] = in_fresh_process(median_step_ms, [*overrides, *WAYS[way]], steps)
             ms[way].append(round(step_ms, 1))
             log(f"round {r + 1}: {way}: {ms[way][-1]} ms a step")
     first = statistics.median(ms[names[0]])

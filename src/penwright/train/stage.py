@@ -139,9 +139,9 @@ def keep_freed_memory() -> bool:
     """Have glibc's allocator keep the memory a training step frees, for the next step (``train.keep_freed_memory``).
 
     By default glibc hands memory back to the OS as a step frees it (unmapping large blocks such as the logits,
-    trimming the heap), so the next step faults those pages in again while the kernel zeroes them: on 2 cores about a
-    quarter of a small model's step. Serving blocks up to 32 MiB from the heap and trimming it only past 1 GiB of free memory
-    keeps them mapped (the process's resident memory stays at its peak). Once set, it holds for the whole process.
+    trimming the heap), so the next step faults those pages in again while the kernel zeroes them: on 2 cores
+    about a quarter of a small model's step. Serving blocks up to 32 MiB from the heap and trimming it only past
+    1 GiB of free memory keeps them mapped (the process's resident memory stays at its peak). Once set, it holds for the whole process.
     False where the C library has no ``mallopt`` (not Linux, or not glibc)."""
     import ctypes
     import sys
