@@ -33,7 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
         "overrides",
         nargs="*",
         metavar="key=value",
-        help="train, step: Hydra overrides of the benchmarked config; recipe: the candidate recipe",
+        help="train, step: Hydra overrides of the benchmarked config; recipe: the candidate recipe; cold: serve "
+        "overrides for a third server in the turns (a variant beside the default)",
     )
     p.add_argument("--output", default=None, help="default: benchmarks/results/bench_<stage>.json")
     p.add_argument(
@@ -59,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--models",
-        help="serve --llama-server, soak: quickstart, gpt2-124m-shape or both (comma-separated; default both); "
+        help="serve --llama-server, soak, cold: quickstart, gpt2-124m-shape or both (comma-separated; default both); "
         "the others keep their last measurement in the report",
     )
     p.add_argument("--precisions", help="serve --llama-server: fp32, q8 or both (comma-separated; default both)")
@@ -88,11 +89,17 @@ def run(args: argparse.Namespace) -> None:
             raise ConfigError(f"--sizes-mb {args.sizes_mb!r}: give sizes in MB, e.g. 10,100,1000")
         bench_copies(sizes_mb=sizes, output=args.output)
     elif args.stage == "cold":
-        from benchmarks.cold_start import bench_cold
+        from benchmarks.cold_start import LEVELS, bench_cold
 
         if args.starts < 1:
             raise ConfigError(f"--starts {args.starts}: give at least 1")
-        bench_cold(output=args.output, starts=args.starts, llama_cpp=args.llama_cpp)
+        bench_cold(
+            output=args.output,
+            starts=args.starts,
+            llama_cpp=args.llama_cpp,
+            models=_names(args.models, "--models", tuple(LEVELS)),
+            variant=tuple(args.overrides),
+        )
     elif args.stage == "soak":
         from benchmarks.soak import bench_soak
 

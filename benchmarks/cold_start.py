@@ -90,7 +90,10 @@ def bench_cold(
     models: tuple[str, ...] = ("quickstart", "gpt2-124m-shape"),
     quick_onnx: str = "artifacts/onnx",
     quick_hf: str = "artifacts/model",
+    variant: tuple[str, ...] = (),
 ) -> dict:
+    """``variant``: ``penwright serve`` overrides for a third server in the turns (e.g. ``serve.threads=0``), kept
+    as the model's ``variant`` entry beside the default's."""
     binary = Path(llama_cpp) / "llama-server"
     if not binary.is_file():
         raise PenwrightError(
@@ -112,14 +115,16 @@ def bench_cold(
         for name, (folder, gguf) in _models(work, require_export(quick_onnx), Path(quick_hf), models).items():
             levels = LEVELS[name]
             runs: dict[str, list[dict]] = {"penwright": [], "llama_server": []}
+            if variant:
+                runs["variant"] = []
             for k in range(starts):
-                order = ["penwright", "llama_server"] if k % 2 == 0 else ["llama_server", "penwright"]
+                order = list(runs) if k % 2 == 0 else list(runs)[::-1]
                 for label in order:
                     log(f"{name}: start {k + 1}/{starts}, {label}")
                     logfile = work / f"{name}-{label}-{k}.log"
                     server = (
-                        _Server(folder, SLOTS, CONTEXT, logfile)
-                        if label == "penwright"
+                        _Server(folder, SLOTS, CONTEXT, logfile, extra=variant if label == "variant" else ())
+                        if label != "llama_server"
                         else _LlamaServer(binary, gguf, SLOTS, CONTEXT, logfile)
                     )
                     try:
@@ -139,16 +144,21 @@ def bench_cold(
                         for c in levels
                     },
                 }
+            if variant:
+                entry["variant"]["overrides"] = list(variant)
             for c in levels:
                 ours, theirs = entry["penwright"]["levels"][str(c)], entry["llama_server"]["levels"][str(c)]
                 entry.setdefault("ratios", {})[str(c)] = {
                     phase: round(ours[phase]["tokens_per_sec"] / max(theirs[phase]["tokens_per_sec"], 1e-9), 2)
                     for phase in ("cold", "warm")
                 }
-            results["models"][name] = entry
+            results["models"][name] = entry | {"date": time.strftime("%Y-%m-%d"), "starts": starts}
             log(f"{name}: {json.dumps(entry['ratios'])}")
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    earlier = Path(output or "benchmarks/results/bench_cold.json")
+    if earlier.is_file():  # a model not rerun keeps its last measurement (each has its date)
+        results["models"] = {**json.loads(earlier.read_text()).get("models", {}), **results["models"]}
     summary = {
         name: {
             c: {

@@ -13,6 +13,7 @@ weights. Results: ``benchmarks/results/bench_serve.json``.
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import os
 import shutil
@@ -156,9 +157,22 @@ async def _level(
     completion), at most ``concurrency`` at a time (aiohttp: a light client, so the load generator takes little of
     the cores the server runs on)."""
     prompts = prompts or PROMPTS
+    gate = asyncio.Semaphore(concurrency)
+    # no garbage collection while the round runs: this process holds torch and transformers, and one full
+    # collection takes ~0.2 s here (measured), stalling every stream at once: it showed up as groups of requests
+    # with the same first-token time, a server's cold round looking slow for what was the load generator's pause
+    gc.disable()
+    try:
+        return await _round(url, concurrency, requests, new_tokens, prompts, keep, gate)
+    finally:
+        gc.enable()
+
+
+async def _round(
+    url: str, concurrency: int, requests: int, new_tokens: int, prompts: list, keep: bool, gate: asyncio.Semaphore
+) -> dict:
     import aiohttp
 
-    gate = asyncio.Semaphore(concurrency)
     # a connection per request: llama-server closes idle keep-alive connections, which a pooled client then
     # writes to and fails on (measured: up to 35 of 64 requests); both servers pay the same loopback connect
     connector = aiohttp.TCPConnector(limit=concurrency + 4, force_close=True)

@@ -105,16 +105,30 @@ def test_several_models_in_one_server(serve_tiny, onnx_tiny, other_model):
     assert metrics[("penwright_slots", (("model", "second"),))] == 16
 
 
-def test_serve_threads_auto_gives_onnxruntime_every_core(onnx_tiny):
+def test_serve_threads_auto_gives_a_small_model_one_thread_and_a_large_one_every_core(onnx_tiny, tmp_path):
+    import json
+
     from helpers.paths import REPO
     from penwright.core.config import compose
-    from penwright.serve import build_app
+    from penwright.serve import ONE_THREAD_BELOW, build_app, parameters_of, threads_for
 
     cfg = compose([f"serve.model_dir={onnx_tiny}"], config_dir=REPO / "conf")
     assert cfg.serve.threads == "auto" and cfg.serve.spin
+    assert parameters_of(onnx_tiny) < ONE_THREAD_BELOW
     engine = next(iter(build_app(cfg).state.load().values()))
-    options = engine.session.get_session_options()
-    assert options.intra_op_num_threads == 0  # onnxruntime's default: one thread a core
+    assert engine.session.get_session_options().intra_op_num_threads == 1
+    # GPT-2 124M's config: every core (onnxruntime's 0)
+    big = tmp_path / "big"
+    big.mkdir()
+    (big / "config.json").write_text(
+        json.dumps({"n_embd": 768, "n_layer": 12, "vocab_size": 50257, "n_positions": 1024})
+    )
+    assert 124e6 < parameters_of(big) < 125e6 and threads_for("auto", big) == 0
+    assert threads_for(3, onnx_tiny) == 3 and threads_for(0, onnx_tiny) == 0  # a number is taken as it is
+    assert threads_for("auto", tmp_path / "missing") == 0  # (loading the engine then says what is missing)
+    cfg = compose([f"serve.model_dir={onnx_tiny}", "serve.threads=0"], config_dir=REPO / "conf")
+    options = next(iter(build_app(cfg).state.load().values())).session.get_session_options()
+    assert options.intra_op_num_threads == 0
     try:
         spinning = options.get_session_config_entry("session.intra_op.allow_spinning") != "0"
     except RuntimeError:  # not set: onnxruntime's default, spinning

@@ -601,7 +601,8 @@ def render_cold(load: Callable[[str], dict]) -> str:
     for model, e in d.get("models", {}).items():
         ours, theirs = e.get("penwright", {}), e.get("llama_server", {})
         out += [
-            f"**{model}**: start-up {num(ours.get('startup_s'))} s (llama-server {num(theirs.get('startup_s'))} s); "
+            f"**{model}** ({e.get('starts', d.get('starts'))} starts, {e.get('date', d.get('date'))}): "
+            f"start-up {num(ours.get('startup_s'))} s (llama-server {num(theirs.get('startup_s'))} s); "
             f"the very first request's first token {num(ours.get('first_request_ttft_s'))} s "
             f"(llama-server {num(theirs.get('first_request_ttft_s'))} s).",
             "",
@@ -633,6 +634,27 @@ def render_cold(load: Callable[[str], dict]) -> str:
             "llama-server",
         ]
         out += [table(header, rows), ""]
+        if variant := e.get("variant"):
+            label = " ".join(f"`{o}`" for o in variant.get("overrides", []))
+            rows = [
+                [
+                    c,
+                    phase,
+                    num(levels.get(phase, {}).get("tokens_per_sec")),
+                    num(variant.get("levels", {}).get(c, {}).get(phase, {}).get("tokens_per_sec")),
+                    f"{num(levels.get(phase, {}).get('ttft_p95_s'))} / "
+                    f"{num(variant.get('levels', {}).get(c, {}).get(phase, {}).get('ttft_p95_s'))} s",
+                ]
+                for c, levels in ours.get("levels", {}).items()
+                for phase in ("cold", "warm")
+            ]
+            out += [
+                f"The default beside {label} (a third server in the same turns; start-up "
+                f"{num(ours.get('startup_s'))} / {num(variant.get('startup_s'))} s):",
+                "",
+                table(["clients", "round", "tokens/s, default", f"tokens/s, {label}", "p95 first token"], rows),
+                "",
+            ]
         panels = [
             (f"{c} client{'s' if c != '1' else ''}", _ttfts(levels, theirs.get("levels", {}).get(c, {})))
             for c, levels in ours.get("levels", {}).items()

@@ -8,6 +8,14 @@ import signal
 from penwright.core.log import get_logger
 from penwright.core.schema import Config, Serve
 
+# serve.threads=auto: a model with fewer parameters than this runs its batches on one onnxruntime thread and a lone
+# request on every core. Measured on 2 cores, 32 slots, streamed requests at 1, 4 and 16 clients, fresh servers taking
+# turns (docs/benchmarks.md): on every core, the 1.15M quickstart's p95 first token at 4 and 16 clients was 13-50%
+# later than on one thread and its tokens/s 0.93-1.04x (a step too short to split, while HTTP needs the other
+# core); alone, every core gave 1.15x the tokens/s. A 2.8M model (4x192, 4096 tokens) gets 0.8-0.9x the tokens/s
+# at 16 clients on one thread, 11.6M ones 0.7x: they keep every core.
+ONE_THREAD_BELOW = 2_000_000
+
 
 def settings_from(s: Serve) -> Serve:
     """``serve`` as the app reads it: the default model named as ``serve.models``' first, the API key from
@@ -15,6 +23,30 @@ def settings_from(s: Serve) -> Serve:
     key = s.api_key or os.environ.get("PENWRIGHT_API_KEY") or None
     name = next(iter(s.models)) if s.models else s.model_name
     return s.model_copy(update={"model_name": name, "api_key": str(key) if key else None})
+
+
+def parameters_of(folder) -> int | None:
+    """About how many parameters the model exported in ``folder`` has, from its config.json (GPT-2's blocks: 12 d^2
+    a layer, plus the token and position embeddings; the head is tied); None when it cannot be read (loading the
+    engine then says what is wrong with the folder)."""
+    import json
+    from pathlib import Path
+
+    try:
+        c = json.loads((Path(folder) / "config.json").read_bytes())
+        d = int(c["n_embd"])
+        return 12 * int(c["n_layer"]) * d * d + (int(c["vocab_size"]) + int(c["n_positions"])) * d
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def threads_for(threads: int | str, folder) -> int:
+    """onnxruntime's intra-op threads for ``serve.threads`` (0: one a core): ``auto`` is one thread for a model
+    under ``ONE_THREAD_BELOW`` parameters, every core for a larger one."""
+    if threads != "auto":
+        return int(threads)
+    params = parameters_of(folder)
+    return 1 if params is not None and params < ONE_THREAD_BELOW else 0
 
 
 def build_app(cfg: Config):
@@ -28,17 +60,19 @@ def build_app(cfg: Config):
     def load() -> dict[str, Engine]:
         engines = {}
         for name, folder in (s.models or {s.model_name: s.model_dir}).items():
+            threads = threads_for(s.threads, folder)
             engines[name] = engine = Engine.load(
                 folder,
                 slots=s.max_sequences,
-                threads=0 if s.threads == "auto" else s.threads,
+                threads=threads,
                 graph=s.graph,
                 context=s.context,
                 spin=s.spin,
             )
             get_logger("serve").info(
                 f"{name}: {folder}/{s.graph}: {engine.slots} slots x {engine.context} tokens "
-                f"({engine.cache_bytes() / 2**20:.0f} MiB of KV buffer at most)"
+                f"({engine.cache_bytes() / 2**20:.0f} MiB of KV buffer at most), "
+                f"{threads or os.cpu_count()} onnxruntime thread(s)"
             )
         return engines
 
