@@ -8,12 +8,12 @@ import signal
 from penwright.core.log import get_logger
 from penwright.core.schema import Config, Serve
 
-# serve.threads=auto: a model with fewer parameters than this runs its batches on one onnxruntime thread and a lone
-# request on every core. Measured on 2 cores, 32 slots, streamed requests at 1, 4 and 16 clients, fresh servers taking
-# turns (docs/benchmarks.md): on every core, the 1.15M quickstart's p95 first token at 4 and 16 clients was 13-50%
-# later than on one thread and its tokens/s 0.93-1.04x (a step too short to split, while HTTP needs the other
-# core); alone, every core gave 1.15x the tokens/s. A 2.8M model (4x192, 4096 tokens) gets 0.8-0.9x the tokens/s
-# at 16 clients on one thread, 11.6M ones 0.7x: they keep every core.
+# serve.threads=auto: a model with fewer parameters than this decodes on one onnxruntime thread, a larger one on every
+# core. Measured on 2 cores, 32 slots, streamed requests at 1, 4 and 16 clients, fresh servers taking turns, 10 starts
+# each, two runs (docs/benchmarks.md, "A freshly started server"): on one thread the 1.15M quickstart's p95 first
+# token came 12-38% sooner at 4 and 16 clients, with 1.01-1.21x the tokens/s there (a step too short to split,
+# while HTTP needs the other core); alone it gave 0.87-0.98x the tokens/s. Random 2.8M (4x192, 4096 tokens) and
+# 11.6M models got 0.8-0.9x and 0.7x the tokens/s at 16 clients on one thread: they keep every core.
 ONE_THREAD_BELOW = 2_000_000
 
 
