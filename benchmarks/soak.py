@@ -9,6 +9,7 @@ after the first, and every request answered.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import shutil
 import time
@@ -74,9 +75,14 @@ def bench_soak(
         results = {}
         for name in models:
             folder = quick if name == "quickstart" else _random_124m_onnx(work, quick)
-            results[name] = _soak(folder, requests, work / f"{name}.log")
+            results[name] = _soak(folder, requests, work / f"{name}.log") | {
+                "date": time.strftime("%Y-%m-%d", time.gmtime(started))
+            }
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    earlier = Path(output or "benchmarks/results/bench_soak.json")
+    if earlier.is_file():  # a model not rerun keeps its last measurement (each has its date)
+        results = {**json.loads(earlier.read_text()).get("models", {}), **results}
     report = {
         "machine": f"{platform.machine()}, {os.cpu_count()} cores",
         "date": time.strftime("%Y-%m-%d", time.gmtime(started)),

@@ -798,6 +798,7 @@ def render_soak(load: Callable[[str], dict]) -> str:
         rows.append(
             [
                 model,
+                e.get("date", d.get("date", "")),
                 num(e.get("rss_first_round_mb")),
                 num(e.get("rss_last_round_mb")),
                 ratio(e.get("rss_growth")),
@@ -807,6 +808,7 @@ def render_soak(load: Callable[[str], dict]) -> str:
         )
     header = [
         "model",
+        "measured",
         "RSS after the first round (MB)",
         "after the last",
         "growth",
