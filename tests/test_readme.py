@@ -133,15 +133,29 @@ def test_error_examples_print_exactly_what_readme_shows(argv, expected, tmp_path
     assert (done.stdout + done.stderr).strip().splitlines() == expected
 
 
+def written(path: str) -> list[str]:
+    """The report at ``path`` as the pipeline last wrote it here, and as committed. Training is exact on one
+    machine but not across CPUs (their kernels round differently), so a fresh clone's ``dvc repro`` on another
+    machine may write other numbers and samples than the run the README shows, which is the committed one."""
+    texts = [(REPO / path).read_text()]
+    committed = subprocess.run(["git", "show", f"HEAD:{path}"], cwd=REPO, capture_output=True, text=True)
+    if committed.returncode == 0:
+        texts.append(committed.stdout)
+    return texts
+
+
 def test_the_curve_is_the_one_in_reports():
     shown = [line.split() for line in block_after(README, "picture: reports/curves/val.tsv").splitlines()[1:]]
-    rows = [line.split("\t") for line in (REPO / "reports" / "curves" / "val.tsv").read_text().splitlines()]
-    header, rows = rows[0], rows[1:]
-    step, loss, bpb = header.index("step"), header.index("loss"), header.index("bpb")
-    assert shown == [[r[step], f"{float(r[loss]):.2f}", f"{float(r[bpb]):.2f}"] for r in rows]
+    curves = []
+    for text in written("reports/curves/val.tsv"):
+        rows = [line.split("\t") for line in text.splitlines()]
+        header, rows = rows[0], rows[1:]
+        step, loss, bpb = header.index("step"), header.index("loss"), header.index("bpb")
+        curves.append([[r[step], f"{float(r[loss]):.2f}", f"{float(r[bpb]):.2f}"] for r in rows])
+    assert shown in curves
 
 
 def test_the_sample_is_one_generate_wrote():
     shown = " ".join(block_after(README, "picture: reports/samples.md").split())
-    samples = " ".join((REPO / "reports" / "samples.md").read_text().split())
-    assert len(shown) > 100 and shown in samples
+    assert len(shown) > 100
+    assert any(shown in " ".join(text.split()) for text in written("reports/samples.md"))
