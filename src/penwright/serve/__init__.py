@@ -72,7 +72,11 @@ def build_app(cfg: Config):
             get_logger("serve").info(
                 f"{name}: {folder}/{s.graph}: {engine.slots} slots x {engine.context} tokens "
                 f"({engine.cache_bytes() / 2**20:.0f} MiB of KV buffer at most), "
-                f"{threads or os.cpu_count()} onnxruntime thread(s)"
+                + (
+                    f"{threads} onnxruntime thread{'s' if threads > 1 else ''}"
+                    if threads
+                    else "onnxruntime on every core"
+                )
             )
         return engines
 
