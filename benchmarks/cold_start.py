@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.common import BENCH_DIR, log, require_export, save_fused, write_report
+from benchmarks.common import BENCH_DIR, log, require_export, save_fused, with_earlier_models, write_report
 from benchmarks.serve import _level, _LlamaServer, _Server, text_gpt2
 from penwright.core.errors import PenwrightError
 
@@ -31,6 +31,7 @@ LEVELS = {"gpt2-124m-shape": (1, 4, 16, 32), "quickstart": (1, 4, 16)}
 ROUNDS = 3  # at each level: the first is cold
 NEW_TOKENS = 64
 SLOTS, CONTEXT = 32, 256
+REPORT = "benchmarks/results/bench_cold.json"
 
 
 def _models(work: Path, quick_onnx: Path, quick_hf: Path, names: tuple[str, ...]) -> dict[str, tuple[Path, Path]]:
@@ -156,9 +157,7 @@ def bench_cold(
             log(f"{name}: {json.dumps(entry['ratios'])}")
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    earlier = Path(output or "benchmarks/results/bench_cold.json")
-    if earlier.is_file():  # a model not rerun keeps its last measurement (each has its date)
-        results["models"] = {**json.loads(earlier.read_text()).get("models", {}), **results["models"]}
+    results["models"] = with_earlier_models(results["models"], output, REPORT)
     summary = {
         name: {
             c: {
@@ -173,5 +172,5 @@ def bench_cold(
         }
         for name, e in results["models"].items()
     }
-    write_report(results, output, "benchmarks/results/bench_cold.json", summary)
+    write_report(results, output, REPORT, summary)
     return results

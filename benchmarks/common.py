@@ -108,6 +108,13 @@ def in_fresh_process(fn, *args):
         return pool.apply(fn, args)
 
 
+def with_earlier_models(models: dict, output: str | Path | None, default: str) -> dict:
+    """``models`` (a report's name -> entry) after the models measured before in the report at ``output`` (else
+    ``default``): a model not rerun keeps its last measurement (each entry has its date), a rerun one is replaced."""
+    earlier = Path(output or default)
+    return {**json.loads(earlier.read_text()).get("models", {}), **models} if earlier.is_file() else models
+
+
 def write_report(results: dict, output: str | Path | None, default: str, summary) -> Path:
     """``results`` as JSON at ``output`` (else ``default``, e.g. benchmarks/results/bench_train.json); ``summary`` on stdout."""
     out = atomic_write_text(output or default, json.dumps(results, indent=2) + "\n")

@@ -9,15 +9,15 @@ after the first, and every request answered.
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import shutil
 import time
 from pathlib import Path
 
-from benchmarks.common import BENCH_DIR, fresh_dir, log, require_export, write_report
+from benchmarks.common import BENCH_DIR, fresh_dir, log, require_export, with_earlier_models, write_report
 from benchmarks.serve import _level, _random_124m_onnx, _Server
 
+REPORT = "benchmarks/results/bench_soak.json"
 ROUND = 1000  # requests between two readings of RSS
 CONCURRENCY = 16
 NEW_TOKENS = 8
@@ -80,9 +80,7 @@ def bench_soak(
             }
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    earlier = Path(output or "benchmarks/results/bench_soak.json")
-    if earlier.is_file():  # a model not rerun keeps its last measurement (each has its date)
-        results = {**json.loads(earlier.read_text()).get("models", {}), **results}
+    results = with_earlier_models(results, output, REPORT)
     report = {
         "machine": f"{platform.machine()}, {os.cpu_count()} cores",
         "date": time.strftime("%Y-%m-%d", time.gmtime(started)),
@@ -101,4 +99,4 @@ def bench_soak(
         name: {k: r[k] for k in ("rss_first_round_mb", "rss_last_round_mb", "rss_growth", "failed")}
         for name, r in results.items()
     }
-    return write_report(report, output, "benchmarks/results/bench_soak.json", summary)
+    return write_report(report, output, REPORT, summary)
