@@ -1,13 +1,14 @@
 #!/usr/bin/env python3
 """The server's speed at two commits, side by side: does a change cost one-at-a-time requests anything?
 
-    python -m benchmarks.serve_ab BASE_REV [--model artifacts/onnx] [--requests 40] [--rounds 7] [--output F]
+    python -m benchmarks.serve_ab BASE_REV [--model artifacts/onnx] [--requests 40] [--rounds 7] [--sample] [--output F]
 
 Each commit's ``src/`` is checked out (``git worktree``) and runs its own ``penwright serve`` on the same
 exported model; both servers stay up and take turns, round by round (which goes first alternates too). A
-round: ``requests`` completions one after another (greedy, ``tokens`` new tokens, the prompt "The"),
-streamed and not streamed, warm (one untimed request first); completion tokens/s over the round's wall
-time. Medians over the rounds, and the median of the per-round ratios (HEAD / BASE).
+round: ``requests`` completions one after another (greedy, or with ``--sample`` what the serve bench sends:
+temperature 0.8, top-k 40, seeded; ``tokens`` new tokens, the prompt "The"), streamed and not streamed, warm
+(one untimed request first); completion tokens/s over the round's wall time. Medians over the rounds, and the
+median of the per-round ratios (HEAD / BASE).
 """
 
 from __future__ import annotations
@@ -54,8 +55,13 @@ def start(src: Path, model: str, log: Path) -> tuple[subprocess.Popen, str]:
     raise SystemExit(f"the server from {src} did not become healthy: see {log}")
 
 
-def one(client: httpx.Client, url: str, tokens: int, stream: bool) -> int:
+SAMPLED = {"temperature": 0.8, "top_k": 40, "seed": 0}  # what the serve bench sends
+
+
+def one(client: httpx.Client, url: str, tokens: int, stream: bool, sample: bool = False) -> int:
     body = {"prompt": "The", "max_tokens": tokens, "temperature": 0, "stream": stream, "min_tokens": tokens}
+    if sample:
+        body.update(SAMPLED)
     if not stream:
         return client.post(f"{url}/v1/completions", json=body).json()["usage"]["completion_tokens"]
     with client.stream("POST", f"{url}/v1/completions", json=body) as r:
@@ -63,11 +69,11 @@ def one(client: httpx.Client, url: str, tokens: int, stream: bool) -> int:
     return tokens if chunks else 0
 
 
-def round_rate(client: httpx.Client, url: str, n: int, tokens: int, stream: bool) -> float:
-    one(client, url, tokens, stream)
+def round_rate(client: httpx.Client, url: str, n: int, tokens: int, stream: bool, sample: bool) -> float:
+    one(client, url, tokens, stream, sample)
     start, done = time.perf_counter(), 0
     for _ in range(n):
-        done += one(client, url, tokens, stream)
+        done += one(client, url, tokens, stream, sample)
     return done / (time.perf_counter() - start)
 
 
@@ -78,6 +84,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=40)
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--sample", action="store_true", help="sampled requests (the serve bench's), not greedy")
     parser.add_argument("--output", default=None)
     args = parser.parse_args()
     model = str(Path(args.model).resolve())
@@ -92,7 +99,9 @@ def main() -> None:
                     runs: dict = {"base": [], "head": []}
                     for r in range(args.rounds):
                         for name in order(r):
-                            runs[name].append(round_rate(client, servers[name][1], args.requests, args.tokens, stream))
+                            runs[name].append(
+                                round_rate(client, servers[name][1], args.requests, args.tokens, stream, args.sample)
+                            )
                     key = "streamed" if stream else "not_streamed"
                     results[key] = summary(runs)
                     print(f"{key}: {results[key]}", file=sys.stderr)
@@ -108,6 +117,7 @@ def main() -> None:
         requests_per_round=args.requests,
         tokens=args.tokens,
         rounds=args.rounds,
+        sampled=args.sample,
         levels=results,
     )
 

@@ -1,11 +1,15 @@
 """The continuous-batching engine against references: transformers generate, itself alone, every graph alike.
 
 Each engine test runs on both runners: the slot runner (the fused graph, rows in place) and the padded runner
-(the graph as exported, rows left-padded into one batch: what lean and traced graphs and CUDA run)."""
+(the graph as exported, rows left-padded into one batch: what lean and traced graphs and CUDA run), and on the
+slot runner with a second session for a row alone (what ``penwright serve`` gives a small model)."""
 
 from __future__ import annotations
 
+import os
+import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,8 +22,12 @@ from penwright.inference.sampling import GREEDY, SamplingConfig
 PROMPTS = ["The quick brown fox", "In the beginning", "", "Numbers like 12,345 and 2026 appear too, with"]
 
 
-@pytest.fixture(scope="module", params=["slots", "padded"])
+@pytest.fixture(scope="module", params=["slots", "padded", "lone"])
 def engine(onnx_tiny, request) -> Engine:
+    """Each runner; "lone": the slot runner on one thread with a two-thread session for a row alone (serve's
+    small-model default), so every test here compares it too: alone there, beside others on the other."""
+    if request.param == "lone":
+        return Engine.load(onnx_tiny, slots=16, threads=1, lone_threads=2)
     return Engine.load(onnx_tiny, slots=16, padded=request.param == "padded")
 
 
@@ -327,3 +335,38 @@ def test_a_burst_of_unlike_prompts_prefills_in_several_runs_and_gives_each_its_a
         del engine.runner.prefill
     assert sorted(runs) == [2, 6]  # the short prompts apart from the long ones
     assert [r.tokens for r in together] == alone
+
+
+@pytest.mark.skipif(not hasattr(os, "SCHED_IDLE") or not Path("/proc/self/task").is_dir(), reason="Linux only")
+def test_a_row_alone_runs_on_the_lone_session_whose_worker_alone_has_idle_priority(onnx_tiny):
+    """``lone_threads``: the runs of one row go to the second session, those of several to the first; the one
+    thread onnxruntime starts for the two-thread session is at SCHED_IDLE, the caller's as it was."""
+
+    def threads() -> set[int]:
+        return {int(t) for t in os.listdir("/proc/self/task")}
+
+    before = threads()
+    engine = Engine.load(onnx_tiny, slots=4, threads=1, lone_threads=2)
+    pool = threads() - before
+    assert len(pool) == 1  # the one-thread session starts none; the two-thread one, one worker beside the caller
+    assert {os.sched_getscheduler(t) for t in pool} == {os.SCHED_IDLE}
+    assert os.sched_getscheduler(threading.get_native_id()) == os.SCHED_OTHER  # the caller's, which runs steps
+    runs = {"main": 0, "lone": 0}
+
+    class Counted:  # the runner calls a session that is not onnxruntime's own through its run_with_iobinding
+        def __init__(self, session, name):
+            self.session, self.name = session, name
+
+        def __getattr__(self, attr):
+            return getattr(self.session, attr)
+
+        def run_with_iobinding(self, binding):
+            runs[self.name] += 1
+            return self.session.run_with_iobinding(binding)
+
+    engine.runner.session = Counted(engine.runner.session, "main")
+    engine.runner.lone_session = Counted(engine.runner.lone_session, "lone")
+    run(engine, [greedy(engine, "The", 5)])
+    assert runs == {"main": 0, "lone": 5}  # the prompt's run (the first token), then four steps alone
+    run(engine, [greedy(engine, "The", 5), greedy(engine, "A", 5)])
+    assert runs == {"main": 5, "lone": 5}  # both prompts in one run, then four steps of two rows

@@ -106,6 +106,8 @@ def test_several_models_in_one_server(serve_tiny, onnx_tiny, other_model):
 
 
 def test_serve_threads_auto_gives_a_small_model_one_thread_and_a_large_one_every_core(onnx_tiny, tmp_path):
+    """A small model: one thread for steps of several rows, every core (a session of its own, its workers at idle
+    priority) for a step of one; a large model: every core; a number: that many threads, one session."""
     import json
 
     from helpers.paths import REPO
@@ -117,17 +119,20 @@ def test_serve_threads_auto_gives_a_small_model_one_thread_and_a_large_one_every
     assert parameters_of(onnx_tiny) < ONE_THREAD_BELOW
     engine = next(iter(build_app(cfg).state.load().values()))
     assert engine.session.get_session_options().intra_op_num_threads == 1
+    assert engine.runner.lone_session.get_session_options().intra_op_num_threads == 0
     # GPT-2 124M's config: every core (onnxruntime's 0)
     big = tmp_path / "big"
     big.mkdir()
     (big / "config.json").write_text(
         json.dumps({"n_embd": 768, "n_layer": 12, "vocab_size": 50257, "n_positions": 1024})
     )
-    assert 124e6 < parameters_of(big) < 125e6 and threads_for("auto", big) == 0
-    assert threads_for(3, onnx_tiny) == 3 and threads_for(0, onnx_tiny) == 0  # a number is taken as it is
-    assert threads_for("auto", tmp_path / "missing") == 0  # (loading the engine then says what is missing)
+    assert 124e6 < parameters_of(big) < 125e6 and threads_for("auto", big) == (0, None)
+    assert threads_for(3, onnx_tiny) == (3, None) and threads_for(0, onnx_tiny) == (0, None)  # taken as it is
+    assert threads_for("auto", tmp_path / "missing") == (0, None)  # (loading the engine then says what is missing)
     cfg = compose([f"serve.model_dir={onnx_tiny}", "serve.threads=0"], config_dir=REPO / "conf")
-    options = next(iter(build_app(cfg).state.load().values())).session.get_session_options()
+    engine = next(iter(build_app(cfg).state.load().values()))
+    assert engine.runner.lone_session is None
+    options = engine.session.get_session_options()
     assert options.intra_op_num_threads == 0
     try:
         spinning = options.get_session_config_entry("session.intra_op.allow_spinning") != "0"

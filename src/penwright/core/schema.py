@@ -443,7 +443,7 @@ class Serve(Group):
     max_n: Annotated[int, Field(ge=1, le=4096)]
     max_prompts: Annotated[int, Field(ge=1, le=65536)]
     max_logprobs: Annotated[int, Field(ge=0, le=4096)]
-    threads: Threads | Literal["auto"]  # auto: one thread under 2M parameters, else all cores (serve.threads_for)
+    threads: Threads | Literal["auto"]  # auto: one thread under 2M parameters (all cores alone), else all (threads_for)
     spin: bool
     warm_up: bool
     api_key: str | None

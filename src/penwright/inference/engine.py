@@ -136,10 +136,17 @@ class Engine:
         provider: str = "cpu",
         device_id: int = 0,
         padded: bool = False,
+        lone_threads: int | None = None,
     ) -> Engine:
         """The engine on ``path/graph``: the slot runner for penwright's fused graph on the CPU, the padded
         runner for any other graph, for CUDA (``provider="cuda"``; it falls back to the CPU when CUDA cannot
-        run, and ``Engine.provider`` says so), or when ``padded`` asks for it (the CUDA path, on the CPU)."""
+        run, and ``Engine.provider`` says so), or when ``padded`` asks for it (the CUDA path, on the CPU).
+
+        ``lone_threads`` (the slot runner only; None: off): a second session of the same graph, on that many
+        threads (0: every core), takes every run of a single row (a prompt, a decoding step), its workers at
+        idle priority (``open_session``). A small model on one thread leaves a core to the server under load,
+        but a request alone then gets one core too (the quickstart: ~0.85x the tokens/s of two); this gives it
+        the free cores back, and a worker still spinning when a burst arrives takes nothing from the burst."""
         import onnx
 
         from penwright.core.files import short
@@ -176,14 +183,17 @@ class Engine:
                 fused = False
             except Exception as err:  # the external weights are missing or truncated
                 raise unreadable(err) from None
+        lone = None
         if ran == "cpu":
             session, _ = open_session(source, file, threads, "cpu", 0, spin)
+            if fused and lone_threads is not None:
+                lone, _ = open_session(source, file, lone_threads, "cpu", 0, spin, idle_workers=True)
         config, tokenizer = read_beside_graph(path, session)
         window = min(int(context or config["n_positions"]), int(config["n_positions"]))
         eos = int(tokenizer.eos_token_id)
         runner: SlotRunner | PaddedRunner
         if ran == "cpu" and fused:
-            runner = SlotRunner(session, config, slots, window, eos)
+            runner = SlotRunner(session, config, slots, window, eos, lone_session=lone)
         else:
             runner = PaddedRunner(session, config, slots, window, eos, device=ran, device_id=device_id)
         return cls(runner, tokenizer, provider=ran)
@@ -193,8 +203,10 @@ class Engine:
         return self.runner.session
 
     @session.setter
-    def session(self, session) -> None:  # the tests wrap it (slow it down, make it fail once)
+    def session(self, session) -> None:  # the tests wrap it (slow it down, make it fail once): every step runs it
         self.runner.session = session
+        if hasattr(self.runner, "lone_session"):
+            self.runner.lone_session = None
 
     def cache_bytes(self) -> int:
         return self.runner.cache_bytes()

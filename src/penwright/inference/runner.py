@@ -22,6 +22,7 @@ CPU: ``open_session`` says which ran.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -46,9 +47,38 @@ def position_ids_for(attention_mask: np.ndarray, seq: int) -> np.ndarray:
     return pos[:, -seq:].astype(np.int64)
 
 
-def open_session(source, file: Path, threads: int = 0, provider: str = "cpu", device_id: int = 0, spin: bool = True):
+def _threads() -> set[int]:
+    """This process's thread ids (Linux; elsewhere none)."""
+    try:
+        return {int(t) for t in os.listdir("/proc/self/task")}
+    except OSError:
+        return set()
+
+
+def _idle_priority(threads: set[int]) -> None:
+    """``threads`` at idle priority (Linux SCHED_IDLE: each runs only on a core no other thread of the machine
+    wants, and yields it as soon as one does). Lowering a thread's priority needs no privilege."""
+    for tid in threads:
+        try:
+            os.sched_setscheduler(tid, os.SCHED_IDLE, os.sched_param(0))
+        except (AttributeError, OSError):  # not Linux, or the thread has ended
+            pass
+
+
+def open_session(
+    source,
+    file: Path,
+    threads: int = 0,
+    provider: str = "cpu",
+    device_id: int = 0,
+    spin: bool = True,
+    idle_workers: bool = False,
+):
     """An onnxruntime session of ``source`` (a path or serialized bytes; ``file`` names it in errors) and the
-    provider that really runs it: ``cpu`` or ``cuda``."""
+    provider that really runs it: ``cpu`` or ``cuda``. With ``idle_workers``, the intra-op threads the session
+    starts (all but the caller's, which runs its own share of each step) get idle priority: a step spreads over
+    the cores that are free, and whatever else wakes (the server's event loop) takes a core from them at once,
+    spinning or not."""
     import onnxruntime as ort
 
     if provider not in PROVIDERS:
@@ -61,6 +91,7 @@ def open_session(source, file: Path, threads: int = 0, provider: str = "cpu", de
     if not spin:  # idle worker threads sleep instead of spinning: a server shares its cores with I/O
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     wanted = [("CUDAExecutionProvider", {"device_id": device_id})] if provider == "cuda" else []
+    before = _threads() if idle_workers else set()
     try:
         session = ort.InferenceSession(source, sess_options=options, providers=[*wanted, "CPUExecutionProvider"])
     except Exception as err:  # onnxruntime raises its own types for a truncated or foreign file
@@ -68,6 +99,8 @@ def open_session(source, file: Path, threads: int = 0, provider: str = "cpu", de
             f"{file}: onnxruntime cannot load it ({type(err).__name__}: {str(err).splitlines()[0][:300]}); "
             f"re-export it with `penwright export`"
         ) from None
+    if idle_workers:  # the constructor starts the session's thread pool: the threads that appeared meanwhile
+        _idle_priority(_threads() - before)
     ran = "cuda" if session.get_providers()[0] == PROVIDERS["cuda"] else "cpu"
     if provider == "cuda" and ran != "cuda":
         get_logger("runner").info(
@@ -175,8 +208,11 @@ def resident_zeros(shape: tuple[int, ...]) -> np.ndarray:
 class SlotRunner(_Runner):
     padded = False
 
-    def __init__(self, session, config: dict, slots: int, context: int, eos: int):
+    def __init__(self, session, config: dict, slots: int, context: int, eos: int, lone_session=None):
         super().__init__(session, config, slots, context, eos)
+        # a run of one row (a prompt, a decoding step) runs here when given: the same graph on more threads
+        # (see Engine.load)
+        self.lone_session = lone_session
         shape = (slots, self.n_head, context, self.head_dim)
         self.cache = [resident_zeros(shape) for _ in self.past_names]
         # the step's small inputs and its logits: preallocated, so a binding made once per batch width stays valid
@@ -186,7 +222,7 @@ class SlotRunner(_Runner):
         self.total = np.zeros(1, dtype=np.int32)
         self.zeros = np.zeros((slots, 1), dtype=np.int64)  # last_index of a decoding step: its one position
         self.logits = np.zeros((slots, 1, self.vocab), dtype=np.float32)
-        self._bindings: dict[int, object] = {}
+        self._bindings: dict[tuple[bool, int], object] = {}  # (the lone session's, width) -> binding
         # onnxruntime's own session type: its run is called without the Python wrapper, which checks for WebGPU
         # graph capture on every call (~6 us a step), something a CPU session never uses
         self._ort_session = type(session) if hasattr(session, "_sess") else None
@@ -203,11 +239,12 @@ class SlotRunner(_Runner):
                 else:
                     binding.bind_output(name, "cpu", 0, np.float32, view.shape, view.ctypes.data)
 
-    def _decode_binding(self, hi: int):
-        """The binding of a decoding step over slots 0..hi: made once per width, reused every step."""
-        binding = self._bindings.get(hi)
+    def _decode_binding(self, hi: int, lone: bool = False):
+        """The binding of a decoding step over slots 0..hi (on the lone session's): made once per width, reused
+        every step."""
+        binding = self._bindings.get((lone, hi))
         if binding is None:
-            binding = self.session.io_binding()
+            binding = (self.lone_session if lone else self.session).io_binding()
             for name, array in (
                 ("input_ids", self.ids[:hi]),
                 ("position_ids", self.positions[:hi]),
@@ -219,7 +256,7 @@ class SlotRunner(_Runner):
             logits = self.logits[:hi]
             binding.bind_output("logits", "cpu", 0, np.float32, logits.shape, logits.ctypes.data)
             self._bind(binding, 0, hi)
-            self._bindings[hi] = binding
+            self._bindings[(lone, hi)] = binding
         return binding
 
     def batches(self, rows: list, consecutive: bool = True) -> list[list]:
@@ -242,7 +279,8 @@ class SlotRunner(_Runner):
         scoring = rows[0].request.score_prompt
         last = np.arange(width, dtype=np.int64)[None] if scoring else (lengths - 1).astype(np.int64)[:, None]
         logits = np.empty((n, last.shape[1], self.vocab), dtype=np.float32)  # every row written by the run
-        binding = self.session.io_binding()
+        session = self.lone_session if n == 1 and self.lone_session is not None else self.session
+        binding = session.io_binding()
         for name, array in (
             ("input_ids", ids),
             ("position_ids", positions),
@@ -253,7 +291,7 @@ class SlotRunner(_Runner):
             binding.bind_input(name, "cpu", 0, array.dtype, array.shape, array.ctypes.data)
         binding.bind_output("logits", "cpu", 0, np.float32, logits.shape, logits.ctypes.data)
         self._bind(binding, rows[0].slot, rows[-1].slot + 1)
-        self.session.run_with_iobinding(binding)
+        session.run_with_iobinding(binding)
         for r, length in zip(rows, lengths.tolist()):
             r.length = length
         return logits
@@ -274,11 +312,13 @@ class SlotRunner(_Runner):
             seqlens[r.slot] = r.length  # tokens in the cache after this step, minus one
             longest = max(longest, r.length)
         self.total[0] = longest + 1
-        binding = self._decode_binding(hi)
-        if type(self.session) is self._ort_session:
-            self.session._sess.run_with_iobinding(binding._iobinding, None)
+        lone = len(active) == 1 and self.lone_session is not None
+        session = self.lone_session if lone else self.session
+        binding = self._decode_binding(hi, lone)
+        if type(session) is self._ort_session:
+            session._sess.run_with_iobinding(binding._iobinding, None)
         else:  # a session wrapped by its caller (the tests slow it down or make it fail): through its own method
-            self.session.run_with_iobinding(binding)
+            session.run_with_iobinding(binding)
         logits = self.logits[:hi, 0] if len(active) == hi else self.logits[[r.slot for r in active], 0]
         return active, logits
 

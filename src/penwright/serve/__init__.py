@@ -40,13 +40,14 @@ def parameters_of(folder) -> int | None:
         return None
 
 
-def threads_for(threads: int | str, folder) -> int:
-    """onnxruntime's intra-op threads for ``serve.threads`` (0: one a core): ``auto`` is one thread for a model
-    under ``ONE_THREAD_BELOW`` parameters, every core for a larger one."""
+def threads_for(threads: int | str, folder) -> tuple[int, int | None]:
+    """onnxruntime's intra-op threads for ``serve.threads`` (0: one a core), and those of a step of one row (None:
+    the same session): ``auto`` is one thread for a model under ``ONE_THREAD_BELOW`` parameters, with every core
+    for a request alone (``Engine.load``'s ``lone_threads``), and every core for a larger one."""
     if threads != "auto":
-        return int(threads)
+        return int(threads), None
     params = parameters_of(folder)
-    return 1 if params is not None and params < ONE_THREAD_BELOW else 0
+    return (1, 0) if params is not None and params < ONE_THREAD_BELOW else (0, None)
 
 
 def build_app(cfg: Config):
@@ -60,7 +61,7 @@ def build_app(cfg: Config):
     def load() -> dict[str, Engine]:
         engines = {}
         for name, folder in (s.models or {s.model_name: s.model_dir}).items():
-            threads = threads_for(s.threads, folder)
+            threads, lone = threads_for(s.threads, folder)
             engines[name] = engine = Engine.load(
                 folder,
                 slots=s.max_sequences,
@@ -68,6 +69,7 @@ def build_app(cfg: Config):
                 graph=s.graph,
                 context=s.context,
                 spin=s.spin,
+                lone_threads=lone,
             )
             get_logger("serve").info(
                 f"{name}: {folder}/{s.graph}: {engine.slots} slots x {engine.context} tokens "
@@ -77,6 +79,7 @@ def build_app(cfg: Config):
                     if threads
                     else "onnxruntime on every core"
                 )
+                + (", every core for a request alone" if getattr(engine.runner, "lone_session", None) else "")
             )
         return engines
 
