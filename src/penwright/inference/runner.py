@@ -239,6 +239,10 @@ class SlotRunner(_Runner):
                 else:
                     binding.bind_output(name, "cpu", 0, np.float32, view.shape, view.ctypes.data)
 
+    def _session_for(self, rows: int):
+        """The session a run of ``rows`` rows goes to: the lone session for one row, when there is one."""
+        return self.lone_session if rows == 1 and self.lone_session is not None else self.session
+
     def _decode_binding(self, hi: int, lone: bool = False):
         """The binding of a decoding step over slots 0..hi (on the lone session's): made once per width, reused
         every step."""
@@ -279,7 +283,7 @@ class SlotRunner(_Runner):
         scoring = rows[0].request.score_prompt
         last = np.arange(width, dtype=np.int64)[None] if scoring else (lengths - 1).astype(np.int64)[:, None]
         logits = np.empty((n, last.shape[1], self.vocab), dtype=np.float32)  # every row written by the run
-        session = self.lone_session if n == 1 and self.lone_session is not None else self.session
+        session = self._session_for(n)
         binding = session.io_binding()
         for name, array in (
             ("input_ids", ids),
@@ -312,9 +316,8 @@ class SlotRunner(_Runner):
             seqlens[r.slot] = r.length  # tokens in the cache after this step, minus one
             longest = max(longest, r.length)
         self.total[0] = longest + 1
-        lone = len(active) == 1 and self.lone_session is not None
-        session = self.lone_session if lone else self.session
-        binding = self._decode_binding(hi, lone)
+        session = self._session_for(len(active))
+        binding = self._decode_binding(hi, lone=session is not self.session)
         if type(session) is self._ort_session:
             session._sess.run_with_iobinding(binding._iobinding, None)
         else:  # a session wrapped by its caller (the tests slow it down or make it fail): through its own method

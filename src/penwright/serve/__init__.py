@@ -8,12 +8,13 @@ import signal
 from penwright.core.log import get_logger
 from penwright.core.schema import Config, Serve
 
-# serve.threads=auto: a model with fewer parameters than this decodes on one onnxruntime thread, a larger one on every
-# core. Measured on 2 cores, 32 slots, streamed requests at 1, 4 and 16 clients, fresh servers taking turns, 10 starts
-# each, two runs (docs/benchmarks.md, "A freshly started server"): on one thread the 1.15M quickstart's p95 first
-# token came 12-38% sooner at 4 and 16 clients, with 1.01-1.21x the tokens/s there (a step too short to split,
-# while HTTP needs the other core); alone it gave 0.87-0.98x the tokens/s. Random 2.8M (4x192, 4096 tokens) and
-# 11.6M models got 0.8-0.9x and 0.7x the tokens/s at 16 clients on one thread: they keep every core.
+# serve.threads=auto: a model with fewer parameters than this decodes several rows on one onnxruntime thread (a row
+# alone on every core, a session of its own), a larger one everything on every core. Measured on 2 cores, 32 slots,
+# streamed requests at 1, 4 and 16 clients, fresh servers taking turns, 10 starts each, two runs (docs/benchmarks.md,
+# "A freshly started server"): on one thread the 1.15M quickstart's p95 first token came 12-38% sooner at 4 and 16
+# clients, with 1.01-1.21x the tokens/s there (a step too short to split, while HTTP needs the other core); alone
+# one thread had given 0.84-0.90x the tokens/s, hence the lone session. Random 2.8M (4x192, 4096 tokens) and 11.6M
+# models got 0.8-0.9x and 0.7x the tokens/s at 16 clients on one thread: they keep every core.
 ONE_THREAD_BELOW = 2_000_000
 
 
